@@ -1,0 +1,218 @@
+"""
+The cloud: a long-running TCP server that stores every reading gateways
+forward, prints each on its console the first time it is stored, and
+acknowledges a batch only once it is committed.
+
+L{CloudStore} decides and stores; L{CloudProtocol} only translates lines to
+calls on it and answers to lines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+from collections import Counter
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from meter import wire
+from meter.dbthread import DatabaseThread
+from meter.reading import Reading
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (
+    device_id     INTEGER NOT NULL,
+    device_ip     TEXT    NOT NULL,
+    taken_at      TEXT    NOT NULL,  -- ISO 8601, YYYY-MM-DDTHH:MM
+    temperature_c REAL    NOT NULL,
+    humidity_pct  REAL    NOT NULL,
+    stored_at     REAL    NOT NULL,  -- Unix seconds of the commit's batch
+    PRIMARY KEY (device_id, taken_at)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS readings_by_ip ON readings (device_ip, taken_at);
+"""
+
+
+def open_database(connection: sqlite3.Connection) -> None:
+    connection.executescript(SCHEMA)
+
+
+def _insert(readings: tuple[Reading, ...], stored_at: float):
+    """
+    Work for the database thread: insert C{readings}, skipping those stored
+    before, and return the ones that are new.
+    """
+
+    def work(connection: sqlite3.Connection) -> list[Reading]:
+        new = []
+        insert = connection.execute
+        for reading in readings:
+            cursor = insert(
+                "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    reading.device_id,
+                    reading.device_ip,
+                    reading.taken_at.isoformat(timespec="minutes"),
+                    reading.temperature_c,
+                    reading.humidity_pct,
+                    stored_at,
+                ),
+            )
+            if cursor.rowcount:
+                new.append(reading)
+        return new
+
+    return work
+
+
+class CloudStore:
+    """
+    Stores batches exactly once.
+
+    A reading is unique by (device, time taken): a batch sent again is stored
+    once and acknowledged again.  A batch is stored whole or not at all.
+    """
+
+    log = Logger()
+
+    def __init__(self, database: DatabaseThread, console: Callable[[str], None], clock):
+        self._database = database
+        self._console = console
+        self._clock = clock
+        #: Counters for the logs: batches, readings new and duplicate, refusals.
+        self.counters: Counter[str] = Counter()
+
+    def store(self, batch: wire.Batch, peer: str) -> Deferred:
+        """
+        Commit C{batch}; the Deferred fires with the L{wire.BatchAck} to send,
+        after the commit.
+        """
+        received = self._clock.seconds()
+        d = self._database.run(_insert(batch.readings, received))
+
+        def committed(new: list[Reading]) -> wire.BatchAck:
+            for reading in new:
+                self._console(reading.console_line())
+            duplicates = len(batch.readings) - len(new)
+            self.counters["batches"] += 1
+            self.counters["readings_new"] += len(new)
+            self.counters["readings_duplicate"] += duplicates
+            self.log.info(
+                "batch {batch_id} from {peer}: {count} readings committed ({new} new, {dup} duplicate) "
+                "in {ms:.1f} ms; acknowledged at={at:.6f}",
+                batch_id=batch.batch_id,
+                peer=peer,
+                count=len(batch.readings),
+                new=len(new),
+                dup=duplicates,
+                ms=(self._clock.seconds() - received) * 1000,
+                at=self._clock.seconds(),
+            )
+            return wire.BatchAck(batch.batch_id, "ok", new=len(new), dup=duplicates)
+
+        def failed(failure) -> wire.BatchAck:
+            # Not committed: refuse the whole batch so the gateway keeps it.
+            self.counters["store_failures"] += 1
+            self.log.failure("batch {batch_id} from {peer} not stored", failure, batch_id=batch.batch_id, peer=peer)
+            return wire.BatchAck(batch.batch_id, "bad", reason=f"not stored: {failure.getErrorMessage()}")
+
+        return d.addCallbacks(committed, failed)
+
+
+class CloudProtocol(LineOnlyReceiver, TimeoutMixin):
+    """
+    One gateway connection: newline-delimited messages of L{meter.wire}.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = wire.MAX_LINE
+    log = Logger()
+
+    def __init__(self, store: CloudStore, idle_timeout: float, clock):
+        self._store = store
+        self._idle_timeout = idle_timeout
+        # TimeoutMixin schedules through this attribute; use the injected clock.
+        self.callLater = clock.callLater
+
+    def connectionMade(self):
+        self._peer = _describe(self.transport.getPeer())
+        self.setTimeout(self._idle_timeout)
+        self.log.info("gateway {peer} connected", peer=self._peer)
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        self.log.info("gateway {peer} disconnected: {why}", peer=self._peer, why=reason.getErrorMessage())
+
+    def timeoutConnection(self):
+        self.log.warn("gateway {peer} silent for {t:g} s: closing", peer=self._peer, t=self._idle_timeout)
+        self._store.counters["idle_timeouts"] += 1
+        self.transport.abortConnection()
+
+    def lineReceived(self, line: bytes):
+        self.resetTimeout()
+        try:
+            message = wire.decode(line)
+        except wire.WireError as e:
+            self._refuse(line, e)
+            return
+        if isinstance(message, wire.Batch):
+            self._store.store(message, self._peer).addCallback(self._answer)
+        elif isinstance(message, wire.Ping):
+            self._answer(wire.Pong(message.seq))
+        else:
+            self._store.counters["unexpected"] += 1
+            self.log.warn("gateway {peer} sent a {kind}, which a cloud never takes", peer=self._peer, kind=type(message).__name__)
+
+    def _answer(self, message) -> None:
+        if self.transport.connected:
+            self.sendLine(wire.encode(message))
+
+    def _refuse(self, line: bytes, error: wire.WireError) -> None:
+        self._store.counters[f"refused_{error.code}"] += 1
+        self.log.warn("gateway {peer}: refused line of {size} bytes: {error}", peer=self._peer, size=len(line), error=str(error))
+        answer = wire.refusal(line, error)
+        if isinstance(answer, wire.BatchAck):
+            self._answer(answer)
+        else:
+            # Not even a batch we could name: the stream is not ours.
+            self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line):
+        self._store.counters["refused_size"] += 1
+        self.log.warn("gateway {peer}: line longer than {max} bytes: closing", peer=self._peer, max=self.MAX_LENGTH)
+        self.transport.loseConnection()
+
+
+class CloudFactory(Factory):
+    def __init__(self, store: CloudStore, idle_timeout: float, clock):
+        self._store = store
+        self._idle_timeout = idle_timeout
+        self._clock = clock
+
+    def buildProtocol(self, addr):
+        return CloudProtocol(self._store, self._idle_timeout, self._clock)
+
+
+def _describe(address) -> str:
+    host = getattr(address, "host", None)
+    return f"{host}:{address.port}" if host is not None else str(address)
+
+
+def query_readings(connection: sqlite3.Connection, device_ip: str | None = None):
+    """
+    Rows of stored readings, oldest first: (device_ip, taken_at, temperature,
+    humidity), optionally of one device address.
+    """
+    sql = "SELECT device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+    args: tuple = ()
+    if device_ip is not None:
+        sql += " WHERE device_ip = ?"
+        args = (device_ip,)
+    sql += " ORDER BY taken_at, device_ip"
+    for ip, taken_at, temperature, humidity in connection.execute(sql, args):
+        yield ip, datetime.datetime.fromisoformat(taken_at), temperature, humidity

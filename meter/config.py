@@ -1,0 +1,285 @@
+"""
+Configuration: etc/meter.toml, the embedded defaults, and the command-line
+options that override them.
+
+Every key is checked before any daemon binds a socket.  A bad value is
+refused with a message naming where it came from (the file and its
+C{[section] key}, or the option), what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+#: Where the daemons look for their configuration when no --config is given.
+DEFAULT_CONFIG = Path("etc/meter.toml")
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is refused; the message names its key and source.
+    """
+
+
+# -- value parsers: each takes the raw value and returns the checked one -----
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def positive(value: Any) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise ValueError(f"expected a number above 0, got {value!r}")
+    return number
+
+
+def non_negative(value: Any) -> float:
+    number = _number(value)
+    if number < 0:
+        raise ValueError(f"expected a number of 0 or more, got {value!r}")
+    return number
+
+
+def whole(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        try:
+            number = int(value) if isinstance(value, (int, str)) else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if not low <= number <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}, got {number}")
+        return number
+
+    return parse
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def path(value: Any) -> Path:
+    return Path(text(value))
+
+
+def host_port(value: Any) -> tuple[str, int]:
+    """
+    C{HOST:PORT}, with an IPv6 host in brackets (C{[::1]:10005}).  The host
+    must be an IP address: the daemons bind and send to addresses, not
+    names, so no resolver can stall them.
+    """
+    raw = text(value)
+    host, colon, port = raw.rpartition(":")
+    if not colon:
+        raise ValueError(f"expected HOST:PORT, got {raw!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"expected an IP address before the port, got {host!r} in {raw!r}") from None
+    return host, whole(1, 65535)(port)
+
+
+def ip(value: Any) -> str:
+    raw = text(value)
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {raw!r}") from None
+
+
+def time_of_day(value: Any) -> datetime.time:
+    raw = text(value)
+    try:
+        return datetime.time.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"expected a time of day HH:MM, got {raw!r}") from None
+
+
+def server_endpoint(value: Any) -> str:
+    """
+    A Twisted server endpoint description (C{tcp:8001:interface=127.0.0.1}).
+    It is parsed here, which binds nothing, so a typo is refused at start.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    raw = text(value)
+    try:
+        serverFromString(reactor, raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"expected a Twisted endpoint such as tcp:8001:interface=127.0.0.1, got {raw!r} ({e})") from None
+    return raw
+
+
+# -- the schema -------------------------------------------------------------
+
+#: section -> key -> (parser, default, help).  etc/meter.toml repeats these
+#: defaults with comments; a test keeps the two equal.
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
+    "cloud": {
+        "listen": (server_endpoint, "tcp:8001:interface=127.0.0.1", "Twisted endpoint the cloud listens on"),
+        "db": (path, "var/cloud.sqlite", "SQLite database of stored readings"),
+        "idle_timeout": (positive, 120.0, "seconds a gateway connection may stay silent"),
+    },
+    "gateway": {
+        "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),
+        "cloud": (host_port, "127.0.0.1:8001", "TCP HOST:PORT of the cloud"),
+        "deadline": (positive, 60.0, "seconds after a day's first report before it is forwarded anyway"),
+        "spool": (path, "var/gateway-spool.sqlite", "SQLite spool holding readings until the cloud acknowledges"),
+        "batch_readings": (whole(1, 5000), 2000, "most readings in one batch to the cloud"),
+        "connect_timeout": (positive, 5.0, "seconds to wait for the cloud's TCP handshake"),
+        "ack_timeout": (positive, 30.0, "seconds to wait for the cloud to acknowledge a batch"),
+        "heartbeat": (positive, 15.0, "seconds of silence before the gateway pings the cloud"),
+        "max_backoff": (positive, 30.0, "longest wait between reconnection attempts, in seconds"),
+    },
+    "device": {
+        "id": (whole(1, 2**31 - 1), None, "this device's number in the fleet"),
+        "gateway": (host_port, "127.0.0.1:10005", "UDP HOST:PORT of the gateway"),
+        "surveys": (path, "surveys", "survey file, or the folder holding device<N>.txt"),
+        "send_at": (time_of_day, "00:05", "time of day of the daily send"),
+        "spread": (non_negative, 600.0, "seconds over which the fleet's daily sends are spread"),
+        "chunk_bytes": (whole(300, 65507), 1200, "largest datagram a device sends"),
+        "ack_timeout": (positive, 2.0, "first retransmission timeout, seconds (CoAP ACK_TIMEOUT)"),
+        "ack_random_factor": (_number, 1.5, "first timeout is ack_timeout times 1..this (CoAP)"),
+        "max_retransmit": (whole(0, 20), 4, "retransmissions before giving up (CoAP MAX_RETRANSMIT)"),
+    },
+}
+
+DEFAULT_FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4", 4: "192.168.1.5"}
+
+
+@attrs.frozen
+class Config:
+    """
+    The checked configuration of the whole suite: one section per role and
+    the fleet (device id -> device address) the gateway expects.
+    """
+
+    cloud: dict[str, Any]
+    gateway: dict[str, Any]
+    device: dict[str, Any]
+    fleet: dict[int, str]
+    source: str
+
+
+def _check(section: str, key: str, value: Any, where: str) -> Any:
+    parser = SCHEMA[section][key][0]
+    try:
+        return parser(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _fleet(raw: Any, where: str) -> dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where} [fleet]: expected a table of device id = \"address\", got {raw!r}")
+    fleet: dict[int, str] = {}
+    owners: dict[str, int] = {}
+    for key, value in raw.items():
+        try:
+            device_id = whole(1, 2**31 - 1)(key)
+            address = ip(value)
+        except ValueError as e:
+            raise ConfigError(f"{where} [fleet] {key}: {e}") from None
+        if address in owners:
+            raise ConfigError(f"{where} [fleet] {key}: address {address} already belongs to device {owners[address]}")
+        owners[address] = device_id
+        fleet[device_id] = address
+    return dict(sorted(fleet.items()))
+
+
+def load(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """
+    The configuration from C{path} (or etc/meter.toml if it exists, else the
+    embedded defaults), with C{overrides} (section -> key -> raw value, from
+    command-line options) winning over the file.
+
+    @raise ConfigError: naming the file and key, or the option.
+    """
+    if path is None:
+        path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    raw: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_raw(raw, source, overrides)
+
+
+def from_raw(raw: dict[str, Any], source: str, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """
+    Check C{raw} (a parsed TOML document; C{{}} for the embedded defaults)
+    and apply C{overrides}; C{source} names it in error messages.
+    """
+    for section in raw:
+        if section not in SCHEMA and section != "fleet":
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join([*SCHEMA, 'fleet'])})")
+    sections = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key in given:
+            if key not in keys:
+                raise ConfigError(f"{source} [{section}] {key}: unknown key (known: {', '.join(keys)})")
+        values = {}
+        for key, (parser, default, _) in keys.items():
+            if key in given:
+                values[key] = _check(section, key, given[key], f"{source} [{section}] {key}")
+            else:
+                values[key] = None if default is None else parser(default)
+        for key, value in (overrides or {}).get(section, {}).items():
+            if value is not None:
+                values[key] = _check(section, key, value, f"--{key.replace('_', '-')}")
+        sections[section] = values
+    fleet = _fleet(raw["fleet"], source) if "fleet" in raw else dict(DEFAULT_FLEET)
+    return Config(sections["cloud"], sections["gateway"], sections["device"], fleet, source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render(sections: dict[str, dict[str, Any]], fleet: dict[int, str]) -> str:
+    """
+    A configuration file holding C{sections} (raw values) and C{fleet}.
+    """
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in keys.items())
+        lines.append("")
+    lines.append("[fleet]")
+    lines.extend(f'{device_id} = "{address}"' for device_id, address in fleet.items())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,609 @@
+"""
+The gateway: takes devices' days over UDP, spools them durably, and forwards
+each day's readings to the cloud over TCP once every expected device has
+reported or the day's deadline has passed.
+
+L{Intake} decides what a device's chunk gets; L{Uplink} moves spooled
+readings to the cloud.  L{GatewayProtocol} and L{CloudClientProtocol} only
+translate datagrams and lines into calls on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections import Counter
+from typing import Callable, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from meter import wire
+from meter.spool import Recovered, Spool, Spooled
+
+#: How many days back the gateway remembers message ids (and so recognises a
+#: duplicate): a device retries for about a minute, so two days is ample.
+REMEMBER_DAYS = 2
+
+
+def new_id() -> str:
+    return os.urandom(8).hex()
+
+
+@attrs.define
+class Round:
+    """
+    One day's collection: open from the day's first report until every
+    expected device has reported or the deadline passes.
+    """
+
+    day: datetime.date
+    opened_at: float
+    closed: bool = False
+    reported: set[int] = attrs.Factory(set)
+    timer: object = None
+
+
+@attrs.define
+class Transfer:
+    """
+    The reassembly of one device's day: which parts have arrived.
+    """
+
+    day: datetime.date
+    parts: int
+    received: set[int] = attrs.Factory(set)
+    first_seen: float = 0.0
+
+
+class Intake:
+    """
+    Decides what each device chunk gets, and when a day's round closes.
+
+    @param fleet: device id -> device address, the devices expected each day.
+    @param on_ready: called when readings may have become ready to forward.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        fleet: dict[int, str],
+        spool: Spool,
+        clock,
+        deadline: float,
+        on_ready: Callable[[], None],
+        spool_limit: int | None = None,
+    ):
+        self._fleet = fleet
+        self._spool = spool
+        self._clock = clock
+        self._deadline = deadline
+        self._on_ready = on_ready
+        self._spool_limit = spool_limit
+        self._rounds: dict[datetime.date, Round] = {}
+        self._transfers: dict[tuple[int, str], Transfer] = {}
+        #: Message ids committed to the spool, so a duplicate is re-acknowledged
+        #: without being processed again.
+        self._acknowledged: set[tuple[int, str, int]] = set()
+        #: Message ids being committed now: a duplicate arriving meanwhile gets
+        #: the same answer once the commit is done.
+        self._committing: dict[tuple[int, str, int], list[Deferred]] = {}
+        self.depth = 0
+        self.counters: Counter[str] = Counter()
+
+    # -- start and stop ------------------------------------------------------
+
+    def recover(self, state: Recovered) -> None:
+        """
+        Resume from what the spool holds: open rounds get their deadline back
+        (closing at once if it passed while the gateway was down).
+        """
+        self.depth = state.depth
+        for part in state.parts:
+            self._acknowledged.add((part.device_id, part.xfer, part.part))
+            transfer = self._transfers.setdefault(
+                (part.device_id, part.xfer), Transfer(part.day, part.parts, first_seen=part.received_at)
+            )
+            transfer.received.add(part.part)
+        for stored in state.rounds:
+            self._rounds[stored.day] = Round(stored.day, stored.opened_at, closed=stored.closed_at is not None)
+        for (device_id, _), transfer in self._transfers.items():
+            round_ = self._rounds.get(transfer.day)
+            if round_ is not None and len(transfer.received) == transfer.parts:
+                round_.reported.add(device_id)
+        for round_ in self._rounds.values():
+            if not round_.closed:
+                self.log.info(
+                    "resuming open round {day}: {n} of {total} devices reported",
+                    day=round_.day,
+                    n=len(round_.reported),
+                    total=len(self._fleet),
+                )
+                if self._everyone_reported(round_):
+                    self._close(round_, "every expected device reported")
+                else:
+                    self._arm(round_)
+        self.log.info(
+            "spool holds {depth} readings, {rounds} rounds, {ids} message ids",
+            depth=self.depth,
+            rounds=len(self._rounds),
+            ids=len(self._acknowledged),
+        )
+        if self.depth:
+            self._on_ready()
+
+    def stop(self) -> None:
+        for round_ in self._rounds.values():
+            if round_.timer is not None and round_.timer.active():
+                round_.timer.cancel()
+
+    # -- a chunk arrives -----------------------------------------------------
+
+    def chunk_received(self, chunk: wire.DayChunk, peer: str) -> Deferred:
+        """
+        Handle one device chunk; the Deferred fires with the L{wire.DayAck}
+        to send back (C{ok} only once the chunk is durable).
+        """
+        expected_ip = self._fleet.get(chunk.device_id)
+        if expected_ip is None:
+            self.counters["unknown_device"] += 1
+            return succeed(self._refuse(chunk, f"device {chunk.device_id} is not in this gateway's fleet", peer))
+        if chunk.device_ip != expected_ip:
+            self.counters["wrong_address"] += 1
+            return succeed(
+                self._refuse(chunk, f"device {chunk.device_id} is {expected_ip}, not {chunk.device_ip}", peer)
+            )
+        key = chunk.message_id
+        if key in self._acknowledged:
+            self.counters["duplicates"] += 1
+            self.log.info(
+                "duplicate of device {device} part {part}/{parts} from {peer}: acknowledged again",
+                device=chunk.device_id,
+                part=chunk.part,
+                parts=chunk.parts,
+                peer=peer,
+            )
+            return succeed(wire.DayAck(chunk.xfer, chunk.part, "ok"))
+        if key in self._committing:
+            self.counters["duplicates"] += 1
+            waiter = Deferred()
+            self._committing[key].append(waiter)
+            return waiter
+        transfer = self._transfers.get((chunk.device_id, chunk.xfer))
+        if transfer is not None and (transfer.parts != chunk.parts or transfer.day != chunk.day):
+            self.counters["inconsistent_chunks"] += 1
+            return succeed(
+                self._refuse(
+                    chunk,
+                    f"transfer {chunk.xfer} was {transfer.parts} parts of {transfer.day}, "
+                    f"now {chunk.parts} parts of {chunk.day}",
+                    peer,
+                )
+            )
+        if self._spool_limit is not None and self.depth + len(chunk.readings) > self._spool_limit:
+            self.counters["refused_spool_full"] += 1
+            self.log.error(
+                "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
+                "is the cloud reachable?",
+                depth=self.depth,
+                limit=self._spool_limit,
+                device=chunk.device_id,
+            )
+            return succeed(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool full"))
+
+        round_ = self._rounds.get(chunk.day)
+        d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=round_ is None)
+        self._committing[key] = []
+        if round_ is None:
+            round_ = self._rounds[chunk.day] = Round(chunk.day, self._clock.seconds())
+            self.log.info("round {day} opened by device {device}", day=chunk.day, device=chunk.device_id)
+            self._arm(round_)
+
+        def committed(new: int) -> wire.DayAck:
+            self._acknowledged.add(key)
+            self.depth += new
+            self.counters["chunks"] += 1
+            self.counters["readings"] += new
+            self._part_arrived(chunk)
+            return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "ok"))
+
+        def failed(failure) -> wire.DayAck:
+            self.counters["spool_failures"] += 1
+            self.log.failure("device {device}: chunk not spooled", failure, device=chunk.device_id)
+            return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool write failed"))
+
+        def answer_waiters(ack: wire.DayAck) -> wire.DayAck:
+            for waiter in self._committing.pop(key):
+                waiter.callback(ack)
+            return ack
+
+        return d.addCallbacks(committed, failed)
+
+    def _refuse(self, chunk: wire.DayChunk, reason: str, peer: str) -> wire.DayAck:
+        self.log.warn("refused chunk from {peer}: {reason}", peer=peer, reason=reason)
+        return wire.DayAck(chunk.xfer, chunk.part, "bad", reason)
+
+    def _part_arrived(self, chunk: wire.DayChunk) -> None:
+        transfer = self._transfers.setdefault(
+            (chunk.device_id, chunk.xfer), Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
+        )
+        transfer.received.add(chunk.part)
+        round_ = self._rounds[chunk.day]
+        if len(transfer.received) < transfer.parts:
+            return
+        if round_.closed:
+            self.counters["late_devices"] += 1
+            self.log.info(
+                "late device {device} reported {day} after its round closed: forwarding its readings now",
+                device=chunk.device_id,
+                day=chunk.day,
+            )
+            self._on_ready()
+            return
+        if chunk.device_id in round_.reported:
+            return
+        round_.reported.add(chunk.device_id)
+        self.log.info(
+            "device {device} reported {day}: {n} of {total} devices",
+            device=chunk.device_id,
+            day=chunk.day,
+            n=len(round_.reported),
+            total=len(self._fleet),
+        )
+        if self._everyone_reported(round_):
+            self._close(round_, "every expected device reported")
+
+    # -- rounds --------------------------------------------------------------
+
+    def _everyone_reported(self, round_: Round) -> bool:
+        return self._fleet.keys() <= round_.reported
+
+    def _arm(self, round_: Round) -> None:
+        delay = max(0.0, round_.opened_at + self._deadline - self._clock.seconds())
+        round_.timer = self._clock.callLater(delay, self._deadline_passed, round_)
+
+    def _deadline_passed(self, round_: Round) -> None:
+        round_.timer = None
+        if not round_.closed:
+            self._close(round_, f"deadline of {self._deadline:g} s passed")
+
+    def _close(self, round_: Round, why: str) -> None:
+        round_.closed = True
+        if round_.timer is not None and round_.timer.active():
+            round_.timer.cancel()
+        round_.timer = None
+        missing = sorted(self._fleet.keys() - round_.reported)
+        if missing:
+            self.counters["rounds_incomplete"] += 1
+            self.log.warn(
+                "round {day} closed: {why}; devices that did not report: {missing}",
+                day=round_.day,
+                why=why,
+                missing=", ".join(f"{d} ({self._fleet[d]})" for d in missing),
+            )
+        else:
+            self.log.info("round {day} complete: {why}", day=round_.day, why=why)
+        self.counters["rounds_closed"] += 1
+        self._spool.close_round(round_.day, self._clock.seconds()).addCallback(lambda _: self._on_ready())
+        self._forget_old(round_.day)
+
+    def _forget_old(self, today: datetime.date) -> None:
+        """
+        Bound memory and the spool: drop what is known of days older than
+        L{REMEMBER_DAYS} before C{today}.
+        """
+        cutoff = today - datetime.timedelta(days=REMEMBER_DAYS)
+        for day in [day for day, r in self._rounds.items() if day < cutoff and r.closed]:
+            del self._rounds[day]
+        for key in [key for key, t in self._transfers.items() if t.day < cutoff]:
+            transfer = self._transfers.pop(key)
+            if len(transfer.received) < transfer.parts:
+                self.counters["expired_reassemblies"] += 1
+        self._acknowledged = {k for k in self._acknowledged if (k[0], k[1]) in self._transfers}
+        self._spool.forget_before(cutoff)
+
+    def delivered(self, count: int) -> None:
+        """
+        C{count} readings left the spool for good.
+        """
+        self.depth -= count
+
+
+class BatchSender(Protocol):
+    """
+    What the uplink needs of a connection to the cloud.
+    """
+
+    def send(self, message) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Uplink:
+    """
+    Forwards ready readings from the spool to the cloud, one batch in flight
+    at a time, and removes them from the spool once the cloud acknowledged.
+
+    A batch the cloud does not acknowledge within C{ack_timeout} (or that it
+    refuses) stays in the spool and is sent again.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        spool: Spool,
+        clock,
+        batch_readings: int,
+        ack_timeout: float,
+        on_delivered: Callable[[int], None],
+        retry_delay: float = 5.0,
+        new_batch_id: Callable[[], str] = new_id,
+    ):
+        self._spool = spool
+        self._clock = clock
+        self._batch_readings = batch_readings
+        self._ack_timeout = ack_timeout
+        self._on_delivered = on_delivered
+        self._retry_delay = retry_delay
+        self._new_batch_id = new_batch_id
+        self._sender: BatchSender | None = None
+        self._in_flight: _InFlight | None = None
+        self._fetching = False
+        self._retry = None
+        self.counters: Counter[str] = Counter()
+
+    def connected(self, sender: BatchSender) -> None:
+        self._sender = sender
+        self.kick()
+
+    def disconnected(self, sender: BatchSender) -> None:
+        if sender is not self._sender:
+            return
+        self._sender = None
+        flight = self._in_flight
+        if flight is not None and not flight.acknowledged:
+            self.counters["batches_resent"] += 1
+            self._cancel(flight)
+            self._in_flight = None
+
+    def stop(self) -> None:
+        if self._in_flight is not None:
+            self._cancel(self._in_flight)
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+
+    def kick(self) -> None:
+        """
+        Ready readings may be waiting: send the next batch if nothing is in
+        flight.
+        """
+        if self._sender is None or self._in_flight is not None or self._fetching:
+            return
+        if self._retry is not None and self._retry.active():
+            return
+        self._fetching = True
+        self._spool.take_batch(self._batch_readings).addCallback(self._send)
+
+    def _send(self, spooled: list[Spooled]) -> None:
+        self._fetching = False
+        if not spooled or self._sender is None or self._in_flight is not None:
+            return
+        batch = wire.Batch(self._new_batch_id(), tuple(s.reading for s in spooled))
+        flight = _InFlight(batch, [s.seq for s in spooled], self._clock.seconds())
+        flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
+        self._in_flight = flight
+        self.counters["batches_sent"] += 1
+        self.log.info(
+            "forwarding batch {batch_id} of {count} readings to the cloud",
+            batch_id=batch.batch_id,
+            count=len(batch.readings),
+        )
+        self._sender.send(batch)
+
+    def ack_received(self, ack: wire.BatchAck) -> None:
+        flight = self._in_flight
+        if flight is None or flight.batch.batch_id != ack.batch_id or flight.acknowledged:
+            self.counters["stray_acks"] += 1
+            self.log.warn("acknowledgement of unknown batch {batch_id}", batch_id=ack.batch_id)
+            return
+        self._cancel(flight)
+        elapsed = (self._clock.seconds() - flight.sent_at) * 1000
+        if ack.status != "ok":
+            self.counters["batches_refused"] += 1
+            self.log.error(
+                "the cloud refused batch {batch_id}: {reason}; its readings stay spooled, retry in {delay:g} s",
+                batch_id=ack.batch_id,
+                reason=ack.reason,
+                delay=self._retry_delay,
+            )
+            self._in_flight = None
+            self._retry = self._clock.callLater(self._retry_delay, self.kick)
+            return
+        flight.acknowledged = True
+        self.counters["batches_acknowledged"] += 1
+        self.log.info(
+            "batch {batch_id} acknowledged by the cloud after {ms:.1f} ms: {new} new, {dup} already stored",
+            batch_id=ack.batch_id,
+            ms=elapsed,
+            new=ack.new,
+            dup=ack.dup,
+        )
+
+        def removed(count: int) -> None:
+            self._in_flight = None
+            self._on_delivered(count)
+            self.kick()
+
+        self._spool.remove(flight.seqs).addCallback(removed)
+
+    def _ack_timed_out(self, flight: _InFlight) -> None:
+        flight.timer = None
+        self.counters["ack_timeouts"] += 1
+        self.log.warn(
+            "batch {batch_id} not acknowledged within {t:g} s: reconnecting to the cloud",
+            batch_id=flight.batch.batch_id,
+            t=self._ack_timeout,
+        )
+        if self._sender is not None:
+            self._sender.abort()
+
+    @staticmethod
+    def _cancel(flight: _InFlight) -> None:
+        if flight.timer is not None and flight.timer.active():
+            flight.timer.cancel()
+        flight.timer = None
+
+
+@attrs.define
+class _InFlight:
+    batch: wire.Batch
+    seqs: list[int]
+    sent_at: float
+    timer: object = None
+    acknowledged: bool = False
+
+
+# -- protocols ---------------------------------------------------------------
+
+
+class GatewayProtocol(DatagramProtocol):
+    """
+    The devices' side: one UDP port for the gateway's whole life.
+    """
+
+    log = Logger()
+
+    def __init__(self, intake: Intake, receive_buffer: int = 4 << 20):
+        self._intake = intake
+        self._receive_buffer = receive_buffer
+
+    def startProtocol(self):
+        # A fleet reporting at once must not overflow the kernel's queue.
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+
+    def datagramReceived(self, data: bytes, addr):
+        peer = f"{addr[0]}:{addr[1]}"
+        counters = self._intake.counters
+        counters["datagrams"] += 1
+        try:
+            message = wire.decode(data, max_size=wire.MAX_DATAGRAM)
+        except wire.WireError as e:
+            counters[f"refused_{e.code}"] += 1
+            self.log.warn("refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
+            answer = wire.refusal(data, e)
+            if isinstance(answer, wire.DayAck):
+                self.transport.write(wire.encode(answer), addr)
+            return
+        if not isinstance(message, wire.DayChunk):
+            counters["unexpected"] += 1
+            self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
+            return
+        self.log.info(
+            "received {size} bytes from device {device} ({peer}): part {part}/{parts} of {day}, {n} readings",
+            size=len(data),
+            device=message.device_id,
+            peer=peer,
+            part=message.part,
+            parts=message.parts,
+            day=message.day,
+            n=len(message.readings),
+        )
+        self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr)
+
+    def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr) -> None:
+        self.transport.write(wire.encode(ack), addr)
+        self.log.info(
+            "sent {status} to device {device} for part {part}/{parts}",
+            status=ack.status,
+            device=chunk.device_id,
+            part=chunk.part,
+            parts=chunk.parts,
+        )
+
+
+class CloudClientProtocol(LineOnlyReceiver):
+    """
+    The cloud's side: hands acknowledgements to the uplink, and pings the
+    cloud when the line has been silent for C{heartbeat} seconds, so a
+    half-open connection is noticed and replaced.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
+    log = Logger()
+
+    def __init__(self, uplink: Uplink, clock, heartbeat: float):
+        self._uplink = uplink
+        self._clock = clock
+        self._heartbeat = heartbeat
+        self._timer = None
+        self._pings = 0
+
+    def connectionMade(self):
+        self.log.info("connected to the cloud at {peer}", peer=self.transport.getPeer())
+        self._heard()
+        self._uplink.connected(self)
+
+    def connectionLost(self, reason):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
+        self._uplink.disconnected(self)
+
+    def send(self, message) -> None:
+        self.sendLine(wire.encode(message))
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
+    def _heard(self) -> None:
+        self._pings = 0
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._heartbeat)
+        else:
+            self._timer = self._clock.callLater(self._heartbeat, self._silent)
+
+    def _silent(self) -> None:
+        if self._pings >= 1:
+            self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
+            self._uplink.counters["heartbeat_failures"] += 1
+            self.abort()
+            return
+        self._pings += 1
+        self.send(wire.Ping(self._pings))
+        self._timer = self._clock.callLater(self._heartbeat, self._silent)
+
+    def lineReceived(self, line: bytes):
+        self._heard()
+        try:
+            message = wire.decode(line, max_size=self.MAX_LENGTH)
+        except wire.WireError as e:
+            self._uplink.counters["refused_from_cloud"] += 1
+            self.log.warn("refused a line from the cloud: {error}", error=str(e))
+            return
+        if isinstance(message, wire.BatchAck):
+            self._uplink.ack_received(message)
+        elif not isinstance(message, wire.Pong):
+            self.log.warn("the cloud sent a {kind}: ignored", kind=type(message).__name__)
+
+    def lineLengthExceeded(self, line):
+        self.log.warn("the cloud sent a line over {max} bytes: reconnecting", max=self.MAX_LENGTH)
+        self.abort()
+
+
+class CloudClientFactory(Factory):
+    def __init__(self, uplink: Uplink, clock, heartbeat: float):
+        self._uplink = uplink
+        self._clock = clock
+        self._heartbeat = heartbeat
+
+    def buildProtocol(self, addr):
+        return CloudClientProtocol(self._uplink, self._clock, self._heartbeat)

@@ -1,0 +1,52 @@
+"""
+Command-line options shared by the three twistd plugins: --config, and the
+overrides each role maps onto keys of its configuration section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.python import usage
+
+from meter import config
+
+
+class MeterOptions(usage.Options):
+    """
+    Options of one role.  C{overrides} maps an option to its configuration
+    key in the role's section; the option wins over the file.
+    """
+
+    role = ""
+    overrides: dict[str, str] = {}
+    optParameters = [
+        ["config", "c", None, "configuration file (default: etc/meter.toml if it exists, else the embedded defaults)"],
+    ]
+
+    def postOptions(self):
+        given = {key: self[option] for option, key in self.overrides.items()}
+        path = Path(self["config"]) if self["config"] is not None else None
+        try:
+            self.config = config.load(path, {self.role: given})
+        except config.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self._check()
+        self._no_shared_pidfile()
+
+    def _check(self) -> None:
+        """
+        Role-specific checks of the loaded configuration; raise UsageError.
+        """
+
+    def pidfile_name(self) -> str:
+        return f"meter-{self.role}.pid"
+
+    def _no_shared_pidfile(self) -> None:
+        # twistd writes twistd.pid in the current folder by default, so a
+        # second daemon started from the same folder would refuse to run.
+        # In the foreground no pidfile is needed; a daemon gets its own.
+        parent = getattr(self, "parent", None)
+        if parent is None or parent.get("pidfile") != "twistd.pid":
+            return
+        parent["pidfile"] = "" if parent.get("nodaemon") else self.pidfile_name()

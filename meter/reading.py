@@ -1,0 +1,186 @@
+"""
+The one value the whole suite carries: a soil reading, and the survey files
+a device reads them from.
+
+A survey file is the report's format, one reading a line::
+
+    08:00 - 20 - 30%
+
+(time of day, temperature in degrees Celsius, relative soil humidity).  The
+file holds the previous 24 hours; the device stamps the readings with the
+date of the day they cover.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+from pathlib import Path
+
+import attrs
+
+#: Physical bounds of the sensor (the operating range of common soil probes).
+TEMPERATURE_RANGE = (-40.0, 85.0)
+HUMIDITY_RANGE = (0.0, 100.0)
+
+
+class ReadingError(ValueError):
+    """
+    A reading's value is impossible: the message says which field and why.
+    """
+
+
+def check_temperature(value: float) -> float:
+    if not math.isfinite(value):
+        raise ReadingError(f"temperature {value!r} is not a finite number")
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise ReadingError(f"temperature {format_number(value)} outside {low:g}..{high:g} °C")
+    return value
+
+
+def check_humidity(value: float) -> float:
+    if not math.isfinite(value):
+        raise ReadingError(f"humidity {value!r} is not a finite number")
+    low, high = HUMIDITY_RANGE
+    if not low <= value <= high:
+        raise ReadingError(f"humidity {format_number(value)}% outside {low:g}..{high:g} %")
+    return value
+
+
+def format_number(value: float) -> str:
+    """
+    The shortest text that reads back as C{value}, without a needless C{.0}:
+    C{17.0} prints as C{17} and C{17.25} as C{17.25}, as a survey writes them.
+    """
+    text = repr(float(value))
+    if text.endswith(".0"):
+        return text[:-2]
+    return text
+
+
+_HHMM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
+
+
+def parse_hhmm(text: str) -> datetime.time:
+    match = _HHMM.match(text)
+    if match is None:
+        raise ReadingError(f"time {text!r} is not HH:MM (00:00 to 23:59)")
+    return datetime.time(int(match.group(1)), int(match.group(2)))
+
+
+def parse_number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ReadingError(f"{what} {text!r} is not a number") from None
+    return value
+
+
+def _validate_temperature(instance, attribute, value):
+    check_temperature(value)
+
+
+def _validate_humidity(instance, attribute, value):
+    check_humidity(value)
+
+
+@attrs.frozen
+class Reading:
+    """
+    One measurement of one device.
+
+    @ivar device_id: the device's number in the fleet (1 is the report's
+        device 1).
+    @ivar device_ip: the device's address, its identity on the console.
+    @ivar taken_at: the date the readings cover plus the time of day, to the
+        minute, with no time zone (the fleet's local time, as in the report).
+    @ivar temperature_c: degrees Celsius, -40..85.
+    @ivar humidity_pct: relative soil humidity, 0..100.
+    """
+
+    device_id: int
+    device_ip: str
+    taken_at: datetime.datetime
+    temperature_c: float = attrs.field(validator=_validate_temperature)
+    humidity_pct: float = attrs.field(validator=_validate_humidity)
+
+    def console_line(self) -> str:
+        """
+        The cloud console's line for this reading, as the report prints it:
+        C{192.168.1.4 - 02:00 - 17 - 35%}.
+        """
+        return (
+            f"{self.device_ip} - {self.taken_at:%H:%M} - "
+            f"{format_number(self.temperature_c)} - {format_number(self.humidity_pct)}%"
+        )
+
+
+class SurveyError(ValueError):
+    """
+    A survey file cannot be read: the message names the file and the line.
+    """
+
+
+_SURVEY_LINE = re.compile(r"\s*(\S+)\s+-\s+(\S+)\s+-\s+(\S+?)\s*%\s*\Z")
+
+#: A day has at most one reading a minute; a longer file is not a survey.
+MAX_SURVEY_READINGS = 24 * 60
+
+
+def parse_survey(
+    text: str, source: str, device_id: int, device_ip: str, day: datetime.date
+) -> tuple[Reading, ...]:
+    """
+    Read a survey file's text into readings stamped with C{day}.
+
+    Blank lines and lines starting with C{#} are skipped.  Two readings at the
+    same time of day are refused: the cloud keeps one reading per device and
+    minute, so the second one could never be stored.
+
+    @param source: the file's name, for error messages.
+    @raise SurveyError: naming C{source} and the line number.
+    """
+    readings = []
+    seen: dict[datetime.time, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{source}:{number}"
+        match = _SURVEY_LINE.match(line)
+        if match is None:
+            raise SurveyError(f"{where}: expected 'HH:MM - temperature - humidity%', got {line.strip()!r}")
+        try:
+            at = parse_hhmm(match.group(1))
+            temperature = check_temperature(parse_number(match.group(2), "temperature"))
+            humidity = check_humidity(parse_number(match.group(3), "humidity"))
+        except ReadingError as e:
+            raise SurveyError(f"{where}: {e}") from None
+        if at in seen:
+            raise SurveyError(f"{where}: time {at:%H:%M} already read at line {seen[at]}")
+        seen[at] = number
+        if len(readings) >= MAX_SURVEY_READINGS:
+            raise SurveyError(f"{where}: more than {MAX_SURVEY_READINGS} readings in one day")
+        readings.append(
+            Reading(device_id, device_ip, datetime.datetime.combine(day, at), temperature, humidity)
+        )
+    return tuple(readings)
+
+
+def survey_path(surveys: Path, device_id: int) -> Path:
+    """
+    The survey file of device C{device_id}: C{surveys} itself if it is a file,
+    else C{device<N>.txt} in that folder.
+    """
+    if surveys.is_dir():
+        return surveys / f"device{device_id}.txt"
+    return surveys
+
+
+def load_survey(path: Path, device_id: int, device_ip: str, day: datetime.date) -> tuple[Reading, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SurveyError(f"{path}: cannot read survey: {e}") from None
+    return parse_survey(text, str(path), device_id, device_ip, day)

@@ -1,0 +1,577 @@
+"""
+The wire format of both hops, device -> gateway over UDP and gateway -> cloud
+over TCP: one codec, as twisted.names has one C{dns.Message} behind its UDP
+and TCP protocols.
+
+Every message is one line of printable ASCII::
+
+    meter/1 <KIND> key=value key=value ... r=<records>
+
+A UDP datagram carries exactly one message with no line end; on TCP each
+message ends with C{\\n}.  The encoding is canonical: L{decode} refuses any
+form L{encode} would not have produced, so a message that decodes re-encodes
+to the same bytes.  docs/protocol.md specifies every field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+import zlib
+from typing import Union
+from urllib.parse import quote, unquote
+
+import attrs
+
+from meter.reading import (
+    Reading,
+    ReadingError,
+    check_humidity,
+    check_temperature,
+    format_number,
+)
+
+VERSION = 1
+MAGIC = b"meter/"
+_PREFIX = b"meter/%d " % (VERSION,)
+
+#: The largest UDP payload an IPv4 datagram can carry.
+MAX_DATAGRAM = 65507
+#: The default ceiling of one device datagram: fits a 1280-byte IPv6 MTU.
+DEFAULT_CHUNK_BYTES = 1200
+#: The most readings one message may carry (a day of per-minute readings).
+MAX_READINGS = 24 * 60
+#: The most readings one batch to the cloud carries.
+MAX_BATCH_READINGS = 5000
+#: The longest line either side accepts on TCP; a full batch fits easily.
+MAX_LINE = 1 << 20
+
+
+class WireError(ValueError):
+    """
+    Bytes that are not a valid message.
+
+    @ivar code: a short fixed token naming the kind of fault, for counters.
+    """
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@attrs.frozen
+class DayChunk:
+    """
+    Device -> gateway: part C{part} of C{parts} of one device's day.
+
+    @ivar xfer: the transfer id, 16 lowercase hex digits, the same for every
+        part of one day's sending and for every retransmission of it.  With
+        C{part} it is the message id the gateway acknowledges and
+        deduplicates by.
+    @ivar sent_at: when the device first sent this transfer, in whole Unix
+        seconds (the gateway's replay window reads it).
+    """
+
+    device_id: int
+    device_ip: str
+    day: datetime.date
+    xfer: str
+    part: int
+    parts: int
+    sent_at: int
+    readings: tuple[Reading, ...]
+
+    @property
+    def message_id(self) -> tuple[int, str, int]:
+        return (self.device_id, self.xfer, self.part)
+
+
+@attrs.frozen
+class DayAck:
+    """
+    Gateway -> device: the answer to one L{DayChunk}.
+
+    @ivar status: C{ok} (the chunk is durable at the gateway), C{busy} (the
+        gateway cannot take it now; retry later) or C{bad} (it will never be
+        accepted; C{reason} says why).
+    """
+
+    xfer: str
+    part: int
+    status: str
+    reason: str = ""
+
+
+@attrs.frozen
+class Batch:
+    """
+    Gateway -> cloud: readings of any devices and days, all or nothing.
+    """
+
+    batch_id: str
+    readings: tuple[Reading, ...]
+
+
+@attrs.frozen
+class BatchAck:
+    """
+    Cloud -> gateway: the answer to one L{Batch}.
+
+    @ivar status: C{ok} once every reading is committed (C{new} were stored
+        now, C{dup} had been stored before), or C{bad} with a C{reason}; then
+        nothing of the batch was stored.
+    """
+
+    batch_id: str
+    status: str
+    reason: str = ""
+    new: int = 0
+    dup: int = 0
+
+
+@attrs.frozen
+class Ping:
+    """
+    Either side of the TCP hop: are you there?  Answered by L{Pong}.
+    """
+
+    seq: int
+
+
+@attrs.frozen
+class Pong:
+    seq: int
+
+
+Message = Union[DayChunk, DayAck, Batch, BatchAck, Ping, Pong]
+
+STATUSES = {DayAck: ("ok", "busy", "bad"), BatchAck: ("ok", "bad")}
+
+# -- value grammar ----------------------------------------------------------
+
+_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
+_UINT = re.compile(r"(0|[1-9][0-9]{0,9})\Z")
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,2})(\.[0-9]{0,5}[1-9])?\Z")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+_STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+_KEY = re.compile(r"[a-z]{1,8}\Z")
+_PRINTABLE = re.compile(rb"[\x21-\x7e]+( [\x21-\x7e]+)*\Z")
+
+#: Device ids are positive and fit a signed 32-bit column.
+MAX_DEVICE_ID = 2**31 - 1
+_MAX_UINT32 = 2**32 - 1
+
+
+def _uint(text: str, what: str, high: int = _MAX_UINT32) -> int:
+    if _UINT.match(text) is None:
+        raise WireError("value", f"{what} {text!r} is not a whole number")
+    value = int(text)
+    if value > high:
+        raise WireError("value", f"{what} {value} above {high}")
+    return value
+
+
+def _device_id(text: str) -> int:
+    value = _uint(text, "device id", MAX_DEVICE_ID)
+    if value == 0:
+        raise WireError("value", "device id 0 (ids start at 1)")
+    return value
+
+
+_seen_ips: dict[str, str] = {}
+
+
+def _ip(text: str) -> str:
+    # A fleet has few addresses and a batch repeats them: remember the ones
+    # already checked instead of parsing each again (bounded, so forged
+    # addresses cannot grow it without limit).
+    if text in _seen_ips:
+        return text
+    try:
+        canonical = str(ipaddress.ip_address(text))
+    except ValueError:
+        raise WireError("value", f"device address {text!r} is not an IP address") from None
+    if canonical != text:
+        raise WireError("value", f"device address {text!r} is not canonical ({canonical})")
+    if len(_seen_ips) < 65536:
+        _seen_ips[text] = text
+    return text
+
+
+def _number(text: str, check, what: str) -> float:
+    if _NUMBER.match(text) is None:
+        raise WireError("value", f"{what} {text!r} is not a decimal number")
+    value = float(text)
+    if format_number(value) != text:
+        raise WireError("value", f"{what} {text!r} is not canonical")
+    try:
+        return check(value)
+    except ReadingError as e:
+        raise WireError("range", str(e)) from None
+
+
+def _day(text: str) -> datetime.date:
+    if _DAY.match(text) is None:
+        raise WireError("value", f"day {text!r} is not YYYY-MM-DD")
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise WireError("value", f"day {text!r} is not a calendar date") from None
+
+
+def _hex16(text: str, what: str) -> str:
+    if _HEX16.match(text) is None:
+        raise WireError("value", f"{what} {text!r} is not 16 lowercase hex digits")
+    return text
+
+
+def _reason(text: str) -> str:
+    reason = unquote(text, errors="strict")
+    if _quote(reason) != text:
+        raise WireError("value", f"reason {text!r} is not canonical")
+    return reason
+
+
+def _quote(reason: str) -> str:
+    return quote(reason, safe="")
+
+
+# -- records ----------------------------------------------------------------
+
+
+def _day_record(reading: Reading) -> str:
+    return (
+        f"{reading.taken_at:%H:%M},{format_number(reading.temperature_c)},"
+        f"{format_number(reading.humidity_pct)}"
+    )
+
+
+def _batch_record(reading: Reading) -> str:
+    return (
+        f"{reading.device_id},{reading.device_ip},{reading.taken_at:%Y-%m-%dT%H:%M},"
+        f"{format_number(reading.temperature_c)},{format_number(reading.humidity_pct)}"
+    )
+
+
+def _records(text: str, count: int) -> list[list[str]]:
+    if count == 0:
+        if text:
+            raise WireError("count", "n=0 but records follow")
+        return []
+    records = text.split(";")
+    if len(records) != count:
+        raise WireError("count", f"n={count} but {len(records)} records")
+    return [record.split(",") for record in records]
+
+
+def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, day: datetime.date):
+    readings = []
+    seen = set()
+    for fields in _records(text, count):
+        if len(fields) != 3:
+            raise WireError("record", f"record {','.join(fields)!r} is not HH:MM,temperature,humidity")
+        hhmm, temperature, humidity = fields
+        if _HHMM.match(hhmm) is None:
+            raise WireError("value", f"time {hhmm!r} is not HH:MM")
+        if hhmm in seen:
+            raise WireError("record", f"time {hhmm} twice in one message")
+        seen.add(hhmm)
+        taken_at = datetime.datetime(day.year, day.month, day.day, int(hhmm[:2]), int(hhmm[3:]))
+        readings.append(
+            Reading(
+                device_id,
+                device_ip,
+                taken_at,
+                _number(temperature, check_temperature, "temperature"),
+                _number(humidity, check_humidity, "humidity"),
+            )
+        )
+    return tuple(readings)
+
+
+def _decode_batch_records(text: str, count: int):
+    readings = []
+    seen = set()
+    for fields in _records(text, count):
+        if len(fields) != 5:
+            raise WireError("record", f"record {','.join(fields)!r} is not id,ip,stamp,temperature,humidity")
+        device, ip, stamp, temperature, humidity = fields
+        if _STAMP.match(stamp) is None:
+            raise WireError("value", f"time {stamp!r} is not YYYY-MM-DDTHH:MM")
+        try:
+            taken_at = datetime.datetime.fromisoformat(stamp)
+        except ValueError:
+            raise WireError("value", f"time {stamp!r} is not a calendar date") from None
+        device_id = _device_id(device)
+        key = (device_id, taken_at)
+        if key in seen:
+            raise WireError("record", f"device {device_id} at {stamp} twice in one batch")
+        seen.add(key)
+        readings.append(
+            Reading(
+                device_id,
+                _ip(ip),
+                taken_at,
+                _number(temperature, check_temperature, "temperature"),
+                _number(humidity, check_humidity, "humidity"),
+            )
+        )
+    return tuple(readings)
+
+
+def _checksum(records: str) -> str:
+    return f"{zlib.crc32(records.encode('ascii')):08x}"
+
+
+# -- encode -----------------------------------------------------------------
+
+
+def encode(message: Message) -> bytes:
+    """
+    The bytes of C{message}, without a line end.
+
+    @raise ValueError: if the message cannot be encoded faithfully (a reading
+        of another device or day inside a L{DayChunk}, a bad status).
+    """
+    if isinstance(message, DayChunk):
+        for reading in message.readings:
+            if (
+                reading.device_id != message.device_id
+                or reading.device_ip != message.device_ip
+                or reading.taken_at.date() != message.day
+            ):
+                raise ValueError(f"{reading!r} does not belong in a chunk of device {message.device_id} on {message.day}")
+        records = ";".join(map(_day_record, message.readings))
+        if not 1 <= message.part <= message.parts:
+            raise ValueError(f"part {message.part} of {message.parts}")
+        text = (
+            f"DAY dev={message.device_id} ip={message.device_ip} day={message.day.isoformat()} "
+            f"xfer={message.xfer} part={message.part}/{message.parts} ts={message.sent_at} "
+            f"n={len(message.readings)} r={records}"
+        )
+    elif isinstance(message, DayAck):
+        _check_status(message)
+        text = f"DAYACK xfer={message.xfer} part={message.part} st={message.status}"
+        if message.reason:
+            text += f" why={_quote(message.reason)}"
+    elif isinstance(message, Batch):
+        records = ";".join(map(_batch_record, message.readings))
+        text = (
+            f"BATCH id={message.batch_id} n={len(message.readings)} "
+            f"sum={_checksum(records)} r={records}"
+        )
+    elif isinstance(message, BatchAck):
+        _check_status(message)
+        text = f"BATCHACK id={message.batch_id} st={message.status} new={message.new} dup={message.dup}"
+        if message.reason:
+            text += f" why={_quote(message.reason)}"
+    elif isinstance(message, Ping):
+        text = f"PING seq={message.seq}"
+    elif isinstance(message, Pong):
+        text = f"PONG seq={message.seq}"
+    else:
+        raise TypeError(f"not a meter message: {message!r}")
+    return _PREFIX + text.encode("ascii")
+
+
+def _check_status(message) -> None:
+    if message.status not in STATUSES[type(message)]:
+        raise ValueError(f"status {message.status!r} of {type(message).__name__}")
+    if message.status == "ok" and message.reason:
+        raise ValueError(f"status ok with reason {message.reason!r}")
+    if message.status == "bad" and not message.reason:
+        raise ValueError("status bad without a reason")
+
+
+# -- decode -----------------------------------------------------------------
+
+#: The fields of each kind, in their one order; C{r} (records) is last.
+_FIELDS = {
+    b"DAY": ("dev", "ip", "day", "xfer", "part", "ts", "n", "r"),
+    b"DAYACK": ("xfer", "part", "st", "why?"),
+    b"BATCH": ("id", "n", "sum", "r"),
+    b"BATCHACK": ("id", "st", "new", "dup", "why?"),
+    b"PING": ("seq",),
+    b"PONG": ("seq",),
+}
+
+
+def decode(data: bytes, max_size: int = MAX_LINE) -> Message:
+    """
+    The message in C{data} (one datagram, or one line without its end).
+
+    @raise WireError: if C{data} is not a valid, canonical message of this
+        version; the error's C{code} names the fault.
+    """
+    if len(data) > max_size:
+        raise WireError("size", f"{len(data)} bytes, more than {max_size}")
+    if not data.startswith(MAGIC):
+        raise WireError("magic", "does not start with 'meter/'")
+    if not data.startswith(_PREFIX):
+        version = data[len(MAGIC):].split(b" ", 1)[0][:16]
+        raise WireError("version", f"version {version.decode('ascii', 'replace')!r}, this side speaks {VERSION}")
+    if _PRINTABLE.match(data) is None:
+        raise WireError("syntax", "not printable ASCII tokens separated by single spaces")
+    tokens = data[len(_PREFIX):].decode("ascii").split(" ")
+    kind = tokens[0].encode("ascii")
+    layout = _FIELDS.get(kind)
+    if layout is None:
+        raise WireError("kind", f"unknown message kind {tokens[0][:16]!r}")
+    fields = {}
+    expected = iter(layout)
+    for token in tokens[1:]:
+        key, equals, value = token.partition("=")
+        if not equals or _KEY.match(key) is None:
+            raise WireError("syntax", f"token {token[:32]!r} is not key=value")
+        for name in expected:
+            if name.rstrip("?") == key:
+                break
+            if not name.endswith("?"):
+                raise WireError("field", f"{kind.decode()} expects {name} before {key}")
+        else:
+            raise WireError("field", f"{kind.decode()} has no field {key!r} there")
+        fields[key] = value
+    missing = [name for name in layout if not name.endswith("?") and name not in fields]
+    if missing:
+        raise WireError("field", f"{kind.decode()} misses {', '.join(missing)}")
+    return _DECODERS[kind](fields)
+
+
+def _decode_day(f: dict) -> DayChunk:
+    device_id = _device_id(f["dev"])
+    device_ip = _ip(f["ip"])
+    day = _day(f["day"])
+    part_text, slash, parts_text = f["part"].partition("/")
+    if not slash:
+        raise WireError("value", f"part {f['part']!r} is not N/M")
+    part = _uint(part_text, "part", MAX_READINGS)
+    parts = _uint(parts_text, "parts", MAX_READINGS)
+    if not 1 <= part <= parts:
+        raise WireError("chunk", f"part {part} of {parts}")
+    count = _uint(f["n"], "n", MAX_READINGS)
+    return DayChunk(
+        device_id,
+        device_ip,
+        day,
+        _hex16(f["xfer"], "xfer"),
+        part,
+        parts,
+        _uint(f["ts"], "ts"),
+        _decode_day_records(f["r"], count, device_id, device_ip, day),
+    )
+
+
+def _status(kind, text: str, reason: str) -> str:
+    if text not in STATUSES[kind]:
+        raise WireError("value", f"status {text!r}")
+    if text == "bad" and not reason:
+        raise WireError("value", "status bad without a reason")
+    if text == "ok" and reason:
+        raise WireError("value", "status ok with a reason")
+    return text
+
+
+def _decode_dayack(f: dict) -> DayAck:
+    reason = _reason(f.get("why", ""))
+    return DayAck(
+        _hex16(f["xfer"], "xfer"),
+        _uint(f["part"], "part", MAX_READINGS),
+        _status(DayAck, f["st"], reason),
+        reason,
+    )
+
+
+def _decode_batch(f: dict) -> Batch:
+    count = _uint(f["n"], "n", MAX_BATCH_READINGS)
+    if re.fullmatch(r"[0-9a-f]{8}", f["sum"]) is None:
+        raise WireError("value", f"sum {f['sum']!r} is not 8 lowercase hex digits")
+    if _checksum(f["r"]) != f["sum"]:
+        raise WireError("checksum", f"records do not match sum={f['sum']}")
+    return Batch(_hex16(f["id"], "batch id"), _decode_batch_records(f["r"], count))
+
+
+def _decode_batchack(f: dict) -> BatchAck:
+    reason = _reason(f.get("why", ""))
+    return BatchAck(
+        _hex16(f["id"], "batch id"),
+        _status(BatchAck, f["st"], reason),
+        reason,
+        _uint(f["new"], "new"),
+        _uint(f["dup"], "dup"),
+    )
+
+
+_DECODERS = {
+    b"DAY": _decode_day,
+    b"DAYACK": _decode_dayack,
+    b"BATCH": _decode_batch,
+    b"BATCHACK": _decode_batchack,
+    b"PING": lambda f: Ping(_uint(f["seq"], "seq")),
+    b"PONG": lambda f: Pong(_uint(f["seq"], "seq")),
+}
+
+
+# -- a day in chunks --------------------------------------------------------
+
+
+def split_day(
+    device_id: int,
+    device_ip: str,
+    day: datetime.date,
+    readings: tuple[Reading, ...],
+    xfer: str,
+    sent_at: int,
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[DayChunk]:
+    """
+    Cut one device's day into L{DayChunk}s whose datagrams are at most
+    C{max_bytes} long each.  A day with no readings is one empty chunk, so
+    the gateway still learns the device reported.
+    """
+    # The header's length depends on the part numbers only through their
+    # digits; reserve the widest form so every chunk's header fits.
+    widest = MAX_READINGS
+    header = len(
+        encode(DayChunk(device_id, device_ip, day, xfer, widest, widest, sent_at, ()))
+    )
+    room = max_bytes - header
+    groups: list[list[Reading]] = [[]]
+    used = 0
+    for reading in readings:
+        size = len(_day_record(reading)) + (1 if groups[-1] else 0)
+        if used + size > room:
+            if not groups[-1]:
+                raise ValueError(f"chunk size {max_bytes} cannot hold one reading")
+            groups.append([])
+            size = len(_day_record(reading))
+            used = 0
+        groups[-1].append(reading)
+        used += size
+    parts = len(groups)
+    return [
+        DayChunk(device_id, device_ip, day, xfer, index, parts, sent_at, tuple(group))
+        for index, group in enumerate(groups, start=1)
+    ]
+
+
+_DAY_ID = re.compile(rb"^meter/\d+ DAY .*?\bxfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/")
+_BATCH_ID = re.compile(rb"^meter/\d+ BATCH id=([0-9a-f]{16})(?: |$)")
+
+
+def refusal(data: bytes, error: WireError) -> DayAck | BatchAck | None:
+    """
+    The negative acknowledgement for C{data}, which L{decode} refused with
+    C{error}, if its message id can still be read: the sender then learns
+    why at once instead of retrying in vain.  C{None} if it cannot.
+    """
+    head = data[:512]
+    match = _DAY_ID.match(head)
+    if match is not None:
+        return DayAck(match.group(1).decode(), int(match.group(2)), "bad", str(error))
+    match = _BATCH_ID.match(head)
+    if match is not None:
+        return BatchAck(match.group(1).decode(), "bad", str(error))
+    return None
