@@ -1,0 +1,151 @@
+"""
+The `meter` command for users:
+
+    meter demo                      the report's day, end to end, on loopback
+    meter readings --db PATH        what the cloud stored
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sqlite3
+import sys
+from pathlib import Path
+
+from meter import config
+from meter.cloud import query_readings
+from meter.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
+from meter.reading import format_number
+
+DEMO_DIR = Path("var/demo")
+
+
+def demo(args: argparse.Namespace) -> int:
+    """
+    Start the cloud, the gateway and every device of the fleet as the real
+    twistd plugins on the configured (loopback) addresses, with a fresh
+    database, and show the cloud's console.
+    """
+    try:
+        settings = config.load(Path(args.config) if args.config else None)
+    except config.ConfigError as e:
+        print(f"meter demo: {e}", file=sys.stderr)
+        return 2
+    surveys = settings.device["surveys"]
+    if not surveys.exists():
+        print(f"meter demo: no survey folder {surveys}: run it from the repository root", file=sys.stderr)
+        return 2
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    common = ["--config", args.config] if args.config else []
+    db = work / "cloud.sqlite"
+    daemons: list[Daemon] = []
+
+    def start(name: str, *command: str) -> Daemon:
+        daemon = Daemon(name, twistd(*command))
+        daemons.append(daemon)
+        return daemon
+
+    try:
+        cloud = start("cloud", "meter-cloud", *common, "--db", str(db))
+        cloud.wait_for(r"CloudFactory starting on")
+        gateway = start(
+            "gateway", "meter-gateway", *common, "--spool", str(work / "gateway-spool.sqlite"), "--deadline", "30"
+        )
+        gateway.wait_for(r"GatewayProtocol starting on")
+        gateway.wait_for(r"connected to the cloud")
+        devices = [start(f"device {i}", "meter-device", *common, "--id", str(i), "--once") for i in settings.fleet]
+        for device in devices:
+            status = device.wait(60)
+            if status != 0:
+                raise DaemonError(f"{device.name} exited {status}{device.tail()}")
+        sent = sum(int(m.group(1)) for d in devices for m in d.all_matching(r"sending (\d+) readings"))
+        lines = [m.group(0) for m in cloud.collect(CONSOLE_LINE, sent)]
+        cloud.wait_for(r"acknowledged at=")
+    except DaemonError as e:
+        print(f"meter demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+
+    print("The cloud's console:")
+    for line in lines:
+        print(f"  {line}")
+    addresses = {m.group(1) for m in map(CONSOLE_LINE.match, lines)}
+    missing = set(settings.fleet.values()) - addresses
+    first_send = min(float(m.group(1)) for d in devices for m in d.all_matching(r"send started at=([0-9.]+)"))
+    last_ack = max(float(m.group(1)) for m in cloud.all_matching(r"acknowledged at=([0-9.]+)"))
+    print(
+        f"\n{len(lines)} readings from {len(addresses)} devices; "
+        f"first device send to the cloud's last acknowledgement: {(last_ack - first_send) * 1000:.1f} ms"
+    )
+    print(f"Stored in {db}: see them with  meter readings --db {db}")
+    if missing:
+        print(f"meter demo: no reading of {', '.join(sorted(missing))} on the console", file=sys.stderr)
+        return 1
+    return 0
+
+
+COLUMNS = ("device_ip", "taken_at", "temperature_c", "humidity_pct")
+
+
+def readings(args: argparse.Namespace) -> int:
+    path = Path(args.db)
+    if not path.is_file():
+        print(f"meter readings: no database at {path}", file=sys.stderr)
+        return 2
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        rows = [
+            (ip, taken_at.isoformat(timespec="minutes"), temperature, humidity)
+            for ip, taken_at, temperature, humidity in query_readings(connection, args.device)
+        ]
+    except sqlite3.DatabaseError as e:
+        print(f"meter readings: {path} is not a meter cloud database: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    if args.format == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows((ip, at, format_number(t), format_number(h)) for ip, at, t, h in rows)
+    elif args.format == "json":
+        json.dump([dict(zip(COLUMNS, row)) for row in rows], out, indent=1)
+        out.write("\n")
+    else:
+        table = [COLUMNS] + [(ip, at, format_number(t), format_number(h)) for ip, at, t, h in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+        for row in table:
+            out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+        out.write(f"({len(rows)} readings)\n")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="meter", description="The meter suite's user commands.")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo", help="run the report's day end to end on loopback and show the cloud's console")
+    p.add_argument("--config", help="configuration file (default: etc/meter.toml, else the embedded defaults)")
+    p.add_argument("--dir", default=str(DEMO_DIR), help=f"folder for the demo's fresh database and spool (default {DEMO_DIR})")
+    p.set_defaults(run=demo)
+
+    p = commands.add_parser("readings", help="list the readings a cloud database holds")
+    p.add_argument("--db", required=True, help="the cloud's SQLite database")
+    p.add_argument("--device", metavar="IP", help="only this device's readings")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(run=readings)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

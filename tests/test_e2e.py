@@ -1,0 +1,71 @@
+"""
+End to end: the three real twistd plugins as child processes on free
+loopback ports, a fleet of six devices, the cloud's console and database.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import pytest
+
+from meter.processes import CONSOLE_LINE
+from tests.harness import Suite, survey_text
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def suite(tmp_path):
+    suite = Suite(tmp_path, devices=6, readings=4)
+    yield suite
+    suite.stop()
+
+
+def expected_rows(suite: Suite, day: datetime.date) -> list[tuple]:
+    rows = []
+    for device_id, address in suite.fleet.items():
+        for line in survey_text(device_id, suite.readings).splitlines():
+            hhmm, temperature, humidity = line.rstrip("%").split(" - ")
+            rows.append((device_id, address, f"{day.isoformat()}T{hhmm}", float(temperature), float(humidity)))
+    return sorted(rows)
+
+
+def test_six_devices_day_reaches_console_and_database(suite):
+    cloud = suite.start_cloud()
+    gateway = suite.start_gateway()
+    gateway.wait_for("connected to the cloud")
+    devices = [suite.start_device(device_id) for device_id in suite.fleet]
+    for device in devices:
+        assert device.wait(30) == 0, device.tail()
+    day = datetime.date.fromtimestamp(time.time()) - datetime.timedelta(days=1)
+
+    console = [m.group(0) for m in cloud.collect(CONSOLE_LINE, 6 * 4)]
+    expected_console = sorted(
+        f"{address} - {at[-5:]} - {temperature:g} - {humidity:g}%"
+        for _, address, at, temperature, humidity in expected_rows(suite, day)
+    )
+    assert sorted(console) == expected_console
+    gateway.wait_for(r"round \S+ complete: every expected device reported")
+    cloud.wait_for("acknowledged at=")
+    assert suite.stored() == expected_rows(suite, day)
+    # The gateway logs what the report's console said.
+    assert gateway.all_matching(r"received \d+ bytes from device 3 ")
+    assert gateway.all_matching(r"sent ok to device 3 ")
+    assert gateway.all_matching(r"forwarding batch \w+ of 24 readings")
+    assert gateway.all_matching(r"batch \w+ acknowledged by the cloud")
+
+
+def test_bad_option_is_refused_before_binding(suite):
+    daemon = suite.start("gateway", "meter-gateway", "--deadline", "soon")
+    assert daemon.wait(20) != 0
+    assert daemon.all_matching(r"--deadline: expected a number")
+    assert not suite.spool.exists()
+
+
+def test_once_device_without_gateway_exits_non_zero(suite):
+    device = suite.start_device(1, "--gateway", "127.0.0.1:9")
+    # ack_timeout 0.5 s, 4 retransmissions: gives up after about 20 s at most.
+    assert device.wait(40) == 1
+    assert device.all_matching(r"meter-device 1: day not delivered: no acknowledgement")
