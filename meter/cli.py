@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from meter import config
+from meter import config, secrets
 from meter.cloud import query_readings
 from meter.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
 from meter.reading import format_number
@@ -52,7 +52,7 @@ def demo(args: argparse.Namespace) -> int:
 
     try:
         cloud = start("cloud", "meter-cloud", *common, "--db", str(db))
-        cloud.wait_for(r"CloudFactory starting on")
+        cloud.wait_for(r"Factory (\(TLS\) )?starting on")
         gateway = start(
             "gateway", "meter-gateway", *common, "--spool", str(work / "gateway-spool.sqlite"), "--deadline", "30"
         )
@@ -125,6 +125,24 @@ def readings(args: argparse.Namespace) -> int:
     return 0
 
 
+def certs(args: argparse.Namespace) -> int:
+    """
+    Create the CA, the cloud's and gateway's certificates and the fleet's
+    device keys in a folder, keeping what exists.
+    """
+    try:
+        settings = config.load(Path(args.config) if args.config else None)
+        created = secrets.create(Path(args.dir), settings.fleet)
+    except (config.ConfigError, OSError) as e:
+        print(f"meter certs: {e}", file=sys.stderr)
+        return 2
+    for path in created:
+        print(f"created {path}")
+    print(f"{args.dir}: CA, cloud and gateway certificates, keys of {len(settings.fleet)} devices "
+          f"({len(created)} files new). Give each device only its own devices/device<N>.key.")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="meter", description="The meter suite's user commands.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -133,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="configuration file (default: etc/meter.toml, else the embedded defaults)")
     p.add_argument("--dir", default=str(DEMO_DIR), help=f"folder for the demo's fresh database and spool (default {DEMO_DIR})")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("certs", help="create a CA, TLS certificates and device keys for the fleet")
+    p.add_argument("dir", help="folder to create them in (existing files are kept)")
+    p.add_argument("--config", help="configuration file whose [fleet] gets keys (default: etc/meter.toml)")
+    p.set_defaults(run=certs)
 
     p = commands.add_parser("readings", help="list the readings a cloud database holds")
     p.add_argument("--db", required=True, help="the cloud's SQLite database")

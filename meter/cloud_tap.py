@@ -9,8 +9,10 @@ import sys
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
 
-from meter import cloud
+from meter import cloud, secrets
 from meter.dbthread import DatabaseThread, connect
 from meter.options import MeterOptions
 
@@ -26,6 +28,13 @@ class Options(MeterOptions):
     ]
 
 
+    def _check(self) -> None:
+        try:
+            self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
+        except secrets.SecretError as e:
+            raise usage.UsageError(str(e)) from None
+
+
 class CloudService(MultiService):
     """
     Opens the database, then listens; at stop, stops listening, then
@@ -34,9 +43,10 @@ class CloudService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: dict, reactor, console=None):
+    def __init__(self, settings: dict, tls, reactor, console=None):
         MultiService.__init__(self)
         self._settings = settings
+        self._tls = tls
         self._reactor = reactor
         self._console = console or _console_line
         self.database: DatabaseThread | None = None
@@ -54,11 +64,14 @@ class CloudService(MultiService):
         self.log.info("readings database {path}", path=path)
         self.store = cloud.CloudStore(self.database, self._console, self._reactor)
         factory = cloud.CloudFactory(self.store, self._settings["idle_timeout"], self._reactor)
-        strports.service(self._settings["listen"], factory).setServiceParent(self)
-        if self._settings["listen"].startswith(("tcp:", "tcp6:", "unix:")):
-            self.log.warn("listening on {listen} in PLAIN TEXT (no TLS)", listen=self._settings["listen"])
+        if self._tls is not None:
+            # TLS wraps whatever endpoint is configured; the TLS options
+            # require a client certificate signed by the suite's CA.
+            factory = TLSMemoryBIOFactory(self._tls, False, factory)
+            self.log.info("listening on {listen} with TLS, gateways need a certificate of the suite's CA", listen=self._settings["listen"])
         else:
-            self.log.info("listening on {listen}", listen=self._settings["listen"])
+            self.log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=self._settings["listen"])
+        strports.service(self._settings["listen"], factory).setServiceParent(self)
         MultiService.startService(self)
 
     def stopService(self):
@@ -79,4 +92,4 @@ def _console_line(line: str) -> None:
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    return CloudService(options.config.cloud, reactor)
+    return CloudService(options.config.cloud, options.tls, reactor)

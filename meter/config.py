@@ -110,6 +110,23 @@ def ip(value: Any) -> str:
         raise ValueError(f"expected an IP address, got {raw!r}") from None
 
 
+def optional_ip(value: Any) -> str:
+    """
+    An IP address, or C{""} for none (let the kernel choose).
+    """
+    if value == "":
+        return ""
+    return ip(value)
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def time_of_day(value: Any) -> datetime.time:
     raw = text(value)
     try:
@@ -142,7 +159,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     "cloud": {
         "listen": (server_endpoint, "tcp:8001:interface=127.0.0.1", "Twisted endpoint the cloud listens on"),
         "db": (path, "var/cloud.sqlite", "SQLite database of stored readings"),
-        "idle_timeout": (positive, 120.0, "seconds a gateway connection may stay silent"),
+        "idle_timeout": (positive, 120.0, "seconds a gateway connection may stay silent between lines"),
+        "tls": (boolean, True, "require TLS with a client certificate signed by the suite's CA"),
     },
     "gateway": {
         "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),
@@ -154,6 +172,15 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "ack_timeout": (positive, 30.0, "seconds to wait for the cloud to acknowledge a batch"),
         "heartbeat": (positive, 15.0, "seconds of silence before the gateway pings the cloud"),
         "max_backoff": (positive, 30.0, "longest wait between reconnection attempts, in seconds"),
+        "spool_limit": (whole(1, 10**9), 5_000_000, "most readings the spool holds; devices are answered busy beyond"),
+        "reassembly_timeout": (positive, 600.0, "seconds a day's transfer may stay incomplete before it is forgotten"),
+        "max_reassemblies": (whole(1, 10**7), 10_000, "most incomplete transfers tracked at once (oldest forgotten)"),
+        "stats_interval": (positive, 60.0, "seconds between the gateway's stats log lines"),
+        "tls": (boolean, True, "connect to the cloud over TLS, verifying its certificate"),
+        "cloud_name": (text, "meter-cloud", "the name the cloud's certificate must carry"),
+        "replay_window": (positive, 600.0, "seconds a device's transfer stays acceptable after it started"),
+        "cloud_source": (optional_ip, "", "local IP address to connect to the cloud from (\"\": the kernel's choice)"),
+        "check_source": (boolean, False, "refuse a datagram whose source address is not its device's [fleet] address"),
     },
     "device": {
         "id": (whole(1, 2**31 - 1), None, "this device's number in the fleet"),
@@ -165,6 +192,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "ack_timeout": (positive, 2.0, "first retransmission timeout, seconds (CoAP ACK_TIMEOUT)"),
         "ack_random_factor": (_number, 1.5, "first timeout is ack_timeout times 1..this (CoAP)"),
         "max_retransmit": (whole(0, 20), 4, "retransmissions before giving up (CoAP MAX_RETRANSMIT)"),
+    },
+    "security": {
+        "dir": (path, "var/secrets", "folder of the CA, the TLS certificates and devices/device<N>.key"),
+        "generate": (boolean, True, "create missing secrets at start (loopback); false in production"),
     },
 }
 
@@ -181,6 +212,7 @@ class Config:
     cloud: dict[str, Any]
     gateway: dict[str, Any]
     device: dict[str, Any]
+    security: dict[str, Any]
     fleet: dict[int, str]
     source: str
 
@@ -262,10 +294,12 @@ def from_raw(raw: dict[str, Any], source: str, overrides: dict[str, dict[str, An
                 values[key] = _check(section, key, value, f"--{key.replace('_', '-')}")
         sections[section] = values
     fleet = _fleet(raw["fleet"], source) if "fleet" in raw else dict(DEFAULT_FLEET)
-    return Config(sections["cloud"], sections["gateway"], sections["device"], fleet, source)
+    return Config(sections["cloud"], sections["gateway"], sections["device"], sections["security"], fleet, source)
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)

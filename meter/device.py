@@ -162,27 +162,29 @@ class DaySender:
 
 class DeviceProtocol(DatagramProtocol):
     """
-    The device's UDP socket: sends datagrams to the gateway and hands the
-    gateway's acknowledgements to the current L{DaySender}.  Datagrams from
-    any other address are ignored.
+    The device's UDP socket: sends datagrams to the gateway, sealed with the
+    device's key, and hands the gateway's acknowledgements to the current
+    L{DaySender} once their tag verifies.  Datagrams from any other address
+    are ignored.
     """
 
     log = Logger()
 
-    def __init__(self, gateway: tuple[str, int]):
+    def __init__(self, gateway: tuple[str, int], key: bytes):
         self._gateway = gateway
+        self._key = key
         self.sender: DaySender | None = None
         self.counters: Counter[str] = Counter()
 
     def send(self, datagram: bytes) -> None:
-        self.transport.write(datagram, self._gateway)
+        self.transport.write(wire.seal(datagram, self._key), self._gateway)
 
     def datagramReceived(self, data: bytes, addr):
         if (addr[0], addr[1]) != self._gateway:
             self.counters["foreign_datagrams"] += 1
             return
         try:
-            message = wire.decode(data, max_size=wire.MAX_DATAGRAM)
+            message = wire.decode(wire.unseal(data, self._key), max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:
             self.counters["refused"] += 1
             self.log.warn("refused a datagram from the gateway: {error}", error=str(e))

@@ -12,7 +12,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from meter import device, wire
+from meter import device, secrets, wire
 from meter.gateway import new_id
 from meter.options import MeterOptions
 from meter.reading import SurveyError, load_survey, survey_path
@@ -47,6 +47,11 @@ class Options(MeterOptions):
                 f"(devices: {', '.join(map(str, self.config.fleet))})"
             )
 
+        try:
+            self.key = secrets.read_device_key(self.config.security["dir"], device_id)
+        except secrets.SecretError as e:
+            raise usage.UsageError(str(e)) from None
+
     def pidfile_name(self) -> str:
         return f"meter-device-{self.config.device['id']}.pid"
 
@@ -54,7 +59,7 @@ class Options(MeterOptions):
 class DeviceService(Service):
     log = Logger()
 
-    def __init__(self, settings: dict, address: str, reactor, once: bool):
+    def __init__(self, settings: dict, address: str, key: bytes, reactor, once: bool):
         self._settings = settings
         self._id = settings["id"]
         self._address = address
@@ -62,7 +67,7 @@ class DeviceService(Service):
         self._once = once
         self._port = None
         self._next = None
-        self.protocol = device.DeviceProtocol(settings["gateway"])
+        self.protocol = device.DeviceProtocol(settings["gateway"], key)
         self._retransmission = device.Retransmission(
             settings["ack_timeout"], settings["ack_random_factor"], settings["max_retransmit"]
         )
@@ -125,6 +130,13 @@ class DeviceService(Service):
 
     def _not_delivered(self, failure) -> None:
         failure.trap(device.DeliveryFailed)
+        counters = self.protocol.sender.counters
+        self.log.warn(
+            "device {id}: giving up after {retries} retransmissions ({busy} busy answers)",
+            id=self._id,
+            retries=counters["retransmissions"],
+            busy=counters["busy"],
+        )
         self._failed(f"day not delivered: {failure.getErrorMessage()}")
 
     def _failed(self, why: str) -> None:
@@ -164,4 +176,4 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     settings = options.config.device
-    return DeviceService(settings, options.config.fleet[settings["id"]], reactor, options["once"])
+    return DeviceService(settings, options.config.fleet[settings["id"]], options.key, reactor, options["once"])

@@ -11,6 +11,7 @@ translate datagrams and lines into calls on them.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import socket
 from collections import Counter
@@ -32,6 +33,20 @@ REMEMBER_DAYS = 2
 
 def new_id() -> str:
     return os.urandom(8).hex()
+
+
+def peer_host(peer: str) -> str:
+    """
+    The address of a C{"host:port"} peer, IPv4-mapped IPv6 given as IPv4, so
+    it compares with a [fleet] address.
+    """
+    host = peer.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
 
 
 @attrs.define
@@ -78,8 +93,16 @@ class Intake:
         deadline: float,
         on_ready: Callable[[], None],
         spool_limit: int | None = None,
+        check_source: bool = False,
+        replay_window: float | None = None,
+        reassembly_timeout: float | None = None,
+        max_reassemblies: int | None = None,
     ):
         self._fleet = fleet
+        self._reassembly_timeout = reassembly_timeout
+        self._max_reassemblies = max_reassemblies
+        self._replay_window = replay_window
+        self._check_source = check_source
         self._spool = spool
         self._clock = clock
         self._deadline = deadline
@@ -87,6 +110,10 @@ class Intake:
         self._spool_limit = spool_limit
         self._rounds: dict[datetime.date, Round] = {}
         self._transfers: dict[tuple[int, str], Transfer] = {}
+        #: The transfers still missing parts, oldest first: what the time and
+        #: memory bounds on reassembly expire (see L{_expire}).
+        self._incomplete: dict[tuple[int, str], None] = {}
+        self._expiry = None
         #: Message ids committed to the spool, so a duplicate is re-acknowledged
         #: without being processed again.
         self._acknowledged: set[tuple[int, str, int]] = set()
@@ -110,6 +137,11 @@ class Intake:
                 (part.device_id, part.xfer), Transfer(part.day, part.parts, first_seen=part.received_at)
             )
             transfer.received.add(part.part)
+            transfer.first_seen = min(transfer.first_seen, part.received_at)
+        for key, transfer in sorted(self._transfers.items(), key=lambda item: item[1].first_seen):
+            if len(transfer.received) < transfer.parts:
+                self._incomplete[key] = None
+        self._bound_reassemblies()
         for stored in state.rounds:
             self._rounds[stored.day] = Round(stored.day, stored.opened_at, closed=stored.closed_at is not None)
         for (device_id, _), transfer in self._transfers.items():
@@ -141,6 +173,20 @@ class Intake:
         for round_ in self._rounds.values():
             if round_.timer is not None and round_.timer.active():
                 round_.timer.cancel()
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+    def stats(self) -> dict[str, int]:
+        """
+        The gauges and counters of the intake, for the periodic stats line.
+        """
+        return {
+            "spool_depth": self.depth,
+            "reassemblies": len(self._incomplete),
+            "message_ids": len(self._acknowledged),
+            **self.counters,
+        }
 
     # -- a chunk arrives -----------------------------------------------------
 
@@ -157,6 +203,25 @@ class Intake:
             self.counters["wrong_address"] += 1
             return succeed(
                 self._refuse(chunk, f"device {chunk.device_id} is {expected_ip}, not {chunk.device_ip}", peer)
+            )
+        if self._check_source and peer_host(peer) != expected_ip:
+            self.counters["wrong_source"] += 1
+            return succeed(
+                self._refuse(
+                    chunk, f"device {chunk.device_id} sends from {expected_ip}, not from {peer_host(peer)}", peer
+                )
+            )
+        if self._replay_window is not None and abs(self._clock.seconds() - chunk.sent_at) > self._replay_window:
+            # Either a datagram captured earlier and sent again, or a device
+            # whose clock is off: neither may be stored.
+            self.counters["refused_replay"] += 1
+            return succeed(
+                self._refuse(
+                    chunk,
+                    f"transfer started at {chunk.sent_at}, {self._clock.seconds() - chunk.sent_at:+.0f} s from the "
+                    f"gateway's clock: outside the replay window of {self._replay_window:g} s",
+                    peer,
+                )
             )
         key = chunk.message_id
         if key in self._acknowledged:
@@ -229,13 +294,21 @@ class Intake:
         return wire.DayAck(chunk.xfer, chunk.part, "bad", reason)
 
     def _part_arrived(self, chunk: wire.DayChunk) -> None:
+        key = (chunk.device_id, chunk.xfer)
         transfer = self._transfers.setdefault(
-            (chunk.device_id, chunk.xfer), Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
+            key, Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
         )
         transfer.received.add(chunk.part)
         round_ = self._rounds[chunk.day]
         if len(transfer.received) < transfer.parts:
+            if key not in self._incomplete:
+                self._incomplete[key] = None
+                self._bound_reassemblies()
+            if round_.closed:
+                # Its readings are spooled under a closed round: they may go.
+                self._on_ready()
             return
+        self._incomplete.pop(key, None)
         if round_.closed:
             self.counters["late_devices"] += 1
             self.log.info(
@@ -303,6 +376,7 @@ class Intake:
         for key in [key for key, t in self._transfers.items() if t.day < cutoff]:
             transfer = self._transfers.pop(key)
             if len(transfer.received) < transfer.parts:
+                self._incomplete.pop(key, None)
                 self.counters["expired_reassemblies"] += 1
         self._acknowledged = {k for k in self._acknowledged if (k[0], k[1]) in self._transfers}
         self._spool.forget_before(cutoff)
@@ -312,6 +386,67 @@ class Intake:
         C{count} readings left the spool for good.
         """
         self.depth -= count
+
+    # -- bounds on reassembly ------------------------------------------------
+
+    def _bound_reassemblies(self) -> None:
+        """
+        Keep at most C{max_reassemblies} transfers in reassembly (the oldest
+        go first), and expire each C{reassembly_timeout} seconds after its
+        first part arrived.
+        """
+        if self._max_reassemblies is not None:
+            while len(self._incomplete) > self._max_reassemblies:
+                self._expire(next(iter(self._incomplete)), f"more than {self._max_reassemblies} in progress")
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._reassembly_timeout is None or not self._incomplete:
+            return
+        if self._expiry is not None and self._expiry.active():
+            return
+        oldest = self._transfers[next(iter(self._incomplete))]
+        delay = max(0.0, oldest.first_seen + self._reassembly_timeout - self._clock.seconds())
+        self._expiry = self._clock.callLater(delay, self._expire_old)
+
+    def _expire_old(self) -> None:
+        self._expiry = None
+        cutoff = self._clock.seconds() - self._reassembly_timeout
+        while self._incomplete:
+            key = next(iter(self._incomplete))
+            if self._transfers[key].first_seen > cutoff:
+                break
+            self._expire(key, f"incomplete after {self._reassembly_timeout:g} s")
+        self._arm_expiry()
+
+    def _expire(self, key: tuple[int, str], why: str) -> None:
+        """
+        Stop reassembling transfer C{key}: forget which of its parts arrived.
+
+        Only bookkeeping goes.  Every part that was acknowledged is durable
+        in the spool and its readings are forwarded with their day whatever
+        happens here; what is lost is only the knowledge that the device
+        reported completely (its round then closes at its deadline) and the
+        message ids of its parts: a late retransmission of one of them is
+        spooled again, which stores nothing twice (readings are unique by
+        device and time in the spool and in the cloud) and is acknowledged.
+        """
+        del self._incomplete[key]
+        transfer = self._transfers.pop(key)
+        device_id, xfer = key
+        for part in transfer.received:
+            self._acknowledged.discard((device_id, xfer, part))
+        self.counters["expired_reassemblies"] += 1
+        self.log.warn(
+            "reassembly of device {device}'s transfer {xfer} of {day} expired ({why}) with {n} of {parts} parts: "
+            "the parts received stay spooled and are forwarded",
+            device=device_id,
+            xfer=xfer,
+            day=transfer.day,
+            why=why,
+            n=len(transfer.received),
+            parts=transfer.parts,
+        )
 
 
 class BatchSender(Protocol):
@@ -475,12 +610,19 @@ class _InFlight:
 class GatewayProtocol(DatagramProtocol):
     """
     The devices' side: one UDP port for the gateway's whole life.
+
+    A datagram is authenticated before anything else is done with it: its
+    claimed device must have a key and its tag must verify under that key,
+    or it is dropped unanswered (an answer would let anyone use the gateway
+    to reflect traffic).  Every answer is sealed with the device's key, so a
+    forged acknowledgement cannot make a device drop its data.
     """
 
     log = Logger()
 
-    def __init__(self, intake: Intake, receive_buffer: int = 4 << 20):
+    def __init__(self, intake: Intake, keys: dict[int, bytes], receive_buffer: int = 4 << 20):
         self._intake = intake
+        self._keys = keys
         self._receive_buffer = receive_buffer
 
     def startProtocol(self):
@@ -494,13 +636,26 @@ class GatewayProtocol(DatagramProtocol):
         counters = self._intake.counters
         counters["datagrams"] += 1
         try:
-            message = wire.decode(data, max_size=wire.MAX_DATAGRAM)
+            body, tag = wire.split_tag(data)
+        except wire.WireError as e:
+            self._drop("no_tag", peer, len(data), str(e))
+            return
+        device_id = wire.claimed_device(body)
+        key = self._keys.get(device_id)
+        if key is None:
+            self._drop("unknown_device", peer, len(data), f"no key for claimed device {device_id}")
+            return
+        if not wire.tag_ok(body, tag, key):
+            self._drop("bad_tag", peer, len(data), f"tag does not verify under device {device_id}'s key")
+            return
+        try:
+            message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:
             counters[f"refused_{e.code}"] += 1
             self.log.warn("refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
-            answer = wire.refusal(data, e)
+            answer = wire.refusal(body, e)
             if isinstance(answer, wire.DayAck):
-                self.transport.write(wire.encode(answer), addr)
+                self.transport.write(wire.seal(wire.encode(answer), key), addr)
             return
         if not isinstance(message, wire.DayChunk):
             counters["unexpected"] += 1
@@ -518,8 +673,12 @@ class GatewayProtocol(DatagramProtocol):
         )
         self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr)
 
+    def _drop(self, why: str, peer: str, size: int, detail: str) -> None:
+        self._intake.counters[f"dropped_{why}"] += 1
+        self.log.warn("dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
+
     def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr) -> None:
-        self.transport.write(wire.encode(ack), addr)
+        self.transport.write(wire.seal(wire.encode(ack), self._keys[chunk.device_id]), addr)
         self.log.info(
             "sent {status} to device {device} for part {part}/{parts}",
             status=ack.status,
@@ -548,7 +707,9 @@ class CloudClientProtocol(LineOnlyReceiver):
         self._pings = 0
 
     def connectionMade(self):
-        self.log.info("connected to the cloud at {peer}", peer=self.transport.getPeer())
+        self.log.info(
+            "connected to the cloud at {peer} from {local}", peer=self.transport.getPeer(), local=self.transport.getHost()
+        )
         self._heard()
         self._uplink.connected(self)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from twisted.application.internet import ClientService, UDPServer, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python import usage
 
-from meter import gateway
+from meter import gateway, secrets
 from meter.dbthread import DatabaseThread
 from meter.options import MeterOptions
 from meter.spool import Spool
@@ -33,6 +35,15 @@ class Options(MeterOptions):
     ]
 
 
+    def _check(self) -> None:
+        folder = self.config.security["dir"]
+        try:
+            self.keys = secrets.read_fleet_keys(folder, self.config.fleet)
+            self.tls = secrets.client_tls(folder, self.config.gateway["cloud_name"]) if self.config.gateway["tls"] else None
+        except secrets.SecretError as e:
+            raise usage.UsageError(str(e)) from None
+
+
 class GatewayService(MultiService):
     """
     Opens the spool and resumes what it holds before the UDP port opens, so
@@ -41,10 +52,12 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: dict, fleet: dict[int, str], reactor):
+    def __init__(self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor):
         MultiService.__init__(self)
         self._settings = settings
         self._fleet = fleet
+        self._keys = keys
+        self._tls = tls
         self._reactor = reactor
 
     def startService(self):
@@ -59,20 +72,34 @@ class GatewayService(MultiService):
         self.uplink = gateway.Uplink(
             spool, self._reactor, s["batch_readings"], s["ack_timeout"], on_delivered=self._delivered
         )
-        self.intake = gateway.Intake(self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick)
+        self.intake = gateway.Intake(
+            self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick, check_source=s["check_source"],
+            replay_window=s["replay_window"],
+            spool_limit=s["spool_limit"],
+            reassembly_timeout=s["reassembly_timeout"],
+            max_reassemblies=s["max_reassemblies"],
+        )
         self.intake.recover(recovered)
 
         host, port = s["listen"]
         UDPServer(
-            port, gateway.GatewayProtocol(self.intake), interface=host, maxPacketSize=MAX_DATAGRAM
+            port, gateway.GatewayProtocol(self.intake, self._keys), interface=host, maxPacketSize=MAX_DATAGRAM
         ).setServiceParent(self)
         cloud_host, cloud_port = s["cloud"]
         endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint
-        endpoint = endpoint_type(self._reactor, cloud_host, cloud_port, timeout=s["connect_timeout"])
+        # On a gateway with an interface on each side, connect from the cloud's side.
+        bind = (s["cloud_source"], 0) if s["cloud_source"] else None
+        endpoint = endpoint_type(
+            self._reactor, cloud_host, cloud_port, timeout=s["connect_timeout"], bindAddress=bind
+        )
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        else:
+            self.log.warn("connecting to the cloud in PLAIN TEXT ([gateway] tls = false)")
         ClientService(
             endpoint,
             gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"]),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=s["max_backoff"]),
+            retryPolicy=self._counted(backoffPolicy(initialDelay=0.5, maxDelay=s["max_backoff"])),
             clock=self._reactor,
         ).setServiceParent(self)
         self.log.info(
@@ -86,16 +113,60 @@ class GatewayService(MultiService):
             deadline=s["deadline"],
             spool=s["spool"],
         )
+        self._stats = LoopingCall(self.log_stats)
+        self._stats.clock = self._reactor
+        self._stats.start(s["stats_interval"], now=False)
         MultiService.startService(self)
+
+    def _counted(self, policy):
+        """
+        C{policy}, counting each reconnection it schedules (after a failed
+        attempt or a lost connection) as a forwarding retry.
+        """
+
+        def retry(attempt: int) -> float:
+            self.uplink.counters["cloud_retries"] += 1
+            return policy(attempt)
+
+        return retry
+
+    def log_stats(self) -> None:
+        """
+        One line of the gateway's gauges and counters: spool depth,
+        reassemblies, duplicates, and the uplink's forwarding retries.
+        """
+        intake, uplink = self.intake.stats(), self.uplink.counters
+        self.log.info(
+            "gateway stats: spool_depth={depth} reassemblies={reassemblies} duplicates={duplicates} "
+            "expired_reassemblies={expired} refused_busy={busy} batches_acknowledged={acked} "
+            "forwarding_retries={retries} (resent {resent}, ack timeouts {timeouts}, refused {refused}, "
+            "reconnects {reconnects}); intake {intake}; uplink {uplink}",
+            depth=intake["spool_depth"],
+            reassemblies=intake["reassemblies"],
+            duplicates=intake.get("duplicates", 0),
+            expired=intake.get("expired_reassemblies", 0),
+            busy=intake.get("refused_spool_full", 0) + intake.get("spool_failures", 0),
+            acked=uplink["batches_acknowledged"],
+            retries=uplink["batches_resent"] + uplink["ack_timeouts"] + uplink["batches_refused"] + uplink["cloud_retries"],
+            resent=uplink["batches_resent"],
+            timeouts=uplink["ack_timeouts"],
+            refused=uplink["batches_refused"],
+            reconnects=uplink["cloud_retries"],
+            intake=dict(sorted(intake.items())),
+            uplink=dict(sorted(uplink.items())),
+        )
 
     def _delivered(self, count: int) -> None:
         self.intake.delivered(count)
         self.log.info("{count} readings delivered; {depth} left in the spool", count=count, depth=self.intake.depth)
 
     def stopService(self):
+        if self._stats.running:
+            self._stats.stop()
         d = MultiService.stopService(self)
 
         def stopped(_):
+            self.log_stats()
             self.intake.stop()
             self.uplink.stop()
             return self.database.stop()
@@ -114,4 +185,4 @@ class GatewayService(MultiService):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    return GatewayService(options.config.gateway, options.config.fleet, reactor)
+    return GatewayService(options.config.gateway, options.config.fleet, options.keys, options.tls, reactor)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.python import usage
 
-from meter import config
+from meter import config, secrets
 
 
 class MeterOptions(usage.Options):
@@ -19,18 +19,28 @@ class MeterOptions(usage.Options):
     """
 
     role = ""
+    #: option -> key of the role's section, or "section.key" of another.
     overrides: dict[str, str] = {}
     optParameters = [
         ["config", "c", None, "configuration file (default: etc/meter.toml if it exists, else the embedded defaults)"],
+        ["secrets", None, None, "folder of the CA, certificates and device keys (config: [security] dir)"],
     ]
 
     def postOptions(self):
-        given = {key: self[option] for option, key in self.overrides.items()}
+        given: dict[str, dict] = {}
+        for option, key in {**self.overrides, "secrets": "security.dir"}.items():
+            section, _, name = key.rpartition(".")
+            given.setdefault(section or self.role, {})[name] = self[option]
         path = Path(self["config"]) if self["config"] is not None else None
         try:
-            self.config = config.load(path, {self.role: given})
-        except config.ConfigError as e:
+            self.config = config.load(path, given)
+            security = self.config.security
+            if security["generate"]:
+                secrets.create(security["dir"], self.config.fleet)
+        except (config.ConfigError, secrets.SecretError) as e:
             raise usage.UsageError(str(e)) from None
+        except OSError as e:
+            raise usage.UsageError(f"cannot create secrets in {self.config.security['dir']}: {e}") from None
         self._check()
         self._no_shared_pidfile()
 

@@ -142,8 +142,10 @@ class Spool:
         def work(connection: sqlite3.Connection) -> int:
             if open_round:
                 connection.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)", (day, now))
+            # OR IGNORE: a part spooled again (its message id was forgotten
+            # when its reassembly expired) is a no-op, not an error.
             connection.execute(
-                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)",
                 (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now),
             )
             before = connection.total_changes

@@ -16,6 +16,8 @@ to the same bytes.  docs/protocol.md specifies every field.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import re
 import zlib
@@ -229,7 +231,10 @@ def _hex16(text: str, what: str) -> str:
 
 
 def _reason(text: str) -> str:
-    reason = unquote(text, errors="strict")
+    try:
+        reason = unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise WireError("value", f"reason {text[:32]!r} is not percent-encoded UTF-8") from None
     if _quote(reason) != text:
         raise WireError("value", f"reason {text!r} is not canonical")
     return reason
@@ -527,8 +532,8 @@ def split_day(
     max_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> list[DayChunk]:
     """
-    Cut one device's day into L{DayChunk}s whose datagrams are at most
-    C{max_bytes} long each.  A day with no readings is one empty chunk, so
+    Cut one device's day into L{DayChunk}s whose sealed datagrams (see
+    L{seal}) are at most C{max_bytes} long each.  A day with no readings is one empty chunk, so
     the gateway still learns the device reported.
     """
     # The header's length depends on the part numbers only through their
@@ -537,7 +542,7 @@ def split_day(
     header = len(
         encode(DayChunk(device_id, device_ip, day, xfer, widest, widest, sent_at, ()))
     )
-    room = max_bytes - header
+    room = max_bytes - header - TAG_LENGTH
     groups: list[list[Reading]] = [[]]
     used = 0
     for reading in readings:
@@ -575,3 +580,56 @@ def refusal(data: bytes, error: WireError) -> DayAck | BatchAck | None:
     if match is not None:
         return BatchAck(match.group(1).decode(), "bad", str(error))
     return None
+
+
+# -- authentication ---------------------------------------------------------
+
+#: A sealed datagram ends with this and 64 hex digits of HMAC-SHA256.
+_TAG = b" mac="
+TAG_LENGTH = len(_TAG) + 64
+_CLAIMED_DEVICE = re.compile(rb"^meter/1 DAY dev=([1-9][0-9]{0,9}) ")
+
+
+def seal(data: bytes, key: bytes) -> bytes:
+    """
+    C{data} with its authentication tag: C{" mac="} and the HMAC-SHA256 of
+    everything before it under C{key}, in hex.
+    """
+    return data + _TAG + hmac.new(key, data, hashlib.sha256).hexdigest().encode("ascii")
+
+
+def unseal(data: bytes, key: bytes) -> bytes:
+    """
+    The message in a sealed datagram, once its tag is verified under C{key}.
+
+    @raise WireError: code C{auth}, if the tag is missing or wrong.
+    """
+    body, tag = split_tag(data)
+    if not tag_ok(body, tag, key):
+        raise WireError("auth", "authentication tag does not match")
+    return body
+
+
+def split_tag(data: bytes) -> tuple[bytes, bytes]:
+    """
+    The message and the hex tag of a sealed datagram, unverified.
+
+    @raise WireError: code C{auth}, if there is no tag.
+    """
+    if len(data) < TAG_LENGTH or data[-TAG_LENGTH:-64] != _TAG:
+        raise WireError("auth", "no authentication tag")
+    return data[:-TAG_LENGTH], data[-64:]
+
+
+def tag_ok(body: bytes, tag: bytes, key: bytes) -> bool:
+    expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode("ascii")
+    return hmac.compare_digest(expected, tag)
+
+
+def claimed_device(body: bytes) -> int | None:
+    """
+    The device id a C{DAY} message claims, read before anything else is
+    parsed so its key can verify the tag; C{None} if there is none.
+    """
+    match = _CLAIMED_DEVICE.match(body)
+    return int(match.group(1)) if match is not None else None

@@ -82,7 +82,7 @@ class Suite:
 
     def start_cloud(self) -> Daemon:
         cloud = self.start("cloud", "meter-cloud")
-        cloud.wait_for("CloudFactory starting on")
+        cloud.wait_for(r"Factory (\(TLS\) )?starting on")
         return cloud
 
     def start_gateway(self) -> Daemon:

@@ -1,0 +1,203 @@
+"""
+meter.reading: the Reading value, its console line, and survey files.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from meter.reading import (
+    Reading,
+    ReadingError,
+    SurveyError,
+    format_number,
+    load_survey,
+    parse_hhmm,
+    parse_survey,
+    survey_path,
+)
+
+DAY = datetime.date(2026, 3, 1)
+
+
+def at(hhmm: str) -> datetime.datetime:
+    hour, minute = map(int, hhmm.split(":"))
+    return datetime.datetime(2026, 3, 1, hour, minute)
+
+
+def parse(text: str):
+    return parse_survey(text, "survey.txt", 3, "192.168.1.4", DAY)
+
+
+# -- parsing ----------------------------------------------------------------
+
+
+def test_report_format_parses_to_readings():
+    readings = parse("08:00 - 20 - 30%\n12:00 - 25 - 33%\n16:00 - 23.5 - 32.25%\n20:00 - -4 - 0%\n")
+    assert readings == (
+        Reading(3, "192.168.1.4", at("08:00"), 20.0, 30.0),
+        Reading(3, "192.168.1.4", at("12:00"), 25.0, 33.0),
+        Reading(3, "192.168.1.4", at("16:00"), 23.5, 32.25),
+        Reading(3, "192.168.1.4", at("20:00"), -4.0, 0.0),
+    )
+
+
+def test_blank_lines_comments_and_surrounding_space_are_skipped():
+    text = "# device 3, March 1st\n\n   \n  08:00 - 20 - 30 %  \r\n# done\n"
+    assert parse(text) == (Reading(3, "192.168.1.4", at("08:00"), 20.0, 30.0),)
+
+
+def test_empty_survey_is_no_readings():
+    assert parse("") == ()
+    assert parse("# nothing measured\n") == ()
+
+
+def test_readings_are_stamped_with_the_given_day_and_device():
+    (reading,) = parse_survey("23:59 - 1 - 2%", "x", 7, "10.0.0.7", datetime.date(2025, 12, 31))
+    assert reading.device_id == 7
+    assert reading.device_ip == "10.0.0.7"
+    assert reading.taken_at == datetime.datetime(2025, 12, 31, 23, 59)
+
+
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        ("00:00 - -40 - 0%", (-40.0, 0.0)),
+        ("23:59 - 85 - 100%", (85.0, 100.0)),
+        ("12:00 - 0 - 50%", (0.0, 50.0)),
+    ],
+)
+def test_bounds_are_inclusive(line, value):
+    (reading,) = parse(line)
+    assert (reading.temperature_c, reading.humidity_pct) == value
+
+
+@pytest.mark.parametrize(
+    "line, detail",
+    [
+        ("08:00 - 20 - 101%", "humidity 101% outside 0..100 %"),
+        ("08:00 - 20 - -1%", "humidity -1% outside 0..100 %"),
+        ("08:00 - 20 - 100.5%", "humidity 100.5% outside 0..100 %"),
+        ("08:00 - 86 - 30%", "temperature 86 outside -40..85 °C"),
+        ("08:00 - -40.5 - 30%", "temperature -40.5 outside -40..85 °C"),
+        ("08:00 - nan - 30%", "temperature nan is not a finite number"),
+        ("08:00 - inf - 30%", "temperature inf is not a finite number"),
+        ("08:00 - -inf - 30%", "temperature -inf is not a finite number"),
+        ("08:00 - 20 - nan%", "humidity nan is not a finite number"),
+        ("08:00 - 20 - inf%", "humidity inf is not a finite number"),
+        ("08:00 - warm - 30%", "temperature 'warm' is not a number"),
+        ("08:00 - 20 - wet%", "humidity 'wet' is not a number"),
+        ("24:00 - 20 - 30%", "time '24:00' is not HH:MM (00:00 to 23:59)"),
+        ("7:00 - 20 - 30%", "time '7:00' is not HH:MM (00:00 to 23:59)"),
+        ("12:60 - 20 - 30%", "time '12:60' is not HH:MM (00:00 to 23:59)"),
+        ("noon - 20 - 30%", "time 'noon' is not HH:MM (00:00 to 23:59)"),
+        ("08:00 - 20 - 30", "expected 'HH:MM - temperature - humidity%', got '08:00 - 20 - 30'"),
+        ("08:00 20 30%", "expected 'HH:MM - temperature - humidity%', got '08:00 20 30%'"),
+        ("08:00 - 20 - 30% extra", "expected 'HH:MM - temperature - humidity%', got '08:00 - 20 - 30% extra'"),
+    ],
+)
+def test_bad_line_is_refused_naming_file_and_line(line, detail):
+    text = "# header\n06:00 - 20 - 30%\n" + line + "\n"
+    with pytest.raises(SurveyError) as raised:
+        parse(text)
+    assert str(raised.value) == f"survey.txt:3: {detail}"
+
+
+def test_duplicate_time_is_refused_naming_both_lines():
+    text = "08:00 - 20 - 30%\n12:00 - 25 - 33%\n\n08:00 - 21 - 31%\n"
+    with pytest.raises(SurveyError) as raised:
+        parse(text)
+    assert str(raised.value) == "survey.txt:4: time 08:00 already read at line 1"
+
+
+def test_a_full_day_of_minutes_is_accepted():
+    lines = [f"{m // 60:02d}:{m % 60:02d} - 17 - 35%" for m in range(24 * 60)]
+    readings = parse("\n".join(lines))
+    assert len(readings) == 1440
+    assert readings[0].taken_at == at("00:00")
+    assert readings[-1].taken_at == at("23:59")
+
+
+def test_parse_hhmm():
+    assert parse_hhmm("00:00") == datetime.time(0, 0)
+    assert parse_hhmm("23:59") == datetime.time(23, 59)
+    for bad in ("24:00", "7:00", "12:60", "12:5", "1200", "12:00 ", "１２:00"):
+        with pytest.raises(ReadingError):
+            parse_hhmm(bad)
+
+
+# -- the value --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "temperature, humidity",
+    [(85.5, 30), (-41, 30), (20, 100.01), (20, -0.5), (float("nan"), 30), (20, float("inf"))],
+)
+def test_reading_refuses_impossible_values(temperature, humidity):
+    with pytest.raises(ReadingError):
+        Reading(1, "192.168.1.2", at("08:00"), temperature, humidity)
+
+
+def test_reading_is_frozen():
+    reading = Reading(1, "192.168.1.2", at("08:00"), 20.0, 30.0)
+    with pytest.raises(AttributeError):
+        reading.temperature_c = 21.0
+
+
+def test_console_line_is_the_reports_format():
+    reading = Reading(3, "192.168.1.4", at("02:00"), 17.0, 35.0)
+    assert reading.console_line() == "192.168.1.4 - 02:00 - 17 - 35%"
+
+
+def test_console_line_keeps_fractions_and_signs():
+    reading = Reading(1, "192.168.1.2", at("23:05"), -3.5, 32.25)
+    assert reading.console_line() == "192.168.1.2 - 23:05 - -3.5 - 32.25%"
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(17, "17"), (17.0, "17"), (17.25, "17.25"), (0, "0"), (-40, "-40"), (100.0, "100"), (0.1, "0.1"), (-3.5, "-3.5")],
+)
+def test_format_number(value, text):
+    assert format_number(value) == text
+
+
+# -- files ------------------------------------------------------------------
+
+
+def test_survey_path_in_a_folder_or_a_file(tmp_path):
+    assert survey_path(tmp_path, 3) == tmp_path / "device3.txt"
+    single = tmp_path / "mine.txt"
+    single.write_text("")
+    assert survey_path(single, 3) == single
+
+
+def test_load_survey_reads_the_shipped_surveys(repo_root):
+    readings = load_survey(repo_root / "surveys" / "device1.txt", 1, "192.168.1.2", DAY)
+    assert readings[0] == Reading(1, "192.168.1.2", at("08:00"), 20.0, 30.0)
+    assert len(readings) == 4
+
+
+def test_load_survey_of_a_missing_file_names_it(tmp_path):
+    missing = tmp_path / "device9.txt"
+    with pytest.raises(SurveyError) as raised:
+        load_survey(missing, 9, "10.0.0.9", DAY)
+    assert str(raised.value).startswith(f"{missing}: cannot read survey:")
+
+
+def test_load_survey_of_invalid_utf8_names_it(tmp_path):
+    path = tmp_path / "device1.txt"
+    path.write_bytes(b"08:00 - 20 - 30%\n\xff\xfe\n")
+    with pytest.raises(SurveyError) as raised:
+        load_survey(path, 1, "192.168.1.2", DAY)
+    assert str(raised.value).startswith(f"{path}: cannot read survey:")
+
+
+def test_load_survey_errors_name_the_path_and_line(tmp_path):
+    path = tmp_path / "device1.txt"
+    path.write_text("08:00 - 20 - 30%\n09:00 - 20 - 130%\n")
+    with pytest.raises(SurveyError) as raised:
+        load_survey(path, 1, "192.168.1.2", DAY)
+    assert str(raised.value) == f"{path}:2: humidity 130% outside 0..100 %"
