@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # keeps twisted/plugins visible to twistd while the code stays editable.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test clean lab lab-tools
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,26 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/meter demo
 
-test: $(STAMP)
+test: $(STAMP) lab-tools
 	$(BIN)/python -m pytest
+
+# The lab (docs/lab.md): the report's two subnets in network namespaces.
+# Run as root; LAB_ARGS passes options, e.g. make lab LAB_ARGS='--devices 20 --loss 20'.
+lab: $(STAMP) lab-tools
+	$(BIN)/meter lab $(LAB_ARGS)
+
+# The lab and its tests need iproute2 and nftables: installed here when
+# running as root (as CI does) and missing; otherwise the lab tests skip.
+lab-tools:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v nft; } >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			echo "installing iproute2 and nftables for the lab"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends iproute2 nftables; \
+		else \
+			echo "no apt-get here: install iproute2 and nftables for the lab" >&2; \
+		fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) var build *.egg-info twisted/plugins/dropin.cache

@@ -3,6 +3,7 @@ The `meter` command for users:
 
     meter demo                      the report's day, end to end, on loopback
     meter readings --db PATH        what the cloud stored
+    meter lab                       the report's two subnets in network namespaces (root)
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ def certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def lab(args: argparse.Namespace) -> int:
+    from meter import lab as network_lab
+
+    return network_lab.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="meter", description="The meter suite's user commands.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -157,11 +164,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="configuration file whose [fleet] gets keys (default: etc/meter.toml)")
     p.set_defaults(run=certs)
 
+    p = commands.add_parser(
+        "lab",
+        help="run as root: the report's two subnets in network namespaces, one day through the real daemons",
+        description="Build the report's network in Linux network namespaces (devices 192.168.1.2.. on a LAN "
+        "bridge, the gateway on 192.168.1.1 and 10.10.10.1, the cloud on 10.10.10.2; nothing routed out), run the "
+        "real twistd plugins inside, play one day, print the cloud's console and tear everything down. "
+        "See docs/lab.md.",
+    )
+    p.add_argument("--devices", type=int, default=4, metavar="N", help="device hosts 192.168.1.2.. (default 4, at most 253)")
+    p.add_argument("--loss", type=int, default=0, metavar="PCT", help="per cent of UDP frames the LAN drops each way (default 0)")
+    p.add_argument("--keep", type=float, nargs="?", const=600.0, default=0.0, metavar="SECONDS",
+                   help="keep the lab up this long after the day, to look inside (default 600 s; Ctrl-C ends it)")
+    p.add_argument("--dir", default="var/lab", help="folder of the lab's configuration, database and logs (default var/lab)")
+    p.add_argument("--down", nargs="?", const="", metavar="RUN_ID",
+                   help="only remove the namespaces (and their processes) left by earlier runs: all mlab-*, or one run's")
+    p.set_defaults(run=lab)
+
     p = commands.add_parser("readings", help="list the readings a cloud database holds")
     p.add_argument("--db", required=True, help="the cloud's SQLite database")
     p.add_argument("--device", metavar="IP", help="only this device's readings")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(run=readings)
+
+    from meter import loadgen as load_generator
+
+    p = commands.add_parser(
+        "loadgen",
+        help="simulate a fleet of devices from one process against a (loopback) gateway and measure it",
+        description=load_generator.__doc__.split("\n\n")[0],
+    )
+    load_generator.add_arguments(p)
+    p.set_defaults(run=load_generator.run)
     return top
 
 

@@ -178,6 +178,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "stats_interval": (positive, 60.0, "seconds between the gateway's stats log lines"),
         "tls": (boolean, True, "connect to the cloud over TLS, verifying its certificate"),
         "cloud_name": (text, "meter-cloud", "the name the cloud's certificate must carry"),
+        "source_rate": (positive, 200.0, "datagrams a second one source address may send; the excess is dropped"),
+        "source_burst": (positive, 400.0, "datagrams one source address may send in a burst above source_rate"),
         "replay_window": (positive, 600.0, "seconds a device's transfer stays acceptable after it started"),
         "cloud_source": (optional_ip, "", "local IP address to connect to the cloud from (\"\": the kernel's choice)"),
         "check_source": (boolean, False, "refuse a datagram whose source address is not its device's [fleet] address"),
@@ -236,6 +238,8 @@ def _fleet(raw: Any, where: str) -> dict[int, str]:
             address = ip(value)
         except ValueError as e:
             raise ConfigError(f"{where} [fleet] {key}: {e}") from None
+        if device_id in fleet:
+            raise ConfigError(f"{where} [fleet] {key}: device {device_id} is already listed")
         if address in owners:
             raise ConfigError(f"{where} [fleet] {key}: address {address} already belongs to device {owners[address]}")
         owners[address] = device_id

@@ -127,7 +127,9 @@ class DatabaseThread:
         return results
 
     def _committed(self, outcome, deferreds: list[Deferred]) -> None:
-        self._committing = False
+        # Still committing while the callbacks run: work they submit (a chunk
+        # committed closes its round, which asks for a batch) must queue for
+        # the next group, not start a second transaction beside this one.
         if isinstance(outcome, Failure):
             # The commit itself failed (disk full, I/O error): nothing of the
             # group is durable, so every piece fails.
@@ -141,6 +143,7 @@ class DatabaseThread:
                     d.callback(result)
                 else:
                     d.errback(result)
+        self._committing = False
         if self._pending:
             self._commit_next()
         else:

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from meter import wire
+from meter.ratelimit import PerSource
 from meter.spool import Recovered, Spool, Spooled
 
 #: How many days back the gateway remembers message ids (and so recognises a
@@ -121,6 +122,9 @@ class Intake:
         #: the same answer once the commit is done.
         self._committing: dict[tuple[int, str, int], list[Deferred]] = {}
         self.depth = 0
+        #: Readings of chunks being committed now: they count against the
+        #: spool limit already, or a burst could overshoot it.
+        self._incoming = 0
         self.counters: Counter[str] = Counter()
 
     # -- start and stop ------------------------------------------------------
@@ -148,7 +152,8 @@ class Intake:
             round_ = self._rounds.get(transfer.day)
             if round_ is not None and len(transfer.received) == transfer.parts:
                 round_.reported.add(device_id)
-        for round_ in self._rounds.values():
+        # A copy: closing a round forgets old rounds from self._rounds.
+        for round_ in list(self._rounds.values()):
             if not round_.closed:
                 self.log.info(
                     "resuming open round {day}: {n} of {total} devices reported",
@@ -250,7 +255,7 @@ class Intake:
                     peer,
                 )
             )
-        if self._spool_limit is not None and self.depth + len(chunk.readings) > self._spool_limit:
+        if self._spool_limit is not None and self.depth + self._incoming + len(chunk.readings) > self._spool_limit:
             self.counters["refused_spool_full"] += 1
             self.log.error(
                 "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
@@ -262,8 +267,12 @@ class Intake:
             return succeed(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool full"))
 
         round_ = self._rounds.get(chunk.day)
-        d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=round_ is None)
+        # Every chunk makes sure its round is in the spool (INSERT OR IGNORE):
+        # if the write of the day's first chunk failed, the round exists in
+        # memory only, and its readings would never leave the spool.
+        d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=True)
         self._committing[key] = []
+        self._incoming += len(chunk.readings)
         if round_ is None:
             round_ = self._rounds[chunk.day] = Round(chunk.day, self._clock.seconds())
             self.log.info("round {day} opened by device {device}", day=chunk.day, device=chunk.device_id)
@@ -283,6 +292,7 @@ class Intake:
             return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool write failed"))
 
         def answer_waiters(ack: wire.DayAck) -> wire.DayAck:
+            self._incoming -= len(chunk.readings)
             for waiter in self._committing.pop(key):
                 waiter.callback(ack)
             return ack
@@ -370,7 +380,9 @@ class Intake:
         Bound memory and the spool: drop what is known of days older than
         L{REMEMBER_DAYS} before C{today}.
         """
-        cutoff = today - datetime.timedelta(days=REMEMBER_DAYS)
+        # (A device may report any calendar day: year 1 has no days before it.)
+        keep = datetime.timedelta(days=REMEMBER_DAYS)
+        cutoff = max(today, datetime.date.min + keep) - keep
         for day in [day for day, r in self._rounds.items() if day < cutoff and r.closed]:
             del self._rounds[day]
         for key in [key for key, t in self._transfers.items() if t.day < cutoff]:
@@ -620,10 +632,23 @@ class GatewayProtocol(DatagramProtocol):
 
     log = Logger()
 
-    def __init__(self, intake: Intake, keys: dict[int, bytes], receive_buffer: int = 4 << 20):
+    def __init__(
+        self,
+        intake: Intake,
+        keys: dict[int, bytes],
+        clock,
+        source_rate: float = 200.0,
+        source_burst: float = 400.0,
+        receive_buffer: int = 4 << 20,
+    ):
         self._intake = intake
         self._keys = keys
         self._receive_buffer = receive_buffer
+        # A flood from one address is cut off before any work is spent on
+        # it, so the other devices keep being served.
+        self._per_source = PerSource(clock, source_rate, source_burst)
+        # Warnings about bad input: a few a minute per source, then a count.
+        self._warnings = PerSource(clock, 1 / 6, 5)
 
     def startProtocol(self):
         # A fleet reporting at once must not overflow the kernel's queue.
@@ -635,6 +660,10 @@ class GatewayProtocol(DatagramProtocol):
         peer = f"{addr[0]}:{addr[1]}"
         counters = self._intake.counters
         counters["datagrams"] += 1
+        if not self._per_source.allow(addr[0]):
+            counters["dropped_flood"] += 1
+            self._warn(addr[0], "dropping datagrams from {peer}: over its limit of {rate:g} a second", peer=peer, rate=self._per_source.rate)
+            return
         try:
             body, tag = wire.split_tag(data)
         except wire.WireError as e:
@@ -652,7 +681,7 @@ class GatewayProtocol(DatagramProtocol):
             message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:
             counters[f"refused_{e.code}"] += 1
-            self.log.warn("refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
+            self._warn(addr[0], "refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
             answer = wire.refusal(body, e)
             if isinstance(answer, wire.DayAck):
                 self.transport.write(wire.seal(wire.encode(answer), key), addr)
@@ -675,7 +704,19 @@ class GatewayProtocol(DatagramProtocol):
 
     def _drop(self, why: str, peer: str, size: int, detail: str) -> None:
         self._intake.counters[f"dropped_{why}"] += 1
-        self.log.warn("dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
+        self._warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
+
+    def _warn(self, source: str, format: str, **fields) -> None:
+        """
+        Log a warning about bad input from C{source}, at most a few a minute
+        per source; the next line says how many were left out.
+        """
+        if not self._warnings.allow(source):
+            return
+        suppressed = self._warnings.take_suppressed(source)
+        if suppressed:
+            format += " ({suppressed} similar lines from this source left out)"
+        self.log.warn(format, suppressed=suppressed, **fields)
 
     def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr) -> None:
         self.transport.write(wire.seal(wire.encode(ack), self._keys[chunk.device_id]), addr)

@@ -83,7 +83,7 @@ class GatewayService(MultiService):
 
         host, port = s["listen"]
         UDPServer(
-            port, gateway.GatewayProtocol(self.intake, self._keys), interface=host, maxPacketSize=MAX_DATAGRAM
+            port, gateway.GatewayProtocol(self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"]), interface=host, maxPacketSize=MAX_DATAGRAM
         ).setServiceParent(self)
         cloud_host, cloud_port = s["cloud"]
         endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint

@@ -24,12 +24,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -194,6 +197,10 @@ class Result:
     elapsed_ms: float
     #: direction -> (UDP frames seen, dropped) on the LAN; empty without loss
     loss: dict[str, tuple[int, int]]
+    #: datagrams the gateway had already taken and acknowledged again
+    duplicates: int
+    #: rows in the cloud's database
+    stored: int
 
 
 class Lab:
@@ -226,7 +233,7 @@ class Lab:
         self.loss = loss
         self.fleet = {i: str(LAN.network_address + i + 1) for i in range(1, devices + 1)}
         self._own_workdir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix=self.prefix)) if workdir is None else Path(workdir)
+        self.workdir = Path(tempfile.mkdtemp(prefix=self.prefix)) if workdir is None else Path(workdir).absolute()
         self.config = self.workdir / "meter.toml"
         self.db = self.workdir / "cloud.sqlite"
         self.surveys = self.workdir / "surveys"
@@ -235,7 +242,6 @@ class Lab:
         self._deadline = deadline
         self.daemons: list[Daemon] = []
         self._created: list[str] = []
-        self._torn_down = False
 
     # -- names ---------------------------------------------------------------
 
@@ -314,9 +320,12 @@ class Lab:
 
     @staticmethod
     def _sysctl(namespace: str, *settings: tuple[str, str]) -> None:
-        # /proc/sys/net shows the namespace of the process reading it.
+        # /proc/sys/net shows the namespace of the process reading it.  A
+        # kernel without IPv6 has no net.ipv6 keys: nothing to turn off.
         script = "; ".join(
-            f"echo {value} > /proc/sys/{key.replace('.', '/')}" for key, value in settings
+            f"if [ -e {path} ] || [ {key.split('.')[1]} != ipv6 ]; then echo {value} > {path}; fi"
+            for key, value in settings
+            for path in [f"/proc/sys/{key.replace('.', '/')}"]
         )
         command("ip", "netns", "exec", namespace, "sh", "-ec", script)
 
@@ -468,7 +477,12 @@ class Lab:
         }
         first_send = min(float(m.group(1)) for d in devices.values() for m in d.all_matching(r"send started at=([0-9.]+)"))
         last_ack = max(float(m.group(1)) for m in cloud.all_matching(r"acknowledged at=([0-9.]+)"))
-        return Result(console, sent, retransmissions, (last_ack - first_send) * 1000, self.loss_counters())
+        duplicates = len(gateway.all_matching(r"duplicate of device \d+"))
+        with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as connection:
+            stored = connection.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+        return Result(
+            console, sent, retransmissions, (last_ack - first_send) * 1000, self.loss_counters(), duplicates, stored
+        )
 
     # -- teardown ------------------------------------------------------------
 
@@ -489,15 +503,14 @@ class Lab:
                 for daemon in self.daemons:
                     log = self.workdir / (daemon.name.replace(" ", "-") + ".log")
                     log.write_text("\n".join(daemon.lines) + "\n")
-            for name in [*self._created, *namespaces(self.prefix)]:
+            for name in self._created:
                 try:
                     remove_namespace(name)
                 except LabError as e:
                     errors.append(str(e))
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
-            self._torn_down = True
-            left = namespaces(self.prefix)
+            left = [name for name in namespaces(self.prefix) if name in self._created]
             if left or errors:
                 raise LabError(
                     f"teardown of lab {self.run_id} incomplete: {'; '.join(errors)}"
@@ -541,16 +554,141 @@ def _signals_held() -> Iterator[None]:
 @contextmanager
 def interrupted_by_signals() -> Iterator[None]:
     """
-    Within: SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so
-    the caller's finally tears the lab down whichever ends it.
+    Within: SIGINT (Ctrl-C), SIGTERM and SIGHUP raise KeyboardInterrupt, so
+    the caller's finally tears the lab down whichever ends it.  SIGINT too:
+    a shell starts a background job with it ignored.
     """
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# -- `meter lab` -------------------------------------------------------------
+
+LAB_DIR = Path("var/lab")
+
+
+def look_inside(lab: Lab) -> list[str]:
+    """
+    Commands to look inside a running lab.
+    """
+    gw, cloud, lan, d1 = lab.gateway_ns, lab.cloud_ns, lab.lan_ns, lab.device_ns(1)
+    lines = [
+        f"ip netns list | grep {lab.prefix}",
+        f"ip -n {gw} -brief address            # the gateway host: eth0 192.168.1.1, eth1 10.10.10.1",
+        f"ip netns exec {gw} ss -uanp          # the gateway's UDP socket on 192.168.1.1:{GATEWAY_PORT}",
+        f"ip netns exec {gw} ss -tnp           # its TCP connection from 10.10.10.1 to the cloud",
+        f"ip netns exec {cloud} ss -tlnp       # the cloud listening on {CLOUD_IP}:{CLOUD_PORT}",
+        f"ip -n {lan} link show master br0     # the LAN bridge's ports",
+        f"ip netns exec {d1} {shlex.join(twistd('meter-device', '--config', str(lab.config), '--id', '1', '--once'))}"
+        "   # device 1 sends its day again: the cloud has its readings already",
+    ]
+    if lab.loss:
+        lines.append(f"ip netns exec {lan} nft list ruleset   # the loss rules and their counters")
+    return lines
+
+
+def main(args) -> int:
+    """
+    `meter lab`: build the lab, play one day, print the cloud's console,
+    tear down (also on failure, Ctrl-C, SIGTERM and SIGHUP).
+    """
+    if args.down is not None:
+        try:
+            removed = down(args.down or None)
+        except LabError as e:
+            print(f"meter lab --down: {e}", file=sys.stderr)
+            return 1
+        print(f"removed {len(removed)} namespaces{': ' + ', '.join(removed) if removed else ''}")
+        return 0
+    reason = unavailable()
+    if reason is not None:
+        print(f"meter lab: {reason}", file=sys.stderr)
+        return 2
+    leftovers = namespaces()
+    if leftovers:
+        print(
+            f"meter lab: note: {len(leftovers)} namespaces of other runs exist ({', '.join(leftovers[:4])}"
+            f"{', ...' if len(leftovers) > 4 else ''}); `meter lab --down` removes them",
+            file=sys.stderr,
+        )
+    workdir = Path(args.dir)
+    try:
+        shutil.rmtree(workdir, ignore_errors=True)
+        lab = Lab(args.devices, args.loss, workdir=workdir)
+    except LabError as e:
+        print(f"meter lab: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    keeping = False
+    with interrupted_by_signals():
+        try:
+            print(
+                f"lab {lab.run_id}: {lab.devices} devices on {LAN} (192.168.1.2 .. {lab.fleet[lab.devices]}), "
+                f"gateway {GATEWAY_LAN_IP} | {GATEWAY_CLOUD_IP}, cloud {CLOUD_IP}; "
+                f"{f'{lab.loss}% of UDP frames dropped each way on the LAN' if lab.loss else 'no loss'}",
+                flush=True,
+            )
+            lab.build()
+            print(
+                f"namespaces {lab.prefix}{{lan,gw,cloud,d1..d{lab.devices}}}; no default route, no forwarding; "
+                f"files in {workdir}",
+                flush=True,
+            )
+            result = lab.run()
+            print("The cloud's console:")
+            for line in result.console:
+                print(f"  {line}")
+            addresses = {m.group(1) for m in map(CONSOLE_LINE.match, result.console)}
+            print(
+                f"\n{len(result.console)} readings from {len(addresses)} devices; "
+                f"{sum(result.retransmissions.values())} retransmissions; "
+                f"first device send to the cloud's last acknowledgement: {result.elapsed_ms:.1f} ms"
+            )
+            for direction, (seen, dropped) in sorted(result.loss.items()):
+                print(f"LAN {direction.replace('_', ' ')}: {dropped} of {seen} UDP frames dropped")
+            print(
+                f"The gateway acknowledged {result.duplicates} duplicate datagrams again; "
+                f"the cloud's database holds {result.stored} readings"
+            )
+            print(f"Stored in {lab.db}: meter readings --db {lab.db}; daemons' logs in {workdir}/*.log")
+            missing = set(lab.fleet.values()) - addresses
+            if missing or not len(result.console) == result.sent == result.stored:
+                print(
+                    f"meter lab: the devices sent {result.sent} readings, the console shows {len(result.console)}, "
+                    f"the database holds {result.stored}"
+                    + (f"; none of {', '.join(sorted(missing))}" if missing else ""),
+                    file=sys.stderr,
+                )
+                status = 1
+            if args.keep:
+                print(f"\nThe lab stays up for {args.keep:g} s (Ctrl-C ends it sooner). Look inside:")
+                for line in look_inside(lab):
+                    print(f"  {line}")
+                sys.stdout.flush()
+                keeping = True
+                time.sleep(args.keep)
+        except KeyboardInterrupt as e:
+            if keeping:
+                print(f"\n{e or 'SIGINT'}: tearing down", flush=True)
+            else:
+                print(f"\nmeter lab: interrupted ({e or 'SIGINT'}): tearing down", file=sys.stderr)
+                status = 130
+        except (LabError, DaemonError) as e:
+            print(f"meter lab: {e}", file=sys.stderr)
+            status = 1
+        finally:
+            try:
+                lab.teardown()
+                print(f"lab {lab.run_id} torn down: no namespace of it left", flush=True)
+            except LabError as e:
+                print(f"meter lab: {e}", file=sys.stderr)
+                status = status or 1
+    return status

@@ -17,7 +17,7 @@ class PerSource:
 
     def __init__(self, clock, rate: float, burst: float, max_sources: int = 4096):
         self._clock = clock
-        self._rate = rate
+        self.rate = rate
         self._burst = burst
         self._max_sources = max_sources
         self._buckets: OrderedDict[object, tuple[float, float]] = OrderedDict()
@@ -27,7 +27,7 @@ class PerSource:
     def allow(self, source) -> bool:
         now = self._clock.seconds()
         tokens, last = self._buckets.pop(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        tokens = min(self._burst, tokens + (now - last) * self.rate)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0

@@ -14,6 +14,7 @@ date of the day they cover.
 from __future__ import annotations
 
 import datetime
+import decimal
 import math
 import re
 from pathlib import Path
@@ -55,6 +56,10 @@ def format_number(value: float) -> str:
     C{17.0} prints as C{17} and C{17.25} as C{17.25}, as a survey writes them.
     """
     text = repr(float(value))
+    if "e" in text:
+        # repr writes magnitudes below 1e-4 as 1e-05, a form the wire does
+        # not have: the same shortest digits, written out positionally.
+        text = format(decimal.Decimal(text), "f")
     if text.endswith(".0"):
         return text[:-2]
     return text

@@ -230,7 +230,12 @@ def _hex16(text: str, what: str) -> str:
     return text
 
 
-def _reason(text: str) -> str:
+def _reason(text: str | None) -> str:
+    if text is None:
+        return ""
+    if not text:
+        # The encoder leaves an empty reason out: why= would not be canonical.
+        raise WireError("value", "why= without a reason")
     try:
         reason = unquote(text, errors="strict")
     except UnicodeDecodeError:
@@ -256,7 +261,8 @@ def _day_record(reading: Reading) -> str:
 
 def _batch_record(reading: Reading) -> str:
     return (
-        f"{reading.device_id},{reading.device_ip},{reading.taken_at:%Y-%m-%dT%H:%M},"
+        # isoformat, not strftime: %Y does not pad a year before 1000 to four digits.
+        f"{reading.device_id},{reading.device_ip},{reading.taken_at.isoformat(timespec='minutes')},"
         f"{format_number(reading.temperature_c)},{format_number(reading.humidity_pct)}"
     )
 
@@ -480,7 +486,7 @@ def _status(kind, text: str, reason: str) -> str:
 
 
 def _decode_dayack(f: dict) -> DayAck:
-    reason = _reason(f.get("why", ""))
+    reason = _reason(f.get("why"))
     return DayAck(
         _hex16(f["xfer"], "xfer"),
         _uint(f["part"], "part", MAX_READINGS),
@@ -499,7 +505,7 @@ def _decode_batch(f: dict) -> Batch:
 
 
 def _decode_batchack(f: dict) -> BatchAck:
-    reason = _reason(f.get("why", ""))
+    reason = _reason(f.get("why"))
     return BatchAck(
         _hex16(f["id"], "batch id"),
         _status(BatchAck, f["st"], reason),
@@ -562,6 +568,9 @@ def split_day(
     ]
 
 
+#: The longest reason (in characters, before percent-encoding) L{refusal} sends.
+MAX_REASON = 200
+
 _DAY_ID = re.compile(rb"^meter/\d+ DAY .*?\bxfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/")
 _BATCH_ID = re.compile(rb"^meter/\d+ BATCH id=([0-9a-f]{16})(?: |$)")
 
@@ -573,12 +582,17 @@ def refusal(data: bytes, error: WireError) -> DayAck | BatchAck | None:
     why at once instead of retrying in vain.  C{None} if it cannot.
     """
     head = data[:512]
+    # The reason quotes the offending text, which may be most of the input:
+    # bound it, so the answer always fits a datagram and the peer's line.
+    reason = str(error)
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 3] + "..."
     match = _DAY_ID.match(head)
     if match is not None:
-        return DayAck(match.group(1).decode(), int(match.group(2)), "bad", str(error))
+        return DayAck(match.group(1).decode(), int(match.group(2)), "bad", reason)
     match = _BATCH_ID.match(head)
     if match is not None:
-        return BatchAck(match.group(1).decode(), "bad", str(error))
+        return BatchAck(match.group(1).decode(), "bad", reason)
     return None
 
 

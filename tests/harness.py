@@ -6,12 +6,18 @@ plugins started as child processes (see L{meter.processes}).
 
 from __future__ import annotations
 
+import datetime
 import socket
 import sqlite3
+import sys
+import time
 from pathlib import Path
 
 from meter import config
-from meter.processes import Daemon, twistd
+from meter.processes import Daemon, DaemonError, twistd
+
+#: The fleet-in-one-process driver of the fault tests.
+FLEET = Path(__file__).resolve().parent / "fleet.py"
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -43,7 +49,10 @@ class Suite:
     The files and daemons of one test's meter suite, under C{root}.
     """
 
-    def __init__(self, root: Path, devices: int, readings: int = 4, **gateway):
+    def __init__(
+        self, root: Path, devices: int, readings: int = 4, *, device: dict | None = None, cloud: dict | None = None,
+        **gateway,
+    ):
         self.root = root
         self.fleet = {i: f"192.168.1.{i + 1}" for i in range(1, devices + 1)}
         self.readings = readings
@@ -56,19 +65,24 @@ class Suite:
         for device_id in self.fleet:
             (self.surveys / f"device{device_id}.txt").write_text(survey_text(device_id, readings))
         settings = {
-            "cloud": {"listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": str(self.db)},
+            "cloud": {"listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": str(self.db), **(cloud or {})},
             "gateway": {
                 "listen": f"127.0.0.1:{self.gateway_port}",
                 "cloud": f"127.0.0.1:{self.cloud_port}",
                 "spool": str(self.spool),
                 "deadline": 30.0,
                 "max_backoff": 1.0,
+                # Every test device sends from 127.0.0.1: one source address
+                # for the whole fleet, so its flood limit is lifted here.
+                "source_rate": 1e6,
+                "source_burst": 1e6,
                 **gateway,
             },
             "device": {
                 "gateway": f"127.0.0.1:{self.gateway_port}",
                 "surveys": str(self.surveys),
                 "ack_timeout": 0.5,
+                **(device or {}),
             },
         }
         self.config = root / "meter.toml"
@@ -103,6 +117,51 @@ class Suite:
                 "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
                 " ORDER BY device_id, taken_at"
             ).fetchall()
+
+    def count_stored(self) -> int:
+        with sqlite3.connect(self.db) as connection:
+            return connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    def expected_rows(self, day: datetime.date, devices=None) -> list[tuple]:
+        """
+        The rows L{stored} must hold once C{devices} (default: the whole
+        fleet) delivered C{day}: each reading of their survey files, once.
+        """
+        rows = []
+        for device_id in self.fleet if devices is None else devices:
+            for line in survey_text(device_id, self.readings).splitlines():
+                hhmm, temperature, humidity = line.rstrip("%").split(" - ")
+                rows.append(
+                    (device_id, self.fleet[device_id], f"{day.isoformat()}T{hhmm}", float(temperature), float(humidity))
+                )
+        return sorted(rows)
+
+    def start_fleet(self, day: datetime.date, devices, *args: str) -> Daemon:
+        """
+        Devices C{devices} (ids, e.g. C{"1-200"}) in one process, running
+        tests/fleet.py (the real device code; optionally behind its lossy
+        relay): see its docstring for C{args}.
+        """
+        command = [sys.executable, str(FLEET), "--config", str(self.config), "--day", day.isoformat(),
+                   "--devices", str(devices), *args]
+        daemon = Daemon("fleet", command, cwd=self.root)
+        self.daemons.append(daemon)
+        return daemon
+
+    def wait_stored(self, count: int, cloud: Daemon, timeout: float = 60.0) -> None:
+        """
+        Wait until the cloud's database holds C{count} readings: checked at
+        each batch C{cloud} reports committed, so no polling interval.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            have = self.count_stored() if self.db.exists() else 0
+            if have >= count:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DaemonError(f"the cloud stored {have} of {count} readings within {timeout:g} s{cloud.tail()}")
+            cloud.wait_for(r"readings committed", remaining)
 
     def stop(self) -> None:
         for daemon in reversed(self.daemons):

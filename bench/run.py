@@ -1,0 +1,672 @@
+"""
+make bench: the meter suite's speed and scale, measured on this machine.
+
+Starts the REAL meter-gateway and meter-cloud twistd plugins on free
+127.0.0.1 ports with a temporary configuration (a fleet whose device
+addresses, 10.0.x.y, are only labels in the data), drives them with
+`meter loadgen` (the real device code) or leaner drivers, and in the same run
+measures the ceilings: a plain-Python UDP receive-and-acknowledge loop and
+plain SQLite executemany.  Prints a table and writes bench/results/latest.json.
+
+Scenarios:
+
+  day4    the report's day: 4 devices, their survey files; first device send
+          to the cloud's last acknowledgement (median of --repeat runs)
+  intake  gateway intake: pre-sealed 1,200-byte chunks (1,440-reading days)
+          from a windowed sender, datagrams acknowledged per second, against
+          the raw UDP loop driven by the same sender; and the same days sent
+          by loadgen
+  cloud   cloud ingest: a TLS client sending BATCH lines straight to the
+          cloud, readings committed per second, against raw executemany
+  fleet   N devices x 96 readings end to end (and the scaling table): first
+          send to the cloud's last commit, losses and doubles counted
+          exactly against the synthetic days
+
+Every load is bounded in count and time; nothing is sent outside 127.0.0.1.
+
+    python bench/run.py                      # the default run (~2 min)
+    python bench/run.py --devices 10000      # the full fleet
+    python bench/run.py --profile            # also py-spy the daemons under load
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import ceilings  # noqa: E402
+import profiles  # noqa: E402
+from suite import Workspace, fleet_of, label_address, loadgen_command  # noqa: E402
+
+from meter import config, wire  # noqa: E402
+from meter.loadgen import latency_summary, synthetic_day  # noqa: E402
+
+REPO = HERE.parent
+RESULTS = HERE / "results"
+COMMITTED = re.compile(r"(\d+) readings committed \((\d+) new, (\d+) duplicate\).*acknowledged at=([0-9.]+)")
+
+#: The targets of issue #6, checked against the measurements.
+TARGETS = {
+    "intake_ratio": 0.25,
+    "cloud_ratio": 0.6,
+    "fleet_10k_seconds": 20.0,
+    "fleet_10k_rss_mb": 200.0,
+    "day4_ms": 20.0,
+    "ack_p99_ms": 5.0,
+}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def run_loadgen(workspace: Workspace, name: str, *args: str, timeout: float = 300.0) -> dict:
+    out = workspace.root / f"loadgen-{name}.json"
+    command = loadgen_command(workspace, out, *args)
+    completed = subprocess.run(command, cwd=workspace.root, capture_output=True, text=True, timeout=timeout + 60)
+    (workspace.root / f"loadgen-{name}.out").write_text(completed.stdout + completed.stderr)
+    if not out.exists():
+        raise RuntimeError(f"loadgen {name} wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def wait_committed(cloud, expected: int, timeout: float, totals: dict | None = None) -> dict:
+    """
+    Read the cloud's log until C{expected} new readings were committed (or
+    C{timeout}); the sums and the last acknowledgement's time.
+    """
+    totals = totals if totals is not None else {"new": 0, "dup": 0, "batches": 0, "last_ack": None}
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in cloud.new_lines():
+            match = COMMITTED.search(line)
+            if match is not None:
+                totals["new"] += int(match.group(2))
+                totals["dup"] += int(match.group(3))
+                totals["batches"] += 1
+                totals["last_ack"] = float(match.group(4))
+        if totals["new"] >= expected or time.monotonic() > deadline:
+            totals["complete"] = totals["new"] >= expected
+            return totals
+        time.sleep(0.02)
+
+
+def gateway_counters(gateway) -> dict:
+    """
+    The gateway's intake counters from its stop line (or last stats line).
+    """
+    for match in reversed(gateway.all_matching(r"gateway stopped: (\{.*?\}); uplink (\{.*\})")):
+        return {"intake": _literal(match.group(1)), "uplink": _literal(match.group(2))}
+    return {}
+
+
+def _literal(text: str) -> dict:
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {}
+
+
+def verify_cloud(db: Path, fleet: dict[int, str], ids: list[int], day: datetime.date, readings: int, seed: int) -> dict:
+    """
+    Compare the cloud's database with the synthetic days sent, exactly: each
+    device's rows in key order against its day.  Counts lost, unexpected
+    and doubled rows (doubles cannot exist under the primary key; counted
+    all the same).
+    """
+    expected_total = lost = unexpected = wrong = 0
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        (rows_total,) = connection.execute("SELECT count(*) FROM readings").fetchone()
+        (distinct,) = connection.execute("SELECT count(*) FROM (SELECT DISTINCT device_id, taken_at FROM readings)").fetchone()
+        for device_id in ids:
+            want = {
+                r.taken_at.isoformat(timespec="minutes"): (r.device_ip, r.temperature_c, r.humidity_pct)
+                for r in synthetic_day(device_id, fleet[device_id], day, readings, seed)
+            }
+            expected_total += len(want)
+            have = {
+                taken_at: (ip, t, h)
+                for ip, taken_at, t, h in connection.execute(
+                    "SELECT device_ip, taken_at, temperature_c, humidity_pct FROM readings WHERE device_id = ?",
+                    (device_id,),
+                )
+            }
+            lost += len(want.keys() - have.keys())
+            unexpected += len(have.keys() - want.keys())
+            wrong += sum(1 for k in want.keys() & have.keys() if want[k] != have[k])
+    finally:
+        connection.close()
+    return {"expected": expected_total, "stored": rows_total, "lost": lost, "unexpected": unexpected,
+            "wrong_values": wrong, "doubled_rows": rows_total - distinct, "exact": lost == unexpected == wrong == 0
+            and rows_total == expected_total}
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory": mem,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "sqlite": sqlite3.sqlite_version,
+        "rmem_max": _read_int("/proc/sys/net/core/rmem_max"),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- ceilings -------------------------------------------------------------------
+
+
+def ceiling_udp(args) -> dict:
+    say(f"ceiling: raw UDP receive-and-acknowledge loop, {args.raw_datagrams:,} datagrams of 1,200 bytes, "
+        f"window {args.intake_window}")
+    result = ceilings.raw_udp_ceiling(args.raw_datagrams, args.intake_window, time_limit=60)
+    say(f"  {result['datagrams_per_s']:,.0f} datagrams/s acknowledged (loop CPU {result['loop_cpu_s']} s: "
+        f"{result['loop_capacity_per_s']:,.0f} datagrams per CPU second)")
+    return result
+
+
+def ceiling_sqlite(rows: list[tuple], scratch: Path) -> dict:
+    say(f"ceiling: SQLite executemany of {len(rows):,} rows, 10,000 a transaction, WAL + synchronous=FULL, cloud schema")
+    result = ceilings.executemany_ceiling(scratch / "ceiling.sqlite", rows)
+    without = ceilings.executemany_ceiling(scratch / "ceiling-noindex.sqlite", rows, index=False)
+    result["rows_per_s_without_ip_index"] = without["rows_per_s"]
+    say(f"  {result['rows_per_s']:,.0f} rows/s ({without['rows_per_s']:,.0f} without the device_ip index)")
+    return result
+
+
+def cloud_rows(readings: list) -> list[tuple]:
+    stored_at = time.time()
+    return [(r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct,
+             stored_at) for r in readings]
+
+
+# -- scenarios ------------------------------------------------------------------
+
+
+def scenario_day4(args, scratch: Path) -> dict:
+    """
+    The report's day: 4 devices with the survey files of surveys/, through
+    a gateway and a cloud; first send to the cloud's last acknowledgement.
+    """
+    say(f"day4: the report's 4-device day (surveys/), {args.repeat} runs on distinct days")
+    fleet = dict(config.DEFAULT_FLEET)
+    workspace = Workspace(scratch / "day4", fleet)
+    runs = []
+    try:
+        cloud = workspace.start_cloud()
+        gateway = workspace.start_gateway()
+        yesterday = datetime.date.today() - datetime.timedelta(days=1)
+        for index in range(args.repeat):
+            day = yesterday - datetime.timedelta(days=index)
+            sent = run_loadgen(workspace, f"day4-{index}", "--devices", "4", "--surveys", str(REPO / "surveys"),
+                               "--day", day.isoformat(), "--spread", "0", "--timeout", "30")
+            totals = wait_committed(cloud, sent["readings_acked"], 30)
+            first, last = sent["first_send"], totals["last_ack"]
+            runs.append({
+                "day": day.isoformat(),
+                "readings": sent["readings_acked"],
+                "stored": totals["new"],
+                "first_send_to_last_cloud_ack_ms": round((last - first) * 1000, 2) if last and first else None,
+                "device_delivery_ms": round(sent["duration_s"] * 1000, 2),
+                "ack_latency_ms": sent["ack_latency_ms"],
+            })
+            say(f"  run {index + 1}: {runs[-1]['first_send_to_last_cloud_ack_ms']} ms first send to last cloud ack "
+                f"({totals['new']} readings stored; devices acknowledged after {runs[-1]['device_delivery_ms']} ms)")
+    finally:
+        workspace.stop()
+    times = [r["first_send_to_last_cloud_ack_ms"] for r in runs if r["first_send_to_last_cloud_ack_ms"] is not None]
+    return {
+        "runs": runs,
+        "median_ms": round(statistics.median(times), 2) if times else None,
+        "min_ms": min(times) if times else None,
+        "max_ms": max(times) if times else None,
+        "complete": all(r["stored"] == r["readings"] == 16 for r in runs),
+    }
+
+
+def scenario_intake(args, scratch: Path, raw: dict) -> dict:
+    """
+    Gateway intake alone: the fleet has one more device than send, so the
+    day's round stays open and nothing is forwarded while measuring.
+    """
+    devices = args.intake_devices
+    say(f"intake: {devices} devices x 1,440 readings, pre-sealed chunks of <= 1,200 bytes, window {args.intake_window}")
+    fleet = fleet_of(devices + 1)
+    workspace = Workspace(scratch / "intake", fleet, gateway={"deadline": 600.0})
+    try:
+        cloud = workspace.start_cloud()
+        gateway = workspace.start_gateway()
+        from meter import secrets
+
+        day = datetime.date.today() - datetime.timedelta(days=1)
+        datagrams = []
+        now = int(time.time())
+        for device_id in range(1, devices + 1):
+            key = secrets.read_device_key(workspace.secrets, device_id)
+            day_readings = synthetic_day(device_id, fleet[device_id], day, 1440, args.seed)
+            xfer = f"{device_id:016x}"
+            for chunk in wire.split_day(device_id, fleet[device_id], day, day_readings, xfer, now):
+                datagrams.append(wire.seal(wire.encode(chunk), key))
+        sizes = [len(d) for d in datagrams]
+        before = gateway.stats()
+        lean = ceilings.windowed_send(("127.0.0.1", workspace.gateway_port), datagrams, ceilings.day_ident,
+                                      ceilings.dayack_ident, args.intake_window, time_limit=120)
+        after = gateway.stats()
+        cpu = after["cpu_s"] - before["cpu_s"]
+        lean.update({
+            "mean_size": round(sum(sizes) / len(sizes), 1),
+            "max_size": max(sizes),
+            "readings": devices * 1440,
+            "gateway_cpu_s": round(cpu, 2),
+            "gateway_capacity_per_s": round(lean["acked"] / cpu, 1) if cpu > 0 else None,
+            "gateway_peak_rss_mb": after["peak_rss_mb"],
+        })
+        say(f"  pre-sealed: {lean['datagrams_per_s']:,.0f} datagrams/s acknowledged ({lean['acked']:,} of "
+            f"{lean['datagrams']:,}, mean {lean['mean_size']:.0f} bytes); gateway CPU {cpu:.2f} s = "
+            f"{lean['gateway_capacity_per_s'] or 0:,.0f} datagrams per CPU second")
+
+        # The same kind of days from loadgen (real device code, its own
+        # sockets and keys), on the next device ids of a fresh gateway.
+        workspace.stop()
+        workspace = Workspace(scratch / "intake-loadgen", fleet, gateway={"deadline": 600.0})
+        cloud = workspace.start_cloud()
+        gateway = workspace.start_gateway()
+        before = gateway.stats()
+        sent = run_loadgen(workspace, "intake", "--devices", str(devices), "--readings", "1440",
+                           "--spread", str(args.intake_spread), "--seed", str(args.seed), "--timeout", "120")
+        after = gateway.stats()
+        cpu = after["cpu_s"] - before["cpu_s"]
+        via_loadgen = {
+            "devices": devices,
+            "spread_s": args.intake_spread,
+            "chunks_acked": sent["chunks_acked"],
+            "datagrams_sent": sent["datagrams_sent"],
+            "retransmissions": sent["retransmissions"],
+            "failed": sent["failed"],
+            "seconds": sent["duration_s"],
+            "datagrams_per_s": sent["chunks_per_s"],
+            "readings_per_s": sent["readings_per_s"],
+            "ack_latency_ms": sent["ack_latency_ms"],
+            "gateway_cpu_s": round(cpu, 2),
+            "gateway_capacity_per_s": round(sent["chunks_acked"] / cpu, 1) if cpu > 0 else None,
+            "loadgen_cpu_s": sent["loadgen_cpu_s"],
+        }
+        say(f"  loadgen: {via_loadgen['datagrams_per_s'] or 0:,.0f} datagrams/s acknowledged, "
+            f"{sent['retransmissions']} retransmissions, ack p50 {sent['ack_latency_ms'].get('p50')} ms "
+            f"p99 {sent['ack_latency_ms'].get('p99')} ms (loadgen CPU {sent['loadgen_cpu_s']} s)")
+    finally:
+        workspace.stop()
+    ratio = lean["datagrams_per_s"] / raw["datagrams_per_s"] if lean["datagrams_per_s"] and raw["datagrams_per_s"] else None
+    capacity_ratio = (lean["gateway_capacity_per_s"] / raw["loop_capacity_per_s"]
+                      if lean["gateway_capacity_per_s"] and raw["loop_capacity_per_s"] else None)
+    return {
+        "pre_sealed": lean,
+        "loadgen": via_loadgen,
+        "ratio_to_raw": round(ratio, 4) if ratio else None,
+        "cpu_ratio_to_raw": round(capacity_ratio, 4) if capacity_ratio else None,
+    }
+
+
+def scenario_cloud(args, scratch: Path, readings: list, executemany: dict) -> dict:
+    """
+    The cloud alone: BATCH lines over TLS from a client holding the
+    gateway's certificate, one batch in flight as the gateway sends, then
+    several in flight.
+    """
+    say(f"cloud: {len(readings):,} readings in batches of {args.batch} over TLS, straight to the cloud")
+    fleet = fleet_of(1)
+    results = {}
+    for in_flight in (1, 4):
+        workspace = Workspace(scratch / f"cloud-{in_flight}", fleet)
+        try:
+            cloud = workspace.start_cloud()
+            lines = []
+            for index, start in enumerate(range(0, len(readings), args.batch)):
+                batch = wire.Batch(f"{index + 1:016x}", tuple(readings[start:start + args.batch]))
+                lines.append(wire.encode(batch) + b"\n")
+            connection = ceilings.tls_client(workspace.secrets, workspace.cloud_port)
+            before = cloud.stats()
+            outcome = ceilings.send_batches(connection, lines, in_flight, time_limit=180)
+            after = cloud.stats()
+            connection.close()
+            cpu = after["cpu_s"] - before["cpu_s"]
+            outcome.update({
+                "readings": len(readings),
+                "batch": args.batch,
+                "readings_per_s": round(outcome["new"] / outcome["seconds"], 1) if outcome["seconds"] else None,
+                "cloud_cpu_s": round(cpu, 2),
+                "cloud_capacity_per_s": round(outcome["new"] / cpu, 1) if cpu > 0 else None,
+                "cloud_peak_rss_mb": after["peak_rss_mb"],
+            })
+            results[f"in_flight_{in_flight}"] = outcome
+            say(f"  {in_flight} in flight: {outcome['readings_per_s'] or 0:,.0f} readings/s committed "
+                f"({outcome['new']:,} new, {outcome['dup']} dup); cloud CPU {cpu:.2f} s")
+        finally:
+            workspace.stop()
+    main = results["in_flight_1"]
+    ratio = main["readings_per_s"] / executemany["rows_per_s"] if main["readings_per_s"] else None
+    return {**results, "ratio_to_raw": round(ratio, 4) if ratio else None}
+
+
+def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: float, profile: bool = False) -> dict:
+    """
+    N devices x R readings through the gateway and the cloud, first send to
+    the cloud's last commit, with every reading checked in the database.
+    """
+    tag = f"{devices}x{readings}{'-profiled' if profile else ''}"
+    say(f"fleet: {devices:,} devices x {readings} readings, spread {spread:g} s{' (profiled)' if profile else ''}")
+    fleet = fleet_of(devices)
+    workspace = Workspace(scratch / f"fleet-{tag}", fleet)
+    spies = []
+    try:
+        cloud = workspace.start_cloud()
+        gateway = workspace.start_gateway()
+        if profile:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            spies = [profiles.Spy(d.pid, RESULTS / f"profile-{d.name}.txt") for d in (gateway, cloud)]
+            time.sleep(0.5)
+        g0, c0 = gateway.stats(), cloud.stats()
+        sent = run_loadgen(workspace, tag, "--devices", str(devices), "--readings", str(readings),
+                           "--spread", str(spread), "--seed", str(args.seed), "--timeout", str(args.fleet_timeout),
+                           timeout=args.fleet_timeout)
+        g1, c1 = gateway.stats(), cloud.stats()
+        totals = wait_committed(cloud, sent["readings_acked"], args.fleet_timeout)
+        g2, c2 = gateway.stats(), cloud.stats()
+        for spy in spies:
+            spy.stop()
+    finally:
+        for spy in spies:
+            spy.stop()
+        workspace.stop()
+    counters = gateway_counters(gateway)
+    day = datetime.date.fromisoformat(sent["day"])
+    check = verify_cloud(workspace.db, fleet, list(fleet), day, readings, args.seed)
+    first, last = sent["first_send"], totals["last_ack"]
+    end_to_end = (last - first) if first and last else None
+    intake_s = sent["duration_s"]
+    total_readings = devices * readings
+    result = {
+        "devices": devices,
+        "readings_per_device": readings,
+        "spread_s": spread,
+        "profiled": profile,
+        "readings_sent": sent["readings_sent"],
+        "delivered_devices": sent["delivered"],
+        "failed_devices": sent["failed"],
+        "incomplete_devices": sent["incomplete"],
+        "end_to_end_s": round(end_to_end, 3) if end_to_end else None,
+        "intake_s": intake_s,
+        "forward_s": round(last - sent["last_ack"], 3) if last and sent["last_ack"] else None,
+        "readings_per_s": round(total_readings / end_to_end, 1) if end_to_end else None,
+        "datagrams_per_s": sent["chunks_per_s"],
+        "chunks": sent["chunks"],
+        "datagrams_sent": sent["datagrams_sent"],
+        "retransmissions": sent["retransmissions"],
+        "busy_answers": sent["busy_answers"],
+        "ack_latency_ms": sent["ack_latency_ms"],
+        "cloud_batches": totals["batches"],
+        "cloud_duplicates": totals["dup"],
+        "gateway_duplicate_chunks": counters.get("intake", {}).get("duplicates", 0),
+        "db": check,
+        "gateway": {"cpu_intake_s": round(g1["cpu_s"] - g0["cpu_s"], 2), "cpu_forward_s": round(g2["cpu_s"] - g1["cpu_s"], 2),
+                    "cpu_s": round(g2["cpu_s"] - g0["cpu_s"], 2), "peak_rss_mb": g2["peak_rss_mb"]},
+        "cloud": {"cpu_s": round(c2["cpu_s"] - c0["cpu_s"], 2), "peak_rss_mb": c2["peak_rss_mb"]},
+        "loadgen": {"cpu_s": sent["loadgen_cpu_s"], "peak_rss_mb": sent["loadgen_max_rss_mb"], "sockets": sent["sockets"]},
+    }
+    result["gateway"]["cpu_us_per_reading"] = round(result["gateway"]["cpu_s"] / total_readings * 1e6, 2)
+    result["cloud"]["cpu_us_per_reading"] = round(result["cloud"]["cpu_s"] / total_readings * 1e6, 2)
+    if profile:
+        result["profiles"] = {}
+        for name in ("gateway", "cloud"):
+            path = RESULTS / f"profile-{name}.txt"
+            if path.exists():
+                summary = profiles.summarise(path)
+                result["profiles"][name] = summary
+                say(profiles.format_summary(f"  profile of the {name} ({path.relative_to(REPO)})", summary))
+    say(f"  end to end {result['end_to_end_s']} s (intake {intake_s} s, forward {result['forward_s']} s): "
+        f"{result['readings_per_s'] or 0:,.0f} readings/s; {sent['retransmissions']} retransmissions; "
+        f"ack p50 {sent['ack_latency_ms'].get('p50')} ms p99 {sent['ack_latency_ms'].get('p99')} ms; "
+        f"db: {check['stored']:,} of {check['expected']:,} stored, lost {check['lost']}, doubled {check['doubled_rows']}, "
+        f"cloud saw {totals['dup']} duplicates; gateway CPU {result['gateway']['cpu_s']} s, peak RSS "
+        f"{result['gateway']['peak_rss_mb']} MB; cloud CPU {result['cloud']['cpu_s']} s")
+    return result
+
+
+# -- the report -----------------------------------------------------------------
+
+
+def verdicts(results: dict) -> list[dict]:
+    out = []
+    scenarios = results["scenarios"]
+    intake = scenarios.get("intake")
+    if intake:
+        out.append(_verdict("gateway intake / raw UDP loop (datagrams/s, same driver)", ">= 0.25",
+                            intake["ratio_to_raw"], lambda v: v >= TARGETS["intake_ratio"]))
+        out.append(_verdict("gateway intake / raw UDP loop (per CPU second)", ">= 0.25",
+                            intake["cpu_ratio_to_raw"], lambda v: v >= TARGETS["intake_ratio"]))
+    cloud = scenarios.get("cloud")
+    if cloud:
+        out.append(_verdict("cloud ingest / raw executemany (readings/s)", ">= 0.6", cloud["ratio_to_raw"],
+                            lambda v: v >= TARGETS["cloud_ratio"]))
+    day4 = scenarios.get("day4")
+    if day4:
+        out.append(_verdict("4-device day, first send to last cloud ack (median ms)", "< 20", day4["median_ms"],
+                            lambda v: v < TARGETS["day4_ms"]))
+    fleets = [f for f in scenarios.get("fleet", []) if not f["profiled"] and f["readings_per_device"] == 96]
+    if fleets:
+        big = max(fleets, key=lambda f: f["devices"])
+        name = f"{big['devices']:,} devices x 96"
+        full = big["devices"] >= 10_000
+        out.append(_verdict(f"{name}: first send to last cloud commit (s)", "<= 20 (10,000 devices)",
+                            big["end_to_end_s"], lambda v: v <= TARGETS["fleet_10k_seconds"], measured_only=not full))
+        out.append(_verdict(f"{name}: lost + doubled readings", "0", big["db"]["lost"] + big["db"]["doubled_rows"]
+                            + big["db"]["unexpected"] + big["db"]["wrong_values"], lambda v: v == 0))
+        out.append(_verdict(f"{name}: gateway peak RSS (MB)", "< 200", big["gateway"]["peak_rss_mb"],
+                            lambda v: v < TARGETS["fleet_10k_rss_mb"], measured_only=not full))
+        out.append(_verdict(f"{name}: device ack latency p99 (ms)", "< 5", big["ack_latency_ms"].get("p99"),
+                            lambda v: v < TARGETS["ack_p99_ms"], measured_only=not full))
+    return out
+
+
+def _verdict(name: str, target: str, value, check, measured_only: bool = False) -> dict:
+    met = None if value is None else bool(check(value))
+    return {"what": name, "target": target, "measured": value, "met": met,
+            "note": "target is for 10,000 devices: run with --devices 10000" if measured_only else ""}
+
+
+def table(results: dict) -> str:
+    s = results["scenarios"]
+    c = results["ceilings"]
+    rows = [("figure", "measured", "ceiling", "ratio")]
+    if "udp" in c and "intake" in s:
+        i = s["intake"]
+        rows.append(("gateway intake, datagrams/s acked (pre-sealed, window %d)" % i["pre_sealed"]["window"],
+                     f"{i['pre_sealed']['datagrams_per_s']:,.0f}", f"{c['udp']['datagrams_per_s']:,.0f} raw UDP loop",
+                     _ratio(i["ratio_to_raw"])))
+        rows.append(("gateway intake, datagrams per CPU second",
+                     f"{i['pre_sealed']['gateway_capacity_per_s']:,.0f}", f"{c['udp']['loop_capacity_per_s']:,.0f} raw loop",
+                     _ratio(i["cpu_ratio_to_raw"])))
+        rows.append(("gateway intake via loadgen (device code), datagrams/s",
+                     f"{i['loadgen']['datagrams_per_s'] or 0:,.0f}", "", ""))
+    if "sqlite" in c and "cloud" in s:
+        k = s["cloud"]
+        rows.append(("cloud ingest, readings/s committed (1 batch in flight)",
+                     f"{k['in_flight_1']['readings_per_s']:,.0f}", f"{c['sqlite']['rows_per_s']:,.0f} raw executemany",
+                     _ratio(k["ratio_to_raw"])))
+        rows.append(("cloud ingest, readings/s committed (4 in flight)", f"{k['in_flight_4']['readings_per_s']:,.0f}",
+                     "", _ratio(k["in_flight_4"]["readings_per_s"] / c["sqlite"]["rows_per_s"])))
+    if "day4" in s:
+        rows.append(("4-device day, first send to last cloud ack (median)", f"{s['day4']['median_ms']} ms", "", ""))
+    for f in s.get("fleet", []):
+        if f["profiled"]:
+            continue
+        name = f"{f['devices']:,} dev x {f['readings_per_device']}"
+        rows.append((f"{name}: first send to last commit", f"{f['end_to_end_s']} s "
+                     f"(intake {f['intake_s']} s)", "", ""))
+        rows.append((f"{name}: readings/s end to end; datagrams/s at gateway",
+                     f"{f['readings_per_s'] or 0:,.0f}; {f['datagrams_per_s'] or 0:,.0f}", "", ""))
+        rows.append((f"{name}: ack latency p50 / p99", f"{f['ack_latency_ms'].get('p50')} / {f['ack_latency_ms'].get('p99')} ms",
+                     "", ""))
+        rows.append((f"{name}: gateway CPU s / peak RSS", f"{f['gateway']['cpu_s']} s / {f['gateway']['peak_rss_mb']} MB",
+                     "", ""))
+        rows.append((f"{name}: cloud CPU s / peak RSS", f"{f['cloud']['cpu_s']} s / {f['cloud']['peak_rss_mb']} MB", "", ""))
+        rows.append((f"{name}: retransmissions; lost; doubled; cloud dups",
+                     f"{f['retransmissions']}; {f['db']['lost']}; {f['db']['doubled_rows']}; {f['cloud_duplicates']}",
+                     "", ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return f"{value:.3f}x" if value else ""
+
+
+def verdict_lines(items: list[dict]) -> str:
+    lines = []
+    for v in items:
+        state = "n/a" if v["met"] is None else ("MET" if v["met"] else "NOT MET")
+        if v["note"]:
+            state += f" ({v['note']})"
+        lines.append(f"  {v['what']}: {v['measured']} (target {v['target']}): {state}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default="ceilings,day4,intake,cloud,fleet",
+                        help="comma-separated subset of ceilings,day4,intake,cloud,fleet (default: all)")
+    parser.add_argument("--devices", type=int, default=1000, help="devices of the main fleet scenario (default 1000; "
+                        "10000 for the full fleet)")
+    parser.add_argument("--scale", default="100,1000", help="also run the fleet scenario at these sizes x 96 readings "
+                        "(default 100,1000)")
+    parser.add_argument("--scale-1440", default="100", help="and at these sizes x 1,440 readings (default 100)")
+    parser.add_argument("--spread-rate", type=float, default=1000.0,
+                        help="fleet scenarios start N devices over N / this many seconds (default 1000/s: "
+                        "10,000 devices within 10 s)")
+    parser.add_argument("--spread", type=float, help="a fixed start window for the fleet scenarios instead")
+    parser.add_argument("--fleet-timeout", type=float, default=180.0)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of the 4-device day (default 5)")
+    parser.add_argument("--intake-devices", type=int, default=300, help="devices x 1,440 readings in the intake test")
+    parser.add_argument("--intake-window", type=int, default=64, help="datagrams in flight in the intake tests")
+    parser.add_argument("--intake-spread", type=float, default=1.0, help="loadgen spread in the intake test (s)")
+    parser.add_argument("--raw-datagrams", type=int, default=100_000, help="datagrams through the raw UDP loop")
+    parser.add_argument("--cloud-readings", type=int, default=200_000, help="readings sent straight to the cloud")
+    parser.add_argument("--batch", type=int, default=2000, help="readings per batch to the cloud (gateway default 2000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile", action="store_true",
+                        help="also run the main fleet scenario under py-spy and summarise where the time goes")
+    parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, databases)")
+    args = parser.parse_args(argv)
+    wanted = set(args.scenarios.split(","))
+
+    results = {
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]) if argv is None else "bench/run.py " + " ".join(argv),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "ceilings": {},
+        "scenarios": {},
+    }
+    say(f"meter bench: {results['machine']['nproc']} cores ({results['machine']['cpu']}), Python "
+        f"{results['machine']['python']}, SQLite {results['machine']['sqlite']}, load average "
+        f"{results['machine']['loadavg_start']}")
+    if results["machine"]["loadavg_start"][0] > 1.0:
+        say("  (the machine is not idle: other processes compete for the 2 cores; wall-clock figures suffer, "
+            "CPU-second figures much less)")
+    scratch = Path(tempfile.mkdtemp(prefix="meter-bench-"))
+    began = time.monotonic()
+    try:
+        yesterday = datetime.date.today() - datetime.timedelta(days=1)
+        sample = [r for d in range(1, args.cloud_readings // 96 + 2)
+                  for r in synthetic_day(d, label_address(d), yesterday, 96, args.seed)][:args.cloud_readings]
+        if "ceilings" in wanted or "intake" in wanted:
+            results["ceilings"]["udp"] = ceiling_udp(args)
+        if "ceilings" in wanted or "cloud" in wanted:
+            results["ceilings"]["sqlite"] = ceiling_sqlite(cloud_rows(sample), scratch)
+        if "day4" in wanted:
+            results["scenarios"]["day4"] = scenario_day4(args, scratch)
+        if "intake" in wanted:
+            results["scenarios"]["intake"] = scenario_intake(args, scratch, results["ceilings"]["udp"])
+        if "cloud" in wanted:
+            results["scenarios"]["cloud"] = scenario_cloud(args, scratch, sample, results["ceilings"]["sqlite"])
+        if "fleet" in wanted:
+            runs = []
+            sizes = sorted({int(n) for n in args.scale.split(",") if n} | {args.devices})
+            plan = [(n, 96) for n in sizes] + [(int(n), 1440) for n in args.scale_1440.split(",") if n]
+            for devices, readings in plan:
+                spread = args.spread if args.spread is not None else round(devices / args.spread_rate, 3)
+                runs.append(scenario_fleet(args, scratch, devices, readings, spread))
+            if args.profile:
+                if profiles.available():
+                    spread = args.spread if args.spread is not None else round(args.devices / args.spread_rate, 3)
+                    runs.append(scenario_fleet(args, scratch, args.devices, 96, spread, profile=True))
+                else:
+                    say("profile: py-spy is not installed (pip install -e '.[bench]'): skipped")
+            results["scenarios"]["fleet"] = runs
+    finally:
+        if args.keep:
+            say(f"scratch folder kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    results["seconds"] = round(time.monotonic() - began, 1)
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = verdicts(results)
+    say("")
+    say(table(results))
+    say("")
+    say("targets (issue #6):")
+    say(verdict_lines(results["targets"]))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    say(f"\nwritten {args.json} ({results['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""
+meter.cloud: CloudStore on a real DatabaseThread in tmp_path, and
+CloudProtocol on a StringTransport with a task.Clock for its idle timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from meter import cloud, wire
+from meter.dbthread import DatabaseThread, connect
+from meter.reading import Reading
+
+BATCH_ID = "fedcba9876543210"
+OTHER_ID = "0123456789abcdef"
+
+
+def reading(device_id, ip, stamp, t, h) -> Reading:
+    return Reading(device_id, ip, datetime.datetime.fromisoformat(stamp), t, h)
+
+
+R1 = reading(3, "192.168.1.4", "2026-03-01T02:00", 17, 35)
+R2 = reading(1, "192.168.1.2", "2026-03-01T08:00", 20, 30)
+R3 = reading(1, "192.168.1.2", "2026-03-01T12:00", 25.5, 33.25)
+BATCH = wire.Batch(BATCH_ID, (R1, R2))
+
+
+class Cloud:
+    def __init__(self, path, schema=True):
+        self.path = path
+        connection = connect(path)
+        if schema:
+            cloud.open_database(connection)
+        self.database = DatabaseThread(connection, reactor, name="test-cloud-db")
+        self.database.start()
+        self.console: list[str] = []
+        self.clock = task.Clock()
+        self.clock.advance(1772400000)
+        self.store = cloud.CloudStore(self.database, self.console.append, self.clock)
+
+    def stored(self):
+        with sqlite3.connect(str(self.path)) as other:
+            return list(cloud.query_readings(other))
+
+    def count(self) -> int:
+        with sqlite3.connect(str(self.path)) as other:
+            return other.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+
+@pytest_twisted.async_yield_fixture
+async def c(tmp_path):
+    instance = Cloud(tmp_path / "cloud.sqlite")
+    yield instance
+    await instance.database.stop()
+
+
+# -- the store --------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_commits_a_batch_and_prints_each_reading(c):
+    ack = await c.store.store(BATCH, "10.0.0.1:5555")
+    assert ack == wire.BatchAck(BATCH_ID, "ok", new=2, dup=0)
+    assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
+    assert c.stored() == [
+        ("192.168.1.4", datetime.datetime(2026, 3, 1, 2, 0), 17.0, 35.0),
+        ("192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0),
+    ]
+    assert c.store.counters["batches"] == 1
+    assert c.store.counters["readings_new"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_sent_again_is_stored_once_and_acknowledged_with_its_duplicates(c):
+    await c.store.store(BATCH, "10.0.0.1:5555")
+    again = wire.Batch(OTHER_ID, BATCH.readings)  # the gateway's retry has a new id
+    ack = await c.store.store(again, "10.0.0.1:5556")
+    assert ack == wire.BatchAck(OTHER_ID, "ok", new=0, dup=2)
+    assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
+    assert c.count() == 2
+    assert c.store.counters["readings_duplicate"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_overlapping_batch_stores_and_prints_only_what_is_new(c):
+    await c.store.store(wire.Batch(BATCH_ID, (R1,)), "gw")
+    ack = await c.store.store(wire.Batch(OTHER_ID, (R1, R3)), "gw")
+    assert ack == wire.BatchAck(OTHER_ID, "ok", new=1, dup=1)
+    assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 12:00 - 25.5 - 33.25%"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reading_is_unique_by_device_and_time(c):
+    await c.store.store(wire.Batch(BATCH_ID, (R2,)), "gw")
+    changed = reading(1, "192.168.1.2", "2026-03-01T08:00", 21, 31)
+    ack = await c.store.store(wire.Batch(OTHER_ID, (changed,)), "gw")
+    assert (ack.new, ack.dup) == (0, 1)
+    assert c.stored() == [("192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_at_is_the_clock_of_the_batch(c):
+    await c.store.store(BATCH, "gw")
+    with sqlite3.connect(str(c.path)) as other:
+        assert {row[0] for row in other.execute("SELECT stored_at FROM readings")} == {1772400000.0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_batch_is_acknowledged(c):
+    assert await c.store.store(wire.Batch(BATCH_ID, ()), "gw") == wire.BatchAck(BATCH_ID, "ok", new=0, dup=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_store_is_a_bad_ack_and_prints_nothing(tmp_path):
+    broken = Cloud(tmp_path / "no-schema.sqlite", schema=False)
+    try:
+        ack = await broken.store.store(BATCH, "gw")
+    finally:
+        await broken.database.stop()
+    assert ack == wire.BatchAck(BATCH_ID, "bad", "not stored: no such table: readings")
+    assert broken.console == []
+    assert broken.store.counters["store_failures"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_is_stored_whole_or_not_at_all(c):
+    def refuse_device_9(connection):
+        connection.execute(
+            "CREATE TRIGGER no9 BEFORE INSERT ON readings WHEN NEW.device_id = 9"
+            " BEGIN SELECT RAISE(ABORT, 'device 9 refused'); END"
+        )
+
+    await c.database.run(refuse_device_9)
+    poisoned = wire.Batch(BATCH_ID, (R1, R2, reading(9, "10.0.0.9", "2026-03-01T02:00", 1, 1)))
+    ack = await c.store.store(poisoned, "gw")
+    assert ack == wire.BatchAck(BATCH_ID, "bad", "not stored: device 9 refused")
+    assert c.count() == 0
+    assert c.console == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_readings_of_one_device(c):
+    await c.store.store(wire.Batch(BATCH_ID, (R3, R1, R2)), "gw")
+    with sqlite3.connect(str(c.path)) as other:
+        assert [row[1].hour for row in cloud.query_readings(other, "192.168.1.2")] == [8, 12]
+        assert [row[0] for row in cloud.query_readings(other)] == ["192.168.1.4", "192.168.1.2", "192.168.1.2"]
+
+
+# -- the protocol -----------------------------------------------------------
+
+IDLE = 120.0
+
+
+def connect_protocol(c: Cloud):
+    protocol = cloud.CloudFactory(c.store, IDLE, c.clock).buildProtocol(IPv4Address("TCP", "10.0.0.1", 5555))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def line(message) -> bytes:
+    return wire.encode(message) + b"\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_line_is_acknowledged_after_its_commit(c):
+    protocol, transport = connect_protocol(c)
+    protocol.dataReceived(line(BATCH))
+    assert transport.value() == b""  # not before the commit
+    await c.database.flush()
+    assert transport.value() == line(wire.BatchAck(BATCH_ID, "ok", new=2, dup=0))
+    assert c.count() == 2
+    assert not transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_in_pieces_is_one_line(c):
+    protocol, transport = connect_protocol(c)
+    data = line(BATCH)
+    for i in range(0, len(data), 7):
+        protocol.dataReceived(data[i : i + 7])
+    await c.database.flush()
+    assert transport.value() == line(wire.BatchAck(BATCH_ID, "ok", new=2, dup=0))
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_gets_pong_at_once(c):
+    protocol, transport = connect_protocol(c)
+    protocol.dataReceived(line(wire.Ping(3)) + line(wire.Ping(4)))
+    assert transport.value() == line(wire.Pong(3)) + line(wire.Pong(4))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_batch_with_a_readable_id_gets_a_bad_ack_and_nothing_is_stored(c):
+    protocol, transport = connect_protocol(c)
+    data = wire.encode(BATCH).replace(b",17,35", b",18,35")  # no longer matches its sum
+    protocol.dataReceived(data + b"\n")
+    (answer,) = transport.value().splitlines()
+    ack = wire.decode(answer)
+    assert (ack.batch_id, ack.status) == (BATCH_ID, "bad")
+    assert ack.reason.startswith("checksum: records do not match sum=")
+    await c.database.flush()
+    assert c.count() == 0
+    assert c.console == []
+    assert not transport.disconnecting
+    assert c.store.counters["refused_checksum"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_out_of_range_batch_is_refused_naming_the_reading(c):
+    protocol, transport = connect_protocol(c)
+    records = "3,192.168.1.4,2026-03-01T02:00,17,101"
+    import zlib
+
+    protocol.dataReceived(f"meter/1 BATCH id={BATCH_ID} n=1 sum={zlib.crc32(records.encode()):08x} r={records}\n".encode())
+    assert wire.decode(transport.value().rstrip(b"\n")) == wire.BatchAck(
+        BATCH_ID, "bad", "range: humidity 101% outside 0..100 %"
+    )
+    await c.database.flush()
+    assert c.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.1", b"meter/1 BATCH id=nothex n=0 sum=00000000 r=", b"\x16\x03\x01\x02\x00", b""],
+)
+async def test_garbage_closes_the_connection(c, garbage):
+    protocol, transport = connect_protocol(c)
+    protocol.dataReceived(garbage + b"\n" + line(wire.Ping(1)))
+    assert transport.disconnecting
+    assert transport.value() == b""  # and what followed the garbage is not read
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_over_max_length_closes_the_connection(c):
+    protocol, transport = connect_protocol(c)
+    protocol.dataReceived(b"meter/1 PING seq=1" + b"0" * protocol.MAX_LENGTH)
+    assert transport.disconnecting
+    assert transport.value() == b""
+    assert c.store.counters["refused_size"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_kind_is_ignored(c):
+    protocol, transport = connect_protocol(c)
+    protocol.dataReceived(line(wire.BatchAck(BATCH_ID, "ok")) + line(wire.Ping(9)))
+    assert transport.value() == line(wire.Pong(9))
+    assert c.store.counters["unexpected"] == 1
+    assert not transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_connection_is_closed_after_the_idle_timeout(c):
+    protocol, transport = connect_protocol(c)
+    c.clock.advance(IDLE - 1)
+    assert not transport.disconnected
+    protocol.dataReceived(line(wire.Ping(1)))  # any line resets the timeout
+    c.clock.advance(IDLE - 1)
+    assert not transport.disconnected
+    c.clock.advance(1)
+    assert transport.disconnected
+    assert c.store.counters["idle_timeouts"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_lost_cancels_the_idle_timeout(c):
+    protocol, transport = connect_protocol(c)
+    assert len(c.clock.getDelayedCalls()) == 1
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert c.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_ack_is_written_to_a_lost_connection(c):
+    protocol, transport = connect_protocol(c)
+    protocol.dataReceived(line(BATCH))
+    transport.connected = False
+    protocol.connectionLost(Failure(ConnectionDone()))
+    await c.database.flush()
+    assert transport.value() == b""
+    assert c.count() == 2  # stored all the same: the gateway's retry is a duplicate

@@ -1,0 +1,165 @@
+"""
+meter.dbthread: one SQLite connection on one thread, with group commits.
+These run on the real reactor (pytest-twisted): the work runs in a thread
+and its result comes back through the reactor.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+
+from meter.dbthread import DatabaseThread, connect
+
+
+def make_db(path) -> DatabaseThread:
+    connection = connect(path)
+    connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)")
+    database = DatabaseThread(connection, reactor, name="test-db")
+    database.start()
+    return database
+
+
+@pytest_twisted.async_yield_fixture
+async def db(tmp_path):
+    database = make_db(tmp_path / "db" / "t.sqlite")
+    yield database
+    await database.stop()
+
+
+def insert(x):
+    def work(connection):
+        connection.execute("INSERT INTO t VALUES (?)", (x,))
+        return x
+
+    return work
+
+
+def noop(connection):
+    return None
+
+
+def rows(path) -> list[int]:
+    # A separate connection sees only what was committed.
+    with sqlite3.connect(str(path)) as other:
+        return [x for (x,) in other.execute("SELECT x FROM t ORDER BY x")]
+
+
+def test_connect_makes_the_folder_and_a_durable_wal(tmp_path):
+    connection = connect(tmp_path / "a" / "b" / "x.sqlite")
+    try:
+        assert (tmp_path / "a" / "b" / "x.sqlite").exists()
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_fires_with_the_result_after_the_commit(db, tmp_path):
+    assert await db.run(insert(7)) == 7
+    assert rows(tmp_path / "db" / "t.sqlite") == [7]
+    assert (db.commits, db.pieces) == (1, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_submitted_during_a_commit_shares_the_next_transaction(db, tmp_path):
+    deferreds = [db.run(insert(x)) for x in range(20)]
+    assert await gatherResults(deferreds) == list(range(20))
+    # The first piece committed alone; the 19 that arrived meanwhile together.
+    assert (db.commits, db.pieces) == (2, 20)
+    assert rows(tmp_path / "db" / "t.sqlite") == list(range(20))
+    # An idle thread commits the next piece at once, on its own.
+    await db.run(insert(20))
+    assert (db.commits, db.pieces) == (3, 21)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_piece_rolls_back_only_itself(db, tmp_path):
+    blocker = db.run(noop)  # so the next three share one transaction
+
+    def bad(connection):
+        connection.execute("INSERT INTO t VALUES (2)")
+        raise ValueError("boom")
+
+    first, failing, third = db.run(insert(1)), db.run(bad), db.run(insert(3))
+    await blocker
+    assert await first == 1
+    with pytest.raises(ValueError, match="boom"):
+        await failing
+    assert await third == 3
+    assert db.commits == 2
+    assert rows(tmp_path / "db" / "t.sqlite") == [1, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_transaction_fails_every_piece_of_it(db, tmp_path):
+    blocker = db.run(noop)
+
+    def ends_the_transaction(connection):
+        connection.execute("ROLLBACK")
+
+    first, breaking = db.run(insert(5)), db.run(ends_the_transaction)
+    await blocker
+    with pytest.raises(sqlite3.OperationalError):
+        await first
+    with pytest.raises(sqlite3.OperationalError):
+        await breaking
+    assert rows(tmp_path / "db" / "t.sqlite") == []
+    # the thread carries on
+    assert await db.run(insert(6)) == 6
+    assert rows(tmp_path / "db" / "t.sqlite") == [6]
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_of_an_idle_thread_fires_at_once(db):
+    assert db.flush().called
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_waits_for_everything_submitted(db):
+    deferreds = [db.run(insert(x)) for x in range(5)]
+    flushed = db.flush()
+    assert not flushed.called
+    await flushed
+    assert all(d.called for d in deferreds)
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_submitted_from_a_result_callback_is_committed_before_flush(db, tmp_path):
+    # The gateway submits work from the callbacks of committed work (a chunk
+    # committed closes its round; a round closed takes the next batch).
+    first = db.run(noop)
+    a, b = db.run(noop), db.run(noop)  # one group, committed after first
+    later = {}
+
+    def on_a(_):
+        later["x"] = db.run(insert(1))
+
+    def on_b(_):
+        later["y"] = db.run(insert(2))
+        later["flush"] = db.flush()
+
+    a.addCallback(on_a)
+    b.addCallback(on_b)
+    await gatherResults([first, a, b])
+    await later["flush"]
+    assert later["x"].called and later["y"].called, "flush fired before work submitted ahead of it was committed"
+    # x and y arrived during one commit's callbacks: one transaction for both.
+    assert db.commits == 3
+    assert rows(tmp_path / "db" / "t.sqlite") == [1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_finishes_submitted_work_then_closes(tmp_path):
+    database = make_db(tmp_path / "t.sqlite")
+    deferreds = [database.run(insert(x)) for x in range(3)]
+    await database.stop()
+    assert all(d.called for d in deferreds)
+    assert rows(tmp_path / "t.sqlite") == [0, 1, 2]
+    with pytest.raises(sqlite3.ProgrammingError):
+        database._connection.execute("SELECT 1")

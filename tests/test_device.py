@@ -1,0 +1,409 @@
+"""
+meter.device: the DaySender's CoAP-style retransmission on a task.Clock, the
+DeviceProtocol on a FakeDatagramTransport, and the daily schedule.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+import pytest
+from twisted.internet import task
+from twisted.internet.testing import FakeDatagramTransport
+
+from meter import wire
+from meter.device import (
+    DaySender,
+    DeliveryFailed,
+    DeviceProtocol,
+    Retransmission,
+    next_send,
+    offset_for,
+    previous_day,
+)
+from meter.reading import Reading
+
+DAY = datetime.date(2026, 3, 1)
+XFER = "0123456789abcdef"
+KEY = bytes(range(32))
+GATEWAY = ("127.0.0.1", 10005)
+
+
+def make_chunks(parts: int = 1, xfer: str = XFER) -> list[wire.DayChunk]:
+    return [
+        wire.DayChunk(
+            1,
+            "192.168.1.2",
+            DAY,
+            xfer,
+            part,
+            parts,
+            1772400000,
+            (Reading(1, "192.168.1.2", datetime.datetime(2026, 3, 1, part % 24, 0), 20.0, 30.0),),
+        )
+        for part in range(1, parts + 1)
+    ]
+
+
+class Harness:
+    def __init__(self, parts=1, seed=7, window=8, retransmission=Retransmission()):
+        self.clock = task.Clock()
+        self.sent: list[bytes] = []
+        self.chunks = make_chunks(parts)
+        self.sender = DaySender(
+            self.chunks, self.sent.append, self.clock, retransmission, rng=random.Random(seed), window=window
+        )
+        self.results: list = []
+        self.done = self.sender.start()
+        self.done.addBoth(self.results.append)
+
+    def parts_sent(self) -> list[int]:
+        return [wire.decode(datagram).part for datagram in self.sent]
+
+    def ack(self, part: int, status: str = "ok", reason: str = "", xfer: str = XFER) -> None:
+        self.sender.ack_received(wire.DayAck(xfer, part, status, reason))
+
+    def failure(self) -> DeliveryFailed:
+        (result,) = self.results
+        assert isinstance(result.value, DeliveryFailed), result
+        return result.value
+
+
+def first_timeout(seed: int, params: Retransmission = Retransmission()) -> float:
+    return params.ack_timeout * random.Random(seed).uniform(1.0, params.ack_random_factor)
+
+
+# -- acknowledgements -------------------------------------------------------
+
+
+def test_an_ack_completes_the_day():
+    h = Harness()
+    assert h.sent == [wire.encode(h.chunks[0])]
+    assert h.results == []
+    h.ack(1)
+    assert h.results == [1]
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(1000)
+    assert len(h.sent) == 1
+
+
+def test_every_chunk_must_be_acknowledged():
+    h = Harness(parts=3)
+    assert h.parts_sent() == [1, 2, 3]
+    h.ack(3)
+    h.ack(1)
+    assert h.results == []
+    h.ack(2)
+    assert h.results == [3]
+
+
+# -- retransmission ---------------------------------------------------------
+
+
+def step(clock: task.Clock) -> float:
+    """
+    Advance to the next scheduled call and run it; its time.  (A Clock runs
+    calls scheduled during one big advance relative to its end, so a chain of
+    timers is followed one call at a time.)
+    """
+    (call,) = clock.getDelayedCalls()
+    at = call.getTime()
+    clock.advance(at - clock.seconds() - 1e-9)
+    assert call.active(), "ran early"
+    clock.advance(at - clock.seconds())
+    return at
+
+
+def test_retransmissions_follow_coap_timing():
+    h = Harness(seed=7)
+    timeout = first_timeout(7)
+    assert 2.0 <= timeout < 3.0
+    # Transmissions at 0, T, 3T, 7T, 15T; failure at 31T.
+    for count, multiple in enumerate([1, 3, 7, 15], start=1):
+        assert len(h.sent) == count
+        assert step(h.clock) == pytest.approx(multiple * timeout)
+        assert len(h.sent) == count + 1
+    assert set(h.sent) == {wire.encode(h.chunks[0])}
+    assert h.sender.counters["retransmissions"] == 4
+    assert h.results == []
+    assert step(h.clock) == pytest.approx(31 * timeout)
+    assert str(h.failure()) == "no acknowledgement for part 1/1 after 5 transmissions"
+    assert len(h.sent) == 5
+    assert h.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_first_timeout_is_between_ack_timeout_and_its_random_factor(seed):
+    h = Harness(seed=seed)
+    (call,) = h.clock.getDelayedCalls()
+    assert 2.0 <= call.getTime() < 3.0
+    assert call.getTime() == pytest.approx(first_timeout(seed))
+
+
+def test_without_a_seeded_rng_the_first_timeout_is_still_in_range():
+    clock = task.Clock()
+    DaySender(make_chunks(), [].append, clock).start()
+    (call,) = clock.getDelayedCalls()
+    assert 2.0 <= call.getTime() <= 3.0
+
+
+def test_configured_parameters_are_used():
+    params = Retransmission(ack_timeout=1.0, ack_random_factor=1.0, max_retransmit=2)
+    h = Harness(retransmission=params)
+    assert [step(h.clock), step(h.clock)] == [1.0, 3.0]
+    assert len(h.sent) == 3
+    assert h.results == []
+    assert step(h.clock) == 7.0
+    assert str(h.failure()) == "no acknowledgement for part 1/1 after 3 transmissions"
+
+
+def test_no_retransmission_at_all():
+    h = Harness(retransmission=Retransmission(max_retransmit=0))
+    h.clock.advance(3.0)
+    assert len(h.sent) == 1
+    assert str(h.failure()) == "no acknowledgement for part 1/1 after 1 transmissions"
+
+
+def test_span_is_coaps_max_transmit_wait():
+    assert Retransmission().span() == 93.0
+    assert Retransmission(1.0, 1.0, 0).span() == 1.0
+
+
+def test_an_ack_after_retransmissions_completes():
+    h = Harness()
+    step(h.clock)
+    step(h.clock)
+    assert len(h.sent) == 3
+    h.ack(1)
+    assert h.results == [1]
+    assert h.sender.counters["retransmissions"] == 2
+
+
+# -- busy and bad -----------------------------------------------------------
+
+
+def test_busy_keeps_the_chunk_and_retries_on_its_timer():
+    h = Harness()
+    timeout = first_timeout(7)
+    h.clock.advance(0.5)
+    h.ack(1, "busy", "spool full")
+    assert h.results == []
+    assert len(h.sent) == 1  # not at once: the backoff timer decides
+    assert h.sender.counters["busy"] == 1
+    assert step(h.clock) == pytest.approx(timeout)
+    assert len(h.sent) == 2
+    h.ack(1, "busy", "spool full")
+    assert step(h.clock) == pytest.approx(3 * timeout)
+    assert len(h.sent) == 3
+    h.ack(1)
+    assert h.results == [1]
+
+
+def test_bad_fails_the_day_with_the_reason():
+    h = Harness(parts=2)
+    h.ack(2, "bad", "device 1 is 192.168.1.2, not 10.0.0.9")
+    assert str(h.failure()) == "gateway refused part 2/2: device 1 is 192.168.1.2, not 10.0.0.9"
+    # the other chunk is not retransmitted any more
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(100)
+    assert len(h.sent) == 2
+    # a late ack changes nothing
+    h.ack(1)
+    assert len(h.results) == 1
+
+
+# -- the window -------------------------------------------------------------
+
+
+def test_window_limits_outstanding_chunks():
+    h = Harness(parts=5, window=2)
+    assert h.parts_sent() == [1, 2]
+    h.ack(2)
+    assert h.parts_sent() == [1, 2, 3]
+    h.ack(1)
+    assert h.parts_sent() == [1, 2, 3, 4]
+    h.ack(4)
+    assert h.parts_sent() == [1, 2, 3, 4, 5]
+    h.ack(3)
+    assert h.results == []
+    h.ack(5)
+    assert h.results == [5]
+
+
+def test_each_chunk_has_its_own_timer():
+    h = Harness(parts=2, window=2)
+    rng = random.Random(7)
+    timeouts = [2.0 * rng.uniform(1.0, 1.5) for _ in range(2)]
+    h.clock.advance(0.1)
+    h.ack(1)
+    h.clock.advance(max(timeouts))
+    assert h.parts_sent() == [1, 2, 2]
+
+
+def test_window_of_one_sends_in_order():
+    h = Harness(parts=3, window=1)
+    for part in (1, 2, 3):
+        assert h.parts_sent()[-1] == part
+        h.ack(part)
+    assert h.parts_sent() == [1, 2, 3]
+    assert h.results == [3]
+
+
+# -- stray acks -------------------------------------------------------------
+
+
+def test_stray_acks_are_ignored():
+    h = Harness(parts=2)
+    h.ack(1, xfer="ffffffffffffffff")  # another transfer
+    h.ack(3)  # no such part
+    h.ack(2)
+    h.ack(2)  # already acknowledged
+    assert h.results == []
+    assert h.sender.counters["stray_acks"] == 3
+    h.ack(1)
+    assert h.results == [2]
+
+
+def test_a_stray_bad_ack_does_not_fail_the_day():
+    h = Harness()
+    h.ack(1, "bad", "forged", xfer="ffffffffffffffff")
+    assert h.results == []
+    h.ack(1)
+    assert h.results == [1]
+
+
+# -- the protocol -----------------------------------------------------------
+
+
+class RecordingSender:
+    def __init__(self):
+        self.acks = []
+
+    def ack_received(self, ack):
+        self.acks.append(ack)
+
+
+def connected_protocol():
+    protocol = DeviceProtocol(GATEWAY, KEY)
+    transport = FakeDatagramTransport()
+    protocol.makeConnection(transport)
+    protocol.sender = RecordingSender()
+    return protocol, transport
+
+
+ACK = wire.DayAck(XFER, 1, "ok")
+
+
+def test_protocol_sends_sealed_datagrams_to_the_gateway():
+    protocol, transport = connected_protocol()
+    protocol.send(b"meter/1 PING seq=1")
+    assert transport.written == [(wire.seal(b"meter/1 PING seq=1", KEY), GATEWAY)]
+
+
+def test_protocol_hands_acks_from_the_gateway_to_the_sender():
+    protocol, _ = connected_protocol()
+    protocol.datagramReceived(wire.seal(wire.encode(ACK), KEY), GATEWAY)
+    assert protocol.sender.acks == [ACK]
+
+
+@pytest.mark.parametrize("addr", [("127.0.0.2", 10005), ("127.0.0.1", 10006), ("::1", 10005)])
+def test_protocol_ignores_datagrams_from_other_addresses(addr):
+    protocol, transport = connected_protocol()
+    protocol.datagramReceived(wire.seal(wire.encode(ACK), KEY), addr)
+    assert protocol.sender.acks == []
+    assert protocol.counters["foreign_datagrams"] == 1
+    assert transport.written == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        wire.encode(ACK),  # not sealed
+        wire.seal(wire.encode(ACK), bytes(32)),  # sealed with another key
+        wire.seal(b"garbage", KEY),
+    ],
+    ids=["unsealed", "wrong key", "garbage"],
+)
+def test_protocol_refuses_unauthenticated_or_malformed_datagrams(data):
+    protocol, _ = connected_protocol()
+    protocol.datagramReceived(data, GATEWAY)
+    assert protocol.sender.acks == []
+    assert protocol.counters["refused"] == 1
+
+
+def test_protocol_ignores_other_messages_and_acks_without_a_sender():
+    protocol, _ = connected_protocol()
+    protocol.datagramReceived(wire.seal(wire.encode(wire.Ping(1)), KEY), GATEWAY)
+    assert protocol.sender.acks == []
+    protocol.sender = None
+    protocol.datagramReceived(wire.seal(wire.encode(ACK), KEY), GATEWAY)  # no error
+
+
+def test_sender_and_protocol_deliver_a_day_together():
+    clock = task.Clock()
+    protocol = DeviceProtocol(GATEWAY, KEY)
+    transport = FakeDatagramTransport()
+    protocol.makeConnection(transport)
+    chunks = make_chunks(2)
+    protocol.sender = DaySender(chunks, protocol.send, clock, rng=random.Random(1))
+    results = []
+    protocol.sender.start().addCallback(results.append)
+    assert [wire.decode(wire.unseal(data, KEY)) for data, _ in transport.written] == chunks
+    for chunk in chunks:
+        protocol.datagramReceived(wire.seal(wire.encode(wire.DayAck(chunk.xfer, chunk.part, "ok")), KEY), GATEWAY)
+    assert results == [2]
+
+
+# -- the schedule -----------------------------------------------------------
+
+
+def local(*args) -> float:
+    return datetime.datetime(*args).timestamp()
+
+
+def test_previous_day_is_yesterday_in_local_time():
+    assert previous_day(local(2026, 3, 10, 0, 5)) == datetime.date(2026, 3, 9)
+    assert previous_day(local(2026, 3, 10, 23, 59)) == datetime.date(2026, 3, 9)
+    assert previous_day(local(2026, 1, 1, 0, 0)) == datetime.date(2025, 12, 31)
+    assert previous_day(local(2024, 3, 1, 12, 0)) == datetime.date(2024, 2, 29)
+
+
+@pytest.mark.parametrize(
+    "now, offset, expected",
+    [
+        ((2026, 3, 10, 0, 0), 0, (2026, 3, 10, 0, 5)),
+        ((2026, 3, 10, 0, 4, 59), 0, (2026, 3, 10, 0, 5)),
+        ((2026, 3, 10, 0, 5), 0, (2026, 3, 11, 0, 5)),  # strictly after now
+        ((2026, 3, 10, 0, 6), 0, (2026, 3, 11, 0, 5)),
+        ((2026, 3, 10, 0, 6), 120, (2026, 3, 10, 0, 7)),  # today's send plus the offset is still ahead
+        ((2026, 3, 10, 23, 0), 0, (2026, 3, 11, 0, 5)),
+        ((2026, 12, 31, 12, 0), 0, (2027, 1, 1, 0, 5)),
+    ],
+)
+def test_next_send(now, offset, expected):
+    # expected already includes the offset
+    assert next_send(local(*now), datetime.time(0, 5), offset) == local(*expected)
+
+
+def test_next_send_with_offset_is_exact():
+    assert next_send(local(2026, 3, 10, 0, 6), datetime.time(0, 5), 120) == local(2026, 3, 10, 0, 7)
+    assert next_send(local(2026, 3, 10, 0, 8), datetime.time(0, 5), 120) == local(2026, 3, 11, 0, 7)
+    assert next_send(local(2026, 3, 10, 0, 0), datetime.time(0, 5), 30.5) == local(2026, 3, 10, 0, 5) + 30.5
+
+
+def test_offset_for_is_deterministic_spread_and_bounded():
+    assert offset_for(1, 600) == pytest.approx(370.8203920628875)
+    offsets = [offset_for(device_id, 600) for device_id in range(1, 51)]
+    assert offsets == [offset_for(device_id, 600) for device_id in range(1, 51)]
+    assert all(0 <= o < 600 for o in offsets)
+    assert len(set(offsets)) == 50
+    ordered = sorted(offsets)
+    # evenly spread: no two devices within 5 s, no gap wider than 3 even shares
+    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 5
+    assert max(b - a for a, b in zip(ordered, ordered[1:])) < 3 * 600 / 50
+
+
+def test_offset_without_a_spread_is_zero():
+    assert offset_for(17, 0) == 0.0
+    assert offset_for(17, -5) == 0.0

@@ -1,0 +1,998 @@
+"""
+meter.gateway: the Intake's round logic (on a synchronous fake spool, and on
+a real Spool for integration), the Uplink (a fake sender and a Clock), the
+GatewayProtocol on a FakeDatagramTransport and the CloudClientProtocol on a
+StringTransport.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import FakeDatagramTransport, StringTransport
+from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
+
+from meter import gateway, wire
+from meter.dbthread import DatabaseThread
+from meter.gateway import Intake, Uplink
+from meter.reading import Reading
+from meter.spool import Recovered, Spool, Spooled, StoredPart, StoredRound
+
+DAY = datetime.date(2026, 3, 1)
+NOW = 1772400000.0
+FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4", 4: "192.168.1.5"}
+KEYS = {device_id: bytes([device_id]) * 32 for device_id in range(1, 60)}
+
+
+def xfer_of(device_id: int, n: int = 0) -> str:
+    return f"{device_id:08x}{n:08x}"
+
+
+def day_chunk(device_id=1, day=DAY, part=1, parts=1, n=0, readings=None, ip=None, sent_at=int(NOW), fleet=FLEET):
+    ip = ip if ip is not None else fleet.get(device_id, "10.9.9.9")
+    if readings is None:
+        readings = (Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, 8, part), 20.0, 30.0),)
+    return wire.DayChunk(device_id, ip, day, xfer_of(device_id, n), part, parts, sent_at, tuple(readings))
+
+
+def result_of(d: Deferred):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+class FakeSpool:
+    """
+    The Spool's methods, answering with already-fired Deferreds (or held
+    ones, to play a commit in progress), recording every call.
+    """
+
+    def __init__(self):
+        self.added: list[tuple[wire.DayChunk, float, bool]] = []
+        self.closed: list[tuple[datetime.date, float]] = []
+        self.forgotten: list[datetime.date] = []
+        self.removed: list[list[int]] = []
+        self.takes: list[int] = []
+        self.ready: list[Spooled] = []
+        self.hold = False
+        self.held: list[tuple[Deferred, int]] = []
+        self.hold_remove = False
+        self.held_removes: list[tuple[Deferred, int]] = []
+        self.failures = 0
+        self._seen: set = set()
+
+    def add_chunk(self, chunk, now, open_round):
+        self.added.append((chunk, now, open_round))
+        if self.failures:
+            self.failures -= 1
+            return fail(RuntimeError("disk I/O error"))
+        new = 0
+        for r in chunk.readings:
+            if (r.device_id, r.taken_at) not in self._seen:
+                self._seen.add((r.device_id, r.taken_at))
+                new += 1
+        if self.hold:
+            d = Deferred()
+            self.held.append((d, new))
+            return d
+        return succeed(new)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, new in held:
+            d.callback(new)
+
+    def close_round(self, day, now):
+        self.closed.append((day, now))
+        return succeed(None)
+
+    def forget_before(self, day):
+        self.forgotten.append(day)
+        return succeed(None)
+
+    def take_batch(self, limit):
+        self.takes.append(limit)
+        return succeed(list(self.ready[:limit]))
+
+    def remove(self, seqs):
+        self.removed.append(list(seqs))
+        before = len(self.ready)
+        self.ready = [s for s in self.ready if s.seq not in seqs]
+        count = before - len(self.ready)
+        if self.hold_remove:
+            d = Deferred()
+            self.held_removes.append((d, count))
+            return d
+        return succeed(count)
+
+
+class IntakeHarness:
+    def __init__(self, fleet=FLEET, deadline=60.0, spool=None, **kw):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.spool = spool if spool is not None else FakeSpool()
+        self.ready: list[float] = []
+        self.intake = Intake(fleet, self.spool, self.clock, deadline, lambda: self.ready.append(self.clock.seconds()), **kw)
+        self.events: list[dict] = []
+        self.intake.log = Logger(observer=self.events.append)
+
+    def receive(self, chunk, peer=None) -> wire.DayAck:
+        return result_of(self.intake.chunk_received(chunk, peer or f"{chunk.device_ip}:5000"))
+
+    def report(self, *device_ids, **kw) -> None:
+        for device_id in device_ids:
+            ack = self.receive(day_chunk(device_id, **kw))
+            assert ack.status == "ok", ack
+
+    def logged(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]
+
+
+def ok(chunk) -> wire.DayAck:
+    return wire.DayAck(chunk.xfer, chunk.part, "ok")
+
+
+# -- a round ----------------------------------------------------------------
+
+
+def test_all_devices_reporting_closes_the_round():
+    h = IntakeHarness()
+    h.report(1, 2, 3)
+    assert h.spool.closed == []
+    assert h.ready == []
+    h.clock.advance(10)
+    h.report(4)
+    assert h.spool.closed == [(DAY, NOW + 10)]
+    assert h.ready == [NOW + 10]
+    assert h.clock.getDelayedCalls() == []  # the deadline is cancelled
+    assert h.intake.counters["rounds_closed"] == 1
+    assert h.intake.counters["rounds_incomplete"] == 0
+    assert "round 2026-03-01 complete: every expected device reported" in h.logged()
+    assert h.intake.depth == 4
+
+
+def test_every_chunk_makes_sure_its_round_is_spooled():
+    h = IntakeHarness()
+    h.report(1)
+    h.clock.advance(5)
+    h.report(2)
+    assert [(c.device_id, now, open_round) for c, now, open_round in h.spool.added] == [(1, NOW, True), (2, NOW + 5, True)]
+
+
+def test_the_deadline_closes_the_round_naming_the_missing_devices():
+    h = IntakeHarness()
+    h.report(1)
+    h.clock.advance(30)
+    h.report(2)  # the deadline counts from the day's first report
+    h.clock.advance(30 - 0.001)
+    assert h.spool.closed == []
+    h.clock.advance(0.001)
+    assert h.spool.closed == [(DAY, NOW + 60)]
+    assert h.ready == [NOW + 60]
+    assert (
+        "round 2026-03-01 closed: deadline of 60 s passed; devices that did not report: "
+        "3 (192.168.1.4), 4 (192.168.1.5)"
+    ) in h.logged()
+    assert h.intake.counters["rounds_incomplete"] == 1
+
+
+def test_a_late_device_is_forwarded_at_once():
+    h = IntakeHarness()
+    h.report(1)
+    h.clock.advance(60)
+    assert len(h.ready) == 1
+    h.clock.advance(5)
+    h.report(3)
+    assert h.ready == [NOW + 60, NOW + 65]
+    assert h.spool.closed == [(DAY, NOW + 60)]  # not closed twice
+    assert h.intake.counters["late_devices"] == 1
+
+
+def test_a_device_reporting_twice_is_counted_once():
+    h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
+    h.report(1)
+    h.report(1, n=1)  # the same day again, in a new transfer
+    assert len(h.spool.added) == 2
+    assert h.spool.closed == []
+    assert h.intake.depth == 1  # the same reading is not counted twice
+    h.report(2)
+    assert h.spool.closed == [(DAY, NOW)]
+
+
+def test_rounds_of_different_days_are_separate():
+    h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
+    other = DAY + datetime.timedelta(days=1)
+    h.report(1)
+    h.report(2, day=other, n=1)
+    assert h.spool.closed == []
+    h.report(2)
+    assert h.spool.closed == [(DAY, NOW)]
+    h.clock.advance(60)
+    assert h.spool.closed == [(DAY, NOW), (other, NOW + 60)]
+
+
+# -- duplicates -------------------------------------------------------------
+
+
+def test_a_duplicate_is_acknowledged_again_without_spooling():
+    h = IntakeHarness()
+    chunk = day_chunk(1)
+    assert h.receive(chunk) == ok(chunk)
+    assert h.receive(chunk) == ok(chunk)
+    assert len(h.spool.added) == 1
+    assert h.intake.counters["duplicates"] == 1
+    assert h.intake.depth == 1
+
+
+def test_a_duplicate_during_the_commit_gets_the_same_answer_after_it():
+    h = IntakeHarness()
+    h.spool.hold = True
+    chunk = day_chunk(1)
+    first = h.intake.chunk_received(chunk, "192.168.1.2:5000")
+    second = h.intake.chunk_received(chunk, "192.168.1.2:5000")
+    assert not first.called and not second.called
+    assert len(h.spool.added) == 1
+    h.spool.release()
+    assert result_of(first) == result_of(second) == ok(chunk)
+    assert h.intake.counters["duplicates"] == 1
+    assert h.intake.depth == 1
+
+
+def test_a_duplicate_during_a_failed_commit_is_told_busy_too():
+    h = IntakeHarness()
+    h.spool.failures = 1
+    h.spool.hold = True
+    chunk = day_chunk(1)
+    # the failing commit answers at once: hold applies only to successes
+    first = h.intake.chunk_received(chunk, "192.168.1.2:5000")
+    assert result_of(first) == wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
+    assert h.intake.counters["spool_failures"] == 1
+    # the device retries: spooled this time
+    h.spool.hold = False
+    assert h.receive(chunk) == ok(chunk)
+    assert len(h.spool.added) == 2
+
+
+def test_waiters_of_a_failed_commit_are_told_busy():
+    class HeldFailure(FakeSpool):
+        def add_chunk(self, chunk, now, open_round):
+            self.added.append((chunk, now, open_round))
+            self.pending = Deferred()
+            return self.pending
+
+    h = IntakeHarness(spool=HeldFailure())
+    chunk = day_chunk(1)
+    first = h.intake.chunk_received(chunk, "p")
+    second = h.intake.chunk_received(chunk, "p")
+    h.spool.pending.errback(RuntimeError("disk I/O error"))
+    busy = wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
+    assert result_of(first) == result_of(second) == busy
+
+
+# -- refusals ---------------------------------------------------------------
+
+
+def test_an_unknown_device_is_refused():
+    h = IntakeHarness()
+    chunk = day_chunk(9, ip="10.0.0.9")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "device 9 is not in this gateway's fleet")
+    assert h.spool.added == []
+    assert h.clock.getDelayedCalls() == []  # no round opened
+    assert h.intake.counters["unknown_device"] == 1
+
+
+def test_a_device_claiming_another_address_is_refused():
+    h = IntakeHarness()
+    chunk = day_chunk(1, ip="10.0.0.9")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "device 1 is 192.168.1.2, not 10.0.0.9")
+    assert h.spool.added == []
+    assert h.intake.counters["wrong_address"] == 1
+
+
+def test_a_full_spool_says_busy_until_readings_are_delivered():
+    h = IntakeHarness(spool_limit=5)
+    four = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in range(4))
+    assert h.receive(day_chunk(1, readings=four)).status == "ok"
+    assert h.intake.depth == 4
+    two = tuple(Reading(2, FLEET[2], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in range(2))
+    chunk = day_chunk(2, readings=two)
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool full")
+    assert len(h.spool.added) == 1
+    assert h.intake.counters["refused_spool_full"] == 1
+    h.intake.delivered(4)
+    assert h.intake.depth == 0
+    assert h.receive(chunk) == ok(chunk)
+
+
+def test_a_transfer_changing_its_shape_is_refused():
+    h = IntakeHarness()
+    h.receive(day_chunk(1, part=1, parts=2))
+    chunk = day_chunk(1, part=2, parts=3)
+    assert h.receive(chunk) == wire.DayAck(
+        chunk.xfer, 2, "bad", f"transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
+    )
+    assert h.intake.counters["inconsistent_chunks"] == 1
+
+
+def test_check_source_refuses_a_chunk_from_another_address():
+    h = IntakeHarness(check_source=True)
+    chunk = day_chunk(1)
+    assert h.receive(chunk, "10.0.0.9:5000") == wire.DayAck(
+        chunk.xfer, 1, "bad", "device 1 sends from 192.168.1.2, not from 10.0.0.9"
+    )
+    assert h.receive(chunk, "::ffff:192.168.1.2:5000") == ok(chunk)  # IPv4-mapped is the same address
+    assert h.intake.counters["wrong_source"] == 1
+
+
+def test_without_check_source_any_source_address_is_taken():
+    h = IntakeHarness()
+    chunk = day_chunk(1)
+    assert h.receive(chunk, "10.0.0.9:5000") == ok(chunk)
+
+
+@pytest.mark.parametrize("offset, status", [(-600, "ok"), (600, "ok"), (-601, "bad"), (601, "bad")])
+def test_replay_window(offset, status):
+    h = IntakeHarness(replay_window=600.0)
+    chunk = day_chunk(1, sent_at=int(NOW) + offset)
+    ack = h.receive(chunk)
+    assert ack.status == status
+    if status == "bad":
+        assert ack.reason == (
+            f"transfer started at {int(NOW) + offset}, {-offset:+d} s from the gateway's clock: "
+            "outside the replay window of 600 s"
+        )
+        assert h.spool.added == []
+
+
+# -- multi-part transfers ---------------------------------------------------
+
+
+def test_a_transfer_completes_only_when_every_part_arrived_in_any_order():
+    h = IntakeHarness(fleet={1: FLEET[1]})
+    for part in (3, 1):
+        chunk = day_chunk(1, part=part, parts=3)
+        assert h.receive(chunk) == ok(chunk)
+        assert h.spool.closed == []
+    assert h.receive(day_chunk(1, part=1, parts=3)).status == "ok"  # a duplicate does not complete it
+    assert h.spool.closed == []
+    h.receive(day_chunk(1, part=2, parts=3))
+    assert h.spool.closed == [(DAY, NOW)]
+    assert h.intake.depth == 3
+
+
+def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
+    h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
+    h.report(2)
+    h.clock.advance(60)
+    assert len(h.ready) == 1
+    h.receive(day_chunk(1, part=1, parts=2))
+    assert len(h.ready) == 2
+
+
+def test_an_expired_reassembly_is_forgotten_and_its_parts_spooled_again():
+    h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]}, reassembly_timeout=30.0)
+    chunk = day_chunk(1, part=1, parts=2)
+    h.receive(chunk)
+    assert h.intake.stats()["reassemblies"] == 1
+    h.clock.advance(30)
+    assert h.intake.counters["expired_reassemblies"] == 1
+    assert h.intake.stats()["reassemblies"] == 0
+    assert h.receive(chunk) == ok(chunk)  # its message id was forgotten
+    assert len(h.spool.added) == 2
+
+
+def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
+    h = IntakeHarness(max_reassemblies=1)
+    first = day_chunk(1, part=1, parts=2)
+    h.receive(first)
+    h.receive(day_chunk(2, part=1, parts=2))
+    assert h.intake.counters["expired_reassemblies"] == 1
+    # device 1's transfer was the one forgotten: its part is spooled again
+    h.receive(first)
+    assert len(h.spool.added) == 3
+
+
+# -- a fleet of 50 ----------------------------------------------------------
+
+
+def test_a_fleet_of_50_devices():
+    fleet = {device_id: f"10.0.{device_id}.1" for device_id in range(1, 51)}
+    h = IntakeHarness(fleet=fleet)
+    order = list(fleet)
+    random.Random(5).shuffle(order)
+    for device_id in order[:-1]:
+        assert h.receive(day_chunk(device_id, fleet=fleet)).status == "ok"
+    assert h.spool.closed == []
+    h.receive(day_chunk(order[-1], fleet=fleet))
+    assert h.spool.closed == [(DAY, NOW)]
+    assert h.ready == [NOW]
+    assert h.intake.depth == 50
+    assert h.intake.counters["chunks"] == 50
+
+
+# -- memory of old days -----------------------------------------------------
+
+
+def test_closing_a_round_forgets_days_older_than_two_days():
+    h = IntakeHarness(fleet={1: FLEET[1]})
+    old = DAY - datetime.timedelta(days=3)
+    old_chunk = day_chunk(1, day=old)
+    h.receive(old_chunk)
+    assert h.spool.forgotten == [old - datetime.timedelta(days=2)]
+    h.report(1, n=1)
+    assert h.spool.forgotten[-1] == DAY - datetime.timedelta(days=2)
+    assert h.intake.stats()["message_ids"] == 1
+    # the old day's message id is forgotten: a copy now reaches the spool,
+    # which stores nothing twice
+    h.receive(old_chunk)
+    assert len(h.spool.added) == 3
+
+
+def test_stop_cancels_the_deadlines():
+    h = IntakeHarness(reassembly_timeout=30.0)
+    h.receive(day_chunk(1, part=1, parts=2))
+    assert len(h.clock.getDelayedCalls()) == 2
+    h.intake.stop()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stats():
+    h = IntakeHarness()
+    h.report(1)
+    h.receive(day_chunk(2, part=1, parts=2))
+    stats = h.intake.stats()
+    assert (stats["spool_depth"], stats["reassemblies"], stats["message_ids"], stats["chunks"]) == (2, 1, 2, 2)
+
+
+# -- recovery after a restart -----------------------------------------------
+
+
+def recovered(rounds=(), parts=(), depth=0) -> Recovered:
+    return Recovered(tuple(rounds), tuple(parts), depth)
+
+
+def part(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredPart:
+    return StoredPart(device_id, xfer_of(device_id, n), part, parts, day, received_at)
+
+
+def test_recover_closes_a_round_whose_deadline_passed_while_down():
+    h = IntakeHarness()
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, None)], [part(1)], depth=1))
+    assert h.ready == [NOW]  # the spool holds readings
+    assert h.spool.closed == []
+    h.clock.advance(0)
+    assert h.spool.closed == [(DAY, NOW)]
+    assert "devices that did not report: 2 (192.168.1.3), 3 (192.168.1.4), 4 (192.168.1.5)" in h.logged()[-1]
+
+
+def test_recover_rearms_an_open_rounds_deadline():
+    h = IntakeHarness()
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, received_at=NOW - 10)], depth=1))
+    h.clock.advance(50 - 0.001)
+    assert h.spool.closed == []
+    h.clock.advance(0.001)
+    assert h.spool.closed == [(DAY, NOW + 50)]
+
+
+def test_recover_closes_a_round_every_device_had_reported():
+    h = IntakeHarness()
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(d) for d in FLEET], depth=4))
+    assert h.spool.closed == [(DAY, NOW)]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_recover_with_an_old_closed_round_still_spooled():
+    # The cloud was down for days: an old closed round still holds readings
+    # when the gateway restarts with a complete round not yet closed.
+    old = DAY - datetime.timedelta(days=5)
+    h = IntakeHarness(fleet={1: FLEET[1]})
+    h.intake.recover(
+        recovered(
+            [StoredRound(old, NOW - 5 * 86400, NOW - 5 * 86400 + 60), StoredRound(DAY, NOW - 10, None)],
+            [part(1)],
+            depth=2,
+        )
+    )
+    assert h.spool.closed == [(DAY, NOW)]
+
+
+def test_recover_leaves_closed_rounds_closed():
+    h = IntakeHarness()
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, NOW - 40)], [part(1)], depth=0))
+    assert h.clock.getDelayedCalls() == []
+    assert h.ready == []  # nothing spooled, nothing to forward
+    h.report(2)  # a late device of the closed round
+    assert h.ready == [NOW]
+    assert h.spool.closed == []  # it stays closed: no new deadline
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_recover_remembers_acknowledged_message_ids():
+    h = IntakeHarness()
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1)], depth=1))
+    chunk = day_chunk(1)
+    assert h.receive(chunk) == ok(chunk)
+    assert h.spool.added == []
+    assert h.intake.counters["duplicates"] == 1
+
+
+def test_recover_resumes_a_partial_transfer():
+    h = IntakeHarness(fleet={1: FLEET[1]})
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, part=1, parts=2)], depth=1))
+    assert h.spool.closed == []
+    assert h.receive(day_chunk(1, part=2, parts=2)).status == "ok"
+    assert h.spool.closed == [(DAY, NOW)]
+
+
+# -- the uplink -------------------------------------------------------------
+
+
+class FakeSender:
+    def __init__(self):
+        self.sent: list = []
+        self.aborted = 0
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+def spooled(count: int) -> list[Spooled]:
+    return [
+        Spooled(seq, Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0))
+        for seq in range(1, count + 1)
+    ]
+
+
+class UplinkHarness:
+    def __init__(self, count=5, batch_readings=2, ack_timeout=30.0, retry_delay=5.0):
+        self.clock = task.Clock()
+        self.spool = FakeSpool()
+        self.spool.ready = spooled(count)
+        self.all = list(self.spool.ready)
+        self.delivered: list[int] = []
+        ids = (f"{i:016x}" for i in range(1, 1000))
+        self.uplink = Uplink(
+            self.spool, self.clock, batch_readings, ack_timeout, self.delivered.append, retry_delay, lambda: next(ids)
+        )
+        self.uplink.log = Logger(observer=lambda event: None)
+        self.sender = FakeSender()
+
+    def readings(self, *seqs):
+        return tuple(s.reading for s in self.all if s.seq in seqs)
+
+    def ack(self, batch, status="ok", reason=""):
+        self.uplink.ack_received(wire.BatchAck(batch.batch_id, status, reason, new=len(batch.readings) if status == "ok" else 0))
+
+
+def test_uplink_sends_one_batch_at_a_time():
+    h = UplinkHarness()
+    h.uplink.connected(h.sender)
+    assert h.sender.sent == [wire.Batch(f"{1:016x}", h.readings(1, 2))]
+    h.uplink.kick()
+    h.uplink.kick()
+    assert len(h.sender.sent) == 1
+    assert h.spool.takes == [2]
+
+
+def test_uplink_removes_readings_only_after_the_ack():
+    h = UplinkHarness()
+    h.uplink.connected(h.sender)
+    assert h.spool.removed == []
+    h.ack(h.sender.sent[0])
+    assert h.spool.removed == [[1, 2]]
+    assert h.delivered == [2]
+    assert h.sender.sent[1] == wire.Batch(f"{2:016x}", h.readings(3, 4))
+    h.ack(h.sender.sent[1])
+    assert h.sender.sent[2].readings == h.readings(5)
+    h.ack(h.sender.sent[2])
+    assert h.spool.removed == [[1, 2], [3, 4], [5]]
+    assert h.delivered == [2, 2, 1]
+    assert len(h.sender.sent) == 3  # the spool is empty
+    assert h.uplink.counters["batches_acknowledged"] == 3
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_uplink_without_a_connection_sends_nothing():
+    h = UplinkHarness()
+    h.uplink.kick()
+    assert h.spool.takes == []
+
+
+def test_uplink_with_an_empty_spool_sends_when_kicked_later():
+    h = UplinkHarness(count=0)
+    h.uplink.connected(h.sender)
+    assert h.sender.sent == []
+    h.spool.ready = spooled(1)
+    h.uplink.kick()
+    assert [b.readings for b in h.sender.sent] == [h.readings(1) or tuple(s.reading for s in spooled(1))]
+
+
+def test_an_unacknowledged_batch_aborts_the_connection():
+    h = UplinkHarness(ack_timeout=30.0)
+    h.uplink.connected(h.sender)
+    h.clock.advance(29.999)
+    assert h.sender.aborted == 0
+    h.clock.advance(0.001)
+    assert h.sender.aborted == 1
+    assert h.uplink.counters["ack_timeouts"] == 1
+    assert h.spool.removed == []
+
+
+def test_a_batch_lost_with_its_connection_is_sent_again_after_reconnecting():
+    h = UplinkHarness()
+    h.uplink.connected(h.sender)
+    lost = h.sender.sent[0]
+    h.uplink.disconnected(h.sender)
+    assert h.clock.getDelayedCalls() == []  # its ack timer went with it
+    assert h.uplink.counters["batches_resent"] == 1
+    again = FakeSender()
+    h.uplink.connected(again)
+    (batch,) = again.sent
+    assert batch.readings == lost.readings
+    assert batch.batch_id != lost.batch_id
+    # an ack of the lost batch arriving late is stray
+    h.ack(lost)
+    assert h.spool.removed == []
+    assert h.uplink.counters["stray_acks"] == 1
+    h.ack(batch)
+    assert h.spool.removed == [[1, 2]]
+
+
+def test_a_disconnect_after_the_ack_does_not_resend():
+    h = UplinkHarness(count=2)
+    h.spool.hold_remove = True
+    h.uplink.connected(h.sender)
+    h.ack(h.sender.sent[0])
+    h.uplink.disconnected(h.sender)
+    assert h.uplink.counters["batches_resent"] == 0
+    (d, count), = h.spool.held_removes
+    d.callback(count)
+    assert h.delivered == [2]
+    again = FakeSender()
+    h.uplink.connected(again)
+    assert again.sent == []
+
+
+def test_a_refused_batch_stays_spooled_and_is_retried_after_a_delay():
+    h = UplinkHarness(retry_delay=5.0)
+    h.uplink.connected(h.sender)
+    h.ack(h.sender.sent[0], "bad", "not stored: disk I/O error")
+    assert h.spool.removed == []
+    assert h.uplink.counters["batches_refused"] == 1
+    h.uplink.kick()  # no retry before the delay
+    h.clock.advance(4.999)
+    assert len(h.sender.sent) == 1
+    h.clock.advance(0.001)
+    assert len(h.sender.sent) == 2
+    assert h.sender.sent[1].readings == h.sender.sent[0].readings
+    # a reconnection during the delay does not hurry it either
+    h.ack(h.sender.sent[1], "bad", "again")
+    other = FakeSender()
+    h.uplink.disconnected(h.sender)
+    h.uplink.connected(other)
+    assert other.sent == []
+    h.clock.advance(5)
+    assert len(other.sent) == 1
+
+
+def test_a_stray_ack_is_ignored():
+    h = UplinkHarness()
+    h.uplink.connected(h.sender)
+    h.uplink.ack_received(wire.BatchAck("ffffffffffffffff", "ok", new=2))
+    assert h.spool.removed == []
+    assert h.uplink.counters["stray_acks"] == 1
+    h.clock.advance(30)
+    assert h.sender.aborted == 1  # still waiting for the real ack
+
+
+def test_a_second_ack_of_the_same_batch_is_stray():
+    h = UplinkHarness(count=2)
+    h.spool.hold_remove = True
+    h.uplink.connected(h.sender)
+    h.ack(h.sender.sent[0])
+    h.ack(h.sender.sent[0])
+    assert h.spool.removed == [[1, 2]]
+    assert h.uplink.counters["stray_acks"] == 1
+
+
+def test_disconnect_of_an_old_connection_is_ignored():
+    h = UplinkHarness()
+    old = FakeSender()
+    h.uplink.connected(old)
+    h.uplink.disconnected(old)
+    h.uplink.connected(h.sender)
+    h.uplink.disconnected(old)
+    assert h.uplink.counters["batches_resent"] == 1
+    h.ack(h.sender.sent[0])
+    assert h.spool.removed == [[1, 2]]
+
+
+def test_uplink_stop_cancels_its_timers():
+    h = UplinkHarness()
+    h.uplink.connected(h.sender)
+    h.uplink.stop()
+    assert h.clock.getDelayedCalls() == []
+    h = UplinkHarness()
+    h.uplink.connected(h.sender)
+    h.ack(h.sender.sent[0], "bad", "x")
+    h.uplink.stop()
+    assert h.clock.getDelayedCalls() == []
+
+
+# -- the devices' UDP protocol ----------------------------------------------
+
+DEVICE_ADDR = ("192.168.1.2", 5000)
+
+
+class ProtocolHarness:
+    def __init__(self, **kw):
+        self.intake = IntakeHarness()
+        self.protocol = gateway.GatewayProtocol(self.intake.intake, KEYS, self.intake.clock, **kw)
+        self.protocol.log = Logger(observer=lambda event: None)
+        self.transport = FakeDatagramTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def answers(self, device_id=1):
+        return [(wire.decode(wire.unseal(data, KEYS[device_id])), addr) for data, addr in self.transport.written]
+
+
+def test_a_good_chunk_gets_an_ok_dayack_after_its_commit():
+    h = ProtocolHarness()
+    h.intake.spool.hold = True
+    chunk = day_chunk(1)
+    h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
+    assert h.transport.written == []
+    h.intake.spool.release()
+    assert h.answers() == [(ok(chunk), DEVICE_ADDR)]
+
+
+@pytest.mark.parametrize(
+    "data, counter",
+    [
+        (b"hello", "dropped_no_tag"),
+        (wire.encode(day_chunk(1)), "dropped_no_tag"),
+        (wire.seal(wire.encode(day_chunk(1)), KEYS[2]), "dropped_bad_tag"),
+        (wire.seal(b"garbage", KEYS[1]), "dropped_unknown_device"),
+        (wire.seal(wire.encode(wire.Ping(1)), KEYS[1]), "dropped_unknown_device"),
+        (wire.seal(wire.encode(day_chunk(99, ip="10.0.0.99")), bytes(32)), "dropped_unknown_device"),
+    ],
+    ids=["garbage", "unsealed", "wrong key", "sealed garbage", "ping", "no such device"],
+)
+def test_unauthenticated_datagrams_get_no_answer(data, counter):
+    h = ProtocolHarness()
+    h.protocol.datagramReceived(data, DEVICE_ADDR)
+    assert h.transport.written == []
+    assert h.intake.intake.counters[counter] == 1
+    assert h.intake.spool.added == []
+
+
+def test_a_bad_chunk_with_a_readable_id_gets_a_bad_dayack():
+    h = ProtocolHarness()
+    body = wire.encode(day_chunk(1, part=2, parts=3)).replace(b"08:02,20,30", b"08:02,86,30")
+    h.protocol.datagramReceived(wire.seal(body, KEYS[1]), DEVICE_ADDR)
+    assert h.answers() == [
+        (wire.DayAck(xfer_of(1), 2, "bad", "range: temperature 86 outside -40..85 °C"), DEVICE_ADDR)
+    ]
+    assert h.intake.intake.counters["refused_range"] == 1
+    assert h.intake.spool.added == []
+
+
+def test_a_refused_chunk_gets_a_sealed_bad_dayack():
+    h = ProtocolHarness()
+    chunk = day_chunk(1, ip="10.0.0.9")
+    h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
+    assert h.answers() == [(wire.DayAck(chunk.xfer, 1, "bad", "device 1 is 192.168.1.2, not 10.0.0.9"), DEVICE_ADDR)]
+
+
+def test_a_flooding_source_is_cut_off_and_others_still_served():
+    h = ProtocolHarness(source_rate=1.0, source_burst=2.0)
+    datagrams = [wire.seal(wire.encode(day_chunk(1, n=n)), KEYS[1]) for n in range(3)]
+    for data in datagrams:
+        h.protocol.datagramReceived(data, DEVICE_ADDR)
+    assert len(h.transport.written) == 2
+    assert h.intake.intake.counters["dropped_flood"] == 1
+    h.protocol.datagramReceived(wire.seal(wire.encode(day_chunk(2)), KEYS[2]), ("192.168.1.3", 5000))
+    assert len(h.transport.written) == 3
+    h.intake.clock.advance(1)  # a token back
+    h.protocol.datagramReceived(datagrams[2], DEVICE_ADDR)
+    assert len(h.transport.written) == 4
+
+
+# -- the cloud connection ---------------------------------------------------
+
+HEARTBEAT = 15.0
+
+
+class ClientHarness:
+    def __init__(self, count=0):
+        self.uplink = UplinkHarness(count=count)
+        self.clock = self.uplink.clock
+        self.protocol = gateway.CloudClientFactory(self.uplink.uplink, self.clock, HEARTBEAT).buildProtocol(None)
+        self.protocol.log = Logger(observer=lambda event: None)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def lines(self):
+        return [wire.decode(line) for line in self.transport.value().splitlines()]
+
+
+def test_the_client_sends_batches_as_lines():
+    h = ClientHarness(count=2)
+    assert h.transport.value() == wire.encode(wire.Batch(f"{1:016x}", h.uplink.readings(1, 2))) + b"\n"
+
+
+def test_the_client_hands_acks_to_the_uplink():
+    h = ClientHarness(count=2)
+    h.protocol.dataReceived(wire.encode(wire.BatchAck(f"{1:016x}", "ok", new=2)) + b"\n")
+    assert h.uplink.spool.removed == [[1, 2]]
+
+
+def test_the_client_pings_after_a_silence():
+    h = ClientHarness()
+    h.clock.advance(HEARTBEAT - 0.001)
+    assert h.transport.value() == b""
+    h.clock.advance(0.001)
+    assert h.transport.value() == b"meter/1 PING seq=1\n"
+    h.protocol.dataReceived(b"meter/1 PONG seq=1\n")
+    h.clock.advance(HEARTBEAT)
+    assert h.lines() == [wire.Ping(1), wire.Ping(1)]
+    assert not h.transport.disconnected
+
+
+def test_the_client_aborts_when_a_ping_is_unanswered():
+    h = ClientHarness()
+    h.clock.advance(HEARTBEAT)
+    assert h.lines() == [wire.Ping(1)]
+    h.clock.advance(HEARTBEAT - 0.001)
+    assert not h.transport.disconnected
+    h.clock.advance(0.001)
+    assert h.transport.disconnected
+    assert h.uplink.uplink.counters["heartbeat_failures"] == 1
+
+
+def test_any_line_from_the_cloud_postpones_the_ping():
+    h = ClientHarness()
+    h.clock.advance(HEARTBEAT - 1)
+    h.protocol.dataReceived(b"meter/1 PONG seq=7\n")
+    h.clock.advance(HEARTBEAT - 1)
+    assert h.transport.value() == b""
+
+
+def test_garbage_from_the_cloud_is_counted_not_fatal():
+    h = ClientHarness()
+    h.protocol.dataReceived(b"nonsense\n")
+    assert h.uplink.uplink.counters["refused_from_cloud"] == 1
+    assert not h.transport.disconnected
+
+
+def test_an_overlong_line_from_the_cloud_aborts():
+    h = ClientHarness()
+    h.protocol.dataReceived(b"x" * (h.protocol.MAX_LENGTH + 1))
+    assert h.transport.disconnected
+
+
+def test_connection_lost_stops_the_heartbeat_and_tells_the_uplink():
+    h = ClientHarness(count=2)
+    h.protocol.connectionLost(Failure(ConnectionDone()))
+    assert h.clock.getDelayedCalls() == []  # neither the heartbeat nor the ack timer
+    assert h.uplink.uplink.counters["batches_resent"] == 1
+
+
+# -- with a real spool ------------------------------------------------------
+
+
+class RealSpool:
+    def __init__(self, path):
+        self.path = path
+        connection, self.recovered = Spool.open(path)
+        self.database = DatabaseThread(connection, reactor, name="test-spool")
+        self.database.start()
+        self.spool = Spool(self.database)
+
+    async def stop(self):
+        await self.database.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def real(tmp_path):
+    spool = RealSpool(tmp_path / "spool.sqlite")
+    yield spool
+    if spool.database._pool.started:
+        await spool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_intake_on_a_real_spool_forwards_a_complete_round(real):
+    h = IntakeHarness(spool=real.spool)
+    acks = [await h.intake.chunk_received(day_chunk(d), "p") for d in FLEET]
+    assert [a.status for a in acks] == ["ok"] * 4
+    await real.database.flush()
+    assert h.ready == [NOW]
+    batch = await real.spool.take_batch(100)
+    assert [s.reading for s in batch] == [day_chunk(d).readings[0] for d in FLEET]
+
+    uplink = UplinkHarness()
+    uplink.uplink = Uplink(real.spool, uplink.clock, 100, 30.0, uplink.delivered.append)
+    uplink.uplink.log = Logger(observer=lambda event: None)
+    uplink.uplink.connected(uplink.sender)
+    await real.database.flush()
+    (sent,) = uplink.sender.sent
+    assert len(sent.readings) == 4
+    uplink.ack(sent)
+    await real.database.flush()
+    assert uplink.delivered == [4]
+    assert await real.spool.take_batch(100) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_round_is_not_forwarded(real):
+    h = IntakeHarness(spool=real.spool)
+    await h.intake.chunk_received(day_chunk(1), "p")
+    assert await real.spool.take_batch(100) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_resumes_from_the_spool(real, tmp_path):
+    first = IntakeHarness(spool=real.spool)
+    for device_id in (1, 2):
+        await first.intake.chunk_received(day_chunk(device_id), "p")
+    first.intake.stop()
+    await real.stop()
+
+    again = RealSpool(tmp_path / "spool.sqlite")
+    try:
+        state = again.recovered
+        assert state.depth == 2
+        assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, None)]
+        assert sorted(p.device_id for p in state.parts) == [1, 2]
+        h = IntakeHarness(spool=again.spool)
+        h.clock.advance(61)  # the deadline passed while the gateway was down
+        h.intake.recover(state)
+        assert h.intake.depth == 2
+        # a duplicate of a chunk acknowledged before the restart
+        assert await h.intake.chunk_received(day_chunk(1), "p") == ok(day_chunk(1))
+        assert h.intake.counters["duplicates"] == 1
+        h.clock.advance(0)
+        await again.database.flush()
+        assert [s.reading.device_id for s in await again.spool.take_batch(100)] == [1, 2]
+    finally:
+        await again.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_first_write_does_not_lose_the_days_round(real):
+    # The first chunk of a day opens its round in memory and in the spool;
+    # if that write fails the device retries, and its day must still be
+    # forwarded once the round closes.
+    class FailingOnce:
+        def __init__(self, spool):
+            self._spool = spool
+            self.failed = False
+
+        def __getattr__(self, name):
+            return getattr(self._spool, name)
+
+        def add_chunk(self, chunk, now, open_round):
+            if not self.failed:
+                self.failed = True
+                return fail(RuntimeError("disk I/O error"))
+            return self._spool.add_chunk(chunk, now, open_round)
+
+    h = IntakeHarness(fleet={1: FLEET[1]}, spool=FailingOnce(real.spool))
+    chunk = day_chunk(1)
+    assert (await h.intake.chunk_received(chunk, "p")).status == "busy"
+    assert (await h.intake.chunk_received(chunk, "p")).status == "ok"
+    await real.database.flush()
+    assert h.ready == [NOW]
+    assert [s.reading for s in await real.spool.take_batch(100)] == list(chunk.readings)

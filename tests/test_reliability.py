@@ -1,0 +1,164 @@
+"""
+Unit tests of the bounds behind "nothing lost, nothing doubled" that the
+fault tests (tests/test_faults.py) cannot aim at precisely: the spool limit
+under a burst of commits, reassembly bounds after a restart, and a part
+spooled twice.  A task.Clock and a synchronous database: no sleeps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred, succeed
+
+from meter import config, wire
+from meter.gateway import Intake
+from meter.reading import Reading
+from meter.spool import Recovered, Spool, StoredPart, StoredRound
+
+DAY = datetime.date(2026, 3, 1)
+NOW = 1772400000.0
+FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4"}
+
+
+def chunk(device_id: int, part: int = 1, parts: int = 1, count: int = 1, xfer: str | None = None) -> wire.DayChunk:
+    ip = FLEET[device_id]
+    readings = tuple(
+        Reading(device_id, ip, datetime.datetime(2026, 3, 1, part, minute), 20.0, 30.0) for minute in range(count)
+    )
+    return wire.DayChunk(device_id, ip, DAY, xfer or f"{device_id:016x}", part, parts, int(NOW), readings)
+
+
+def fired(d: Deferred):
+    out = []
+    d.addBoth(out.append)
+    assert out, "not fired"
+    return out[0]
+
+
+class SyncDatabase:
+    """
+    DatabaseThread's C{run} on the calling thread, each piece its own
+    transaction; with C{hold}, results wait for L{release} (a commit in
+    progress).
+    """
+
+    def __init__(self, connection: sqlite3.Connection):
+        self.connection = connection
+        self.hold = False
+        self.held: list[tuple[Deferred, object]] = []
+
+    def run(self, work):
+        self.connection.execute("BEGIN IMMEDIATE")
+        result = work(self.connection)
+        self.connection.execute("COMMIT")
+        if self.hold:
+            d = Deferred()
+            self.held.append((d, result))
+            return d
+        return succeed(result)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, result in held:
+            d.callback(result)
+
+
+def intake(tmp_path, **kw) -> tuple[Intake, SyncDatabase, task.Clock, Recovered]:
+    connection, recovered = Spool.open(tmp_path / "spool.sqlite")
+    database = SyncDatabase(connection)
+    clock = task.Clock()
+    clock.advance(NOW)
+    return Intake(FLEET, Spool(database), clock, 60.0, lambda: None, **kw), database, clock, recovered
+
+
+def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
+    # Twelve readings arrive in three chunks before any commit is done: the
+    # readings being committed count against the limit already.
+    gateway, database, _, _ = intake(tmp_path, spool_limit=10)
+    database.hold = True
+    answers = [gateway.chunk_received(chunk(device_id, count=4), "127.0.0.1:1") for device_id in (1, 2, 3)]
+    assert fired(answers[2]) == wire.DayAck(f"{3:016x}", 1, "busy", "spool full")
+    database.release()
+    assert [fired(d).status for d in answers[:2]] == ["ok", "ok"]
+    assert gateway.depth == 8
+    database.hold = False
+    assert fired(gateway.chunk_received(chunk(3, count=3), "127.0.0.1:1")).status == "busy"
+    # Once the cloud took readings, what fits is taken again.
+    gateway.delivered(8)
+    assert fired(gateway.chunk_received(chunk(3, count=4), "127.0.0.1:1")).status == "ok"
+    assert gateway.counters["refused_spool_full"] == 2
+
+
+def test_a_part_spooled_again_is_acknowledged_and_stored_once(tmp_path):
+    # After its reassembly expired, a late copy of an acknowledged part
+    # reaches the spool again: no error, nothing new.
+    gateway, _, clock, _ = intake(tmp_path, reassembly_timeout=30.0)
+    first = chunk(1, part=1, parts=2, count=3)
+    assert fired(gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
+    clock.advance(30)
+    assert gateway.counters["expired_reassemblies"] == 1
+    assert fired(gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
+    assert gateway.depth == 3
+    assert gateway.counters["readings"] == 3
+
+
+def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
+    gateway, _, clock, _ = intake(tmp_path, reassembly_timeout=300.0)
+    gateway.recover(
+        Recovered(
+            (StoredRound(DAY, NOW - 400, None),),
+            (
+                StoredPart(1, "a" * 16, 2, 3, DAY, NOW - 400),
+                StoredPart(1, "a" * 16, 1, 3, DAY, NOW - 390),
+                StoredPart(2, "b" * 16, 1, 2, DAY, NOW - 100),
+            ),
+            depth=3,
+        )
+    )
+    clock.advance(0)
+    assert gateway.counters["expired_reassemblies"] == 1
+    assert gateway.stats()["reassemblies"] == 1
+    # The survivor expires 300 s after its first part, not after the restart.
+    clock.advance(199)
+    assert gateway.stats()["reassemblies"] == 1
+    clock.advance(1)
+    assert gateway.stats()["reassemblies"] == 0
+    assert gateway.counters["expired_reassemblies"] == 2
+    # Expiry only drops bookkeeping: the spool still holds every reading.
+    assert gateway.depth == 3
+
+
+def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
+    gateway, _, _, _ = intake(tmp_path, max_reassemblies=1)
+    gateway.recover(
+        Recovered(
+            (StoredRound(DAY, NOW - 50, None),),
+            (StoredPart(2, "b" * 16, 1, 2, DAY, NOW - 10), StoredPart(1, "a" * 16, 1, 2, DAY, NOW - 50)),
+            depth=2,
+        )
+    )
+    assert gateway.counters["expired_reassemblies"] == 1
+    # Device 1's (older) transfer went: its part is spooled again, device 2's is a duplicate.
+    assert fired(gateway.chunk_received(chunk(2, part=1, parts=2, xfer="b" * 16), "127.0.0.1:1")).status == "ok"
+    assert gateway.counters["duplicates"] == 1
+
+
+def test_the_reliability_keys_are_configurable():
+    loaded = config.from_raw(
+        {"gateway": {"spool_limit": 100, "reassembly_timeout": 5, "max_reassemblies": 7, "stats_interval": 2}}, "f.toml"
+    )
+    assert (
+        loaded.gateway["spool_limit"],
+        loaded.gateway["reassembly_timeout"],
+        loaded.gateway["max_reassemblies"],
+        loaded.gateway["stats_interval"],
+    ) == (100, 5.0, 7, 2.0)
+    defaults = config.from_raw({}, "defaults").gateway
+    assert defaults["spool_limit"] >= 1_000_000
+    # A transfer must outlive a device's retry span (CoAP MAX_TRANSMIT_WAIT).
+    device = config.from_raw({}, "defaults").device
+    span = device["ack_timeout"] * (2 ** (device["max_retransmit"] + 1) - 1) * device["ack_random_factor"]
+    assert defaults["reassembly_timeout"] > 2 * span
