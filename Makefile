@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # keeps twisted/plugins visible to twistd while the code stays editable.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean lab lab-tools
+.PHONY: demo test clean bench bench-profile lab lab-tools
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ lab-tools:
 			echo "no apt-get here: install iproute2 and nftables for the lab" >&2; \
 		fi; \
 	fi
+
+# Speed and scale, measured (docs/performance.md): the real gateway and cloud
+# on 127.0.0.1 driven by `meter loadgen`, against raw UDP and SQLite ceilings;
+# a few minutes at most.  BENCH_ARGS passes options, e.g.
+# make bench BENCH_ARGS='--devices 10000'; bench-profile adds py-spy.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-profile: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check 'py-spy >= 0.3'
+	$(BIN)/python bench/run.py --profile $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info twisted/plugins/dropin.cache

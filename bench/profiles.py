@@ -37,7 +37,9 @@ CATEGORIES = [
     ("Reading objects (attrs + validators)", re.compile(r"meter/reading\.py|attrs|<attrs generated")),
     ("TLS", re.compile(r"twisted/protocols/tls\.py|OpenSSL")),
     ("gateway/cloud logic", re.compile(r"meter/(gateway|cloud)\.py")),
-    ("Deferred machinery and thread hand-off", re.compile(r"twisted/internet/defer\.py|meter/dbthread\.py|threadpool")),
+    ("thread hand-off (waking the reactor, GIL waits)",
+     re.compile(r"_UnixWaker\.wakeUp|callFromThread|Condition\.(wait|notify)|threadpool|_threads/")),
+    ("Deferred machinery", re.compile(r"twisted/internet/defer\.py|meter/dbthread\.py")),
     ("reactor and sockets", re.compile(r"twisted/internet/|twisted/python/")),
 ]
 
@@ -117,8 +119,15 @@ def _thread_kind(thread: str, frames: list[str]) -> str:
     return thread
 
 
+#: Wrappers that say nothing of where the time goes: their caller decides.
+_TRANSPARENT = re.compile(r"^(untilConcludes|callWithContext|callWithLogger|ContextTracker\.callWithContext|"
+                          r"ThreadedContextTracker\.callWithContext) ")
+
+
 def _category(frames: list[str]) -> str:
     for frame in reversed(frames):
+        if _TRANSPARENT.match(frame):
+            continue
         for name, rule in CATEGORIES:
             if rule.search(frame):
                 return name

@@ -59,7 +59,7 @@ from meter.loadgen import latency_summary, synthetic_day  # noqa: E402
 
 REPO = HERE.parent
 RESULTS = HERE / "results"
-COMMITTED = re.compile(r"(\d+) readings committed \((\d+) new, (\d+) duplicate\).*acknowledged at=([0-9.]+)")
+COMMITTED = re.compile(r"(\d+) readings committed \((\d+) new, (\d+) duplicate\) in ([0-9.]+) ms; acknowledged at=([0-9.]+)")
 
 #: The targets of issue #6, checked against the measurements.
 TARGETS = {
@@ -103,11 +103,38 @@ def wait_committed(cloud, expected: int, timeout: float, totals: dict | None = N
                 totals["new"] += int(match.group(2))
                 totals["dup"] += int(match.group(3))
                 totals["batches"] += 1
-                totals["last_ack"] = float(match.group(4))
+                totals["store_ms"] = float(match.group(4))
+                totals["last_ack"] = float(match.group(5))
         if totals["new"] >= expected or time.monotonic() > deadline:
             totals["complete"] = totals["new"] >= expected
             return totals
         time.sleep(0.02)
+
+
+def udp_counters() -> dict:
+    """
+    The kernel's UDP counters (system-wide: other processes' drops count too).
+    """
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+        return {name: int(value) for name, value in zip(lines[0][1:], lines[1][1:])}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def forwarding_breakdown(gateway, cloud) -> dict:
+    """
+    The uplink's cycle per batch, from the daemons' logs: the gateway's
+    send-to-acknowledgement time, the cloud's store time (its queue,
+    inserts, commit and console), and the interval between acknowledgements.
+    """
+    rtt = [float(m.group(1)) for m in gateway.all_matching(r"acknowledged by the cloud after ([0-9.]+) ms")]
+    store = [float(m.group(1)) for m in cloud.all_matching(r"committed \(\d+ new, \d+ duplicate\) in ([0-9.]+) ms")]
+    acks = [float(m.group(1)) for m in cloud.all_matching(r"acknowledged at=([0-9.]+)")]
+    gaps = [(b - a) * 1000 for a, b in zip(acks, acks[1:])]
+    median = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
+    return {"batches": len(acks), "gateway_send_to_ack_ms_p50": median(rtt), "cloud_store_ms_p50": median(store),
+            "interval_between_acks_ms_p50": median(gaps)}
 
 
 def gateway_counters(gateway) -> dict:
@@ -202,19 +229,28 @@ def _read_int(path: str) -> int | None:
 
 def ceiling_udp(args) -> dict:
     say(f"ceiling: raw UDP receive-and-acknowledge loop, {args.raw_datagrams:,} datagrams of 1,200 bytes, "
-        f"window {args.intake_window}")
-    result = ceilings.raw_udp_ceiling(args.raw_datagrams, args.intake_window, time_limit=60)
-    say(f"  {result['datagrams_per_s']:,.0f} datagrams/s acknowledged (loop CPU {result['loop_cpu_s']} s: "
-        f"{result['loop_capacity_per_s']:,.0f} datagrams per CPU second)")
+        f"window {args.intake_window}, best of {args.ceiling_runs}")
+    runs = [ceilings.raw_udp_ceiling(args.raw_datagrams, args.intake_window, time_limit=60)
+            for _ in range(args.ceiling_runs)]
+    result = dict(max(runs, key=lambda r: r["datagrams_per_s"] or 0))
+    result["loop_capacity_per_s"] = max(r["loop_capacity_per_s"] or 0 for r in runs)
+    result["runs_datagrams_per_s"] = [r["datagrams_per_s"] for r in runs]
+    say(f"  {result['datagrams_per_s']:,.0f} datagrams/s acknowledged (runs: "
+        f"{', '.join(f'{r:,.0f}' for r in result['runs_datagrams_per_s'])}); the loop's own CPU: "
+        f"{result['loop_capacity_per_s']:,.0f} datagrams per CPU second")
     return result
 
 
-def ceiling_sqlite(rows: list[tuple], scratch: Path) -> dict:
-    say(f"ceiling: SQLite executemany of {len(rows):,} rows, 10,000 a transaction, WAL + synchronous=FULL, cloud schema")
-    result = ceilings.executemany_ceiling(scratch / "ceiling.sqlite", rows)
+def ceiling_sqlite(args, rows: list[tuple], scratch: Path) -> dict:
+    say(f"ceiling: SQLite executemany of {len(rows):,} rows, 10,000 a transaction, WAL + synchronous=FULL, "
+        f"cloud schema, best of {args.ceiling_runs}")
+    runs = [ceilings.executemany_ceiling(scratch / "ceiling.sqlite", rows) for _ in range(args.ceiling_runs)]
+    result = dict(max(runs, key=lambda r: r["rows_per_s"]))
+    result["runs_rows_per_s"] = [r["rows_per_s"] for r in runs]
     without = ceilings.executemany_ceiling(scratch / "ceiling-noindex.sqlite", rows, index=False)
     result["rows_per_s_without_ip_index"] = without["rows_per_s"]
-    say(f"  {result['rows_per_s']:,.0f} rows/s ({without['rows_per_s']:,.0f} without the device_ip index)")
+    say(f"  {result['rows_per_s']:,.0f} rows/s (runs: {', '.join(f'{r:,.0f}' for r in result['runs_rows_per_s'])}; "
+        f"{without['rows_per_s']:,.0f} without the device_ip index)")
     return result
 
 
@@ -246,16 +282,21 @@ def scenario_day4(args, scratch: Path) -> dict:
                                "--day", day.isoformat(), "--spread", "0", "--timeout", "30")
             totals = wait_committed(cloud, sent["readings_acked"], 30)
             first, last = sent["first_send"], totals["last_ack"]
+            rtt = [line for line in gateway.new_lines() if "acknowledged by the cloud after" in line]
+            rtt_ms = float(re.search(r"after ([0-9.]+) ms", rtt[-1]).group(1)) if rtt else None
             runs.append({
                 "day": day.isoformat(),
                 "readings": sent["readings_acked"],
                 "stored": totals["new"],
                 "first_send_to_last_cloud_ack_ms": round((last - first) * 1000, 2) if last and first else None,
                 "device_delivery_ms": round(sent["duration_s"] * 1000, 2),
+                "gateway_batch_send_to_ack_ms": rtt_ms,
+                "cloud_store_ms": totals.get("store_ms"),
                 "ack_latency_ms": sent["ack_latency_ms"],
             })
             say(f"  run {index + 1}: {runs[-1]['first_send_to_last_cloud_ack_ms']} ms first send to last cloud ack "
-                f"({totals['new']} readings stored; devices acknowledged after {runs[-1]['device_delivery_ms']} ms)")
+                f"({totals['new']} readings stored; every device acknowledged after {runs[-1]['device_delivery_ms']} ms; "
+                f"batch sent to acknowledged {rtt_ms} ms, of which cloud store {totals.get('store_ms')} ms)")
     finally:
         workspace.stop()
     times = [r["first_send_to_last_cloud_ack_ms"] for r in runs if r["first_send_to_last_cloud_ack_ms"] is not None]
@@ -407,13 +448,19 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         gateway = workspace.start_gateway()
         if profile:
             RESULTS.mkdir(parents=True, exist_ok=True)
-            spies = [profiles.Spy(d.pid, RESULTS / f"profile-{d.name}.txt") for d in (gateway, cloud)]
+            spies = [profiles.Spy(gateway.pid, RESULTS / "profile-gateway-intake.txt"),
+                     profiles.Spy(cloud.pid, RESULTS / "profile-cloud.txt")]
             time.sleep(0.5)
         g0, c0 = gateway.stats(), cloud.stats()
+        udp0 = udp_counters()
         sent = run_loadgen(workspace, tag, "--devices", str(devices), "--readings", str(readings),
                            "--spread", str(spread), "--seed", str(args.seed), "--timeout", str(args.fleet_timeout),
                            timeout=args.fleet_timeout)
+        udp1 = udp_counters()
         g1, c1 = gateway.stats(), cloud.stats()
+        if profile:
+            spies[0].stop()
+            spies.append(profiles.Spy(gateway.pid, RESULTS / "profile-gateway-forward.txt"))
         totals = wait_committed(cloud, sent["readings_acked"], args.fleet_timeout)
         g2, c2 = gateway.stats(), cloud.stats()
         for spy in spies:
@@ -450,7 +497,10 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         "ack_latency_ms": sent["ack_latency_ms"],
         "cloud_batches": totals["batches"],
         "cloud_duplicates": totals["dup"],
+        "gateway_datagrams_received": counters.get("intake", {}).get("datagrams"),
         "gateway_duplicate_chunks": counters.get("intake", {}).get("duplicates", 0),
+        "kernel_udp_receive_buffer_drops": udp1.get("RcvbufErrors", 0) - udp0.get("RcvbufErrors", 0),
+        "forwarding": forwarding_breakdown(gateway, cloud),
         "db": check,
         "gateway": {"cpu_intake_s": round(g1["cpu_s"] - g0["cpu_s"], 2), "cpu_forward_s": round(g2["cpu_s"] - g1["cpu_s"], 2),
                     "cpu_s": round(g2["cpu_s"] - g0["cpu_s"], 2), "peak_rss_mb": g2["peak_rss_mb"]},
@@ -461,7 +511,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
     result["cloud"]["cpu_us_per_reading"] = round(result["cloud"]["cpu_s"] / total_readings * 1e6, 2)
     if profile:
         result["profiles"] = {}
-        for name in ("gateway", "cloud"):
+        for name in ("gateway-intake", "gateway-forward", "cloud"):
             path = RESULTS / f"profile-{name}.txt"
             if path.exists():
                 summary = profiles.summarise(path)
@@ -471,7 +521,8 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         f"{result['readings_per_s'] or 0:,.0f} readings/s; {sent['retransmissions']} retransmissions; "
         f"ack p50 {sent['ack_latency_ms'].get('p50')} ms p99 {sent['ack_latency_ms'].get('p99')} ms; "
         f"db: {check['stored']:,} of {check['expected']:,} stored, lost {check['lost']}, doubled {check['doubled_rows']}, "
-        f"cloud saw {totals['dup']} duplicates; gateway CPU {result['gateway']['cpu_s']} s, peak RSS "
+        f"cloud saw {totals['dup']} duplicates; kernel receive-buffer drops {result['kernel_udp_receive_buffer_drops']}; "
+        f"uplink cycle {result['forwarding']['interval_between_acks_ms_p50']} ms a batch; gateway CPU {result['gateway']['cpu_s']} s, peak RSS "
         f"{result['gateway']['peak_rss_mb']} MB; cloud CPU {result['cloud']['cpu_s']} s")
     return result
 
@@ -513,9 +564,9 @@ def verdicts(results: dict) -> list[dict]:
 
 
 def _verdict(name: str, target: str, value, check, measured_only: bool = False) -> dict:
-    met = None if value is None else bool(check(value))
+    met = None if value is None or measured_only else bool(check(value))
     return {"what": name, "target": target, "measured": value, "met": met,
-            "note": "target is for 10,000 devices: run with --devices 10000" if measured_only else ""}
+            "note": "the target is for 10,000 devices: run with --devices 10000" if measured_only else ""}
 
 
 def table(results: dict) -> str:
@@ -544,7 +595,7 @@ def table(results: dict) -> str:
     for f in s.get("fleet", []):
         if f["profiled"]:
             continue
-        name = f"{f['devices']:,} dev x {f['readings_per_device']}"
+        name = f"{f['devices']:,} dev x {f['readings_per_device']} (spread {f['spread_s']:g} s)"
         rows.append((f"{name}: first send to last commit", f"{f['end_to_end_s']} s "
                      f"(intake {f['intake_s']} s)", "", ""))
         rows.append((f"{name}: readings/s end to end; datagrams/s at gateway",
@@ -594,7 +645,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs of the 4-device day (default 5)")
     parser.add_argument("--intake-devices", type=int, default=300, help="devices x 1,440 readings in the intake test")
     parser.add_argument("--intake-window", type=int, default=64, help="datagrams in flight in the intake tests")
-    parser.add_argument("--intake-spread", type=float, default=1.0, help="loadgen spread in the intake test (s)")
+    parser.add_argument("--intake-spread", type=float, default=5.0, help="loadgen spread in the intake test (s)")
+    parser.add_argument("--ceiling-runs", type=int, default=3, help="runs of each ceiling; the best counts (default 3)")
     parser.add_argument("--raw-datagrams", type=int, default=100_000, help="datagrams through the raw UDP loop")
     parser.add_argument("--cloud-readings", type=int, default=200_000, help="readings sent straight to the cloud")
     parser.add_argument("--batch", type=int, default=2000, help="readings per batch to the cloud (gateway default 2000)")
@@ -628,7 +680,7 @@ def main(argv=None) -> int:
         if "ceilings" in wanted or "intake" in wanted:
             results["ceilings"]["udp"] = ceiling_udp(args)
         if "ceilings" in wanted or "cloud" in wanted:
-            results["ceilings"]["sqlite"] = ceiling_sqlite(cloud_rows(sample), scratch)
+            results["ceilings"]["sqlite"] = ceiling_sqlite(args, cloud_rows(sample), scratch)
         if "day4" in wanted:
             results["scenarios"]["day4"] = scenario_day4(args, scratch)
         if "intake" in wanted:
@@ -644,7 +696,9 @@ def main(argv=None) -> int:
                 runs.append(scenario_fleet(args, scratch, devices, readings, spread))
             if args.profile:
                 if profiles.available():
-                    spread = args.spread if args.spread is not None else round(args.devices / args.spread_rate, 3)
+                    # A gentler start than the measured runs, so the profile shows
+                    # the steady cost of a datagram rather than a retransmission storm.
+                    spread = args.spread if args.spread is not None else round(args.devices / 400, 3)
                     runs.append(scenario_fleet(args, scratch, args.devices, 96, spread, profile=True))
                 else:
                     say("profile: py-spy is not installed (pip install -e '.[bench]'): skipped")

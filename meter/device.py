@@ -54,6 +54,9 @@ class _Outstanding:
     timeout: float
     retransmissions: int = 0
     timer: object = None
+    #: The gateway's reason when it last answered busy: a give-up then says
+    #: the gateway was there but full, not unreachable.
+    busy_reason: str = ""
 
 
 class DaySender:
@@ -99,6 +102,7 @@ class DaySender:
             # The gateway is alive but cannot take the chunk now (its spool is
             # full): keep it and let the backoff timer try again.
             self.counters["busy"] += 1
+            pending.busy_reason = ack.reason or "busy"
             self.log.warn("gateway busy ({reason}): will retry part {part}", reason=ack.reason, part=ack.part)
             return
         self._cancel(pending)
@@ -128,10 +132,16 @@ class DaySender:
     def _timed_out(self, pending: _Outstanding) -> None:
         pending.timer = None
         if pending.retransmissions >= self._params.max_retransmit:
-            self._fail(
-                f"no acknowledgement for part {pending.chunk.part}/{self._total} after "
-                f"{pending.retransmissions + 1} transmissions"
-            )
+            if pending.busy_reason:
+                self._fail(
+                    f"gateway busy ({pending.busy_reason}) for part {pending.chunk.part}/{self._total} "
+                    f"after {pending.retransmissions + 1} transmissions"
+                )
+            else:
+                self._fail(
+                    f"no acknowledgement for part {pending.chunk.part}/{self._total} after "
+                    f"{pending.retransmissions + 1} transmissions"
+                )
             return
         pending.retransmissions += 1
         pending.timeout *= 2

@@ -150,6 +150,7 @@ class SimDevice:
         part = int(match.group(1)) if match is not None else 0
         if part not in self.first_sent:
             self.first_sent[part] = time.perf_counter()
+            self.run.first_sends += 1
             if self.run.first_send is None:
                 self.run.first_send = time.time()
         self.datagrams += 1
@@ -254,6 +255,7 @@ class LoadRun:
         self.chunks_acked = 0
         self.readings_acked = 0
         self.datagrams = 0
+        self.first_sends = 0
         self.delivered = 0
         self.failed = 0
         self.timed_out = False
@@ -355,7 +357,8 @@ class LoadRun:
         rate = self.readings_acked / elapsed if elapsed > 0 else 0.0
         sys.stderr.write(
             f"\r[{'#' * filled}{'-' * (width - filled)}] {self.delivered}/{count} devices delivered"
-            f"  {rate:,.0f} readings/s  {self.datagrams:,} datagrams  {self.failed} failed "
+            f"  {rate:,.0f} readings/s  {self.datagrams:,} datagrams  {self.datagrams - self.first_sends:,} retransmitted"
+            f"  {self.failed} failed "
         )
         sys.stderr.flush()
 

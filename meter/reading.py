@@ -21,6 +21,9 @@ from pathlib import Path
 
 import attrs
 
+#: Most decimals a value may have: a sensor's resolution is far coarser.
+MAX_DECIMALS = 6
+
 #: Physical bounds of the sensor (the operating range of common soil probes).
 TEMPERATURE_RANGE = (-40.0, 85.0)
 HUMIDITY_RANGE = (0.0, 100.0)
@@ -80,6 +83,11 @@ def parse_number(text: str, what: str) -> float:
         value = float(text)
     except ValueError:
         raise ReadingError(f"{what} {text!r} is not a number") from None
+    # The wire carries at most six decimals (docs/protocol.md): refuse here,
+    # naming the file and line, what the gateway would refuse later.
+    decimals = format_number(value).partition(".")[2] if math.isfinite(value) else ""
+    if len(decimals) > MAX_DECIMALS:
+        raise ReadingError(f"{what} {text!r} has more than {MAX_DECIMALS} decimals")
     return value
 
 

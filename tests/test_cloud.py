@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
+import zlib
 
 import pytest
 import pytest_twisted
@@ -219,8 +220,6 @@ async def test_a_malformed_batch_with_a_readable_id_gets_a_bad_ack_and_nothing_i
 async def test_an_out_of_range_batch_is_refused_naming_the_reading(c):
     protocol, transport = connect_protocol(c)
     records = "3,192.168.1.4,2026-03-01T02:00,17,101"
-    import zlib
-
     protocol.dataReceived(f"meter/1 BATCH id={BATCH_ID} n=1 sum={zlib.crc32(records.encode()):08x} r={records}\n".encode())
     assert wire.decode(transport.value().rstrip(b"\n")) == wire.BatchAck(
         BATCH_ID, "bad", "range: humidity 101% outside 0..100 %"

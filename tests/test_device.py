@@ -200,6 +200,14 @@ def test_busy_keeps_the_chunk_and_retries_on_its_timer():
     assert h.results == [1]
 
 
+def test_giving_up_after_busy_answers_says_the_gateway_was_busy():
+    h = Harness()
+    for _ in range(5):
+        h.ack(1, "busy", "spool full")
+        step(h.clock)
+    assert str(h.failure()) == "gateway busy (spool full) for part 1/1 after 5 transmissions"
+
+
 def test_bad_fails_the_day_with_the_reason():
     h = Harness(parts=2)
     h.ack(2, "bad", "device 1 is 192.168.1.2, not 10.0.0.9")

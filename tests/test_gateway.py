@@ -203,8 +203,13 @@ def test_a_device_reporting_twice_is_counted_once():
     assert len(h.spool.added) == 2
     assert h.spool.closed == []
     assert h.intake.depth == 1  # the same reading is not counted twice
+    assert [line for line in h.logged() if " reported " in line] == ["device 1 reported 2026-03-01: 1 of 2 devices"]
     h.report(2)
     assert h.spool.closed == [(DAY, NOW)]
+    assert h.logged()[-2:] == [
+        "device 2 reported 2026-03-01: 2 of 2 devices",
+        "round 2026-03-01 complete: every expected device reported",
+    ]
 
 
 def test_rounds_of_different_days_are_separate():
@@ -246,17 +251,14 @@ def test_a_duplicate_during_the_commit_gets_the_same_answer_after_it():
     assert h.intake.depth == 1
 
 
-def test_a_duplicate_during_a_failed_commit_is_told_busy_too():
+def test_a_failed_spool_write_is_busy_and_the_retry_is_spooled():
     h = IntakeHarness()
     h.spool.failures = 1
-    h.spool.hold = True
     chunk = day_chunk(1)
-    # the failing commit answers at once: hold applies only to successes
-    first = h.intake.chunk_received(chunk, "192.168.1.2:5000")
-    assert result_of(first) == wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
     assert h.intake.counters["spool_failures"] == 1
+    assert h.intake.depth == 0
     # the device retries: spooled this time
-    h.spool.hold = False
     assert h.receive(chunk) == ok(chunk)
     assert len(h.spool.added) == 2
 
@@ -615,7 +617,7 @@ def test_uplink_with_an_empty_spool_sends_when_kicked_later():
     assert h.sender.sent == []
     h.spool.ready = spooled(1)
     h.uplink.kick()
-    assert [b.readings for b in h.sender.sent] == [h.readings(1) or tuple(s.reading for s in spooled(1))]
+    assert [b.readings for b in h.sender.sent] == [(spooled(1)[0].reading,)]
 
 
 def test_an_unacknowledged_batch_aborts_the_connection():
@@ -996,3 +998,64 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
     await real.database.flush()
     assert h.ready == [NOW]
     assert [s.reading for s in await real.spool.take_batch(100)] == list(chunk.readings)
+
+
+# -- the spool itself -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_counts_only_new_readings(real):
+    chunk = day_chunk(1)
+    assert await real.spool.add_chunk(chunk, NOW, True) == 1
+    # the same day in a new transfer: recorded, not doubled
+    assert await real.spool.add_chunk(day_chunk(1, n=1), NOW, True) == 0
+    # the same part again (its message id forgotten by an expired reassembly)
+    assert await real.spool.add_chunk(chunk, NOW, True) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
+    other = DAY + datetime.timedelta(days=1)
+    three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
+    await real.spool.add_chunk(day_chunk(1, readings=three), NOW, True)
+    await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW, True)
+    assert await real.spool.take_batch(10) == []  # no round closed yet
+    await real.spool.close_round(DAY, NOW + 60)
+    batch = await real.spool.take_batch(2)
+    assert [s.reading for s in batch] == list(three[:2])
+    assert await real.spool.take_batch(2) == batch  # taking does not remove
+    assert await real.spool.remove([s.seq for s in batch]) == 2
+    assert await real.spool.remove([s.seq for s in batch]) == 0
+    assert [s.reading for s in await real.spool.take_batch(10)] == [three[2]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
+    old = DAY - datetime.timedelta(days=3)
+    await real.spool.add_chunk(day_chunk(1, day=old), NOW, True)
+    await real.spool.add_chunk(day_chunk(2, day=old, n=1), NOW, True)
+    await real.spool.close_round(old, NOW)
+    await real.spool.add_chunk(day_chunk(1, n=2), NOW, True)
+    batch = await real.spool.take_batch(10)
+    await real.spool.remove([s.seq for s in batch])
+    await real.spool.forget_before(DAY - datetime.timedelta(days=2))
+    await real.stop()
+    connection, state = Spool.open(tmp_path / "spool.sqlite")
+    connection.close()
+    assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, None)]
+    assert [(p.device_id, p.day) for p in state.parts] == [(1, DAY)]
+    assert state.depth == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_keeps_an_old_round_still_holding_readings(real, tmp_path):
+    old = DAY - datetime.timedelta(days=3)
+    await real.spool.add_chunk(day_chunk(1, day=old), NOW, True)
+    await real.spool.close_round(old, NOW)
+    await real.spool.forget_before(DAY)
+    await real.stop()
+    connection, state = Spool.open(tmp_path / "spool.sqlite")
+    connection.close()
+    assert [r.day for r in state.rounds] == [old]
+    assert state.parts == ()
+    assert state.depth == 1

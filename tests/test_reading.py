@@ -96,6 +96,10 @@ def test_bounds_are_inclusive(line, value):
         ("08:00 - 20 - 30", "expected 'HH:MM - temperature - humidity%', got '08:00 - 20 - 30'"),
         ("08:00 20 30%", "expected 'HH:MM - temperature - humidity%', got '08:00 20 30%'"),
         ("08:00 - 20 - 30% extra", "expected 'HH:MM - temperature - humidity%', got '08:00 - 20 - 30% extra'"),
+        # The wire carries six decimals: a survey finer than that is refused
+        # here rather than by the gateway, where the day could never arrive.
+        ("08:00 - 17.1234567 - 30%", "temperature '17.1234567' has more than 6 decimals"),
+        ("08:00 - 17 - 30.0000001%", "humidity '30.0000001' has more than 6 decimals"),
     ],
 )
 def test_bad_line_is_refused_naming_file_and_line(line, detail):
@@ -158,7 +162,18 @@ def test_console_line_keeps_fractions_and_signs():
 
 @pytest.mark.parametrize(
     "value, text",
-    [(17, "17"), (17.0, "17"), (17.25, "17.25"), (0, "0"), (-40, "-40"), (100.0, "100"), (0.1, "0.1"), (-3.5, "-3.5")],
+    [
+        (17, "17"),
+        (17.0, "17"),
+        (17.25, "17.25"),
+        (0, "0"),
+        (-40, "-40"),
+        (100.0, "100"),
+        (0.1, "0.1"),
+        (-3.5, "-3.5"),
+        (0.00001, "0.00001"),  # never an exponent: the wire has none
+        (-0.000025, "-0.000025"),
+    ],
 )
 def test_format_number(value, text):
     assert format_number(value) == text
@@ -201,3 +216,8 @@ def test_load_survey_errors_name_the_path_and_line(tmp_path):
     with pytest.raises(SurveyError) as raised:
         load_survey(path, 1, "192.168.1.2", DAY)
     assert str(raised.value) == f"{path}:2: humidity 130% outside 0..100 %"
+
+
+def test_six_decimals_are_accepted_and_kept():
+    (reading,) = parse("08:00 - 17.123456 - 30.000001%\n")
+    assert reading.console_line() == "192.168.1.4 - 08:00 - 17.123456 - 30.000001%"

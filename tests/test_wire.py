@@ -287,6 +287,7 @@ MALFORMED = [
     ("dayack reason not canonical", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=%7e", "value"),
     ("dayack reason half escape", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=%G1", "value"),
     ("dayack reason invalid utf-8", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=%FF", "value"),
+    ("dayack empty reason", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=", "value"),
     ("dayack reason before status", b"meter/1 DAYACK xfer=0123456789abcdef part=1 why=x st=bad", "field"),
     ("batchack missing dup", b"meter/1 BATCHACK id=fedcba9876543210 st=ok new=1", "field"),
     ("batchack busy", b"meter/1 BATCHACK id=fedcba9876543210 st=busy new=0 dup=0 why=x", "value"),
@@ -531,3 +532,14 @@ def test_claimed_device_is_read_before_parsing():
     assert wire.claimed_device(day_variant(b"dev=1", b"dev=01")) is None
     assert wire.claimed_device(b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=ok") is None
     assert wire.claimed_device(b"garbage") is None
+
+
+def test_refusal_reason_is_bounded_so_the_answer_fits():
+    # the error quotes the offending record, which may be most of the input
+    data = day_variant(b"12:00,25.5,33", b"12:00,25.5,33," + b":" * 60000)
+    answer, error = refused(data)
+    assert len(str(error)) > 60000
+    assert len(answer.reason) == wire.MAX_REASON
+    assert answer.reason == str(error)[: wire.MAX_REASON - 3] + "..."
+    assert len(seal(encode(answer), KEY)) < 1200
+    assert decode(encode(answer)) == answer

@@ -1,0 +1,135 @@
+"""
+meter.loadgen: the synthetic day its simulated devices send, and its
+summary figures.  (The bench, bench/run.py, drives the real daemons with it.)
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from meter import wire
+from meter.loadgen import latency_summary, synthetic_day
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, format_number
+
+DAY = datetime.date(2026, 3, 1)
+IP = "10.0.0.7"
+
+
+def test_same_seed_same_day():
+    assert synthetic_day(7, IP, DAY, 96, seed=3) == synthetic_day(7, IP, DAY, 96, seed=3)
+
+
+def test_seed_and_device_change_the_day():
+    base = synthetic_day(7, IP, DAY, 96, seed=3)
+    assert synthetic_day(7, IP, DAY, 96, seed=4) != base
+    other = synthetic_day(8, "10.0.0.8", DAY, 96, seed=3)
+    assert [r.temperature_c for r in other] != [r.temperature_c for r in base]
+
+
+@pytest.mark.parametrize("count, step", [(96, 15), (1440, 1)])
+def test_count_and_distinct_evenly_spaced_times(count, step):
+    day = synthetic_day(7, IP, DAY, count)
+    assert len(day) == count
+    times = [r.taken_at for r in day]
+    assert len(set(times)) == count
+    assert times == sorted(times)
+    assert times[0] == datetime.datetime(2026, 3, 1, 0, 0)
+    assert all((b - a) == datetime.timedelta(minutes=step) for a, b in zip(times, times[1:]))
+    assert {t.date() for t in times} == {DAY}
+
+
+@pytest.mark.parametrize("device_id", range(1, 60))
+def test_within_sensor_ranges_and_one_decimal(device_id):
+    for reading in synthetic_day(device_id, IP, DAY, 96, seed=11):
+        assert reading.device_id == device_id and reading.device_ip == IP
+        assert TEMPERATURE_RANGE[0] <= reading.temperature_c <= TEMPERATURE_RANGE[1]
+        assert HUMIDITY_RANGE[0] <= reading.humidity_pct <= HUMIDITY_RANGE[1]
+        for value in (reading.temperature_c, reading.humidity_pct):
+            assert round(value, 1) == value
+            assert format_number(value) != "-0"
+
+
+def test_a_plausible_diurnal_curve():
+    day = synthetic_day(5, IP, DAY, 96, seed=2)
+    temperature = [r.temperature_c for r in day]
+    # Warmest in the afternoon, coolest at night; a day's swing of a few degrees.
+    warmest = day[temperature.index(max(temperature))].taken_at.hour
+    coolest = day[temperature.index(min(temperature))].taken_at.hour
+    assert 10 <= warmest <= 20
+    assert coolest <= 9 or coolest >= 22
+    assert 2 <= max(temperature) - min(temperature) <= 20
+
+
+@pytest.mark.parametrize("count", [96, 1440])
+def test_the_day_goes_on_the_wire(count):
+    day = synthetic_day(3, IP, DAY, count)
+    chunks = wire.split_day(3, IP, DAY, day, "0123456789abcdef", 1772400000)
+    decoded = [wire.decode(wire.encode(chunk)) for chunk in chunks]
+    assert tuple(r for chunk in decoded for r in chunk.readings) == day
+
+
+def test_readings_out_of_bounds_are_refused():
+    with pytest.raises(ValueError):
+        synthetic_day(1, IP, DAY, 0)
+    with pytest.raises(ValueError):
+        synthetic_day(1, IP, DAY, 1441)
+
+
+def test_latency_summary_nearest_rank():
+    seconds = sorted(i / 1000 for i in range(1, 101))
+    summary = latency_summary(seconds)
+    assert summary["count"] == 100
+    assert summary["p50"] == 50.0
+    assert summary["p99"] == 99.0
+    assert summary["max"] == 100.0
+    assert latency_summary([]) == {"count": 0}
+
+
+def test_refuses_a_gateway_that_is_not_loopback(tmp_path, capsys):
+    from meter import loadgen
+
+    status = loadgen.main(["--config", str(tmp_path / "none.toml"), "--devices", "1"])
+    assert status == 2  # no such configuration file
+    (tmp_path / "meter.toml").write_text('[fleet]\n1 = "10.0.0.1"\n')
+    status = loadgen.main(["--config", str(tmp_path / "meter.toml"), "--devices", "1", "--gateway", "10.1.2.3:10005"])
+    assert status == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_loadgen_delivers_a_fleet_through_the_real_daemons(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.harness import Suite
+
+    suite = Suite(tmp_path, devices=5, readings=4)
+    try:
+        cloud = suite.start_cloud()
+        gateway = suite.start_gateway()
+        gateway.wait_for("connected to the cloud")
+        out = tmp_path / "loadgen.json"
+        completed = subprocess.run(
+            [sys.executable, "-m", "meter.cli", "loadgen", "--config", str(suite.config), "--devices", "5",
+             "--spread", "0", "--quiet", "--json", str(out), "--timeout", "30"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=90,
+        )
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        summary = json.loads(out.read_text())
+        assert summary["delivered"] == 5 and summary["failed"] == 0
+        assert summary["readings_acked"] == 5 * 96
+        assert summary["ack_latency_ms"]["count"] == summary["chunks_acked"] == summary["chunks"]
+        suite.wait_stored(5 * 96, cloud)
+        day = datetime.date.fromisoformat(summary["day"])
+        rows = suite.stored()
+        expected = sorted(
+            (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
+            for device_id, address in suite.fleet.items()
+            for r in synthetic_day(device_id, address, day, 96, seed=1)
+        )
+        assert rows == expected
+    finally:
+        suite.stop()

@@ -1,0 +1,611 @@
+"""
+Who may speak, and what bad input gets (docs/security.md), at unit level:
+the gateway's UDP protocol and intake on a FakeDatagramTransport, the device's
+protocol, and the cloud's line protocol on a StringTransport, each with a
+task.Clock.  The spool is a small synchronous fake, or the real one on
+tmp_path where persistence is the point; the cloud's store is real.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import sqlite3
+import zlib
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import FakeDatagramTransport, StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
+
+from meter import cloud, wire
+from meter.dbthread import DatabaseThread, connect
+from meter.device import DaySender, DeviceProtocol, Retransmission
+from meter.gateway import GatewayProtocol, Intake
+from meter.reading import Reading
+from meter.spool import Spool
+
+NOW = 1_795_320_000  # 2026-11-22 04:00 UTC
+DAY = datetime.date(2026, 11, 21)
+XFER = "0123456789abcdef"
+FLEET = {1: "192.168.1.2", 2: "192.168.1.3"}
+KEYS = {1: bytes([1]) * 32, 2: bytes([2]) * 32}
+ATTACKER_KEY = bytes([66]) * 32
+REPLAY_WINDOW = 600.0
+
+DEVICE1 = ("192.168.1.2", 50001)
+DEVICE2 = ("192.168.1.3", 50002)
+STRANGER = ("192.168.1.66", 50066)
+
+
+def chunk(device_id=1, xfer=XFER, part=1, parts=1, sent_at=NOW, day=DAY, minutes=(480, 540), ip=None):
+    ip = ip or FLEET.get(device_id, "192.168.1.99")
+    readings = tuple(
+        Reading(device_id, ip, datetime.datetime.combine(day, datetime.time(m // 60, m % 60)), 20.0 + m % 7, 30.0)
+        for m in minutes
+    )
+    return wire.DayChunk(device_id, ip, day, xfer, part, parts, sent_at, readings)
+
+
+def sealed(message, key=None) -> bytes:
+    if key is None:
+        key = KEYS[message.device_id]
+    return wire.seal(wire.encode(message), key)
+
+
+class FakeSpool:
+    """
+    The spool's interface, committing at once: counts what reaches it.
+    """
+
+    def __init__(self):
+        self.chunks: list[wire.DayChunk] = []
+        self.closed: list[datetime.date] = []
+        self.forgotten: list[datetime.date] = []
+
+    def add_chunk(self, chunk, now, open_round):
+        self.chunks.append(chunk)
+        return succeed(len(chunk.readings))
+
+    def close_round(self, day, now):
+        self.closed.append(day)
+        return succeed(None)
+
+    def forget_before(self, day):
+        self.forgotten.append(day)
+        return succeed(None)
+
+
+class CountingSpool(Spool):
+    """
+    The real spool, counting the chunks handed to it.
+    """
+
+    added = 0
+
+    def add_chunk(self, chunk, now, open_round):
+        self.added += 1
+        return super().add_chunk(chunk, now, open_round)
+
+
+class Gateway:
+    """
+    A GatewayProtocol and its Intake on a fake datagram transport and a
+    task.Clock at L{NOW}.
+    """
+
+    def __init__(self, spool=None, *, rate=1e6, burst=1e6, fleet=FLEET, keys=KEYS, recovered=None):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.spool = spool if spool is not None else FakeSpool()
+        self.intake = Intake(fleet, self.spool, self.clock, 60.0, lambda: None, replay_window=REPLAY_WINDOW)
+        if recovered is not None:
+            self.intake.recover(recovered)
+        self.protocol = GatewayProtocol(self.intake, keys, self.clock, rate, burst)
+        self.transport = FakeDatagramTransport()
+        self.protocol.makeConnection(self.transport)
+        self.keys = keys
+
+    @property
+    def counters(self):
+        return self.intake.counters
+
+    def receive(self, data: bytes, addr=DEVICE1) -> None:
+        self.protocol.datagramReceived(data, addr)
+
+    def answers(self, addr=DEVICE1, key=None) -> list[wire.DayAck]:
+        """
+        The acknowledgements written to C{addr}, each verified under C{key}.
+        """
+        key = key or KEYS[1]
+        return [wire.decode(wire.unseal(data, key)) for data, to in self.transport.written if to == addr]
+
+
+OK = wire.DayAck(XFER, 1, "ok")
+
+# -- only devices holding their key are heard -------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, counter",
+    [
+        (sealed(chunk(), ATTACKER_KEY), "dropped_bad_tag"),
+        # device 2's key on a datagram claiming device 1: impersonation
+        (sealed(chunk(), KEYS[2]), "dropped_bad_tag"),
+        # a genuine datagram altered after sealing
+        (sealed(chunk()).replace(b",30;", b",31;"), "dropped_bad_tag"),
+        # a genuine tag moved onto another body
+        (wire.encode(chunk(minutes=(600,))) + sealed(chunk())[-wire.TAG_LENGTH :], "dropped_bad_tag"),
+        (sealed(chunk(device_id=9), ATTACKER_KEY), "dropped_unknown_device"),
+        (sealed(chunk(device_id=9), KEYS[1]), "dropped_unknown_device"),
+        (wire.encode(chunk()), "dropped_no_tag"),
+        (b"", "dropped_no_tag"),
+        (b"hello", "dropped_no_tag"),
+        (wire.seal(b"meter/1 PING seq=1", KEYS[1]), "dropped_unknown_device"),
+        (wire.seal(wire.encode(OK), KEYS[1]), "dropped_unknown_device"),
+    ],
+    ids=[
+        "forged", "other device's key", "altered body", "tag moved", "unknown device",
+        "unknown device with a real key", "no tag", "empty", "garbage", "sealed ping", "sealed ack",
+    ],
+)
+def test_an_unauthenticated_datagram_is_dropped_unanswered(data, counter):
+    g = Gateway()
+    with capturedLogs() as events:
+        g.receive(data, STRANGER)
+    assert g.transport.written == []  # no answer: the gateway reflects nothing
+    assert g.spool.chunks == []
+    assert g.counters[counter] == 1
+    assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn][0].startswith(
+        f"dropped datagram of {len(data)} bytes from 192.168.1.66:50066"
+    )
+
+
+def test_a_genuine_chunk_is_spooled_and_acknowledged_under_its_devices_key():
+    g = Gateway()
+    g.receive(sealed(chunk()))
+    assert g.answers() == [OK]
+    assert g.spool.chunks == [chunk()]
+    # the answer verifies only under the device's own key
+    (data, _), = g.transport.written
+    with pytest.raises(wire.WireError):
+        wire.unseal(data, KEYS[2])
+
+
+def test_a_malformed_but_authentic_datagram_is_answered_bad_under_its_key():
+    g = Gateway()
+    g.receive(wire.seal(wire.encode(chunk()).replace(b",30", b",101"), KEYS[1]))
+    (answer,) = g.answers()
+    assert (answer.xfer, answer.part, answer.status) == (XFER, 1, "bad")
+    assert answer.reason.startswith("range: humidity 101%")
+    assert g.counters["refused_range"] == 1
+    assert g.spool.chunks == []
+
+
+def test_the_refusal_of_a_huge_malformed_datagram_fits_a_datagram():
+    # A reason quoting the offending record used to be three times the
+    # datagram (percent-encoded): too large to send at all.
+    body = wire.encode(chunk(minutes=())).replace(b"n=0 r=", b"n=1 r=" + b"%" * 60000)
+    g = Gateway()
+    g.receive(wire.seal(body, KEYS[1]))
+    (answer,) = g.answers()
+    assert answer.status == "bad" and answer.reason.startswith("record: ")
+    (data, _), = g.transport.written
+    assert len(data) < 1200
+
+
+# -- replays --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [-601, 601, -NOW])
+def test_a_datagram_outside_the_replay_window_is_refused(offset):
+    g = Gateway()
+    g.receive(sealed(chunk(sent_at=NOW + offset)))
+    (answer,) = g.answers()
+    assert answer.status == "bad"
+    assert "outside the replay window of 600 s" in answer.reason
+    assert g.counters["refused_replay"] == 1
+    assert g.spool.chunks == []
+
+
+@pytest.mark.parametrize("offset", [-600, 600, 0])
+def test_the_replay_window_includes_its_edges(offset):
+    g = Gateway()
+    g.receive(sealed(chunk(sent_at=NOW + offset)))
+    assert g.answers() == [OK]
+
+
+def test_a_captured_datagram_replayed_after_the_window_is_refused():
+    g = Gateway()
+    data = sealed(chunk())
+    g.receive(data)
+    g.clock.advance(REPLAY_WINDOW + 1)
+    g.receive(data, STRANGER)
+    assert g.answers() == [OK]
+    (refused,) = g.answers(STRANGER)
+    assert refused.status == "bad"
+    assert len(g.spool.chunks) == 1
+
+
+def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
+    g = Gateway()
+    data = sealed(chunk())
+    for _ in range(5):
+        g.receive(data)
+    assert g.answers() == [OK] * 5
+    assert len(g.spool.chunks) == 1
+    assert g.counters["duplicates"] == 4
+    assert g.counters["chunks"] == 1
+
+
+def open_spool(path):
+    connection, recovered = Spool.open(path)
+    database = DatabaseThread(connection, reactor, name="test-spool")
+    database.start()
+    return database, CountingSpool(database), recovered
+
+
+@pytest_twisted.ensureDeferred
+async def test_deduplication_survives_a_gateway_restart(tmp_path):
+    path = tmp_path / "spool.sqlite"
+    data = sealed(chunk())
+
+    database, spool, recovered = open_spool(path)
+    first = Gateway(spool, recovered=recovered)
+    first.receive(data)
+    assert first.answers() == []  # not before the commit
+    await database.flush()
+    assert first.answers() == [OK]
+    first.intake.stop()
+    await database.stop()
+
+    database, spool, recovered = open_spool(path)
+    try:
+        second = Gateway(spool, recovered=recovered)
+        assert [(p.device_id, p.xfer, p.part) for p in recovered.parts] == [(1, XFER, 1)]
+        second.receive(data)
+        # answered at once from the recovered message ids: the spool never saw it
+        assert second.answers() == [OK]
+        assert spool.added == 0
+        assert second.counters["duplicates"] == 1
+        second.intake.stop()
+    finally:
+        await database.stop()
+    with sqlite3.connect(str(path)) as other:
+        assert other.execute("SELECT count(*) FROM readings").fetchone() == (2,)
+
+
+# -- floods and logs ------------------------------------------------------------
+
+
+def test_a_flood_from_one_source_is_cut_while_another_is_served():
+    g = Gateway(rate=10, burst=20)
+    data = sealed(chunk())
+    for _ in range(1000):
+        g.receive(data, DEVICE1)
+    assert len(g.answers(DEVICE1)) == 20  # the burst, then nothing
+    assert g.counters["dropped_flood"] == 980
+    g.receive(sealed(chunk(device_id=2)), DEVICE2)
+    assert g.answers(DEVICE2, KEYS[2]) == [OK]
+    # the flooding source gets its rate back as time passes
+    g.clock.advance(1)
+    for _ in range(100):
+        g.receive(data, DEVICE1)
+    assert len(g.answers(DEVICE1)) == 30
+    assert g.counters["datagrams"] == 1101
+
+
+def test_the_per_source_table_is_bounded():
+    g = Gateway(rate=1, burst=1)
+    for i in range(10000):
+        g.receive(b"x", (f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 1))
+    assert len(g.protocol._per_source._buckets) <= 4096
+    assert len(g.protocol._warnings._buckets) <= 4096
+
+
+def warnings_by_source(events) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for event in events:
+        if event.get("log_level") == LogLevel.warn and event.get("log_namespace") == "meter.gateway.GatewayProtocol":
+            found.setdefault(event["peer"].rpartition(":")[0], []).append(formatEvent(event))
+    return found
+
+
+def test_warnings_about_bad_input_are_rate_limited_per_source():
+    g = Gateway()
+    forged = sealed(chunk(), ATTACKER_KEY)
+    with capturedLogs() as events:
+        for _ in range(100):
+            g.receive(forged, STRANGER)
+        for _ in range(3):
+            g.receive(forged, DEVICE2)
+    warnings = warnings_by_source(events)
+    assert {source: len(lines) for source, lines in warnings.items()} == {"192.168.1.66": 5, "192.168.1.3": 3}
+    assert g.counters["dropped_bad_tag"] == 103  # every one is counted all the same
+    g.clock.advance(6)
+    with capturedLogs() as events:
+        g.receive(forged, STRANGER)
+        g.receive(forged, STRANGER)
+    (line,) = warnings_by_source(events)["192.168.1.66"]
+    assert line.endswith("(95 similar lines from this source left out)")
+
+
+def test_flood_warnings_are_rate_limited_too():
+    g = Gateway(rate=1, burst=1)
+    with capturedLogs() as events:
+        for _ in range(1000):
+            g.receive(b"x", STRANGER)
+    (source, lines), = warnings_by_source(events).items()
+    assert len(lines) == 5
+    assert g.counters["dropped_flood"] == 999
+
+
+# -- odd days a device may report ----------------------------------------------
+
+
+@pytest.mark.parametrize("day", [datetime.date(1, 1, 1), datetime.date(1, 1, 2), datetime.date(9999, 12, 31)])
+def test_a_complete_round_of_any_calendar_day_closes(day):
+    # Closing a round forgets the days two before it: year 1 has none (this
+    # used to raise OverflowError, so the device never got its answer).
+    g = Gateway(fleet={1: FLEET[1]}, keys={1: KEYS[1]})
+    with capturedLogs() as events:
+        g.receive(sealed(chunk(day=day)))
+    assert g.answers() == [OK]
+    assert g.spool.closed == [day]
+    assert not [e for e in events if "log_failure" in e]
+
+
+# -- the device hears only its gateway -----------------------------------------
+
+GATEWAY = ("127.0.0.1", 10005)
+
+
+def device():
+    clock = task.Clock()
+    protocol = DeviceProtocol(GATEWAY, KEYS[1])
+    transport = FakeDatagramTransport()
+    protocol.makeConnection(transport)
+    sender = DaySender([chunk()], protocol.send, clock, Retransmission(2.0, 1.0, 4), random.Random(0))
+    protocol.sender = sender
+    return clock, protocol, transport, sender.start()
+
+
+@pytest.mark.parametrize("status", ["ok", "bad"])
+def test_a_device_ignores_a_forged_ack(status):
+    clock, protocol, transport, done = device()
+    forged = wire.DayAck(XFER, 1, status, "" if status == "ok" else "go away")
+    protocol.datagramReceived(wire.seal(wire.encode(forged), ATTACKER_KEY), GATEWAY)
+    protocol.datagramReceived(wire.seal(wire.encode(forged), KEYS[2]), GATEWAY)
+    protocol.datagramReceived(wire.encode(forged), GATEWAY)  # no tag
+    assert not done.called  # the day is neither delivered nor failed
+    assert protocol.counters["refused"] == 3
+    clock.advance(2)
+    assert len(transport.written) == 2  # so it is retransmitted
+    protocol.datagramReceived(wire.seal(wire.encode(OK), KEYS[1]), GATEWAY)
+    assert done.called and done.result == 1
+
+
+def test_a_device_ignores_an_ack_from_another_address():
+    clock, protocol, transport, done = device()
+    genuine = wire.seal(wire.encode(OK), KEYS[1])
+    for addr in [("127.0.0.2", 10005), ("127.0.0.1", 10006), STRANGER]:
+        protocol.datagramReceived(genuine, addr)
+    assert not done.called
+    assert protocol.counters["foreign_datagrams"] == 3
+    protocol.datagramReceived(genuine, GATEWAY)
+    assert done.called
+
+
+# -- the cloud: every malformed line, nothing stored ---------------------------
+
+BATCH_ID = "fedcba9876543210"
+RECORDS = "3,192.168.1.4,2026-11-21T02:00,17,35;1,192.168.1.2,2026-11-21T08:00,20,30"
+IDLE = 120.0
+
+
+def batch_line(records: str = RECORDS, n: int | None = None, checksum: str | None = None, head=b"meter/1") -> bytes:
+    if n is None:
+        n = len(records.split(";")) if records else 0
+    if checksum is None:
+        checksum = f"{zlib.crc32(records.encode('latin-1')):08x}"
+    return head + f" BATCH id={BATCH_ID} n={n} sum={checksum} r=".encode() + records.encode("latin-1")
+
+
+class Cloud:
+    def __init__(self, path):
+        self.path = path
+        connection = connect(path)
+        cloud.open_database(connection)
+        self.database = DatabaseThread(connection, reactor, name="test-cloud-db")
+        self.database.start()
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.console: list[str] = []
+        self.store = cloud.CloudStore(self.database, self.console.append, self.clock)
+
+    def connect(self):
+        protocol = cloud.CloudFactory(self.store, IDLE, self.clock).buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def count(self) -> int:
+        with sqlite3.connect(str(self.path)) as other:
+            return other.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+
+@pytest_twisted.async_yield_fixture
+async def c(tmp_path):
+    instance = Cloud(tmp_path / "cloud.sqlite")
+    yield instance
+    await instance.database.stop()
+
+
+def with_record(record: str) -> str:
+    return RECORDS.replace("1,192.168.1.2,2026-11-21T08:00,20,30", record)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (batch_line()[:-10], "checksum: records do not match"),
+        (batch_line(RECORDS[:-10]), "record: record"),
+        (batch_line(head=b"meter/2"), "version: version '2', this side speaks 1"),
+        (batch_line(head=b"meter/10"), "version: version '10'"),
+        (batch_line().replace(b"192.168.1.2", b"192.168.1.\xff"), "syntax: not printable ASCII"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,20,3\xe9")), "syntax: not printable ASCII"),
+        (batch_line().replace(b" n=2 ", b" n=2  "), "syntax: "),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,nan,30")), "value: temperature 'nan'"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,NaN,30")), "value: temperature 'NaN'"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,inf,30")), "value: temperature 'inf'"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,-inf,30")), "value: temperature '-inf'"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,1e3,30")), "value: temperature '1e3'"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,85.5,30")), "range: temperature 85.5 outside"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,-41,30")), "range: temperature -41 outside"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,20,100.5")), "range: humidity 100.5% outside"),
+        (batch_line(with_record("1,192.168.1.2,2026-11-21T08:00,20,-1")), "range: humidity -1% outside"),
+        (batch_line(with_record("1,192.168.1.2,2026-02-30T08:00,20,30")), "value: time '2026-02-30T08:00'"),
+        (batch_line(with_record("0,192.168.1.2,2026-11-21T08:00,20,30")), "value: device id 0"),
+        (batch_line(with_record("1,192.168.1.256,2026-11-21T08:00,20,30")), "value: device address"),
+        (batch_line(with_record("3,192.168.1.4,2026-11-21T02:00,18,35")), "record: device 3 at"),
+        (batch_line(n=3), "count: n=3 but 2 records"),
+        (batch_line(n=1), "count: n=1 but 2 records"),
+        (batch_line(checksum="00000000"), "checksum: records do not match sum=00000000"),
+        (batch_line(checksum="0000000G"), "value: sum"),
+        (batch_line() + b" extra=1", "field: BATCH has no field 'extra' there"),
+    ],
+)
+async def test_a_bad_batch_gets_a_bad_batchack_naming_the_reason_and_nothing_is_stored(c, data, reason):
+    protocol, transport = c.connect()
+    protocol.dataReceived(data + b"\n" + wire.encode(wire.Ping(1)) + b"\n")
+    answer, pong = transport.value().splitlines()
+    ack = wire.decode(answer)
+    assert (ack.batch_id, ack.status, ack.new, ack.dup) == (BATCH_ID, "bad", 0, 0)
+    assert ack.reason.startswith(reason), ack.reason
+    assert wire.decode(pong) == wire.Pong(1)  # the connection goes on
+    assert not transport.disconnecting
+    await c.database.flush()
+    assert c.count() == 0
+    assert c.console == []
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b" ",
+        b"\r",
+        b"hello",
+        b"GET / HTTP/1.1\r",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on a plain port
+        b"meter/1",
+        b"meter/1 ",
+        b"meter/1 BATCH",
+        b"meter/1 BATCH id=",
+        b"meter/1 BATCH id=FEDCBA9876543210 n=0 sum=00000000 r=",
+        b"meter/ BATCH id=fedcba9876543210 n=0 sum=00000000 r=",
+        b"METER/1 PING seq=1",
+        b"meter/1 PING seq=-1",
+        b"meter/1 PING seq=4294967296",
+        b"meter/1 NOPE x=1",
+        b"\xff\xfe\xfd",
+        b"\x00" * 100,
+    ],
+)
+async def test_a_line_that_names_no_batch_closes_the_connection(c, data):
+    protocol, transport = c.connect()
+    protocol.dataReceived(data + b"\n" + batch_line() + b"\n")
+    assert transport.disconnecting
+    assert transport.value() == b""  # and what followed is not read
+    await c.database.flush()
+    assert c.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("seed", range(5))
+async def test_random_lines_store_nothing_and_crash_nothing(c, seed):
+    rng = random.Random(seed)
+    for _ in range(200):
+        protocol, transport = c.connect()
+        protocol.dataReceived(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) + b"\n")
+        assert transport.disconnecting or transport.value().startswith(b"meter/1 ")
+        protocol.connectionLost(Failure(ConnectionDone()))
+    await c.database.flush()
+    assert c.count() == 0
+    assert c.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("with_end", [False, True])
+async def test_a_line_over_max_length_is_refused_unread(c, with_end):
+    protocol, transport = c.connect()
+    records = ";".join(f"1,192.168.1.2,2026-11-21T{m // 60:02d}:{m % 60:02d},20,30" for m in range(1440))
+    line = batch_line(records)
+    data = line + b";" * (protocol.MAX_LENGTH + 1 - len(line)) + (b"\n" if with_end else b"")
+    assert len(data) > protocol.MAX_LENGTH
+    protocol.dataReceived(data)
+    assert transport.disconnecting
+    assert transport.value() == b""
+    assert c.store.counters["refused_size"] == 1
+    await c.database.flush()
+    assert c.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_connection_is_closed_by_the_idle_timeout(c):
+    protocol, transport = c.connect()
+    c.clock.advance(IDLE - 0.001)
+    assert not transport.disconnected
+    c.clock.advance(0.001)
+    assert transport.disconnected  # aborted, not waiting for a polite close
+    assert c.store.counters["idle_timeouts"] == 1
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert c.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trickle_of_bytes_without_a_line_end_is_closed_by_the_idle_timeout(c):
+    protocol, transport = c.connect()
+    data = batch_line()
+    # one byte a second: data keeps coming, but never a whole line
+    for i in range(int(IDLE) - 1):
+        protocol.dataReceived(data[i % len(data) : i % len(data) + 1])
+        c.clock.advance(1)
+        assert not transport.disconnected
+    c.clock.advance(1)
+    assert transport.disconnected
+    assert transport.value() == b""
+    await c.database.flush()
+    assert c.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_lines_keep_a_connection_open(c):
+    protocol, transport = c.connect()
+    for seq in range(10):
+        c.clock.advance(IDLE - 1)
+        protocol.dataReceived(wire.encode(wire.Ping(seq)) + b"\n")
+    assert not transport.disconnected
+    assert transport.value().count(b"PONG") == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_good_batch_after_refused_ones_is_stored_exactly(c):
+    protocol, transport = c.connect()
+    protocol.dataReceived(batch_line(n=3) + b"\n" + batch_line() + b"\n")
+    await c.database.flush()
+    refused, ok = map(wire.decode, transport.value().splitlines())
+    assert refused.status == "bad"
+    assert ok == wire.BatchAck(BATCH_ID, "ok", new=2)
+    with sqlite3.connect(str(c.path)) as other:
+        rows = other.execute(
+            "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY device_id"
+        ).fetchall()
+    assert rows == [(1, "192.168.1.2", "2026-11-21T08:00", 20.0, 30.0), (3, "192.168.1.4", "2026-11-21T02:00", 17.0, 35.0)]

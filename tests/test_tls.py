@@ -1,0 +1,167 @@
+"""
+The gateway <-> cloud hop over TLS with mutual authentication, end to end:
+the real twistd plugins (tests/harness.Suite) on loopback.
+
+- the default suite runs over TLS and delivers;
+- a gateway whose certificate another CA signed is refused by the cloud;
+- a cloud whose certificate another CA signed, or whose certificate does not
+  carry the name the gateway expects, is refused by the gateway;
+- a plain-text gateway gets nothing from a TLS cloud;
+- with plain TCP configured on both sides explicitly it works, and the
+  cloud says PLAIN TEXT when it starts.
+
+In each refusal nothing reaches the cloud's database, though the devices'
+readings are safe in the gateway's spool.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from meter import secrets
+from tests.harness import Suite
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def make_suite(tmp_path):
+    suites = []
+
+    def make(devices: int = 2, **settings) -> Suite:
+        root = tmp_path / f"suite{len(suites)}"
+        root.mkdir()
+        suite = Suite(root, devices=devices, readings=4, **settings)
+        suites.append(suite)
+        return suite
+
+    yield make
+    for suite in suites:
+        suite.stop()
+
+
+def yesterday() -> datetime.date:
+    return datetime.date.fromtimestamp(time.time()) - datetime.timedelta(days=1)
+
+
+def deliver(suite: Suite) -> None:
+    """
+    Every device of the suite hands its day to the gateway (which answers
+    from its spool, whatever becomes of the cloud hop).
+    """
+    devices = [suite.start_device(device_id) for device_id in suite.fleet]
+    for device in devices:
+        assert device.wait(30) == 0, device.tail()
+
+
+def rogue_folder(suite: Suite, name: str, role: str) -> Path:
+    """
+    A secrets folder holding the suite's own CA and device keys, but a
+    C{role} ("cloud" or "gateway") certificate and key that ANOTHER CA
+    signed: trusted by nothing in the suite.
+    """
+    own = suite.root / "var" / "secrets"
+    other = suite.root / f"{name}-other-ca"
+    secrets.create(other, suite.fleet)
+    rogue = suite.root / name
+    shutil.copytree(own, rogue, ignore=shutil.ignore_patterns(".lock", "cloud.*", "gateway.*"))
+    for suffix in ("crt", "key"):
+        shutil.copy(other / f"{role}.{suffix}", rogue / f"{role}.{suffix}")
+    # Starting with generate = true keeps every file that exists: the rogue
+    # certificate stays.
+    secrets.create(rogue, suite.fleet)
+    assert (rogue / f"{role}.crt").read_bytes() == (other / f"{role}.crt").read_bytes()
+    return rogue
+
+
+def test_the_default_suite_delivers_over_tls(make_suite):
+    suite = make_suite()
+    cloud = suite.start_cloud()
+    assert cloud.all_matching(r"with TLS, gateways need a certificate of the suite's CA")
+    assert cloud.all_matching(r"\(TLS\) starting on")
+    gateway = suite.start_gateway()
+    assert not gateway.all_matching("PLAIN TEXT")
+    deliver(suite)
+    suite.wait_stored(2 * 4, cloud)
+    assert suite.stored() == suite.expected_rows(yesterday())
+    # the secrets were made where [security] dir says, keys readable only by their owner
+    folder = suite.root / "var" / "secrets"
+    for path in [folder / "ca.key", folder / "cloud.key", folder / "gateway.key", folder / "devices" / "device1.key"]:
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_a_gateway_certified_by_another_ca_is_refused_by_the_cloud(make_suite):
+    suite = make_suite()
+    cloud = suite.start_cloud()
+    rogue = rogue_folder(suite, "rogue-gateway", "gateway")
+    gateway = suite.start("gateway", "meter-gateway", "--secrets", str(rogue))
+    gateway.wait_for("GatewayProtocol starting on")
+    deliver(suite)  # the devices' keys are the suite's: the gateway takes their days
+    gateway.wait_for(r"round \S+ complete: every expected device reported")
+    # The cloud refuses the handshake, again at each attempt.
+    for _ in range(2):
+        cloud.wait_for(r"gateway 127\.0\.0\.1:\d+ disconnected: .*(certificate|unknown ca|alert)", 20)
+    gateway.wait_for(r"connection to the cloud lost: .*(certificate|unknown ca|alert)", 20)
+    assert not cloud.all_matching(r"readings committed")
+    assert suite.count_stored() == 0
+
+
+def test_a_cloud_certified_by_another_ca_is_refused_by_the_gateway(make_suite):
+    suite = make_suite()
+    suite.start_cloud().stop()  # makes the suite's secrets, then goes
+    rogue = rogue_folder(suite, "rogue-cloud", "cloud")
+    cloud = suite.start("cloud", "meter-cloud", "--secrets", str(rogue))
+    cloud.wait_for(r"\(TLS\) starting on")
+    gateway = suite.start_gateway()
+    deliver(suite)
+    gateway.wait_for(r"round \S+ complete: every expected device reported")
+    for _ in range(2):
+        gateway.wait_for(r"connection to the cloud lost: .*certificate verify failed", 20)
+    assert not gateway.all_matching(r"batch \w+ acknowledged by the cloud")
+    assert not cloud.all_matching(r"readings committed")
+    assert suite.count_stored() == 0
+
+
+def test_a_cloud_certificate_for_another_name_is_refused_by_the_gateway(make_suite):
+    # The cloud's certificate is the suite CA's, for meter-cloud; this
+    # gateway expects another name, as if the cloud were an impostor holding
+    # some other certificate of the same CA.
+    suite = make_suite(cloud_name="meter-cloud.example")
+    cloud = suite.start_cloud()
+    gateway = suite.start_gateway()
+    deliver(suite)
+    gateway.wait_for(r"round \S+ complete: every expected device reported")
+    for _ in range(2):
+        gateway.wait_for(r"connection to the cloud lost: .*(DNSMismatch|meter-cloud\.example)", 20)
+    assert not cloud.all_matching(r"readings committed")
+    assert suite.count_stored() == 0
+
+
+def test_a_plain_text_gateway_gets_nothing_from_a_tls_cloud(make_suite):
+    suite = make_suite(tls=False)
+    cloud = suite.start_cloud()
+    gateway = suite.start_gateway()
+    assert gateway.all_matching(r"connecting to the cloud in PLAIN TEXT \(\[gateway\] tls = false\)")
+    deliver(suite)
+    gateway.wait_for(r"forwarding batch \w+ of 8 readings")
+    cloud.wait_for(r"gateway 127\.0\.0\.1:\d+ disconnected: ", 20)
+    gateway.wait_for(r"batch \w+ not acknowledged|connection to the cloud lost", 40)
+    assert not cloud.all_matching(r"readings committed")
+    assert suite.count_stored() == 0
+
+
+def test_plain_tcp_when_configured_on_both_sides(make_suite):
+    suite = make_suite(tls=False, cloud={"tls": False})
+    cloud = suite.start_cloud()
+    assert cloud.all_matching(r"listening on tcp:\d+:interface=127\.0\.0\.1 in PLAIN TEXT \(\[cloud\] tls = false\)")
+    assert not cloud.all_matching(r"\(TLS\)")
+    gateway = suite.start_gateway()
+    assert gateway.all_matching(r"connecting to the cloud in PLAIN TEXT \(\[gateway\] tls = false\)")
+    deliver(suite)
+    suite.wait_stored(2 * 4, cloud)
+    assert suite.stored() == suite.expected_rows(yesterday())
