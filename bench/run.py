@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))
 
 import ceilings  # noqa: E402
 import profiles  # noqa: E402
-from suite import Workspace, fleet_of, label_address, loadgen_command  # noqa: E402
+from suite import Workspace, fleet_of, label_address, loadgen_command, proc_stats  # noqa: E402
 
 from meter import config, wire  # noqa: E402
 from meter.loadgen import latency_summary, synthetic_day  # noqa: E402
@@ -109,6 +109,63 @@ def wait_committed(cloud, expected: int, timeout: float, totals: dict | None = N
             totals["complete"] = totals["new"] >= expected
             return totals
         time.sleep(0.02)
+
+
+class Sampler:
+    """
+    CPU time and resident memory of some processes, every C{interval}
+    seconds on a thread, for the timeline of a scenario.
+    """
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.25):
+        import threading
+
+        self._pids = pids
+        self._interval = interval
+        self._stop = threading.Event()
+        self.samples: list[tuple[float, dict]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            point = {}
+            for name, pid in self._pids.items():
+                try:
+                    point[name] = proc_stats(pid)
+                except OSError:
+                    pass
+            self.samples.append((time.time(), point))
+            self._stop.wait(self._interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def timeline(self, first_send: float | None, last_device_ack: float | None, last_commit: float | None) -> dict:
+        """
+        Per phase (intake: first send to the last device acknowledgement;
+        forward: then to the last commit), each process's share of one core
+        and its largest resident memory.
+        """
+        phases = {"intake": (first_send, last_device_ack), "forward": (last_device_ack, last_commit)}
+        out = {}
+        for phase, (start, end) in phases.items():
+            if start is None or end is None or end <= start:
+                continue
+            inside = [(t, p) for t, p in self.samples if start - self._interval <= t <= end + self._interval]
+            if len(inside) < 2:
+                continue
+            (t0, p0), (t1, p1) = inside[0], inside[-1]
+            out[phase] = {
+                name: {
+                    "core_share": round((p1[name]["cpu_s"] - p0[name]["cpu_s"]) / (t1 - t0), 2),
+                    "max_rss_mb": max(p[name]["rss_mb"] for _, p in inside if name in p),
+                }
+                for name in self._pids
+                if name in p0 and name in p1
+            }
+        return out
 
 
 def udp_counters() -> dict:
@@ -452,6 +509,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
                      profiles.Spy(cloud.pid, RESULTS / "profile-cloud.txt")]
             time.sleep(0.5)
         g0, c0 = gateway.stats(), cloud.stats()
+        sampler = Sampler({"gateway": gateway.pid, "cloud": cloud.pid})
         udp0 = udp_counters()
         sent = run_loadgen(workspace, tag, "--devices", str(devices), "--readings", str(readings),
                            "--spread", str(spread), "--seed", str(args.seed), "--timeout", str(args.fleet_timeout),
@@ -463,11 +521,14 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
             spies.append(profiles.Spy(gateway.pid, RESULTS / "profile-gateway-forward.txt"))
         totals = wait_committed(cloud, sent["readings_acked"], args.fleet_timeout)
         g2, c2 = gateway.stats(), cloud.stats()
+        sampler.stop()
         for spy in spies:
             spy.stop()
     finally:
         for spy in spies:
             spy.stop()
+        if "sampler" in locals():
+            sampler.stop()
         workspace.stop()
     counters = gateway_counters(gateway)
     day = datetime.date.fromisoformat(sent["day"])
@@ -506,6 +567,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
                     "cpu_s": round(g2["cpu_s"] - g0["cpu_s"], 2), "peak_rss_mb": g2["peak_rss_mb"]},
         "cloud": {"cpu_s": round(c2["cpu_s"] - c0["cpu_s"], 2), "peak_rss_mb": c2["peak_rss_mb"]},
         "loadgen": {"cpu_s": sent["loadgen_cpu_s"], "peak_rss_mb": sent["loadgen_max_rss_mb"], "sockets": sent["sockets"]},
+        "timeline": sampler.timeline(sent["first_send"], sent["last_ack"], last),
     }
     result["gateway"]["cpu_us_per_reading"] = round(result["gateway"]["cpu_s"] / total_readings * 1e6, 2)
     result["cloud"]["cpu_us_per_reading"] = round(result["cloud"]["cpu_s"] / total_readings * 1e6, 2)
@@ -522,7 +584,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         f"ack p50 {sent['ack_latency_ms'].get('p50')} ms p99 {sent['ack_latency_ms'].get('p99')} ms; "
         f"db: {check['stored']:,} of {check['expected']:,} stored, lost {check['lost']}, doubled {check['doubled_rows']}, "
         f"cloud saw {totals['dup']} duplicates; kernel receive-buffer drops {result['kernel_udp_receive_buffer_drops']}; "
-        f"uplink cycle {result['forwarding']['interval_between_acks_ms_p50']} ms a batch; gateway CPU {result['gateway']['cpu_s']} s, peak RSS "
+        f"uplink cycle {result['forwarding']['interval_between_acks_ms_p50']} ms a batch; phases {result['timeline']}; gateway CPU {result['gateway']['cpu_s']} s, peak RSS "
         f"{result['gateway']['peak_rss_mb']} MB; cloud CPU {result['cloud']['cpu_s']} s")
     return result
 

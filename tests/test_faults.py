@@ -212,6 +212,8 @@ def test_cloud_killed_three_times_while_gateway_forwards(make_suite):
     gateway.stop()
     stats = gateway_stats(gateway)
     assert stats["forwarding_retries"] >= 3 and stats["spool_depth"] == 0, stats
+    # Reconnecting never reopened (let alone reinitialised) the spool.
+    assert len(gateway.all_matching(r"spool holds \d+ readings")) == 1
     # Across kills a reading may miss the console (stored, then killed
     # before printing) but is never printed twice.
     lines = console_lines(*clouds)
@@ -322,11 +324,14 @@ def test_spool_full_refuses_busy_and_loses_nothing(make_suite):
     deliver, and the spool never held more than its limit.
     """
     limit = 600
-    suite = make_suite(20, 96, spool_limit=limit, deadline=2.0)
+    suite = make_suite(20, 96, spool_limit=limit, deadline=2.0, stats_interval=1.0)
     gateway = suite.start_gateway()
     fleet = suite.start_fleet(DAY, "1-20", "--ack-timeout", "0.2", "--max-retransmit", "7", "--time-limit", "100")
     gateway.wait_for(r"SPOOL FULL \(\d+ of 600 readings\)", 20)
     gateway.wait_for(r"round 2024-05-01 closed: deadline of 2 s passed", 20)
+    # The periodic stats line shows the spool's depth while the cloud is away.
+    depth = int(gateway.wait_for(r"gateway stats: spool_depth=(\d+) ", 5).group(1))
+    assert 0 < depth <= limit
     cloud = suite.start_cloud()
     summary = fleet_summary(fleet, 100)
     assert summary["delivered"] == 20, summary

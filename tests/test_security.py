@@ -609,3 +609,17 @@ async def test_a_good_batch_after_refused_ones_is_stored_exactly(c):
             "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY device_id"
         ).fetchall()
     assert rows == [(1, "192.168.1.2", "2026-11-21T08:00", 20.0, 30.0), (3, "192.168.1.4", "2026-11-21T02:00", 17.0, 35.0)]
+
+
+# -- the documents say what the code does --------------------------------------
+
+
+def test_the_sealed_example_of_the_protocol_document_verifies():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    (body,) = [line[len("body: ") :] for line in text.splitlines() if line.startswith("body: meter/1 ")]
+    (sent,) = [line[len("sent: ") :] for line in text.splitlines() if line.startswith("sent: meter/1 ")]
+    key = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+    assert wire.seal(body.encode(), key) == sent.encode()
+    assert wire.decode(wire.unseal(sent.encode(), key)) == wire.DayAck(XFER, 1, "ok")

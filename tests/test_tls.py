@@ -3,7 +3,8 @@ The gateway <-> cloud hop over TLS with mutual authentication, end to end:
 the real twistd plugins (tests/harness.Suite) on loopback.
 
 - the default suite runs over TLS and delivers;
-- a gateway whose certificate another CA signed is refused by the cloud;
+- a gateway whose certificate another CA signed is refused by the cloud, and
+  so is one presenting the cloud's own certificate (it is for servers only);
 - a cloud whose certificate another CA signed, or whose certificate does not
   carry the name the gateway expects, is refused by the gateway;
 - a plain-text gateway gets nothing from a TLS cloud;
@@ -107,9 +108,35 @@ def test_a_gateway_certified_by_another_ca_is_refused_by_the_cloud(make_suite):
     for _ in range(2):
         cloud.wait_for(r"gateway 127\.0\.0\.1:\d+ disconnected: .*(certificate|unknown ca|alert)", 20)
     gateway.wait_for(r"connection to the cloud lost: .*(certificate|unknown ca|alert)", 20)
+    assert not gateway.all_matching(r"batch \w+ acknowledged by the cloud")
     assert not cloud.all_matching(r"readings committed")
     assert suite.count_stored() == 0
+    # The days wait in the spool: the same gateway with its rightful
+    # certificate delivers them.
+    gateway.stop()
+    suite.start_gateway()
+    suite.wait_stored(2 * 4, cloud)
+    assert suite.stored() == suite.expected_rows(yesterday())
 
+
+def test_the_clouds_certificate_does_not_make_a_gateway(make_suite):
+    # Signed by the suite's CA, but for servers only (extended key usage):
+    # whoever took it from the cloud's host cannot pose as a gateway.
+    suite = make_suite()
+    cloud = suite.start_cloud()
+    own = suite.root / "var" / "secrets"
+    rogue = suite.root / "stolen"
+    shutil.copytree(own, rogue, ignore=shutil.ignore_patterns(".lock"))
+    for suffix in ("crt", "key"):
+        shutil.copy(own / f"cloud.{suffix}", rogue / f"gateway.{suffix}")
+    gateway = suite.start("gateway", "meter-gateway", "--secrets", str(rogue))
+    gateway.wait_for("GatewayProtocol starting on")
+    deliver(suite)
+    for _ in range(2):
+        cloud.wait_for(r"gateway 127\.0\.0\.1:\d+ disconnected: .*certificate verify failed", 20)
+    gateway.wait_for(r"connection to the cloud lost: .*unsupported certificate", 20)
+    assert not cloud.all_matching(r"readings committed")
+    assert suite.count_stored() == 0
 
 def test_a_cloud_certified_by_another_ca_is_refused_by_the_gateway(make_suite):
     suite = make_suite()
@@ -138,6 +165,7 @@ def test_a_cloud_certificate_for_another_name_is_refused_by_the_gateway(make_sui
     gateway.wait_for(r"round \S+ complete: every expected device reported")
     for _ in range(2):
         gateway.wait_for(r"connection to the cloud lost: .*(DNSMismatch|meter-cloud\.example)", 20)
+    assert not gateway.all_matching(r"batch \w+ acknowledged by the cloud")
     assert not cloud.all_matching(r"readings committed")
     assert suite.count_stored() == 0
 
