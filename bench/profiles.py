@@ -139,7 +139,7 @@ class Spy:
     py-spy recording one process until L{stop}.
     """
 
-    def __init__(self, pid: int, out: Path, rate: int = 100):
+    def __init__(self, pid: int, out: Path, rate: int = 200):
         self.out = out
         binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.process = subprocess.Popen(

@@ -126,6 +126,9 @@ class Intake:
         #: spool limit already, or a burst could overshoot it.
         self._incoming = 0
         self.counters: Counter[str] = Counter()
+        #: Warnings about refused chunks: a few a minute per source (a
+        #: captured datagram replayed in a loop must not flood the log).
+        self._warnings = PerSource(clock, 1 / 6, 5)
 
     # -- start and stop ------------------------------------------------------
 
@@ -300,7 +303,16 @@ class Intake:
         return d.addCallbacks(committed, failed)
 
     def _refuse(self, chunk: wire.DayChunk, reason: str, peer: str) -> wire.DayAck:
-        self.log.warn("refused chunk from {peer}: {reason}", peer=peer, reason=reason)
+        source = peer_host(peer)
+        if self._warnings.allow(source):
+            suppressed = self._warnings.take_suppressed(source)
+            self.log.warn(
+                "refused chunk from {peer}: {reason}"
+                + (" ({suppressed} similar lines from this source left out)" if suppressed else ""),
+                peer=peer,
+                reason=reason,
+                suppressed=suppressed,
+            )
         return wire.DayAck(chunk.xfer, chunk.part, "bad", reason)
 
     def _part_arrived(self, chunk: wire.DayChunk) -> None:
@@ -309,7 +321,13 @@ class Intake:
             key, Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
         )
         transfer.received.add(chunk.part)
-        round_ = self._rounds[chunk.day]
+        round_ = self._rounds.get(chunk.day)
+        if round_ is None:
+            # Its round closed and was forgotten (a later day's round closed)
+            # while this chunk was being committed: its readings are spooled
+            # under a closed round, so they may go.
+            self._on_ready()
+            return
         if len(transfer.received) < transfer.parts:
             if key not in self._incomplete:
                 self._incomplete[key] = None

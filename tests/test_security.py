@@ -9,6 +9,7 @@ tmp_path where persistence is the point; the cloud's store is real.
 from __future__ import annotations
 
 import datetime
+import gc
 import random
 import sqlite3
 import zlib
@@ -17,7 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import FakeDatagramTransport, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -335,6 +336,25 @@ def test_warnings_about_bad_input_are_rate_limited_per_source():
     assert line.endswith("(95 similar lines from this source left out)")
 
 
+def test_warnings_about_refused_authentic_chunks_are_rate_limited_per_source():
+    # A genuine datagram captured and replayed in a loop after its window:
+    # each is refused (and counted), but the log gets a few lines.
+    g = Gateway()
+    stale = sealed(chunk(sent_at=NOW - 3600))
+    with capturedLogs() as events:
+        for _ in range(100):
+            g.receive(stale, STRANGER)
+        g.receive(stale, DEVICE2)
+        g.clock.advance(6)
+        g.receive(stale, STRANGER)
+    refused = [formatEvent(e) for e in events if e.get("log_namespace") == "meter.gateway.Intake" and e["log_level"] == LogLevel.warn]
+    assert [line.split(":")[0] for line in refused] == ["refused chunk from 192.168.1.66"] * 5 + [
+        "refused chunk from 192.168.1.3"
+    ] + ["refused chunk from 192.168.1.66"]
+    assert refused[-1].endswith("(95 similar lines from this source left out)")
+    assert g.counters["refused_replay"] == 102
+    assert len(g.answers(STRANGER)) == 101  # the answers are flood-limited, not log-limited
+
 def test_flood_warnings_are_rate_limited_too():
     g = Gateway(rate=1, burst=1)
     with capturedLogs() as events:
@@ -358,6 +378,49 @@ def test_a_complete_round_of_any_calendar_day_closes(day):
     assert g.answers() == [OK]
     assert g.spool.closed == [day]
     assert not [e for e in events if "log_failure" in e]
+
+
+class HoldingSpool(FakeSpool):
+    """
+    A fake spool whose commits of transfer C{held} wait until released.
+    """
+
+    def __init__(self, held: str):
+        super().__init__()
+        self._held = held
+        self.waiting: list = []
+
+    def add_chunk(self, chunk, now, open_round):
+        if chunk.xfer != self._held:
+            return super().add_chunk(chunk, now, open_round)
+        self.chunks.append(chunk)
+        d = Deferred()
+        self.waiting.append((d, len(chunk.readings)))
+        return d
+
+
+def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
+    # Device 1 sends day D again while a round three days later closes and
+    # forgets D: the commit used to find no round and raise, so the device
+    # was never answered.
+    later = DAY + datetime.timedelta(days=3)
+    spool = HoldingSpool("c" * 16)
+    g = Gateway(spool)
+    g.receive(sealed(chunk(1, "a" * 16)))
+    g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
+    g.receive(sealed(chunk(1, "d" * 16, day=later)))  # round DAY+3 opens
+    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,))))  # commit held
+    with capturedLogs() as events:
+        g.clock.advance(60)  # DAY+3 closes at its deadline: DAY is forgotten
+        assert DAY not in g.intake._rounds
+        d, new = spool.waiting.pop()
+        d.callback(new)
+        del d
+        gc.collect()
+    assert [a.xfer[0] for a in g.answers()] == ["a", "d", "c"]
+    assert {a.status for a in g.answers()} == {"ok"}
+    assert not [e for e in events if "log_failure" in e]
+    assert g.intake._committing == {}
 
 
 # -- the device hears only its gateway -----------------------------------------
