@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import hmac
 import json
-import sqlite3
 import sys
 import tempfile
 import time
@@ -28,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 from meter import cloud, wire  # noqa: E402
 from meter.dbthread import connect  # noqa: E402
 from meter.loadgen import synthetic_day  # noqa: E402
-from meter.reading import Reading, format_number  # noqa: E402
+from meter.reading import Reading  # noqa: E402
 
 DAY = datetime.date(2026, 3, 1)
 KEY = bytes(range(32))
@@ -46,6 +43,55 @@ def best(function, repeat: int = 5, number: int = 1) -> float:
             function()
         times.append((time.perf_counter() - started) / number)
     return min(times) * 1e6
+
+
+def _lean_batch_decoder():
+    """
+    A sketch of batch-record decoding that checks what wire.decode checks
+    (grammar, canonical numbers, ranges, calendar dates, one reading per
+    device and minute) but caches the verdict for each distinct token and
+    builds plain tuples: the kind of change recommended for wire.py.
+    """
+    import re
+
+    from meter.reading import check_humidity, check_temperature
+
+    stamp_re = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+    numbers: dict[tuple[str, object], float] = {}
+    days: dict[str, bool] = {}
+    devices: dict[str, int] = {}
+    ips: dict[str, str] = {}
+
+    def number(text, check):
+        key = (text, check)
+        value = numbers.get(key)
+        if value is None:
+            value = wire._number(text, check, "value")
+            numbers[key] = value
+        return value
+
+    def decode(text: str):
+        rows = []
+        seen = set()
+        for record in text.split(";"):
+            device, ip, stamp, t, h = record.split(",")
+            device_id = devices.get(device) or devices.setdefault(device, wire._device_id(device))
+            if ip not in ips:
+                ips[ip] = wire._ip(ip)
+            if stamp_re.match(stamp) is None:
+                raise wire.WireError("value", stamp)
+            day = stamp[:10]
+            if day not in days:
+                datetime.date.fromisoformat(day)
+                days[day] = True
+            key = (device_id, stamp)
+            if key in seen:
+                raise wire.WireError("record", stamp)
+            seen.add(key)
+            rows.append((device_id, ip, stamp, number(t, check_temperature), number(h, check_humidity), 0.0, t, h))
+        return rows
+
+    return decode
 
 
 def main(argv=None) -> int:
@@ -162,6 +208,16 @@ def main(argv=None) -> int:
         note("cloud insert: execute per row + rowcount (cloud._insert), per reading",
              best(lambda: insert(True), repeat=3) / len(readings))
         note("cloud insert: executemany of the same rows, per reading", best(lambda: insert(False), repeat=3) / len(readings))
+
+    # -- a sketch of a leaner decode (not meter's code: what one could cost) --
+    lean_decode = _lean_batch_decoder()
+    text = line.split(b" r=", 1)[1].decode("ascii")
+    rows = lean_decode(text)
+    assert len(rows) == len(readings) and rows[0][2] == readings[0].taken_at.isoformat(timespec="minutes")
+    note("sketch: batch records to checked row tuples (caches, no Reading objects), per reading",
+         best(lambda: lean_decode(text), number=5) / len(readings))
+    note("sketch: console lines from the record text, per reading", best(
+        lambda: "".join(f"{r[1]} - {r[2][11:]} - {r[6]} - {r[7]}%\n" for r in rows), number=5) / len(readings))
 
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

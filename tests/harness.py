@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from meter import config
+from meter.lab import survey_text  # noqa: F401 (tests import it from here)
 from meter.processes import Daemon, DaemonError, twistd
 
 #: The fleet-in-one-process driver of the fault tests.
@@ -27,21 +28,6 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def survey_text(device_id: int, count: int) -> str:
-    """
-    C{count} distinct readings of a day for device C{device_id}, in the
-    report's format, at evenly spaced minutes.
-    """
-    step = (24 * 60) // count
-    lines = []
-    for i in range(count):
-        minute = i * step
-        temperature = 10 + (device_id * 7 + i) % 20
-        humidity = 20 + (device_id * 3 + i * 5) % 60
-        lines.append(f"{minute // 60:02d}:{minute % 60:02d} - {temperature}.5 - {humidity}%")
-    return "\n".join(lines) + "\n"
 
 
 class Suite:
