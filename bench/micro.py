@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     note("  a plain tuple instead, per reading", best(
         lambda: (3, "10.0.0.3", datetime.datetime(2026, 3, 1, 1, 2), 21.3, 35.5), number=20000))
     note("  _number('21.3') (regex, float, canonical check, range)", best(
-        lambda: wire._number("21.3", lambda v: v, "t"), number=20000))
+        lambda: wire._check_number("21.3", lambda v: v, "t"), number=20000))
     cache = {"21.3": 21.3}
     note("  a dict lookup of an already-checked number instead", best(lambda: cache.get("21.3"), number=20000))
     ack = wire.DayAck(chunk.xfer, chunk.part, "ok")

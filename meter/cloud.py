@@ -49,25 +49,35 @@ def _insert(readings: tuple[Reading, ...], stored_at: float):
     """
 
     def work(connection: sqlite3.Connection) -> list[Reading]:
-        new = []
-        insert = connection.execute
+        # A fleet's readings share their minutes: format each time once.
+        stamps: dict = {}
+        rows = []
         for reading in readings:
-            cursor = insert(
-                "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (
-                    reading.device_id,
-                    reading.device_ip,
-                    reading.taken_at.isoformat(timespec="minutes"),
-                    reading.temperature_c,
-                    reading.humidity_pct,
-                    stored_at,
-                ),
+            taken_at = reading.taken_at
+            stamp = stamps.get(taken_at)
+            if stamp is None:
+                stamp = stamps[taken_at] = taken_at.isoformat(timespec="minutes")
+            rows.append(
+                (reading.device_id, reading.device_ip, stamp, reading.temperature_c, reading.humidity_pct, stored_at)
             )
-            if cursor.rowcount:
-                new.append(reading)
-        return new
+        # The common case, a batch never seen, in one executemany; if any
+        # row was stored before (a batch sent again), undo and go row by row
+        # to learn which readings are new, for the console.
+        connection.execute("SAVEPOINT batch")
+        before = connection.total_changes
+        connection.executemany(_INSERT, rows)
+        if connection.total_changes - before == len(rows):
+            connection.execute("RELEASE batch")
+            return list(readings)
+        connection.execute("ROLLBACK TO batch")
+        connection.execute("RELEASE batch")
+        insert = connection.execute
+        return [reading for reading, row in zip(readings, rows) if insert(_INSERT, row).rowcount]
 
     return work
+
+
+_INSERT = "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 
 
 class CloudStore:
@@ -80,7 +90,11 @@ class CloudStore:
 
     log = Logger()
 
-    def __init__(self, database: DatabaseThread, console: Callable[[str], None], clock):
+    def __init__(self, database: DatabaseThread, console: Callable[[list[str]], None], clock):
+        """
+        @param console: called with the console lines of each batch's newly
+            stored readings, once per batch.
+        """
         self._database = database
         self._console = console
         self._clock = clock
@@ -96,8 +110,8 @@ class CloudStore:
         d = self._database.run(_insert(batch.readings, received))
 
         def committed(new: list[Reading]) -> wire.BatchAck:
-            for reading in new:
-                self._console(reading.console_line())
+            if new:
+                self._console([reading.console_line() for reading in new])
             duplicates = len(batch.readings) - len(new)
             self.counters["batches"] += 1
             self.counters["readings_new"] += len(new)

@@ -48,7 +48,7 @@ class CloudService(MultiService):
         self._settings = settings
         self._tls = tls
         self._reactor = reactor
-        self._console = console or _console_line
+        self._console = console or _console_lines
         self.database: DatabaseThread | None = None
         self.store: cloud.CloudStore | None = None
 
@@ -81,11 +81,12 @@ class CloudService(MultiService):
         return d
 
 
-def _console_line(line: str) -> None:
-    # The console is the process's real stdout, not twistd's log: the line
-    # must read exactly as the report prints it, with no log prefix.
+def _console_lines(lines: list[str]) -> None:
+    # The console is the process's real stdout, not twistd's log: the lines
+    # must read exactly as the report prints them, with no log prefix.  One
+    # write and one flush per batch.
     out = sys.__stdout__
-    out.write(line + "\n")
+    out.write("\n".join(lines) + "\n")
     out.flush()
 
 

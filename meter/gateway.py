@@ -98,8 +98,10 @@ class Intake:
         replay_window: float | None = None,
         reassembly_timeout: float | None = None,
         max_reassemblies: int | None = None,
+        max_committing: int = 2000,
     ):
         self._fleet = fleet
+        self._max_committing = max_committing
         self._reassembly_timeout = reassembly_timeout
         self._max_reassemblies = max_reassemblies
         self._replay_window = replay_window
@@ -302,6 +304,28 @@ class Intake:
 
         return d.addCallbacks(committed, failed)
 
+    def acknowledged_before(self, device_id: int, xfer: str, part: int, sent_at: int, peer: str) -> bool:
+        """
+        Whether a chunk with this message id is stored already and may be
+        acknowledged again as it is: within the replay window, and from its
+        device's address when sources are checked.  Counts it as a duplicate.
+        """
+        if (device_id, xfer, part) not in self._acknowledged:
+            return False
+        if self._replay_window is not None and abs(self._clock.seconds() - sent_at) > self._replay_window:
+            return False
+        if self._check_source and peer_host(peer) != self._fleet.get(device_id):
+            return False
+        self.counters["duplicates"] += 1
+        return True
+
+    def overloaded(self) -> bool:
+        """
+        Whether more chunks wait for their spool commit than should: new
+        ones are then answered busy before they are decoded.
+        """
+        return len(self._committing) >= self._max_committing
+
     def _refuse(self, chunk: wire.DayChunk, reason: str, peer: str) -> wire.DayAck:
         source = peer_host(peer)
         if self._warnings.allow(source):
@@ -491,8 +515,9 @@ class BatchSender(Protocol):
 
 class Uplink:
     """
-    Forwards ready readings from the spool to the cloud, one batch in flight
-    at a time, and removes them from the spool once the cloud acknowledged.
+    Forwards ready readings from the spool to the cloud, up to C{window}
+    batches in flight at once, and removes a batch's readings from the spool
+    once the cloud acknowledged it.
 
     A batch the cloud does not acknowledge within C{ack_timeout} (or that it
     refuses) stays in the spool and is sent again.
@@ -509,6 +534,7 @@ class Uplink:
         on_delivered: Callable[[int], None],
         retry_delay: float = 5.0,
         new_batch_id: Callable[[], str] = new_id,
+        window: int = 1,
     ):
         self._spool = spool
         self._clock = clock
@@ -517,8 +543,10 @@ class Uplink:
         self._on_delivered = on_delivered
         self._retry_delay = retry_delay
         self._new_batch_id = new_batch_id
+        self._window = window
         self._sender: BatchSender | None = None
-        self._in_flight: _InFlight | None = None
+        #: Batches sent and not yet removed from the spool, oldest first.
+        self._in_flight: dict[str, _InFlight] = {}
         self._fetching = False
         self._retry = None
         self.counters: Counter[str] = Counter()
@@ -531,38 +559,46 @@ class Uplink:
         if sender is not self._sender:
             return
         self._sender = None
-        flight = self._in_flight
-        if flight is not None and not flight.acknowledged:
-            self.counters["batches_resent"] += 1
-            self._cancel(flight)
-            self._in_flight = None
+        # Unacknowledged batches are sent again on the next connection, from
+        # the spool; acknowledged ones are being removed and stay tracked
+        # until they are, so they are not taken again meanwhile.
+        for batch_id, flight in list(self._in_flight.items()):
+            if not flight.acknowledged:
+                self.counters["batches_resent"] += 1
+                self._cancel(flight)
+                del self._in_flight[batch_id]
 
     def stop(self) -> None:
-        if self._in_flight is not None:
-            self._cancel(self._in_flight)
+        for flight in self._in_flight.values():
+            self._cancel(flight)
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
 
     def kick(self) -> None:
         """
-        Ready readings may be waiting: send the next batch if nothing is in
-        flight.
+        Ready readings may be waiting: fetch the next batch if the window has
+        room.
         """
-        if self._sender is None or self._in_flight is not None or self._fetching:
+        if self._sender is None or len(self._in_flight) >= self._window or self._fetching:
             return
         if self._retry is not None and self._retry.active():
             return
         self._fetching = True
-        self._spool.take_batch(self._batch_readings).addCallback(self._send)
+        # Batches are taken in spool order: the next one starts after the
+        # newest in flight.  Older readings whose round closed meanwhile
+        # wait until the window drains, which it does whenever the cloud
+        # has caught up.
+        after = max((flight.seqs[-1] for flight in self._in_flight.values()), default=0)
+        self._spool.take_batch(self._batch_readings, after).addCallback(self._send)
 
     def _send(self, spooled: list[Spooled]) -> None:
         self._fetching = False
-        if not spooled or self._sender is None or self._in_flight is not None:
+        if not spooled or self._sender is None or len(self._in_flight) >= self._window:
             return
         batch = wire.Batch(self._new_batch_id(), tuple(s.reading for s in spooled))
         flight = _InFlight(batch, [s.seq for s in spooled], self._clock.seconds())
         flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
-        self._in_flight = flight
+        self._in_flight[batch.batch_id] = flight
         self.counters["batches_sent"] += 1
         self.log.info(
             "forwarding batch {batch_id} of {count} readings to the cloud",
@@ -570,10 +606,11 @@ class Uplink:
             count=len(batch.readings),
         )
         self._sender.send(batch)
+        self.kick()
 
     def ack_received(self, ack: wire.BatchAck) -> None:
-        flight = self._in_flight
-        if flight is None or flight.batch.batch_id != ack.batch_id or flight.acknowledged:
+        flight = self._in_flight.get(ack.batch_id)
+        if flight is None or flight.acknowledged:
             self.counters["stray_acks"] += 1
             self.log.warn("acknowledgement of unknown batch {batch_id}", batch_id=ack.batch_id)
             return
@@ -587,7 +624,7 @@ class Uplink:
                 reason=ack.reason,
                 delay=self._retry_delay,
             )
-            self._in_flight = None
+            del self._in_flight[ack.batch_id]
             self._retry = self._clock.callLater(self._retry_delay, self.kick)
             return
         flight.acknowledged = True
@@ -601,7 +638,7 @@ class Uplink:
         )
 
         def removed(count: int) -> None:
-            self._in_flight = None
+            del self._in_flight[ack.batch_id]
             self._on_delivered(count)
             self.kick()
 
@@ -695,6 +732,22 @@ class GatewayProtocol(DatagramProtocol):
         if not wire.tag_ok(body, tag, key):
             self._drop("bad_tag", peer, len(data), f"tag does not verify under device {device_id}'s key")
             return
+        seen = wire.peek_day_id(body)
+        if seen is not None:
+            xfer, part, sent_at = seen
+            if self._intake.acknowledged_before(device_id, xfer, part, sent_at, peer):
+                # A retransmission of a stored chunk (its ack was lost or
+                # late): answer again without decoding it a second time.
+                self.transport.write(wire.seal(wire.encode(wire.DayAck(xfer, part, "ok")), key), addr)
+                return
+            if self._intake.overloaded():
+                # More chunks wait for their commit than the spool can
+                # take in a device's first timeout: refuse new work now,
+                # cheaply, rather than acknowledge late and draw every
+                # device's retransmissions.  The device keeps the chunk.
+                counters["refused_overloaded"] += 1
+                self.transport.write(wire.seal(wire.encode(wire.DayAck(xfer, part, "busy", "gateway overloaded")), key), addr)
+                return
         try:
             message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:
@@ -708,17 +761,7 @@ class GatewayProtocol(DatagramProtocol):
             counters["unexpected"] += 1
             self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
             return
-        self.log.info(
-            "received {size} bytes from device {device} ({peer}): part {part}/{parts} of {day}, {n} readings",
-            size=len(data),
-            device=message.device_id,
-            peer=peer,
-            part=message.part,
-            parts=message.parts,
-            day=message.day,
-            n=len(message.readings),
-        )
-        self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr)
+        self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr, peer, len(data))
 
     def _drop(self, why: str, peer: str, size: int, detail: str) -> None:
         self._intake.counters[f"dropped_{why}"] += 1
@@ -736,14 +779,21 @@ class GatewayProtocol(DatagramProtocol):
             format += " ({suppressed} similar lines from this source left out)"
         self.log.warn(format, suppressed=suppressed, **fields)
 
-    def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr) -> None:
+    def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr, peer: str, size: int) -> None:
         self.transport.write(wire.seal(wire.encode(ack), self._keys[chunk.device_id]), addr)
+        # One line for both events: a log line costs as much as the rest of
+        # a small datagram's handling.
         self.log.info(
+            "received {size} bytes from device {device} ({peer}): part {part}/{parts} of {day}, {n} readings; "
             "sent {status} to device {device} for part {part}/{parts}",
-            status=ack.status,
+            size=size,
             device=chunk.device_id,
+            peer=peer,
             part=chunk.part,
             parts=chunk.parts,
+            day=chunk.day,
+            n=len(chunk.readings),
+            status=ack.status,
         )
 
 

@@ -70,7 +70,12 @@ class GatewayService(MultiService):
         self.database.start()
         spool = Spool(self.database)
         self.uplink = gateway.Uplink(
-            spool, self._reactor, s["batch_readings"], s["ack_timeout"], on_delivered=self._delivered
+            spool,
+            self._reactor,
+            s["batch_readings"],
+            s["ack_timeout"],
+            on_delivered=self._delivered,
+            window=s["batches_in_flight"],
         )
         self.intake = gateway.Intake(
             self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick, check_source=s["check_source"],

@@ -53,11 +53,30 @@ def check_humidity(value: float) -> float:
     return value
 
 
+#: Texts of numbers already formatted.  Sensor values repeat a lot (a
+#: resolution of 0.1 gives a few thousand distinct values), and every reading
+#: is formatted at least twice on its way; bounded so odd inputs cannot grow
+#: it without limit.
+_FORMATTED: dict[float, str] = {}
+_FORMATTED_MAX = 1 << 16
+
+
 def format_number(value: float) -> str:
     """
     The shortest text that reads back as C{value}, without a needless C{.0}:
     C{17.0} prints as C{17} and C{17.25} as C{17.25}, as a survey writes them.
     """
+    text = _FORMATTED.get(value)
+    if text is not None and type(value) is float:
+        return text
+    text = _format_number(value)
+    # Not zero: 0.0 and -0.0 are one key of a dict but two texts.
+    if len(_FORMATTED) < _FORMATTED_MAX and type(value) is float and value == value and value != 0.0:
+        _FORMATTED[value] = text
+    return text
+
+
+def _format_number(value: float) -> str:
     text = repr(float(value))
     if "e" in text:
         # repr writes magnitudes below 1e-4 as 1e-05, a form the wire does
@@ -124,10 +143,31 @@ class Reading:
         The cloud console's line for this reading, as the report prints it:
         C{192.168.1.4 - 02:00 - 17 - 35%}.
         """
+        taken_at = self.taken_at
         return (
-            f"{self.device_ip} - {self.taken_at:%H:%M} - "
+            f"{self.device_ip} - {HHMM[taken_at.hour * 60 + taken_at.minute]} - "
             f"{format_number(self.temperature_c)} - {format_number(self.humidity_pct)}%"
         )
+
+    @classmethod
+    def checked(cls, device_id: int, device_ip: str, taken_at: datetime.datetime, temperature_c: float, humidity_pct: float) -> "Reading":
+        """
+        A reading of values the caller has already checked (the codec checks
+        every value it decodes): the same value, without checking the ranges
+        a second time on the hot path.
+        """
+        reading = object.__new__(cls)
+        _set = object.__setattr__
+        _set(reading, "device_id", device_id)
+        _set(reading, "device_ip", device_ip)
+        _set(reading, "taken_at", taken_at)
+        _set(reading, "temperature_c", temperature_c)
+        _set(reading, "humidity_pct", humidity_pct)
+        return reading
+
+
+#: "HH:MM" of each minute of a day, by minute of the day.
+HHMM = tuple(f"{minute // 60:02d}:{minute % 60:02d}" for minute in range(24 * 60))
 
 
 class SurveyError(ValueError):

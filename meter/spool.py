@@ -18,7 +18,7 @@ import attrs
 
 from meter import wire
 from meter.dbthread import DatabaseThread, connect
-from meter.reading import Reading
+from meter.reading import HHMM, Reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -92,7 +92,8 @@ class Spooled:
 
 def _reading(row) -> Reading:
     device_id, device_ip, taken_at, temperature, humidity = row
-    return Reading(device_id, device_ip, datetime.datetime.fromisoformat(taken_at), temperature, humidity)
+    # Checked when the chunk was decoded, before it was spooled.
+    return Reading.checked(device_id, device_ip, datetime.datetime.fromisoformat(taken_at), temperature, humidity)
 
 
 class Spool:
@@ -134,8 +135,17 @@ class Spool:
         new to the spool (a day sent again in a new transfer is not doubled).
         """
         day = chunk.day.isoformat()
+        # A chunk's readings are all of its day: only the minute varies.
+        stamp = day + "T"
         rows = [
-            (day, r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
+            (
+                day,
+                r.device_id,
+                r.device_ip,
+                stamp + HHMM[r.taken_at.hour * 60 + r.taken_at.minute],
+                r.temperature_c,
+                r.humidity_pct,
+            )
             for r in chunk.readings
         ]
 
@@ -166,18 +176,19 @@ class Spool:
 
         return self._database.run(work)
 
-    def take_batch(self, limit: int):
+    def take_batch(self, limit: int, after: int = 0):
         """
         Fires with up to C{limit} L{Spooled} readings of closed rounds, oldest
-        first: the next batch for the cloud.  They stay in the spool.
+        first, whose sequence numbers are above C{after}: the next batch for
+        the cloud.  They stay in the spool.
         """
 
         def work(connection: sqlite3.Connection) -> list[Spooled]:
             rows = connection.execute(
                 "SELECT seq, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
-                " WHERE day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)"
+                " WHERE seq > ? AND day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)"
                 " ORDER BY seq LIMIT ?",
-                (limit,),
+                (after, limit),
             ).fetchall()
             return [Spooled(row[0], _reading(row[1:])) for row in rows]
 

@@ -203,7 +203,24 @@ def _ip(text: str) -> str:
     return text
 
 
+#: Numbers already checked, by kind: sensor values repeat, so most records
+#: are checked by one lookup.  Bounded, so odd inputs cannot grow them.
+_CHECKED: dict[str, dict[str, float]] = {"temperature": {}, "humidity": {}}
+_CHECKED_MAX = 1 << 16
+
+
 def _number(text: str, check, what: str) -> float:
+    checked = _CHECKED[what]
+    value = checked.get(text)
+    if value is not None:
+        return value
+    value = _check_number(text, check, what)
+    if len(checked) < _CHECKED_MAX:
+        checked[text] = value
+    return value
+
+
+def _check_number(text: str, check, what: str) -> float:
     if _NUMBER.match(text) is None:
         raise WireError("value", f"{what} {text!r} is not a decimal number")
     value = float(text)
@@ -292,7 +309,7 @@ def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, d
         seen.add(hhmm)
         taken_at = datetime.datetime(day.year, day.month, day.day, int(hhmm[:2]), int(hhmm[3:]))
         readings.append(
-            Reading(
+            Reading.checked(
                 device_id,
                 device_ip,
                 taken_at,
@@ -303,6 +320,24 @@ def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, d
     return tuple(readings)
 
 
+#: Times and device ids already checked: a fleet's readings share the
+#: day's minutes and a batch repeats its devices.  Bounded.
+_stamps: dict[str, datetime.datetime] = {}
+_device_ids: dict[str, int] = {}
+
+
+def _stamp(stamp: str) -> datetime.datetime:
+    if _STAMP.match(stamp) is None:
+        raise WireError("value", f"time {stamp!r} is not YYYY-MM-DDTHH:MM")
+    try:
+        taken_at = datetime.datetime.fromisoformat(stamp)
+    except ValueError:
+        raise WireError("value", f"time {stamp!r} is not a calendar date") from None
+    if len(_stamps) < _CHECKED_MAX:
+        _stamps[stamp] = taken_at
+    return taken_at
+
+
 def _decode_batch_records(text: str, count: int):
     readings = []
     seen = set()
@@ -310,19 +345,20 @@ def _decode_batch_records(text: str, count: int):
         if len(fields) != 5:
             raise WireError("record", f"record {','.join(fields)!r} is not id,ip,stamp,temperature,humidity")
         device, ip, stamp, temperature, humidity = fields
-        if _STAMP.match(stamp) is None:
-            raise WireError("value", f"time {stamp!r} is not YYYY-MM-DDTHH:MM")
-        try:
-            taken_at = datetime.datetime.fromisoformat(stamp)
-        except ValueError:
-            raise WireError("value", f"time {stamp!r} is not a calendar date") from None
-        device_id = _device_id(device)
+        taken_at = _stamps.get(stamp)
+        if taken_at is None:
+            taken_at = _stamp(stamp)
+        device_id = _device_ids.get(device)
+        if device_id is None:
+            device_id = _device_id(device)
+            if len(_device_ids) < _CHECKED_MAX:
+                _device_ids[device] = device_id
         key = (device_id, taken_at)
         if key in seen:
             raise WireError("record", f"device {device_id} at {stamp} twice in one batch")
         seen.add(key)
         readings.append(
-            Reading(
+            Reading.checked(
                 device_id,
                 _ip(ip),
                 taken_at,
@@ -573,6 +609,24 @@ MAX_REASON = 200
 
 _DAY_ID = re.compile(rb"^meter/\d+ DAY .*?\bxfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/")
 _BATCH_ID = re.compile(rb"^meter/\d+ BATCH id=([0-9a-f]{16})(?: |$)")
+
+
+_DAY_HEADER = re.compile(
+    rb"^meter/1 DAY dev=[1-9][0-9]{0,9} ip=\S+ day=\S+ xfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/[1-9][0-9]{0,3} ts=(0|[1-9][0-9]{0,9}) "
+)
+
+
+def peek_day_id(body: bytes) -> tuple[str, int, int] | None:
+    """
+    The transfer id, part number and start time of a C{DAY} message, read
+    from its header without decoding its records: enough to recognise a
+    retransmission of a chunk already stored.  C{None} if the header is not
+    a well-formed C{DAY} header (the full decoder then says why).
+    """
+    match = _DAY_HEADER.match(body)
+    if match is None:
+        return None
+    return match.group(1).decode("ascii"), int(match.group(2)), int(match.group(3))
 
 
 def refusal(data: bytes, error: WireError) -> DayAck | BatchAck | None:

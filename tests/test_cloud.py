@@ -46,7 +46,7 @@ class Cloud:
         self.console: list[str] = []
         self.clock = task.Clock()
         self.clock.advance(1772400000)
-        self.store = cloud.CloudStore(self.database, self.console.append, self.clock)
+        self.store = cloud.CloudStore(self.database, self.console.extend, self.clock)
 
     def stored(self):
         with sqlite3.connect(str(self.path)) as other:

@@ -381,7 +381,7 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     clock = task.Clock()
     clock.advance(NOW)
     console: list[str] = []
-    store = RecordingStore(database, console.append, clock)
+    store = RecordingStore(database, console.extend, clock)
     factory = cloud.CloudFactory(store, 120.0, clock)
     sent_lines: set[bytes] = set()
     inputs = 0

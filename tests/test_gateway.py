@@ -98,9 +98,9 @@ class FakeSpool:
         self.forgotten.append(day)
         return succeed(None)
 
-    def take_batch(self, limit):
+    def take_batch(self, limit, after=0):
         self.takes.append(limit)
-        return succeed(list(self.ready[:limit]))
+        return succeed([s for s in self.ready if s.seq > after][:limit])
 
     def remove(self, seqs):
         self.removed.append(list(seqs))
@@ -557,7 +557,7 @@ def spooled(count: int) -> list[Spooled]:
 
 
 class UplinkHarness:
-    def __init__(self, count=5, batch_readings=2, ack_timeout=30.0, retry_delay=5.0):
+    def __init__(self, count=5, batch_readings=2, ack_timeout=30.0, retry_delay=5.0, window=1):
         self.clock = task.Clock()
         self.spool = FakeSpool()
         self.spool.ready = spooled(count)
@@ -565,7 +565,8 @@ class UplinkHarness:
         self.delivered: list[int] = []
         ids = (f"{i:016x}" for i in range(1, 1000))
         self.uplink = Uplink(
-            self.spool, self.clock, batch_readings, ack_timeout, self.delivered.append, retry_delay, lambda: next(ids)
+            self.spool, self.clock, batch_readings, ack_timeout, self.delivered.append, retry_delay, lambda: next(ids),
+            window=window,
         )
         self.uplink.log = Logger(observer=lambda event: None)
         self.sender = FakeSender()
@@ -1059,3 +1060,85 @@ async def test_spool_keeps_an_old_round_still_holding_readings(real, tmp_path):
     assert [r.day for r in state.rounds] == [old]
     assert state.parts == ()
     assert state.depth == 1
+
+
+def test_a_retransmission_of_a_stored_chunk_is_acknowledged_without_decoding(monkeypatch):
+    h = ProtocolHarness()
+    chunk = day_chunk(1)
+    datagram = wire.seal(wire.encode(chunk), KEYS[1])
+    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("a stored chunk was decoded again")
+
+    monkeypatch.setattr(wire, "decode", no_decode)
+    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    monkeypatch.undo()
+    assert h.answers() == [(ok(chunk), DEVICE_ADDR), (ok(chunk), DEVICE_ADDR)]
+    assert len(h.intake.spool.added) == 1
+    assert h.intake.intake.counters["duplicates"] == 1
+
+
+def test_a_stored_chunk_replayed_after_the_window_is_not_acknowledged_again():
+    h = ProtocolHarness()
+    h.intake = IntakeHarness(replay_window=600.0)
+    h.protocol = gateway.GatewayProtocol(h.intake.intake, KEYS, h.intake.clock)
+    h.protocol.makeConnection(h.transport)
+    chunk = day_chunk(1)
+    datagram = wire.seal(wire.encode(chunk), KEYS[1])
+    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    h.intake.clock.advance(601)
+    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    (first, _), (second, _) = h.answers()
+    assert first == ok(chunk)
+    assert second.status == "bad" and "replay window" in second.reason
+    assert h.intake.intake.counters["duplicates"] == 0
+
+
+def test_an_overloaded_gateway_answers_busy_before_decoding():
+    h = ProtocolHarness()
+    h.intake = IntakeHarness(max_committing=2)
+    h.intake.spool.hold = True
+    h.protocol = gateway.GatewayProtocol(h.intake.intake, KEYS, h.intake.clock)
+    h.protocol.makeConnection(h.transport)
+    chunks = [day_chunk(1, part=part, parts=3) for part in (1, 2, 3)]
+    for chunk in chunks:
+        h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
+    assert h.answers() == [(wire.DayAck(chunks[2].xfer, 3, "busy", "gateway overloaded"), DEVICE_ADDR)]
+    assert len(h.intake.spool.added) == 2
+    assert h.intake.intake.counters["refused_overloaded"] == 1
+    h.intake.spool.release()
+    assert [answer for answer, _ in h.answers()[1:]] == [ok(chunks[0]), ok(chunks[1])]
+
+
+def test_uplink_keeps_up_to_its_window_of_batches_in_flight():
+    h = UplinkHarness(count=7, window=2)
+    h.uplink.connected(h.sender)
+    first, second = h.sender.sent
+    assert (first.readings, second.readings) == (h.readings(1, 2), h.readings(3, 4))
+    # An acknowledgement out of order frees its place: the next batch
+    # starts after the newest in flight.
+    h.ack(second)
+    third = h.sender.sent[2]
+    assert third.readings == h.readings(5, 6)
+    assert h.spool.removed == [[3, 4]]
+    h.ack(first)
+    h.ack(third)
+    fourth = h.sender.sent[3]
+    assert fourth.readings == h.readings(7)
+    h.ack(fourth)
+    assert sorted(h.delivered) == [1, 2, 2, 2]
+    assert h.spool.ready == []
+
+
+def test_uplink_resends_every_unacknowledged_batch_of_its_window_after_a_reconnect():
+    h = UplinkHarness(count=6, window=3)
+    h.uplink.connected(h.sender)
+    first, second, third = h.sender.sent
+    h.ack(second)
+    h.uplink.disconnected(h.sender)
+    assert h.uplink.counters["batches_resent"] == 2
+    again = FakeSender()
+    h.uplink.connected(again)
+    assert [b.readings for b in again.sent] == [h.readings(1, 2), h.readings(5, 6)]
+    assert all(b.batch_id not in {first.batch_id, third.batch_id} for b in again.sent)

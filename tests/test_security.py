@@ -489,7 +489,7 @@ class Cloud:
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.console: list[str] = []
-        self.store = cloud.CloudStore(self.database, self.console.append, self.clock)
+        self.store = cloud.CloudStore(self.database, self.console.extend, self.clock)
 
     def connect(self):
         protocol = cloud.CloudFactory(self.store, IDLE, self.clock).buildProtocol(None)
