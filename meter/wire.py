@@ -276,12 +276,21 @@ def _day_record(reading: Reading) -> str:
     )
 
 
-def _batch_record(reading: Reading) -> str:
-    return (
-        # isoformat, not strftime: %Y does not pad a year before 1000 to four digits.
-        f"{reading.device_id},{reading.device_ip},{reading.taken_at.isoformat(timespec='minutes')},"
-        f"{format_number(reading.temperature_c)},{format_number(reading.humidity_pct)}"
-    )
+def _batch_records(readings: tuple[Reading, ...]) -> str:
+    # A fleet's readings share their minutes: format each time once.
+    stamps: dict[datetime.datetime, str] = {}
+    records = []
+    for reading in readings:
+        taken_at = reading.taken_at
+        stamp = stamps.get(taken_at)
+        if stamp is None:
+            # isoformat, not strftime: %Y does not pad a year before 1000 to four digits.
+            stamp = stamps[taken_at] = taken_at.isoformat(timespec="minutes")
+        records.append(
+            f"{reading.device_id},{reading.device_ip},{stamp},"
+            f"{format_number(reading.temperature_c)},{format_number(reading.humidity_pct)}"
+        )
+    return ";".join(records)
 
 
 def _records(text: str, count: int) -> list[list[str]]:
@@ -405,7 +414,7 @@ def encode(message: Message) -> bytes:
         if message.reason:
             text += f" why={_quote(message.reason)}"
     elif isinstance(message, Batch):
-        records = ";".join(map(_batch_record, message.readings))
+        records = _batch_records(message.readings)
         text = (
             f"BATCH id={message.batch_id} n={len(message.readings)} "
             f"sum={_checksum(records)} r={records}"

@@ -53,7 +53,7 @@ def test_embedded_defaults():
     assert defaults.gateway["cloud"] == ("127.0.0.1", 8001)
     assert defaults.gateway["deadline"] == 60.0
     assert defaults.gateway["spool"] == Path("var/gateway-spool.sqlite")
-    assert defaults.gateway["batch_readings"] == 2000
+    assert defaults.gateway["batch_readings"] == 5000
     assert defaults.cloud["listen"] == "tcp:8001:interface=127.0.0.1"
     assert defaults.cloud["idle_timeout"] == 120.0
     assert defaults.device["id"] is None
