@@ -22,7 +22,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
 from meter.dbthread import DatabaseThread
-from meter.reading import Reading
+from meter.reading import MinuteStamps, Reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -49,17 +49,11 @@ def _insert(readings: tuple[Reading, ...], stored_at: float):
     """
 
     def work(connection: sqlite3.Connection) -> list[Reading]:
-        # A fleet's readings share their minutes: format each time once.
-        stamps: dict = {}
-        rows = []
-        for reading in readings:
-            taken_at = reading.taken_at
-            stamp = stamps.get(taken_at)
-            if stamp is None:
-                stamp = stamps[taken_at] = taken_at.isoformat(timespec="minutes")
-            rows.append(
-                (reading.device_id, reading.device_ip, stamp, reading.temperature_c, reading.humidity_pct, stored_at)
-            )
+        stamps = MinuteStamps()
+        rows = [
+            (r.device_id, r.device_ip, stamps[r.taken_at], r.temperature_c, r.humidity_pct, stored_at)
+            for r in readings
+        ]
         # The common case, a batch never seen, in one executemany; if any
         # row was stored before (a batch sent again), undo and go row by row
         # to learn which readings are new, for the console.

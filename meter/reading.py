@@ -166,6 +166,18 @@ class Reading:
         return reading
 
 
+class MinuteStamps(dict):
+    """
+    ISO 8601 texts (C{YYYY-MM-DDTHH:MM}) of times, each formatted once: a
+    batch of a fleet's readings shares its minutes.  Use one per batch.
+    """
+
+    def __missing__(self, taken_at: datetime.datetime) -> str:
+        # isoformat, not strftime: %Y does not pad a year before 1000 to four digits.
+        stamp = self[taken_at] = taken_at.isoformat(timespec="minutes")
+        return stamp
+
+
 #: "HH:MM" of each minute of a day, by minute of the day.
 HHMM = tuple(f"{minute // 60:02d}:{minute % 60:02d}" for minute in range(24 * 60))
 

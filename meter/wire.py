@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote
 import attrs
 
 from meter.reading import (
+    MinuteStamps,
     Reading,
     ReadingError,
     check_humidity,
@@ -277,20 +278,12 @@ def _day_record(reading: Reading) -> str:
 
 
 def _batch_records(readings: tuple[Reading, ...]) -> str:
-    # A fleet's readings share their minutes: format each time once.
-    stamps: dict[datetime.datetime, str] = {}
-    records = []
-    for reading in readings:
-        taken_at = reading.taken_at
-        stamp = stamps.get(taken_at)
-        if stamp is None:
-            # isoformat, not strftime: %Y does not pad a year before 1000 to four digits.
-            stamp = stamps[taken_at] = taken_at.isoformat(timespec="minutes")
-        records.append(
-            f"{reading.device_id},{reading.device_ip},{stamp},"
-            f"{format_number(reading.temperature_c)},{format_number(reading.humidity_pct)}"
-        )
-    return ";".join(records)
+    stamps = MinuteStamps()
+    return ";".join(
+        f"{reading.device_id},{reading.device_ip},{stamps[reading.taken_at]},"
+        f"{format_number(reading.temperature_c)},{format_number(reading.humidity_pct)}"
+        for reading in readings
+    )
 
 
 def _records(text: str, count: int) -> list[list[str]]:
