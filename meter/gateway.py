@@ -584,16 +584,32 @@ class Uplink:
         if self._retry is not None and self._retry.active():
             return
         self._fetching = True
-        # Batches are taken in spool order: the next one starts after the
-        # newest in flight.  Older readings whose round closed meanwhile
-        # wait until the window drains, which it does whenever the cloud
-        # has caught up.
-        after = max((flight.seqs[-1] for flight in self._in_flight.values()), default=0)
-        self._spool.take_batch(self._batch_readings, after).addCallback(self._send)
+        after = self._after()
+        self._spool.take_batch(self._batch_readings, after).addCallback(self._send, after)
 
-    def _send(self, spooled: list[Spooled]) -> None:
+    def _after(self) -> int:
+        """
+        Where the next batch starts in the spool: after the newest batch
+        still waiting for its acknowledgement.  An acknowledged batch needs
+        no skipping: its removal was queued on the database thread before
+        any later fetch, which therefore no longer sees its readings.  After
+        a reconnection nothing waits, so the batches that lost their
+        acknowledgement are sent again first.  Readings of a round that
+        closed while batches were in flight, behind them in the spool, wait
+        until the window drains, which it does whenever the cloud has caught
+        up.
+        """
+        return max((f.seqs[-1] for f in self._in_flight.values() if not f.acknowledged), default=0)
+
+    def _send(self, spooled: list[Spooled], after: int) -> None:
         self._fetching = False
-        if not spooled or self._sender is None or len(self._in_flight) >= self._window:
+        if not spooled:
+            # The window moved while this fetch ran (a batch left it): what
+            # lies before the new start has not been looked at yet.
+            if after != self._after():
+                self.kick()
+            return
+        if self._sender is None or len(self._in_flight) >= self._window:
             return
         batch = wire.Batch(self._new_batch_id(), tuple(s.reading for s in spooled))
         flight = _InFlight(batch, [s.seq for s in spooled], self._clock.seconds())

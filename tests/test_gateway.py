@@ -66,6 +66,8 @@ class FakeSpool:
         self.held: list[tuple[Deferred, int]] = []
         self.hold_remove = False
         self.held_removes: list[tuple[Deferred, int]] = []
+        self.hold_take = False
+        self.held_takes: list[tuple[Deferred, int, int]] = []
         self.failures = 0
         self._seen: set = set()
 
@@ -100,7 +102,16 @@ class FakeSpool:
 
     def take_batch(self, limit, after=0):
         self.takes.append(limit)
+        if self.hold_take:
+            d = Deferred()
+            self.held_takes.append((d, limit, after))
+            return d
         return succeed([s for s in self.ready if s.seq > after][:limit])
+
+    def release_takes(self) -> None:
+        held, self.held_takes = self.held_takes, []
+        for d, limit, after in held:
+            d.callback([s for s in self.ready if s.seq > after][:limit])
 
     def remove(self, seqs):
         self.removed.append(list(seqs))
@@ -1142,3 +1153,22 @@ def test_uplink_resends_every_unacknowledged_batch_of_its_window_after_a_reconne
     h.uplink.connected(again)
     assert [b.readings for b in again.sent] == [h.readings(1, 2), h.readings(5, 6)]
     assert all(b.batch_id not in {first.batch_id, third.batch_id} for b in again.sent)
+
+
+def test_uplink_looks_again_from_the_start_when_its_window_drained_during_an_empty_fetch():
+    h = UplinkHarness(count=4, window=2)
+    h.uplink.connected(h.sender)
+    first, second = h.sender.sent
+    h.spool.hold_remove = True
+    h.ack(second)  # acknowledged; its removal is under way
+    h.uplink.disconnected(h.sender)  # the first is to be sent again
+    h.spool.hold_take = True
+    again = FakeSender()
+    h.uplink.connected(again)  # fetches after the second, still in the window
+    (d, count), = h.spool.held_removes
+    d.callback(count)  # the second leaves the window while that fetch runs
+    h.spool.hold_take = False
+    h.spool.release_takes()  # the fetch finds nothing after the second...
+    # ...so the uplink looks again from the start, and the first batch's
+    # readings are sent again instead of staying in the spool.
+    assert [b.readings for b in again.sent] == [h.readings(1, 2)]
