@@ -84,6 +84,19 @@ class DayChunk:
     parts: int
     sent_at: int
     readings: tuple[Reading, ...]
+    #: The readings' canonical C{DAY} record text (C{HH:MM,t,h;...}) when
+    #: the chunk was decoded from the wire, so the gateway can spool it as
+    #: it came instead of formatting it again; C{None} otherwise.  Not part
+    #: of the chunk's value: it only repeats C{readings}.
+    records: str | None = attrs.field(default=None, eq=False, repr=False)
+
+    def day_records(self) -> str:
+        """
+        The readings as canonical C{DAY} record text.
+        """
+        if self.records is not None:
+            return self.records
+        return ";".join(map(_day_record, self.readings))
 
     @property
     def message_id(self) -> tuple[int, str, int]:
@@ -517,6 +530,7 @@ def _decode_day(f: dict) -> DayChunk:
         parts,
         _uint(f["ts"], "ts"),
         _decode_day_records(f["r"], count, device_id, device_ip, day),
+        f["r"],
     )
 
 
