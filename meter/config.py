@@ -167,7 +167,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "cloud": (host_port, "127.0.0.1:8001", "TCP HOST:PORT of the cloud"),
         "deadline": (positive, 60.0, "seconds after a day's first report before it is forwarded anyway"),
         "spool": (path, "var/gateway-spool.sqlite", "SQLite spool holding readings until the cloud acknowledges"),
-        "batch_readings": (whole(1, 5000), 5000, "most readings in one batch to the cloud"),
+        "batch_readings": (whole(1, 5000), 5000, "most readings in one batch to the cloud; a batch holds whole chunks, and a chunk of more readings goes alone"),
         "batches_in_flight": (whole(1, 64), 4, "batches sent to the cloud and not yet acknowledged, at most"),
         "connect_timeout": (positive, 5.0, "seconds to wait for the cloud's TCP handshake"),
         "ack_timeout": (positive, 30.0, "seconds to wait for the cloud to acknowledge a batch"),

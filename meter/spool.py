@@ -5,12 +5,22 @@ has acknowledged to a device and the cloud has not yet acknowledged.
 A chunk is acknowledged to its device only once it is committed here, and a
 reading leaves only once the cloud acknowledged the batch holding it, so a
 crash at any instant loses nothing.  Opening an existing spool never
-reinitialises it: the schema is created only where it is missing.
+reinitialises it: the schema is created only where it is missing (a spool
+written by an older gateway, one row a reading, has its readings moved into
+chunks as it is opened).
+
+A chunk is stored as one row holding its record text, so taking a datagram
+costs one row, not one per reading.  The spool therefore does not make
+readings unique by device and minute: a day sent again in a new transfer is
+stored and forwarded again, and the cloud, whose key is the device and the
+minute, stores it once and counts the rest as duplicates.  A chunk spooled
+again under the same message id is still a no-op.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import sqlite3
 from pathlib import Path
 
@@ -18,18 +28,18 @@ import attrs
 
 from meter import wire
 from meter.dbthread import DatabaseThread, connect
-from meter.reading import HHMM, Reading
+from meter.reading import Reading, format_number
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (
-    seq           INTEGER PRIMARY KEY,
-    day           TEXT    NOT NULL,
-    device_id     INTEGER NOT NULL,
-    device_ip     TEXT    NOT NULL,
-    taken_at      TEXT    NOT NULL,
-    temperature_c REAL    NOT NULL,
-    humidity_pct  REAL    NOT NULL,
-    UNIQUE (device_id, taken_at)
+-- One row a chunk: its readings as the canonical DAY record text the device
+-- sent (HH:MM,temperature,humidity;...), n of them.
+CREATE TABLE IF NOT EXISTS chunks (
+    seq       INTEGER PRIMARY KEY,
+    day       TEXT    NOT NULL,
+    device_id INTEGER NOT NULL,
+    device_ip TEXT    NOT NULL,
+    records   TEXT    NOT NULL,
+    n         INTEGER NOT NULL
 );
 -- Every chunk acknowledged: the deduplication record of message ids and
 -- the reassembly state of each transfer.
@@ -90,10 +100,53 @@ class Spooled:
     reading: Reading
 
 
-def _reading(row) -> Reading:
-    device_id, device_ip, taken_at, temperature, humidity = row
+def _readings(day: str, device_id: int, device_ip: str, records: str) -> list[Reading]:
     # Checked when the chunk was decoded, before it was spooled.
-    return Reading.checked(device_id, device_ip, datetime.datetime.fromisoformat(taken_at), temperature, humidity)
+    if not records:
+        return []
+    date = datetime.date.fromisoformat(day)
+    year, month, mday = date.year, date.month, date.day
+    readings = []
+    for record in records.split(";"):
+        hhmm, temperature, humidity = record.split(",")
+        readings.append(
+            Reading.checked(
+                device_id,
+                device_ip,
+                datetime.datetime(year, month, mday, int(hhmm[:2]), int(hhmm[3:])),
+                float(temperature),
+                float(humidity),
+            )
+        )
+    return readings
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """
+    Move the readings of a spool written one row a reading into chunks, one
+    a device and day, in their order, in one transaction.
+    """
+    if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'readings'").fetchone() is None:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        groups: dict[tuple[str, int, str], list[str]] = {}
+        for day, device_id, device_ip, taken_at, temperature, humidity in connection.execute(
+            "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY seq"
+        ):
+            groups.setdefault((day, device_id, device_ip), []).append(
+                f"{taken_at[11:16]},{format_number(temperature)},{format_number(humidity)}"
+            )
+        connection.executemany(
+            "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)",
+            [(day, device_id, device_ip, ";".join(records), len(records)) for (day, device_id, device_ip), records in groups.items()],
+        )
+        connection.execute("DROP TABLE readings")
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
 class Spool:
@@ -113,6 +166,7 @@ class Spool:
         """
         connection = connect(path)
         connection.executescript(SCHEMA)
+        _migrate(connection)
         rounds = tuple(
             StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
             for day, opened_at, closed_at in connection.execute(
@@ -125,46 +179,32 @@ class Spool:
                 "SELECT device_id, xfer, part, parts, day, received_at FROM parts"
             )
         )
-        (depth,) = connection.execute("SELECT count(*) FROM readings").fetchone()
+        (depth,) = connection.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()
         return connection, Recovered(rounds, parts, depth)
 
     def add_chunk(self, chunk: wire.DayChunk, now: float, open_round: bool):
         """
         Record C{chunk}'s message id and its readings, and open its day's
         round if C{open_round}.  Fires with the number of readings that were
-        new to the spool (a day sent again in a new transfer is not doubled).
+        new to the spool: all of the chunk's, or none if a chunk with its
+        message id is spooled already.
         """
         day = chunk.day.isoformat()
-        # A chunk's readings are all of its day: only the minute varies.
-        stamp = day + "T"
-        rows = [
-            (
-                day,
-                r.device_id,
-                r.device_ip,
-                stamp + HHMM[r.taken_at.hour * 60 + r.taken_at.minute],
-                r.temperature_c,
-                r.humidity_pct,
-            )
-            for r in chunk.readings
-        ]
+        row = (day, chunk.device_id, chunk.device_ip, chunk.day_records(), len(chunk.readings))
+        part = (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now)
 
         def work(connection: sqlite3.Connection) -> int:
             if open_round:
                 connection.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)", (day, now))
             # OR IGNORE: a part spooled again (its message id was forgotten
             # when its reassembly expired) is a no-op, not an error.
-            connection.execute(
-                "INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)",
-                (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now),
-            )
-            before = connection.total_changes
-            connection.executemany(
-                "INSERT OR IGNORE INTO readings (day, device_id, device_ip, taken_at, temperature_c, humidity_pct)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            return connection.total_changes - before
+            if connection.execute("INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)", part).rowcount == 0:
+                return 0
+            if row[4]:
+                connection.execute(
+                    "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)", row
+                )
+            return row[4]
 
         return self._database.run(work)
 
@@ -178,31 +218,61 @@ class Spool:
 
     def take_batch(self, limit: int, after: int = 0):
         """
-        Fires with up to C{limit} L{Spooled} readings of closed rounds, oldest
-        first, whose sequence numbers are above C{after}: the next batch for
-        the cloud.  They stay in the spool.
+        Fires with the L{Spooled} readings of the oldest chunks of closed
+        rounds whose sequence numbers are above C{after}, whole chunks up to
+        C{limit} readings (a chunk of more than C{limit} readings goes
+        alone): the next batch for the cloud.  They stay in the spool.  A
+        reading's C{seq} is its chunk's.
+
+        A device and minute appears once in a batch (the cloud refuses a
+        batch that repeats one): a reading of a day spooled twice whose
+        first copy is in the batch already is left out, and goes, as a
+        duplicate, with its chunk in a later batch if the chunk is not in
+        this one.
         """
 
         def work(connection: sqlite3.Connection) -> list[Spooled]:
-            rows = connection.execute(
-                "SELECT seq, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+            cursor = connection.execute(
+                "SELECT seq, day, device_id, device_ip, records, n FROM chunks"
                 " WHERE seq > ? AND day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)"
-                " ORDER BY seq LIMIT ?",
-                (after, limit),
-            ).fetchall()
-            return [Spooled(row[0], _reading(row[1:])) for row in rows]
+                " ORDER BY seq",
+                (after,),
+            )
+            taken: list[Spooled] = []
+            seen: set[tuple[int, datetime.datetime]] = set()
+            count = 0
+            try:
+                for seq, day, device_id, device_ip, records, n in cursor:
+                    if count and count + n > limit:
+                        break
+                    count += n
+                    for reading in _readings(day, device_id, device_ip, records):
+                        key = (device_id, reading.taken_at)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        taken.append(Spooled(seq, reading))
+                    if count >= limit:
+                        break
+            finally:
+                cursor.close()
+            return taken
 
         return self._database.run(work)
 
     def remove(self, seqs: list[int]):
         """
-        Remove readings the cloud acknowledged; fires with how many went.
+        Remove the chunks of readings the cloud acknowledged (by the C{seq}s
+        of their readings); fires with how many readings went.
         """
+        unique = sorted(set(seqs))
 
         def work(connection: sqlite3.Connection) -> int:
-            before = connection.total_changes
-            connection.executemany("DELETE FROM readings WHERE seq = ?", [(seq,) for seq in seqs])
-            return connection.total_changes - before
+            removed = connection.execute(
+                "DELETE FROM chunks WHERE seq IN (SELECT value FROM json_each(?)) RETURNING n",
+                (json.dumps(unique),),
+            ).fetchall()
+            return sum(n for (n,) in removed)
 
         return self._database.run(work)
 
@@ -218,7 +288,7 @@ class Spool:
             connection.execute("DELETE FROM parts WHERE day < ?", (cutoff,))
             connection.execute(
                 "DELETE FROM rounds WHERE day < ? AND closed_at IS NOT NULL"
-                " AND NOT EXISTS (SELECT 1 FROM readings WHERE readings.day = rounds.day)",
+                " AND NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.day = rounds.day)",
                 (cutoff,),
             )
 

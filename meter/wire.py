@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote
 import attrs
 
 from meter.reading import (
+    HHMM,
     MinuteStamps,
     Reading,
     ReadingError,
@@ -85,6 +86,19 @@ class DayChunk:
     parts: int
     sent_at: int
     readings: tuple[Reading, ...]
+    #: The readings' canonical C{DAY} record text (C{HH:MM,t,h;...}) when
+    #: the chunk was decoded from the wire, so the gateway can spool it as
+    #: it came instead of formatting it again; C{None} otherwise.  Not part
+    #: of the chunk's value: it only repeats C{readings}.
+    records: str | None = attrs.field(default=None, eq=False, repr=False)
+
+    def day_records(self) -> str:
+        """
+        The readings as canonical C{DAY} record text.
+        """
+        if self.records is not None:
+            return self.records
+        return ";".join(map(_day_record, self.readings))
 
     @property
     def message_id(self) -> tuple[int, str, int]:
@@ -297,28 +311,54 @@ def _records(text: str, count: int) -> list[list[str]]:
     return [record.split(",") for record in records]
 
 
+#: The minute of the day of each valid C{HH:MM}: one lookup checks a time
+#: as L{_HHMM} would and gives its minute.
+_MINUTE_OF = {text: minute for minute, text in enumerate(HHMM)}
+#: Each day's times already made, by minute of the day: a chunk's readings
+#: share their day and a fleet's chunks their minutes.  Bounded.
+_DAY_TIMES: dict[datetime.date, list] = {}
+_DAY_TIMES_MAX = 64
+
+
 def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, day: datetime.date):
     readings = []
     seen = set()
+    times = _DAY_TIMES.get(day)
+    if times is None:
+        times = [None] * (24 * 60)
+        if len(_DAY_TIMES) < _DAY_TIMES_MAX:
+            _DAY_TIMES[day] = times
+    temperatures = _CHECKED["temperature"]
+    humidities = _CHECKED["humidity"]
+    new = object.__new__
+    set_ = object.__setattr__
     for fields in _records(text, count):
         if len(fields) != 3:
             raise WireError("record", f"record {','.join(fields)!r} is not HH:MM,temperature,humidity")
         hhmm, temperature, humidity = fields
-        if _HHMM.match(hhmm) is None:
+        minute = _MINUTE_OF.get(hhmm)
+        if minute is None:
             raise WireError("value", f"time {hhmm!r} is not HH:MM")
-        if hhmm in seen:
+        if minute in seen:
             raise WireError("record", f"time {hhmm} twice in one message")
-        seen.add(hhmm)
-        taken_at = datetime.datetime(day.year, day.month, day.day, int(hhmm[:2]), int(hhmm[3:]))
-        readings.append(
-            Reading.checked(
-                device_id,
-                device_ip,
-                taken_at,
-                _number(temperature, check_temperature, "temperature"),
-                _number(humidity, check_humidity, "humidity"),
-            )
-        )
+        seen.add(minute)
+        taken_at = times[minute]
+        if taken_at is None:
+            taken_at = times[minute] = datetime.datetime(day.year, day.month, day.day, minute // 60, minute % 60)
+        temperature_c = temperatures.get(temperature)
+        if temperature_c is None:
+            temperature_c = _number(temperature, check_temperature, "temperature")
+        humidity_pct = humidities.get(humidity)
+        if humidity_pct is None:
+            humidity_pct = _number(humidity, check_humidity, "humidity")
+        # Reading.checked, inlined: every value was checked just above.
+        reading = new(Reading)
+        set_(reading, "device_id", device_id)
+        set_(reading, "device_ip", device_ip)
+        set_(reading, "taken_at", taken_at)
+        set_(reading, "temperature_c", temperature_c)
+        set_(reading, "humidity_pct", humidity_pct)
+        readings.append(reading)
     return tuple(readings)
 
 
@@ -510,6 +550,7 @@ def _decode_day(f: dict) -> DayChunk:
         parts,
         _uint(f["ts"], "ts"),
         _decode_day_records(f["r"], count, device_id, device_ip, day),
+        f["r"],
     )
 
 

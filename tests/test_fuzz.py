@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from meter import cloud, wire
 from meter.dbthread import DatabaseThread, connect
 from meter.gateway import CloudClientProtocol, GatewayProtocol, Intake
-from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 from meter.spool import Spool
 
 NOW = 1_795_320_000
@@ -158,11 +158,17 @@ class RecordingSpool(Spool):
     def __init__(self, database):
         super().__init__(database)
         self.committed: list[wire.DayChunk] = []
+        #: The chunks that added a row to the spool (not spooled before
+        #: under their message id, or forgotten since), in order.
+        self.stored: list[wire.DayChunk] = []
         self.failed = 0
 
     def add_chunk(self, chunk, now, open_round):
         def done(new):
             self.committed.append(chunk)
+            assert new in (0, len(chunk.readings))
+            if new:
+                self.stored.append(chunk)
             return new
 
         def failed(failure):
@@ -289,22 +295,32 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     assert statuses["ok"] > 1000 and statuses["bad"] > 1000, statuses
     assert len(spool.committed) > 1000
 
-    # The spool holds exactly the readings of the chunks it committed (the
-    # first of each device and minute: the spool keeps one), each valid.
-    expected: dict[tuple, tuple] = {}
-    for chunk in spool.committed:
-        for r in chunk.readings:
-            key = (r.device_id, r.taken_at.isoformat(timespec="minutes"))
-            expected.setdefault(key, (chunk.day.isoformat(), r.device_id, r.device_ip, key[1], r.temperature_c, r.humidity_pct))
+    # The spool holds exactly the chunks it stored, in order, one row each
+    # with all its readings as canonical text (a chunk spooled again under a
+    # message id the spool still holds adds nothing), each reading valid.
+    assert len(spool.stored) > 1000
+    expected = [
+        (
+            chunk.day.isoformat(),
+            chunk.device_id,
+            chunk.device_ip,
+            ";".join(
+                f"{r.taken_at:%H:%M},{format_number(r.temperature_c)},{format_number(r.humidity_pct)}"
+                for r in chunk.readings
+            ),
+            len(chunk.readings),
+        )
+        for chunk in spool.stored
+    ]
     with sqlite3.connect(str(path)) as other:
-        rows = other.execute(
-            "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
-        ).fetchall()
-    assert sorted(rows) == sorted(expected.values())
-    for day, device_id, device_ip, taken_at, temperature, humidity in rows:
+        rows = other.execute("SELECT day, device_id, device_ip, records, n FROM chunks ORDER BY seq").fetchall()
+    assert rows == expected
+    for day, device_id, device_ip, records, n in rows:
         assert FLEET[device_id] == device_ip
-        assert taken_at.startswith(day)
-        check_row(device_id, device_ip, taken_at, temperature, humidity)
+        assert len(records.split(";")) == n
+        for record in records.split(";"):
+            hhmm, temperature, humidity = record.split(",")
+            check_row(device_id, device_ip, f"{day}T{hhmm}", float(temperature), float(humidity))
     assert elapsed < 60, f"{GATEWAY_INPUTS} inputs took {elapsed:.1f} s"
 
 

@@ -8,6 +8,7 @@ StringTransport.
 from __future__ import annotations
 
 import datetime
+import sqlite3
 import random
 
 import pytest
@@ -1019,8 +1020,11 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
 async def test_spool_counts_only_new_readings(real):
     chunk = day_chunk(1)
     assert await real.spool.add_chunk(chunk, NOW, True) == 1
-    # the same day in a new transfer: recorded, not doubled
-    assert await real.spool.add_chunk(day_chunk(1, n=1), NOW, True) == 0
+    # the same day in a new transfer: spooled again (the cloud's key by
+    # device and minute stores it once and counts the copy as a duplicate)
+    again = day_chunk(1, n=1)
+    assert again.message_id != chunk.message_id
+    assert await real.spool.add_chunk(again, NOW, True) == 1
     # the same part again (its message id forgotten by an expired reassembly)
     assert await real.spool.add_chunk(chunk, NOW, True) == 0
 
@@ -1032,13 +1036,89 @@ async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
     await real.spool.add_chunk(day_chunk(1, readings=three), NOW, True)
     await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW, True)
     assert await real.spool.take_batch(10) == []  # no round closed yet
+    await real.spool.add_chunk(day_chunk(3, n=1), NOW, True)
     await real.spool.close_round(DAY, NOW + 60)
+    # a batch holds whole chunks; one chunk over the limit goes alone
     batch = await real.spool.take_batch(2)
-    assert [s.reading for s in batch] == list(three[:2])
+    assert [s.reading for s in batch] == list(three)
     assert await real.spool.take_batch(2) == batch  # taking does not remove
-    assert await real.spool.remove([s.seq for s in batch]) == 2
+    assert await real.spool.remove([s.seq for s in batch]) == 3
     assert await real.spool.remove([s.seq for s in batch]) == 0
-    assert [s.reading for s in await real.spool.take_batch(10)] == [three[2]]
+    assert [s.reading for s in await real.spool.take_batch(10)] == list(day_chunk(3).readings)
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_batches_whole_chunks_up_to_the_limit(real):
+    for device_id in (1, 2, 3):
+        await real.spool.add_chunk(day_chunk(device_id), NOW, True)
+    await real.spool.close_round(DAY, NOW + 60)
+    first = await real.spool.take_batch(2)
+    assert [s.reading.device_id for s in first] == [1, 2]
+    second = await real.spool.take_batch(2, after=first[-1].seq)
+    assert [s.reading.device_id for s in second] == [3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_day_spooled_twice_is_not_repeated_in_one_batch(real, tmp_path):
+    # The cloud refuses a batch naming a device and minute twice.
+    three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
+    await real.spool.add_chunk(day_chunk(1, readings=three), NOW, True)
+    await real.spool.add_chunk(day_chunk(1, n=1, readings=three[1:]), NOW, True)
+    await real.spool.add_chunk(day_chunk(2), NOW, True)
+    await real.spool.close_round(DAY, NOW + 60)
+    batch = await real.spool.take_batch(100)
+    assert [s.reading for s in batch] == list(three) + list(day_chunk(2).readings)
+    wire.decode(wire.encode(wire.Batch("0123456789abcdef", tuple(s.reading for s in batch))))
+    # the copy left out of the batch goes later, and the spool empties
+    assert await real.spool.remove([s.seq for s in batch]) == 4
+    rest = await real.spool.take_batch(100)
+    assert [s.reading for s in rest] == list(three[1:])
+    assert await real.spool.remove([s.seq for s in rest]) == 2
+    await real.stop()
+    connection, state = Spool.open(tmp_path / "spool.sqlite")
+    connection.close()
+    assert state.depth == 0
+
+
+def test_a_spool_of_one_row_a_reading_is_moved_into_chunks(tmp_path):
+    path = tmp_path / "spool.sqlite"
+    old = sqlite3.connect(str(path))
+    old.executescript(
+        """
+        CREATE TABLE readings (
+            seq INTEGER PRIMARY KEY, day TEXT NOT NULL, device_id INTEGER NOT NULL, device_ip TEXT NOT NULL,
+            taken_at TEXT NOT NULL, temperature_c REAL NOT NULL, humidity_pct REAL NOT NULL,
+            UNIQUE (device_id, taken_at)
+        );
+        CREATE TABLE rounds (day TEXT PRIMARY KEY, opened_at REAL NOT NULL, closed_at REAL);
+        """
+    )
+    old.executemany(
+        "INSERT INTO readings (day, device_id, device_ip, taken_at, temperature_c, humidity_pct) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            ("2026-03-01", 1, FLEET[1], "2026-03-01T08:00", 20.5, 30.0),
+            ("2026-03-01", 2, FLEET[2], "2026-03-01T08:00", -3.25, 100.0),
+            ("2026-03-01", 1, FLEET[1], "2026-03-01T08:15", 21.0, 31.5),
+        ],
+    )
+    old.execute("INSERT INTO rounds VALUES ('2026-03-01', 1.0, 2.0)")
+    old.commit()
+    old.close()
+    connection, state = Spool.open(path)
+    try:
+        assert state.depth == 3
+        assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, 2.0)]
+        assert connection.execute("SELECT day, device_id, device_ip, records, n FROM chunks ORDER BY seq").fetchall() == [
+            ("2026-03-01", 1, FLEET[1], "08:00,20.5,30;08:15,21,31.5", 2),
+            ("2026-03-01", 2, FLEET[2], "08:00,-3.25,100", 1),
+        ]
+        assert connection.execute("SELECT name FROM sqlite_master WHERE name = 'readings'").fetchall() == []
+    finally:
+        connection.close()
+    # opened again: nothing to move, nothing lost
+    connection, state = Spool.open(path)
+    connection.close()
+    assert state.depth == 3
 
 
 @pytest_twisted.ensureDeferred

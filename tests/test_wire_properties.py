@@ -18,13 +18,14 @@ The settings are bounded so the file runs in a few seconds.
 from __future__ import annotations
 
 import datetime
+import re
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meter import wire
-from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, check_humidity, check_temperature
 from meter.wire import Batch, BatchAck, DayAck, DayChunk, Ping, Pong, WireError, decode, encode, seal, unseal
 
 KEY = bytes(range(32))
@@ -344,3 +345,79 @@ def test_a_refusal_quoting_a_huge_value_stays_small():
     assert answer.status == "bad" and answer.reason.startswith("record: ")
     assert len(answer.reason) == wire.MAX_REASON and answer.reason.endswith("...")
     assert len(seal(encode(answer), KEY)) < 1200
+
+
+# -- the DAY record decoder against the plain one it replaced -------------------
+
+_REFERENCE_HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+
+
+def _reference_day_records(text, count, device_id, device_ip, day):
+    """
+    The DAY record decoder as it was before its lookups and caches: one
+    regex per time, a datetime and a validated Reading per record.
+    """
+    readings = []
+    seen = set()
+    for fields in wire._records(text, count):
+        if len(fields) != 3:
+            raise WireError("record", f"record {','.join(fields)!r} is not HH:MM,temperature,humidity")
+        hhmm, temperature, humidity = fields
+        if _REFERENCE_HHMM.match(hhmm) is None:
+            raise WireError("value", f"time {hhmm!r} is not HH:MM")
+        if hhmm in seen:
+            raise WireError("record", f"time {hhmm} twice in one message")
+        seen.add(hhmm)
+        taken_at = datetime.datetime(day.year, day.month, day.day, int(hhmm[:2]), int(hhmm[3:]))
+        readings.append(
+            Reading(
+                device_id,
+                device_ip,
+                taken_at,
+                wire._check_number(temperature, check_temperature, "temperature"),
+                wire._check_number(humidity, check_humidity, "humidity"),
+            )
+        )
+    return tuple(readings)
+
+
+_record_parts = st.one_of(
+    st.sampled_from(["00:00", "23:59", "08:15", "24:00", "8:15", "08:60", "08:15 ", "0815", "", "12:3", "١٢:٣٠", "08:15\n"]),
+    st.from_regex(r"[0-9]{1,2}:[0-9]{1,2}", fullmatch=True),
+)
+_number_parts = st.one_of(
+    st.sampled_from(["0", "-0", "20", "20.0", "20.5", "-40", "-40.5", "85", "85.1", "100", "100.5", "1e3", "07", ".5", "nan", "", "3.1234567"]),
+    st.from_regex(r"-?[0-9]{1,3}(\.[0-9]{1,7})?", fullmatch=True),
+)
+
+
+@st.composite
+def record_texts(draw):
+    records = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(_record_parts, _number_parts, _number_parts).map(",".join),
+                st.text(alphabet="0123456789:,.;-", max_size=20),
+            ),
+            max_size=8,
+        )
+    )
+    text = ";".join(records)
+    count = draw(st.one_of(st.just(len(records)), st.integers(0, 10)))
+    return text, count
+
+
+def _outcome(decoder, text, count, day):
+    try:
+        return ("ok", decoder(text, count, 5, "10.0.0.5", day))
+    except WireError as e:
+        return ("error", e.code, e.detail)
+
+
+@BOUNDED
+@given(record_texts(), st.sampled_from([datetime.date(2026, 11, 21), datetime.date(1, 1, 1), datetime.date(9999, 12, 31)]))
+def test_day_records_decode_as_the_reference_decoder_does(case, day):
+    text, count = case
+    # twice: the second time through the caches the first one filled
+    for _ in range(2):
+        assert _outcome(wire._decode_day_records, text, count, day) == _outcome(_reference_day_records, text, count, day)
