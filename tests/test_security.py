@@ -30,6 +30,7 @@ from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
 from meter.reading import Reading
 from meter.spool import Spool
+from tests.test_cloud import Cloud as StoreHarness
 
 NOW = 1_795_320_000  # 2026-11-22 04:00 UTC
 DAY = datetime.date(2026, 11, 21)
@@ -479,27 +480,21 @@ def batch_line(records: str = RECORDS, n: int | None = None, checksum: str | Non
     return head + f" BATCH id={BATCH_ID} n={n} sum={checksum} r=".encode() + records.encode("latin-1")
 
 
-class Cloud:
+class Cloud(StoreHarness):
+    """
+    The store harness of test_cloud, with its clock at this file's NOW and
+    connections to a real CloudProtocol.
+    """
+
     def __init__(self, path):
-        self.path = path
-        connection = connect(path)
-        cloud.open_database(connection)
-        self.database = DatabaseThread(connection, reactor, name="test-cloud-db")
-        self.database.start()
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.console: list[str] = []
-        self.store = cloud.CloudStore(self.database, self.console.extend, self.clock)
+        super().__init__(path)
+        self.clock.advance(NOW - self.clock.seconds())
 
     def connect(self):
         protocol = cloud.CloudFactory(self.store, IDLE, self.clock).buildProtocol(None)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
         protocol.makeConnection(transport)
         return protocol, transport
-
-    def count(self) -> int:
-        with sqlite3.connect(str(self.path)) as other:
-            return other.execute("SELECT count(*) FROM readings").fetchone()[0]
 
 
 @pytest_twisted.async_yield_fixture
