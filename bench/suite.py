@@ -19,15 +19,9 @@ import time
 from pathlib import Path
 
 from meter import config, secrets
-from meter.processes import twistd
+from meter.processes import free_port, twistd
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def label_address(device_id: int) -> str:

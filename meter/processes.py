@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,16 @@ from typing import Sequence
 
 #: A line of the cloud's console: `192.168.1.4 - 02:00 - 17 - 35%`.
 CONSOLE_LINE = re.compile(r"^(\S+) - (\d\d:\d\d) - (-?[0-9.]+) - ([0-9.]+)%$")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """
+    A port on 127.0.0.1 free at the time of asking, for TCP or UDP: where
+    the tests and the bench start their daemons.
+    """
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def twistd(plugin: str, *args: str) -> list[str]:

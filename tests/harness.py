@@ -15,19 +15,10 @@ from pathlib import Path
 
 from meter import config
 from meter.lab import survey_text  # noqa: F401 (tests import it from here)
-from meter.processes import Daemon, DaemonError, twistd
+from meter.processes import Daemon, DaemonError, free_port, twistd
 
 #: The fleet-in-one-process driver of the fault tests.
 FLEET = Path(__file__).resolve().parent / "fleet.py"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """
-    A port on 127.0.0.1 free at the time of asking, for TCP or UDP.
-    """
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Suite:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from meter.processes import CONSOLE_LINE
-from tests.harness import Suite, survey_text
+from tests.harness import Suite
 
 pytestmark = pytest.mark.e2e
 
@@ -21,15 +21,6 @@ def suite(tmp_path):
     suite = Suite(tmp_path, devices=6, readings=4)
     yield suite
     suite.stop()
-
-
-def expected_rows(suite: Suite, day: datetime.date) -> list[tuple]:
-    rows = []
-    for device_id, address in suite.fleet.items():
-        for line in survey_text(device_id, suite.readings).splitlines():
-            hhmm, temperature, humidity = line.rstrip("%").split(" - ")
-            rows.append((device_id, address, f"{day.isoformat()}T{hhmm}", float(temperature), float(humidity)))
-    return sorted(rows)
 
 
 def test_six_devices_day_reaches_console_and_database(suite):
@@ -44,12 +35,12 @@ def test_six_devices_day_reaches_console_and_database(suite):
     console = [m.group(0) for m in cloud.collect(CONSOLE_LINE, 6 * 4)]
     expected_console = sorted(
         f"{address} - {at[-5:]} - {temperature:g} - {humidity:g}%"
-        for _, address, at, temperature, humidity in expected_rows(suite, day)
+        for _, address, at, temperature, humidity in suite.expected_rows(day)
     )
     assert sorted(console) == expected_console
     gateway.wait_for(r"round \S+ complete: every expected device reported")
     cloud.wait_for("acknowledged at=")
-    assert suite.stored() == expected_rows(suite, day)
+    assert suite.stored() == suite.expected_rows(day)
     # The gateway logs what the report's console said.
     assert gateway.all_matching(r"received \d+ bytes from device 3 ")
     assert gateway.all_matching(r"sent ok to device 3 ")
