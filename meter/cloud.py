@@ -22,7 +22,6 @@ from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
 from meter.dbthread import DatabaseThread
-from meter.reading import MinuteStamps, Reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -42,17 +41,18 @@ def open_database(connection: sqlite3.Connection) -> None:
     connection.executescript(SCHEMA)
 
 
-def _insert(readings: tuple[Reading, ...], stored_at: float):
+def _insert(fields: list[tuple[str, str, str, str, str]], stored_at: float):
     """
-    Work for the database thread: insert C{readings}, skipping those stored
-    before, and return the ones that are new.
+    Work for the database thread: insert the records C{fields} (a batch's
+    records split, see L{wire.Batch.split}), skipping those stored before;
+    return the positions of the new ones, or C{None} if all are new.
     """
 
-    def work(connection: sqlite3.Connection) -> list[Reading]:
-        stamps = MinuteStamps()
+    def work(connection: sqlite3.Connection) -> list[int] | None:
+        # The fields were checked by the decoder: canonical numbers in range.
         rows = [
-            (r.device_id, r.device_ip, stamps[r.taken_at], r.temperature_c, r.humidity_pct, stored_at)
-            for r in readings
+            (int(device), ip, stamp, float(temperature), float(humidity), stored_at)
+            for device, ip, stamp, temperature, humidity in fields
         ]
         # The common case, a batch never seen, in one executemany; if any
         # row was stored before (a batch sent again), undo and go row by row
@@ -62,13 +62,22 @@ def _insert(readings: tuple[Reading, ...], stored_at: float):
         connection.executemany(_INSERT, rows)
         if connection.total_changes - before == len(rows):
             connection.execute("RELEASE batch")
-            return list(readings)
+            return None
         connection.execute("ROLLBACK TO batch")
         connection.execute("RELEASE batch")
         insert = connection.execute
-        return [reading for reading, row in zip(readings, rows) if insert(_INSERT, row).rowcount]
+        return [index for index, row in enumerate(rows) if insert(_INSERT, row).rowcount]
 
     return work
+
+
+def console_lines(fields: list[tuple[str, str, str, str, str]]) -> list[str]:
+    """
+    The console lines of records, as the report prints them:
+    C{192.168.1.4 - 02:00 - 17 - 35%}.  The record text is canonical, so
+    its fields are printed as they came.
+    """
+    return [f"{ip} - {stamp[11:]} - {temperature} - {humidity}%" for _, ip, stamp, temperature, humidity in fields]
 
 
 _INSERT = "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -101,12 +110,15 @@ class CloudStore:
         after the commit.
         """
         received = self._clock.seconds()
-        d = self._database.run(_insert(batch.readings, received))
+        fields = batch.split()
+        d = self._database.run(_insert(fields, received))
 
-        def committed(new: list[Reading]) -> wire.BatchAck:
+        def committed(new_at: list[int] | None) -> wire.BatchAck:
+            new = fields if new_at is None else [fields[index] for index in new_at]
             if new:
-                self._console([reading.console_line() for reading in new])
-            duplicates = len(batch.readings) - len(new)
+                self._console(console_lines(new))
+            count = len(fields)
+            duplicates = count - len(new)
             self.counters["batches"] += 1
             self.counters["readings_new"] += len(new)
             self.counters["readings_duplicate"] += duplicates
@@ -115,7 +127,7 @@ class CloudStore:
                 "in {ms:.1f} ms; acknowledged at={at:.6f}",
                 batch_id=batch.batch_id,
                 peer=peer,
-                count=len(batch.readings),
+                count=count,
                 new=len(new),
                 dup=duplicates,
                 ms=(self._clock.seconds() - received) * 1000,

@@ -260,7 +260,7 @@ class Intake:
                     peer,
                 )
             )
-        if self._spool_limit is not None and self.depth + self._incoming + len(chunk.readings) > self._spool_limit:
+        if self._spool_limit is not None and self.depth + self._incoming + chunk.count > self._spool_limit:
             self.counters["refused_spool_full"] += 1
             self.log.error(
                 "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
@@ -277,7 +277,7 @@ class Intake:
         # memory only, and its readings would never leave the spool.
         d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=True)
         self._committing[key] = []
-        self._incoming += len(chunk.readings)
+        self._incoming += chunk.count
         if round_ is None:
             round_ = self._rounds[chunk.day] = Round(chunk.day, self._clock.seconds())
             self.log.info("round {day} opened by device {device}", day=chunk.day, device=chunk.device_id)
@@ -297,7 +297,7 @@ class Intake:
             return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool write failed"))
 
         def answer_waiters(ack: wire.DayAck) -> wire.DayAck:
-            self._incoming -= len(chunk.readings)
+            self._incoming -= chunk.count
             for waiter in self._committing.pop(key):
                 waiter.callback(ack)
             return ack
@@ -601,9 +601,9 @@ class Uplink:
         """
         return max((f.seqs[-1] for f in self._in_flight.values() if not f.acknowledged), default=0)
 
-    def _send(self, spooled: list[Spooled], after: int) -> None:
+    def _send(self, spooled: Spooled, after: int) -> None:
         self._fetching = False
-        if not spooled:
+        if not spooled.count:
             # The window moved while this fetch ran (a batch left it): what
             # lies before the new start has not been looked at yet.
             if after != self._after():
@@ -611,15 +611,15 @@ class Uplink:
             return
         if self._sender is None or len(self._in_flight) >= self._window:
             return
-        batch = wire.Batch(self._new_batch_id(), tuple(s.reading for s in spooled))
-        flight = _InFlight(batch, [s.seq for s in spooled], self._clock.seconds())
+        batch = wire.Batch(self._new_batch_id(), spooled.records)
+        flight = _InFlight(batch, spooled.seqs, self._clock.seconds())
         flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
         self._in_flight[batch.batch_id] = flight
         self.counters["batches_sent"] += 1
         self.log.info(
             "forwarding batch {batch_id} of {count} readings to the cloud",
             batch_id=batch.batch_id,
-            count=len(batch.readings),
+            count=spooled.count,
         )
         self._sender.send(batch)
         self.kick()
@@ -681,7 +681,7 @@ class Uplink:
 @attrs.define
 class _InFlight:
     batch: wire.Batch
-    seqs: list[int]
+    seqs: tuple[int, ...]
     sent_at: float
     timer: object = None
     acknowledged: bool = False
@@ -808,7 +808,7 @@ class GatewayProtocol(DatagramProtocol):
             part=chunk.part,
             parts=chunk.parts,
             day=chunk.day,
-            n=len(chunk.readings),
+            n=chunk.count,
             status=ack.status,
         )
 

@@ -8,9 +8,10 @@ StringTransport.
 from __future__ import annotations
 
 import datetime
-import sqlite3
 import random
+import sqlite3
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
@@ -50,6 +51,24 @@ def result_of(d: Deferred):
     return out[0]
 
 
+@attrs.frozen
+class Ready:
+    """
+    One reading the fake spool holds, in a chunk of its own.
+    """
+
+    seq: int
+    reading: Reading
+
+
+def as_spooled(ready: list[Ready]) -> Spooled:
+    """
+    What the real spool's take_batch gives for these readings.
+    """
+    readings = tuple(r.reading for r in ready)
+    return Spooled(tuple(r.seq for r in ready), wire.Batch("0" * 16, readings).records, len(readings))
+
+
 class FakeSpool:
     """
     The Spool's methods, answering with already-fired Deferreds (or held
@@ -62,7 +81,7 @@ class FakeSpool:
         self.forgotten: list[datetime.date] = []
         self.removed: list[list[int]] = []
         self.takes: list[int] = []
-        self.ready: list[Spooled] = []
+        self.ready: list[Ready] = []
         self.hold = False
         self.held: list[tuple[Deferred, int]] = []
         self.hold_remove = False
@@ -107,12 +126,12 @@ class FakeSpool:
             d = Deferred()
             self.held_takes.append((d, limit, after))
             return d
-        return succeed([s for s in self.ready if s.seq > after][:limit])
+        return succeed(as_spooled([s for s in self.ready if s.seq > after][:limit]))
 
     def release_takes(self) -> None:
         held, self.held_takes = self.held_takes, []
         for d, limit, after in held:
-            d.callback([s for s in self.ready if s.seq > after][:limit])
+            d.callback(as_spooled([s for s in self.ready if s.seq > after][:limit]))
 
     def remove(self, seqs):
         self.removed.append(list(seqs))
@@ -561,9 +580,9 @@ class FakeSender:
         self.aborted += 1
 
 
-def spooled(count: int) -> list[Spooled]:
+def spooled(count: int) -> list[Ready]:
     return [
-        Spooled(seq, Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0))
+        Ready(seq, Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0))
         for seq in range(1, count + 1)
     ]
 
@@ -935,7 +954,7 @@ async def test_intake_on_a_real_spool_forwards_a_complete_round(real):
     await real.database.flush()
     assert h.ready == [NOW]
     batch = await real.spool.take_batch(100)
-    assert [s.reading for s in batch] == [day_chunk(d).readings[0] for d in FLEET]
+    assert list(batch.readings) == [day_chunk(d).readings[0] for d in FLEET]
 
     uplink = UplinkHarness()
     uplink.uplink = Uplink(real.spool, uplink.clock, 100, 30.0, uplink.delivered.append)
@@ -947,14 +966,14 @@ async def test_intake_on_a_real_spool_forwards_a_complete_round(real):
     uplink.ack(sent)
     await real.database.flush()
     assert uplink.delivered == [4]
-    assert await real.spool.take_batch(100) == []
+    assert (await real.spool.take_batch(100)).count == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_open_round_is_not_forwarded(real):
     h = IntakeHarness(spool=real.spool)
     await h.intake.chunk_received(day_chunk(1), "p")
-    assert await real.spool.take_batch(100) == []
+    assert (await real.spool.take_batch(100)).count == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -980,7 +999,7 @@ async def test_a_restart_resumes_from_the_spool(real, tmp_path):
         assert h.intake.counters["duplicates"] == 1
         h.clock.advance(0)
         await again.database.flush()
-        assert [s.reading.device_id for s in await again.spool.take_batch(100)] == [1, 2]
+        assert [r.device_id for r in (await again.spool.take_batch(100)).readings] == [1, 2]
     finally:
         await again.stop()
 
@@ -1010,7 +1029,7 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
     assert (await h.intake.chunk_received(chunk, "p")).status == "ok"
     await real.database.flush()
     assert h.ready == [NOW]
-    assert [s.reading for s in await real.spool.take_batch(100)] == list(chunk.readings)
+    assert list((await real.spool.take_batch(100)).readings) == list(chunk.readings)
 
 
 # -- the spool itself -------------------------------------------------------
@@ -1035,16 +1054,16 @@ async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
     three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
     await real.spool.add_chunk(day_chunk(1, readings=three), NOW, True)
     await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW, True)
-    assert await real.spool.take_batch(10) == []  # no round closed yet
+    assert (await real.spool.take_batch(10)).count == 0  # no round closed yet
     await real.spool.add_chunk(day_chunk(3, n=1), NOW, True)
     await real.spool.close_round(DAY, NOW + 60)
     # a batch holds whole chunks; one chunk over the limit goes alone
     batch = await real.spool.take_batch(2)
-    assert [s.reading for s in batch] == list(three)
+    assert list(batch.readings) == list(three)
     assert await real.spool.take_batch(2) == batch  # taking does not remove
-    assert await real.spool.remove([s.seq for s in batch]) == 3
-    assert await real.spool.remove([s.seq for s in batch]) == 0
-    assert [s.reading for s in await real.spool.take_batch(10)] == list(day_chunk(3).readings)
+    assert await real.spool.remove(batch.seqs) == 3
+    assert await real.spool.remove(batch.seqs) == 0
+    assert list((await real.spool.take_batch(10)).readings) == list(day_chunk(3).readings)
 
 
 @pytest_twisted.ensureDeferred
@@ -1053,9 +1072,9 @@ async def test_spool_batches_whole_chunks_up_to_the_limit(real):
         await real.spool.add_chunk(day_chunk(device_id), NOW, True)
     await real.spool.close_round(DAY, NOW + 60)
     first = await real.spool.take_batch(2)
-    assert [s.reading.device_id for s in first] == [1, 2]
-    second = await real.spool.take_batch(2, after=first[-1].seq)
-    assert [s.reading.device_id for s in second] == [3]
+    assert [r.device_id for r in first.readings] == [1, 2]
+    second = await real.spool.take_batch(2, after=first.seqs[-1])
+    assert [r.device_id for r in second.readings] == [3]
 
 
 @pytest_twisted.ensureDeferred
@@ -1067,13 +1086,13 @@ async def test_a_day_spooled_twice_is_not_repeated_in_one_batch(real, tmp_path):
     await real.spool.add_chunk(day_chunk(2), NOW, True)
     await real.spool.close_round(DAY, NOW + 60)
     batch = await real.spool.take_batch(100)
-    assert [s.reading for s in batch] == list(three) + list(day_chunk(2).readings)
-    wire.decode(wire.encode(wire.Batch("0123456789abcdef", tuple(s.reading for s in batch))))
+    assert list(batch.readings) == list(three) + list(day_chunk(2).readings)
+    wire.decode(wire.encode(wire.Batch("0123456789abcdef", batch.records)))
     # the copy left out of the batch goes later, and the spool empties
-    assert await real.spool.remove([s.seq for s in batch]) == 4
+    assert await real.spool.remove(batch.seqs) == 4
     rest = await real.spool.take_batch(100)
-    assert [s.reading for s in rest] == list(three[1:])
-    assert await real.spool.remove([s.seq for s in rest]) == 2
+    assert list(rest.readings) == list(three[1:])
+    assert await real.spool.remove(rest.seqs) == 2
     await real.stop()
     connection, state = Spool.open(tmp_path / "spool.sqlite")
     connection.close()
@@ -1129,7 +1148,7 @@ async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
     await real.spool.close_round(old, NOW)
     await real.spool.add_chunk(day_chunk(1, n=2), NOW, True)
     batch = await real.spool.take_batch(10)
-    await real.spool.remove([s.seq for s in batch])
+    await real.spool.remove(batch.seqs)
     await real.spool.forget_before(DAY - datetime.timedelta(days=2))
     await real.stop()
     connection, state = Spool.open(tmp_path / "spool.sqlite")

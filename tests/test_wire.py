@@ -170,9 +170,6 @@ def test_round_trip_property(minutes, temperature, humidity, device_id):
 @pytest.mark.parametrize(
     "message",
     [
-        chunk(readings=(reading(2, "192.168.1.3"),)),  # another device's reading
-        chunk(readings=(reading(1, "192.168.1.9"),)),  # another address
-        chunk(readings=(reading(day=datetime.date(2026, 3, 2)),)),  # another day
         chunk(part=0, parts=1),
         chunk(part=3, parts=2),
         DayAck(XFER, 1, "ok", "but why"),
@@ -185,6 +182,19 @@ def test_round_trip_property(minutes, temperature, humidity, device_id):
 def test_encode_refuses_unfaithful_messages(message):
     with pytest.raises(ValueError):
         encode(message)
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        reading(2, "192.168.1.3"),  # another device's reading
+        reading(1, "192.168.1.9"),  # another address
+        reading(day=datetime.date(2026, 3, 2)),  # another day
+    ],
+)
+def test_a_chunk_refuses_readings_it_cannot_carry(foreign):
+    with pytest.raises(ValueError, match="does not belong in a chunk of device 1 on 2026-03-01"):
+        chunk(readings=(foreign,))
 
 
 def test_encode_refuses_other_objects():

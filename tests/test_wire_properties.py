@@ -421,3 +421,83 @@ def test_day_records_decode_as_the_reference_decoder_does(case, day):
     # twice: the second time through the caches the first one filled
     for _ in range(2):
         assert _outcome(wire._decode_day_records, text, count, day) == _outcome(_reference_day_records, text, count, day)
+
+
+# -- the fast record checks against the field-by-field decoders --------------------
+
+
+def _verdict(check, *args):
+    """
+    C{ok} or the error a check raises: what the fast path and the field
+    checks must agree on.
+    """
+    try:
+        check(*args)
+    except WireError as e:
+        return ("error", e.code, e.detail)
+    return ("ok",)
+
+
+@BOUNDED
+@given(record_texts(), st.sampled_from([datetime.date(2026, 11, 21), datetime.date(1, 1, 1), datetime.date(9999, 12, 31)]))
+@example(("00:00,-0,-0", 1), datetime.date(2026, 11, 21))
+@example(("00:00,1,2;00:00,1,2", 2), datetime.date(2026, 11, 21))
+@example(("00:00,-40,100;23:59,85,0", 2), datetime.date(2026, 11, 21))
+@example(("00:00,-40.5,100;23:59,85.000001,0", 2), datetime.date(2026, 11, 21))
+def test_the_fast_day_record_check_agrees_with_the_field_checks(case, day):
+    text, count = case
+    assert _verdict(wire._check_day_records, text, count, 5, "10.0.0.5", day) == _verdict(
+        wire._decode_day_records, text, count, 5, "10.0.0.5", day
+    )
+
+
+_batch_parts = st.tuples(
+    st.one_of(st.sampled_from(["1", "0", "01", "2147483647", "2147483648", "999999999", "1000000000", "-1", ""]),
+              st.from_regex(r"[0-9]{1,11}", fullmatch=True)),
+    st.sampled_from(["10.0.0.5", "192.168.1.4", "fd00::5", "FD00::5", "10.0.0.05", "::ffff:1.2.3.4", "1.2.3", "a,b", ""]),
+    st.one_of(
+        st.sampled_from(["2026-11-21T02:00", "2026-02-29T02:00", "2024-02-29T23:59", "2026-13-01T00:00", "2026-11-21T24:00",
+                         "2026-11-21 02:00", "0001-01-01T00:00", "2026-11-21T02:00:00"]),
+        st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}", fullmatch=True),
+    ),
+    _number_parts,
+    _number_parts,
+)
+
+
+@st.composite
+def batch_texts(draw):
+    records = draw(
+        st.lists(
+            st.one_of(
+                _batch_parts.map(",".join),
+                st.text(alphabet="0123456789:,.;-Tf", max_size=30),
+            ),
+            max_size=6,
+        )
+    )
+    if records and draw(st.booleans()):
+        records.append(records[0])  # a device and minute twice
+    text = ";".join(records)
+    count = draw(st.one_of(st.just(len(records)), st.integers(0, 8)))
+    return text, count
+
+
+def _batch_verdict(text, count):
+    verdict = _verdict(wire._batch_fields, text, count)
+    if verdict == ("ok",):
+        # the fields split are the records' own
+        assert wire._batch_fields(text, count) == ([tuple(r.split(",")) for r in text.split(";")] if text else [])
+    return verdict
+
+
+@BOUNDED
+@given(batch_texts())
+@example(("1,10.0.0.5,2026-11-21T02:00,17,35;1,10.0.0.5,2026-11-21T02:00,18,35", 2))
+@example(("2147483647,10.0.0.5,2026-11-21T02:00,-0,-0", 1))
+@example(("3,FD00::5,2026-11-21T02:00,17,35", 1))
+@example(("3,10.0.0.5,2026-02-30T02:00,17,35", 1))
+def test_the_fast_batch_record_check_agrees_with_the_field_checks(case):
+    text, count = case
+    for _ in range(2):  # the second time through the caches
+        assert _batch_verdict(text, count) == _verdict(wire._decode_batch_records, text, count)
