@@ -184,6 +184,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "replay_window": (positive, 600.0, "seconds a device's transfer stays acceptable after it started"),
         "cloud_source": (optional_ip, "", "local IP address to connect to the cloud from (\"\": the kernel's choice)"),
         "check_source": (boolean, False, "refuse a datagram whose source address is not its device's [fleet] address"),
+        "log_datagrams": (boolean, False, "log every datagram and its answer, not only each device's completed day"),
     },
     "device": {
         "id": (whole(1, 2**31 - 1), None, "this device's number in the fleet"),

@@ -260,7 +260,8 @@ class Intake:
                     peer,
                 )
             )
-        if self._spool_limit is not None and self.depth + self._incoming + chunk.count > self._spool_limit:
+        count = chunk.count
+        if self._spool_limit is not None and self.depth + self._incoming + count > self._spool_limit:
             self.counters["refused_spool_full"] += 1
             self.log.error(
                 "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
@@ -277,7 +278,7 @@ class Intake:
         # memory only, and its readings would never leave the spool.
         d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=True)
         self._committing[key] = []
-        self._incoming += chunk.count
+        self._incoming += count
         if round_ is None:
             round_ = self._rounds[chunk.day] = Round(chunk.day, self._clock.seconds())
             self.log.info("round {day} opened by device {device}", day=chunk.day, device=chunk.device_id)
@@ -288,7 +289,7 @@ class Intake:
             self.depth += new
             self.counters["chunks"] += 1
             self.counters["readings"] += new
-            self._part_arrived(chunk)
+            self._part_arrived(chunk, peer)
             return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "ok"))
 
         def failed(failure) -> wire.DayAck:
@@ -297,7 +298,7 @@ class Intake:
             return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool write failed"))
 
         def answer_waiters(ack: wire.DayAck) -> wire.DayAck:
-            self._incoming -= chunk.count
+            self._incoming -= count
             for waiter in self._committing.pop(key):
                 waiter.callback(ack)
             return ack
@@ -339,7 +340,7 @@ class Intake:
             )
         return wire.DayAck(chunk.xfer, chunk.part, "bad", reason)
 
-    def _part_arrived(self, chunk: wire.DayChunk) -> None:
+    def _part_arrived(self, chunk: wire.DayChunk, peer: str) -> None:
         key = (chunk.device_id, chunk.xfer)
         transfer = self._transfers.setdefault(
             key, Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
@@ -361,22 +362,36 @@ class Intake:
                 self._on_ready()
             return
         self._incomplete.pop(key, None)
+        # One line a device a day, what the report's gateway printed for
+        # each device (each datagram only with log_datagrams).
         if round_.closed:
             self.counters["late_devices"] += 1
             self.log.info(
-                "late device {device} reported {day} after its round closed: forwarding its readings now",
+                "late device {device} ({peer}) reported {day} in {parts} parts after its round closed: "
+                "forwarding its readings now",
                 device=chunk.device_id,
+                peer=peer,
                 day=chunk.day,
+                parts=chunk.parts,
             )
             self._on_ready()
             return
         if chunk.device_id in round_.reported:
+            self.log.info(
+                "device {device} ({peer}) reported {day} again in {parts} parts",
+                device=chunk.device_id,
+                peer=peer,
+                day=chunk.day,
+                parts=chunk.parts,
+            )
             return
         round_.reported.add(chunk.device_id)
         self.log.info(
-            "device {device} reported {day}: {n} of {total} devices",
+            "device {device} ({peer}) reported {day} in {parts} parts: {n} of {total} devices",
             device=chunk.device_id,
+            peer=peer,
             day=chunk.day,
+            parts=chunk.parts,
             n=len(round_.reported),
             total=len(self._fleet),
         )
@@ -386,7 +401,9 @@ class Intake:
     # -- rounds --------------------------------------------------------------
 
     def _everyone_reported(self, round_: Round) -> bool:
-        return self._fleet.keys() <= round_.reported
+        # Counting first: comparing the sets costs as much as the fleet is
+        # large, and this is asked each time a device reports.
+        return len(round_.reported) >= len(self._fleet) and self._fleet.keys() <= round_.reported
 
     def _arm(self, round_: Round) -> None:
         delay = max(0.0, round_.opened_at + self._deadline - self._clock.seconds())
@@ -711,8 +728,10 @@ class GatewayProtocol(DatagramProtocol):
         source_rate: float = 200.0,
         source_burst: float = 400.0,
         receive_buffer: int = 4 << 20,
+        log_datagrams: bool = False,
     ):
         self._intake = intake
+        self._log_datagrams = log_datagrams
         self._keys = keys
         self._receive_buffer = receive_buffer
         # A flood from one address is cut off before any work is spent on
@@ -797,8 +816,11 @@ class GatewayProtocol(DatagramProtocol):
 
     def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr, peer: str, size: int) -> None:
         self.transport.write(wire.seal(wire.encode(ack), self._keys[chunk.device_id]), addr)
-        # One line for both events: a log line costs as much as the rest of
-        # a small datagram's handling.
+        if not self._log_datagrams:
+            # A log line costs as much as the rest of a datagram's handling:
+            # by default the intake logs each device's day once it is whole.
+            return
+        # One line for both events.
         self.log.info(
             "received {size} bytes from device {device} ({peer}): part {part}/{parts} of {day}, {n} readings; "
             "sent {status} to device {device} for part {part}/{parts}",

@@ -87,9 +87,10 @@ class GatewayService(MultiService):
         self.intake.recover(recovered)
 
         host, port = s["listen"]
-        UDPServer(
-            port, gateway.GatewayProtocol(self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"]), interface=host, maxPacketSize=MAX_DATAGRAM
-        ).setServiceParent(self)
+        protocol = gateway.GatewayProtocol(
+            self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"]
+        )
+        UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM).setServiceParent(self)
         cloud_host, cloud_port = s["cloud"]
         endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint
         # On a gateway with an interface on each side, connect from the cloud's side.

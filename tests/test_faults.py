@@ -154,7 +154,7 @@ def test_day_of_1440_readings_in_chunks(make_suite):
     delays each datagram up to 50 ms, reordering a window of 8 chunks, and
     drops and duplicates some), and directly from a real meter-device.
     """
-    suite = make_suite(4, 1440)
+    suite = make_suite(4, 1440, log_datagrams=True)  # the sizes and order of the chunks are read from its log
     cloud = suite.start_cloud()
     gateway = suite.start_gateway()
     gateway.wait_for("connected to the cloud")
@@ -261,7 +261,7 @@ def test_gateway_killed_after_acknowledging_before_forwarding(make_suite):
 
     summary = fleet_summary(suite.start_fleet(DAY, "50"))
     assert summary["delivered"] == 1, summary
-    gateway.wait_for(r"late device 50 reported")
+    gateway.wait_for(r"late device 50 \(\S+\) reported")
     suite.wait_stored(50 * 96, cloud)
     assert_exact(suite)
     assert sorted(console_lines(cloud)) == expected_console(suite.expected_rows(DAY))
@@ -314,7 +314,7 @@ def test_gateway_down_when_devices_send_and_crashing_mid_intake(make_suite):
         assert device.wait(30) == 0, device.tail()
 
     second = suite.start_fleet(day, "21-40", *retry, "--spread", "2")
-    gateway.collect(r"sent ok to device (2[1-9]|3\d|40) ", 10, timeout=20)
+    gateway.collect(r"device (2[1-9]|3\d|40) \(\S+\) reported ", 10, timeout=20)
     gateway.kill()
     gateway = suite.start_gateway()
     summary = fleet_summary(second)

@@ -234,11 +234,13 @@ def test_a_device_reporting_twice_is_counted_once():
     assert len(h.spool.added) == 2
     assert h.spool.closed == []
     assert h.intake.depth == 1  # the same reading is not counted twice
-    assert [line for line in h.logged() if " reported " in line] == ["device 1 reported 2026-03-01: 1 of 2 devices"]
+    assert [line for line in h.logged() if " reported " in line] == ["device 1 (192.168.1.2:5000) reported 2026-03-01 in 1 parts: 1 of 2 devices",
+        "device 1 (192.168.1.2:5000) reported 2026-03-01 again in 1 parts",
+    ]
     h.report(2)
     assert h.spool.closed == [(DAY, NOW)]
     assert h.logged()[-2:] == [
-        "device 2 reported 2026-03-01: 2 of 2 devices",
+        "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 parts: 2 of 2 devices",
         "round 2026-03-01 complete: every expected device reported",
     ]
 
@@ -789,6 +791,24 @@ def test_a_good_chunk_gets_an_ok_dayack_after_its_commit():
     assert h.transport.written == []
     h.intake.spool.release()
     assert h.answers() == [(ok(chunk), DEVICE_ADDR)]
+
+
+@pytest.mark.parametrize("log_datagrams", [False, True])
+def test_each_datagram_is_logged_only_when_asked(log_datagrams):
+    h = ProtocolHarness(log_datagrams=log_datagrams)
+    events = []
+    h.protocol.log = Logger(observer=events.append)
+    chunk = day_chunk(1)
+    datagram = wire.seal(wire.encode(chunk), KEYS[1])
+    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    assert h.answers() == [(ok(chunk), DEVICE_ADDR)]
+    expected = (
+        f"received {len(datagram)} bytes from device 1 ({DEVICE_ADDR[0]}:{DEVICE_ADDR[1]}): part 1/1 of 2026-03-01, "
+        "1 readings; sent ok to device 1 for part 1/1"
+    )
+    assert [formatEvent(event) for event in events] == ([expected] if log_datagrams else [])
+    # the intake logs the device's day either way
+    assert any(line.startswith("device 1 (") and " reported 2026-03-01 in 1 parts" in line for line in h.intake.logged())
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from meter.lab import Lab, LabError
 from meter.processes import CONSOLE_LINE, Daemon
 
 REPO_SURVEYS = Path(__file__).resolve().parent.parent / "surveys"
-RECEIVED = re.compile(r"received \d+ bytes from device (\d+) \(([0-9.]+):\d+\)")
+RECEIVED = re.compile(r"device (\d+) \(([0-9.]+):\d+\) reported ")
 
 
 # -- anywhere ----------------------------------------------------------------
