@@ -134,7 +134,7 @@ class SimDevice:
         self.started_at = now
         self.xfer = device_xfer(run.seed, self.id, run.attempt_salt)
         chunks = wire.split_day(self.id, self.address, run.day, self.readings, self.xfer, int(now), run.chunk_bytes)
-        self.part_readings = {chunk.part: len(chunk.readings) for chunk in chunks}
+        self.part_readings = {chunk.part: chunk.count for chunk in chunks}
         run.chunks += len(chunks)
         run.started += 1
         run.on_start(self)
