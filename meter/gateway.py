@@ -364,36 +364,25 @@ class Intake:
         self._incomplete.pop(key, None)
         # One line a device a day, what the report's gateway printed for
         # each device (each datagram only with log_datagrams).
+        reported = {"device": chunk.device_id, "peer": peer, "day": chunk.day, "parts": chunk.parts}
         if round_.closed:
             self.counters["late_devices"] += 1
             self.log.info(
                 "late device {device} ({peer}) reported {day} in {parts} parts after its round closed: "
                 "forwarding its readings now",
-                device=chunk.device_id,
-                peer=peer,
-                day=chunk.day,
-                parts=chunk.parts,
+                **reported,
             )
             self._on_ready()
             return
         if chunk.device_id in round_.reported:
-            self.log.info(
-                "device {device} ({peer}) reported {day} again in {parts} parts",
-                device=chunk.device_id,
-                peer=peer,
-                day=chunk.day,
-                parts=chunk.parts,
-            )
+            self.log.info("device {device} ({peer}) reported {day} again in {parts} parts", **reported)
             return
         round_.reported.add(chunk.device_id)
         self.log.info(
             "device {device} ({peer}) reported {day} in {parts} parts: {n} of {total} devices",
-            device=chunk.device_id,
-            peer=peer,
-            day=chunk.day,
-            parts=chunk.parts,
             n=len(round_.reported),
             total=len(self._fleet),
+            **reported,
         )
         if self._everyone_reported(round_):
             self._close(round_, "every expected device reported")
