@@ -288,3 +288,15 @@ async def test_no_ack_is_written_to_a_lost_connection(c):
     await c.database.flush()
     assert transport.value() == b""
     assert c.count() == 2  # stored all the same: the gateway's retry is a duplicate
+
+
+def test_console_lines_from_record_text_read_as_each_reading_prints_itself():
+    # The cloud prints from the batch's text; Reading.console_line is the
+    # format's other writer, and the two must not drift apart.
+    readings = (
+        Reading(3, "192.168.1.4", datetime.datetime(2026, 11, 21, 2, 0), 17.0, 35.0),
+        Reading(1, "192.168.1.2", datetime.datetime(2026, 11, 21, 23, 5), -3.5, 32.25),
+        Reading(7, "fd00::5", datetime.datetime(2026, 11, 21, 0, 0), 0.000001, 100.0),
+    )
+    batch = wire.decode(wire.encode(wire.Batch("0123456789abcdef", readings)))
+    assert cloud.console_lines(batch.split()) == [r.console_line() for r in readings]
