@@ -187,7 +187,7 @@ class Batch:
         """
         if self.fields is not None:
             return self.fields
-        return [tuple(record.split(",")) for record in self.records.split(";")] if self.records else []
+        return _split_records(self.records)
 
 
 @attrs.frozen
@@ -528,8 +528,15 @@ def _batch_fields(text: str, count: int) -> list[tuple[str, str, str, str, str]]
         else:
             if len({(f[0], f[2]) for f in fields}) == count:
                 return fields
-    readings = _decode_batch_records(text, count)
-    return [tuple(record.split(",")) for record in text.split(";")] if readings else []
+    _decode_batch_records(text, count)
+    return _split_records(text)
+
+
+def _split_records(text: str) -> list[tuple[str, ...]]:
+    """
+    The fields of each record of a C{;}-separated record text.
+    """
+    return [tuple(record.split(",")) for record in text.split(";")] if text else []
 
 
 def _checksum(records: str) -> str:
