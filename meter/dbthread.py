@@ -22,6 +22,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 Work = Callable[[sqlite3.Connection], Any]
+#: Work done for many items at once: returns one result per item, in order.
+ManyWork = Callable[[sqlite3.Connection, list], list]
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -46,14 +48,17 @@ class DatabaseThread:
     transaction.
 
     Each piece runs inside its own savepoint: a piece that raises rolls back
-    only its own changes and fails only its own Deferred.
+    only its own changes and fails only its own Deferred.  Items given to
+    L{run_many} one after another make one piece together.
     """
 
     def __init__(self, connection: sqlite3.Connection, reactor, name: str = "meter-db"):
         self._connection = connection
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-        self._pending: list[tuple[Work, Deferred]] = []
+        #: Pieces for the next transaction: (work, Deferred), or, for
+        #: L{run_many}, (work, [Deferred, ...], [item, ...]).
+        self._pending: list[tuple] = []
         self._committing = False
         self._idle: list[Deferred] = []
         #: Transactions committed and pieces of work done, for the logs.
@@ -98,21 +103,50 @@ class DatabaseThread:
             self._commit_next()
         return d
 
+    def run_many(self, work: ManyWork, item) -> Deferred:
+        """
+        Run C{work(connection, items)} in the next transaction, for C{item}
+        and the items submitted with the same C{work} right before or after
+        it (with no other work between them); the Deferred fires with the
+        result for C{item} after the commit.  If C{work} raises, its changes
+        are rolled back and every item's Deferred fails.
+
+        For work that costs less done for many items at once: one
+        C{executemany} for a burst of chunks instead of statements for each.
+        """
+        d = Deferred()
+        last = self._pending[-1] if self._pending else None
+        if last is not None and len(last) == 3 and last[0] is work:
+            last[1].append(d)
+            last[2].append(item)
+        else:
+            self._pending.append((work, [d], [item]))
+        if not self._committing:
+            self._commit_next()
+        return d
+
     def _commit_next(self) -> None:
         group, self._pending = self._pending, []
         self._committing = True
-        done = deferToThreadPool(self._reactor, self._pool, self._transaction, [work for work, _ in group])
-        done.addBoth(self._committed, [d for _, d in group])
+        pieces = [piece[0] if len(piece) == 2 else (piece[0], piece[2]) for piece in group]
+        done = deferToThreadPool(self._reactor, self._pool, self._transaction, pieces)
+        done.addBoth(self._committed, [piece[1] for piece in group])
 
-    def _transaction(self, works: list[Work]) -> list[tuple[bool, Any]]:
+    def _transaction(self, pieces: list) -> list[tuple[bool, Any]]:
         connection = self._connection
         results: list[tuple[bool, Any]] = []
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for work in works:
+            for piece in pieces:
                 connection.execute("SAVEPOINT piece")
                 try:
-                    result = work(connection)
+                    if isinstance(piece, tuple):
+                        work, items = piece
+                        result = work(connection, items)
+                        if len(result) != len(items):
+                            raise RuntimeError(f"{work!r} gave {len(result)} results for {len(items)} items")
+                    else:
+                        result = piece(connection)
                 except Exception:
                     connection.execute("ROLLBACK TO piece")
                     results.append((False, Failure()))
@@ -126,7 +160,7 @@ class DatabaseThread:
             raise
         return results
 
-    def _committed(self, outcome, deferreds: list[Deferred]) -> None:
+    def _committed(self, outcome, deferreds: list) -> None:
         # Still committing while the callbacks run: work they submit (a chunk
         # committed closes its round, which asks for a batch) must queue for
         # the next group, not start a second transaction beside this one.
@@ -134,15 +168,25 @@ class DatabaseThread:
             # The commit itself failed (disk full, I/O error): nothing of the
             # group is durable, so every piece fails.
             for d in deferreds:
-                d.errback(outcome)
+                for each in d if isinstance(d, list) else (d,):
+                    each.errback(outcome)
         else:
             self.commits += 1
-            self.pieces += len(deferreds)
             for d, (ok, result) in zip(deferreds, outcome):
+                if not isinstance(d, list):
+                    self.pieces += 1
+                    if ok:
+                        d.callback(result)
+                    else:
+                        d.errback(result)
+                    continue
+                self.pieces += len(d)
                 if ok:
-                    d.callback(result)
+                    for each, item_result in zip(d, result):
+                        each.callback(item_result)
                 else:
-                    d.errback(result)
+                    for each in d:
+                        each.errback(result)
         self._committing = False
         if self._pending:
             self._commit_next()

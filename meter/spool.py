@@ -145,6 +145,44 @@ def _migrate(connection: sqlite3.Connection) -> None:
         raise
 
 
+_OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
+# OR IGNORE: a part spooled again (its message id was forgotten when its
+# reassembly expired) is a no-op, not an error.
+_ADD_PART = "INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)"
+_ADD_CHUNK = "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)"
+
+
+def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]:
+    """
+    Work for the database thread: spool the chunks that arrived together,
+    C{(round row or None, part row, chunk row)} each, in three statements
+    rather than three a chunk; the readings each added (0 for a part spooled
+    already).
+    """
+    rounds = {}
+    for round_row, _, _ in items:
+        if round_row is not None:
+            rounds.setdefault(round_row[0], round_row)
+    if rounds:
+        connection.executemany(_OPEN_ROUND, rounds.values())
+    parts = [part for _, part, _ in items]
+    # The common case, every part new, in one executemany; if any was spooled
+    # before, undo and go part by part to learn which are new.
+    connection.execute("SAVEPOINT parts")
+    before = connection.total_changes
+    connection.executemany(_ADD_PART, parts)
+    if connection.total_changes - before == len(parts):
+        new = [True] * len(parts)
+    else:
+        connection.execute("ROLLBACK TO parts")
+        new = [connection.execute(_ADD_PART, part).rowcount == 1 for part in parts]
+    connection.execute("RELEASE parts")
+    chunks = [row for (_, _, row), fresh in zip(items, new) if fresh and row[4]]
+    if chunks:
+        connection.executemany(_ADD_CHUNK, chunks)
+    return [row[4] if fresh else 0 for (_, _, row), fresh in zip(items, new)]
+
+
 class Spool:
     """
     The spool's operations.  Each returns a Deferred that fires after its
@@ -186,23 +224,12 @@ class Spool:
         message id is spooled already.
         """
         day = chunk.day.isoformat()
-        row = (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count)
-        part = (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now)
-
-        def work(connection: sqlite3.Connection) -> int:
-            if open_round:
-                connection.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)", (day, now))
-            # OR IGNORE: a part spooled again (its message id was forgotten
-            # when its reassembly expired) is a no-op, not an error.
-            if connection.execute("INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)", part).rowcount == 0:
-                return 0
-            if row[4]:
-                connection.execute(
-                    "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)", row
-                )
-            return row[4]
-
-        return self._database.run(work)
+        item = (
+            (day, now) if open_round else None,
+            (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now),
+            (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count),
+        )
+        return self._database.run_many(_add_chunks, item)
 
     def close_round(self, day: datetime.date, now: float):
         def work(connection: sqlite3.Connection) -> None:

@@ -115,6 +115,63 @@ async def test_a_failed_transaction_fails_every_piece_of_it(db, tmp_path):
     assert rows(tmp_path / "db" / "t.sqlite") == [6]
 
 
+def insert_many(connection, xs):
+    connection.executemany("INSERT INTO t VALUES (?)", [(x,) for x in xs])
+    return [x * 10 for x in xs]
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_many_joins_neighbouring_items_into_one_piece(db, tmp_path):
+    calls = []
+
+    def recorded(connection, xs):
+        calls.append(list(xs))
+        return insert_many(connection, xs)
+
+    blocker = db.run(noop)  # so what follows waits for one transaction
+    first = [db.run_many(recorded, x) for x in (1, 2, 3)]
+    between = db.run(insert(4))
+    second = [db.run_many(recorded, x) for x in (5, 6)]
+    await blocker
+    assert await gatherResults(first + [between] + second) == [10, 20, 30, 4, 50, 60]
+    # Items joined only with their neighbours: the order of work is kept.
+    assert calls == [[1, 2, 3], [5, 6]]
+    assert (db.commits, db.pieces) == (2, 7)
+    assert rows(tmp_path / "db" / "t.sqlite") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_many_that_raises_fails_each_of_its_items_only(db, tmp_path):
+    def duplicates(connection, xs):
+        return insert_many(connection, xs + [xs[0]])  # the primary key refuses
+
+    blocker = db.run(noop)
+    before = db.run(insert(1))
+    failing = [db.run_many(duplicates, x) for x in (7, 8)]
+    after = db.run(insert(9))
+    await blocker
+    assert await before == 1
+    for d in failing:
+        with pytest.raises(sqlite3.IntegrityError):
+            await d
+    assert await after == 9
+    assert rows(tmp_path / "db" / "t.sqlite") == [1, 9]
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_many_must_answer_each_item(db, tmp_path):
+    def one_short(connection, xs):
+        return insert_many(connection, xs)[:-1]
+
+    blocker = db.run(noop)
+    short = [db.run_many(one_short, x) for x in (1, 2)]
+    await blocker
+    for d in short:
+        with pytest.raises(RuntimeError, match="1 results for 2 items"):
+            await d
+    assert rows(tmp_path / "db" / "t.sqlite") == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_flush_of_an_idle_thread_fires_at_once(db):
     assert db.flush().called

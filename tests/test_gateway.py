@@ -1069,6 +1069,24 @@ async def test_spool_counts_only_new_readings(real):
 
 
 @pytest_twisted.ensureDeferred
+async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(real):
+    first = day_chunk(1)
+    assert await real.spool.add_chunk(first, NOW, True) == 1
+    # A burst committed together, with a part spooled before among new ones
+    # (and the same new part twice): each learns what it added.
+    blocker = real.database.run(lambda connection: None)
+    burst = [day_chunk(2), first, day_chunk(3, n=1), day_chunk(2)]
+    answers = [real.spool.add_chunk(chunk, NOW + 1, True) for chunk in burst]
+    await blocker
+    assert [await d for d in answers] == [1, 0, 1, 0]
+    await real.spool.close_round(DAY, NOW + 2)
+    taken = await real.spool.take_batch(100)
+    assert sorted((r.device_id, r.taken_at) for r in taken.readings) == sorted(
+        (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, n=1)) for r in chunk.readings
+    )
+
+
+@pytest_twisted.ensureDeferred
 async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
     other = DAY + datetime.timedelta(days=1)
     three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))

@@ -60,6 +60,11 @@ class SyncDatabase:
             return d
         return succeed(result)
 
+    def run_many(self, work, item):
+        # Each item alone: what DatabaseThread does for an item with no
+        # neighbour.
+        return self.run(lambda connection: work(connection, [item])[0])
+
     def release(self) -> None:
         held, self.held = self.held, []
         for d, result in held:

@@ -501,3 +501,54 @@ def test_the_fast_batch_record_check_agrees_with_the_field_checks(case):
     text, count = case
     for _ in range(2):  # the second time through the caches
         assert _batch_verdict(text, count) == _verdict(wire._decode_batch_records, text, count)
+
+
+def _general_verdict(data: bytes):
+    """
+    What L{decode} says of C{data} when its C{DAY} layout shortcut is left
+    out (every message then goes through the token-by-token parsing).
+    """
+    saved = wire._DAY_MESSAGE
+    wire._DAY_MESSAGE = re.compile(rb"(?!)")
+    try:
+        return _verdict_of_decode(data)
+    finally:
+        wire._DAY_MESSAGE = saved
+
+
+def _verdict_of_decode(data: bytes):
+    try:
+        return ("ok", decode(data))
+    except WireError as e:
+        return ("error", e.code, e.detail)
+
+
+@BOUNDED
+@given(st.data())
+def test_the_day_layout_shortcut_decodes_as_the_token_parser_does(data):
+    frame = encode(data.draw(day_chunks(), "chunk"))
+    for _ in range(data.draw(st.integers(0, 3), "edits")):
+        frame = data.draw(mutations(frame) if frame else st.binary(max_size=20), "mutated")
+    assert _verdict_of_decode(frame) == _general_verdict(frame)
+
+
+_GOOD_DAY = b"meter/1 DAY dev=1 ip=10.0.0.5 day=2026-11-21 xfer=0123456789abcdef part=1/1 ts=5 n=1 r=00:00,1,2"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _GOOD_DAY,
+        _GOOD_DAY.replace(b" ts=5 n=1", b" n=1 ts=5"),
+        _GOOD_DAY.replace(b"dev=1", b"dev=1=1"),
+        _GOOD_DAY.replace(b"dev=1", b"dev=01"),
+        _GOOD_DAY.replace(b"part=1/1", b"part=2/1"),
+        _GOOD_DAY.replace(b" ts=5", b"  ts=5"),
+        _GOOD_DAY.replace(b"r=00:00,1,2", b"r="),
+        _GOOD_DAY.replace(b"r=00:00,1,2", b"r=00:00,1,2 x=1"),
+        _GOOD_DAY.replace(b"ip=10.0.0.5", b"ip=10.0.0.5\x7f"),
+        _GOOD_DAY + b"\n",
+    ],
+)
+def test_the_day_layout_shortcut_agrees_on_near_misses(frame):
+    assert _verdict_of_decode(frame) == _general_verdict(frame)
