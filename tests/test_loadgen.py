@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
+import pytest_twisted
 
 from meter import wire
 from meter.loadgen import latency_summary, synthetic_day
@@ -133,3 +134,42 @@ def test_loadgen_delivers_a_fleet_through_the_real_daemons(tmp_path):
         assert rows == expected
     finally:
         suite.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stamped_port_gives_each_datagram_its_kernel_receive_time():
+    import socket
+    import time
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import DatagramProtocol
+
+    from meter.loadgen import _stamped_port_class
+
+    class Run:
+        arrived_at = None
+
+    run = Run()
+    seen = Deferred()
+
+    class Recorder(DatagramProtocol):
+        def datagramReceived(self, data, addr):
+            seen.callback((data, addr, run.arrived_at, time.time()))
+
+    port = _stamped_port_class()(run, 0, Recorder(), "127.0.0.1", 65535, reactor)
+    port.startListening()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sender.bind(("127.0.0.1", 0))
+        source = sender.getsockname()
+        before = time.time()
+        sender.sendto(b"ack", ("127.0.0.1", port.getHost().port))
+        data, addr, arrived_at, handled = await seen
+    finally:
+        sender.close()
+        await port.stopListening()
+    assert (data, addr) == (b"ack", source)
+    assert arrived_at is not None and before - 0.001 <= arrived_at <= handled
+    # Only while the datagram is handled.
+    assert run.arrived_at is None
