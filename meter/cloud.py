@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
-from meter.dbthread import DatabaseThread
+from meter.dbthread import DatabaseThread, insert_telling_new
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -54,19 +54,12 @@ def _insert(fields: list[tuple[str, str, str, str, str]], stored_at: float):
             (int(device), ip, stamp, float(temperature), float(humidity), stored_at)
             for device, ip, stamp, temperature, humidity in fields
         ]
-        # The common case, a batch never seen, in one executemany; if any
-        # row was stored before (a batch sent again), undo and go row by row
-        # to learn which readings are new, for the console.
-        connection.execute("SAVEPOINT batch")
-        before = connection.total_changes
-        connection.executemany(_INSERT, rows)
-        if connection.total_changes - before == len(rows):
-            connection.execute("RELEASE batch")
+        # Which readings are new, for the console: all of them unless the
+        # batch was sent again.
+        new = insert_telling_new(connection, _INSERT, rows)
+        if all(new):
             return None
-        connection.execute("ROLLBACK TO batch")
-        connection.execute("RELEASE batch")
-        insert = connection.execute
-        return [index for index, row in enumerate(rows) if insert(_INSERT, row).rowcount]
+        return [index for index, fresh in enumerate(new) if fresh]
 
     return work
 

@@ -42,6 +42,27 @@ def connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
+def insert_telling_new(connection: sqlite3.Connection, statement: str, rows: list[tuple]) -> list[bool]:
+    """
+    Insert C{rows} with C{statement} (one that skips a row stored before:
+    C{OR IGNORE}, C{ON CONFLICT DO NOTHING}); which of them were new.
+
+    The common case, every row new, takes one C{executemany}; if any was
+    stored before, its changes are undone and the rows go one by one, to
+    learn which.
+    """
+    connection.execute("SAVEPOINT telling_new")
+    before = connection.total_changes
+    connection.executemany(statement, rows)
+    if connection.total_changes - before == len(rows):
+        new = [True] * len(rows)
+    else:
+        connection.execute("ROLLBACK TO telling_new")
+        new = [connection.execute(statement, row).rowcount == 1 for row in rows]
+    connection.execute("RELEASE telling_new")
+    return new
+
+
 class DatabaseThread:
     """
     Runs work on a single thread against one connection, many pieces per
@@ -56,9 +77,9 @@ class DatabaseThread:
         self._connection = connection
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-        #: Pieces for the next transaction: (work, Deferred), or, for
-        #: L{run_many}, (work, [Deferred, ...], [item, ...]).
-        self._pending: list[tuple] = []
+        #: Pieces for the next transaction, each (work, [Deferred, ...],
+        #: [item, ...] for L{run_many} or None for L{run}).
+        self._pending: list[tuple[Callable, list[Deferred], list | None]] = []
         self._committing = False
         self._idle: list[Deferred] = []
         #: Transactions committed and pieces of work done, for the logs.
@@ -98,7 +119,7 @@ class DatabaseThread:
         with its result after the commit, or fails with its exception.
         """
         d = Deferred()
-        self._pending.append((work, d))
+        self._pending.append((work, [d], None))
         if not self._committing:
             self._commit_next()
         return d
@@ -116,7 +137,7 @@ class DatabaseThread:
         """
         d = Deferred()
         last = self._pending[-1] if self._pending else None
-        if last is not None and len(last) == 3 and last[0] is work:
+        if last is not None and last[0] is work and last[2] is not None:
             last[1].append(d)
             last[2].append(item)
         else:
@@ -128,25 +149,28 @@ class DatabaseThread:
     def _commit_next(self) -> None:
         group, self._pending = self._pending, []
         self._committing = True
-        pieces = [piece[0] if len(piece) == 2 else (piece[0], piece[2]) for piece in group]
+        pieces = [(work, items) for work, _, items in group]
         done = deferToThreadPool(self._reactor, self._pool, self._transaction, pieces)
-        done.addBoth(self._committed, [piece[1] for piece in group])
+        done.addBoth(self._committed, [deferreds for _, deferreds, _ in group])
 
-    def _transaction(self, pieces: list) -> list[tuple[bool, Any]]:
+    def _transaction(self, pieces: list[tuple[Callable, list | None]]) -> list[tuple[bool, Any]]:
+        """
+        Run the pieces in one transaction: for each, C{(True, [result for
+        each of its Deferreds])} or C{(False, Failure)}.
+        """
         connection = self._connection
         results: list[tuple[bool, Any]] = []
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for piece in pieces:
+            for work, items in pieces:
                 connection.execute("SAVEPOINT piece")
                 try:
-                    if isinstance(piece, tuple):
-                        work, items = piece
+                    if items is None:
+                        result = [work(connection)]
+                    else:
                         result = work(connection, items)
                         if len(result) != len(items):
                             raise RuntimeError(f"{work!r} gave {len(result)} results for {len(items)} items")
-                    else:
-                        result = piece(connection)
                 except Exception:
                     connection.execute("ROLLBACK TO piece")
                     results.append((False, Failure()))
@@ -160,33 +184,26 @@ class DatabaseThread:
             raise
         return results
 
-    def _committed(self, outcome, deferreds: list) -> None:
+    def _committed(self, outcome, deferreds: list[list[Deferred]]) -> None:
         # Still committing while the callbacks run: work they submit (a chunk
         # committed closes its round, which asks for a batch) must queue for
         # the next group, not start a second transaction beside this one.
         if isinstance(outcome, Failure):
             # The commit itself failed (disk full, I/O error): nothing of the
             # group is durable, so every piece fails.
-            for d in deferreds:
-                for each in d if isinstance(d, list) else (d,):
-                    each.errback(outcome)
+            for piece in deferreds:
+                for d in piece:
+                    d.errback(outcome)
         else:
             self.commits += 1
-            for d, (ok, result) in zip(deferreds, outcome):
-                if not isinstance(d, list):
-                    self.pieces += 1
-                    if ok:
-                        d.callback(result)
-                    else:
-                        d.errback(result)
-                    continue
-                self.pieces += len(d)
+            for piece, (ok, value) in zip(deferreds, outcome):
+                self.pieces += len(piece)
                 if ok:
-                    for each, item_result in zip(d, result):
-                        each.callback(item_result)
+                    for d, result in zip(piece, value):
+                        d.callback(result)
                 else:
-                    for each in d:
-                        each.errback(result)
+                    for d in piece:
+                        d.errback(value)
         self._committing = False
         if self._pending:
             self._commit_next()

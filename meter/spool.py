@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.dbthread import DatabaseThread, connect
+from meter.dbthread import DatabaseThread, connect, insert_telling_new
 from meter.reading import Reading, format_number
 
 SCHEMA = """
@@ -165,18 +165,7 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
             rounds.setdefault(round_row[0], round_row)
     if rounds:
         connection.executemany(_OPEN_ROUND, rounds.values())
-    parts = [part for _, part, _ in items]
-    # The common case, every part new, in one executemany; if any was spooled
-    # before, undo and go part by part to learn which are new.
-    connection.execute("SAVEPOINT parts")
-    before = connection.total_changes
-    connection.executemany(_ADD_PART, parts)
-    if connection.total_changes - before == len(parts):
-        new = [True] * len(parts)
-    else:
-        connection.execute("ROLLBACK TO parts")
-        new = [connection.execute(_ADD_PART, part).rowcount == 1 for part in parts]
-    connection.execute("RELEASE parts")
+    new = insert_telling_new(connection, _ADD_PART, [part for _, part, _ in items])
     chunks = [row for (_, _, row), fresh in zip(items, new) if fresh and row[4]]
     if chunks:
         connection.executemany(_ADD_CHUNK, chunks)
