@@ -484,7 +484,6 @@ _DECIMALS = r"(?:\.[0-9]{0,5}[1-9])?"
 _TEMPERATURE_TEXT = rf"(?:-[1-3]?[0-9]{_DECIMALS}|-40|(?:[1-7]?[0-9]|8[0-4]){_DECIMALS}|85)"
 _HUMIDITY_TEXT = rf"(?:[1-9]?[0-9]{_DECIMALS}|100)"
 _HHMM_TEXT = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
-_DAY_RECORD_TEXT = rf"{_HHMM_TEXT},{_TEMPERATURE_TEXT},{_HUMIDITY_TEXT}"
 #: One day record, as a whole ';'-separated item, its time grouped.
 _DAY_RECORD = re.compile(rf"(?<![^;])({_HHMM_TEXT}),{_TEMPERATURE_TEXT},{_HUMIDITY_TEXT}(?![^;])")
 #: One batch record, as a whole ';'-separated item, its five fields grouped.
@@ -621,7 +620,7 @@ def decode(data: bytes, max_size: int = MAX_LINE) -> Message:
     if day is not None:
         # The gateway's every datagram: its layout checked in one match, its
         # values by the same checks as below.
-        return _decode_day(dict(zip(_DAY_KEYS, (value.decode("ascii") for value in day.groups()))))
+        return _decode_day(dict(zip(_FIELDS[b"DAY"], (value.decode("ascii") for value in day.groups()))))
     if not data.startswith(MAGIC):
         raise WireError("magic", "does not start with 'meter/'")
     if not data.startswith(_PREFIX):
@@ -658,10 +657,10 @@ def decode(data: bytes, max_size: int = MAX_LINE) -> Message:
 #: single-spaced: the layout the general parsing in L{decode} would accept,
 #: matched at once; each value is still checked by L{_decode_day}.
 _DAY_MESSAGE = re.compile(
-    rb"meter/%d DAY dev=([!-~]+) ip=([!-~]+) day=([!-~]+) xfer=([!-~]+) part=([!-~]+) ts=([!-~]+) n=([!-~]+)"
-    rb" r=([!-~]+)\Z" % VERSION
+    re.escape(_PREFIX + b"DAY ")
+    + b" ".join(re.escape(key.encode("ascii")) + rb"=([!-~]+)" for key in _FIELDS[b"DAY"])
+    + rb"\Z"
 )
-_DAY_KEYS = ("dev", "ip", "day", "xfer", "part", "ts", "n", "r")
 
 
 def _decode_day(f: dict) -> DayChunk:
