@@ -22,7 +22,8 @@ The devices start evenly over C{--spread} seconds.  The run records, per
 chunk, the time from its first transmission to its C{ok} acknowledgement:
 until the kernel received the acknowledgement (C{SO_TIMESTAMPNS}, on
 Linux), which is what a device of its own would see, and, beside it, until
-this process, busy with all the others, handled it.  It counts datagrams, retransmissions, busy answers and failures; it stops
+this process, busy with all the others, handled it.  It counts datagrams,
+retransmissions, busy answers and failures; it stops
 when every device is done or at C{--timeout}, prints a summary (and writes
 it as JSON with C{--json}), and exits 0 only if every device delivered.
 
@@ -158,10 +159,10 @@ class SimDevice:
         match = _PART.search(datagram, 0, 400)
         part = int(match.group(1)) if match is not None else 0
         if part not in self.first_sent:
-            self.first_sent[part] = time.time()
+            now = self.first_sent[part] = time.time()
             self.run.first_sends += 1
             if self.run.first_send is None:
-                self.run.first_send = time.time()
+                self.run.first_send = now
         self.datagrams += 1
         self.run.datagrams += 1
         self.protocol.send(datagram)
@@ -182,7 +183,7 @@ class SimDevice:
         run.latencies.append((run.arrived_at or handled) - sent)
         run.chunks_acked += 1
         run.readings_acked += self.part_readings.get(ack.part, 0)
-        run.last_ack = time.time()
+        run.last_ack = handled
 
     def _delivered(self, parts: int) -> None:
         self.outcome = "delivered"
@@ -253,7 +254,6 @@ def _stamped_port_class():
                         return
                     raise
                 read += len(data)
-                self._run.arrived_at = None
                 for level, kind, value in ancillary:
                     if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
                         seconds, nanoseconds = _TIMESPEC.unpack_from(value)
