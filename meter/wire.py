@@ -755,33 +755,55 @@ def split_day(
 ) -> list[DayChunk]:
     """
     Cut one device's day into L{DayChunk}s whose sealed datagrams (see
-    L{seal}) are at most C{max_bytes} long each.  A day with no readings is one empty chunk, so
-    the gateway still learns the device reported.
+    L{seal}) are at most C{max_bytes} long each.  A day with no readings is
+    one empty chunk, so the gateway still learns the device reported.
     """
-    # The header's length depends on the part numbers only through their
-    # digits; reserve the widest form so every chunk's header fits.
-    widest = MAX_READINGS
-    header = len(
-        encode(DayChunk(device_id, device_ip, day, xfer, widest, widest, sent_at, ()))
-    )
-    room = max_bytes - header - TAG_LENGTH
-    groups: list[list[Reading]] = [[]]
-    used = 0
+    texts = day_parts(device_id, device_ip, day, readings, max_bytes)
+    parts = len(texts)
+    return [
+        DayChunk(device_id, device_ip, day, xfer, index, parts, sent_at, text)
+        for index, text in enumerate(texts, start=1)
+    ]
+
+
+def day_parts(
+    device_id: int,
+    device_ip: str,
+    day: datetime.date,
+    readings: tuple[Reading, ...],
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[str]:
+    """
+    The record texts of the chunks L{split_day} cuts a day into, whatever
+    their transfer id and start time: formatting the readings is the cost
+    of cutting a day, and a load generator pays it before it starts the
+    clock.
+
+    @raise ValueError: if a reading is not of this device and day, or
+        C{max_bytes} cannot hold one reading.
+    """
     for reading in readings:
-        size = len(_day_record(reading)) + (1 if groups[-1] else 0)
+        if reading.device_id != device_id or reading.device_ip != device_ip or reading.taken_at.date() != day:
+            raise ValueError(f"{reading!r} does not belong in a chunk of device {device_id} on {day}")
+    # The header's length depends on the part numbers and the start time
+    # only through their digits; reserve the widest forms so every chunk's
+    # header fits.
+    widest = MAX_READINGS
+    header = len(encode(DayChunk(device_id, device_ip, day, "0" * 16, widest, widest, _MAX_UINT32, "")))
+    room = max_bytes - header - TAG_LENGTH
+    groups: list[list[str]] = [[]]
+    used = 0
+    for record in map(_day_record, readings):
+        size = len(record) + (1 if groups[-1] else 0)
         if used + size > room:
             if not groups[-1]:
                 raise ValueError(f"chunk size {max_bytes} cannot hold one reading")
             groups.append([])
-            size = len(_day_record(reading))
+            size = len(record)
             used = 0
-        groups[-1].append(reading)
+        groups[-1].append(record)
         used += size
-    parts = len(groups)
-    return [
-        DayChunk(device_id, device_ip, day, xfer, index, parts, sent_at, tuple(group))
-        for index, group in enumerate(groups, start=1)
-    ]
+    return [";".join(group) for group in groups]
 
 
 #: The longest reason (in characters, before percent-encoding) L{refusal} sends.

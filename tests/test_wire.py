@@ -437,6 +437,31 @@ def test_an_empty_day_is_one_empty_chunk():
     assert split_day(1, "192.168.1.2", DAY, (), XFER, 7) == [DayChunk(1, "192.168.1.2", DAY, XFER, 1, 1, 7, ())]
 
 
+def test_day_parts_are_the_record_texts_of_split_day():
+    # What a load generator prepares before its clock starts is exactly what
+    # a device sends, whatever the transfer id and start time.
+    readings = minutes_of_day(300, t=-3.25, h=41.5)
+    texts = wire.day_parts(1, "192.168.1.2", DAY, readings)
+    for sent_at in (0, 7, 1772400000, 4294967295):
+        chunks = split_day(1, "192.168.1.2", DAY, readings, XFER, sent_at)
+        assert [c.records for c in chunks] == texts
+        assert all(len(seal(encode(c), KEY)) <= wire.DEFAULT_CHUNK_BYTES for c in chunks)
+    assert len(texts) > 1
+
+
+@pytest.mark.parametrize(
+    "reading",
+    [
+        Reading(2, "192.168.1.2", datetime.datetime(2026, 3, 1, 0, 0), 17, 35),
+        Reading(1, "192.168.1.3", datetime.datetime(2026, 3, 1, 0, 0), 17, 35),
+        Reading(1, "192.168.1.2", datetime.datetime(2026, 3, 2, 0, 0), 17, 35),
+    ],
+)
+def test_split_day_refuses_a_reading_of_another_device_or_day(reading):
+    with pytest.raises(ValueError, match="does not belong in a chunk of device 1 on 2026-03-01"):
+        split_day(1, "192.168.1.2", DAY, minutes_of_day(3) + (reading,), XFER, 7)
+
+
 def test_split_day_refuses_a_size_that_holds_no_reading():
     with pytest.raises(ValueError):
         split_day(1, "192.168.1.2", DAY, minutes_of_day(2), XFER, 7, max_bytes=100)
