@@ -120,13 +120,19 @@ class SimDevice:
     """
     One device of the fleet: its protocol (socket, key), its day, and the
     timing of each of its chunks.
+
+    The day comes already cut into chunk record texts (L{wire.day_parts}):
+    formatting thousands of days while sending would take the CPU the
+    gateway under test needs, so it is done before the clock starts.
     """
 
-    def __init__(self, run: LoadRun, device_id: int, address: str, key: bytes, readings: tuple[Reading, ...]):
+    def __init__(self, run: LoadRun, device_id: int, address: str, key: bytes, parts: list[str]):
         self.run = run
         self.id = device_id
         self.address = address
-        self.readings = readings
+        self.parts = parts
+        #: How many readings the day holds, for the summary.
+        self.reading_count = sum(map(wire.record_count, parts))
         self.protocol = device.DeviceProtocol(run.gateway, key)
         self.sender: device.DaySender | None = None
         self.xfer = ""
@@ -143,7 +149,11 @@ class SimDevice:
         now = time.time()
         self.started_at = now
         self.xfer = device_xfer(run.seed, self.id, run.attempt_salt)
-        chunks = wire.split_day(self.id, self.address, run.day, self.readings, self.xfer, int(now), run.chunk_bytes)
+        count = len(self.parts)
+        chunks = [
+            wire.DayChunk(self.id, self.address, run.day, self.xfer, index, count, int(now), text)
+            for index, text in enumerate(self.parts, start=1)
+        ]
         self.part_readings = {chunk.part: chunk.count for chunk in chunks}
         run.chunks += len(chunks)
         run.started += 1
@@ -344,7 +354,8 @@ class LoadRun:
                 readings = load_survey(survey_path(self.args.surveys, device_id), device_id, address, self.day)
             else:
                 readings = synthetic_day(device_id, address, self.day, self.args.readings, self.seed)
-            self.devices.append(SimDevice(self, device_id, address, keys[device_id], readings))
+            parts = wire.day_parts(device_id, address, self.day, readings, self.chunk_bytes)
+            self.devices.append(SimDevice(self, device_id, address, keys[device_id], parts))
         self._open_sockets()
         self.prepare_s = time.monotonic() - began
 
@@ -451,7 +462,7 @@ class LoadRun:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         failed = [sim for sim in self.devices if sim.outcome == "failed"]
         incomplete = [sim for sim in self.devices if sim.outcome is None]
-        readings_sent = sum(len(sim.readings) for sim in self.devices if sim.sender is not None)
+        readings_sent = sum(sim.reading_count for sim in self.devices if sim.sender is not None)
         return {
             "devices": len(self.devices),
             "first_id": self.devices[0].id if self.devices else None,
