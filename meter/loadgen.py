@@ -149,11 +149,7 @@ class SimDevice:
         now = time.time()
         self.started_at = now
         self.xfer = device_xfer(run.seed, self.id, run.attempt_salt)
-        count = len(self.parts)
-        chunks = [
-            wire.DayChunk(self.id, self.address, run.day, self.xfer, index, count, int(now), text)
-            for index, text in enumerate(self.parts, start=1)
-        ]
+        chunks = wire.day_chunks(self.id, self.address, run.day, self.parts, self.xfer, int(now))
         self.part_readings = {chunk.part: chunk.count for chunk in chunks}
         run.chunks += len(chunks)
         run.started += 1

@@ -72,14 +72,18 @@ def _day_records_text(value, chunk) -> str:
     """
     if isinstance(value, str):
         return value
-    for reading in value:
-        if (
-            reading.device_id != chunk.device_id
-            or reading.device_ip != chunk.device_ip
-            or reading.taken_at.date() != chunk.day
-        ):
-            raise ValueError(f"{reading!r} does not belong in a chunk of device {chunk.device_id} on {chunk.day}")
+    _check_belong(value, chunk.device_id, chunk.device_ip, chunk.day)
     return ";".join(map(_day_record, value))
+
+
+def _check_belong(readings, device_id: int, device_ip: str, day: datetime.date) -> None:
+    """
+    @raise ValueError: if a reading is not of this device, address and day,
+        so a chunk of theirs could not carry it.
+    """
+    for reading in readings:
+        if reading.device_id != device_id or reading.device_ip != device_ip or reading.taken_at.date() != day:
+            raise ValueError(f"{reading!r} does not belong in a chunk of device {device_id} on {day}")
 
 
 def record_count(records: str) -> int:
@@ -759,6 +763,16 @@ def split_day(
     one empty chunk, so the gateway still learns the device reported.
     """
     texts = day_parts(device_id, device_ip, day, readings, max_bytes)
+    return day_chunks(device_id, device_ip, day, texts, xfer, sent_at)
+
+
+def day_chunks(
+    device_id: int, device_ip: str, day: datetime.date, texts: list[str], xfer: str, sent_at: int
+) -> list[DayChunk]:
+    """
+    The chunks of a day cut by L{day_parts} into C{texts}, sent as transfer
+    C{xfer} started at C{sent_at}.
+    """
     parts = len(texts)
     return [
         DayChunk(device_id, device_ip, day, xfer, index, parts, sent_at, text)
@@ -782,9 +796,7 @@ def day_parts(
     @raise ValueError: if a reading is not of this device and day, or
         C{max_bytes} cannot hold one reading.
     """
-    for reading in readings:
-        if reading.device_id != device_id or reading.device_ip != device_ip or reading.taken_at.date() != day:
-            raise ValueError(f"{reading!r} does not belong in a chunk of device {device_id} on {day}")
+    _check_belong(readings, device_id, device_ip, day)
     # The header's length depends on the part numbers and the start time
     # only through their digits; reserve the widest forms so every chunk's
     # header fits.
@@ -865,7 +877,7 @@ def seal(data: bytes, key: bytes) -> bytes:
     C{data} with its authentication tag: C{" mac="} and the HMAC-SHA256 of
     everything before it under C{key}, in hex.
     """
-    return data + _TAG + hmac.digest(key, data, "sha256").hex().encode("ascii")
+    return data + _TAG + _tag(data, key)
 
 
 def unseal(data: bytes, key: bytes) -> bytes:
@@ -892,9 +904,16 @@ def split_tag(data: bytes) -> tuple[bytes, bytes]:
 
 
 def tag_ok(body: bytes, tag: bytes, key: bytes) -> bool:
+    return hmac.compare_digest(_tag(body, key), tag)
+
+
+def _tag(body: bytes, key: bytes) -> bytes:
+    """
+    The hex HMAC-SHA256 of C{body} under C{key}: the tag L{seal} appends and
+    L{tag_ok} expects.
+    """
     # hmac.digest: OpenSSL's one-shot HMAC, a third of hmac.new's cost.
-    expected = hmac.digest(key, body, "sha256").hex().encode("ascii")
-    return hmac.compare_digest(expected, tag)
+    return hmac.digest(key, body, "sha256").hex().encode("ascii")
 
 
 def claimed_device(body: bytes) -> int | None:
