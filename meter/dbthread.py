@@ -12,6 +12,7 @@ there, so an acknowledgement always means the data is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +41,23 @@ def connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA busy_timeout=5000")
     return connection
+
+
+@contextlib.contextmanager
+def immediate_transaction(connection: sqlite3.Connection):
+    """
+    A write transaction around the block: begun at once (C{IMMEDIATE}, so
+    it never fails half-way for want of the write lock), committed if the
+    block ends normally, rolled back if anything escapes it.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
 def insert_telling_new(connection: sqlite3.Connection, statement: str, rows: list[tuple]) -> list[bool]:
@@ -160,8 +178,7 @@ class DatabaseThread:
         """
         connection = self._connection
         results: list[tuple[bool, Any]] = []
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(connection):
             for work, items in pieces:
                 connection.execute("SAVEPOINT piece")
                 try:
@@ -177,11 +194,6 @@ class DatabaseThread:
                 else:
                     results.append((True, result))
                 connection.execute("RELEASE piece")
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
         return results
 
     def _committed(self, outcome, deferreds: list[list[Deferred]]) -> None:

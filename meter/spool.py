@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.dbthread import DatabaseThread, connect, insert_telling_new
+from meter.dbthread import DatabaseThread, connect, immediate_transaction, insert_telling_new
 from meter.reading import Reading, format_number
 
 SCHEMA = """
@@ -107,6 +107,9 @@ class Spooled:
         return wire.Batch("0" * 16, self.records).readings
 
 
+_ADD_CHUNK = "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)"
+
+
 def _batch_records(chunk_records: str, day: str, device_id: int, device_ip: str) -> str:
     """
     A chunk's C{DAY} records (C{HH:MM,t,h;...}) as C{BATCH} records
@@ -124,8 +127,7 @@ def _migrate(connection: sqlite3.Connection) -> None:
     """
     if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'readings'").fetchone() is None:
         return
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate_transaction(connection):
         groups: dict[tuple[str, int, str], list[str]] = {}
         for day, device_id, device_ip, taken_at, temperature, humidity in connection.execute(
             "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY seq"
@@ -134,22 +136,16 @@ def _migrate(connection: sqlite3.Connection) -> None:
                 f"{taken_at[11:16]},{format_number(temperature)},{format_number(humidity)}"
             )
         connection.executemany(
-            "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)",
+            _ADD_CHUNK,
             [(day, device_id, device_ip, ";".join(records), len(records)) for (day, device_id, device_ip), records in groups.items()],
         )
         connection.execute("DROP TABLE readings")
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
 
 
 _OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
 # OR IGNORE: a part spooled again (its message id was forgotten when its
 # reassembly expired) is a no-op, not an error.
 _ADD_PART = "INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)"
-_ADD_CHUNK = "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)"
 
 
 def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]:
