@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from meter import wire
-from meter.ratelimit import PerSource
+from meter.ratelimit import LimitedWarnings, PerSource
 from meter.spool import Recovered, Spool, Spooled
 
 #: How many days back the gateway remembers message ids (and so recognises a
@@ -128,9 +128,7 @@ class Intake:
         #: spool limit already, or a burst could overshoot it.
         self._incoming = 0
         self.counters: Counter[str] = Counter()
-        #: Warnings about refused chunks: a few a minute per source (a
-        #: captured datagram replayed in a loop must not flood the log).
-        self._warnings = PerSource(clock, 1 / 6, 5)
+        self._warnings = LimitedWarnings(self.log, clock)
 
     # -- start and stop ------------------------------------------------------
 
@@ -328,16 +326,7 @@ class Intake:
         return len(self._committing) >= self._max_committing
 
     def _refuse(self, chunk: wire.DayChunk, reason: str, peer: str) -> wire.DayAck:
-        source = peer_host(peer)
-        if self._warnings.allow(source):
-            suppressed = self._warnings.take_suppressed(source)
-            self.log.warn(
-                "refused chunk from {peer}: {reason}"
-                + (" ({suppressed} similar lines from this source left out)" if suppressed else ""),
-                peer=peer,
-                reason=reason,
-                suppressed=suppressed,
-            )
+        self._warnings.warn(peer_host(peer), "refused chunk from {peer}: {reason}", peer=peer, reason=reason)
         return wire.DayAck(chunk.xfer, chunk.part, "bad", reason)
 
     def _part_arrived(self, chunk: wire.DayChunk, peer: str) -> None:
@@ -727,7 +716,7 @@ class GatewayProtocol(DatagramProtocol):
         # it, so the other devices keep being served.
         self._per_source = PerSource(clock, source_rate, source_burst)
         # Warnings about bad input: a few a minute per source, then a count.
-        self._warnings = PerSource(clock, 1 / 6, 5)
+        self._warnings = LimitedWarnings(self.log, clock)
 
     def startProtocol(self):
         # A fleet reporting at once must not overflow the kernel's queue.
@@ -741,7 +730,7 @@ class GatewayProtocol(DatagramProtocol):
         counters["datagrams"] += 1
         if not self._per_source.allow(addr[0]):
             counters["dropped_flood"] += 1
-            self._warn(addr[0], "dropping datagrams from {peer}: over its limit of {rate:g} a second", peer=peer, rate=self._per_source.rate)
+            self._warnings.warn(addr[0], "dropping datagrams from {peer}: over its limit of {rate:g} a second", peer=peer, rate=self._per_source.rate)
             return
         try:
             body, tag = wire.split_tag(data)
@@ -762,7 +751,7 @@ class GatewayProtocol(DatagramProtocol):
             if self._intake.acknowledged_before(device_id, xfer, part, sent_at, peer):
                 # A retransmission of a stored chunk (its ack was lost or
                 # late): answer again without decoding it a second time.
-                self.transport.write(wire.seal(wire.encode(wire.DayAck(xfer, part, "ok")), key), addr)
+                self._reply(wire.DayAck(xfer, part, "ok"), key, addr)
                 return
             if self._intake.overloaded():
                 # More chunks wait for their commit than the spool can
@@ -770,16 +759,16 @@ class GatewayProtocol(DatagramProtocol):
                 # cheaply, rather than acknowledge late and draw every
                 # device's retransmissions.  The device keeps the chunk.
                 counters["refused_overloaded"] += 1
-                self.transport.write(wire.seal(wire.encode(wire.DayAck(xfer, part, "busy", "gateway overloaded")), key), addr)
+                self._reply(wire.DayAck(xfer, part, "busy", "gateway overloaded"), key, addr)
                 return
         try:
             message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:
             counters[f"refused_{e.code}"] += 1
-            self._warn(addr[0], "refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
+            self._warnings.warn(addr[0], "refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
             answer = wire.refusal(body, e)
             if isinstance(answer, wire.DayAck):
-                self.transport.write(wire.seal(wire.encode(answer), key), addr)
+                self._reply(answer, key, addr)
             return
         if not isinstance(message, wire.DayChunk):
             counters["unexpected"] += 1
@@ -789,22 +778,16 @@ class GatewayProtocol(DatagramProtocol):
 
     def _drop(self, why: str, peer: str, size: int, detail: str) -> None:
         self._intake.counters[f"dropped_{why}"] += 1
-        self._warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
+        self._warnings.warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
 
-    def _warn(self, source: str, format: str, **fields) -> None:
+    def _reply(self, ack: wire.DayAck, key: bytes, addr) -> None:
         """
-        Log a warning about bad input from C{source}, at most a few a minute
-        per source; the next line says how many were left out.
+        Send C{ack}, sealed with the device's C{key}, to C{addr}.
         """
-        if not self._warnings.allow(source):
-            return
-        suppressed = self._warnings.take_suppressed(source)
-        if suppressed:
-            format += " ({suppressed} similar lines from this source left out)"
-        self.log.warn(format, suppressed=suppressed, **fields)
+        self.transport.write(wire.seal(wire.encode(ack), key), addr)
 
     def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr, peer: str, size: int) -> None:
-        self.transport.write(wire.seal(wire.encode(ack), self._keys[chunk.device_id]), addr)
+        self._reply(ack, self._keys[chunk.device_id], addr)
         if not self._log_datagrams:
             # A log line costs as much as the rest of a datagram's handling:
             # by default the intake logs each device's day once it is whole.

@@ -44,3 +44,26 @@ class PerSource:
         saying "and N more").
         """
         return self.suppressed.pop(source, 0)
+
+
+class LimitedWarnings:
+    """
+    Warnings about bad input, at most a few a minute per source (a flood, or
+    a captured datagram replayed in a loop, must not flood the log too); the
+    next line that goes says how many were left out.
+    """
+
+    def __init__(self, log, clock, rate: float = 1 / 6, burst: float = 5):
+        """
+        @param log: the L{twisted.logger.Logger} the warnings go to.
+        """
+        self._log = log
+        self.limit = PerSource(clock, rate, burst)
+
+    def warn(self, source, format: str, **fields) -> None:
+        if not self.limit.allow(source):
+            return
+        suppressed = self.limit.take_suppressed(source)
+        if suppressed:
+            format += " ({suppressed} similar lines from this source left out)"
+        self._log.warn(format, suppressed=suppressed, **fields)

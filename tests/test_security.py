@@ -307,7 +307,7 @@ def test_the_per_source_table_is_bounded():
     for i in range(10000):
         g.receive(b"x", (f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 1))
     assert len(g.protocol._per_source._buckets) <= 4096
-    assert len(g.protocol._warnings._buckets) <= 4096
+    assert len(g.protocol._warnings.limit._buckets) <= 4096
 
 
 def warnings_by_source(events) -> dict[str, list[str]]:
