@@ -390,10 +390,6 @@ def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, d
         times = [None] * (24 * 60)
         if len(_DAY_TIMES) < _DAY_TIMES_MAX:
             _DAY_TIMES[day] = times
-    temperatures = _CHECKED["temperature"]
-    humidities = _CHECKED["humidity"]
-    new = object.__new__
-    set_ = object.__setattr__
     for fields in _records(text, count):
         if len(fields) != 3:
             raise WireError("record", f"record {','.join(fields)!r} is not HH:MM,temperature,humidity")
@@ -407,20 +403,15 @@ def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, d
         taken_at = times[minute]
         if taken_at is None:
             taken_at = times[minute] = datetime.datetime(day.year, day.month, day.day, minute // 60, minute % 60)
-        temperature_c = temperatures.get(temperature)
-        if temperature_c is None:
-            temperature_c = _number(temperature, check_temperature, "temperature")
-        humidity_pct = humidities.get(humidity)
-        if humidity_pct is None:
-            humidity_pct = _number(humidity, check_humidity, "humidity")
-        # Reading.checked, inlined: every value was checked just above.
-        reading = new(Reading)
-        set_(reading, "device_id", device_id)
-        set_(reading, "device_ip", device_ip)
-        set_(reading, "taken_at", taken_at)
-        set_(reading, "temperature_c", temperature_c)
-        set_(reading, "humidity_pct", humidity_pct)
-        readings.append(reading)
+        readings.append(
+            Reading.checked(
+                device_id,
+                device_ip,
+                taken_at,
+                _number(temperature, check_temperature, "temperature"),
+                _number(humidity, check_humidity, "humidity"),
+            )
+        )
     return tuple(readings)
 
 
