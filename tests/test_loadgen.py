@@ -6,12 +6,13 @@ summary figures.  (The bench, bench/run.py, drives the real daemons with it.)
 from __future__ import annotations
 
 import datetime
+import gc
 
 import pytest
 import pytest_twisted
 
 from meter import wire
-from meter.loadgen import latency_summary, synthetic_day
+from meter.loadgen import collector_paused, latency_summary, synthetic_day
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, format_number
 
 DAY = datetime.date(2026, 3, 1)
@@ -86,6 +87,20 @@ def test_latency_summary_nearest_rank():
     assert summary["p99"] == 99.0
     assert summary["max"] == 100.0
     assert latency_summary([]) == {"count": 0}
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_collector_is_paused_while_the_fleet_sends_and_restored_after(enabled_before):
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+            assert gc.get_freeze_count() > 0
+        assert gc.isenabled() is enabled_before
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def test_refuses_a_gateway_that_is_not_loopback(tmp_path, capsys):
