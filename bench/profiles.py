@@ -27,8 +27,8 @@ _THREAD = re.compile(r"^thread \((?P<tid>[^)]*)\)(?:: (?P<name>.*))?$")
 #: first rule (in this order) that matches any frame of the stack, searched
 #: from the leaf outwards.
 CATEGORIES = [
-    ("sqlite (database thread)",
-     re.compile(r"DatabaseThread\._transaction|Spool\.\w+\.<locals>\.work|_insert\.<locals>\.work|sqlite3|Spool\.open")),
+    ("sqlite",
+     re.compile(r"Database\._transaction|Spool\.\w+\.<locals>\.work|_insert\.<locals>\.work|sqlite3|Spool\.open")),
     ("logging (twisted.logger)", re.compile(r"twisted/logger/|twisted/python/log\.py:(?!98|82)")),
     ("console print (cloud)", re.compile(r"_console_line|console_line")),
     ("HMAC seal/verify", re.compile(r"\b(seal|unseal|tag_ok)\b|hmac\.py")),

@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
-from meter.dbthread import DatabaseThread, insert_telling_new
+from meter.dbthread import Database, insert_telling_new
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -86,7 +86,7 @@ class CloudStore:
 
     log = Logger()
 
-    def __init__(self, database: DatabaseThread, console: Callable[[list[str]], None], clock):
+    def __init__(self, database: Database, console: Callable[[list[str]], None], clock):
         """
         @param console: called with the console lines of each batch's newly
             stored readings, once per batch.

@@ -13,7 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from meter import cloud, secrets
-from meter.dbthread import DatabaseThread, connect
+from meter.dbthread import Database, connect
 from meter.options import MeterOptions
 
 
@@ -49,7 +49,7 @@ class CloudService(MultiService):
         self._tls = tls
         self._reactor = reactor
         self._console = console or _console_lines
-        self.database: DatabaseThread | None = None
+        self.database: Database | None = None
         self.store: cloud.CloudStore | None = None
 
     def startService(self):
@@ -59,7 +59,7 @@ class CloudService(MultiService):
             cloud.open_database(connection)
         except Exception as e:
             raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-        self.database = DatabaseThread(connection, self._reactor, name="meter-cloud-db")
+        self.database = Database(connection, self._reactor, in_thread=True, name="meter-cloud-db")
         self.database.start()
         self.log.info("readings database {path}", path=path)
         self.store = cloud.CloudStore(self.database, self._console, self._reactor)

@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.dbthread import DatabaseThread, connect, immediate_transaction, insert_telling_new
+from meter.dbthread import Database, connect, immediate_transaction, insert_telling_new
 from meter.reading import Reading, format_number
 
 SCHEMA = """
@@ -171,10 +171,10 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
 class Spool:
     """
     The spool's operations.  Each returns a Deferred that fires after its
-    transaction is committed (see L{DatabaseThread}).
+    transaction is committed (see L{Database}).
     """
 
-    def __init__(self, database: DatabaseThread):
+    def __init__(self, database: Database):
         self._database = database
 
     @staticmethod

@@ -1,5 +1,5 @@
 """
-meter.cloud: CloudStore on a real DatabaseThread in tmp_path, and
+meter.cloud: CloudStore on a real Database in tmp_path, and
 CloudProtocol on a StringTransport with a task.Clock for its idle timeout.
 """
 
@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import DatabaseThread, connect
+from meter.dbthread import Database, connect
 from meter.reading import Reading
 
 BATCH_ID = "fedcba9876543210"
@@ -41,7 +41,7 @@ class Cloud:
         connection = connect(path)
         if schema:
             cloud.open_database(connection)
-        self.database = DatabaseThread(connection, reactor, name="test-cloud-db")
+        self.database = Database(connection, reactor, in_thread=True, name="test-cloud-db")
         self.database.start()
         self.console: list[str] = []
         self.clock = task.Clock()

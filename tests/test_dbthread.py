@@ -1,7 +1,8 @@
 """
-meter.dbthread: one SQLite connection on one thread, with group commits.
-These run on the real reactor (pytest-twisted): the work runs in a thread
-and its result comes back through the reactor.
+meter.dbthread: one SQLite connection with group commits.  These run on the
+real reactor (pytest-twisted), each test twice: with the transactions on a
+thread of their own (their results come back through the reactor), and on
+the reactor thread, a turn after the work was submitted.
 """
 
 from __future__ import annotations
@@ -10,25 +11,37 @@ import sqlite3
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
 
-from meter.dbthread import DatabaseThread, connect
+from meter.dbthread import Database, connect
+
+PLACES = pytest.mark.parametrize("in_thread", [True, False], ids=["in-thread", "on-reactor"])
 
 
-def make_db(path) -> DatabaseThread:
+def make_db(path, in_thread: bool) -> Database:
     connection = connect(path)
     connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)")
-    database = DatabaseThread(connection, reactor, name="test-db")
+    database = Database(connection, reactor, in_thread=in_thread, name="test-db")
     database.start()
     return database
 
 
-@pytest_twisted.async_yield_fixture
-async def db(tmp_path):
-    database = make_db(tmp_path / "db" / "t.sqlite")
+@pytest_twisted.async_yield_fixture(params=[True, False], ids=["in-thread", "on-reactor"])
+async def db(request, tmp_path):
+    database = make_db(tmp_path / "db" / "t.sqlite", request.param)
     yield database
     await database.stop()
+
+
+def first_alone(db) -> int:
+    """
+    How many transactions a piece submitted to an idle database and pieces
+    submitted right after it take: a thread starts on the first at once
+    (the rest share the next transaction); on the reactor, all of them wait
+    for the next turn and share one.
+    """
+    return 2 if db.in_thread else 1
 
 
 def insert(x):
@@ -70,12 +83,13 @@ async def test_run_fires_with_the_result_after_the_commit(db, tmp_path):
 async def test_work_submitted_during_a_commit_shares_the_next_transaction(db, tmp_path):
     deferreds = [db.run(insert(x)) for x in range(20)]
     assert await gatherResults(deferreds) == list(range(20))
-    # The first piece committed alone; the 19 that arrived meanwhile together.
-    assert (db.commits, db.pieces) == (2, 20)
+    # In a thread, the first piece committed alone and the 19 that arrived
+    # meanwhile together; on the reactor, all 20 in its next turn.
+    assert (db.commits, db.pieces) == (first_alone(db), 20)
     assert rows(tmp_path / "db" / "t.sqlite") == list(range(20))
-    # An idle thread commits the next piece at once, on its own.
+    # An idle database commits the next piece on its own.
     await db.run(insert(20))
-    assert (db.commits, db.pieces) == (3, 21)
+    assert (db.commits, db.pieces) == (first_alone(db) + 1, 21)
 
 
 @pytest_twisted.ensureDeferred
@@ -92,7 +106,7 @@ async def test_a_failing_piece_rolls_back_only_itself(db, tmp_path):
     with pytest.raises(ValueError, match="boom"):
         await failing
     assert await third == 3
-    assert db.commits == 2
+    assert db.commits == first_alone(db)
     assert rows(tmp_path / "db" / "t.sqlite") == [1, 3]
 
 
@@ -104,13 +118,17 @@ async def test_a_failed_transaction_fails_every_piece_of_it(db, tmp_path):
         connection.execute("ROLLBACK")
 
     first, breaking = db.run(insert(5)), db.run(ends_the_transaction)
-    await blocker
+    if db.in_thread:
+        await blocker  # committed alone, before the others were submitted
+    else:
+        with pytest.raises(sqlite3.OperationalError):
+            await blocker  # in the same transaction as the others
     with pytest.raises(sqlite3.OperationalError):
         await first
     with pytest.raises(sqlite3.OperationalError):
         await breaking
     assert rows(tmp_path / "db" / "t.sqlite") == []
-    # the thread carries on
+    # the database carries on
     assert await db.run(insert(6)) == 6
     assert rows(tmp_path / "db" / "t.sqlite") == [6]
 
@@ -136,7 +154,7 @@ async def test_run_many_joins_neighbouring_items_into_one_piece(db, tmp_path):
     assert await gatherResults(first + [between] + second) == [10, 20, 30, 4, 50, 60]
     # Items joined only with their neighbours: the order of work is kept.
     assert calls == [[1, 2, 3], [5, 6]]
-    assert (db.commits, db.pieces) == (2, 7)
+    assert (db.commits, db.pieces) == (first_alone(db), 7)
     assert rows(tmp_path / "db" / "t.sqlite") == [1, 2, 3, 4, 5, 6]
 
 
@@ -207,16 +225,39 @@ async def test_work_submitted_from_a_result_callback_is_committed_before_flush(d
     await later["flush"]
     assert later["x"].called and later["y"].called, "flush fired before work submitted ahead of it was committed"
     # x and y arrived during one commit's callbacks: one transaction for both.
-    assert db.commits == 3
+    assert db.commits == first_alone(db) + 1
     assert rows(tmp_path / "db" / "t.sqlite") == [1, 2]
 
 
+@PLACES
 @pytest_twisted.ensureDeferred
-async def test_stop_finishes_submitted_work_then_closes(tmp_path):
-    database = make_db(tmp_path / "t.sqlite")
+async def test_stop_finishes_submitted_work_then_closes(tmp_path, in_thread):
+    database = make_db(tmp_path / "t.sqlite", in_thread)
     deferreds = [database.run(insert(x)) for x in range(3)]
     await database.stop()
     assert all(d.called for d in deferreds)
     assert rows(tmp_path / "t.sqlite") == [0, 1, 2]
     with pytest.raises(sqlite3.ProgrammingError):
         database._connection.execute("SELECT 1")
+
+
+def test_on_the_reactor_work_waits_for_the_next_turn_and_shares_its_transaction(tmp_path):
+    # The gateway's datagrams read in one turn are spooled in one transaction
+    # after it: nothing runs while they are still being submitted.
+    clock = task.Clock()
+    path = tmp_path / "t.sqlite"
+    connection = connect(path)
+    connection.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+    database = Database(connection, clock, in_thread=False)
+    database.start()
+    deferreds = [database.run(insert(x)) for x in range(3)]
+    assert rows(path) == []
+    assert not any(d.called for d in deferreds)
+    clock.advance(0)
+    assert rows(path) == [0, 1, 2]
+    assert [d.result for d in deferreds] == [0, 1, 2]
+    assert (database.commits, database.pieces) == (1, 3)
+    stopped = database.stop()
+    assert stopped.called
+    with pytest.raises(sqlite3.ProgrammingError):
+        connection.execute("SELECT 1")

@@ -1,7 +1,7 @@
 """
 Bounded fuzzing of the two daemons' input paths, with the real code behind
 them: the gateway's GatewayProtocol and Intake over a real Spool (SQLite on
-its DatabaseThread), and the cloud's CloudProtocol over a real CloudStore.
+its Database), and the cloud's CloudProtocol over a real CloudStore.
 
 Each test feeds tens of thousands of seeded random and mutated inputs (valid
 frames with bytes flipped, inserted, deleted, cut, tokens swapped for odd
@@ -39,7 +39,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import DatabaseThread, connect
+from meter.dbthread import Database, connect
 from meter.gateway import CloudClientProtocol, GatewayProtocol, Intake
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 from meter.spool import Spool
@@ -199,7 +199,7 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     rng = random.Random(seed)
     path = tmp_path / "spool.sqlite"
     connection, recovered = Spool.open(path)
-    database = DatabaseThread(connection, reactor, name="fuzz-spool")
+    database = Database(connection, reactor, in_thread=False)
     database.start()
     spool = RecordingSpool(database)
     clock = task.Clock()
@@ -392,7 +392,7 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     path = tmp_path / "cloud.sqlite"
     connection = connect(path)
     cloud.open_database(connection)
-    database = DatabaseThread(connection, reactor, name="fuzz-cloud")
+    database = Database(connection, reactor, in_thread=True, name="fuzz-cloud")
     database.start()
     clock = task.Clock()
     clock.advance(NOW)

@@ -22,7 +22,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from meter import gateway, wire
-from meter.dbthread import DatabaseThread
+from meter.dbthread import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
 from meter.spool import Recovered, Spool, Spooled, StoredPart, StoredRound
@@ -950,11 +950,13 @@ class RealSpool:
     def __init__(self, path):
         self.path = path
         connection, self.recovered = Spool.open(path)
-        self.database = DatabaseThread(connection, reactor, name="test-spool")
+        self.database = Database(connection, reactor, in_thread=False)
         self.database.start()
         self.spool = Spool(self.database)
+        self.stopped = False
 
     async def stop(self):
+        self.stopped = True
         await self.database.stop()
 
 
@@ -962,7 +964,7 @@ class RealSpool:
 async def real(tmp_path):
     spool = RealSpool(tmp_path / "spool.sqlite")
     yield spool
-    if spool.database._pool.started:
+    if not spool.stopped:
         await spool.stop()
 
 

@@ -40,7 +40,7 @@ def fired(d: Deferred):
 
 class SyncDatabase:
     """
-    DatabaseThread's C{run} on the calling thread, each piece its own
+    Database's C{run} on the calling thread, each piece its own
     transaction; with C{hold}, results wait for L{release} (a commit in
     progress).
     """
@@ -61,7 +61,7 @@ class SyncDatabase:
         return succeed(result)
 
     def run_many(self, work, item):
-        # Each item alone: what DatabaseThread does for an item with no
+        # Each item alone: what Database does for an item with no
         # neighbour.
         return self.run(lambda connection: work(connection, [item])[0])
 

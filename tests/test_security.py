@@ -25,7 +25,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import DatabaseThread, connect
+from meter.dbthread import Database, connect
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
 from meter.reading import Reading
@@ -247,7 +247,7 @@ def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
 
 def open_spool(path):
     connection, recovered = Spool.open(path)
-    database = DatabaseThread(connection, reactor, name="test-spool")
+    database = Database(connection, reactor, in_thread=False)
     database.start()
     return database, CountingSpool(database), recovered
 
