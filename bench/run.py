@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import ceilings  # noqa: E402
+import micro  # noqa: E402
 import profiles  # noqa: E402
 from suite import Workspace, fleet_of, label_address, loadgen_command, proc_stats  # noqa: E402
 
@@ -302,6 +303,17 @@ def ceiling_udp(args) -> dict:
     result["twisted_loop"] = twisted
     say(f"  the same loop on Twisted's reactor: {twisted['datagrams_per_s']:,.0f} datagrams/s, "
         f"{twisted['loop_capacity_per_s']:,.0f} per CPU second")
+    # Not a target either: what the intake's own steps cost with no daemon
+    # around them, so the best ratio any gateway built on this codec and
+    # spool could reach is known in the same run.
+    with tempfile.TemporaryDirectory(prefix="meter-floor-") as scratch:
+        floor = micro.intake_floor(Path(scratch))
+    raw_us = 1e6 / result["loop_capacity_per_s"]
+    result["intake_floor_us"] = {step: round(micros, 2) for step, micros in floor.items()}
+    result["intake_floor_per_s"] = round(1e6 / (raw_us + sum(floor.values())), 1)
+    say(f"  the intake's steps alone (bench/micro.py intake_floor): "
+        f"{', '.join(f'{step} {micros:.1f}' for step, micros in floor.items())} µs of CPU a datagram; "
+        f"with the raw loop's {raw_us:.1f} µs, at most {result['intake_floor_per_s']:,.0f} datagrams per CPU second")
     return result
 
 
@@ -665,6 +677,9 @@ def table(results: dict) -> str:
         rows.append(("(a Twisted UDP acknowledge loop, datagrams per CPU second)",
                      f"{c['udp']['twisted_loop']['loop_capacity_per_s']:,.0f}", "", _ratio(
                          c['udp']['twisted_loop']['loop_capacity_per_s'] / c['udp']['loop_capacity_per_s'])))
+        rows.append(("(the raw loop plus the intake's steps alone, no daemon, per CPU second)",
+                     f"{c['udp']['intake_floor_per_s']:,.0f}", "", _ratio(
+                         c['udp']['intake_floor_per_s'] / c['udp']['loop_capacity_per_s'])))
         rows.append(("gateway intake via loadgen (device code), datagrams/s",
                      f"{i['loadgen']['datagrams_per_s'] or 0:,.0f}", "", ""))
     if "sqlite" in c and "cloud" in s:
