@@ -528,7 +528,7 @@ def collector_paused():
     """
     No automatic garbage collection inside the block.
 
-    A full collection of this process's thousands of devices took 30-460 ms
+    A full collection of this process's thousands of devices took 30-170 ms
     in a 10,000-device run; the devices due meanwhile then all sent at once
     when it ended, and the gateway's queue for that burst, not the even load
     asked for, made the tail of the measured latencies.  The run is bounded
