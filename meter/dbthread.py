@@ -189,18 +189,25 @@ class Database:
             # of one read from the socket) joins the same transaction.
             self._reactor.callLater(0, self._commit_in_place)
             return
-        group, self._pending = self._pending, []
-        pieces = [(work, items) for work, _, items in group]
+        pieces, deferreds = self._take_group()
         done = deferToThreadPool(self._reactor, self._pool, self._transaction, pieces)
-        done.addBoth(self._committed, [deferreds for _, deferreds, _ in group])
+        done.addBoth(self._committed, deferreds)
 
     def _commit_in_place(self) -> None:
-        group, self._pending = self._pending, []
+        pieces, deferreds = self._take_group()
         try:
-            outcome = self._transaction([(work, items) for work, _, items in group])
+            outcome = self._transaction(pieces)
         except Exception:
             outcome = Failure()
-        self._committed(outcome, [deferreds for _, deferreds, _ in group])
+        self._committed(outcome, deferreds)
+
+    def _take_group(self) -> tuple[list[tuple[Callable, list | None]], list[list[Deferred]]]:
+        """
+        The pending pieces, now the next transaction's: what to run, and
+        the Deferreds to fire for each.
+        """
+        group, self._pending = self._pending, []
+        return [(work, items) for work, _, items in group], [deferreds for _, deferreds, _ in group]
 
     def _transaction(self, pieces: list[tuple[Callable, list | None]]) -> list[tuple[bool, Any]]:
         """
