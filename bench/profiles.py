@@ -112,10 +112,14 @@ def summarise(path: Path, top: int = 15) -> dict:
 
 
 def _thread_kind(thread: str, frames: list[str]) -> str:
-    if thread.startswith("PoolThread") or any("_transaction" in frame for frame in frames):
+    # The reactor before the _transaction test: the gateway commits on the
+    # reactor thread, so its stacks hold _transaction too.
+    if thread.startswith("PoolThread"):
         return "database thread"
     if thread == "MainThread" or any("mainLoop" in frame for frame in frames):
         return "reactor thread"
+    if any("_transaction" in frame for frame in frames):
+        return "database thread"
     return thread
 
 

@@ -48,8 +48,8 @@ def connect(path: Path) -> sqlite3.Connection:
     """
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
-    # The connection is opened on one thread and then used only by the
-    # database thread; sqlite3 checks the opening thread unless told not to.
+    # The connection is opened on one thread and may then be used only by a
+    # Database's own thread; sqlite3 checks the opening thread unless told not to.
     connection = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")

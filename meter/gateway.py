@@ -586,7 +586,7 @@ class Uplink:
         """
         Where the next batch starts in the spool: after the newest batch
         still waiting for its acknowledgement.  An acknowledged batch needs
-        no skipping: its removal was queued on the database thread before
+        no skipping: its removal was queued in the spool's database before
         any later fetch, which therefore no longer sees its readings.  After
         a reconnection nothing waits, so the batches that lost their
         acknowledgement are sent again first.  Readings of a round that

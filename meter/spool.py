@@ -150,7 +150,7 @@ _ADD_PART = "INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)"
 
 def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]:
     """
-    Work for the database thread: spool the chunks that arrived together,
+    Work for the spool's L{Database}: spool the chunks that arrived together,
     C{(round row or None, part row, chunk row)} each, in three statements
     rather than three a chunk; the readings each added (0 for a part spooled
     already).
