@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from meter import config
-from meter.lab import survey_text  # noqa: F401 (tests import it from here)
+from meter.lab import survey_text
 from meter.processes import Daemon, DaemonError, free_port, twistd
 
 #: The fleet-in-one-process driver of the fault tests.

@@ -25,7 +25,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import Database, connect
+from meter.dbthread import Database
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
 from meter.reading import Reading
