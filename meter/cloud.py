@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
-from meter.dbthread import Database, insert_telling_new
+from meter.dbthread import Database, RowInsert, insert_telling_new
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -50,13 +50,14 @@ def _insert(fields: list[tuple[str, str, str, str, str]], stored_at: float):
 
     def work(connection: sqlite3.Connection) -> list[int] | None:
         # The fields were checked by the decoder: canonical numbers in range.
-        rows = [
-            (int(device), ip, stamp, float(temperature), float(humidity), stored_at)
-            for device, ip, stamp, temperature, humidity in fields
-        ]
+        # The numbers are made here, not by SQLite's column affinity: its
+        # text-to-real conversion misses by an ulp on some six-decimal values.
+        values: list = []
+        for device, ip, stamp, temperature, humidity in fields:
+            values += (int(device), ip, stamp, float(temperature), float(humidity), stored_at)
         # Which readings are new, for the console: all of them unless the
         # batch was sent again.
-        new = insert_telling_new(connection, _INSERT, rows)
+        new = insert_telling_new(connection, _INSERT, values)
         if all(new):
             return None
         return [index for index, fresh in enumerate(new) if fresh]
@@ -73,7 +74,7 @@ def console_lines(fields: list[tuple[str, str, str, str, str]]) -> list[str]:
     return [f"{ip} - {stamp[11:]} - {temperature} - {humidity}%" for _, ip, stamp, temperature, humidity in fields]
 
 
-_INSERT = "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+_INSERT = RowInsert("INSERT INTO readings", 6, "ON CONFLICT DO NOTHING")
 
 
 class CloudStore:
@@ -154,6 +155,7 @@ class CloudProtocol(LineOnlyReceiver, TimeoutMixin):
 
     def connectionMade(self):
         self._peer = _describe(self.transport.getPeer())
+        wire.without_nagle(self.transport)
         self.setTimeout(self._idle_timeout)
         self.log.info("gateway {peer} connected", peer=self._peer)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.dbthread import Database, connect, immediate_transaction, insert_telling_new
+from meter.dbthread import Database, RowInsert, connect, immediate_transaction, insert_telling_new
 from meter.reading import Reading, format_number
 
 SCHEMA = """
@@ -145,7 +145,7 @@ def _migrate(connection: sqlite3.Connection) -> None:
 _OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
 # OR IGNORE: a part spooled again (its message id was forgotten when its
 # reassembly expired) is a no-op, not an error.
-_ADD_PART = "INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?)"
+_ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 6)
 
 
 def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]:
@@ -161,7 +161,7 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
             rounds.setdefault(round_row[0], round_row)
     if rounds:
         connection.executemany(_OPEN_ROUND, rounds.values())
-    new = insert_telling_new(connection, _ADD_PART, [part for _, part, _ in items])
+    new = insert_telling_new(connection, _ADD_PART, [value for _, part, _ in items for value in part])
     chunks = [row for (_, _, row), fresh in zip(items, new) if fresh and row[4]]
     if chunks:
         connection.executemany(_ADD_CHUNK, chunks)

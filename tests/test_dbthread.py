@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
 
-from meter.dbthread import Database, connect
+from meter.dbthread import Database, RowInsert, connect, insert_telling_new
 
 PLACES = pytest.mark.parametrize("in_thread", [True, False], ids=["in-thread", "on-reactor"])
 
@@ -261,3 +261,53 @@ def test_on_the_reactor_work_waits_for_the_next_turn_and_shares_its_transaction(
     assert stopped.called
     with pytest.raises(sqlite3.ProgrammingError):
         connection.execute("SELECT 1")
+
+
+# -- RowInsert and insert_telling_new: plain functions on a connection ---------
+
+ROWS = RowInsert("INSERT INTO pairs", 2, "ON CONFLICT DO NOTHING")
+
+
+def pairs_table(tmp_path) -> sqlite3.Connection:
+    connection = sqlite3.connect(tmp_path / "pairs.sqlite", isolation_level=None)
+    connection.execute("CREATE TABLE pairs (k INTEGER PRIMARY KEY, v REAL NOT NULL)")
+    return connection
+
+
+def flat(rows) -> list:
+    return [value for row in rows for value in row]
+
+
+def test_row_insert_writes_every_row_of_blocks_that_are_not_a_power_of_two(tmp_path):
+    # 4096 + 2048 + ... : 6,001 rows span the largest block and several
+    # smaller ones, each its own statement.
+    connection = pairs_table(tmp_path)
+    rows = [(k, k / 3) for k in range(6001)]
+    ROWS.run(connection, flat(rows))
+    assert connection.execute("SELECT k, v FROM pairs ORDER BY k").fetchall() == rows
+    assert ROWS.statement(2) == "INSERT INTO pairs VALUES (?,?),(?,?) ON CONFLICT DO NOTHING"
+
+
+def test_row_insert_of_no_rows_does_nothing(tmp_path):
+    connection = pairs_table(tmp_path)
+    ROWS.run(connection, [])
+    assert connection.execute("SELECT count(*) FROM pairs").fetchone() == (0,)
+
+
+def test_insert_telling_new_says_which_rows_were_stored_before(tmp_path):
+    connection = pairs_table(tmp_path)
+    ROWS.run(connection, flat([(1, 0.5), (4500, 9.0)]))
+    rows = [(k, float(k)) for k in range(5000)]
+    new = insert_telling_new(connection, ROWS, flat(rows))
+    assert [k for k, fresh in enumerate(new) if not fresh] == [1, 4500]
+    # The rows stored before keep their values; every other row is there once.
+    stored = dict(connection.execute("SELECT k, v FROM pairs"))
+    assert len(stored) == 5000 and stored[1] == 0.5 and stored[4500] == 9.0 and stored[4499] == 4499.0
+
+
+def test_insert_telling_new_of_all_new_rows_says_so_in_one_pass(tmp_path):
+    connection = pairs_table(tmp_path)
+    statements = []
+    connection.set_trace_callback(statements.append)
+    assert insert_telling_new(connection, ROWS, flat([(1, 1.0), (2, 2.0), (3, 3.0)])) == [True] * 3
+    assert [s.split(" VALUES")[0] for s in statements if s.startswith("INSERT")] == ["INSERT INTO pairs"] * 2
