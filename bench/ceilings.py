@@ -267,11 +267,14 @@ _BATCHACK = re.compile(rb"^meter/1 BATCHACK id=([0-9a-f]{16}) st=(\w+) new=([0-9
 def tls_client(secrets_dir: Path, port: int) -> ssl.SSLSocket:
     """
     A TLS connection to the cloud on 127.0.0.1 as the gateway makes it: the
-    gateway's client certificate, the cloud's verified against the CA.
+    gateway's client certificate, the cloud's verified against the CA,
+    Nagle's algorithm off.
     """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(secrets_dir / "ca.crt"))
     context.load_cert_chain(str(secrets_dir / "gateway.crt"), str(secrets_dir / "gateway.key"))
     raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    # Without Nagle's algorithm, as the gateway's connection (wire.without_nagle).
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return context.wrap_socket(raw, server_hostname="meter-cloud")
 
 

@@ -473,15 +473,20 @@ def scenario_intake(args, scratch: Path, raw: dict) -> dict:
 def scenario_cloud(args, scratch: Path, readings: list, executemany: dict) -> dict:
     """
     The cloud alone: BATCH lines over TLS from a client holding the
-    gateway's certificate, one batch in flight as the gateway sends, then
-    several in flight.
+    gateway's certificate.  First as the gateway sends them (its default
+    batch size and batches in flight, the figures the target is judged
+    on), then one batch in flight of that size and of C{args.batch}: the
+    cloud's work for one batch alone, with no next batch to read while it
+    commits.
     """
-    say(f"cloud: {len(readings):,} readings over TLS straight to the cloud: batches of {args.batch} (the gateway's "
-        f"default) one and four in flight, and of 5,000 (the most a batch may hold) one in flight")
+    batch = config.SCHEMA["gateway"]["batch_readings"][1]
+    window = config.SCHEMA["gateway"]["batches_in_flight"][1]
+    say(f"cloud: {len(readings):,} readings over TLS straight to the cloud: batches of {batch}, {window} in flight "
+        f"(the gateway's defaults), then one in flight, batches of {batch} and of {args.batch}")
     fleet = fleet_of(1)
     results = {}
-    for name, batch_size, in_flight in (("in_flight_1", args.batch, 1), ("in_flight_4", args.batch, 4),
-                                        ("batch_5000", 5000, 1)):
+    for name, batch_size, in_flight in (("as_gateway_sends", batch, window), ("in_flight_1", batch, 1),
+                                        ("small_batches", args.batch, 1)):
         workspace = Workspace(scratch / f"cloud-{name}", fleet)
         try:
             cloud = workspace.start_cloud()
@@ -509,7 +514,7 @@ def scenario_cloud(args, scratch: Path, readings: list, executemany: dict) -> di
                 f"{outcome['cloud_capacity_per_s'] or 0:,.0f} readings per CPU second")
         finally:
             workspace.stop()
-    main = results["in_flight_1"]
+    main = results["as_gateway_sends"]
     ratio = main["readings_per_s"] / executemany["rows_per_s"] if main["readings_per_s"] else None
     # executemany runs on one thread, nearly all of it on the CPU: its rows/s
     # is close to its rows per CPU second.
@@ -684,16 +689,17 @@ def table(results: dict) -> str:
                      f"{i['loadgen']['datagrams_per_s'] or 0:,.0f}", "", ""))
     if "sqlite" in c and "cloud" in s:
         k = s["cloud"]
-        rows.append(("cloud ingest, readings/s committed (batches of %d, 1 in flight)" % k["in_flight_1"]["batch"],
-                     f"{k['in_flight_1']['readings_per_s']:,.0f}", f"{c['sqlite']['rows_per_s']:,.0f} raw executemany",
+        main = k["as_gateway_sends"]
+        rows.append((f"cloud ingest, readings/s committed (batches of {main['batch']:,}, {main['in_flight']} in flight)",
+                     f"{main['readings_per_s']:,.0f}", f"{c['sqlite']['rows_per_s']:,.0f} raw executemany",
                      _ratio(k["ratio_to_raw"])))
-        rows.append(("cloud ingest, readings/s committed (4 in flight)", f"{k['in_flight_4']['readings_per_s']:,.0f}",
-                     "", _ratio(k["in_flight_4"]["readings_per_s"] / c["sqlite"]["rows_per_s"])))
-        rows.append(("cloud ingest, readings/s committed (batches of 5,000)", f"{k['batch_5000']['readings_per_s']:,.0f}",
-                     "", _ratio(k["batch_5000"]["readings_per_s"] / c["sqlite"]["rows_per_s"])))
-        rows.append(("cloud ingest, readings per CPU second (batches of %d)" % k["in_flight_1"]["batch"],
-                     f"{k['in_flight_1']['cloud_capacity_per_s']:,.0f}", f"{c['sqlite']['rows_per_s']:,.0f} raw executemany",
+        rows.append(("cloud ingest, readings per CPU second (the same)",
+                     f"{main['cloud_capacity_per_s']:,.0f}", f"{c['sqlite']['rows_per_s']:,.0f} raw executemany",
                      _ratio(k["cpu_ratio_to_raw"])))
+        for name in ("in_flight_1", "small_batches"):
+            one = k[name]
+            rows.append((f"cloud ingest, readings/s committed (batches of {one['batch']:,}, 1 in flight)",
+                         f"{one['readings_per_s']:,.0f}", "", _ratio(one["readings_per_s"] / c["sqlite"]["rows_per_s"])))
     if "day4" in s:
         rows.append(("4-device day, first send to last cloud ack (median)", f"{s['day4']['median_ms']} ms", "", ""))
     for f in s.get("fleet", []):
@@ -756,7 +762,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ceiling-runs", type=int, default=3, help="runs of each ceiling; the best counts (default 3)")
     parser.add_argument("--raw-datagrams", type=int, default=100_000, help="datagrams through the raw UDP loop")
     parser.add_argument("--cloud-readings", type=int, default=200_000, help="readings sent straight to the cloud")
-    parser.add_argument("--batch", type=int, default=2000, help="readings per batch to the cloud (gateway default 2000)")
+    parser.add_argument("--batch", type=int, default=2000,
+                        help="readings per batch of the cloud's small-batch run (default 2000)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
                         help="also run the main fleet scenario under py-spy and summarise where the time goes")

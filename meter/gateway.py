@@ -829,6 +829,7 @@ class CloudClientProtocol(LineOnlyReceiver):
         self.log.info(
             "connected to the cloud at {peer} from {local}", peer=self.transport.getPeer(), local=self.transport.getHost()
         )
+        wire.without_nagle(self.transport)
         self._heard()
         self._uplink.connected(self)
 

@@ -736,6 +736,29 @@ _DECODERS = {
 }
 
 
+# -- the TCP hop -------------------------------------------------------------
+
+
+def without_nagle(transport) -> None:
+    """
+    Turn Nagle's algorithm off on the TCP connection under C{transport}, if
+    it is one (a TLS transport passes the call on to the connection under
+    it; a test's fake transport has none).
+
+    Why: with it on, the last, partial segment of a line waits until the
+    peer acknowledges the segments before it, and the peer holds that
+    acknowledgement back (up to 40 ms) while it waits for the rest of the
+    line: each batch, and each BATCHACK written while another is still
+    unacknowledged, stalls.  Both sides write whole lines at once, so no
+    stream of small packets follows.  Measured with one batch of 2,000
+    readings in flight: ~72,000 readings/s with it, ~200,000-240,000
+    without (docs/performance.md).
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 # -- a day in chunks --------------------------------------------------------
 
 

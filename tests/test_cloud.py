@@ -194,6 +194,18 @@ async def test_a_batch_in_pieces_is_one_line(c):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_cloud_turns_nagle_off_on_each_connection(c):
+    # Else an acknowledgement written while another is unacknowledged waits
+    # for the gateway's delayed ACK (wire.without_nagle).
+    protocol = cloud.CloudFactory(c.store, IDLE, c.clock).buildProtocol(IPv4Address("TCP", "10.0.0.1", 5555))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+    no_delay: list[bool] = []
+    transport.setTcpNoDelay = no_delay.append
+    protocol.makeConnection(transport)
+    assert no_delay == [True]
+
+
+@pytest_twisted.ensureDeferred
 async def test_ping_gets_pong_at_once(c):
     protocol, transport = connect_protocol(c)
     protocol.dataReceived(line(wire.Ping(3)) + line(wire.Ping(4)))

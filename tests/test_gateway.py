@@ -875,10 +875,18 @@ class ClientHarness:
         self.protocol = gateway.CloudClientFactory(self.uplink.uplink, self.clock, HEARTBEAT).buildProtocol(None)
         self.protocol.log = Logger(observer=lambda event: None)
         self.transport = StringTransport()
+        self.no_delay: list[bool] = []
+        self.transport.setTcpNoDelay = self.no_delay.append
         self.protocol.makeConnection(self.transport)
 
     def lines(self):
         return [wire.decode(line) for line in self.transport.value().splitlines()]
+
+
+def test_the_client_turns_nagle_off_on_its_connection():
+    # Else each batch's last segment waits for the cloud's delayed ACK
+    # (wire.without_nagle).
+    assert ClientHarness().no_delay == [True]
 
 
 def test_the_client_sends_batches_as_lines():

@@ -7,11 +7,15 @@ whose code names the fault.
 from __future__ import annotations
 
 import datetime
+import socket
 import zlib
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 
 from meter import wire
 from meter.reading import Reading
@@ -578,3 +582,32 @@ def test_refusal_reason_is_bounded_so_the_answer_fits():
     assert answer.reason == str(error)[: wire.MAX_REASON - 3] + "..."
     assert len(seal(encode(answer), KEY)) < 1200
     assert decode(encode(answer)) == answer
+
+
+# -- the TCP hop ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_nagle_sets_no_delay_on_a_real_tcp_connection():
+    from twisted.internet import reactor
+
+    connected = Deferred()
+
+    class Accept(Protocol):
+        def connectionMade(self):
+            wire.without_nagle(self.transport)
+            connected.callback(self.transport.getHandle())
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Accept), interface="127.0.0.1")
+    client = await ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port.getHost().port)
+    try:
+        accepted = await connected
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert client.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
+
+
+def test_without_nagle_leaves_a_transport_that_is_not_tcp_alone():
+    wire.without_nagle(object())
