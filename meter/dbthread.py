@@ -164,7 +164,6 @@ class Database:
     def __init__(self, connection: sqlite3.Connection, reactor, *, in_thread: bool, name: str = "meter-db"):
         self._connection = connection
         self._reactor = reactor
-        self.in_thread = in_thread
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name) if in_thread else None
         #: Pieces for the next transaction, each (work, [Deferred, ...],
         #: [item, ...] for L{run_many} or None for L{run}).
@@ -174,6 +173,13 @@ class Database:
         #: Transactions committed and pieces of work done, for the logs.
         self.commits = 0
         self.pieces = 0
+
+    @property
+    def in_thread(self) -> bool:
+        """
+        Whether the transactions run on a thread of their own.
+        """
+        return self._pool is not None
 
     def start(self) -> None:
         if self._pool is not None:
@@ -223,8 +229,8 @@ class Database:
         result for C{item} after the commit.  If C{work} raises, its changes
         are rolled back and every item's Deferred fails.
 
-        For work that costs less done for many items at once: one
-        C{executemany} for a burst of chunks instead of statements for each.
+        For work that costs less done for many items at once: a few
+        statements for a burst of chunks instead of three for each.
         """
         d = Deferred()
         last = self._pending[-1] if self._pending else None
