@@ -213,7 +213,7 @@ def main(argv=None) -> int:
 
         rows = [(r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c,
                  r.humidity_pct, 1.0) for r in batch.readings]
-        fields = batch.split()
+        columns = batch.columns()
 
         def insert(per_row: bool):
             db = Path(scratch) / f"cloud-{per_row}.sqlite"
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             cloud.open_database(connection)
             connection.execute("BEGIN IMMEDIATE")
             if per_row:
-                cloud._insert(fields, 1.0)(connection)
+                cloud._insert(columns, 1.0)(connection)
             else:
                 connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
             connection.execute("COMMIT")

@@ -17,7 +17,6 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
@@ -41,20 +40,24 @@ def open_database(connection: sqlite3.Connection) -> None:
     connection.executescript(SCHEMA)
 
 
-def _insert(fields: list[tuple[str, str, str, str, str]], stored_at: float):
+def _insert(columns: wire.BatchColumns, stored_at: float):
     """
-    Work for the database thread: insert the records C{fields} (a batch's
-    records split, see L{wire.Batch.split}), skipping those stored before;
-    return the positions of the new ones, or C{None} if all are new.
+    Work for the database: insert the records C{columns} (a batch's records
+    split, see L{wire.Batch.columns}), skipping those stored before; return
+    the positions of the new ones, or C{None} if all are new.
     """
 
     def work(connection: sqlite3.Connection) -> list[int] | None:
         # The fields were checked by the decoder: canonical numbers in range.
         # The numbers are made here, not by SQLite's column affinity: its
         # text-to-real conversion misses by an ulp on some six-decimal values.
-        values: list = []
-        for device, ip, stamp, temperature, humidity in fields:
-            values += (int(device), ip, stamp, float(temperature), float(humidity), stored_at)
+        # Row after row, column by column: one C-level pass a column.
+        values: list = [stored_at] * (6 * len(columns))
+        values[0::6] = map(int, columns.devices)
+        values[1::6] = columns.ips
+        values[2::6] = columns.stamps
+        values[3::6] = map(float, columns.temperatures)
+        values[4::6] = map(float, columns.humidities)
         # Which readings are new, for the console: all of them unless the
         # batch was sent again.
         new = insert_telling_new(connection, _INSERT, values)
@@ -65,13 +68,22 @@ def _insert(fields: list[tuple[str, str, str, str, str]], stored_at: float):
     return work
 
 
-def console_lines(fields: list[tuple[str, str, str, str, str]]) -> list[str]:
+def console_text(columns: wire.BatchColumns) -> str:
     """
-    The console lines of records, as the report prints them:
-    C{192.168.1.4 - 02:00 - 17 - 35%}.  The record text is canonical, so
-    its fields are printed as they came.
+    The console lines of records, as the report prints them
+    (C{192.168.1.4 - 02:00 - 17 - 35%}), each ending in a line feed.  The
+    record text is canonical, so its fields are printed as they came.
     """
-    return [f"{ip} - {stamp[11:]} - {temperature} - {humidity}%" for _, ip, stamp, temperature, humidity in fields]
+    # One join of the fields and the text between them: no string a line.
+    count = len(columns)
+    parts = [" - "] * (8 * count)
+    parts[0::8] = columns.ips
+    times = {stamp: stamp[11:] for stamp in set(columns.stamps)}
+    parts[2::8] = map(times.__getitem__, columns.stamps)
+    parts[4::8] = columns.temperatures
+    parts[6::8] = columns.humidities
+    parts[7::8] = ["%\n"] * count
+    return "".join(parts)
 
 
 _INSERT = RowInsert("INSERT INTO readings", 6, "ON CONFLICT DO NOTHING")
@@ -87,10 +99,10 @@ class CloudStore:
 
     log = Logger()
 
-    def __init__(self, database: Database, console: Callable[[list[str]], None], clock):
+    def __init__(self, database: Database, console: Callable[[str], None], clock):
         """
-        @param console: called with the console lines of each batch's newly
-            stored readings, once per batch.
+        @param console: called with the console text of each batch's newly
+            stored readings (L{console_text}), once per batch.
         """
         self._database = database
         self._console = console
@@ -104,14 +116,14 @@ class CloudStore:
         after the commit.
         """
         received = self._clock.seconds()
-        fields = batch.split()
-        d = self._database.run(_insert(fields, received))
+        columns = batch.columns()
+        d = self._database.run(_insert(columns, received))
 
         def committed(new_at: list[int] | None) -> wire.BatchAck:
-            new = fields if new_at is None else [fields[index] for index in new_at]
+            new = columns if new_at is None else columns.pick(new_at)
             if new:
-                self._console(console_lines(new))
-            count = len(fields)
+                self._console(console_text(new))
+            count = len(columns)
             duplicates = count - len(new)
             self.counters["batches"] += 1
             self.counters["readings_new"] += len(new)
@@ -138,12 +150,11 @@ class CloudStore:
         return d.addCallbacks(committed, failed)
 
 
-class CloudProtocol(LineOnlyReceiver, TimeoutMixin):
+class CloudProtocol(wire.LineProtocol, TimeoutMixin):
     """
     One gateway connection: newline-delimited messages of L{meter.wire}.
     """
 
-    delimiter = b"\n"
     MAX_LENGTH = wire.MAX_LINE
     log = Logger()
 

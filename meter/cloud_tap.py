@@ -48,7 +48,7 @@ class CloudService(MultiService):
         self._settings = settings
         self._tls = tls
         self._reactor = reactor
-        self._console = console or _console_lines
+        self._console = console or _console
         self.database: Database | None = None
         self.store: cloud.CloudStore | None = None
 
@@ -59,7 +59,11 @@ class CloudService(MultiService):
             cloud.open_database(connection)
         except Exception as e:
             raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-        self.database = Database(connection, self._reactor, in_thread=True, name="meter-cloud-db")
+        # Transactions on the reactor thread, as the gateway's: on a thread of
+        # their own they fought the reactor for the GIL (and for the VM's
+        # two cores) and the cloud took ~40% more CPU a reading
+        # (docs/performance.md, "Then the cloud on one thread").
+        self.database = Database(connection, self._reactor, in_thread=False)
         self.database.start()
         self.log.info("readings database {path}", path=path)
         self.store = cloud.CloudStore(self.database, self._console, self._reactor)
@@ -81,12 +85,12 @@ class CloudService(MultiService):
         return d
 
 
-def _console_lines(lines: list[str]) -> None:
+def _console(text: str) -> None:
     # The console is the process's real stdout, not twistd's log: the lines
     # must read exactly as the report prints them, with no log prefix.  One
     # write and one flush per batch.
     out = sys.__stdout__
-    out.write("\n".join(lines) + "\n")
+    out.write(text)
     out.flush()
 
 

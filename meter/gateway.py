@@ -21,7 +21,6 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
 
 from meter import wire
 from meter.ratelimit import LimitedWarnings, PerSource
@@ -807,14 +806,13 @@ class GatewayProtocol(DatagramProtocol):
         )
 
 
-class CloudClientProtocol(LineOnlyReceiver):
+class CloudClientProtocol(wire.LineProtocol):
     """
     The cloud's side: hands acknowledgements to the uplink, and pings the
     cloud when the line has been silent for C{heartbeat} seconds, so a
     half-open connection is noticed and replaced.
     """
 
-    delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
     log = Logger()
 

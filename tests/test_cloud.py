@@ -41,12 +41,16 @@ class Cloud:
         connection = connect(path)
         if schema:
             cloud.open_database(connection)
-        self.database = Database(connection, reactor, in_thread=True, name="test-cloud-db")
+        self.database = Database(connection, reactor, in_thread=False)
         self.database.start()
         self.console: list[str] = []
         self.clock = task.Clock()
         self.clock.advance(1772400000)
-        self.store = cloud.CloudStore(self.database, self.console.extend, self.clock)
+        self.store = cloud.CloudStore(self.database, self.print, self.clock)
+
+    def print(self, text: str) -> None:
+        assert text.endswith("\n")
+        self.console.extend(text.splitlines())
 
     def stored(self):
         with sqlite3.connect(str(self.path)) as other:
@@ -302,7 +306,7 @@ async def test_no_ack_is_written_to_a_lost_connection(c):
     assert c.count() == 2  # stored all the same: the gateway's retry is a duplicate
 
 
-def test_console_lines_from_record_text_read_as_each_reading_prints_itself():
+def test_console_text_from_record_text_reads_as_each_reading_prints_itself():
     # The cloud prints from the batch's text; Reading.console_line is the
     # format's other writer, and the two must not drift apart.
     readings = (
@@ -311,4 +315,4 @@ def test_console_lines_from_record_text_read_as_each_reading_prints_itself():
         Reading(7, "fd00::5", datetime.datetime(2026, 11, 21, 0, 0), 0.000001, 100.0),
     )
     batch = wire.decode(wire.encode(wire.Batch("0123456789abcdef", readings)))
-    assert cloud.console_lines(batch.split()) == [r.console_line() for r in readings]
+    assert cloud.console_text(batch.columns()) == "".join(r.console_line() + "\n" for r in readings)

@@ -392,12 +392,12 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     path = tmp_path / "cloud.sqlite"
     connection = connect(path)
     cloud.open_database(connection)
-    database = Database(connection, reactor, in_thread=True, name="fuzz-cloud")
+    database = Database(connection, reactor, in_thread=False)
     database.start()
     clock = task.Clock()
     clock.advance(NOW)
     console: list[str] = []
-    store = RecordingStore(database, console.extend, clock)
+    store = RecordingStore(database, lambda text: console.extend(text.splitlines()), clock)
     factory = cloud.CloudFactory(store, 120.0, clock)
     sent_lines: set[bytes] = set()
     inputs = 0

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.internet.testing import StringTransport
 
 from meter import wire
 from meter.reading import Reading
@@ -611,3 +612,78 @@ async def test_without_nagle_sets_no_delay_on_a_real_tcp_connection():
 
 def test_without_nagle_leaves_a_transport_that_is_not_tcp_alone():
     wire.without_nagle(object())
+
+
+class Lines(wire.LineProtocol):
+    """
+    A LineProtocol that records what it was given, and closes its
+    connection on a line C{close}.
+    """
+
+    MAX_LENGTH = 10
+
+    def __init__(self):
+        self.lines: list[bytes] = []
+        self.too_long: list[bytes] = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+        if line == b"close":
+            self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line):
+        self.too_long.append(line)
+
+
+def connected_lines() -> tuple[Lines, StringTransport]:
+    protocol, transport = Lines(), StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=10).map(lambda b: b.replace(b"\n", b"")), max_size=8), st.data())
+def test_line_protocol_gives_each_line_whole_however_the_bytes_are_cut(lines, data):
+    stream = b"".join(line + b"\n" for line in lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    protocol, _ = connected_lines()
+    for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+        protocol.dataReceived(stream[start:end])
+    assert protocol.lines == lines
+    assert protocol.too_long == []
+
+
+def test_line_protocol_holds_a_line_begun_until_its_end():
+    protocol, _ = connected_lines()
+    protocol.dataReceived(b"ab")
+    protocol.dataReceived(b"cd")
+    assert protocol.lines == []
+    protocol.dataReceived(b"e\nf")
+    assert protocol.lines == [b"abcde"]
+    protocol.dataReceived(b"\n")
+    assert protocol.lines == [b"abcde", b"f"]
+
+
+def test_line_protocol_refuses_a_line_over_its_limit_whole_or_begun():
+    protocol, _ = connected_lines()
+    protocol.dataReceived(b"0123456789\n")  # at the limit: a line
+    protocol.dataReceived(b"0123456789a\nnext\n")  # over it: refused, and the rest unread
+    assert protocol.lines == [b"0123456789"]
+    assert protocol.too_long == [b"0123456789a"]
+    protocol, _ = connected_lines()
+    protocol.dataReceived(b"012345")
+    protocol.dataReceived(b"6789ab")  # no end yet, already too long
+    assert protocol.too_long == [b"0123456789ab"]
+
+
+def test_line_protocol_reads_no_further_once_a_line_closed_the_connection():
+    protocol, transport = connected_lines()
+    protocol.dataReceived(b"one\nclose\ntwo\n")
+    assert transport.disconnecting
+    assert protocol.lines == [b"one", b"close"]
+
+
+def test_line_protocol_sends_a_line_with_its_end():
+    protocol, transport = connected_lines()
+    protocol.sendLine(b"meter/1 PING seq=1")
+    assert transport.value() == b"meter/1 PING seq=1\n"

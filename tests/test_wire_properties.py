@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import re
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -484,10 +485,12 @@ def batch_texts(draw):
 
 
 def _batch_verdict(text, count):
-    verdict = _verdict(wire._batch_fields, text, count)
+    verdict = _verdict(wire._batch_columns, text, count)
     if verdict == ("ok",):
         # the fields split are the records' own
-        assert wire._batch_fields(text, count) == ([tuple(r.split(",")) for r in text.split(";")] if text else [])
+        columns = wire._batch_columns(text, count)
+        records = [tuple(r.split(",")) for r in text.split(";")] if text else []
+        assert list(zip(*attrs.astuple(columns, recurse=False))) == records
     return verdict
 
 
