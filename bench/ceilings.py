@@ -232,7 +232,7 @@ def executemany_ceiling(path: Path, rows: list[tuple], batch: int = 10_000, inde
     synchronous=FULL) with the cloud's table.
     """
     from meter import cloud
-    from meter.dbthread import connect
+    from meter.database import connect
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from meter import cloud, wire  # noqa: E402
-from meter.dbthread import connect  # noqa: E402
+from meter.database import connect  # noqa: E402
 from meter.loadgen import synthetic_day  # noqa: E402
 from meter.reading import Reading  # noqa: E402
 

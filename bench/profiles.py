@@ -28,9 +28,10 @@ _THREAD = re.compile(r"^thread \((?P<tid>[^)]*)\)(?:: (?P<name>.*))?$")
 #: from the leaf outwards.
 CATEGORIES = [
     ("sqlite",
-     re.compile(r"Database\._transaction|Spool\.\w+\.<locals>\.work|_insert\.<locals>\.work|sqlite3|Spool\.open")),
+     re.compile(r"Database\._transaction|RowInsert|insert_telling_new|immediate_transaction|"
+                r"Spool\.\w+\.<locals>\.work|_insert\.<locals>\.work|sqlite3|Spool\.open")),
     ("logging (twisted.logger)", re.compile(r"twisted/logger/|twisted/python/log\.py:(?!98|82)")),
-    ("console print (cloud)", re.compile(r"_console_line|console_line")),
+    ("console print (cloud)", re.compile(r"console_text|_console \(|console_line")),
     ("HMAC seal/verify", re.compile(r"\b(seal|unseal|tag_ok)\b|hmac\.py")),
     ("wire decode", re.compile(r"\bdecode\b.*meter/wire\.py|_decode_|meter/wire\.py.*_number|_records")),
     ("wire encode", re.compile(r"\bencode\b.*meter/wire\.py|_batch_record|_day_record|_checksum")),
@@ -39,7 +40,7 @@ CATEGORIES = [
     ("gateway/cloud logic", re.compile(r"meter/(gateway|cloud)\.py")),
     ("thread hand-off (waking the reactor, GIL waits)",
      re.compile(r"_UnixWaker\.wakeUp|callFromThread|Condition\.(wait|notify)|threadpool|_threads/")),
-    ("Deferred machinery", re.compile(r"twisted/internet/defer\.py|meter/dbthread\.py")),
+    ("Deferred machinery", re.compile(r"twisted/internet/defer\.py|meter/database\.py")),
     ("reactor and sockets", re.compile(r"twisted/internet/|twisted/python/")),
 ]
 
@@ -112,14 +113,9 @@ def summarise(path: Path, top: int = 15) -> dict:
 
 
 def _thread_kind(thread: str, frames: list[str]) -> str:
-    # The reactor before the _transaction test: the gateway commits on the
-    # reactor thread, so its stacks hold _transaction too.
-    if thread.startswith("PoolThread"):
-        return "database thread"
+    # Both daemons commit on the reactor thread; any other thread is named.
     if thread == "MainThread" or any("mainLoop" in frame for frame in frames):
         return "reactor thread"
-    if any("_transaction" in frame for frame in frames):
-        return "database thread"
     return thread
 
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from meter import wire
-from meter.dbthread import Database, RowInsert, insert_telling_new
+from meter.database import Database, RowInsert, insert_telling_new
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (

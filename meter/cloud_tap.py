@@ -13,7 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from meter import cloud, secrets
-from meter.dbthread import Database, connect
+from meter.database import Database, connect
 from meter.options import MeterOptions
 
 
@@ -59,12 +59,9 @@ class CloudService(MultiService):
             cloud.open_database(connection)
         except Exception as e:
             raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-        # Transactions on the reactor thread, as the gateway's: on a thread of
-        # their own they fought the reactor for the GIL (and for the VM's
-        # two cores) and the cloud took ~40% more CPU a reading
-        # (docs/performance.md, "Then the cloud on one thread").
-        self.database = Database(connection, self._reactor, in_thread=False)
-        self.database.start()
+        # Commits on the reactor thread: with a thread of their own the cloud
+        # took ~40% more CPU a reading (see meter.database).
+        self.database = Database(connection, self._reactor)
         self.log.info("readings database {path}", path=path)
         self.store = cloud.CloudStore(self.database, self._console, self._reactor)
         factory = cloud.CloudFactory(self.store, self._settings["idle_timeout"], self._reactor)

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from meter import gateway, secrets
-from meter.dbthread import Database
+from meter.database import Database
 from meter.options import MeterOptions
 from meter.spool import Spool
 from meter.wire import MAX_DATAGRAM
@@ -67,9 +67,8 @@ class GatewayService(MultiService):
         except Exception as e:
             raise SystemExit(f"meter-gateway: cannot open spool {s['spool']}: {e}") from None
         # Commits on the reactor thread: a device's acknowledgement then
-        # waits for no other thread to get a core (see meter.dbthread).
-        self.database = Database(connection, self._reactor, in_thread=False)
-        self.database.start()
+        # waits for no other thread to get a core (see meter.database).
+        self.database = Database(connection, self._reactor)
         spool = Spool(self.database)
         self.uplink = gateway.Uplink(
             spool,

@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.dbthread import Database, RowInsert, connect, immediate_transaction, insert_telling_new
+from meter.database import Database, RowInsert, connect, immediate_transaction, insert_telling_new
 from meter.reading import Reading, format_number
 
 SCHEMA = """

@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import Database, connect
+from meter.database import Database, connect
 from meter.reading import Reading
 
 BATCH_ID = "fedcba9876543210"
@@ -41,8 +41,7 @@ class Cloud:
         connection = connect(path)
         if schema:
             cloud.open_database(connection)
-        self.database = Database(connection, reactor, in_thread=False)
-        self.database.start()
+        self.database = Database(connection, reactor)
         self.console: list[str] = []
         self.clock = task.Clock()
         self.clock.advance(1772400000)

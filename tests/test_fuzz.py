@@ -39,7 +39,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import Database, connect
+from meter.database import Database, connect
 from meter.gateway import CloudClientProtocol, GatewayProtocol, Intake
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 from meter.spool import Spool
@@ -199,8 +199,7 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     rng = random.Random(seed)
     path = tmp_path / "spool.sqlite"
     connection, recovered = Spool.open(path)
-    database = Database(connection, reactor, in_thread=False)
-    database.start()
+    database = Database(connection, reactor)
     spool = RecordingSpool(database)
     clock = task.Clock()
     clock.advance(NOW)
@@ -392,8 +391,7 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     path = tmp_path / "cloud.sqlite"
     connection = connect(path)
     cloud.open_database(connection)
-    database = Database(connection, reactor, in_thread=False)
-    database.start()
+    database = Database(connection, reactor)
     clock = task.Clock()
     clock.advance(NOW)
     console: list[str] = []

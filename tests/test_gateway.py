@@ -22,7 +22,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from meter import gateway, wire
-from meter.dbthread import Database
+from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
 from meter.spool import Recovered, Spool, Spooled, StoredPart, StoredRound
@@ -958,8 +958,7 @@ class RealSpool:
     def __init__(self, path):
         self.path = path
         connection, self.recovered = Spool.open(path)
-        self.database = Database(connection, reactor, in_thread=False)
-        self.database.start()
+        self.database = Database(connection, reactor)
         self.spool = Spool(self.database)
         self.stopped = False
 

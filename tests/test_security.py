@@ -25,7 +25,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.dbthread import Database
+from meter.database import Database
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
 from meter.reading import Reading
@@ -247,8 +247,7 @@ def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
 
 def open_spool(path):
     connection, recovered = Spool.open(path)
-    database = Database(connection, reactor, in_thread=False)
-    database.start()
+    database = Database(connection, reactor)
     return database, CountingSpool(database), recovered
 
 

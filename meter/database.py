@@ -1,27 +1,25 @@
 """
-One SQLite connection with group commits, run on the reactor's thread or on
-a thread of its own.
+One SQLite connection with group commits, on the reactor thread.
 
 Both the gateway's spool and the cloud's store write through this.  Work
-submitted while a commit is under way, or before the reactor's next turn,
-waits and then goes into the next transaction together with everything else
-that arrived meanwhile, so one fsync serves many acknowledgements under
-load, and an idle system still commits each piece of work at once.  A piece
-of work's Deferred fires only after the transaction holding it is
-committed: callers acknowledge from there, so an acknowledgement always
-means the data is on disk.
+submitted before the reactor's next turn, or while a commit is under way,
+goes into the next transaction together with everything else that arrived
+meanwhile, so one fsync serves many acknowledgements under load, and an idle
+system still commits each piece of work at once.  A piece of work's Deferred
+fires only after the transaction holding it is committed: callers
+acknowledge from there, so an acknowledgement always means the data is on
+disk.
 
-Where the transactions run is the owner's choice:
-
-  - on the reactor thread (the gateway): a transaction spools the datagrams
-    read in one reactor turn, a millisecond or two, and running it in place
-    costs no hand-off to another thread and back.  In the bench's
-    10,000-device day, device acknowledgements took p50 0.8 / p99 2.9-4.9 ms
-    this way against 1.9-2.2 / 8.1-8.4 ms with a thread, and the gateway
-    spent ~1.5 CPU s less (docs/performance.md).
-  - on a thread of its own (the cloud): a transaction is a batch of up to
-    thousands of readings, tens of milliseconds that the reactor spends
-    reading the next batch meanwhile.
+Why the reactor thread and not a thread of the database's own: the data is
+on the reactor thread already, and a transaction holds a turn's datagrams at
+the gateway (a millisecond or two) or a few batches at the cloud (tens of
+milliseconds).  A second thread cost both daemons more than it saved, as it
+hands each group off and back and fights the reactor for the GIL: device
+acknowledgements took p50 0.8 / p99 2.9-4.9 ms on the reactor against
+1.9-2.2 / 8.1-8.4 ms with a thread in the 10,000-device day, and the cloud
+took ~40% more CPU a reading with one (docs/performance.md).  The cost: a
+slow disk stalls the reactor for its fsync, while the kernel queues what
+arrives.
 """
 
 from __future__ import annotations
@@ -34,9 +32,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 Work = Callable[[sqlite3.Connection], Any]
 #: Work done for many items at once: returns one result per item, in order.
@@ -50,9 +46,7 @@ def connect(path: Path) -> sqlite3.Connection:
     """
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
-    # The connection is opened on one thread and may then be used only by a
-    # Database's own thread; sqlite3 checks the opening thread unless told not to.
-    connection = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    connection = sqlite3.connect(str(path), isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA busy_timeout=5000")
@@ -92,11 +86,10 @@ class RowInsert:
     An C{INSERT} of many rows in a few statements of many rows each
     (C{head VALUES (?, ...), (?, ...), ... tail}), not one step a row.
 
-    Why: C{executemany} steps SQLite once a row, and gives up the GIL around
-    every step and takes it back after.  With a second thread busy (the
-    cloud's reactor decoding the next batch), each row then waits for the
-    GIL; a statement of thousands of rows gives it up once.  Alone it is
-    ~1.5x faster too (docs/performance.md).
+    Why: C{executemany} steps SQLite once a row, through the sqlite3
+    module's per-row work (and a release and retake of the GIL); a
+    statement of thousands of rows steps once.  Measured ~1.5x faster a row
+    (docs/performance.md).
     """
 
     #: The statement up to C{VALUES}, e.g. C{INSERT OR IGNORE INTO parts}.
@@ -153,18 +146,17 @@ def insert_telling_new(connection: sqlite3.Connection, insert: RowInsert, values
 class Database:
     """
     Runs work against one connection, many pieces per transaction, one
-    transaction at a time: on a thread named C{name} if C{in_thread}, else
-    on the reactor thread, in the reactor turn after the work was submitted.
+    transaction at a time, on the reactor thread in the reactor turn after
+    the work was submitted.
 
     Each piece runs inside its own savepoint: a piece that raises rolls back
     only its own changes and fails only its own Deferred.  Items given to
     L{run_many} one after another make one piece together.
     """
 
-    def __init__(self, connection: sqlite3.Connection, reactor, *, in_thread: bool, name: str = "meter-db"):
+    def __init__(self, connection: sqlite3.Connection, reactor):
         self._connection = connection
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name) if in_thread else None
         #: Pieces for the next transaction, each (work, [Deferred, ...],
         #: [item, ...] for L{run_many} or None for L{run}).
         self._pending: list[tuple[Callable, list[Deferred], list | None]] = []
@@ -174,30 +166,11 @@ class Database:
         self.commits = 0
         self.pieces = 0
 
-    @property
-    def in_thread(self) -> bool:
-        """
-        Whether the transactions run on a thread of their own.
-        """
-        return self._pool is not None
-
-    def start(self) -> None:
-        if self._pool is not None:
-            self._pool.start()
-
     def stop(self) -> Deferred:
         """
-        Finish all submitted work, then stop the thread and close the
-        connection.
+        Finish all submitted work, then close the connection.
         """
-        d = self.flush()
-
-        def stopped(_):
-            if self._pool is not None:
-                self._pool.stop()
-            self._connection.close()
-
-        return d.addCallback(stopped)
+        return self.flush().addCallback(lambda _: self._connection.close())
 
     def flush(self) -> Deferred:
         """
@@ -245,16 +218,12 @@ class Database:
 
     def _commit_next(self) -> None:
         self._committing = True
-        if self._pool is None:
-            # Not at once: the rest of this turn's work (the other datagrams
-            # of one read from the socket) joins the same transaction.
-            self._reactor.callLater(0, self._commit_in_place)
-            return
-        pieces, deferreds = self._take_group()
-        done = deferToThreadPool(self._reactor, self._pool, self._transaction, pieces)
-        done.addBoth(self._committed, deferreds)
+        # Not at once: the rest of this turn's work (the other datagrams of
+        # one read from the socket, the other batches of one read) joins the
+        # same transaction.
+        self._reactor.callLater(0, self._commit)
 
-    def _commit_in_place(self) -> None:
+    def _commit(self) -> None:
         pieces, deferreds = self._take_group()
         try:
             outcome = self._transaction(pieces)

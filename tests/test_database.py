@@ -1,5 +1,5 @@
 """
-meter.dbthread: one SQLite connection with group commits.  These run on the
+meter.database: one SQLite connection with group commits.  These run on the
 real reactor (pytest-twisted), each test twice: with the transactions on a
 thread of their own (their results come back through the reactor), and on
 the reactor thread, a turn after the work was submitted.
@@ -14,34 +14,19 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
 
-from meter.dbthread import Database, RowInsert, connect, insert_telling_new
+from meter.database import Database, RowInsert, connect, insert_telling_new
 
-PLACES = pytest.mark.parametrize("in_thread", [True, False], ids=["in-thread", "on-reactor"])
-
-
-def make_db(path, in_thread: bool) -> Database:
+def make_db(path) -> Database:
     connection = connect(path)
     connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)")
-    database = Database(connection, reactor, in_thread=in_thread, name="test-db")
-    database.start()
-    return database
+    return Database(connection, reactor)
 
 
-@pytest_twisted.async_yield_fixture(params=[True, False], ids=["in-thread", "on-reactor"])
-async def db(request, tmp_path):
-    database = make_db(tmp_path / "db" / "t.sqlite", request.param)
+@pytest_twisted.async_yield_fixture
+async def db(tmp_path):
+    database = make_db(tmp_path / "db" / "t.sqlite")
     yield database
     await database.stop()
-
-
-def first_alone(db) -> int:
-    """
-    How many transactions a piece submitted to an idle database and pieces
-    submitted right after it take: a thread starts on the first at once
-    (the rest share the next transaction); on the reactor, all of them wait
-    for the next turn and share one.
-    """
-    return 2 if db.in_thread else 1
 
 
 def insert(x):
@@ -83,30 +68,27 @@ async def test_run_fires_with_the_result_after_the_commit(db, tmp_path):
 async def test_work_submitted_during_a_commit_shares_the_next_transaction(db, tmp_path):
     deferreds = [db.run(insert(x)) for x in range(20)]
     assert await gatherResults(deferreds) == list(range(20))
-    # In a thread, the first piece committed alone and the 19 that arrived
-    # meanwhile together; on the reactor, all 20 in its next turn.
-    assert (db.commits, db.pieces) == (first_alone(db), 20)
+    # All 20 in the reactor's next turn.
+    assert (db.commits, db.pieces) == (1, 20)
     assert rows(tmp_path / "db" / "t.sqlite") == list(range(20))
     # An idle database commits the next piece on its own.
     await db.run(insert(20))
-    assert (db.commits, db.pieces) == (first_alone(db) + 1, 21)
+    assert (db.commits, db.pieces) == (2, 21)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_failing_piece_rolls_back_only_itself(db, tmp_path):
-    blocker = db.run(noop)  # so the next three share one transaction
 
     def bad(connection):
         connection.execute("INSERT INTO t VALUES (2)")
         raise ValueError("boom")
 
     first, failing, third = db.run(insert(1)), db.run(bad), db.run(insert(3))
-    await blocker
     assert await first == 1
     with pytest.raises(ValueError, match="boom"):
         await failing
     assert await third == 3
-    assert db.commits == first_alone(db)
+    assert db.commits == 1
     assert rows(tmp_path / "db" / "t.sqlite") == [1, 3]
 
 
@@ -118,11 +100,8 @@ async def test_a_failed_transaction_fails_every_piece_of_it(db, tmp_path):
         connection.execute("ROLLBACK")
 
     first, breaking = db.run(insert(5)), db.run(ends_the_transaction)
-    if db.in_thread:
-        await blocker  # committed alone, before the others were submitted
-    else:
-        with pytest.raises(sqlite3.OperationalError):
-            await blocker  # in the same transaction as the others
+    with pytest.raises(sqlite3.OperationalError):
+        await blocker  # in the same transaction as the others
     with pytest.raises(sqlite3.OperationalError):
         await first
     with pytest.raises(sqlite3.OperationalError):
@@ -146,15 +125,13 @@ async def test_run_many_joins_neighbouring_items_into_one_piece(db, tmp_path):
         calls.append(list(xs))
         return insert_many(connection, xs)
 
-    blocker = db.run(noop)  # so what follows waits for one transaction
     first = [db.run_many(recorded, x) for x in (1, 2, 3)]
     between = db.run(insert(4))
     second = [db.run_many(recorded, x) for x in (5, 6)]
-    await blocker
     assert await gatherResults(first + [between] + second) == [10, 20, 30, 4, 50, 60]
     # Items joined only with their neighbours: the order of work is kept.
     assert calls == [[1, 2, 3], [5, 6]]
-    assert (db.commits, db.pieces) == (first_alone(db), 7)
+    assert (db.commits, db.pieces) == (1, 6)
     assert rows(tmp_path / "db" / "t.sqlite") == [1, 2, 3, 4, 5, 6]
 
 
@@ -163,11 +140,9 @@ async def test_run_many_that_raises_fails_each_of_its_items_only(db, tmp_path):
     def duplicates(connection, xs):
         return insert_many(connection, xs + [xs[0]])  # the primary key refuses
 
-    blocker = db.run(noop)
     before = db.run(insert(1))
     failing = [db.run_many(duplicates, x) for x in (7, 8)]
     after = db.run(insert(9))
-    await blocker
     assert await before == 1
     for d in failing:
         with pytest.raises(sqlite3.IntegrityError):
@@ -181,9 +156,7 @@ async def test_run_many_must_answer_each_item(db, tmp_path):
     def one_short(connection, xs):
         return insert_many(connection, xs)[:-1]
 
-    blocker = db.run(noop)
     short = [db.run_many(one_short, x) for x in (1, 2)]
-    await blocker
     for d in short:
         with pytest.raises(RuntimeError, match="1 results for 2 items"):
             await d
@@ -191,7 +164,7 @@ async def test_run_many_must_answer_each_item(db, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_flush_of_an_idle_thread_fires_at_once(db):
+async def test_flush_of_an_idle_database_fires_at_once(db):
     assert db.flush().called
 
 
@@ -225,14 +198,13 @@ async def test_work_submitted_from_a_result_callback_is_committed_before_flush(d
     await later["flush"]
     assert later["x"].called and later["y"].called, "flush fired before work submitted ahead of it was committed"
     # x and y arrived during one commit's callbacks: one transaction for both.
-    assert db.commits == first_alone(db) + 1
+    assert db.commits == 2
     assert rows(tmp_path / "db" / "t.sqlite") == [1, 2]
 
 
-@PLACES
 @pytest_twisted.ensureDeferred
-async def test_stop_finishes_submitted_work_then_closes(tmp_path, in_thread):
-    database = make_db(tmp_path / "t.sqlite", in_thread)
+async def test_stop_finishes_submitted_work_then_closes(tmp_path):
+    database = make_db(tmp_path / "t.sqlite")
     deferreds = [database.run(insert(x)) for x in range(3)]
     await database.stop()
     assert all(d.called for d in deferreds)
@@ -248,8 +220,7 @@ def test_on_the_reactor_work_waits_for_the_next_turn_and_shares_its_transaction(
     path = tmp_path / "t.sqlite"
     connection = connect(path)
     connection.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
-    database = Database(connection, clock, in_thread=False)
-    database.start()
+    database = Database(connection, clock)
     deferreds = [database.run(insert(x)) for x in range(3)]
     assert rows(path) == []
     assert not any(d.called for d in deferreds)
