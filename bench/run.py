@@ -820,6 +820,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, databases)")
     args = parser.parse_args(argv)
+    if args.cloud_runs < 1:
+        parser.error("--cloud-runs must be at least 1")
     wanted = set(args.scenarios.split(","))
 
     results = {

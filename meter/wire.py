@@ -513,9 +513,9 @@ def _decode_batch_records(text: str, count: int):
 # the field checks would have said (the property tests compare the two).  A
 # batch of 5,000 is checked column by column: its shape by one pass over its
 # bytes, then each distinct value of each column once.  Both accept a subset:
-# anything they do not take (an error, or a rare valid form such as a
-# humidity of -0 or a ten-digit device id) goes through the field checks,
-# which give the exact verdict.
+# anything they do not take (an error, or a rare valid form such as a day
+# record's humidity of -0 or a batch's scoped IPv6 address) goes through the
+# field checks, which give the exact verdict.
 
 _DECIMALS = r"(?:\.[0-9]{0,5}[1-9])?"
 _TEMPERATURE_TEXT = rf"(?:-[1-3]?[0-9]{_DECIMALS}|-40|(?:[1-7]?[0-9]|8[0-4]){_DECIMALS}|85)"
@@ -812,7 +812,9 @@ class LineProtocol(Protocol):
     127 ns a reading against ~1 ns here, where a line's pieces are kept
     apart and joined once.
 
-    Subclasses define C{lineReceived} and C{lineLengthExceeded}.
+    Subclasses define C{lineReceived} and C{lineLengthExceeded}, which must
+    close the connection: the line's bytes held so far are dropped, so the
+    rest of it would otherwise arrive as a line of its own.
     """
 
     delimiter = b"\n"

@@ -1,8 +1,7 @@
 """
-meter.database: one SQLite connection with group commits.  These run on the
-real reactor (pytest-twisted), each test twice: with the transactions on a
-thread of their own (their results come back through the reactor), and on
-the reactor thread, a turn after the work was submitted.
+meter.database: one SQLite connection with group commits on the reactor
+thread, a turn after the work was submitted.  These run on the real reactor
+(pytest-twisted), but one, on a Clock.
 """
 
 from __future__ import annotations
