@@ -817,7 +817,6 @@ class LineProtocol(Protocol):
     rest of it would otherwise arrive as a line of its own.
     """
 
-    delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
     #: The pieces of a line begun but not ended yet, and their length.
@@ -855,15 +854,13 @@ class LineProtocol(Protocol):
                 self.lineLengthExceeded(line)
 
     def sendLine(self, line: bytes) -> None:
-        self.transport.writeSequence((line, self.delimiter))
+        self.transport.writeSequence((line, b"\n"))
 
     def lineReceived(self, line: bytes) -> None:
         raise NotImplementedError
 
     def lineLengthExceeded(self, line: bytes) -> None:
         raise NotImplementedError
-
-
 
 
 def without_nagle(transport) -> None:
