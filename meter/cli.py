@@ -92,7 +92,7 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COLUMNS = ("device_ip", "taken_at", "temperature_c", "humidity_pct")
+COLUMNS = ("device_id", "device_ip", "taken_at", "temperature_c", "humidity_pct")
 
 
 def readings(args: argparse.Namespace) -> int:
@@ -103,8 +103,8 @@ def readings(args: argparse.Namespace) -> int:
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         rows = [
-            (ip, taken_at.isoformat(timespec="minutes"), temperature, humidity)
-            for ip, taken_at, temperature, humidity in query_readings(connection, args.device)
+            (device_id, ip, taken_at.isoformat(timespec="minutes"), temperature, humidity)
+            for device_id, ip, taken_at, temperature, humidity in query_readings(connection, args.device)
         ]
     except sqlite3.DatabaseError as e:
         print(f"meter readings: {path} is not a meter cloud database: {e}", file=sys.stderr)
@@ -113,12 +113,12 @@ def readings(args: argparse.Namespace) -> int:
     if args.format == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(COLUMNS)
-        writer.writerows((ip, at, format_number(t), format_number(h)) for ip, at, t, h in rows)
+        writer.writerows((i, ip, at, format_number(t), format_number(h)) for i, ip, at, t, h in rows)
     elif args.format == "json":
         json.dump([dict(zip(COLUMNS, row)) for row in rows], out, indent=1)
         out.write("\n")
     else:
-        table = [COLUMNS] + [(ip, at, format_number(t), format_number(h)) for ip, at, t, h in rows]
+        table = [COLUMNS] + [(str(i), ip, at, format_number(t), format_number(h)) for i, ip, at, t, h in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
         for row in table:
             out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")

@@ -145,7 +145,7 @@ class CloudStore:
             # Not committed: refuse the whole batch so the gateway keeps it.
             self.counters["store_failures"] += 1
             self.log.failure("batch {batch_id} from {peer} not stored", failure, batch_id=batch.batch_id, peer=peer)
-            return wire.BatchAck(batch.batch_id, "bad", reason=f"not stored: {failure.getErrorMessage()}")
+            return wire.BatchAck(batch.batch_id, "bad", reason=f"store: not stored: {failure.getErrorMessage()}")
 
         return d.addCallbacks(committed, failed)
 
@@ -231,14 +231,16 @@ def _describe(address) -> str:
 
 def query_readings(connection: sqlite3.Connection, device_ip: str | None = None):
     """
-    Rows of stored readings, oldest first: (device_ip, taken_at, temperature,
-    humidity), optionally of one device address.
+    Rows of stored readings, oldest first: (device_id, device_ip, taken_at,
+    temperature, humidity), optionally of one device address.  The device id
+    comes first: it is what a reading is keyed by (with its time); the
+    address is what the console shows.
     """
-    sql = "SELECT device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+    sql = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
     args: tuple = ()
     if device_ip is not None:
         sql += " WHERE device_ip = ?"
         args = (device_ip,)
-    sql += " ORDER BY taken_at, device_ip"
-    for ip, taken_at, temperature, humidity in connection.execute(sql, args):
-        yield ip, datetime.datetime.fromisoformat(taken_at), temperature, humidity
+    sql += " ORDER BY taken_at, device_id"
+    for device_id, ip, taken_at, temperature, humidity in connection.execute(sql, args):
+        yield device_id, ip, datetime.datetime.fromisoformat(taken_at), temperature, humidity

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import attrs
 
+from meter.wire import device_address
+
 #: Where the daemons look for their configuration when no --config is given.
 DEFAULT_CONFIG = Path("etc/meter.toml")
 
@@ -237,7 +239,8 @@ def _fleet(raw: Any, where: str) -> dict[int, str]:
     for key, value in raw.items():
         try:
             device_id = whole(1, 2**31 - 1)(key)
-            address = ip(value)
+            # The text devices send as their ip field (docs/protocol.md).
+            address = device_address(text(value))
         except ValueError as e:
             raise ConfigError(f"{where} [fleet] {key}: {e}") from None
         if device_id in fleet:

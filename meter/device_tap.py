@@ -143,7 +143,8 @@ class DeviceService(Service):
         self.log.error("device {id}: {why}", id=self._id, why=why)
         if self._once:
             exit_after_shutdown(self._reactor, f"meter-device {self._id}: {why}")
-            self._reactor.stop()
+            # A survey refused at start fails before the reactor runs.
+            self._reactor.callWhenRunning(self._reactor.stop)
         else:
             self._schedule(RETRY_AFTER)
 

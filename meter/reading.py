@@ -8,7 +8,7 @@ A survey file is the report's format, one reading a line::
 
 (time of day, temperature in degrees Celsius, relative soil humidity).  The
 file holds the previous 24 hours; the device stamps the readings with the
-date of the day they cover.
+date of the day they cover.  docs/protocol.md gives its grammar.
 """
 
 from __future__ import annotations
@@ -65,18 +65,20 @@ def format_number(value: float) -> str:
     """
     The shortest text that reads back as C{value}, without a needless C{.0}:
     C{17.0} prints as C{17} and C{17.25} as C{17.25}, as a survey writes them.
+    Zero is C{0} whatever its sign: C{-0} would be a second text of one value.
     """
     text = _FORMATTED.get(value)
     if text is not None and type(value) is float:
         return text
     text = _format_number(value)
-    # Not zero: 0.0 and -0.0 are one key of a dict but two texts.
-    if len(_FORMATTED) < _FORMATTED_MAX and type(value) is float and value == value and value != 0.0:
+    if len(_FORMATTED) < _FORMATTED_MAX and type(value) is float and value == value:
         _FORMATTED[value] = text
     return text
 
 
 def _format_number(value: float) -> str:
+    if value == 0:
+        return "0"
     text = repr(float(value))
     if "e" in text:
         # repr writes magnitudes below 1e-4 as 1e-05, a form the wire does
@@ -87,7 +89,7 @@ def _format_number(value: float) -> str:
     return text
 
 
-_HHMM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])\Z")
 
 
 def parse_hhmm(text: str) -> datetime.time:
@@ -97,17 +99,23 @@ def parse_hhmm(text: str) -> datetime.time:
     return datetime.time(int(match.group(1)), int(match.group(2)))
 
 
+#: A survey's number: ASCII digits, an optional minus, an optional point
+#: with digits on both sides; no plus, exponent, NaN, infinity or
+#: digit group separator (which float() would all take).
+_SURVEY_NUMBER = re.compile(r"-?[0-9]+(?:\.([0-9]+))?\Z")
+
+
 def parse_number(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ReadingError(f"{what} {text!r} is not a number") from None
+    match = _SURVEY_NUMBER.match(text)
+    if match is None:
+        raise ReadingError(f"{what} {text!r} is not a number (digits, an optional '-' and '.')")
     # The wire carries at most six decimals (docs/protocol.md): refuse here,
     # naming the file and line, what the gateway would refuse later.
-    decimals = format_number(value).partition(".")[2] if math.isfinite(value) else ""
+    decimals = match.group(1) or ""
     if len(decimals) > MAX_DECIMALS:
         raise ReadingError(f"{what} {text!r} has more than {MAX_DECIMALS} decimals")
-    return value
+    # + 0.0: -0 is zero, one value with one text on the wire.
+    return float(text) + 0.0
 
 
 def _validate_temperature(instance, attribute, value):
@@ -188,7 +196,9 @@ class SurveyError(ValueError):
     """
 
 
-_SURVEY_LINE = re.compile(r"\s*(\S+)\s+-\s+(\S+)\s+-\s+(\S+?)\s*%\s*\Z")
+#: A reading's line: time, temperature and humidity with a per cent sign,
+#: separated by dashes with spaces or tabs on both sides.
+_SURVEY_LINE = re.compile(r"[ \t]*(\S+)[ \t]+-[ \t]+(\S+)[ \t]+-[ \t]+(\S+?)[ \t]*%[ \t]*\Z", re.ASCII)
 
 #: A day has at most one reading a minute; a longer file is not a survey.
 MAX_SURVEY_READINGS = 24 * 60
@@ -198,9 +208,11 @@ def parse_survey(
     text: str, source: str, device_id: int, device_ip: str, day: datetime.date
 ) -> tuple[Reading, ...]:
     """
-    Read a survey file's text into readings stamped with C{day}.
+    Read a survey file's text into readings stamped with C{day}, in the
+    file's order (docs/protocol.md, "Survey files", is the grammar).
 
-    Blank lines and lines starting with C{#} are skipped.  Two readings at the
+    Lines end with LF or CR LF.  Lines of spaces and tabs only, and lines
+    whose first other character is C{#}, are skipped.  Two readings at the
     same time of day are refused: the cloud keeps one reading per device and
     minute, so the second one could never be stored.
 
@@ -209,13 +221,16 @@ def parse_survey(
     """
     readings = []
     seen: dict[datetime.time, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        content = line.strip(" \t")
+        if not content or content.startswith("#"):
             continue
         where = f"{source}:{number}"
         match = _SURVEY_LINE.match(line)
         if match is None:
-            raise SurveyError(f"{where}: expected 'HH:MM - temperature - humidity%', got {line.strip()!r}")
+            raise SurveyError(f"{where}: expected 'HH:MM - temperature - humidity%', got {content!r}")
         try:
             at = parse_hhmm(match.group(1))
             temperature = check_temperature(parse_number(match.group(2), "temperature"))

@@ -305,6 +305,51 @@ def _device_id(text: str) -> int:
     return value
 
 
+def device_address(text: str) -> str:
+    """
+    The one text of a device address: IPv4 in dotted decimal without leading
+    zeros, IPv6 in RFC 5952's form (section 4: lowercase hex, no leading
+    zeros, the first longest run of two or more zero groups as C{::}).
+
+    Made here, not by C{str(ipaddress)}, whose IPv4-mapped form differs
+    between Python versions (C{::ffff:102:304} on 3.11, C{::ffff:1.2.3.4}
+    from 3.13 on).  An IPv4-mapped address is refused: the device it names
+    has an IPv4 address, written as such.  A scoped address
+    (C{fe80::1%eth0}) is refused: its zone names an interface of the host
+    that wrote it, not the device.
+
+    @raise ValueError: if C{text} is not such an address in any form.
+    """
+    if "%" in text:
+        raise ValueError(f"device address {text!r} has a zone (scoped addresses are not device addresses)")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"device address {text!r} is not an IP address") from None
+    packed = address.packed
+    if address.version == 4:
+        return ".".join(map(str, packed))
+    if packed[:12] == _MAPPED_PREFIX:
+        raise ValueError(f"device address {text!r} is IPv4-mapped: write it as {'.'.join(map(str, packed[12:]))}")
+    groups = [f"{packed[index] << 8 | packed[index + 1]:x}" for index in range(0, 16, 2)]
+    # The first longest run of zero groups, if two or more long.
+    start, length = 0, 0
+    index = 0
+    while index < 8:
+        end = index
+        while end < 8 and groups[end] == "0":
+            end += 1
+        if end - index > length:
+            start, length = index, end - index
+        index = end + 1
+    if length < 2:
+        return ":".join(groups)
+    return ":".join(groups[:start]) + "::" + ":".join(groups[start + length :])
+
+
+#: The first 12 bytes of every IPv4-mapped IPv6 address (::ffff:0:0/96).
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
 _seen_ips: dict[str, str] = {}
 
 
@@ -315,9 +360,9 @@ def _ip(text: str) -> str:
     if text in _seen_ips:
         return text
     try:
-        canonical = str(ipaddress.ip_address(text))
-    except ValueError:
-        raise WireError("value", f"device address {text!r} is not an IP address") from None
+        canonical = device_address(text)
+    except ValueError as e:
+        raise WireError("value", str(e)) from None
     if canonical != text:
         raise WireError("value", f"device address {text!r} is not canonical ({canonical})")
     if len(_seen_ips) < 65536:
@@ -443,7 +488,7 @@ def _decode_day_records(text: str, count: int, device_id: int, device_ip: str, d
         if minute is None:
             raise WireError("value", f"time {hhmm!r} is not HH:MM")
         if minute in seen:
-            raise WireError("record", f"time {hhmm} twice in one message")
+            raise WireError("minute", f"time {hhmm} twice in one message")
         seen.add(minute)
         taken_at = times[minute]
         if taken_at is None:
@@ -490,7 +535,7 @@ def _decode_batch_records(text: str, count: int):
         device_id = _device_id(device)
         key = (device_id, taken_at)
         if key in seen:
-            raise WireError("record", f"device {device_id} at {stamp} twice in one batch")
+            raise WireError("minute", f"device {device_id} at {stamp} twice in one batch")
         seen.add(key)
         readings.append(
             Reading.checked(
@@ -513,12 +558,13 @@ def _decode_batch_records(text: str, count: int):
 # the field checks would have said (the property tests compare the two).  A
 # batch of 5,000 is checked column by column: its shape by one pass over its
 # bytes, then each distinct value of each column once.  Both accept a subset:
-# anything they do not take (an error, or a rare valid form such as a day
-# record's humidity of -0 or a batch's scoped IPv6 address) goes through the
-# field checks, which give the exact verdict.
+# anything they do not take goes through the field checks, which give the
+# exact verdict and the error's words.
 
 _DECIMALS = r"(?:\.[0-9]{0,5}[1-9])?"
-_TEMPERATURE_TEXT = rf"(?:-[1-3]?[0-9]{_DECIMALS}|-40|(?:[1-7]?[0-9]|8[0-4]){_DECIMALS}|85)"
+#: Below zero: -0.000001 to -39.999999, and -40; never -0.
+_NEGATIVE_TEXT = rf"-(?:0\.[0-9]{{0,5}}[1-9]|(?:[1-9]|[1-3][0-9]){_DECIMALS}|40)"
+_TEMPERATURE_TEXT = rf"(?:{_NEGATIVE_TEXT}|(?:[1-7]?[0-9]|8[0-4]){_DECIMALS}|85)"
 _HUMIDITY_TEXT = rf"(?:[1-9]?[0-9]{_DECIMALS}|100)"
 _HHMM_TEXT = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
 #: One day record, as a whole ';'-separated item, its time grouped.
@@ -1007,7 +1053,7 @@ def refusal(data: bytes, error: WireError) -> DayAck | BatchAck | None:
 #: A sealed datagram ends with this and 64 hex digits of HMAC-SHA256.
 _TAG = b" mac="
 TAG_LENGTH = len(_TAG) + 64
-_CLAIMED_DEVICE = re.compile(rb"^meter/1 DAY dev=([1-9][0-9]{0,9}) ")
+_CLAIMED_DEVICE = re.compile(rb"^meter/[0-9]{1,9} DAY dev=([1-9][0-9]{0,9}) ")
 
 
 def seal(data: bytes, key: bytes) -> bytes:
@@ -1058,6 +1104,10 @@ def claimed_device(body: bytes) -> int | None:
     """
     The device id a C{DAY} message claims, read before anything else is
     parsed so its key can verify the tag; C{None} if there is none.
+
+    Of any version: a device speaking another version is then answered, under
+    its key, C{bad} with the decoder's C{version} error, rather than
+    dropped like a stranger's datagram.
     """
     match = _CLAIMED_DEVICE.match(body)
     return int(match.group(1)) if match is not None else None

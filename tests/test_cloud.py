@@ -76,8 +76,8 @@ async def test_store_commits_a_batch_and_prints_each_reading(c):
     assert ack == wire.BatchAck(BATCH_ID, "ok", new=2, dup=0)
     assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
     assert c.stored() == [
-        ("192.168.1.4", datetime.datetime(2026, 3, 1, 2, 0), 17.0, 35.0),
-        ("192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0),
+        (3, "192.168.1.4", datetime.datetime(2026, 3, 1, 2, 0), 17.0, 35.0),
+        (1, "192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0),
     ]
     assert c.store.counters["batches"] == 1
     assert c.store.counters["readings_new"] == 2
@@ -108,7 +108,7 @@ async def test_a_reading_is_unique_by_device_and_time(c):
     changed = reading(1, "192.168.1.2", "2026-03-01T08:00", 21, 31)
     ack = await c.store.store(wire.Batch(OTHER_ID, (changed,)), "gw")
     assert (ack.new, ack.dup) == (0, 1)
-    assert c.stored() == [("192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0)]
+    assert c.stored() == [(1, "192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0)]
 
 
 @pytest_twisted.ensureDeferred
@@ -130,7 +130,7 @@ async def test_a_failed_store_is_a_bad_ack_and_prints_nothing(tmp_path):
         ack = await broken.store.store(BATCH, "gw")
     finally:
         await broken.database.stop()
-    assert ack == wire.BatchAck(BATCH_ID, "bad", "not stored: no such table: readings")
+    assert ack == wire.BatchAck(BATCH_ID, "bad", "store: not stored: no such table: readings")
     assert broken.console == []
     assert broken.store.counters["store_failures"] == 1
 
@@ -146,7 +146,7 @@ async def test_a_batch_is_stored_whole_or_not_at_all(c):
     await c.database.run(refuse_device_9)
     poisoned = wire.Batch(BATCH_ID, (R1, R2, reading(9, "10.0.0.9", "2026-03-01T02:00", 1, 1)))
     ack = await c.store.store(poisoned, "gw")
-    assert ack == wire.BatchAck(BATCH_ID, "bad", "not stored: device 9 refused")
+    assert ack == wire.BatchAck(BATCH_ID, "bad", "store: not stored: device 9 refused")
     assert c.count() == 0
     assert c.console == []
 
@@ -155,8 +155,58 @@ async def test_a_batch_is_stored_whole_or_not_at_all(c):
 async def test_query_readings_of_one_device(c):
     await c.store.store(wire.Batch(BATCH_ID, (R3, R1, R2)), "gw")
     with sqlite3.connect(str(c.path)) as other:
-        assert [row[1].hour for row in cloud.query_readings(other, "192.168.1.2")] == [8, 12]
-        assert [row[0] for row in cloud.query_readings(other)] == ["192.168.1.4", "192.168.1.2", "192.168.1.2"]
+        assert [row[2].hour for row in cloud.query_readings(other, "192.168.1.2")] == [8, 12]
+        assert [row[:2] for row in cloud.query_readings(other)] == [(3, "192.168.1.4"), (1, "192.168.1.2"), (1, "192.168.1.2")]
+
+
+def _readings_database(path) -> None:
+    # Two devices with the same address on different days: the address is
+    # what the console shows, the device id what a reading is keyed by.
+    with sqlite3.connect(str(path)) as connection:
+        cloud.open_database(connection)
+        connection.executemany(
+            "INSERT INTO readings VALUES (?, ?, ?, ?, ?, 0)",
+            [(3, "192.168.1.4", "2026-03-01T02:00", 17.0, 35.0), (5, "192.168.1.4", "2026-03-02T02:00", -3.5, 0.25)],
+        )
+
+
+@pytest.mark.parametrize(
+    "fmt, expected",
+    [
+        (
+            "table",
+            "device_id  device_ip    taken_at          temperature_c  humidity_pct\n"
+            "3          192.168.1.4  2026-03-01T02:00  17             35\n"
+            "5          192.168.1.4  2026-03-02T02:00  -3.5           0.25\n"
+            "(2 readings)\n",
+        ),
+        (
+            "csv",
+            "device_id,device_ip,taken_at,temperature_c,humidity_pct\n"
+            "3,192.168.1.4,2026-03-01T02:00,17,35\n"
+            "5,192.168.1.4,2026-03-02T02:00,-3.5,0.25\n",
+        ),
+    ],
+)
+def test_meter_readings_carries_the_device_id_beside_the_address(tmp_path, capsys, fmt, expected):
+    from meter import cli
+
+    _readings_database(tmp_path / "cloud.sqlite")
+    assert cli.main(["readings", "--db", str(tmp_path / "cloud.sqlite"), "--format", fmt]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_meter_readings_as_json_carries_the_device_id(tmp_path, capsys):
+    import json
+
+    from meter import cli
+
+    _readings_database(tmp_path / "cloud.sqlite")
+    assert cli.main(["readings", "--db", str(tmp_path / "cloud.sqlite"), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"device_id": 3, "device_ip": "192.168.1.4", "taken_at": "2026-03-01T02:00", "temperature_c": 17.0, "humidity_pct": 35.0},
+        {"device_id": 5, "device_ip": "192.168.1.4", "taken_at": "2026-03-02T02:00", "temperature_c": -3.5, "humidity_pct": 0.25},
+    ]
 
 
 # -- the protocol -----------------------------------------------------------

@@ -223,8 +223,11 @@ def test_duplicate_fleet_id_in_another_spelling_is_refused():
     [
         ({"x": "10.0.0.1"}, "[fleet] x: expected a whole number, got 'x'"),
         ({"0": "10.0.0.1"}, "[fleet] 0: expected a whole number from 1 to 2147483647, got 0"),
-        ({"1": "10.0.0.300"}, "[fleet] 1: expected an IP address, got '10.0.0.300'"),
-        ({"1": "meter-1"}, "[fleet] 1: expected an IP address, got 'meter-1'"),
+        ({"1": "10.0.0.300"}, "[fleet] 1: device address '10.0.0.300' is not an IP address"),
+        ({"1": "meter-1"}, "[fleet] 1: device address 'meter-1' is not an IP address"),
+        # what no device could send as its ip field (docs/protocol.md)
+        ({"1": "::ffff:10.0.0.1"}, "[fleet] 1: device address '::ffff:10.0.0.1' is IPv4-mapped: write it as 10.0.0.1"),
+        ({"1": "fe80::1%eth0"}, "[fleet] 1: device address 'fe80::1%eth0' has a zone (scoped addresses are not device addresses)"),
         ({"1": 5}, "[fleet] 1: expected a non-empty string, got 5"),
         ({}, "[fleet]: expected a table of device id = \"address\", got {}"),
         ("10.0.0.1", "[fleet]: expected a table of device id = \"address\", got '10.0.0.1'"),

@@ -6,6 +6,7 @@ loopback ports, a fleet of six devices, the cloud's console and database.
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 import pytest
@@ -59,3 +60,22 @@ def test_once_device_without_gateway_exits_non_zero(suite):
     # ack_timeout 0.5 s, 4 retransmissions: gives up after about 20 s at most.
     assert device.wait(40) == 1
     assert device.all_matching(r"meter-device 1: day not delivered: no acknowledgement")
+
+
+@pytest.mark.parametrize(
+    "survey, refusal",
+    [
+        ("08:00 - 20 - 30%\n# again\n08:00 - 21 - 31%\n", ":3: time 08:00 already read at line 1"),
+        # float() would read 1e1; a survey's number is digits, an optional
+        # minus and point (docs/protocol.md, "Survey files").
+        ("08:00 - 20 - 30%\n\n12:00 - 1e1 - 31%\n", ":3: temperature '1e1' is not a number"),
+    ],
+    ids=["time twice", "exponent"],
+)
+def test_once_device_refuses_its_survey_naming_file_and_line_and_sends_nothing(suite, survey, refusal):
+    path = suite.surveys / "device1.txt"
+    path.write_text(survey)
+    device = suite.start_device(1)
+    assert device.wait(20) == 1
+    assert device.all_matching(rf"^meter-device 1: cannot read the day's survey: {re.escape(str(path) + refusal)}")
+    assert device.all_matching(r"sending \d+ readings") == []

@@ -842,6 +842,17 @@ def test_a_bad_chunk_with_a_readable_id_gets_a_bad_dayack():
     assert h.intake.spool.added == []
 
 
+def test_a_chunk_of_another_version_gets_a_sealed_bad_dayack_naming_the_version():
+    # Not dropped as a stranger's: its tag verifies under the device's key,
+    # so the device learns why its day is never taken.
+    h = ProtocolHarness()
+    body = wire.encode(day_chunk(1)).replace(b"meter/1 ", b"meter/2 ", 1)
+    h.protocol.datagramReceived(wire.seal(body, KEYS[1]), DEVICE_ADDR)
+    assert h.answers() == [(wire.DayAck(xfer_of(1), 1, "bad", "version: version '2', this side speaks 1"), DEVICE_ADDR)]
+    assert h.intake.intake.counters["refused_version"] == 1
+    assert h.intake.spool.added == []
+
+
 def test_a_refused_chunk_gets_a_sealed_bad_dayack():
     h = ProtocolHarness()
     chunk = day_chunk(1, ip="10.0.0.9")

@@ -82,13 +82,25 @@ def test_bounds_are_inclusive(line, value):
         ("08:00 - 20 - 100.5%", "humidity 100.5% outside 0..100 %"),
         ("08:00 - 86 - 30%", "temperature 86 outside -40..85 °C"),
         ("08:00 - -40.5 - 30%", "temperature -40.5 outside -40..85 °C"),
-        ("08:00 - nan - 30%", "temperature nan is not a finite number"),
-        ("08:00 - inf - 30%", "temperature inf is not a finite number"),
-        ("08:00 - -inf - 30%", "temperature -inf is not a finite number"),
-        ("08:00 - 20 - nan%", "humidity nan is not a finite number"),
-        ("08:00 - 20 - inf%", "humidity inf is not a finite number"),
-        ("08:00 - warm - 30%", "temperature 'warm' is not a number"),
-        ("08:00 - 20 - wet%", "humidity 'wet' is not a number"),
+        ("08:00 - nan - 30%", "temperature 'nan' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - inf - 30%", "temperature 'inf' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - -inf - 30%", "temperature '-inf' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 20 - nan%", "humidity 'nan' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 20 - inf%", "humidity 'inf' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - warm - 30%", "temperature 'warm' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 20 - wet%", "humidity 'wet' is not a number (digits, an optional '-' and '.')"),
+        # What float() takes but a survey's number is not
+        ("08:00 - +5 - 30%", "temperature '+5' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 1e1 - 30%", "temperature '1e1' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 2_0 - 30%", "temperature '2_0' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - .5 - 30%", "temperature '.5' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 5. - 30%", "temperature '5.' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - \uff12\uff10 - 30%", "temperature '\uff12\uff10' is not a number (digits, an optional '-' and '.')"),
+        ("08:00 - 20 - \u0663\u0660%", "humidity '\u0663\u0660' is not a number (digits, an optional '-' and '.')"),
+        ("0\u0668:00 - 20 - 30%", "time '0\u0668:00' is not HH:MM (00:00 to 23:59)"),
+        ("08:00\u00a0- 20 - 30%", "expected 'HH:MM - temperature - humidity%', got '08:00\\xa0- 20 - 30%'"),
+        ("08:00 - 20 - 30% # noon", "expected 'HH:MM - temperature - humidity%', got '08:00 - 20 - 30% # noon'"),
+        ("\f", "expected 'HH:MM - temperature - humidity%', got '\\x0c'"),
         ("24:00 - 20 - 30%", "time '24:00' is not HH:MM (00:00 to 23:59)"),
         ("7:00 - 20 - 30%", "time '7:00' is not HH:MM (00:00 to 23:59)"),
         ("12:60 - 20 - 30%", "time '12:60' is not HH:MM (00:00 to 23:59)"),
@@ -100,6 +112,8 @@ def test_bounds_are_inclusive(line, value):
         # here rather than by the gateway, where the day could never arrive.
         ("08:00 - 17.1234567 - 30%", "temperature '17.1234567' has more than 6 decimals"),
         ("08:00 - 17 - 30.0000001%", "humidity '30.0000001' has more than 6 decimals"),
+        # counted as written, trailing zeros too
+        ("08:00 - 17.5000000 - 30%", "temperature '17.5000000' has more than 6 decimals"),
     ],
 )
 def test_bad_line_is_refused_naming_file_and_line(line, detail):
@@ -107,6 +121,23 @@ def test_bad_line_is_refused_naming_file_and_line(line, detail):
     with pytest.raises(SurveyError) as raised:
         parse(text)
     assert str(raised.value) == f"survey.txt:3: {detail}"
+
+
+def test_the_survey_number_grammar():
+    # leading zeros, a minus, up to six decimals; -0 is zero
+    text = "00:00 - 07 - 030%\n00:01 - -0 - 0.000001%\n00:02 - -0.0 - 99.999999%\n00:03 - 17.500000 - 5.0%\n"
+    readings = parse(text)
+    assert [(r.temperature_c, r.humidity_pct) for r in readings] == [(7, 30), (0, 0.000001), (0, 99.999999), (17.5, 5)]
+    assert [format_number(r.temperature_c) for r in readings] == ["7", "0", "0", "17.5"]
+
+
+def test_lines_end_with_lf_or_cr_lf_and_keep_the_files_order():
+    text = "\t16:00\t-\t23\t-\t32%\t\r\n  # a comment\t\r\n\r\n08:00 - 20 - 30%"
+    assert [r.taken_at for r in parse(text)] == [at("16:00"), at("08:00")]
+    # other line breaks str.splitlines() knows are not line ends here
+    with pytest.raises(SurveyError) as raised:
+        parse("08:00 - 20 - 30%\u202812:00 - 25 - 33%\n")
+    assert str(raised.value).startswith("survey.txt:1: ")
 
 
 def test_duplicate_time_is_refused_naming_both_lines():
@@ -173,6 +204,7 @@ def test_console_line_keeps_fractions_and_signs():
         (-3.5, "-3.5"),
         (0.00001, "0.00001"),  # never an exponent: the wire has none
         (-0.000025, "-0.000025"),
+        (-0.0, "0"),  # one text for zero: the wire refuses -0
     ],
 )
 def test_format_number(value, text):

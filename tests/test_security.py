@@ -530,7 +530,7 @@ def with_record(record: str) -> str:
         (batch_line(with_record("1,192.168.1.2,2026-02-30T08:00,20,30")), "value: time '2026-02-30T08:00'"),
         (batch_line(with_record("0,192.168.1.2,2026-11-21T08:00,20,30")), "value: device id 0"),
         (batch_line(with_record("1,192.168.1.256,2026-11-21T08:00,20,30")), "value: device address"),
-        (batch_line(with_record("3,192.168.1.4,2026-11-21T02:00,18,35")), "record: device 3 at"),
+        (batch_line(with_record("3,192.168.1.4,2026-11-21T02:00,18,35")), "minute: device 3 at"),
         (batch_line(n=3), "count: n=3 but 2 records"),
         (batch_line(n=1), "count: n=1 but 2 records"),
         (batch_line(checksum="00000000"), "checksum: records do not match sum=00000000"),

@@ -124,7 +124,7 @@ ROUND_TRIP = [
     ),
     BatchAck(BATCH_ID, "ok", new=4294967295, dup=0),
     BatchAck(BATCH_ID, "ok", new=3, dup=2),
-    BatchAck(BATCH_ID, "bad", "not stored: disk I/O error"),
+    BatchAck(BATCH_ID, "bad", "store: not stored: disk I/O error"),
     Ping(0),
     Ping(4294967295),
     Pong(17),
@@ -253,7 +253,8 @@ MALFORMED = [
     ("n=1 without records", day_variant(b"n=2 r=08:00,20,30;12:00,25.5,33", b"n=1 r="), "record"),
     ("record of two fields", day_variant(b"12:00,25.5,33", b"12:00,25.5"), "record"),
     ("record of four fields", day_variant(b"12:00,25.5,33", b"12:00,25.5,33,1"), "record"),
-    ("same time twice", day_variant(b"12:00,25.5,33", b"08:00,25.5,33"), "record"),
+    ("same time twice", day_variant(b"12:00,25.5,33", b"08:00,25.5,33"), "minute"),
+    ("same time twice, other values", day_variant(b"12:00,25.5,33", b"08:00,20,30"), "minute"),
     ("empty record", day_variant(b";12:00", b";;12:00"), "count"),
     # values
     ("time 24:00", day_variant(b"12:00,25.5", b"24:00,25.5"), "value"),
@@ -266,6 +267,10 @@ MALFORMED = [
     ("plus sign", day_variant(b"08:00,20,30", b"08:00,+5,30"), "value"),
     ("bare fraction", day_variant(b"25.5,33", b".5,33"), "value"),
     ("negative zero fraction", day_variant(b"08:00,20,30", b"08:00,-0.0,30"), "value"),
+    ("zero fraction", day_variant(b"08:00,20,30", b"08:00,0.0,30"), "value"),
+    ("negative zero temperature", day_variant(b"08:00,20,30", b"08:00,-0,30"), "value"),
+    ("negative zero humidity", day_variant(b"08:00,20,30", b"08:00,20,-0"), "value"),
+    ("plus zero", day_variant(b"08:00,20,30", b"08:00,+0,30"), "value"),
     ("too many decimals", day_variant(b"25.5,33", b"25.1234567,33"), "value"),
     ("nan", day_variant(b"08:00,20,30", b"08:00,nan,30"), "value"),
     ("inf", day_variant(b"08:00,20,30", b"08:00,20,inf"), "value"),
@@ -290,6 +295,15 @@ MALFORMED = [
     ("address not an address", day_variant(b"ip=192.168.1.2", b"ip=gateway"), "value"),
     ("address with leading zeros", day_variant(b"ip=192.168.1.2", b"ip=192.168.001.2"), "value"),
     ("address not canonical ipv6", day_variant(b"ip=192.168.1.2", b"ip=2001:0db8::2"), "value"),
+    ("address ipv6 uppercase", day_variant(b"ip=192.168.1.2", b"ip=2001:DB8::2"), "value"),
+    ("address ipv6 one zero group compressed", day_variant(b"ip=192.168.1.2", b"ip=2001:db8::1:1:1:1:1"), "value"),
+    ("address ipv6 shorter zero run compressed", day_variant(b"ip=192.168.1.2", b"ip=2001::1:0:0:0:1"), "value"),
+    ("address ipv6 second of equal runs compressed", day_variant(b"ip=192.168.1.2", b"ip=2001:db8:0:0:1::1"), "value"),
+    ("address ipv4-mapped, dotted", day_variant(b"ip=192.168.1.2", b"ip=::ffff:192.168.1.2"), "value"),
+    ("address ipv4-mapped, hex", day_variant(b"ip=192.168.1.2", b"ip=::ffff:c0a8:102"), "value"),
+    ("address ipv6 with embedded dotted quad", day_variant(b"ip=192.168.1.2", b"ip=64:ff9b::192.168.1.2"), "value"),
+    ("address scoped", day_variant(b"ip=192.168.1.2", b"ip=fe80::1%eth0"), "value"),
+    ("address scoped numerically", day_variant(b"ip=192.168.1.2", b"ip=fe80::1%1"), "value"),
     ("xfer uppercase", day_variant(b"xfer=0123456789abcdef", b"xfer=0123456789ABCDEF"), "value"),
     ("xfer short", day_variant(b"xfer=0123456789abcdef", b"xfer=0123456789abcde"), "value"),
     ("ts above uint32", day_variant(b"ts=1772400000", b"ts=4294967296"), "value"),
@@ -322,7 +336,12 @@ MALFORMED = [
     ("batch bad date", batch_line("3,192.168.1.4,2026-02-30T02:00,17,35"), "value"),
     ("batch stamp with seconds", batch_line("3,192.168.1.4,2026-03-01T02:00:00,17,35"), "value"),
     ("batch stamp 24:00", batch_line("3,192.168.1.4,2026-03-01T24:00,17,35"), "value"),
-    ("batch same reading twice", batch_line("3,192.168.1.4,2026-03-01T02:00,17,35;3,192.168.1.4,2026-03-01T02:00,18,35"), "record"),
+    ("batch same reading twice", batch_line("3,192.168.1.4,2026-03-01T02:00,17,35;3,192.168.1.4,2026-03-01T02:00,18,35"), "minute"),
+    ("batch same reading twice, same values", batch_line("3,192.168.1.4,2026-03-01T02:00,17,35;3,192.168.1.4,2026-03-01T02:00,17,35"), "minute"),
+    ("batch same device and minute, other address", batch_line("3,192.168.1.4,2026-03-01T02:00,17,35;3,192.168.1.5,2026-03-01T02:00,17,35"), "minute"),
+    ("batch negative zero", batch_line("3,192.168.1.4,2026-03-01T02:00,-0,35"), "value"),
+    ("batch ipv4-mapped address", batch_line("3,::ffff:c0a8:104,2026-03-01T02:00,17,35"), "value"),
+    ("batch scoped address", batch_line("3,fe80::4%eth0,2026-03-01T02:00,17,35"), "value"),
     ("batch device 0", batch_line("0,192.168.1.4,2026-03-01T02:00,17,35"), "value"),
     ("batch bad address", batch_line("3,192.168.1.256,2026-03-01T02:00,17,35"), "value"),
     ("batch humidity range", batch_line("3,192.168.1.4,2026-03-01T02:00,17,101"), "range"),
@@ -364,6 +383,40 @@ def test_error_details_name_the_fault():
     with pytest.raises(WireError) as raised:
         decode(day_variant(b"08:00,20,30", b"08:00,86,30"))
     assert raised.value.detail == "temperature 86 outside -40..85 °C"
+
+
+def test_a_minute_twice_is_refused_not_reduced_to_the_first():
+    with pytest.raises(WireError) as raised:
+        decode(day_variant(b"12:00,25.5,33", b"08:00,20,30"))
+    assert str(raised.value) == "minute: time 08:00 twice in one message"
+    with pytest.raises(WireError) as raised:
+        decode(batch_line("3,192.168.1.4,2026-03-01T02:00,17,35;3,192.168.1.4,2026-03-01T02:00,17,35"))
+    assert str(raised.value) == "minute: device 3 at 2026-03-01T02:00 twice in one batch"
+
+
+@pytest.mark.parametrize(
+    "text, detail",
+    [
+        ("::ffff:192.168.1.2", "device address '::ffff:192.168.1.2' is IPv4-mapped: write it as 192.168.1.2"),
+        ("::ffff:c0a8:102", "device address '::ffff:c0a8:102' is IPv4-mapped: write it as 192.168.1.2"),
+        ("fe80::1%eth0", "device address 'fe80::1%eth0' has a zone (scoped addresses are not device addresses)"),
+        ("2001:DB8::2", "device address '2001:DB8::2' is not canonical (2001:db8::2)"),
+        ("64:ff9b::192.168.1.2", "device address '64:ff9b::192.168.1.2' is not canonical (64:ff9b::c0a8:102)"),
+    ],
+)
+def test_address_errors_say_what_to_write(text, detail):
+    with pytest.raises(WireError) as raised:
+        decode(day_variant(b"ip=192.168.1.2", b"ip=" + text.encode()))
+    assert (raised.value.code, raised.value.detail) == ("value", detail)
+
+
+def test_negative_zero_is_written_as_zero():
+    # -0.0 is a float (a sensor rounding -0.04 to one decimal makes it); its
+    # one text is 0, as the decoder accepts only that.
+    data = encode(chunk(readings=(reading(t=-0.0, h=-0.0),)))
+    assert data.endswith(b" n=1 r=08:00,0,0")
+    assert decode(data) == chunk(readings=(reading(t=0.0, h=0.0),))
+    assert encode(Batch(BATCH_ID, (reading(t=-0.0),))).endswith(b"r=1,192.168.1.2,2026-03-01T08:00,0,30")
 
 
 def test_oversized_input_is_refused_before_parsing():
@@ -572,6 +625,16 @@ def test_claimed_device_is_read_before_parsing():
     assert wire.claimed_device(day_variant(b"dev=1", b"dev=01")) is None
     assert wire.claimed_device(b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=ok") is None
     assert wire.claimed_device(b"garbage") is None
+
+
+def test_a_day_of_another_version_claims_its_device_and_is_refused_with_version():
+    # So a gateway verifies its tag under the device's key and answers it
+    # bad with the reason, instead of dropping it as a stranger's.
+    body = day_variant(b"meter/1", b"meter/2")
+    assert wire.claimed_device(body) == 1
+    assert wire.claimed_device(day_variant(b"meter/1", b"meter/12")) == 1
+    answer, _ = refused(body)
+    assert answer == DayAck(XFER, 1, "bad", "version: version '2', this side speaks 1")
 
 
 def test_refusal_reason_is_bounded_so_the_answer_fits():
