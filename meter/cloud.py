@@ -407,7 +407,8 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
         if self._authenticated:
             self.log.warn(format, peer=self._peer, **fields)
         else:
-            self._why = format.format(peer=self._peer, **fields)
+            # The count names the peer itself.
+            self._why = format.removeprefix("gateway {peer}").lstrip(": ").format(**fields)
 
     def _answer(self, message) -> None:
         if self.transport.connected:
