@@ -115,8 +115,11 @@ def raise_descriptor_limit() -> tuple[int, str]:
     what the system allows.  The limit in force, and how it came to be.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft >= hard:
-        return soft, "the hard limit" if soft == hard else f"hard limit {hard}"
+    if soft == hard:
+        return soft, "the hard limit"
+    if hard == resource.RLIM_INFINITY:
+        # Linux refuses an unlimited number of descriptors: keep the soft one.
+        return soft, "the hard limit is unlimited"
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as e:

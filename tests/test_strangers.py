@@ -465,9 +465,10 @@ def test_in_plain_text_the_gateway_is_connected_at_once():
 
 # -- end to end ----------------------------------------------------------------
 
-#: The cloud's descriptors, soft and hard: small, so the strangers are few.
-DESCRIPTORS = 128
-STRANGERS = 300
+#: The cloud's descriptor limits, soft and hard: small, so the strangers
+#: are few.  It raises the soft one to the hard one.
+SOFT, HARD = 128, 256
+STRANGERS = 400
 
 
 def partial_client_hello() -> bytes:
@@ -515,20 +516,20 @@ def yesterday() -> datetime.date:
 
 @pytest.mark.e2e
 def test_strangers_do_not_lock_the_gateway_out(tmp_path):
-    # The cloud starts with a descriptor limit of 128 (soft = hard, so it
-    # cannot raise it); 300 strangers connect, half silent, half stopping
-    # inside the TLS handshake, and stay.  Their idle timeout is far beyond
+    # The cloud starts with descriptor limits of 128 (soft) and 256 (hard);
+    # 400 strangers connect, half silent, half stopping inside the TLS
+    # handshake, and stay.  Their idle timeout is far beyond
     # the test: only the bounds on strangers can make room.  Then the real
     # gateway forwards its devices' readings: all arrive, and the cloud's log
     # holds a bounded number of lines about strangers.
     suite = Suite(tmp_path, devices=4, readings=24, cloud={"idle_timeout": 3600.0})
-    command = ["prlimit", f"--nofile={DESCRIPTORS}:{DESCRIPTORS}", "--", *twistd("meter-cloud", "--config", str(suite.config))]
+    command = ["prlimit", f"--nofile={SOFT}:{HARD}", "--", *twistd("meter-cloud", "--config", str(suite.config))]
     cloud_daemon = Daemon("cloud", command, cwd=suite.root)
     suite.daemons.append(cloud_daemon)
     strangers: list[socket.socket] = []
     try:
         cloud_daemon.wait_for(r"Factory \(TLS\) starting on")
-        assert cloud_daemon.all_matching(rf"descriptor limit {DESCRIPTORS} \(the hard limit\)")
+        assert cloud_daemon.all_matching(rf"descriptor limit {HARD} \(raised from {SOFT}\): at most 192 connections, 96 ")
         strangers = open_strangers(suite.cloud_port, STRANGERS, time.monotonic() + 30)
         gateway_daemon = suite.start_gateway()
         devices = [suite.start_device(device_id) for device_id in suite.fleet]
