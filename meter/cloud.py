@@ -240,7 +240,9 @@ class Admission:
             return False
         timer = None
         if timed:
-            timer = self._clock.callLater(self.handshake_timeout, self._close, protocol, "timeouts", "handshake_timeouts")
+            timer = self._clock.callLater(
+                self.handshake_timeout, self._close, protocol, "timeouts", "handshake_timeouts"
+            )
         self._strangers[protocol] = timer
         return True
 
@@ -347,7 +349,10 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
         wire.without_nagle(self.transport)
         self.setTimeout(self._idle_timeout)
         # A TLS transport provides INegotiated; the handshake starts after
-        # this returns, and handshakeCompleted follows it.
+        # this returns, and handshakeCompleted follows it.  In plain text a
+        # stranger's deadline is the idle timeout: a gateway with nothing to
+        # send says its first line at its heartbeat, later than a handshake
+        # timeout of a few seconds.
         self._admission.arrived(self, timed=INegotiated.providedBy(self.transport))
 
     def handshakeCompleted(self):

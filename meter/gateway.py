@@ -867,7 +867,7 @@ class CloudClientProtocol(wire.LineProtocol):
         if self._up:
             self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
         else:
-            stage = "before the TLS handshake completed" if not self._handshake_done else "before the cloud answered over TLS"
+            stage = "before the cloud answered over TLS" if self._handshake_done else "before the TLS handshake completed"
             self.log.info("connection to the cloud lost: {why} ({stage})", why=reason.getErrorMessage(), stage=stage)
         self._uplink.disconnected(self)
 
