@@ -163,6 +163,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "db": (path, "var/cloud.sqlite", "SQLite database of stored readings"),
         "idle_timeout": (positive, 120.0, "seconds a gateway connection may stay silent between lines"),
         "tls": (boolean, True, "require TLS with a client certificate signed by the suite's CA"),
+        "handshake_timeout": (positive, 5.0, "seconds a connection may take to complete TLS and its certificate check"),
+        "max_unauthenticated": (
+            whole(0, 10**6), 0,
+            "most connections not yet authenticated, the oldest closed first (0: from the descriptor limit)",
+        ),
     },
     "gateway": {
         "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),

@@ -19,8 +19,10 @@ from typing import Callable, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHandshakeListener, INegotiated
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from meter import wire
 from meter.ratelimit import LimitedWarnings, PerSource
@@ -806,11 +808,19 @@ class GatewayProtocol(DatagramProtocol):
         )
 
 
+@implementer(IHandshakeListener)
 class CloudClientProtocol(wire.LineProtocol):
     """
     The cloud's side: hands acknowledgements to the uplink, and pings the
     cloud when the line has been silent for C{heartbeat} seconds, so a
     half-open connection is noticed and replaced.
+
+    Over TLS the link is up, and the uplink sends, once the cloud has
+    answered a first ping through it: in TLS 1.3 this side's handshake
+    completes before the cloud has checked this side's certificate, so only
+    an answer shows that both checks passed.  A handshake that does not
+    complete within C{heartbeat} seconds is given up.  In plain text the link
+    is up at once.
     """
 
     MAX_LENGTH = 64 * 1024
@@ -822,19 +832,43 @@ class CloudClientProtocol(wire.LineProtocol):
         self._heartbeat = heartbeat
         self._timer = None
         self._pings = 0
+        self._handshake_done = False
+        self._up = False
+        self._how = "plain text"
 
     def connectionMade(self):
-        self.log.info(
-            "connected to the cloud at {peer} from {local}", peer=self.transport.getPeer(), local=self.transport.getHost()
-        )
         wire.without_nagle(self.transport)
         self._heard()
+        # A TLS transport provides INegotiated; handshakeCompleted follows.
+        if not INegotiated.providedBy(self.transport):
+            self._handshake_done = True
+            self._link_up()
+
+    def handshakeCompleted(self):
+        self._handshake_done = True
+        certificate = self.transport.getPeerCertificate()
+        subject = certificate.get_subject().commonName if certificate is not None else None
+        self._how = f"TLS, certificate CN={subject}"
+        self._ping()
+
+    def _link_up(self) -> None:
+        self._up = True
+        self.log.info(
+            "connected to the cloud at {peer} from {local} ({how})",
+            peer=self.transport.getPeer(),
+            local=self.transport.getHost(),
+            how=self._how,
+        )
         self._uplink.connected(self)
 
     def connectionLost(self, reason):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
+        if self._up:
+            self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
+        else:
+            stage = "before the cloud answered over TLS" if self._handshake_done else "before the TLS handshake completed"
+            self.log.info("connection to the cloud lost: {why} ({stage})", why=reason.getErrorMessage(), stage=stage)
         self._uplink.disconnected(self)
 
     def send(self, message) -> None:
@@ -851,17 +885,30 @@ class CloudClientProtocol(wire.LineProtocol):
             self._timer = self._clock.callLater(self._heartbeat, self._silent)
 
     def _silent(self) -> None:
+        if not self._handshake_done:
+            self.log.warn("no TLS handshake with the cloud within {t:g} s: reconnecting", t=self._heartbeat)
+            self._uplink.counters["handshake_timeouts"] += 1
+            self.abort()
+            return
         if self._pings >= 1:
             self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
             self._uplink.counters["heartbeat_failures"] += 1
             self.abort()
             return
+        self._ping()
+
+    def _ping(self) -> None:
         self._pings += 1
         self.send(wire.Ping(self._pings))
-        self._timer = self._clock.callLater(self._heartbeat, self._silent)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._heartbeat)
+        else:
+            self._timer = self._clock.callLater(self._heartbeat, self._silent)
 
     def lineReceived(self, line: bytes):
         self._heard()
+        if not self._up:
+            self._link_up()
         try:
             message = wire.decode(line, max_size=self.MAX_LENGTH)
         except wire.WireError as e:

@@ -5,7 +5,7 @@ cause per second, bounded in memory however many sources there are.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 
 class PerSource:
@@ -67,3 +67,54 @@ class LimitedWarnings:
         if suppressed:
             format += " ({suppressed} similar lines from this source left out)"
         self._log.warn(format, suppressed=suppressed, **fields)
+
+
+class Summary:
+    """
+    Events counted by kind and reported as one line at most once a
+    C{period}: an event after a quiet period at once, those that follow it
+    within the period together at its end.  A flood costs a line a period,
+    a lone event is not held back, and nothing is scheduled while all is
+    quiet.
+    """
+
+    def __init__(self, clock, emit, period: float = 60.0):
+        """
+        @param emit: called with the counts by kind (a L{Counter}) and the
+            latest details given to L{add} since the last report; it logs them.
+        """
+        self._clock = clock
+        self._emit = emit
+        self.period = period
+        self._counts: Counter[str] = Counter()
+        self._latest: dict = {}
+        self._reported: float | None = None
+        self._timer = None
+
+    def add(self, kind: str, count: int = 1, **latest) -> None:
+        self._counts[kind] += count
+        self._latest.update(latest)
+        if self._timer is not None:
+            return
+        now = self._clock.seconds()
+        if self._reported is None or now - self._reported >= self.period:
+            self._report()
+        else:
+            self._timer = self._clock.callLater(self._reported + self.period - now, self._report)
+
+    def _report(self) -> None:
+        self._timer = None
+        if not self._counts:
+            return
+        counts, latest = self._counts, self._latest
+        self._counts, self._latest = Counter(), {}
+        self._reported = self._clock.seconds()
+        self._emit(counts, latest)
+
+    def stop(self) -> None:
+        """
+        Report what is pending now.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._report()
