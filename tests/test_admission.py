@@ -529,3 +529,66 @@ def test_an_overloaded_gateway_says_so_with_its_code(tmp_path):
         assert wire.decode(wire.unseal(data, KEYS[1])).reason.startswith("overloaded: ")
     finally:
         connection.close()
+
+
+# -- against the real gateway ----------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_one_key_sending_empty_transfers_keeps_the_real_gateways_books_bounded(tmp_path):
+    from tests.harness import Suite
+
+    suite = Suite(tmp_path, devices=3, stats_interval=0.5, deadline=300.0)
+    try:
+        gateway_daemon = suite.start_gateway()
+        keys = {d: secrets.read_device_key(tmp_path / "var" / "secrets", d) for d in suite.fleet}
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(5.0)
+        target = ("127.0.0.1", suite.gateway_port)
+        now = int(time.time())
+        day = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).date() - datetime.timedelta(days=1)
+
+        def send(device_id: int, xfer: int, day: datetime.date = day, minutes=()) -> wire.DayAck:
+            ip = suite.fleet[device_id]
+            readings = tuple(
+                Reading(device_id, ip, datetime.datetime.combine(day, datetime.time(m // 60, m % 60)), 20.0, 30.0)
+                for m in minutes
+            )
+            message = wire.DayChunk(device_id, ip, day, f"{device_id:08x}{xfer:08x}", 1, 1, now, readings)
+            sock.sendto(wire.seal(wire.encode(message), keys[device_id]), target)
+            data, _ = sock.recvfrom(wire.MAX_DATAGRAM)
+            return wire.decode(wire.unseal(data, keys[device_id]))
+
+        # Devices 2 and 3 report their day.
+        assert send(2, 1, minutes=(480,)).status == "ok"
+        assert send(3, 1, minutes=(480,)).status == "ok"
+        # Device 1's key sends 2,000 empty transfers of its day.
+        statuses = [send(1, n) for n in range(2000)]
+        assert [a.status for a in statuses[:24]] == ["ok"] * 24
+        assert {a.status for a in statuses[24:]} == {"bad"}
+        assert {a.reason.partition(":")[0] for a in statuses[24:]} == {"limit"}
+        # ... and a chunk of 9999-12-31, refused without touching the others.
+        far = send(1, 5000, day=datetime.date(9999, 12, 31))
+        assert far.status == "bad" and far.reason.startswith("day: 9999-12-31 does not agree with ts=")
+        # The others' message ids are still known: their retransmissions are
+        # duplicates.
+        assert send(2, 1, minutes=(480,)).status == "ok"
+        assert send(3, 1, minutes=(480,)).status == "ok"
+        stats = gateway_daemon.wait_for(r"gateway stats: .*'refused_limit': 1976", 10)
+        line = stats.string
+        assert "'refused_day': 1" in line
+        assert "'message_ids': 26" in line and "'device_days': 3" in line
+        assert "'duplicates': 2" in line
+        # The log does not carry a line a refusal: a few, then counts.
+        refused = gateway_daemon.all_matching(r"refused chunk from 127\.0\.0\.1")
+        assert 1 <= len(refused) <= 10
+        reported = gateway_daemon.all_matching(r"device 1 \(127\.0\.0\.1:\d+\) reported")
+        assert len(reported) <= 6
+    finally:
+        suite.stop()
+    with sqlite3.connect(suite.spool) as connection:
+        parts = dict(connection.execute("SELECT device_id, count(*) FROM parts GROUP BY device_id"))
+        rounds = [day for day, in connection.execute("SELECT day FROM rounds")]
+    connection.close()
+    assert parts == {1: 24, 2: 1, 3: 1}
+    assert rounds == [day.isoformat()]
