@@ -198,8 +198,8 @@ class Intake:
         self._minutes: dict[tuple[int, str], int] = {}
         self._forget_retry = None
         self._forget_delay = 0.0
-        #: Lines about devices' completed transfers beyond their first of a
-        #: day: a few a device, then one a minute with a count.
+        #: Lines about what devices send again: a few a device, then one a
+        #: minute with a count (see L{_log_report}).
         self._report_lines = PerSource(clock, 1 / 60, 5)
         self.depth = 0
         #: Readings of chunks being committed now: they count against the
@@ -342,7 +342,8 @@ class Intake:
             if stored is not None and stored != digest:
                 return succeed(self._conflict(chunk, peer))
             self.counters["duplicates"] += 1
-            self.log.info(
+            self._log_report(
+                chunk.device_id,
                 "duplicate of device {device} part {part}/{parts} from {peer}: acknowledged again",
                 device=chunk.device_id,
                 part=chunk.part,
@@ -543,8 +544,10 @@ class Intake:
 
     def _log_report(self, device_id: int, format: str, **fields) -> None:
         """
-        Log a line about a device's completed transfer, at most a few a
-        device and then one a minute, saying how many were left out.
+        Log a line about what a device sends again (a duplicate, its day
+        again, late), at most a few a device and then one a minute, saying
+        how many were left out: a device may send its day as often as its
+        bounds allow, and the log must not grow with it.
         """
         if not self._report_lines.allow(device_id):
             return
