@@ -201,6 +201,7 @@ class Intake:
         #: Lines about what devices send again: a few a device, then one a
         #: minute with a count (see L{_log_report}).
         self._report_lines = PerSource(clock, 1 / 60, 5)
+        self._spool_full_lines = PerSource(clock, 1 / 6, 5)
         self.depth = 0
         #: Readings of chunks being committed now: they count against the
         #: spool limit already, or a burst could overshoot it.
@@ -393,13 +394,18 @@ class Intake:
         count = chunk.count
         if self._spool_limit is not None and self.depth + self._incoming + count > self._spool_limit:
             self.counters["refused_spool_full"] += 1
-            self.log.error(
-                "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
-                "is the cloud reachable?",
-                depth=self.depth,
-                limit=self._spool_limit,
-                device=chunk.device_id,
-            )
+            # Every device's every chunk is refused while the spool is full:
+            # a few lines a minute say so, the counter counts them all.
+            if self._spool_full_lines.allow(None):
+                suppressed = self._spool_full_lines.take_suppressed(None)
+                self.log.error(
+                    "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
+                    "is the cloud reachable?" + (" ({suppressed} similar lines left out)" if suppressed else ""),
+                    depth=self.depth,
+                    limit=self._spool_limit,
+                    device=chunk.device_id,
+                    suppressed=suppressed,
+                )
             return succeed(
                 wire.DayAck(
                     chunk.xfer, chunk.part, "busy", f"spool_full: the spool is at its limit of {self._spool_limit} readings"
@@ -566,9 +572,9 @@ class Intake:
             self._minutes.pop(key, None)
         round_ = self._rounds.get(chunk.day)
         if round_ is None:
-            # Its round closed and was forgotten (a later day's round closed)
-            # while this chunk was being committed: its readings are spooled
-            # under a closed round, so they may go.
+            # Its round, closed long ago, was forgotten (as another round
+            # closed) while this chunk was being committed: its readings are
+            # spooled under a closed round, so they may go.
             self._on_ready()
             return
         if len(transfer.received) < transfer.parts:

@@ -361,6 +361,24 @@ async def test_lines_about_a_devices_repeated_transfers_are_rate_limited(g):
     assert len(late) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_full_spool_is_logged_a_few_times_a_minute_and_counted_always(tmp_path):
+    g = Gateway(tmp_path / "spool.sqlite", spool_limit=1)
+    try:
+        assert (await g.send(chunk(1))).status == "ok"
+        answers = [await g.send(chunk(2, xfer=n)) for n in range(100)]
+        assert {a.reason for a in answers} == {"spool_full: the spool is at its limit of 1 readings"}
+        assert g.counters["refused_spool_full"] == 100
+        full = [line for line in g.logged() if line.startswith("SPOOL FULL")]
+        assert len(full) == 5 and full[0].endswith("is the cloud reachable?")
+        g.clock.advance(6)
+        await g.send(chunk(3))
+        full = [line for line in g.logged() if line.startswith("SPOOL FULL")]
+        assert len(full) == 6 and full[-1].endswith("(95 similar lines left out)")
+    finally:
+        await g.stop()
+
+
 # -- what a transfer repeats ---------------------------------------------------
 
 

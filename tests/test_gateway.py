@@ -78,7 +78,7 @@ class FakeSpool:
     def __init__(self):
         self.added: list[tuple[wire.DayChunk, float, bool]] = []
         self.closed: list[tuple[datetime.date, float]] = []
-        self.forgotten: list[datetime.date] = []
+        self.forgotten: list[float] = []
         self.removed: list[list[int]] = []
         self.takes: list[int] = []
         self.ready: list[Ready] = []
