@@ -742,14 +742,13 @@ class Intake:
         Only bookkeeping goes.  Every part that was acknowledged is durable
         in the spool and its readings are forwarded with their day whatever
         happens here; what is lost is only the knowledge that the device
-        reported completely (its round then closes at its deadline) and
-        which minutes its parts held.  The message ids of its parts stay
-        with their device's day (bounded, and forgotten by age), so a late
-        retransmission is still recognised.
+        reported completely (its round then closes at its deadline).  The
+        message ids of its parts and the minutes they held stay with their
+        device's day (bounded, and forgotten by age), so a late
+        retransmission is still recognised and a late part still checked.
         """
         del self._incomplete[key]
         transfer = self._transfers.pop(key)
-        self._minutes.pop(key, None)
         device_id, xfer = key
         self.counters["expired_reassemblies"] += 1
         self.log.warn(

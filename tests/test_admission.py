@@ -399,6 +399,18 @@ async def test_a_minute_sent_twice_across_parts_is_refused(g):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_part_after_its_reassembly_expired_is_still_checked(tmp_path):
+    g = Gateway(tmp_path / "spool.sqlite", reassembly_timeout=30.0)
+    try:
+        assert (await g.send(chunk(1, part=1, parts=2, minutes=(480,)))).status == "ok"
+        g.clock.advance(30)
+        assert g.counters["expired_reassemblies"] == 1
+        assert (await g.send(chunk(1, part=2, parts=2, minutes=(480,)))).reason.startswith("minute: 08:00")
+    finally:
+        await g.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_minutes_in_parts_being_committed_together_are_checked(g):
     first = g.intake.chunk_received(chunk(1, part=1, parts=2, minutes=(480,)), "p")
     second = g.intake.chunk_received(chunk(1, part=2, parts=2, minutes=(480,)), "p")
