@@ -318,8 +318,9 @@ class Intake:
             return succeed(
                 self._refuse(
                     chunk,
-                    f"replay: transfer started at ts={chunk.sent_at}, {self._clock.seconds() - chunk.sent_at:+.0f} s "
-                    f"old by the gateway's clock: outside the replay window of {self._replay_window:g} s",
+                    f"replay: the gateway's clock minus ts={chunk.sent_at} is "
+                    f"{self._clock.seconds() - chunk.sent_at:+.0f} s (positive: the transfer started that long ago), "
+                    f"outside the replay window of {self._replay_window:g} s",
                     peer,
                 )
             )
@@ -406,11 +407,8 @@ class Intake:
                     device=chunk.device_id,
                     suppressed=suppressed,
                 )
-            return succeed(
-                wire.DayAck(
-                    chunk.xfer, chunk.part, "busy", f"spool_full: the spool is at its limit of {self._spool_limit} readings"
-                )
-            )
+            reason = f"spool_full: the spool is at its limit of {self._spool_limit} readings"
+            return succeed(wire.DayAck(chunk.xfer, chunk.part, "busy", reason))
 
         round_ = self._rounds.get(chunk.day)
         # Every chunk makes sure its round is in the spool (INSERT OR IGNORE):
@@ -600,7 +598,9 @@ class Intake:
             self._on_ready()
             return
         if chunk.device_id in round_.reported:
-            self._log_report(chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} parts", **reported)
+            self._log_report(
+                chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} parts", **reported
+            )
             return
         round_.reported.add(chunk.device_id)
         self.log.info(

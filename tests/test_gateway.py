@@ -381,8 +381,8 @@ def test_replay_window(offset, status):
     assert ack.status == status
     if status == "bad":
         assert ack.reason == (
-            f"replay: transfer started at ts={int(NOW) + offset}, {-offset:+d} s old by the gateway's clock: "
-            "outside the replay window of 600 s"
+            f"replay: the gateway's clock minus ts={int(NOW) + offset} is {-offset:+d} s "
+            "(positive: the transfer started that long ago), outside the replay window of 600 s"
         )
         assert h.spool.added == []
 
