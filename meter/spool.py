@@ -125,6 +125,11 @@ def content_digest(body: bytes) -> bytes:
 
 
 def chunk_digest(chunk: wire.DayChunk) -> bytes:
+    """
+    The L{content_digest} of C{chunk}: that of the datagram a device sends
+    (the decoder takes only canonical text, so the same chunk is the same
+    bytes).
+    """
     return content_digest(wire.encode(chunk))
 
 
@@ -174,8 +179,9 @@ def _add_digest_column(connection: sqlite3.Connection) -> None:
 
 
 _OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
-# OR IGNORE: a part spooled again (its message id was forgotten when its
-# reassembly expired) is a no-op, not an error.
+# OR IGNORE: a part spooled again (its message id no longer in the
+# gateway's memory, as after a forget the spool failed) is a no-op, not an
+# error.
 _ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 7)
 
 
@@ -235,8 +241,8 @@ class Spool:
 
     def add_chunk(self, chunk: wire.DayChunk, now: float, open_round: bool):
         """
-        Record C{chunk}'s message id and its readings, and open its day's
-        round if C{open_round}.  Fires with the number of readings that were
+        Record C{chunk}'s message id with its content digest and its
+        readings, and open its day's round if C{open_round}.  Fires with the number of readings that were
         new to the spool: all of the chunk's, or none if a chunk with its
         message id is spooled already.
         """
