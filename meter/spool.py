@@ -126,9 +126,8 @@ def content_digest(body: bytes) -> bytes:
 
 def chunk_digest(chunk: wire.DayChunk) -> bytes:
     """
-    The L{content_digest} of C{chunk}: that of the datagram a device sends
-    (the decoder takes only canonical text, so the same chunk is the same
-    bytes).
+    The L{content_digest} of C{chunk} as L{wire.encode} writes it: that of
+    the datagram a device sends, when the device writes canonical text.
     """
     return content_digest(wire.encode(chunk))
 
