@@ -26,11 +26,51 @@ from zope.interface import implementer
 
 from meter import wire
 from meter.ratelimit import LimitedWarnings, PerSource
-from meter.spool import Recovered, Spool, Spooled
+from meter.spool import Recovered, Spool, Spooled, chunk_digest, content_digest
 
-#: How many days back the gateway remembers message ids (and so recognises a
-#: duplicate): a device retries for about a minute, so two days is ample.
-REMEMBER_DAYS = 2
+#: How long (seconds, on the gateway's clock) the gateway remembers a
+#: device's day after its last part arrived (its message ids, so a duplicate
+#: is recognised, and what it counts against the device's daily bounds) and
+#: a round after it closed: a device retries for about a minute, so two days
+#: is ample.
+REMEMBER = 2 * 86400.0
+
+#: The days a chunk may name, relative to its C{ts} (UTC dates, whole
+#: seconds): a device sends the day before its local date, in any zone from
+#: UTC-14 to UTC+14, give or take a day for its clock and a send that
+#: crossed midnight.  So the day lies between the UTC dates of ts - 62 h
+#: and ts + 14 h, both included.
+DAY_EARLIEST = -62 * 3600
+DAY_LATEST = 14 * 3600
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+
+
+def day_agrees(day: datetime.date, sent_at: int) -> bool:
+    """
+    Whether a chunk sent at Unix time C{sent_at} may report C{day} (see
+    L{DAY_EARLIEST}).
+    """
+    earliest = _EPOCH_ORDINAL + (sent_at + DAY_EARLIEST) // 86400
+    latest = _EPOCH_ORDINAL + (sent_at + DAY_LATEST) // 86400
+    return earliest <= day.toordinal() <= latest
+
+
+#: The bit of each minute of the day, by its C{HH:MM}.
+_MINUTE_BIT = {f"{m // 60:02d}:{m % 60:02d}": 1 << m for m in range(24 * 60)}
+
+
+def _day_at(unix_time: int) -> datetime.date:
+    return datetime.date.fromordinal(_EPOCH_ORDINAL + unix_time // 86400)
+
+
+def minute_bits(records: str) -> int:
+    """
+    The minutes of a chunk's C{DAY} records, one bit each.
+    """
+    bits = 0
+    for record in records.split(";"):
+        bits |= _MINUTE_BIT.get(record[:5], 0)
+    return bits
 
 
 def new_id() -> str:
@@ -63,6 +103,9 @@ class Round:
     closed: bool = False
     reported: set[int] = attrs.Factory(set)
     timer: object = None
+    #: When it closed, on the gateway's clock: it is forgotten L{REMEMBER}
+    #: seconds later.
+    closed_at: float | None = None
 
 
 @attrs.define
@@ -75,6 +118,20 @@ class Transfer:
     parts: int
     received: set[int] = attrs.Factory(set)
     first_seen: float = 0.0
+
+
+@attrs.define
+class DeviceDay:
+    """
+    What one device sent of one day, kept until L{REMEMBER} seconds after
+    its last part arrived: the message ids admitted (being committed or
+    acknowledged), so a device's day is bounded in transfers and parts
+    however many it sends, and forgotten by its age on the gateway's clock.
+    """
+
+    xfers: set[str] = attrs.Factory(set)
+    ids: list[tuple[int, str, int]] = attrs.Factory(list)
+    last_seen: float = 0.0
 
 
 class Intake:
@@ -100,8 +157,14 @@ class Intake:
         reassembly_timeout: float | None = None,
         max_reassemblies: int | None = None,
         max_committing: int = 2000,
+        max_transfers_per_day: int = 24,
+        max_parts_per_day: int = 4096,
+        remember: float = REMEMBER,
     ):
         self._fleet = fleet
+        self._max_transfers_per_day = max_transfers_per_day
+        self._max_parts_per_day = max_parts_per_day
+        self._remember = remember
         self._max_committing = max_committing
         self._reassembly_timeout = reassembly_timeout
         self._max_reassemblies = max_reassemblies
@@ -118,12 +181,29 @@ class Intake:
         #: memory bounds on reassembly expire (see L{_expire}).
         self._incomplete: dict[tuple[int, str], None] = {}
         self._expiry = None
-        #: Message ids committed to the spool, so a duplicate is re-acknowledged
-        #: without being processed again.
-        self._acknowledged: set[tuple[int, str, int]] = set()
+        #: Message ids committed to the spool, with their content digests
+        #: (C{None}: spooled before digests were kept), so a duplicate is
+        #: re-acknowledged without being processed again and a message id
+        #: sent again with other content is refused.
+        self._acknowledged: dict[tuple[int, str, int], bytes | None] = {}
         #: Message ids being committed now: a duplicate arriving meanwhile gets
         #: the same answer once the commit is done.
         self._committing: dict[tuple[int, str, int], list[Deferred]] = {}
+        #: The content digests of the chunks being committed now.
+        self._committing_digests: dict[tuple[int, str, int], bytes] = {}
+        #: What each device sent of each day, by (device, day): the bounds a
+        #: device's day is held to, and what is forgotten by age.
+        self._days: dict[tuple[int, datetime.date], DeviceDay] = {}
+        #: The minutes of the parts admitted of each multi-part transfer still
+        #: incomplete, one bit each: a minute sent twice across parts is
+        #: refused.
+        self._minutes: dict[tuple[int, str], int] = {}
+        self._forget_retry = None
+        self._forget_delay = 0.0
+        #: Lines about what devices send again: a few a device, then one a
+        #: minute with a count (see L{_log_report}).
+        self._report_lines = PerSource(clock, 1 / 60, 5)
+        self._spool_full_lines = PerSource(clock, 1 / 6, 5)
         self.depth = 0
         #: Readings of chunks being committed now: they count against the
         #: spool limit already, or a burst could overshoot it.
@@ -140,7 +220,12 @@ class Intake:
         """
         self.depth = state.depth
         for part in state.parts:
-            self._acknowledged.add((part.device_id, part.xfer, part.part))
+            message_id = (part.device_id, part.xfer, part.part)
+            self._acknowledged[message_id] = part.digest
+            device_day = self._days.setdefault((part.device_id, part.day), DeviceDay())
+            device_day.xfers.add(part.xfer)
+            device_day.ids.append(message_id)
+            device_day.last_seen = max(device_day.last_seen, part.received_at)
             transfer = self._transfers.setdefault(
                 (part.device_id, part.xfer), Transfer(part.day, part.parts, first_seen=part.received_at)
             )
@@ -151,7 +236,9 @@ class Intake:
                 self._incomplete[key] = None
         self._bound_reassemblies()
         for stored in state.rounds:
-            self._rounds[stored.day] = Round(stored.day, stored.opened_at, closed=stored.closed_at is not None)
+            self._rounds[stored.day] = Round(
+                stored.day, stored.opened_at, closed=stored.closed_at is not None, closed_at=stored.closed_at
+            )
         for (device_id, _), transfer in self._transfers.items():
             round_ = self._rounds.get(transfer.day)
             if round_ is not None and len(transfer.received) == transfer.parts:
@@ -182,6 +269,9 @@ class Intake:
         for round_ in self._rounds.values():
             if round_.timer is not None and round_.timer.active():
                 round_.timer.cancel()
+        if self._forget_retry is not None and self._forget_retry.active():
+            self._forget_retry.cancel()
+        self._forget_retry = None
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
@@ -194,6 +284,7 @@ class Intake:
             "spool_depth": self.depth,
             "reassemblies": len(self._incomplete),
             "message_ids": len(self._acknowledged),
+            "device_days": len(self._days),
             **self.counters,
         }
 
@@ -207,17 +298,19 @@ class Intake:
         expected_ip = self._fleet.get(chunk.device_id)
         if expected_ip is None:
             self.counters["unknown_device"] += 1
-            return succeed(self._refuse(chunk, f"device {chunk.device_id} is not in this gateway's fleet", peer))
+            return succeed(self._refuse(chunk, f"fleet: device {chunk.device_id} is not in this gateway's fleet", peer))
         if chunk.device_ip != expected_ip:
             self.counters["wrong_address"] += 1
             return succeed(
-                self._refuse(chunk, f"device {chunk.device_id} is {expected_ip}, not {chunk.device_ip}", peer)
+                self._refuse(chunk, f"address: device {chunk.device_id} is {expected_ip}, not {chunk.device_ip}", peer)
             )
         if self._check_source and peer_host(peer) != expected_ip:
             self.counters["wrong_source"] += 1
             return succeed(
                 self._refuse(
-                    chunk, f"device {chunk.device_id} sends from {expected_ip}, not from {peer_host(peer)}", peer
+                    chunk,
+                    f"source: device {chunk.device_id} sends from {expected_ip}, not from {peer_host(peer)}",
+                    peer,
                 )
             )
         if self._replay_window is not None and abs(self._clock.seconds() - chunk.sent_at) > self._replay_window:
@@ -227,15 +320,34 @@ class Intake:
             return succeed(
                 self._refuse(
                     chunk,
-                    f"transfer started at {chunk.sent_at}, {self._clock.seconds() - chunk.sent_at:+.0f} s from the "
-                    f"gateway's clock: outside the replay window of {self._replay_window:g} s",
+                    f"replay: the gateway's clock minus ts={chunk.sent_at} is "
+                    f"{self._clock.seconds() - chunk.sent_at:+.0f} s (positive: the transfer started that long ago), "
+                    f"outside the replay window of {self._replay_window:g} s",
+                    peer,
+                )
+            )
+        if not day_agrees(chunk.day, chunk.sent_at):
+            # What the gateway keeps and forgets is filed by day: a day far
+            # from the device's own clock is a device gone wrong (or a key
+            # in the wrong hands), not a day to keep.
+            self.counters["refused_day"] += 1
+            return succeed(
+                self._refuse(
+                    chunk,
+                    f"day: {chunk.day} does not agree with ts={chunk.sent_at}: a transfer started then reports "
+                    f"a day from {_day_at(chunk.sent_at + DAY_EARLIEST)} to {_day_at(chunk.sent_at + DAY_LATEST)}",
                     peer,
                 )
             )
         key = chunk.message_id
+        digest = chunk_digest(chunk)
         if key in self._acknowledged:
+            stored = self._acknowledged[key]
+            if stored is not None and stored != digest:
+                return succeed(self._conflict(chunk, peer))
             self.counters["duplicates"] += 1
-            self.log.info(
+            self._log_report(
+                chunk.device_id,
                 "duplicate of device {device} part {part}/{parts} from {peer}: acknowledged again",
                 device=chunk.device_id,
                 part=chunk.part,
@@ -244,6 +356,8 @@ class Intake:
             )
             return succeed(wire.DayAck(chunk.xfer, chunk.part, "ok"))
         if key in self._committing:
+            if self._committing_digests[key] != digest:
+                return succeed(self._conflict(chunk, peer))
             self.counters["duplicates"] += 1
             waiter = Deferred()
             self._committing[key].append(waiter)
@@ -254,22 +368,49 @@ class Intake:
             return succeed(
                 self._refuse(
                     chunk,
-                    f"transfer {chunk.xfer} was {transfer.parts} parts of {transfer.day}, "
+                    f"transfer: transfer {chunk.xfer} was {transfer.parts} parts of {transfer.day}, "
                     f"now {chunk.parts} parts of {chunk.day}",
                     peer,
                 )
             )
+        device_day = self._days.get((chunk.device_id, chunk.day))
+        refusal = self._over_daily_bounds(chunk, device_day)
+        if refusal is not None:
+            self.counters["refused_limit"] += 1
+            return succeed(self._refuse(chunk, refusal, peer))
+        transfer_key = (chunk.device_id, chunk.xfer)
+        minutes = 0
+        if chunk.parts > 1:
+            minutes = minute_bits(chunk.records)
+            repeated = self._minutes.get(transfer_key, 0) & minutes
+            if repeated:
+                self.counters["refused_minute"] += 1
+                first = (repeated & -repeated).bit_length() - 1
+                return succeed(
+                    self._refuse(
+                        chunk,
+                        f"minute: {first // 60:02d}:{first % 60:02d} of {chunk.day} is in another part of "
+                        f"transfer {chunk.xfer} already",
+                        peer,
+                    )
+                )
         count = chunk.count
         if self._spool_limit is not None and self.depth + self._incoming + count > self._spool_limit:
             self.counters["refused_spool_full"] += 1
-            self.log.error(
-                "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
-                "is the cloud reachable?",
-                depth=self.depth,
-                limit=self._spool_limit,
-                device=chunk.device_id,
-            )
-            return succeed(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool full"))
+            # Every device's every chunk is refused while the spool is full:
+            # a few lines a minute say so, the counter counts them all.
+            if self._spool_full_lines.allow(None):
+                suppressed = self._spool_full_lines.take_suppressed(None)
+                self.log.error(
+                    "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
+                    "is the cloud reachable?" + (" ({suppressed} similar lines left out)" if suppressed else ""),
+                    depth=self.depth,
+                    limit=self._spool_limit,
+                    device=chunk.device_id,
+                    suppressed=suppressed,
+                )
+            reason = f"spool_full: the spool is at its limit of {self._spool_limit} readings"
+            return succeed(wire.DayAck(chunk.xfer, chunk.part, "busy", reason))
 
         round_ = self._rounds.get(chunk.day)
         # Every chunk makes sure its round is in the spool (INSERT OR IGNORE):
@@ -278,13 +419,17 @@ class Intake:
         d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=True)
         self._committing[key] = []
         self._incoming += count
+        self._admit(chunk, device_day, digest, minutes)
+        # Before the answer is made: a failed commit gives back what the
+        # chunk took of its device's day and transfer.
+        d.addErrback(self._not_admitted, chunk, minutes)
         if round_ is None:
             round_ = self._rounds[chunk.day] = Round(chunk.day, self._clock.seconds())
             self.log.info("round {day} opened by device {device}", day=chunk.day, device=chunk.device_id)
             self._arm(round_)
 
         def committed(new: int) -> wire.DayAck:
-            self._acknowledged.add(key)
+            self._acknowledged[key] = self._committing_digests.pop(key)
             self.depth += new
             self.counters["chunks"] += 1
             self.counters["readings"] += new
@@ -294,7 +439,7 @@ class Intake:
         def failed(failure) -> wire.DayAck:
             self.counters["spool_failures"] += 1
             self.log.failure("device {device}: chunk not spooled", failure, device=chunk.device_id)
-            return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool write failed"))
+            return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool: write failed"))
 
         def answer_waiters(ack: wire.DayAck) -> wire.DayAck:
             self._incoming -= count
@@ -304,13 +449,21 @@ class Intake:
 
         return d.addCallbacks(committed, failed)
 
-    def acknowledged_before(self, device_id: int, xfer: str, part: int, sent_at: int, peer: str) -> bool:
+    def acknowledged_before(self, device_id: int, xfer: str, part: int, sent_at: int, peer: str, body: bytes) -> bool:
         """
         Whether a chunk with this message id is stored already and may be
-        acknowledged again as it is: within the replay window, and from its
-        device's address when sources are checked.  Counts it as a duplicate.
+        acknowledged again as it is: the same content (C{body}, the unsealed
+        datagram), within the replay window, and from its device's address
+        when sources are checked.  Counts it as a duplicate.  Anything else
+        takes the full path, which says why it is refused, if it is.
         """
-        if (device_id, xfer, part) not in self._acknowledged:
+        stored = self._acknowledged.get((device_id, xfer, part), False)
+        if stored is False:
+            return False
+        if stored is None or content_digest(body) != stored:
+            # Other content (refused as a conflict), or the same content
+            # written another way, or a message id spooled before digests
+            # were kept: decoding settles it.
             return False
         if self._replay_window is not None and abs(self._clock.seconds() - sent_at) > self._replay_window:
             return False
@@ -330,17 +483,98 @@ class Intake:
         self._warnings.warn(peer_host(peer), "refused chunk from {peer}: {reason}", peer=peer, reason=reason)
         return wire.DayAck(chunk.xfer, chunk.part, "bad", reason)
 
+    def _conflict(self, chunk: wire.DayChunk, peer: str) -> wire.DayAck:
+        # Acknowledging it as a duplicate would tell the device its content
+        # is stored when only the first content is.
+        self.counters["refused_conflict"] += 1
+        return self._refuse(
+            chunk,
+            f"conflict: part {chunk.part}/{chunk.parts} of transfer {chunk.xfer} was received with other content",
+            peer,
+        )
+
+    # -- the bounds on a device's day ----------------------------------------
+
+    def _over_daily_bounds(self, chunk: wire.DayChunk, device_day: DeviceDay | None) -> str | None:
+        """
+        Why C{chunk}, a message id not seen before, would take its device's
+        day past its bounds, if it would.  A real device sends a day once
+        or a few times; the bounds stop a device gone wrong (or a key in the
+        wrong hands) from growing the gateway's memory, spool and log
+        without end, empty transfers included.
+        """
+        if device_day is None:
+            return None
+        if chunk.xfer not in device_day.xfers and len(device_day.xfers) >= self._max_transfers_per_day:
+            return (
+                f"limit: device {chunk.device_id} sent {len(device_day.xfers)} transfers of {chunk.day} already, "
+                f"the most a device's day may have"
+            )
+        if len(device_day.ids) >= self._max_parts_per_day:
+            return (
+                f"limit: device {chunk.device_id} sent {len(device_day.ids)} parts of {chunk.day} already, "
+                f"the most a device's day may have"
+            )
+        return None
+
+    def _admit(self, chunk: wire.DayChunk, device_day: DeviceDay | None, digest: bytes, minutes: int) -> None:
+        """
+        Count C{chunk}, now being committed, against its device's day, and
+        its minutes against its transfer's.
+        """
+        key = chunk.message_id
+        self._committing_digests[key] = digest
+        if device_day is None:
+            device_day = self._days[(chunk.device_id, chunk.day)] = DeviceDay()
+        device_day.xfers.add(chunk.xfer)
+        device_day.ids.append(key)
+        device_day.last_seen = self._clock.seconds()
+        if minutes:
+            transfer_key = (chunk.device_id, chunk.xfer)
+            self._minutes[transfer_key] = self._minutes.get(transfer_key, 0) | minutes
+
+    def _not_admitted(self, failure, chunk: wire.DayChunk, minutes: int):
+        """
+        The commit of C{chunk} failed: it no longer counts against its day
+        (its device sends it again) nor its minutes against its transfer.
+        """
+        key = chunk.message_id
+        self._committing_digests.pop(key, None)
+        device_day = self._days.get((chunk.device_id, chunk.day))
+        if device_day is not None and key in device_day.ids:
+            device_day.ids.remove(key)
+        transfer_key = (chunk.device_id, chunk.xfer)
+        if minutes and transfer_key in self._minutes:
+            self._minutes[transfer_key] &= ~minutes
+        return failure
+
+    def _log_report(self, device_id: int, format: str, **fields) -> None:
+        """
+        Log a line about what a device sends again (a duplicate, its day
+        again, late), at most a few a device and then one a minute, saying
+        how many were left out: a device may send its day as often as its
+        bounds allow, and the log must not grow with it.
+        """
+        if not self._report_lines.allow(device_id):
+            return
+        suppressed = self._report_lines.take_suppressed(device_id)
+        if suppressed:
+            format += " ({suppressed} similar lines about this device left out)"
+        self.log.info(format, suppressed=suppressed, **fields)
+
     def _part_arrived(self, chunk: wire.DayChunk, peer: str) -> None:
         key = (chunk.device_id, chunk.xfer)
         transfer = self._transfers.setdefault(
             key, Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
         )
         transfer.received.add(chunk.part)
+        if len(transfer.received) >= transfer.parts:
+            self._minutes.pop(key, None)
         round_ = self._rounds.get(chunk.day)
         if round_ is None:
-            # Its round closed and was forgotten (a later day's round closed)
-            # while this chunk was being committed: its readings are spooled
-            # under a closed round, so they may go.
+            # Its round, closed long ago, was forgotten (as another round
+            # closed) while this chunk was being committed: its readings are
+            # spooled under a closed round, so they may go.
             self._on_ready()
             return
         if len(transfer.received) < transfer.parts:
@@ -357,7 +591,8 @@ class Intake:
         reported = {"device": chunk.device_id, "peer": peer, "day": chunk.day, "parts": chunk.parts}
         if round_.closed:
             self.counters["late_devices"] += 1
-            self.log.info(
+            self._log_report(
+                chunk.device_id,
                 "late device {device} ({peer}) reported {day} in {parts} parts after its round closed: "
                 "forwarding its readings now",
                 **reported,
@@ -365,7 +600,9 @@ class Intake:
             self._on_ready()
             return
         if chunk.device_id in round_.reported:
-            self.log.info("device {device} ({peer}) reported {day} again in {parts} parts", **reported)
+            self._log_report(
+                chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} parts", **reported
+            )
             return
         round_.reported.add(chunk.device_id)
         self.log.info(
@@ -411,25 +648,56 @@ class Intake:
             self.log.info("round {day} complete: {why}", day=round_.day, why=why)
         self.counters["rounds_closed"] += 1
         self._spool.close_round(round_.day, self._clock.seconds()).addCallback(lambda _: self._on_ready())
-        self._forget_old(round_.day)
+        self._forget_old()
 
-    def _forget_old(self, today: datetime.date) -> None:
+    def _forget_old(self) -> None:
         """
-        Bound memory and the spool: drop what is known of days older than
-        L{REMEMBER_DAYS} before C{today}.
+        Bound memory and the spool: drop the rounds closed, and the devices'
+        days last heard from, more than L{REMEMBER} seconds ago on the
+        gateway's own clock (never by a day a device named).  Runs as each
+        round closes, which happens at least daily while devices report.
         """
-        # (A device may report any calendar day: year 1 has no days before it.)
-        keep = datetime.timedelta(days=REMEMBER_DAYS)
-        cutoff = max(today, datetime.date.min + keep) - keep
-        for day in [day for day, r in self._rounds.items() if day < cutoff and r.closed]:
-            del self._rounds[day]
-        for key in [key for key, t in self._transfers.items() if t.day < cutoff]:
-            transfer = self._transfers.pop(key)
-            if len(transfer.received) < transfer.parts:
-                self._incomplete.pop(key, None)
-                self.counters["expired_reassemblies"] += 1
-        self._acknowledged = {k for k in self._acknowledged if (k[0], k[1]) in self._transfers}
-        self._spool.forget_before(cutoff)
+        now = self._clock.seconds()
+        cutoff = now - self._remember
+        for day, round_ in list(self._rounds.items()):
+            if not round_.closed:
+                continue
+            if round_.closed_at is None:
+                # Closed since the last pass (closing does not stamp it).
+                round_.closed_at = now
+            elif round_.closed_at < cutoff:
+                del self._rounds[day]
+        for (device_id, day), device_day in list(self._days.items()):
+            if device_day.last_seen >= cutoff:
+                continue
+            del self._days[(device_id, day)]
+            for message_id in device_day.ids:
+                self._acknowledged.pop(message_id, None)
+            for xfer in device_day.xfers:
+                key = (device_id, xfer)
+                self._minutes.pop(key, None)
+                transfer = self._transfers.pop(key, None)
+                if key in self._incomplete:
+                    del self._incomplete[key]
+                    self.counters["expired_reassemblies"] += 1
+        self._spool.forget_before(cutoff).addCallbacks(self._forgotten, self._not_forgotten)
+
+    def _forgotten(self, _) -> None:
+        self._forget_delay = 0.0
+
+    def _not_forgotten(self, failure) -> None:
+        # Forgetting again later loses nothing: the spool keeps some old
+        # message ids and empty rounds a little longer.
+        self.counters["forget_failures"] += 1
+        self._forget_delay = min(max(2 * self._forget_delay, 60.0), 3600.0)
+        self._warnings.warn(
+            "spool",
+            "could not forget old message ids and rounds in the spool: {error}; retrying in {delay:g} s",
+            error=failure.getErrorMessage(),
+            delay=self._forget_delay,
+        )
+        if self._forget_retry is None or not self._forget_retry.active():
+            self._forget_retry = self._clock.callLater(self._forget_delay, self._forget_old)
 
     def delivered(self, count: int) -> None:
         """
@@ -476,16 +744,14 @@ class Intake:
         Only bookkeeping goes.  Every part that was acknowledged is durable
         in the spool and its readings are forwarded with their day whatever
         happens here; what is lost is only the knowledge that the device
-        reported completely (its round then closes at its deadline) and the
-        message ids of its parts: a late retransmission of one of them is
-        spooled again, which stores nothing twice (readings are unique by
-        device and time in the spool and in the cloud) and is acknowledged.
+        reported completely (its round then closes at its deadline).  The
+        message ids of its parts and the minutes they held stay with their
+        device's day (bounded, and forgotten by age), so a late
+        retransmission is still recognised and a late part still checked.
         """
         del self._incomplete[key]
         transfer = self._transfers.pop(key)
         device_id, xfer = key
-        for part in transfer.received:
-            self._acknowledged.discard((device_id, xfer, part))
         self.counters["expired_reassemblies"] += 1
         self.log.warn(
             "reassembly of device {device}'s transfer {xfer} of {day} expired ({why}) with {n} of {parts} parts: "
@@ -749,7 +1015,7 @@ class GatewayProtocol(DatagramProtocol):
         seen = wire.peek_day_id(body)
         if seen is not None:
             xfer, part, sent_at = seen
-            if self._intake.acknowledged_before(device_id, xfer, part, sent_at, peer):
+            if self._intake.acknowledged_before(device_id, xfer, part, sent_at, peer, body):
                 # A retransmission of a stored chunk (its ack was lost or
                 # late): answer again without decoding it a second time.
                 self._reply(wire.DayAck(xfer, part, "ok"), key, addr)
@@ -760,7 +1026,9 @@ class GatewayProtocol(DatagramProtocol):
                 # cheaply, rather than acknowledge late and draw every
                 # device's retransmissions.  The device keeps the chunk.
                 counters["refused_overloaded"] += 1
-                self._reply(wire.DayAck(xfer, part, "busy", "gateway overloaded"), key, addr)
+                self._reply(
+                    wire.DayAck(xfer, part, "busy", "overloaded: too many chunks wait for the spool"), key, addr
+                )
                 return
         try:
             message = wire.decode(body, max_size=wire.MAX_DATAGRAM)

@@ -84,6 +84,8 @@ class GatewayService(MultiService):
             spool_limit=s["spool_limit"],
             reassembly_timeout=s["reassembly_timeout"],
             max_reassemblies=s["max_reassemblies"],
+            max_transfers_per_day=s["max_transfers_per_day"],
+            max_parts_per_day=s["max_parts_per_day"],
         )
         self.intake.recover(recovered)
 

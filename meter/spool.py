@@ -20,6 +20,7 @@ again under the same message id is still a no-op.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -42,7 +43,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     n         INTEGER NOT NULL
 );
 -- Every chunk acknowledged: the deduplication record of message ids and
--- the reassembly state of each transfer.
+-- the reassembly state of each transfer.  digest is the chunk's content
+-- digest (L{content_digest}), so a message id sent again with other
+-- content is told from a retransmission; NULL in rows spooled before the
+-- column existed.
 CREATE TABLE IF NOT EXISTS parts (
     device_id   INTEGER NOT NULL,
     xfer        TEXT    NOT NULL,
@@ -50,6 +54,7 @@ CREATE TABLE IF NOT EXISTS parts (
     parts       INTEGER NOT NULL,
     day         TEXT    NOT NULL,
     received_at REAL    NOT NULL,
+    digest      BLOB,
     PRIMARY KEY (device_id, xfer, part)
 ) WITHOUT ROWID;
 -- One row a day the gateway has seen: open until every device reported or
@@ -70,6 +75,7 @@ class StoredPart:
     parts: int
     day: datetime.date
     received_at: float
+    digest: bytes | None = None
 
 
 @attrs.frozen
@@ -107,6 +113,25 @@ class Spooled:
         return wire.Batch("0" * 16, self.records).readings
 
 
+def content_digest(body: bytes) -> bytes:
+    """
+    The digest of a C{DAY} message's unsealed bytes (as L{wire.encode} makes
+    them): what tells a retransmission (the same bytes) from a message id
+    sent again with other content.  A device holding the key could craft a
+    collision of a short digest only to confuse its own data, but 16 bytes
+    of BLAKE2b leave it no chance of that either.
+    """
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def chunk_digest(chunk: wire.DayChunk) -> bytes:
+    """
+    The L{content_digest} of C{chunk} as L{wire.encode} writes it: that of
+    the datagram a device sends, when the device writes canonical text.
+    """
+    return content_digest(wire.encode(chunk))
+
+
 _ADD_CHUNK = "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)"
 
 
@@ -142,10 +167,21 @@ def _migrate(connection: sqlite3.Connection) -> None:
         connection.execute("DROP TABLE readings")
 
 
+def _add_digest_column(connection: sqlite3.Connection) -> None:
+    """
+    Give the C{parts} table of a spool made before content digests its
+    C{digest} column (C{NULL} in the rows it holds).
+    """
+    columns = {name for _, name, *_ in connection.execute("PRAGMA table_info(parts)")}
+    if "digest" not in columns:
+        connection.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
+
+
 _OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
-# OR IGNORE: a part spooled again (its message id was forgotten when its
-# reassembly expired) is a no-op, not an error.
-_ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 6)
+# OR IGNORE: a part spooled again (its message id no longer in the
+# gateway's memory, as after a forget the spool failed) is a no-op, not an
+# error.
+_ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 7)
 
 
 def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]:
@@ -185,6 +221,7 @@ class Spool:
         """
         connection = connect(path)
         connection.executescript(SCHEMA)
+        _add_digest_column(connection)
         _migrate(connection)
         rounds = tuple(
             StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
@@ -193,9 +230,9 @@ class Spool:
             )
         )
         parts = tuple(
-            StoredPart(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at)
-            for device_id, xfer, part, parts, day, received_at in connection.execute(
-                "SELECT device_id, xfer, part, parts, day, received_at FROM parts"
+            StoredPart(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
+            for device_id, xfer, part, parts, day, received_at, digest in connection.execute(
+                "SELECT device_id, xfer, part, parts, day, received_at, digest FROM parts"
             )
         )
         (depth,) = connection.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()
@@ -203,15 +240,15 @@ class Spool:
 
     def add_chunk(self, chunk: wire.DayChunk, now: float, open_round: bool):
         """
-        Record C{chunk}'s message id and its readings, and open its day's
-        round if C{open_round}.  Fires with the number of readings that were
+        Record C{chunk}'s message id with its content digest and its
+        readings, and open its day's round if C{open_round}.  Fires with the number of readings that were
         new to the spool: all of the chunk's, or none if a chunk with its
         message id is spooled already.
         """
         day = chunk.day.isoformat()
         item = (
             (day, now) if open_round else None,
-            (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now),
+            (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now, chunk_digest(chunk)),
             (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count),
         )
         return self._database.run_many(_add_chunks, item)
@@ -301,20 +338,25 @@ class Spool:
 
         return self._database.run(work)
 
-    def forget_before(self, day: datetime.date):
+    def forget_before(self, before: float):
         """
-        Drop message ids and finished rounds older than C{day}: they bound
-        how far back a duplicate is recognised.  Rounds still holding
-        readings are kept.
+        Drop the message ids of every device and day whose last part
+        arrived before C{before} (on the gateway's clock, as C{received_at}),
+        and the rounds closed before it that hold no readings any more: they
+        bound how far back a duplicate is recognised.  Age on the gateway's
+        own clock decides, never a day a device named.
         """
 
         def work(connection: sqlite3.Connection) -> None:
-            cutoff = day.isoformat()
-            connection.execute("DELETE FROM parts WHERE day < ?", (cutoff,))
             connection.execute(
-                "DELETE FROM rounds WHERE day < ? AND closed_at IS NOT NULL"
+                "DELETE FROM parts WHERE (device_id, day) IN"
+                " (SELECT device_id, day FROM parts GROUP BY device_id, day HAVING max(received_at) < ?)",
+                (before,),
+            )
+            connection.execute(
+                "DELETE FROM rounds WHERE closed_at < ?"
                 " AND NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.day = rounds.day)",
-                (cutoff,),
+                (before,),
             )
 
         return self._database.run(work)

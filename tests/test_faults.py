@@ -28,10 +28,12 @@ from tests.harness import Suite
 
 pytestmark = pytest.mark.e2e
 
-#: A fixed day: the fleet is told which day to send, so the expected rows
-#: do not depend on the test running across midnight.  Tests that add real
-#: meter-device processes (which send yesterday) use yesterday throughout.
-DAY = datetime.date(2024, 5, 1)
+#: The day the fleet is told to send, fixed when the tests load, so the
+#: expected rows do not depend on a test running across midnight: yesterday,
+#: as a device sends, for the gateway refuses a day that does not agree with
+#: the time its transfer started (a day's tolerance covers a run that
+#: crosses midnight).
+DAY = previous_day(time.time())
 
 #: The fleet's retransmission parameters in the lossy tests: small timeouts
 #: so a test takes seconds, and a device that gives up sends its day again
@@ -137,7 +139,7 @@ def test_lossy_relay_200_devices(make_suite):
         assert relay[f"{direction}_duplicated"] > 0, relay
     assert summary["retransmissions"] > 0
 
-    gateway.wait_for(r"round 2024-05-01 complete: every expected device reported", 30)
+    gateway.wait_for(rf"round {DAY} complete: every expected device reported", 30)
     suite.wait_stored(200 * 96, cloud)
     assert_exact(suite)
     stop_drained(gateway)
@@ -252,10 +254,10 @@ def test_gateway_killed_after_acknowledging_before_forwarding(make_suite):
 
     gateway = suite.start_gateway()
     # Logged before the UDP port opens, so already read.
-    assert gateway.all_matching(r"resuming open round 2024-05-01: 49 of 50 devices reported"), gateway.tail()
+    assert gateway.all_matching(rf"resuming open round {DAY}: 49 of 50 devices reported"), gateway.tail()
     assert gateway.all_matching(r"spool holds 4704 readings"), gateway.tail()
     cloud = suite.start_cloud()
-    gateway.wait_for(r"round 2024-05-01 closed: deadline of 6 s passed; devices that did not report: 50 ", 20)
+    gateway.wait_for(rf"round {DAY} closed: deadline of 6 s passed; devices that did not report: 50 ", 20)
     suite.wait_stored(49 * 96, cloud)
     assert_exact(suite, range(1, 50))
 
@@ -339,7 +341,7 @@ def test_spool_full_refuses_busy_and_loses_nothing(make_suite):
     gateway = suite.start_gateway()
     fleet = suite.start_fleet(DAY, "1-20", "--ack-timeout", "0.2", "--max-retransmit", "7", "--time-limit", "100")
     gateway.wait_for(r"SPOOL FULL \(\d+ of 600 readings\)", 20)
-    gateway.wait_for(r"round 2024-05-01 closed: deadline of 2 s passed", 20)
+    gateway.wait_for(rf"round {DAY} closed: deadline of 2 s passed", 20)
     # The periodic stats line shows the spool's depth while the cloud is away.
     depth = int(gateway.wait_for(r"gateway stats: spool_depth=(\d+) ", 5).group(1))
     assert 0 < depth <= limit

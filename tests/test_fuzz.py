@@ -206,6 +206,9 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     intake = Intake(
         FLEET, spool, clock, 60.0, lambda: None, spool_limit=10**7, replay_window=600.0,
         reassembly_timeout=300.0, max_reassemblies=50,
+        # Three devices send thousands of transfers: past a real device's
+        # daily bounds, which tests/test_admission.py tries.
+        max_transfers_per_day=10**6, max_parts_per_day=10**6,
     )
     intake.recover(recovered)
     protocol = GatewayProtocol(intake, KEYS, clock, source_rate=1e9, source_burst=1e9)

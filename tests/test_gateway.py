@@ -78,7 +78,7 @@ class FakeSpool:
     def __init__(self):
         self.added: list[tuple[wire.DayChunk, float, bool]] = []
         self.closed: list[tuple[datetime.date, float]] = []
-        self.forgotten: list[datetime.date] = []
+        self.forgotten: list[float] = []
         self.removed: list[list[int]] = []
         self.takes: list[int] = []
         self.ready: list[Ready] = []
@@ -288,7 +288,7 @@ def test_a_failed_spool_write_is_busy_and_the_retry_is_spooled():
     h = IntakeHarness()
     h.spool.failures = 1
     chunk = day_chunk(1)
-    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
     assert h.intake.counters["spool_failures"] == 1
     assert h.intake.depth == 0
     # the device retries: spooled this time
@@ -308,7 +308,7 @@ def test_waiters_of_a_failed_commit_are_told_busy():
     first = h.intake.chunk_received(chunk, "p")
     second = h.intake.chunk_received(chunk, "p")
     h.spool.pending.errback(RuntimeError("disk I/O error"))
-    busy = wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
+    busy = wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
     assert result_of(first) == result_of(second) == busy
 
 
@@ -318,7 +318,7 @@ def test_waiters_of_a_failed_commit_are_told_busy():
 def test_an_unknown_device_is_refused():
     h = IntakeHarness()
     chunk = day_chunk(9, ip="10.0.0.9")
-    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "device 9 is not in this gateway's fleet")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "fleet: device 9 is not in this gateway's fleet")
     assert h.spool.added == []
     assert h.clock.getDelayedCalls() == []  # no round opened
     assert h.intake.counters["unknown_device"] == 1
@@ -327,7 +327,7 @@ def test_an_unknown_device_is_refused():
 def test_a_device_claiming_another_address_is_refused():
     h = IntakeHarness()
     chunk = day_chunk(1, ip="10.0.0.9")
-    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "device 1 is 192.168.1.2, not 10.0.0.9")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "address: device 1 is 192.168.1.2, not 10.0.0.9")
     assert h.spool.added == []
     assert h.intake.counters["wrong_address"] == 1
 
@@ -339,7 +339,7 @@ def test_a_full_spool_says_busy_until_readings_are_delivered():
     assert h.intake.depth == 4
     two = tuple(Reading(2, FLEET[2], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in range(2))
     chunk = day_chunk(2, readings=two)
-    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool full")
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool_full: the spool is at its limit of 5 readings")
     assert len(h.spool.added) == 1
     assert h.intake.counters["refused_spool_full"] == 1
     h.intake.delivered(4)
@@ -352,7 +352,7 @@ def test_a_transfer_changing_its_shape_is_refused():
     h.receive(day_chunk(1, part=1, parts=2))
     chunk = day_chunk(1, part=2, parts=3)
     assert h.receive(chunk) == wire.DayAck(
-        chunk.xfer, 2, "bad", f"transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
+        chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
     )
     assert h.intake.counters["inconsistent_chunks"] == 1
 
@@ -361,7 +361,7 @@ def test_check_source_refuses_a_chunk_from_another_address():
     h = IntakeHarness(check_source=True)
     chunk = day_chunk(1)
     assert h.receive(chunk, "10.0.0.9:5000") == wire.DayAck(
-        chunk.xfer, 1, "bad", "device 1 sends from 192.168.1.2, not from 10.0.0.9"
+        chunk.xfer, 1, "bad", "source: device 1 sends from 192.168.1.2, not from 10.0.0.9"
     )
     assert h.receive(chunk, "::ffff:192.168.1.2:5000") == ok(chunk)  # IPv4-mapped is the same address
     assert h.intake.counters["wrong_source"] == 1
@@ -381,8 +381,8 @@ def test_replay_window(offset, status):
     assert ack.status == status
     if status == "bad":
         assert ack.reason == (
-            f"transfer started at {int(NOW) + offset}, {-offset:+d} s from the gateway's clock: "
-            "outside the replay window of 600 s"
+            f"replay: the gateway's clock minus ts={int(NOW) + offset} is {-offset:+d} s "
+            "(positive: the transfer started that long ago), outside the replay window of 600 s"
         )
         assert h.spool.added == []
 
@@ -412,7 +412,7 @@ def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
     assert len(h.ready) == 2
 
 
-def test_an_expired_reassembly_is_forgotten_and_its_parts_spooled_again():
+def test_an_expired_reassembly_is_forgotten_and_its_parts_still_recognised():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]}, reassembly_timeout=30.0)
     chunk = day_chunk(1, part=1, parts=2)
     h.receive(chunk)
@@ -420,8 +420,10 @@ def test_an_expired_reassembly_is_forgotten_and_its_parts_spooled_again():
     h.clock.advance(30)
     assert h.intake.counters["expired_reassemblies"] == 1
     assert h.intake.stats()["reassemblies"] == 0
-    assert h.receive(chunk) == ok(chunk)  # its message id was forgotten
-    assert len(h.spool.added) == 2
+    # its message ids stay with the device's day: a duplicate, not spooled
+    assert h.receive(chunk) == ok(chunk)
+    assert len(h.spool.added) == 1
+    assert h.intake.counters["duplicates"] == 1
 
 
 def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
@@ -430,9 +432,11 @@ def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
     h.receive(first)
     h.receive(day_chunk(2, part=1, parts=2))
     assert h.intake.counters["expired_reassemblies"] == 1
-    # device 1's transfer was the one forgotten: its part is spooled again
-    h.receive(first)
-    assert len(h.spool.added) == 3
+    assert h.intake.stats()["reassemblies"] == 1
+    # device 1's transfer was the one forgotten: its part, sent again, is
+    # recognised by its message id
+    assert h.receive(first) == ok(first)
+    assert len(h.spool.added) == 2
 
 
 # -- a fleet of 50 ----------------------------------------------------------
@@ -456,15 +460,18 @@ def test_a_fleet_of_50_devices():
 # -- memory of old days -----------------------------------------------------
 
 
-def test_closing_a_round_forgets_days_older_than_two_days():
+def test_closing_a_round_forgets_what_is_two_days_old_on_the_gateways_clock():
     h = IntakeHarness(fleet={1: FLEET[1]})
-    old = DAY - datetime.timedelta(days=3)
-    old_chunk = day_chunk(1, day=old)
+    old_chunk = day_chunk(1)
     h.receive(old_chunk)
-    assert h.spool.forgotten == [old - datetime.timedelta(days=2)]
-    h.report(1, n=1)
-    assert h.spool.forgotten[-1] == DAY - datetime.timedelta(days=2)
+    assert h.spool.forgotten == [NOW - gateway.REMEMBER]
     assert h.intake.stats()["message_ids"] == 1
+    h.clock.advance(gateway.REMEMBER + 1)
+    later = DAY + datetime.timedelta(days=2)
+    h.report(1, n=1, day=later, sent_at=int(h.clock.seconds()))
+    assert h.spool.forgotten[-1] == NOW + 1
+    assert h.intake.stats()["message_ids"] == 1
+    assert h.intake.stats()["device_days"] == 1
     # the old day's message id is forgotten: a copy now reaches the spool,
     # which stores nothing twice
     h.receive(old_chunk)
@@ -857,7 +864,7 @@ def test_a_refused_chunk_gets_a_sealed_bad_dayack():
     h = ProtocolHarness()
     chunk = day_chunk(1, ip="10.0.0.9")
     h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
-    assert h.answers() == [(wire.DayAck(chunk.xfer, 1, "bad", "device 1 is 192.168.1.2, not 10.0.0.9"), DEVICE_ADDR)]
+    assert h.answers() == [(wire.DayAck(chunk.xfer, 1, "bad", "address: device 1 is 192.168.1.2, not 10.0.0.9"), DEVICE_ADDR)]
 
 
 def test_a_flooding_source_is_cut_off_and_others_still_served():
@@ -1204,10 +1211,10 @@ async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
     await real.spool.add_chunk(day_chunk(1, day=old), NOW, True)
     await real.spool.add_chunk(day_chunk(2, day=old, n=1), NOW, True)
     await real.spool.close_round(old, NOW)
-    await real.spool.add_chunk(day_chunk(1, n=2), NOW, True)
+    await real.spool.add_chunk(day_chunk(1, n=2), NOW + 10, True)
     batch = await real.spool.take_batch(10)
     await real.spool.remove(batch.seqs)
-    await real.spool.forget_before(DAY - datetime.timedelta(days=2))
+    await real.spool.forget_before(NOW + 5)
     await real.stop()
     connection, state = Spool.open(tmp_path / "spool.sqlite")
     connection.close()
@@ -1221,7 +1228,7 @@ async def test_spool_keeps_an_old_round_still_holding_readings(real, tmp_path):
     old = DAY - datetime.timedelta(days=3)
     await real.spool.add_chunk(day_chunk(1, day=old), NOW, True)
     await real.spool.close_round(old, NOW)
-    await real.spool.forget_before(DAY)
+    await real.spool.forget_before(NOW + 1)
     await real.stop()
     connection, state = Spool.open(tmp_path / "spool.sqlite")
     connection.close()
@@ -1272,7 +1279,7 @@ def test_an_overloaded_gateway_answers_busy_before_decoding():
     chunks = [day_chunk(1, part=part, parts=3) for part in (1, 2, 3)]
     for chunk in chunks:
         h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
-    assert h.answers() == [(wire.DayAck(chunks[2].xfer, 3, "busy", "gateway overloaded"), DEVICE_ADDR)]
+    assert h.answers() == [(wire.DayAck(chunks[2].xfer, 3, "busy", "overloaded: too many chunks wait for the spool"), DEVICE_ADDR)]
     assert len(h.intake.spool.added) == 2
     assert h.intake.intake.counters["refused_overloaded"] == 1
     h.intake.spool.release()

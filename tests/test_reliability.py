@@ -85,7 +85,7 @@ def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
     gateway, database, _, _ = intake(tmp_path, spool_limit=10)
     database.hold = True
     answers = [gateway.chunk_received(chunk(device_id, count=4), "127.0.0.1:1") for device_id in (1, 2, 3)]
-    assert fired(answers[2]) == wire.DayAck(f"{3:016x}", 1, "busy", "spool full")
+    assert fired(answers[2]) == wire.DayAck(f"{3:016x}", 1, "busy", "spool_full: the spool is at its limit of 10 readings")
     database.release()
     assert [fired(d).status for d in answers[:2]] == ["ok", "ok"]
     assert gateway.depth == 8

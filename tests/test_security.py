@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from meter import cloud, wire
 from meter.database import Database
 from meter.device import DaySender, DeviceProtocol, Retransmission
-from meter.gateway import GatewayProtocol, Intake
+from meter.gateway import REMEMBER, GatewayProtocol, Intake
 from meter.reading import Reading
 from meter.spool import Spool
 from tests.test_cloud import Cloud as StoreHarness
@@ -369,14 +369,16 @@ def test_flood_warnings_are_rate_limited_too():
 
 
 @pytest.mark.parametrize("day", [datetime.date(1, 1, 1), datetime.date(1, 1, 2), datetime.date(9999, 12, 31)])
-def test_a_complete_round_of_any_calendar_day_closes(day):
-    # Closing a round forgets the days two before it: year 1 has none (this
-    # used to raise OverflowError, so the device never got its answer).
+def test_a_day_far_from_the_transfers_start_is_refused(day):
+    # A day must agree with ts: far days are refused at once, answered, and
+    # neither stored nor made a round.
     g = Gateway(fleet={1: FLEET[1]}, keys={1: KEYS[1]})
     with capturedLogs() as events:
         g.receive(sealed(chunk(day=day)))
-    assert g.answers() == [OK]
-    assert g.spool.closed == [day]
+    (answer,) = g.answers()
+    assert answer.status == "bad" and answer.reason.startswith(f"day: {day} does not agree with ts={NOW}")
+    assert g.spool.chunks == [] and g.spool.closed == []
+    assert g.counters["refused_day"] == 1
     assert not [e for e in events if "log_failure" in e]
 
 
@@ -400,18 +402,19 @@ class HoldingSpool(FakeSpool):
 
 
 def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
-    # Device 1 sends day D again while a round three days later closes and
-    # forgets D: the commit used to find no round and raise, so the device
-    # was never answered.
-    later = DAY + datetime.timedelta(days=3)
+    # Device 1 sends day D again while a later round closes and forgets D's
+    # (closed two days before): the commit must still find its answer.
+    later = DAY + datetime.timedelta(days=2)
     spool = HoldingSpool("c" * 16)
     g = Gateway(spool)
     g.receive(sealed(chunk(1, "a" * 16)))
     g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
-    g.receive(sealed(chunk(1, "d" * 16, day=later)))  # round DAY+3 opens
-    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,))))  # commit held
+    g.clock.advance(REMEMBER - 30)
+    now = int(g.clock.seconds())
+    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=now)))  # commit held
+    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=now)))  # round DAY+2 opens
     with capturedLogs() as events:
-        g.clock.advance(60)  # DAY+3 closes at its deadline: DAY is forgotten
+        g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
         assert DAY not in g.intake._rounds
         d, new = spool.waiting.pop()
         d.callback(new)
