@@ -49,7 +49,11 @@ def connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(str(path), isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=5000")
+    # No waiting for another process's lock: SQLite waits on the thread
+    # running the statement, the reactor's, which would answer nothing
+    # meanwhile.  A locked database fails the transaction at once; devices
+    # are answered busy and retry, and the daemons retry their own steps.
+    connection.execute("PRAGMA busy_timeout=0")
     return connection
 
 
