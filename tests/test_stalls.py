@@ -426,3 +426,268 @@ def test_a_console_that_fails_does_not_keep_the_acknowledgement(tmp_path):
     assert [ack.status for ack in acks] == ["ok"]
     assert store.counters["console_failures"] == 1
     assert any("stored, not printed on the console: OSError" in formatEvent(e) for e in events)
+
+
+# -- the real daemons: a lock held by another process, a disk that fills ------
+
+#: The day the fleets send (they are told which day), and a second one.
+E2E_DAY = datetime.date(2024, 5, 1)
+E2E_NEXT = datetime.date(2024, 5, 2)
+
+#: Devices that keep retrying for a while: a busy answer keeps a chunk, and
+#: a device that gives up sends its day again.
+PATIENT = ("--ack-timeout", "0.2", "--max-retransmit", "4", "--attempts", "40", "--retry-after", "0.2",
+           "--time-limit", "150")
+
+#: Another process holding the write lock of a SQLite file until told.
+LOCK_HOLDER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+connection.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+connection.execute("ROLLBACK")
+"""
+
+
+class LockHolder:
+    def __init__(self, path: Path):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+        assert self.process.wait(30) == 0
+
+
+@pytest.fixture
+def make_suite(tmp_path):
+    suites = []
+
+    def make(devices: int, readings: int, **settings) -> Suite:
+        root = tmp_path / f"suite{len(suites)}"
+        root.mkdir()
+        suite = Suite(root, devices=devices, readings=readings, **settings)
+        suites.append(suite)
+        return suite
+
+    yield make
+    for suite in suites:
+        suite.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """
+    Make a folder that is a tmpfs of a given size (unmounted at the end).
+    """
+    mounts = []
+
+    def make(name: str, size: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """
+    Fill the file system of C{folder} to the last block; the filler file.
+    """
+    filler = folder / "filler"
+    block = b"\0" * 4096
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for _ in range(1 << 20):  # 4 GiB, more than any disk of these tests
+            os.write(fd, block)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def fleet_summary(fleet) -> dict:
+    import json
+
+    summary = json.loads(fleet.wait_for(r"fleet done: (.*)", 150).group(1))
+    fleet.wait(10)
+    print("fleet:", summary)
+    return summary
+
+
+def counters_of(gateway) -> dict[str, int]:
+    """
+    The intake's and the uplink's counters in the gateway's last stats line.
+    """
+    import re
+
+    lines = gateway.all_matching(r"gateway stats: (.*)")
+    if not lines:
+        return {}
+    line = lines[-1].group(1)
+    print("gateway stats:", line)
+    counters: dict[str, int] = {}
+    for key, value in re.findall(r"'(\w+)': (\d+)", line):
+        counters[key] = counters.get(key, 0) + int(value)
+    return counters
+
+
+def seen_or_wait(daemon, pattern: str, timeout: float = 20.0) -> None:
+    if not daemon.all_matching(pattern):
+        daemon.wait_for(pattern, timeout)
+
+
+def assert_stored(suite: Suite, days) -> None:
+    expected = sorted(row for day in days for row in suite.expected_rows(day))
+    assert suite.stored() == expected
+
+
+@pytest.mark.e2e
+def test_a_spool_locked_by_another_process(make_suite):
+    """
+    Another process holds the spool's write lock: a device is answered busy
+    within its first timeout (not left to time out), the round's close, the
+    taking of batches and the removal of delivered ones fail and are
+    retried; once the lock goes, everything arrives exactly once, with no
+    restart.
+    """
+    suite = make_suite(5, 96, deadline=3.0, batch_readings=100, device={"ack_timeout": 2.0, "max_retransmit": 0})
+    gateway = suite.start_gateway()
+    lock = LockHolder(suite.spool)
+    try:
+        # One transmission, no retransmission: the device learns the gateway
+        # is busy only if it is answered within its first timeout.
+        device = suite.start_device(1)
+        assert device.wait(30) == 1, device.tail()
+        assert device.all_matching(r"gateway busy \(spool write failed\) for part \d/\d after 1 transmissions"), \
+            device.tail()
+        fleet = suite.start_fleet(E2E_DAY, "1-5", *PATIENT)
+        gateway.wait_for(r"device \d: chunk not spooled, answered busy: OperationalError: database is locked", 20)
+        # Closed in memory; its close in the spool fails (the lines about it
+        # are rate-limited per step: the device's round of yesterday may
+        # have had them).
+        gateway.wait_for(r"round 2024-05-01 closed: deadline of 3 s passed", 20)
+        seen_or_wait(gateway, r"round \S+ not closed in the spool, not forwarded yet: .*database is locked")
+        cloud = suite.start_cloud()
+        gateway.wait_for(r"no batch taken from the spool: OperationalError: database is locked", 20)
+    finally:
+        lock.release()
+    summary = fleet_summary(fleet)
+    assert summary["delivered"] == 5 and summary["busy"] > 0, summary
+    suite.wait_stored(5 * 96, cloud)
+    gateway.wait_for(r"closing a round succeeded again after \d+ failures", 20)
+
+    # Delivered batches whose removal fails: the cloud is stopped while the
+    # gateway sends, then acknowledges them while the spool is locked.
+    os.kill(cloud.process.pid, signal.SIGSTOP)
+    try:
+        second = suite.start_fleet(E2E_NEXT, "1-5")
+        assert fleet_summary(second)["delivered"] == 5
+        gateway.wait_for(r"forwarding batch \w+ of \d+ readings", 20)
+        lock = LockHolder(suite.spool)
+    finally:
+        os.kill(cloud.process.pid, signal.SIGCONT)
+    try:
+        gateway.wait_for(r"batch \w+, delivered, not removed from the spool: .*database is locked", 20)
+    finally:
+        lock.release()
+    gateway.wait_for(r"removing a delivered batch from the spool succeeded again after \d+ failures", 20)
+    suite.wait_stored(10 * 96, cloud)
+    gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+    gateway.stop()
+    assert_stored(suite, (E2E_DAY, E2E_NEXT))
+    counters = counters_of(gateway)
+    for step in ("spool", "close", "take", "remove"):
+        assert counters[f"{step}_failures"] > 0, counters
+    failures = gateway.all_matching(r"database is locked")
+    print(len(failures), "lines about the lock, for", counters["transaction_failures"], "failures")
+    assert len(failures) < 40
+    assert int(gateway.all_matching(r"transaction_failures=(\d+)")[-1].group(1)) == counters["transaction_failures"]
+
+
+@pytest.mark.e2e
+def test_the_gateways_spool_on_a_full_disk(small_disk, make_suite):
+    """
+    The spool's disk fills while devices send: they are answered busy and
+    retry, the gateway logs a few lines about it (not one a datagram) and
+    counts every failure; once room is freed every reading arrives exactly
+    once, with no restart.
+    """
+    disk = small_disk("spool-disk", "4m")
+    suite = make_suite(20, 96, spool=str(disk / "spool.sqlite"), deadline=30.0, stats_interval=1.0)
+    cloud = suite.start_cloud()
+    gateway = suite.start_gateway()
+    gateway.wait_for("connected to the cloud")
+    filler = fill(disk)
+    fleet = suite.start_fleet(E2E_DAY, "1-20", *PATIENT)
+    gateway.wait_for(r"chunk not spooled, answered busy: OperationalError: database or disk is full", 20)
+    # Let the failures pile up: a few hundred busy answers.
+    for _ in range(60):
+        if counters_of(gateway).get("spool_failures", 0) >= 200:
+            break
+        gateway.wait_for(r"gateway stats: ", 5)
+    filler.unlink()
+    summary = fleet_summary(fleet)
+    assert summary["delivered"] == 20 and summary["busy"] > 0, summary
+    suite.wait_stored(20 * 96, cloud)
+    gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+    gateway.stop()
+    assert_stored(suite, (E2E_DAY,))
+    counters = counters_of(gateway)
+    lines = gateway.all_matching(r"disk is full")
+    print(len(lines), "lines about the full disk, for", counters["spool_failures"], "failures")
+    assert counters["spool_failures"] >= 200
+    assert len(lines) < 20
+    assert not gateway.all_matching(r"Traceback")
+
+
+@pytest.mark.e2e
+def test_the_clouds_database_on_a_full_disk(small_disk, make_suite):
+    """
+    The cloud's disk fills: it refuses each batch it cannot store, counts
+    and logs a few lines about it; the gateway keeps the batches and sends
+    them again, and once room is freed every reading is stored and printed
+    exactly once, with no restart and no reconnection.
+    """
+    disk = small_disk("cloud-disk", "4m")
+    suite = make_suite(20, 96, cloud={"db": str(disk / "cloud.sqlite")}, batch_readings=200)
+    suite.db = disk / "cloud.sqlite"
+    cloud = suite.start_cloud()
+    gateway = suite.start_gateway()
+    gateway.wait_for("connected to the cloud")
+    filler = fill(disk)
+    fleet = suite.start_fleet(E2E_DAY, "1-20")
+    assert fleet_summary(fleet)["delivered"] == 20
+    cloud.wait_for(r"not stored, refused: OperationalError: database or disk is full", 20)
+    # The gateway sends them again (every 5 s) and they are refused again.
+    gateway.collect(r"the cloud refused batch", 2, 20)
+    cloud.wait_for(r"not stored, refused", 20)
+    filler.unlink()
+    suite.wait_stored(20 * 96, cloud)
+    gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+    gateway.stop()
+    cloud.stop()
+    assert_stored(suite, (E2E_DAY,))
+    from meter.processes import CONSOLE_LINE
+
+    printed = [m.group(0) for m in cloud.all_matching(CONSOLE_LINE)]
+    assert len(printed) == len(set(printed)) == 20 * 96
+    assert cloud.all_matching(r"storing a batch succeeded again after \d+ failures")
+    failures = int(cloud.all_matching(r"cloud stopped: .*'store_failures': (\d+)")[-1].group(1))
+    lines = cloud.all_matching(r"disk is full")
+    print(len(lines), "lines about the full disk, for", failures, "failures")
+    assert failures >= 2 and len(lines) < 20
+    assert not cloud.all_matching(r"Traceback")
+    assert len(gateway.all_matching(r"connected to the cloud")) == 1
