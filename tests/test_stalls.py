@@ -691,3 +691,29 @@ def test_the_clouds_database_on_a_full_disk(small_disk, make_suite):
     assert failures >= 2 and len(lines) < 20
     assert not cloud.all_matching(r"Traceback")
     assert len(gateway.all_matching(r"connected to the cloud")) == 1
+
+
+@pytest.mark.e2e
+def test_a_late_day_is_forwarded_in_few_batches(make_suite):
+    """
+    A device reporting after its round closed: its day's parts leave
+    together once they stop coming (a linger of 1 s), not a batch a part.
+    """
+    suite = make_suite(4, 1440, deadline=2.0)
+    cloud = suite.start_cloud()
+    gateway = suite.start_gateway()
+    gateway.wait_for("connected to the cloud")
+    assert fleet_summary(suite.start_fleet(E2E_DAY, "1-3"))["delivered"] == 3
+    gateway.wait_for(r"round 2024-05-01 closed: deadline of 2 s passed", 20)
+    suite.wait_stored(3 * 1440, cloud)
+    before = len(gateway.all_matching(r"forwarding batch"))
+    summary = fleet_summary(suite.start_fleet(E2E_DAY, "4"))
+    assert summary["delivered"] == 1 and summary["chunks"] >= 17, summary
+    gateway.wait_for(r"late device 4 \(\S+\) reported 2024-05-01", 20)
+    suite.wait_stored(4 * 1440, cloud)
+    gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+    gateway.stop()
+    assert_stored(suite, (E2E_DAY,))
+    late = len(gateway.all_matching(r"forwarding batch")) - before
+    print(f"{summary['chunks']} late parts in {late} batches")
+    assert late <= 2
