@@ -613,6 +613,7 @@ class Uplink:
         #: Readings of late parts spooled since the linger started, not yet
         #: sent: once they fill a batch, it goes.
         self._late_readings = 0
+        self._stopped = False
         self.counters: Counter[str] = Counter()
         self._failures = Failures(self, clock, self.counters, max_retry_delay)
         self._refusals = LimitedWarnings(self.log, clock)
@@ -635,6 +636,10 @@ class Uplink:
                 del self._in_flight[batch_id]
 
     def stop(self) -> None:
+        # Work still in the spool's queue may fail after this: it is not
+        # retried (a delivered batch not removed is sent again at the next
+        # start, and the cloud stores it once).
+        self._stopped = True
         for flight in self._in_flight.values():
             self._cancel(flight)
         for timer in (self._retry, self._linger):
@@ -685,6 +690,8 @@ class Uplink:
         delay = self._failures.failed(
             "taking a batch from the spool", "take_failures", failure, "no batch taken from the spool"
         )
+        if self._stopped:
+            return
         if self._retry is None or not self._retry.active():
             self._retry = self._clock.callLater(delay, self.kick)
 
@@ -795,6 +802,8 @@ class Uplink:
             "removing a delivered batch from the spool", "remove_failures", failure,
             "batch {batch_id}, delivered, not removed from the spool", batch_id=flight.batch.batch_id,
         )
+        if self._stopped:
+            return
         flight.timer = self._clock.callLater(delay, self._remove, flight)
 
     def _ack_timed_out(self, flight: _InFlight) -> None:

@@ -254,6 +254,20 @@ def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_remove
     assert g.uplink.counters["transaction_failures"] == 2
 
 
+def test_work_failing_after_a_stop_is_not_retried(gw):
+    g = gw(fleet={1: FLEET[1]})
+    g.receive(day_chunk(1))
+    g.uplink.connected(g.sender)
+    g.settle()
+    (batch,) = g.sender.sent
+    g.locker.lock()
+    g.uplink.ack_received(wire.BatchAck(batch.batch_id, "ok", new=1))
+    g.uplink.stop()
+    g.settle()
+    assert g.uplink.counters["remove_failures"] == 1
+    assert g.clock.getDelayedCalls() == []
+
+
 def test_a_round_whose_close_failed_is_closed_later_and_forwarded_only_then(gw):
     g = gw(deadline=60.0)
     g.uplink.connected(g.sender)
