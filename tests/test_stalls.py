@@ -15,12 +15,13 @@ against files on a small tmpfs that fills.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from meter import wire
 from meter.cloud import CloudStore, open_database
 from meter.database import Database, connect
 from meter.gateway import Intake, Uplink
+from meter.processes import CONSOLE_LINE
 from meter.reading import Reading
 from meter.spool import Spool
 from tests.harness import Suite
@@ -533,8 +535,6 @@ def fill(folder: Path) -> Path:
 
 
 def fleet_summary(fleet) -> dict:
-    import json
-
     summary = json.loads(fleet.wait_for(r"fleet done: (.*)", 150).group(1))
     fleet.wait(10)
     print("fleet:", summary)
@@ -545,8 +545,6 @@ def counters_of(gateway) -> dict[str, int]:
     """
     The intake's and the uplink's counters in the gateway's last stats line.
     """
-    import re
-
     lines = gateway.all_matching(r"gateway stats: (.*)")
     if not lines:
         return {}
@@ -694,8 +692,6 @@ def test_the_clouds_database_on_a_full_disk(small_disk, make_suite):
     gateway.stop()
     cloud.stop()
     assert_stored(suite, (E2E_DAY,))
-    from meter.processes import CONSOLE_LINE
-
     printed = [m.group(0) for m in cloud.all_matching(CONSOLE_LINE)]
     assert len(printed) == len(set(printed)) == 20 * 96
     assert cloud.all_matching(r"storing a batch succeeded again after \d+ failures")
