@@ -19,10 +19,12 @@ from twisted.internet.interfaces import IHandshakeListener, INegotiated
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import ratelimit, wire
 from meter.database import Database, RowInsert, insert_telling_new
+from meter.retry import Failures
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -111,6 +113,9 @@ class CloudStore:
         self._clock = clock
         #: Counters for the logs: batches, readings new and duplicate, refusals.
         self.counters: Counter[str] = Counter()
+        # The gateway retries a batch refused for a failed commit, so there
+        # is no retry here; the failures are counted and logged a few a minute.
+        self._failures = Failures(self, clock, self.counters)
 
     def store(self, batch: wire.Batch, peer: str) -> Deferred:
         """
@@ -122,9 +127,19 @@ class CloudStore:
         d = self._database.run(_insert(columns, received))
 
         def committed(new_at: list[int] | None) -> wire.BatchAck:
+            self._failures.succeeded("storing a batch")
             new = columns if new_at is None else columns.pick(new_at)
             if new:
-                self._console(console_text(new))
+                try:
+                    self._console(console_text(new))
+                except Exception:
+                    # The readings are committed: the gateway must hear so,
+                    # or it would send them again and again.
+                    self._failures.failed(
+                        "printing stored readings", "console_failures", Failure(),
+                        "{count} readings of batch {batch_id} stored, not printed on the console", retried=False,
+                        count=len(new), batch_id=batch.batch_id,
+                    )
             count = len(columns)
             duplicates = count - len(new)
             self.counters["batches"] += 1
@@ -144,9 +159,12 @@ class CloudStore:
             return wire.BatchAck(batch.batch_id, "ok", new=len(new), dup=duplicates)
 
         def failed(failure) -> wire.BatchAck:
-            # Not committed: refuse the whole batch so the gateway keeps it.
-            self.counters["store_failures"] += 1
-            self.log.failure("batch {batch_id} from {peer} not stored", failure, batch_id=batch.batch_id, peer=peer)
+            # Not committed: refuse the whole batch so the gateway keeps it
+            # and sends it again later.
+            self._failures.failed(
+                "storing a batch", "store_failures", failure, "batch {batch_id} from {peer} not stored, refused", retried=False,
+                batch_id=batch.batch_id, peer=peer,
+            )
             return wire.BatchAck(batch.batch_id, "bad", reason=f"store: not stored: {failure.getErrorMessage()}")
 
         return d.addCallbacks(committed, failed)

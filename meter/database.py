@@ -19,7 +19,9 @@ acknowledgements took p50 0.8 / p99 2.9-4.9 ms on the reactor against
 1.9-2.2 / 8.1-8.4 ms with a thread in the 10,000-device day, and the cloud
 took ~40% more CPU a reading with one (docs/performance.md).  The cost: a
 slow disk stalls the reactor for its fsync, while the kernel queues what
-arrives.
+arrives.  A lock, though, is never waited for (see L{connect}): a
+transaction that finds the database locked by another process fails at
+once, and its callers answer busy or retry later.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(str(path), isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=5000")
+    # No waiting for another process's lock: SQLite waits on the thread
+    # running the statement, the reactor's, which would answer nothing
+    # meanwhile.  A locked database fails the transaction at once; devices
+    # are answered busy and retry, and the daemons retry their own steps.
+    connection.execute("PRAGMA busy_timeout=0")
     return connection
 
 

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from meter import wire
 from meter.ratelimit import LimitedWarnings, PerSource
+from meter.retry import Failures
 from meter.spool import Recovered, Spool, Spooled, chunk_digest, content_digest
 
 #: How long (seconds, on the gateway's clock) the gateway remembers a
@@ -140,6 +141,10 @@ class Intake:
 
     @param fleet: device id -> device address, the devices expected each day.
     @param on_ready: called when readings may have become ready to forward.
+    @param on_late: called with the number of readings of a part that arrived
+        after its round closed (default: L{on_ready} is called).
+    @param max_retry_delay: the longest wait, in seconds, before a failed
+        spool transaction (closing a round) is tried again.
     """
 
     log = Logger()
@@ -151,6 +156,8 @@ class Intake:
         clock,
         deadline: float,
         on_ready: Callable[[], None],
+        on_late: Callable[[int], None] | None = None,
+        max_retry_delay: float = 30.0,
         spool_limit: int | None = None,
         check_source: bool = False,
         replay_window: float | None = None,
@@ -174,6 +181,11 @@ class Intake:
         self._clock = clock
         self._deadline = deadline
         self._on_ready = on_ready
+        self._on_late = on_late if on_late is not None else lambda count: on_ready()
+        #: Rounds closed in memory whose close the spool has not taken yet:
+        #: day -> the timer of the next attempt.
+        self._closing: dict[datetime.date, object] = {}
+        self._stopped = False
         self._spool_limit = spool_limit
         self._rounds: dict[datetime.date, Round] = {}
         self._transfers: dict[tuple[int, str], Transfer] = {}
@@ -210,6 +222,7 @@ class Intake:
         self._incoming = 0
         self.counters: Counter[str] = Counter()
         self._warnings = LimitedWarnings(self.log, clock)
+        self._failures = Failures(self, clock, self.counters, max_retry_delay)
 
     # -- start and stop ------------------------------------------------------
 
@@ -275,6 +288,13 @@ class Intake:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
+        # A close not yet in the spool is not lost: the next start finds the
+        # round open past its deadline (or complete) and closes it again.
+        self._stopped = True
+        for retry in self._closing.values():
+            if retry.active():
+                retry.cancel()
+        self._closing.clear()
 
     def stats(self) -> dict[str, int]:
         """
@@ -429,6 +449,7 @@ class Intake:
             self._arm(round_)
 
         def committed(new: int) -> wire.DayAck:
+            self._failures.succeeded("spooling a chunk")
             self._acknowledged[key] = self._committing_digests.pop(key)
             self.depth += new
             self.counters["chunks"] += 1
@@ -437,8 +458,11 @@ class Intake:
             return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "ok"))
 
         def failed(failure) -> wire.DayAck:
-            self.counters["spool_failures"] += 1
-            self.log.failure("device {device}: chunk not spooled", failure, device=chunk.device_id)
+            # The device keeps the chunk and sends it again: nothing to retry here.
+            self._failures.failed(
+                "spooling a chunk", "spool_failures", failure, "device {device}: chunk not spooled, answered busy", retried=False,
+                device=chunk.device_id,
+            )
             return answer_waiters(wire.DayAck(chunk.xfer, chunk.part, "busy", "spool: write failed"))
 
         def answer_waiters(ack: wire.DayAck) -> wire.DayAck:
@@ -575,7 +599,7 @@ class Intake:
             # Its round, closed long ago, was forgotten (as another round
             # closed) while this chunk was being committed: its readings are
             # spooled under a closed round, so they may go.
-            self._on_ready()
+            self._on_late(chunk.count)
             return
         if len(transfer.received) < transfer.parts:
             if key not in self._incomplete:
@@ -583,7 +607,7 @@ class Intake:
                 self._bound_reassemblies()
             if round_.closed:
                 # Its readings are spooled under a closed round: they may go.
-                self._on_ready()
+                self._on_late(chunk.count)
             return
         self._incomplete.pop(key, None)
         # One line a device a day, what the report's gateway printed for
@@ -597,7 +621,7 @@ class Intake:
                 "forwarding its readings now",
                 **reported,
             )
-            self._on_ready()
+            self._on_late(chunk.count)
             return
         if chunk.device_id in round_.reported:
             self._log_report(
@@ -647,8 +671,36 @@ class Intake:
         else:
             self.log.info("round {day} complete: {why}", day=round_.day, why=why)
         self.counters["rounds_closed"] += 1
-        self._spool.close_round(round_.day, self._clock.seconds()).addCallback(lambda _: self._on_ready())
+        self._close_in_spool(round_.day, self._clock.seconds())
         self._forget_old()
+
+    def _close_in_spool(self, day: datetime.date, at: float) -> None:
+        """
+        Close C{day}'s round in the spool, retrying until the spool takes it.
+
+        The round stays closed in memory meanwhile: the decision is made
+        (its deadline passed, or every device reported) and is not taken
+        twice.  Its readings cannot leave early, as only a round closed in
+        the spool is forwarded, and a restart before the spool took the
+        close finds the round open and closes it again for the same reason.
+        """
+        self._closing.pop(day, None)
+        self._spool.close_round(day, at).addCallbacks(
+            self._closed_in_spool, self._close_failed, callbackArgs=(day,), errbackArgs=(day, at)
+        )
+
+    def _closed_in_spool(self, _, day: datetime.date) -> None:
+        self._failures.succeeded("closing a round")
+        self._on_ready()
+
+    def _close_failed(self, failure, day: datetime.date, at: float) -> None:
+        delay = self._failures.failed(
+            "closing a round", "close_failures", failure, "round {day} not closed in the spool, not forwarded yet",
+            day=day,
+        )
+        if self._stopped:
+            return
+        self._closing[day] = self._clock.callLater(delay, self._close_in_spool, day, at)
 
     def _forget_old(self) -> None:
         """
@@ -688,6 +740,7 @@ class Intake:
     def _not_forgotten(self, failure) -> None:
         # Forgetting again later loses nothing: the spool keeps some old
         # message ids and empty rounds a little longer.
+        self.counters["transaction_failures"] += 1
         self.counters["forget_failures"] += 1
         self._forget_delay = min(max(2 * self._forget_delay, 60.0), 3600.0)
         self._warnings.warn(
@@ -783,6 +836,16 @@ class Uplink:
 
     A batch the cloud does not acknowledge within C{ack_timeout} (or that it
     refuses) stays in the spool and is sent again.
+
+    A spool transaction that fails (taking a batch, removing an acknowledged
+    one) is retried on a timer with backoff up to C{max_retry_delay}
+    seconds; an acknowledged batch stays in the window until its removal
+    succeeds.
+
+    Readings of parts that arrive after their round closed (see
+    L{late_arrived}) linger: for C{late_linger} seconds from the first of
+    them a batch goes only if it is full, so a late day arriving part by
+    part leaves in a few full batches rather than one batch a part.
     """
 
     log = Logger()
@@ -797,6 +860,8 @@ class Uplink:
         retry_delay: float = 5.0,
         new_batch_id: Callable[[], str] = new_id,
         window: int = 1,
+        max_retry_delay: float = 30.0,
+        late_linger: float = 0.0,
     ):
         self._spool = spool
         self._clock = clock
@@ -811,7 +876,16 @@ class Uplink:
         self._in_flight: dict[str, _InFlight] = {}
         self._fetching = False
         self._retry = None
+        self._late_linger = late_linger
+        #: The end of the linger for late readings, while one runs.
+        self._linger = None
+        #: Readings of late parts spooled since the linger started, not yet
+        #: sent: once they fill a batch, it goes.
+        self._late_readings = 0
+        self._stopped = False
         self.counters: Counter[str] = Counter()
+        self._failures = Failures(self, clock, self.counters, max_retry_delay)
+        self._refusals = LimitedWarnings(self.log, clock)
 
     def connected(self, sender: BatchSender) -> None:
         self._sender = sender
@@ -831,10 +905,35 @@ class Uplink:
                 del self._in_flight[batch_id]
 
     def stop(self) -> None:
+        # Work still in the spool's queue may fail after this: it is not
+        # retried (a delivered batch not removed is sent again at the next
+        # start, and the cloud stores it once).
+        self._stopped = True
         for flight in self._in_flight.values():
             self._cancel(flight)
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for timer in (self._retry, self._linger):
+            if timer is not None and timer.active():
+                timer.cancel()
+
+    def late_arrived(self, count: int) -> None:
+        """
+        A part of C{count} readings arrived after its round closed: it is
+        spooled and ready.  It goes with the batch that fills, or when the
+        linger it starts (or joins) ends.
+        """
+        if self._late_linger <= 0:
+            self.kick()
+            return
+        self._late_readings += count
+        if self._linger is None:
+            self._linger = self._clock.callLater(self._late_linger, self._linger_ended)
+        if self._late_readings >= self._batch_readings:
+            self.kick()
+
+    def _linger_ended(self) -> None:
+        self._linger = None
+        self._late_readings = 0
+        self.kick()
 
     def kick(self) -> None:
         """
@@ -845,9 +944,25 @@ class Uplink:
             return
         if self._retry is not None and self._retry.active():
             return
+        if any(flight.removal_failed for flight in self._in_flight.values()):
+            # A fetch now would see the readings of the batch whose removal
+            # failed and send them again; its retry kicks once it succeeds.
+            return
         self._fetching = True
         after = self._after()
-        self._spool.take_batch(self._batch_readings, after).addCallback(self._send, after)
+        self._spool.take_batch(self._batch_readings, after).addCallbacks(
+            self._send, self._take_failed, callbackArgs=(after,)
+        )
+
+    def _take_failed(self, failure) -> None:
+        self._fetching = False
+        delay = self._failures.failed(
+            "taking a batch from the spool", "take_failures", failure, "no batch taken from the spool"
+        )
+        if self._stopped:
+            return
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(delay, self.kick)
 
     def _after(self) -> int:
         """
@@ -865,6 +980,11 @@ class Uplink:
 
     def _send(self, spooled: Spooled, after: int) -> None:
         self._fetching = False
+        self._failures.succeeded("taking a batch from the spool")
+        if any(flight.removal_failed for flight in self._in_flight.values()):
+            # Taken in the transaction whose removal of an acknowledged
+            # batch failed, so it may hold that batch's readings.
+            return
         if not spooled.count:
             # The window moved while this fetch ran (a batch left it): what
             # lies before the new start has not been looked at yet.
@@ -873,6 +993,15 @@ class Uplink:
             return
         if self._sender is None or len(self._in_flight) >= self._window:
             return
+        if (
+            self._linger is not None
+            and spooled.count < self._batch_readings
+            and self._late_readings < self._batch_readings
+        ):
+            # Late parts are still arriving: wait for the batch to fill, at
+            # most until the linger ends (which kicks again).
+            return
+        self._late_readings = max(0, self._late_readings - spooled.count)
         batch = wire.Batch(self._new_batch_id(), spooled.records)
         flight = _InFlight(batch, spooled.seqs, self._clock.seconds())
         flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
@@ -896,7 +1025,10 @@ class Uplink:
         elapsed = (self._clock.seconds() - flight.sent_at) * 1000
         if ack.status != "ok":
             self.counters["batches_refused"] += 1
-            self.log.error(
+            # A few lines a minute: a cloud whose disk is full refuses every
+            # batch of the window at each retry.
+            self._refusals.warn(
+                "cloud",
                 "the cloud refused batch {batch_id}: {reason}; its readings stay spooled, retry in {delay:g} s",
                 batch_id=ack.batch_id,
                 reason=ack.reason,
@@ -914,13 +1046,34 @@ class Uplink:
             new=ack.new,
             dup=ack.dup,
         )
+        self._remove(flight)
 
-        def removed(count: int) -> None:
-            del self._in_flight[ack.batch_id]
-            self._on_delivered(count)
-            self.kick()
+    def _remove(self, flight: _InFlight) -> None:
+        """
+        Remove acknowledged C{flight}'s readings from the spool; it stays in
+        the window until they are gone, so they are not taken again.
+        """
+        flight.timer = None
+        self._spool.remove(flight.seqs).addCallbacks(
+            self._removed, self._remove_failed, callbackArgs=(flight,), errbackArgs=(flight,)
+        )
 
-        self._spool.remove(flight.seqs).addCallback(removed)
+    def _removed(self, count: int, flight: _InFlight) -> None:
+        self._failures.succeeded("removing a delivered batch from the spool")
+        flight.removal_failed = False
+        del self._in_flight[flight.batch.batch_id]
+        self._on_delivered(count)
+        self.kick()
+
+    def _remove_failed(self, failure, flight: _InFlight) -> None:
+        flight.removal_failed = True
+        delay = self._failures.failed(
+            "removing a delivered batch from the spool", "remove_failures", failure,
+            "batch {batch_id}, delivered, not removed from the spool", batch_id=flight.batch.batch_id,
+        )
+        if self._stopped:
+            return
+        flight.timer = self._clock.callLater(delay, self._remove, flight)
 
     def _ack_timed_out(self, flight: _InFlight) -> None:
         flight.timer = None
@@ -947,6 +1100,8 @@ class _InFlight:
     sent_at: float
     timer: object = None
     acknowledged: bool = False
+    #: Its removal from the spool failed and waits for a retry.
+    removal_failed: bool = False
 
 
 # -- protocols ---------------------------------------------------------------

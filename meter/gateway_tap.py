@@ -77,9 +77,12 @@ class GatewayService(MultiService):
             s["ack_timeout"],
             on_delivered=self._delivered,
             window=s["batches_in_flight"],
+            max_retry_delay=s["max_backoff"],
+            late_linger=s["late_linger"],
         )
         self.intake = gateway.Intake(
             self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick, check_source=s["check_source"],
+            on_late=self.uplink.late_arrived, max_retry_delay=s["max_backoff"],
             replay_window=s["replay_window"],
             spool_limit=s["spool_limit"],
             reassembly_timeout=s["reassembly_timeout"],
@@ -147,7 +150,8 @@ class GatewayService(MultiService):
         intake, uplink = self.intake.stats(), self.uplink.counters
         self.log.info(
             "gateway stats: spool_depth={depth} reassemblies={reassemblies} duplicates={duplicates} "
-            "expired_reassemblies={expired} refused_busy={busy} batches_acknowledged={acked} "
+            "expired_reassemblies={expired} refused_busy={busy} transaction_failures={failures} "
+            "batches_acknowledged={acked} "
             "forwarding_retries={retries} (resent {resent}, ack timeouts {timeouts}, refused {refused}, "
             "reconnects {reconnects}); intake {intake}; uplink {uplink}",
             depth=intake["spool_depth"],
@@ -155,6 +159,7 @@ class GatewayService(MultiService):
             duplicates=intake.get("duplicates", 0),
             expired=intake.get("expired_reassemblies", 0),
             busy=intake.get("refused_spool_full", 0) + intake.get("spool_failures", 0),
+            failures=intake.get("transaction_failures", 0) + uplink["transaction_failures"],
             acked=uplink["batches_acknowledged"],
             retries=uplink["batches_resent"] + uplink["ack_timeouts"] + uplink["batches_refused"] + uplink["cloud_retries"],
             resent=uplink["batches_resent"],

@@ -254,9 +254,17 @@ class Spool:
         return self._database.run_many(_add_chunks, item)
 
     def close_round(self, day: datetime.date, now: float):
+        """
+        Close C{day}'s round: its readings may leave.  A round the spool
+        does not hold yet (every write of its chunks failed so far) is added
+        closed, so a chunk of it spooled later is forwarded.
+        """
+
         def work(connection: sqlite3.Connection) -> None:
             connection.execute(
-                "UPDATE rounds SET closed_at = ? WHERE day = ? AND closed_at IS NULL", (now, day.isoformat())
+                "INSERT INTO rounds VALUES (?, ?, ?) ON CONFLICT (day) DO UPDATE SET closed_at = ?"
+                " WHERE closed_at IS NULL",
+                (day.isoformat(), now, now, now),
             )
 
         return self._database.run(work)
