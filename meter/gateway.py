@@ -567,6 +567,11 @@ class Intake:
         device_day = self._days.get((chunk.device_id, chunk.day))
         if device_day is not None and key in device_day.ids:
             device_day.ids.remove(key)
+            # A transfer none of whose parts was taken is not one of the
+            # day's: a device whose chunks met a failing spool gives up and
+            # sends its day again in a new transfer, as often as it takes.
+            if not any(xfer == chunk.xfer for _, xfer, _ in device_day.ids):
+                device_day.xfers.discard(chunk.xfer)
         transfer_key = (chunk.device_id, chunk.xfer)
         if minutes and transfer_key in self._minutes:
             self._minutes[transfer_key] &= ~minutes

@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from twisted.logger import Logger, formatEvent
 from meter import wire
 from meter.cloud import CloudStore, open_database
 from meter.database import Database, connect
+from meter.device import previous_day
 from meter.gateway import Intake, Uplink
 from meter.processes import CONSOLE_LINE
 from meter.reading import Reading
@@ -188,7 +190,7 @@ def test_a_locked_spool_answers_busy_at_once_and_takes_the_retry(gw):
     g = gw()
     g.locker.lock()
     chunk = day_chunk(1)
-    assert g.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool write failed")
+    assert g.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
     assert g.intake.counters["spool_failures"] == 1
     assert g.intake.counters["transaction_failures"] == 1
     g.locker.release()
@@ -447,8 +449,10 @@ def test_a_console_that_fails_does_not_keep_the_acknowledgement(tmp_path):
 # -- the real daemons: a lock held by another process, a disk that fills ------
 
 #: The day the fleets send (they are told which day), and a second one.
-E2E_DAY = datetime.date(2024, 5, 1)
-E2E_NEXT = datetime.date(2024, 5, 2)
+#: Days the gateway takes from a transfer sent now (it refuses a day far
+#: from the chunk's send time): the day before yesterday, and yesterday.
+E2E_NEXT = previous_day(time.time())
+E2E_DAY = E2E_NEXT - datetime.timedelta(days=1)
 
 #: Devices that keep retrying for a while: a busy answer keeps a chunk, and
 #: a device that gives up sends its day again.
@@ -583,14 +587,14 @@ def test_a_spool_locked_by_another_process(make_suite):
         # is busy only if it is answered within its first timeout.
         device = suite.start_device(1)
         assert device.wait(30) == 1, device.tail()
-        assert device.all_matching(r"gateway busy \(spool write failed\) for part \d/\d after 1 transmissions"), \
+        assert device.all_matching(r"gateway busy \(spool: write failed\) for part \d/\d after 1 transmissions"), \
             device.tail()
         fleet = suite.start_fleet(E2E_DAY, "1-5", *PATIENT)
         gateway.wait_for(r"device \d: chunk not spooled, answered busy: OperationalError: database is locked", 20)
         # Closed in memory; its close in the spool fails (the lines about it
         # are rate-limited per step: the device's round of yesterday may
         # have had them).
-        gateway.wait_for(r"round 2024-05-01 closed: deadline of 3 s passed", 20)
+        gateway.wait_for(rf"round {E2E_DAY} closed: deadline of 3 s passed", 20)
         seen_or_wait(gateway, r"round \S+ not closed in the spool, not forwarded yet: .*database is locked")
         cloud = suite.start_cloud()
         gateway.wait_for(r"no batch taken from the spool: OperationalError: database is locked", 20)
@@ -714,12 +718,12 @@ def test_a_late_day_is_forwarded_in_few_batches(make_suite):
     gateway = suite.start_gateway()
     gateway.wait_for("connected to the cloud")
     assert fleet_summary(suite.start_fleet(E2E_DAY, "1-3"))["delivered"] == 3
-    gateway.wait_for(r"round 2024-05-01 closed: deadline of 2 s passed", 20)
+    gateway.wait_for(rf"round {E2E_DAY} closed: deadline of 2 s passed", 20)
     suite.wait_stored(3 * 1440, cloud)
     before = len(gateway.all_matching(r"forwarding batch"))
     summary = fleet_summary(suite.start_fleet(E2E_DAY, "4"))
     assert summary["delivered"] == 1 and summary["chunks"] >= 17, summary
-    gateway.wait_for(r"late device 4 \(\S+\) reported 2024-05-01", 20)
+    gateway.wait_for(rf"late device 4 \(\S+\) reported {E2E_DAY}", 20)
     suite.wait_stored(4 * 1440, cloud)
     gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
     gateway.stop()
