@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from meter import cloud, secrets
+from meter import cloud, database, secrets
 from meter.database import Database, connect
 from meter.options import MeterOptions
 
@@ -94,4 +94,11 @@ def _console(text: str) -> None:
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    # Here, before twistd logs, forks or binds anything: a database that
+    # cannot work ends the start with one line naming it and the cause.
+    path = options.config.cloud["db"]
+    try:
+        database.prepare(path, cloud.VERSIONS)
+    except database.Unusable as e:
+        raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
     return CloudService(options.config.cloud, options.tls, reactor)

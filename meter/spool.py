@@ -5,9 +5,10 @@ has acknowledged to a device and the cloud has not yet acknowledged.
 A chunk is acknowledged to its device only once it is committed here, and a
 reading leaves only once the cloud acknowledged the batch holding it, so a
 crash at any instant loses nothing.  Opening an existing spool never
-reinitialises it: the schema is created only where it is missing (a spool
-written by an older gateway, one row a reading, has its readings moved into
-chunks as it is opened).
+reinitialises it: the file records its kind and schema version (see
+L{meter.database.Schema}), and an older spool takes the steps to the current
+version as it is opened (a spool written one row a reading has its readings
+moved into chunks).
 
 A chunk is stored as one row holding its record text, so taking a datagram
 costs one row, not one per reading.  The spool therefore does not make
@@ -27,9 +28,11 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.database import Database, RowInsert, connect, immediate_transaction, insert_telling_new
+from meter.database import GATEWAY_SPOOL, Database, RowInsert, Schema, connect, execute_script, insert_telling_new, upgrade
 from meter.reading import Reading, format_number
 
+#: Version 1 of the spool, the first step of L{VERSIONS}.  Fixed: a later
+#: change is a step of its own after it.
 SCHEMA = """
 -- One row a chunk: its readings as the canonical DAY record text the device
 -- sent (HH:MM,temperature,humidity;...), n of them.
@@ -123,23 +126,37 @@ def _batch_records(chunk_records: str, day: str, device_id: int, device_ip: str)
 def _migrate(connection: sqlite3.Connection) -> None:
     """
     Move the readings of a spool written one row a reading into chunks, one
-    a device and day, in their order, in one transaction.
+    a device and day, in their order.
     """
     if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'readings'").fetchone() is None:
         return
-    with immediate_transaction(connection):
-        groups: dict[tuple[str, int, str], list[str]] = {}
-        for day, device_id, device_ip, taken_at, temperature, humidity in connection.execute(
-            "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY seq"
-        ):
-            groups.setdefault((day, device_id, device_ip), []).append(
-                f"{taken_at[11:16]},{format_number(temperature)},{format_number(humidity)}"
-            )
-        connection.executemany(
-            _ADD_CHUNK,
-            [(day, device_id, device_ip, ";".join(records), len(records)) for (day, device_id, device_ip), records in groups.items()],
+    groups: dict[tuple[str, int, str], list[str]] = {}
+    for day, device_id, device_ip, taken_at, temperature, humidity in connection.execute(
+        "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY seq"
+    ):
+        groups.setdefault((day, device_id, device_ip), []).append(
+            f"{taken_at[11:16]},{format_number(temperature)},{format_number(humidity)}"
         )
-        connection.execute("DROP TABLE readings")
+    connection.executemany(
+        _ADD_CHUNK,
+        [(day, device_id, device_ip, ";".join(records), len(records)) for (day, device_id, device_ip), records in groups.items()],
+    )
+    connection.execute("DROP TABLE readings")
+
+
+def _version_1(connection: sqlite3.Connection) -> None:
+    """
+    The tables of L{SCHEMA}, made where missing: an empty file, or a spool
+    of a gateway from before versions (a spool of one row a reading has its
+    readings moved into chunks).
+    """
+    execute_script(connection, SCHEMA)
+    _migrate(connection)
+
+
+#: The spool's versions (see L{meter.database.Schema}): each step takes a
+#: spool from the version before it to the next.
+VERSIONS = Schema(GATEWAY_SPOOL, (_version_1,))
 
 
 _OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
@@ -180,12 +197,18 @@ class Spool:
     @staticmethod
     def open(path: Path) -> tuple[sqlite3.Connection, Recovered]:
         """
-        Open (creating if missing) the spool at C{path} and read what it
-        holds.  Blocking: called once at start, before the reactor serves.
+        Open (creating if missing) the spool at C{path}, at the current
+        version, and read what it holds.  Blocking: called once at start,
+        before the reactor serves.  Raises L{meter.database.Unusable} for a
+        file of another kind or a newer version (see also
+        L{meter.database.prepare}, the start-up checks).
         """
         connection = connect(path)
-        connection.executescript(SCHEMA)
-        _migrate(connection)
+        try:
+            upgrade(connection, VERSIONS)
+        except BaseException:
+            connection.close()
+            raise
         rounds = tuple(
             StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
             for day, opened_at, closed_at in connection.execute(
