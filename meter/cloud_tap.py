@@ -95,10 +95,12 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     # Here, before twistd logs, forks or binds anything: a database that
-    # cannot work ends the start with one line naming it and the cause.
+    # cannot work, or that a running cloud holds, ends the start with one
+    # line naming it and the cause.
     path = options.config.cloud["db"]
     try:
         database.prepare(path, cloud.VERSIONS)
+        database.hold(path)
     except database.Unusable as e:
         raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
     return CloudService(options.config.cloud, options.tls, reactor)

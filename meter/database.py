@@ -25,6 +25,7 @@ arrives.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import sqlite3
@@ -257,6 +258,36 @@ def prepare(path: Path, schema: Schema) -> None:
     finally:
         if connection is not None:
             connection.close()
+
+
+#: The files this process holds (see L{hold}): open for as long as it runs.
+_HELD: dict[Path, int] = {}
+
+
+def hold(path: Path) -> None:
+    """
+    Take an exclusive C{flock} on the file at C{path} for the life of this
+    process, or raise L{Unusable} if another process holds one: a second
+    daemon started on a file a running one works with is refused, where
+    SQLite's own locks would let both go on (they last a transaction only).
+
+    Why C{flock}: it belongs to the open file, so it passes to the process
+    twistd forks into, and it is apart from the POSIX locks SQLite takes.
+    The descriptor is never closed while the process runs.
+    """
+    path = path.absolute()
+    if path in _HELD:
+        return
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise Unusable(f"cannot open it to lock it: {e.strerror}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise Unusable("in use by another process (a meter daemon is running on it)") from None
+    _HELD[path] = descriptor
 
 
 def _cause(error: sqlite3.Error, path: Path) -> str:

@@ -193,10 +193,12 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     # Here, before twistd logs, forks or binds anything: a spool that cannot
-    # work ends the start with one line naming it and the cause.
+    # work, or that a running gateway holds, ends the start with one line
+    # naming it and the cause.
     path = options.config.gateway["spool"]
     try:
         database.prepare(path, VERSIONS)
+        database.hold(path)
     except database.Unusable as e:
         raise SystemExit(f"meter-gateway: cannot open spool {path}: {e}") from None
     return GatewayService(options.config.gateway, options.config.fleet, options.keys, options.tls, reactor)

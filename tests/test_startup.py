@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from meter import cloud, database, spool
 from meter.database import CLOUD_DATABASE, GATEWAY_SPOOL, Schema, Unusable, connect, prepare, upgrade
+from meter.processes import free_port
 from meter.spool import Spool
 from tests.harness import Suite
 
@@ -454,13 +456,13 @@ ROLES = {
 }
 
 
-def refused(suite: Suite, role: str, path: Path, cause: str) -> None:
+def refused(suite: Suite, role: str, path: Path, cause: str, *args: str) -> None:
     """
     The real plugin started on C{path} exits non-zero with exactly one line,
     naming the file and C{cause} (a regular expression), and binds nothing.
     """
     plugin, option, noun = ROLES[role]
-    daemon = suite.start(role, plugin, option, str(path))
+    daemon = suite.start(role, plugin, option, str(path), *args)
     assert daemon.wait(30) != 0
     assert len(daemon.lines) == 1, daemon.tail()
     assert re.fullmatch(f"{plugin}: cannot open {noun} {re.escape(str(path))}: {cause}", daemon.lines[0]), daemon.lines
@@ -547,3 +549,23 @@ def test_the_daemons_refuse_a_file_on_a_read_only_filesystem(suite, role):
     path = (spool_file if role == "gateway" else cloud_file)(folder / "file.sqlite")
     with read_only_mount(folder):
         refused(suite, role, path, "read-only: its filesystem is mounted read-only")
+
+
+@pytest.mark.e2e
+def test_a_second_gateway_on_a_running_gateways_spool_is_refused(suite):
+    # SQLite's locks last a transaction: between two, a second daemon would
+    # open the file and work beside the first.
+    first = suite.start_gateway()
+    other_port = free_port(socket.SOCK_DGRAM)
+    refused(suite, "gateway", suite.spool, r"in use by another process \(a meter daemon is running on it\)",
+            "--listen", f"127.0.0.1:{other_port}")
+    assert first.process.poll() is None
+
+
+@pytest.mark.e2e
+def test_a_second_cloud_on_a_running_clouds_database_is_refused(suite):
+    first = suite.start_cloud()
+    other_port = free_port(socket.SOCK_STREAM)
+    refused(suite, "cloud", suite.db, r"in use by another process \(a meter daemon is running on it\)",
+            "--listen", f"tcp:{other_port}:interface=127.0.0.1")
+    assert first.process.poll() is None
