@@ -302,13 +302,33 @@ def _cause(error: sqlite3.Error, path: Path) -> str:
         return "not an SQLite database"
     if primary == sqlite3.SQLITE_CORRUPT:
         return f"corrupt: {error}"
-    if primary == sqlite3.SQLITE_FULL:
-        return "the disk is full"
+    if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        # SQLite says only "disk I/O error" when the write-ahead log's shared
+        # memory file cannot grow on a full disk.
+        room = _room(path)
+        if primary == sqlite3.SQLITE_FULL or room is not None and room < _LEAST_ROOM:
+            return "the disk is full" if room is None else f"the disk is full ({room} bytes free)"
     if primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
         reason = _read_only(path)
         if reason is not None:
             return f"read-only: {reason}"
     return str(error)
+
+
+#: Less free space than this on the file's filesystem, and an I/O error
+#: is put down to a full disk: a few pages of the log and its index.
+_LEAST_ROOM = 256 * 1024
+
+
+def _room(path: Path) -> int | None:
+    """
+    The bytes free to this process on the filesystem holding C{path}.
+    """
+    try:
+        stat = os.statvfs(path.absolute().parent)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _read_only(path: Path) -> str | None:

@@ -11,6 +11,7 @@ undone in a finally.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -569,3 +570,55 @@ def test_a_second_cloud_on_a_running_clouds_database_is_refused(suite):
     refused(suite, "cloud", suite.db, r"in use by another process \(a meter daemon is running on it\)",
             "--listen", f"tcp:{other_port}:interface=127.0.0.1")
     assert first.process.poll() is None
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path):
+    """
+    A small tmpfs at C{folder}, for the test to fill; unmounted after.
+    """
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder: Path) -> None:
+    descriptor = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for _ in range(1024):  # 4 MB at most, far past the tmpfs's 512 KB
+            os.write(descriptor, b"x" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the tmpfs did not fill")
+    finally:
+        os.close(descriptor)
+
+
+@needs_root
+@pytest.mark.parametrize("existing", [True, False], ids=["existing", "new"])
+def test_a_file_on_a_full_disk_is_refused(tmp_path, existing):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    with full_disk(folder):
+        path = folder / "spool.sqlite"
+        if existing:
+            prepare(path, SPOOL)
+        fill(folder)
+        with pytest.raises(Unusable, match=r"^the disk is full( \(\d+ bytes free\))?$"):
+            prepare(path, SPOOL)
+
+
+@pytest.mark.e2e
+@needs_root
+@pytest.mark.parametrize("role", ROLES)
+def test_the_daemons_refuse_a_file_on_a_full_disk(suite, role):
+    folder = suite.root / "small"
+    folder.mkdir()
+    with full_disk(folder):
+        path = folder / "file.sqlite"
+        prepare(path, SPOOL if role == "gateway" else CLOUD)
+        fill(folder)
+        refused(suite, role, path, r"the disk is full \(\d+ bytes free\)")
