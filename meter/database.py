@@ -322,7 +322,8 @@ _LEAST_ROOM = 256 * 1024
 
 def _room(path: Path) -> int | None:
     """
-    The bytes free to this process on the filesystem holding C{path}.
+    The bytes free on the filesystem holding C{path}, less those kept for
+    root.
     """
     try:
         stat = os.statvfs(path.absolute().parent)
