@@ -220,39 +220,47 @@ def test_open_database_and_spool_open_adopt_an_unversioned_file(tmp_path):
 
 
 def test_a_version_step_takes_a_file_from_its_version_to_the_next_only(tmp_path):
+    # The steps of the spool's versions, and one more: a file at the
+    # current version takes only the new step.
     path = spool_file(tmp_path / "spool.sqlite")
-    steps = []
+    taken = []
 
-    def add_digests(connection):
-        steps.append(2)
-        connection.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
+    def counted(step):
+        def run(connection):
+            taken.append(step)
+            step(connection)
 
-    def version_1(connection):
-        steps.append(1)
+        return run
 
-    later = Schema(GATEWAY_SPOOL, (version_1, add_digests))
+    def add_a_column(connection):
+        connection.execute("ALTER TABLE parts ADD COLUMN probe BLOB")
+
+    later = Schema(GATEWAY_SPOOL, tuple(map(counted, SPOOL.steps + (add_a_column,))))
     prepare(path, later)
-    assert steps == [2]
-    assert pragmas(path) == (GATEWAY_SPOOL, 2)
+    assert taken == [add_a_column]
+    assert pragmas(path) == (GATEWAY_SPOOL, SPOOL.version + 1)
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        assert "digest" in {c for (c,) in connection.execute("SELECT name FROM pragma_table_info('parts')")}
+        assert "probe" in {c for (c,) in connection.execute("SELECT name FROM pragma_table_info('parts')")}
     # At its version, nothing more is done.
     prepare(path, later)
-    assert steps == [2]
+    assert taken == [add_a_column]
+    # A new file takes every step, in order.
+    prepare(tmp_path / "new.sqlite", later)
+    assert taken == [add_a_column, *SPOOL.steps, add_a_column]
 
 
 def test_a_failing_step_leaves_the_file_at_its_version_untouched(tmp_path):
     path = spool_file(tmp_path / "spool.sqlite")
 
-    def add_digests(connection):
-        connection.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
+    def add_a_column_and_fail(connection):
+        connection.execute("ALTER TABLE parts ADD COLUMN probe BLOB")
         raise sqlite3.OperationalError("the step fails half-way")
 
     with pytest.raises(Unusable, match="the step fails half-way"):
-        prepare(path, Schema(GATEWAY_SPOOL, (spool.VERSIONS.steps[0], add_digests)))
-    assert pragmas(path) == (GATEWAY_SPOOL, 1)
+        prepare(path, Schema(GATEWAY_SPOOL, SPOOL.steps + (add_a_column_and_fail,)))
+    assert pragmas(path) == (GATEWAY_SPOOL, SPOOL.version)
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        assert "digest" not in {c for (c,) in connection.execute("SELECT name FROM pragma_table_info('parts')")}
+        assert "probe" not in {c for (c,) in connection.execute("SELECT name FROM pragma_table_info('parts')")}
 
 
 def test_a_file_of_a_newer_version_is_refused_naming_both_versions_and_left_alone(tmp_path):
@@ -305,6 +313,10 @@ def test_an_sqlite_file_of_neither_kind_is_refused_naming_its_table(tmp_path):
         connection.execute("PRAGMA application_id = 1234")
     with pytest.raises(Unusable, match="not a meter file"):
         prepare(path, CLOUD)
+    path = tmp_path / "rounds.sqlite"
+    write_script(path, "CREATE TABLE rounds (day TEXT);")
+    with pytest.raises(Unusable, match="^not a gateway spool: its table rounds lacks the column.s. closed_at, opened_at$"):
+        prepare(path, SPOOL)
 
 
 def test_a_script_runs_inside_the_transaction_under_way(tmp_path):
@@ -510,7 +522,8 @@ def test_the_daemons_refuse_a_file_of_a_newer_version(suite, role):
     path = (spool_file if role == "gateway" else cloud_file)(suite.root / "file.sqlite")
     with contextlib.closing(sqlite3.connect(path)) as connection:
         connection.execute("PRAGMA user_version = 99")
-    refused(suite, role, path, r"its schema is version 99, newer than this meter's 1 \(written by a newer meter\)")
+    known = (SPOOL if role == "gateway" else CLOUD).version
+    refused(suite, role, path, rf"its schema is version 99, newer than this meter's {known} \(written by a newer meter\)")
 
 
 @pytest.mark.e2e
