@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from meter import cloud, database, spool
-from meter.database import CLOUD_DATABASE, GATEWAY_SPOOL, Schema, Unusable, connect, prepare, upgrade
+from meter.database import CLOUD_DATABASE, GATEWAY_SPOOL, Schema, Unusable, connect, prepare
 from meter.processes import free_port
 from meter.spool import Spool
 from tests.harness import Suite
