@@ -23,9 +23,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import ratelimit, wire
-from meter.database import Database, RowInsert, insert_telling_new
+from meter.database import CLOUD_DATABASE, Database, RowInsert, Schema, execute_script, insert_telling_new, upgrade
 from meter.retry import Failures
 
+#: Version 1 of the database, the first step of L{VERSIONS}.  Fixed: a
+#: later change is a step of its own after it.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
     device_id     INTEGER NOT NULL,
@@ -40,8 +42,26 @@ CREATE INDEX IF NOT EXISTS readings_by_ip ON readings (device_ip, taken_at);
 """
 
 
+def _version_1(connection: sqlite3.Connection) -> None:
+    """
+    The table and index of L{SCHEMA}, made where missing: an empty file, or
+    a database of a cloud from before versions.
+    """
+    execute_script(connection, SCHEMA)
+
+
+#: The database's versions (see L{meter.database.Schema}): each step takes
+#: a database from the version before it to the next.
+VERSIONS = Schema(CLOUD_DATABASE, (_version_1,))
+
+
 def open_database(connection: sqlite3.Connection) -> None:
-    connection.executescript(SCHEMA)
+    """
+    Bring the database open on C{connection} to the current version; raises
+    L{meter.database.Unusable} for a file of another kind or a newer version
+    (see also L{meter.database.prepare}, the start-up checks).
+    """
+    upgrade(connection, VERSIONS)
 
 
 def _insert(columns: wire.BatchColumns, stored_at: float):

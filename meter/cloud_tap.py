@@ -15,7 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
-from meter import cloud, secrets
+from meter import cloud, database, secrets
 from meter.database import Database, connect
 from meter.options import MeterOptions
 
@@ -180,4 +180,13 @@ def _console(text: str) -> None:
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    # Here, before twistd logs, forks or binds anything: a database that
+    # cannot work, or that a running cloud holds, ends the start with one
+    # line naming it and the cause.
+    path = options.config.cloud["db"]
+    try:
+        database.prepare(path, cloud.VERSIONS)
+        database.hold(path)
+    except database.Unusable as e:
+        raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
     return CloudService(options.config.cloud, options.tls, reactor)

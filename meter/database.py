@@ -27,7 +27,9 @@ once, and its callers answer busy or retry later.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -74,6 +76,284 @@ def immediate_transaction(connection: sqlite3.Connection):
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
+
+
+class Unusable(Exception):
+    """
+    A database file a daemon cannot work with.  The message is the cause
+    alone (C{locked by another process}); the caller names the file.
+    """
+
+
+#: The C{PRAGMA application_id} of each kind of meter file ("MTgs", "MTcd"
+#: in ASCII), so a file says what it is whichever daemon or tool opens it.
+GATEWAY_SPOOL = 0x4D546773
+CLOUD_DATABASE = 0x4D546364
+KINDS = {GATEWAY_SPOOL: "gateway spool", CLOUD_DATABASE: "cloud database"}
+
+#: The tables, with the columns each must have, that a file of each kind
+#: written before its kind had versions may hold: such a file is adopted
+#: as it is found.  Fixed: later versions are steps from these.
+UNVERSIONED: dict[int, dict[str, frozenset[str]]] = {
+    GATEWAY_SPOOL: {
+        "chunks": frozenset({"seq", "day", "device_id", "device_ip", "records", "n"}),
+        "parts": frozenset({"device_id", "xfer", "part", "parts", "day", "received_at"}),
+        "rounds": frozenset({"day", "opened_at", "closed_at"}),
+        # The spool of one row a reading, moved into chunks when adopted.
+        "readings": frozenset({"seq", "day", "device_id", "device_ip", "taken_at", "temperature_c", "humidity_pct"}),
+    },
+    CLOUD_DATABASE: {
+        "readings": frozenset({"device_id", "device_ip", "taken_at", "temperature_c", "humidity_pct", "stored_at"}),
+    },
+}
+
+#: How long start-up waits for another process's write transaction to end
+#: before it calls the file locked.  Start-up only, before the reactor runs;
+#: the connections the daemons then work with have the busy timeout of
+#: L{connect}.
+START_LOCK_WAIT = 2.0
+
+
+@attrs.frozen
+class Schema:
+    """
+    The versions of one kind of file: C{steps[n]} takes a file at version
+    C{n} to C{n + 1}, inside the transaction that then records the new
+    version.  C{steps[0]} makes version 1 of an empty file and adopts a
+    file of L{UNVERSIONED}'s shape, so it creates only what is missing.
+
+    A change to the schema is a new step at the end; the steps before it
+    never change, as files at each of their versions exist.
+    """
+
+    application_id: int
+    steps: tuple[Callable[[sqlite3.Connection], None], ...]
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.application_id]
+
+    @property
+    def version(self) -> int:
+        return len(self.steps)
+
+
+def execute_script(connection: sqlite3.Connection, script: str) -> None:
+    """
+    Run the statements of C{script} one by one, inside the transaction
+    under way (C{executescript} would commit it first).
+    """
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            connection.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete statement at the end of a script: {statement.strip()[:60]!r}")
+
+
+def _tables(connection: sqlite3.Connection) -> dict[str, set[str]]:
+    names = [
+        name
+        for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ]
+    return {name: {column for (column,) in connection.execute("SELECT name FROM pragma_table_info(?)", (name,))} for name in names}
+
+
+def _misfit(tables: dict[str, set[str]], shape: dict[str, frozenset[str]], kind: str) -> str | None:
+    """
+    Why C{tables} are not those of a file of C{shape}, or None if they are.
+    """
+    for name, columns in tables.items():
+        if name not in shape:
+            return f"it holds a table {name}, which a {kind} has not"
+        missing = shape[name] - columns
+        if missing:
+            return f"its table {name} lacks the column(s) {', '.join(sorted(missing))}"
+    return None
+
+
+def _version(connection: sqlite3.Connection, schema: Schema) -> int:
+    """
+    The version of the file open on C{connection} as a file of C{schema}:
+    0 for an empty file or an unversioned one of the right shape.  Reads
+    only; raises L{Unusable} for a file of another kind or a newer version.
+    """
+    (application_id,) = connection.execute("PRAGMA application_id").fetchone()
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if application_id not in (0, schema.application_id):
+        if application_id in KINDS:
+            raise Unusable(f"it is a {KINDS[application_id]}, not a {schema.kind}")
+        raise Unusable(f"not a meter file (its application_id is {application_id:#x})")
+    if version:
+        if not application_id:
+            raise Unusable(f"not a meter file (user_version {version} without a meter application_id)")
+        if version > schema.version:
+            raise Unusable(
+                f"its schema is version {version}, newer than this meter's {schema.version} (written by a newer meter)"
+            )
+        return version
+    tables = _tables(connection)
+    if not tables:
+        return 0
+    misfit = _misfit(tables, UNVERSIONED[schema.application_id], schema.kind)
+    if misfit is None:
+        return 0
+    for other, shape in UNVERSIONED.items():
+        if other != schema.application_id and _misfit(tables, shape, KINDS[other]) is None:
+            raise Unusable(f"it is a {KINDS[other]} (unversioned), not a {schema.kind}")
+    raise Unusable(f"not a {schema.kind}: {misfit}")
+
+
+def upgrade(connection: sqlite3.Connection, schema: Schema) -> None:
+    """
+    Bring the file open on C{connection} to C{schema}'s version: a file of
+    another kind or of a newer version is refused (L{Unusable}) before
+    anything is written; an older one takes the steps from its version to
+    the current one and records its kind and version, all in one
+    transaction.
+    """
+    if _version(connection, schema) == schema.version:
+        return
+    with immediate_transaction(connection):
+        # Again under the write lock: another process may have moved it on.
+        version = _version(connection, schema)
+        for step in schema.steps[version:]:
+            step(connection)
+        connection.execute(f"PRAGMA application_id = {schema.application_id:d}")
+        connection.execute(f"PRAGMA user_version = {schema.version:d}")
+
+
+def prepare(path: Path, schema: Schema) -> None:
+    """
+    Make sure a daemon can work with the file at C{path} (creating it if
+    missing) as a file of C{schema}, or raise L{Unusable} with the cause:
+    not a file, not SQLite, corrupt (C{PRAGMA quick_check}), of another
+    kind or a newer version, locked by another process, read-only (the file,
+    its folder where the write-ahead log must go, or the filesystem).  The
+    file is left at C{schema}'s version, in WAL mode.
+
+    Blocking, and may wait L{START_LOCK_WAIT} for a lock: for start-up,
+    before the reactor runs and before any socket is bound.
+    """
+    if path.exists() and not path.is_file():
+        raise Unusable("not a regular file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Unusable(f"cannot create its folder {path.parent}: {e.strerror}") from None
+    connection = None
+    try:
+        connection = sqlite3.connect(str(path), isolation_level=None, timeout=START_LOCK_WAIT)
+        _version(connection, schema)
+        # Its first three problems, on one line.
+        problems = [" ".join(problem.split()) for (problem,) in connection.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise Unusable(f"corrupt: PRAGMA quick_check says {'; '.join(problems)}")
+        connection.execute("PRAGMA journal_mode=WAL")
+        upgrade(connection, schema)
+        # The version written once more, and committed: proof that the file
+        # and the write-ahead log beside it take a write.
+        with immediate_transaction(connection):
+            connection.execute(f"PRAGMA user_version = {schema.version:d}")
+    except sqlite3.Error as e:
+        raise Unusable(_cause(e, path)) from None
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+#: The files this process holds (see L{hold}): open for as long as it runs.
+_HELD: dict[Path, int] = {}
+
+
+def hold(path: Path) -> None:
+    """
+    Take an exclusive C{flock} on the file at C{path} for the life of this
+    process, or raise L{Unusable} if another process holds one: a second
+    daemon started on a file a running one works with is refused, where
+    SQLite's own locks would let both go on (they last a transaction only).
+
+    Why C{flock}: it belongs to the open file, so it passes to the process
+    twistd forks into, and it is apart from the POSIX locks SQLite takes.
+    The descriptor is never closed while the process runs.
+    """
+    path = path.absolute()
+    if path in _HELD:
+        return
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise Unusable(f"cannot open it to lock it: {e.strerror}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise Unusable("in use by another process (a meter daemon is running on it)") from None
+    _HELD[path] = descriptor
+
+
+def _cause(error: sqlite3.Error, path: Path) -> str:
+    """
+    What a failure to open or write the file at C{path} says to an operator.
+    """
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"locked by another process (a write transaction held longer than {START_LOCK_WAIT:g} s)"
+    if primary == sqlite3.SQLITE_NOTADB:
+        return "not an SQLite database"
+    if primary == sqlite3.SQLITE_CORRUPT:
+        return f"corrupt: {error}"
+    if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        # SQLite says only "disk I/O error" when the write-ahead log's shared
+        # memory file cannot grow on a full disk.
+        room = _room(path)
+        if primary == sqlite3.SQLITE_FULL or room is not None and room < _LEAST_ROOM:
+            return "the disk is full" if room is None else f"the disk is full ({room} bytes free)"
+    if primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        reason = _read_only(path)
+        if reason is not None:
+            return f"read-only: {reason}"
+    return str(error)
+
+
+#: Less free space than this on the file's filesystem, and an I/O error
+#: is put down to a full disk: a few pages of the log and its index.
+_LEAST_ROOM = 256 * 1024
+
+
+def _room(path: Path) -> int | None:
+    """
+    The bytes free on the filesystem holding C{path}, less those kept for
+    root.
+    """
+    try:
+        stat = os.statvfs(path.absolute().parent)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _read_only(path: Path) -> str | None:
+    """
+    Why the file at C{path} cannot be written, if the filesystem says so.
+    """
+    folder = path.absolute().parent
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return "its filesystem is mounted read-only"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} is not writable, so SQLite cannot create its write-ahead log (-wal, -shm) there"
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists() and not os.access(companion, os.W_OK):
+            return f"{companion} is not writable"
+    return None
 
 
 #: The most parameters one statement may hold in any SQLite since 3.32.

@@ -12,10 +12,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from meter import gateway, secrets
+from meter import database, gateway, secrets
 from meter.database import Database
 from meter.options import MeterOptions
-from meter.spool import Spool
+from meter.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
 
 
@@ -199,4 +199,13 @@ class GatewayService(MultiService):
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    # Here, before twistd logs, forks or binds anything: a spool that cannot
+    # work, or that a running gateway holds, ends the start with one line
+    # naming it and the cause.
+    path = options.config.gateway["spool"]
+    try:
+        database.prepare(path, VERSIONS)
+        database.hold(path)
+    except database.Unusable as e:
+        raise SystemExit(f"meter-gateway: cannot open spool {path}: {e}") from None
     return GatewayService(options.config.gateway, options.config.fleet, options.keys, options.tls, reactor)

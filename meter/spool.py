@@ -5,9 +5,10 @@ has acknowledged to a device and the cloud has not yet acknowledged.
 A chunk is acknowledged to its device only once it is committed here, and a
 reading leaves only once the cloud acknowledged the batch holding it, so a
 crash at any instant loses nothing.  Opening an existing spool never
-reinitialises it: the schema is created only where it is missing (a spool
-written by an older gateway, one row a reading, has its readings moved into
-chunks as it is opened).
+reinitialises it: the file records its kind and schema version (see
+L{meter.database.Schema}), and an older spool takes the steps to the current
+version as it is opened (a spool written one row a reading has its readings
+moved into chunks).
 
 A chunk is stored as one row holding its record text, so taking a datagram
 costs one row, not one per reading.  The spool therefore does not make
@@ -28,9 +29,11 @@ from pathlib import Path
 import attrs
 
 from meter import wire
-from meter.database import Database, RowInsert, connect, immediate_transaction, insert_telling_new
+from meter.database import GATEWAY_SPOOL, Database, RowInsert, Schema, connect, execute_script, insert_telling_new, upgrade
 from meter.reading import Reading, format_number
 
+#: Version 1 of the spool, the first step of L{VERSIONS}.  Fixed: a later
+#: change is a step of its own after it.
 SCHEMA = """
 -- One row a chunk: its readings as the canonical DAY record text the device
 -- sent (HH:MM,temperature,humidity;...), n of them.
@@ -43,10 +46,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     n         INTEGER NOT NULL
 );
 -- Every chunk acknowledged: the deduplication record of message ids and
--- the reassembly state of each transfer.  digest is the chunk's content
--- digest (L{content_digest}), so a message id sent again with other
--- content is told from a retransmission; NULL in rows spooled before the
--- column existed.
+-- the reassembly state of each transfer.
 CREATE TABLE IF NOT EXISTS parts (
     device_id   INTEGER NOT NULL,
     xfer        TEXT    NOT NULL,
@@ -54,7 +54,6 @@ CREATE TABLE IF NOT EXISTS parts (
     parts       INTEGER NOT NULL,
     day         TEXT    NOT NULL,
     received_at REAL    NOT NULL,
-    digest      BLOB,
     PRIMARY KEY (device_id, xfer, part)
 ) WITHOUT ROWID;
 -- One row a day the gateway has seen: open until every device reported or
@@ -148,33 +147,46 @@ def _batch_records(chunk_records: str, day: str, device_id: int, device_ip: str)
 def _migrate(connection: sqlite3.Connection) -> None:
     """
     Move the readings of a spool written one row a reading into chunks, one
-    a device and day, in their order, in one transaction.
+    a device and day, in their order.
     """
     if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'readings'").fetchone() is None:
         return
-    with immediate_transaction(connection):
-        groups: dict[tuple[str, int, str], list[str]] = {}
-        for day, device_id, device_ip, taken_at, temperature, humidity in connection.execute(
-            "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY seq"
-        ):
-            groups.setdefault((day, device_id, device_ip), []).append(
-                f"{taken_at[11:16]},{format_number(temperature)},{format_number(humidity)}"
-            )
-        connection.executemany(
-            _ADD_CHUNK,
-            [(day, device_id, device_ip, ";".join(records), len(records)) for (day, device_id, device_ip), records in groups.items()],
+    groups: dict[tuple[str, int, str], list[str]] = {}
+    for day, device_id, device_ip, taken_at, temperature, humidity in connection.execute(
+        "SELECT day, device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY seq"
+    ):
+        groups.setdefault((day, device_id, device_ip), []).append(
+            f"{taken_at[11:16]},{format_number(temperature)},{format_number(humidity)}"
         )
-        connection.execute("DROP TABLE readings")
+    connection.executemany(
+        _ADD_CHUNK,
+        [(day, device_id, device_ip, ";".join(records), len(records)) for (day, device_id, device_ip), records in groups.items()],
+    )
+    connection.execute("DROP TABLE readings")
 
 
-def _add_digest_column(connection: sqlite3.Connection) -> None:
+def _version_1(connection: sqlite3.Connection) -> None:
     """
-    Give the C{parts} table of a spool made before content digests its
-    C{digest} column (C{NULL} in the rows it holds).
+    The tables of L{SCHEMA}, made where missing: an empty file, or a spool
+    of a gateway from before versions (a spool of one row a reading has its
+    readings moved into chunks).
     """
-    columns = {name for _, name, *_ in connection.execute("PRAGMA table_info(parts)")}
-    if "digest" not in columns:
-        connection.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
+    execute_script(connection, SCHEMA)
+    _migrate(connection)
+
+
+def _version_2(connection: sqlite3.Connection) -> None:
+    """
+    Each part's content digest (L{content_digest}), so a message id sent
+    again with other content is told from a retransmission; C{NULL} in the
+    rows spooled before it, which are taken as retransmissions as before.
+    """
+    connection.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
+
+
+#: The spool's versions (see L{meter.database.Schema}): each step takes a
+#: spool from the version before it to the next.
+VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2))
 
 
 _OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
@@ -216,13 +228,18 @@ class Spool:
     @staticmethod
     def open(path: Path) -> tuple[sqlite3.Connection, Recovered]:
         """
-        Open (creating if missing) the spool at C{path} and read what it
-        holds.  Blocking: called once at start, before the reactor serves.
+        Open (creating if missing) the spool at C{path}, at the current
+        version, and read what it holds.  Blocking: called once at start,
+        before the reactor serves.  Raises L{meter.database.Unusable} for a
+        file of another kind or a newer version (see also
+        L{meter.database.prepare}, the start-up checks).
         """
         connection = connect(path)
-        connection.executescript(SCHEMA)
-        _add_digest_column(connection)
-        _migrate(connection)
+        try:
+            upgrade(connection, VERSIONS)
+        except BaseException:
+            connection.close()
+            raise
         rounds = tuple(
             StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
             for day, opened_at, closed_at in connection.execute(
