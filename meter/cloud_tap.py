@@ -10,7 +10,6 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import usage
 
 from meter import cloud, secrets
 from meter.database import Database, connect
@@ -29,10 +28,7 @@ class Options(MeterOptions):
 
 
     def _check(self) -> None:
-        try:
-            self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
-        except secrets.SecretError as e:
-            raise usage.UsageError(str(e)) from None
+        self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
 
 
 class CloudService(MultiService):
