@@ -320,10 +320,11 @@ def tls_files(folder: Path, role: str) -> list[Path]:
 
 def _own_certificate(folder: Path, role: str):
     """
-    C{role}'s certificate and key and the CA's certificate, as Twisted's
+    C{role}'s certificate and key, and the CAs it trusts, as Twisted's
     types, once checked to belong together: the key is the certificate's
-    and the CA signed the certificate.  A folder mixing two CAs is refused
-    here rather than at every handshake.
+    and a CA of C{ca.crt} signed the certificate.  C{ca.crt} may hold more
+    than one CA (the old and the new one while a CA is replaced).  A folder
+    mixing two CAs is refused here rather than at every handshake.
     """
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
@@ -342,19 +343,26 @@ def _own_certificate(folder: Path, role: str):
     except ValueError as e:
         raise SecretError(f"{cert_path}: not a PEM certificate: {e}") from None
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        authorities = x509.load_pem_x509_certificates(ca_pem)
     except ValueError as e:
         raise SecretError(f"{ca_path}: not a PEM certificate: {e}") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise SecretError(f"{key_path} is not the key of {cert_path}")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+
+    def signed_by(authority) -> bool:
+        try:
+            cert.verify_directly_issued_by(authority)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    if not any(map(signed_by, authorities)):
         raise SecretError(
             f"{cert_path} is not signed by {ca_path}: the folder mixes two CAs, and the peer would refuse the handshake"
-        ) from None
-    return ssl.PrivateCertificate.loadPEM(key_pem + cert_pem), ssl.Certificate.loadPEM(ca_pem)
+        )
+    trusted = [ssl.Certificate.loadPEM(authority.public_bytes(serialization.Encoding.PEM)) for authority in authorities]
+    return ssl.PrivateCertificate.loadPEM(key_pem + cert_pem), ssl.trustRootFromCertificates(trusted)
 
 
 def tls_policy() -> dict:
@@ -377,11 +385,11 @@ def server_tls(folder: Path):
     """
     from twisted.internet import ssl
 
-    own, authority = _own_certificate(folder, "cloud")
+    own, authorities = _own_certificate(folder, "cloud")
     return ssl.CertificateOptions(
         privateKey=own.privateKey.original,
         certificate=own.original,
-        trustRoot=ssl.trustRootFromCertificates([authority]),
+        trustRoot=authorities,
         **tls_policy(),
     )
 
@@ -393,7 +401,7 @@ def client_tls(folder: Path, server_name: str = CLOUD_NAME):
     """
     from twisted.internet import ssl
 
-    own, authority = _own_certificate(folder, "gateway")
+    own, authorities = _own_certificate(folder, "gateway")
     return ssl.optionsForClientTLS(
-        server_name, trustRoot=authority, clientCertificate=own, extraCertificateOptions=tls_policy()
+        server_name, trustRoot=authorities, clientCertificate=own, extraCertificateOptions=tls_policy()
     )

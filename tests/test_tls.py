@@ -65,21 +65,19 @@ def deliver(suite: Suite) -> None:
 
 def rogue_folder(suite: Suite, name: str, role: str) -> Path:
     """
-    A secrets folder holding the suite's own CA and device keys, but a
-    C{role} ("cloud" or "gateway") certificate and key that ANOTHER CA
-    signed: trusted by nothing in the suite.
+    A secrets folder holding the suite's device keys, a C{role} ("cloud"
+    or "gateway") certificate and key that ANOTHER CA signed, and a ca.crt
+    trusting both CAs: the rogue daemon trusts the suite, the suite does not
+    trust it.
     """
     own = suite.root / "var" / "secrets"
     other = suite.root / f"{name}-other-ca"
     secrets.create(other, suite.fleet)
     rogue = suite.root / name
-    shutil.copytree(own, rogue, ignore=shutil.ignore_patterns(".lock", "cloud.*", "gateway.*"))
+    shutil.copytree(own, rogue, ignore=shutil.ignore_patterns(".lock", "ca.*", "cloud.*", "gateway.*"))
     for suffix in ("crt", "key"):
-        shutil.copy(other / f"{role}.{suffix}", rogue / f"{role}.{suffix}")
-    # Starting with generate = true keeps every file that exists: the rogue
-    # certificate stays.
-    secrets.create(rogue, suite.fleet)
-    assert (rogue / f"{role}.crt").read_bytes() == (other / f"{role}.crt").read_bytes()
+        shutil.copy2(other / f"{role}.{suffix}", rogue / f"{role}.{suffix}")
+    (rogue / "ca.crt").write_bytes((own / "ca.crt").read_bytes() + (other / "ca.crt").read_bytes())
     return rogue
 
 
