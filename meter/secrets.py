@@ -128,11 +128,10 @@ def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
         try:
             os.link(temporary, path)
         except FileExistsError:
@@ -182,6 +181,7 @@ def generate(folder: Path, fleet) -> list[Path]:
     files this call made are removed again, so the folder is left as found.
     """
     if present(folder):
+        _wait_for_writer(folder)
         return []
     created: list[Path] = []
     with _locked(folder):
