@@ -129,12 +129,12 @@ def readings(args: argparse.Namespace) -> int:
 def certs(args: argparse.Namespace) -> int:
     """
     Create the CA, the cloud's and gateway's certificates and the fleet's
-    device keys in a folder, keeping what exists.
+    device keys in a folder, never replacing what exists.
     """
     try:
         settings = config.load(Path(args.config) if args.config else None)
         created = secrets.create(Path(args.dir), settings.fleet)
-    except (config.ConfigError, OSError) as e:
+    except (config.ConfigError, secrets.SecretError, OSError) as e:
         print(f"meter certs: {e}", file=sys.stderr)
         return 2
     for path in created:

@@ -12,7 +12,6 @@ from twisted.application.service import MultiService
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import usage
 from zope.interface import implementer
 
 from meter import cloud, database, secrets
@@ -32,10 +31,7 @@ class Options(MeterOptions):
 
 
     def _check(self) -> None:
-        try:
-            self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
-        except secrets.SecretError as e:
-            raise usage.UsageError(str(e)) from None
+        self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
 
 
 class CloudService(MultiService):

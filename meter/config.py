@@ -209,7 +209,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     },
     "security": {
         "dir": (path, "var/secrets", "folder of the CA, the TLS certificates and devices/device<N>.key"),
-        "generate": (boolean, True, "create missing secrets at start (loopback); false in production"),
+        "generate": (boolean, True, "create the whole set at start if the folder holds none of it (loopback); false in production"),
     },
 }
 

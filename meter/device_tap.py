@@ -46,11 +46,9 @@ class Options(MeterOptions):
                 f"--id {device_id}: not a device of [fleet] in {self.config.source} "
                 f"(devices: {', '.join(map(str, self.config.fleet))})"
             )
-
-        try:
-            self.key = secrets.read_device_key(self.config.security["dir"], device_id)
-        except secrets.SecretError as e:
-            raise usage.UsageError(str(e)) from None
+        folder = self.config.security["dir"]
+        secrets.require(folder, [secrets.device_key_path(folder, device_id)])
+        self.key = secrets.read_device_key(folder, device_id)
 
     def pidfile_name(self) -> str:
         return f"meter-device-{self.config.device['id']}.pid"

@@ -10,7 +10,6 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python import usage
 
 from meter import database, gateway, secrets
 from meter.database import Database
@@ -36,12 +35,14 @@ class Options(MeterOptions):
 
 
     def _check(self) -> None:
-        folder = self.config.security["dir"]
-        try:
-            self.keys = secrets.read_fleet_keys(folder, self.config.fleet)
-            self.tls = secrets.client_tls(folder, self.config.gateway["cloud_name"]) if self.config.gateway["tls"] else None
-        except secrets.SecretError as e:
-            raise usage.UsageError(str(e)) from None
+        # Every missing file at once, device keys included: the gateway never
+        # invents a device's key (the device would not hold it), and runs
+        # only once it can answer its whole fleet.
+        folder, tls = self.config.security["dir"], self.config.gateway["tls"]
+        keys = [secrets.device_key_path(folder, device_id) for device_id in self.config.fleet]
+        secrets.require(folder, (secrets.tls_files(folder, "gateway") if tls else []) + keys)
+        self.keys = secrets.read_fleet_keys(folder, self.config.fleet)
+        self.tls = secrets.client_tls(folder, self.config.gateway["cloud_name"]) if tls else None
 
 
 class GatewayService(MultiService):

@@ -567,11 +567,13 @@ def raise_fd_limit() -> int:
 def load_keys(settings: config.Config, ids: list[int]) -> dict[int, bytes]:
     """
     Each device's HMAC key, as meter-device reads it (the fleet's keys are
-    created first when [security] generate is set, as the daemons do).
+    created first when [security] generate is set and the folder holds no
+    secrets, as the daemons do).
     """
     folder = settings.security["dir"]
     if settings.security["generate"]:
-        secrets.create(folder, settings.fleet)
+        for path in secrets.generate(folder, settings.fleet):
+            print(f"meter loadgen: created secret {path}", file=sys.stderr)
     return {device_id: secrets.read_device_key(folder, device_id) for device_id in ids}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from meter import config, secrets
@@ -19,6 +20,7 @@ class MeterOptions(usage.Options):
     """
 
     role = ""
+    log = Logger()
     #: option -> key of the role's section, or "section.key" of another.
     overrides: dict[str, str] = {}
     optParameters = [
@@ -34,19 +36,26 @@ class MeterOptions(usage.Options):
         path = Path(self["config"]) if self["config"] is not None else None
         try:
             self.config = config.load(path, given)
-            security = self.config.security
-            if security["generate"]:
-                secrets.create(security["dir"], self.config.fleet)
-        except (config.ConfigError, secrets.SecretError) as e:
+        except config.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        # A secret missing or unsafe is no misuse of the command line: one
+        # line naming the file and a non-zero exit, without the usage text.
+        security = self.config.security
+        try:
+            if security["generate"]:
+                for created in secrets.generate(security["dir"], self.config.fleet):
+                    self.log.info("created secret {path}", path=str(created.absolute()))
+            self._check()
+        except secrets.SecretError as e:
+            raise SystemExit(f"meter-{self.role}: {e}") from None
         except OSError as e:
-            raise usage.UsageError(f"cannot create secrets in {self.config.security['dir']}: {e}") from None
-        self._check()
+            raise SystemExit(f"meter-{self.role}: cannot create secrets in {security['dir']}: {e} (none kept)") from None
         self._no_shared_pidfile()
 
     def _check(self) -> None:
         """
-        Role-specific checks of the loaded configuration; raise UsageError.
+        Role-specific checks of the loaded configuration; raise UsageError,
+        or SecretError for what the secrets folder lacks.
         """
 
     def pidfile_name(self) -> str:

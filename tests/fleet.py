@@ -271,13 +271,14 @@ def main(argv=None) -> int:
 def _keys(settings: config.Config, ids: list[int]) -> dict[int, bytes]:
     """
     Each device's HMAC key, as meter-device reads it (created first when
-    [security] generate is set, as the daemons do at start).
+    [security] generate is set and the folder holds no secrets, as the
+    daemons do at start).
     """
     from meter import secrets
 
     security = settings.security
     if security["generate"]:
-        secrets.create(security["dir"], settings.fleet)
+        secrets.generate(security["dir"], settings.fleet)
     return {device_id: secrets.read_device_key(security["dir"], device_id) for device_id in ids}
 
 

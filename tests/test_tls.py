@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import socket
+import ssl
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,21 +65,19 @@ def deliver(suite: Suite) -> None:
 
 def rogue_folder(suite: Suite, name: str, role: str) -> Path:
     """
-    A secrets folder holding the suite's own CA and device keys, but a
-    C{role} ("cloud" or "gateway") certificate and key that ANOTHER CA
-    signed: trusted by nothing in the suite.
+    A secrets folder holding the suite's device keys, a C{role} ("cloud"
+    or "gateway") certificate and key that ANOTHER CA signed, and a ca.crt
+    trusting both CAs: the rogue daemon trusts the suite, the suite does not
+    trust it.
     """
     own = suite.root / "var" / "secrets"
     other = suite.root / f"{name}-other-ca"
     secrets.create(other, suite.fleet)
     rogue = suite.root / name
-    shutil.copytree(own, rogue, ignore=shutil.ignore_patterns(".lock", "cloud.*", "gateway.*"))
+    shutil.copytree(own, rogue, ignore=shutil.ignore_patterns(".lock", "ca.*", "cloud.*", "gateway.*"))
     for suffix in ("crt", "key"):
-        shutil.copy(other / f"{role}.{suffix}", rogue / f"{role}.{suffix}")
-    # Starting with generate = true keeps every file that exists: the rogue
-    # certificate stays.
-    secrets.create(rogue, suite.fleet)
-    assert (rogue / f"{role}.crt").read_bytes() == (other / f"{role}.crt").read_bytes()
+        shutil.copy2(other / f"{role}.{suffix}", rogue / f"{role}.{suffix}")
+    (rogue / "ca.crt").write_bytes((own / "ca.crt").read_bytes() + (other / "ca.crt").read_bytes())
     return rogue
 
 
@@ -197,3 +198,116 @@ def test_plain_tcp_when_configured_on_both_sides(make_suite):
     deliver(suite)
     suite.wait_stored(2 * 4, cloud)
     assert suite.stored() == suite.expected_rows(yesterday())
+
+
+# -- the TLS policy: 1.2 with ECDHE and an AEAD cipher, or 1.3 -----------------
+
+
+def client_context(folder: Path, version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+    """
+    An ssl-module client holding the gateway's certificate that offers only
+    C{version} and, below 1.3, only C{ciphers}.  Its own policy is lowered
+    as far as OpenSSL goes (security level 0), so a refusal is the peer's.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(folder / "ca.crt")
+    context.load_cert_chain(folder / "gateway.crt", folder / "gateway.key")
+    context.set_ciphers((ciphers or "ALL") + ":@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1, on purpose
+        context.minimum_version = context.maximum_version = version
+    return context
+
+
+#: (protocol version, the client's only cipher suites, accepted by the suite)
+OFFERS = [
+    (ssl.TLSVersion.TLSv1_1, "ECDHE-ECDSA-AES128-SHA", False),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA256", False),
+    (ssl.TLSVersion.TLSv1_2, "AES128-GCM-SHA256:AES256-GCM-SHA384:DHE-RSA-AES128-GCM-SHA256", False),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256", True),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-GCM-SHA384", True),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-CHACHA20-POLY1305", True),
+    (ssl.TLSVersion.TLSv1_3, None, True),
+]
+OFFER_IDS = ["tls1.1", "tls1.2-cbc", "tls1.2-no-ecdhe", "tls1.2-aes128gcm", "tls1.2-aes256gcm", "tls1.2-chacha20", "tls1.3"]
+
+
+@pytest.fixture(scope="module")
+def tls_cloud(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tls-policy")
+    suite = Suite(root, devices=1, readings=4)
+    suite.start_cloud()
+    yield suite
+    suite.stop()
+
+
+@pytest.mark.parametrize("version, ciphers, accepted", OFFERS, ids=OFFER_IDS)
+def test_the_cloud_accepts_tls_1_2_with_ecdhe_and_aead_or_1_3_only(tls_cloud, version, ciphers, accepted):
+    context = client_context(tls_cloud.root / "var" / "secrets", version, ciphers)
+    with socket.create_connection(("127.0.0.1", tls_cloud.cloud_port), timeout=20) as raw:
+        if not accepted:
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):
+                context.wrap_socket(raw, server_hostname=secrets.CLOUD_NAME)
+            return
+        with context.wrap_socket(raw, server_hostname=secrets.CLOUD_NAME) as tls:
+            assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+            if ciphers is not None:
+                assert tls.cipher()[0] == ciphers
+
+
+def server_object(folder: Path, version: ssl.TLSVersion, ciphers: str | None):
+    """
+    An in-memory ssl-module server holding the cloud's certificate that
+    offers only C{version} and C{ciphers}; its two memory BIOs.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cloud.crt", folder / "cloud.key")
+    context.set_ciphers((ciphers or "ALL") + ":@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = version
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing
+
+
+def handshake_with_the_gateways_options(folder: Path, version: ssl.TLSVersion, ciphers: str | None):
+    """
+    A handshake in memory between the gateway's TLS transport (Twisted's
+    TLS protocol with the options meter.secrets.client_tls makes) and an
+    ssl-module server: the protocol version and cipher agreed.  The server
+    raises its SSLError if the two have nothing in common.
+    """
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    client = TLSMemoryBIOFactory(secrets.client_tls(folder), True, Factory.forProtocol(Protocol)).buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    server, incoming, outgoing = server_object(folder, version, ciphers)
+    for _ in range(10):  # a handshake takes a few flights
+        incoming.write(transport.value())
+        transport.clear()
+        try:
+            server.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        answer = outgoing.read()
+        if not answer and not transport.value():
+            break
+        client.dataReceived(answer)
+    assert not transport.disconnecting
+    return client._tlsConnection.get_protocol_version_name(), client._tlsConnection.get_cipher_name()
+
+
+@pytest.mark.parametrize("version, ciphers, accepted", OFFERS, ids=OFFER_IDS)
+def test_the_gateway_accepts_tls_1_2_with_ecdhe_and_aead_or_1_3_only(tmp_path, version, ciphers, accepted):
+    secrets.create(tmp_path, {1: "192.168.1.2"})
+    if not accepted:
+        with pytest.raises(ssl.SSLError):
+            handshake_with_the_gateways_options(tmp_path, version, ciphers)
+        return
+    agreed, cipher = handshake_with_the_gateways_options(tmp_path, version, ciphers)
+    assert agreed == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+    if ciphers is not None:
+        assert cipher == ciphers
