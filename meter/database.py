@@ -543,6 +543,11 @@ class Database:
                         if len(result) != len(items):
                             raise RuntimeError(f"{work!r} gave {len(result)} results for {len(items)} items")
                 except Exception:
+                    if not connection.in_transaction:
+                        # SQLite rolled the whole transaction back (a full
+                        # disk, an I/O error): the group fails, with this
+                        # cause rather than the savepoint's absence.
+                        raise
                     connection.execute("ROLLBACK TO piece")
                     results.append((False, Failure()))
                 else:

@@ -233,6 +233,32 @@ def test_on_the_reactor_work_waits_for_the_next_turn_and_shares_its_transaction(
         connection.execute("SELECT 1")
 
 
+def test_a_full_database_fails_the_group_with_its_own_cause(tmp_path):
+    # SQLite rolls the whole transaction back when the disk is full: every
+    # piece fails saying so, not with the savepoint the rollback took away.
+    clock = task.Clock()
+    path = tmp_path / "t.sqlite"
+    connection = connect(path)
+    connection.execute("CREATE TABLE t (x INTEGER PRIMARY KEY, padding BLOB)")
+    (pages,) = connection.execute("PRAGMA page_count").fetchone()
+    connection.execute(f"PRAGMA max_page_count = {pages + 1}")
+    database = Database(connection, clock)
+
+    def big(x):
+        def work(connection):
+            connection.execute("INSERT INTO t VALUES (?, zeroblob(100000))", (x,))
+
+        return work
+
+    deferreds = [database.run(insert(1)), database.run(big(2))]
+    clock.advance(0)
+    causes = []
+    for d in deferreds:
+        d.addErrback(lambda f: causes.append(f.getErrorMessage()))
+    assert causes == ["database or disk is full"] * 2
+    assert rows(path) == []
+
+
 # -- RowInsert and insert_telling_new: plain functions on a connection ---------
 
 ROWS = RowInsert("INSERT INTO pairs", 2, "ON CONFLICT DO NOTHING")

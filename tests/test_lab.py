@@ -152,8 +152,8 @@ def test_device_forging_another_address_is_refused(make_lab):
     # Device 2's host (192.168.1.3) claims to be device 3 (192.168.1.4).
     forger = lab.start_device(3, host=2)
     assert forger.wait(30) == 1, forger.tail()
-    assert forger.all_matching(r"gateway refused part 1/1: device 3 sends from 192\.168\.1\.4, not from 192\.168\.1\.3")
-    gateway.wait_for(r"refused chunk from 192\.168\.1\.3:\d+: device 3 sends from 192\.168\.1\.4")
+    assert forger.all_matching(r"gateway refused part 1/1: source: device 3 sends from 192\.168\.1\.4, not from 192\.168\.1\.3")
+    gateway.wait_for(r"refused chunk from 192\.168\.1\.3:\d+: source: device 3 sends from 192\.168\.1\.4")
     # The real device 3 is taken.
     real = lab.start_device(3)
     assert real.wait(30) == 0, real.tail()
