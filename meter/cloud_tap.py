@@ -181,8 +181,7 @@ def makeService(options: Options):
     # line naming it and the cause.
     path = options.config.cloud["db"]
     try:
-        database.prepare(path, cloud.VERSIONS)
-        database.hold(path)
+        database.claim(path, cloud.VERSIONS)
     except database.Unusable as e:
         raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
     return CloudService(options.config.cloud, options.tls, reactor)

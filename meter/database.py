@@ -296,6 +296,22 @@ def hold(path: Path) -> None:
     _HELD[path] = descriptor
 
 
+def claim(path: Path, schema: Schema) -> None:
+    """
+    L{hold} the file at C{path} and L{prepare} it for C{schema}: what a
+    daemon does before it starts.  The lock comes first where the file
+    exists, so a daemon started on a running one's file is refused before
+    its checks write to the file (and take the write lock the running one
+    needs); a new file is made by L{prepare}, then held.
+    """
+    if path.exists():
+        hold(path)
+        prepare(path, schema)
+    else:
+        prepare(path, schema)
+        hold(path)
+
+
 def _cause(error: sqlite3.Error, path: Path) -> str:
     """
     What a failure to open or write the file at C{path} says to an operator.

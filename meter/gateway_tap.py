@@ -205,8 +205,7 @@ def makeService(options: Options):
     # naming it and the cause.
     path = options.config.gateway["spool"]
     try:
-        database.prepare(path, VERSIONS)
-        database.hold(path)
+        database.claim(path, VERSIONS)
     except database.Unusable as e:
         raise SystemExit(f"meter-gateway: cannot open spool {path}: {e}") from None
     return GatewayService(options.config.gateway, options.config.fleet, options.keys, options.tls, reactor)

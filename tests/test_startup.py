@@ -635,3 +635,27 @@ def test_the_daemons_refuse_a_file_on_a_full_disk(suite, role):
         prepare(path, SPOOL if role == "gateway" else CLOUD)
         fill(folder)
         refused(suite, role, path, r"the disk is full \(\d+ bytes free\)")
+
+
+def test_a_file_another_process_holds_is_refused_before_anything_is_written(tmp_path):
+    # A newer meter started beside a running one must not upgrade the
+    # running one's file, nor take the write lock it needs, before it is
+    # refused.
+    path = tmp_path / "spool.sqlite"
+    prepare(path, SPOOL)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys; d = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(d, fcntl.LOCK_EX);"
+         " print('held', flush=True); sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        newer = Schema(GATEWAY_SPOOL, SPOOL.steps + (lambda c: c.execute("CREATE TABLE later (x)"),))
+        with pytest.raises(Unusable, match=r"in use by another process"):
+            database.claim(path, newer)
+        assert pragmas(path) == (GATEWAY_SPOOL, SPOOL.version)
+        assert "later" not in tables(path)
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
