@@ -95,7 +95,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
         t2 = clock()
         items.clear()
         for chunk, _ in chunks:
-            spool.add_chunk(chunk, 1.0, open_round=False)
+            spool.add_chunk(chunk, 1.0)
         connection.execute("BEGIN IMMEDIATE")
         _add_chunks(connection, items)
         connection.execute("COMMIT")
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         spool = Spool(Capture())
         started = time.perf_counter()
         for c in pieces:
-            spool.add_chunk(c, 1.0, open_round=False)
+            spool.add_chunk(c, 1.0)
         prepare = (time.perf_counter() - started) / len(pieces) * 1e6
         started = time.perf_counter()
         connection.execute("BEGIN IMMEDIATE")

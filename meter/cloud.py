@@ -152,6 +152,7 @@ class CloudStore:
             if new:
                 try:
                     self._console(console_text(new))
+                    self._failures.succeeded("printing stored readings")
                 except Exception:
                     # The readings are committed: the gateway must hear so,
                     # or it would send them again and again.

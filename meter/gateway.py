@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from meter import wire
 from meter.ratelimit import LimitedWarnings, PerSource
-from meter.retry import Failures
+from meter.retry import Backoff, Failures
 from meter.spool import Recovered, Spool, Spooled, chunk_digest, content_digest
 
 #: How long (seconds, on the gateway's clock) the gateway remembers a
@@ -211,7 +211,6 @@ class Intake:
         #: refused.
         self._minutes: dict[tuple[int, str], int] = {}
         self._forget_retry = None
-        self._forget_delay = 0.0
         #: Lines about what devices send again: a few a device, then one a
         #: minute with a count (see L{_log_report}).
         self._report_lines = PerSource(clock, 1 / 60, 5)
@@ -433,10 +432,12 @@ class Intake:
             return succeed(wire.DayAck(chunk.xfer, chunk.part, "busy", reason))
 
         round_ = self._rounds.get(chunk.day)
-        # Every chunk makes sure its round is in the spool (INSERT OR IGNORE):
-        # if the write of the day's first chunk failed, the round exists in
-        # memory only, and its readings would never leave the spool.
-        d = self._spool.add_chunk(chunk, self._clock.seconds(), open_round=True)
+        # Every chunk makes sure its round is in the spool (INSERT OR IGNORE),
+        # as the gateway knows it: if the write of the day's first chunk
+        # failed, the round exists in memory only; a round closed long ago
+        # may be forgotten by the spool and not by the gateway.  Either way
+        # its readings would otherwise never leave the spool.
+        d = self._spool.add_chunk(chunk, self._clock.seconds(), round_closed=round_ is not None and round_.closed)
         self._committing[key] = []
         self._incoming += count
         self._admit(chunk, device_day, digest, minutes)
@@ -689,7 +690,9 @@ class Intake:
         the spool is forwarded, and a restart before the spool took the
         close finds the round open and closes it again for the same reason.
         """
-        self._closing.pop(day, None)
+        pending = self._closing.pop(day, None)
+        if pending is not None and pending.active():
+            pending.cancel()
         self._spool.close_round(day, at).addCallbacks(
             self._closed_in_spool, self._close_failed, callbackArgs=(day,), errbackArgs=(day, at)
         )
@@ -716,13 +719,22 @@ class Intake:
         """
         now = self._clock.seconds()
         cutoff = now - self._remember
+        # A closed round is kept while a chunk of its day can still be
+        # taken (a transfer sent within the replay window may name it): a
+        # late part then finds its round closed and is forwarded, where a
+        # round made anew would wait for a deadline and report every device
+        # missing.  The gateway's clock decides this too.
+        admissible = (
+            None if self._replay_window is None
+            else _day_at(int(now - self._replay_window) + DAY_EARLIEST)
+        )
         for day, round_ in list(self._rounds.items()):
             if not round_.closed:
                 continue
             if round_.closed_at is None:
                 # Closed since the last pass (closing does not stamp it).
                 round_.closed_at = now
-            elif round_.closed_at < cutoff:
+            elif round_.closed_at < cutoff and (admissible is None or day < admissible):
                 del self._rounds[day]
         for (device_id, day), device_day in list(self._days.items()):
             if device_day.last_seen >= cutoff:
@@ -740,22 +752,19 @@ class Intake:
         self._spool.forget_before(cutoff).addCallbacks(self._forgotten, self._not_forgotten)
 
     def _forgotten(self, _) -> None:
-        self._forget_delay = 0.0
+        self._failures.succeeded("forgetting old message ids")
 
     def _not_forgotten(self, failure) -> None:
         # Forgetting again later loses nothing: the spool keeps some old
         # message ids and empty rounds a little longer.
-        self.counters["transaction_failures"] += 1
-        self.counters["forget_failures"] += 1
-        self._forget_delay = min(max(2 * self._forget_delay, 60.0), 3600.0)
-        self._warnings.warn(
-            "spool",
-            "could not forget old message ids and rounds in the spool: {error}; retrying in {delay:g} s",
-            error=failure.getErrorMessage(),
-            delay=self._forget_delay,
+        delay = self._failures.failed(
+            "forgetting old message ids", "forget_failures", failure,
+            "old message ids and rounds not forgotten in the spool",
         )
+        if self._stopped:
+            return
         if self._forget_retry is None or not self._forget_retry.active():
-            self._forget_retry = self._clock.callLater(self._forget_delay, self._forget_old)
+            self._forget_retry = self._clock.callLater(delay, self._forget_old)
 
     def delivered(self, count: int) -> None:
         """
@@ -891,6 +900,7 @@ class Uplink:
         self.counters: Counter[str] = Counter()
         self._failures = Failures(self, clock, self.counters, max_retry_delay)
         self._refusals = LimitedWarnings(self.log, clock)
+        self._refused_backoff = Backoff(retry_delay, max(retry_delay, max_retry_delay))
 
     def connected(self, sender: BatchSender) -> None:
         self._sender = sender
@@ -974,7 +984,9 @@ class Uplink:
         Where the next batch starts in the spool: after the newest batch
         still waiting for its acknowledgement.  An acknowledged batch needs
         no skipping: its removal was queued in the spool's database before
-        any later fetch, which therefore no longer sees its readings.  After
+        any later fetch, which therefore no longer sees its readings; if
+        that removal fails, no fetch starts until it is made again, and a
+        fetch taken in its transaction is dropped (see L{_send}).  After
         a reconnection nothing waits, so the batches that lost their
         acknowledgement are sent again first.  Readings of a round that
         closed while batches were in flight, behind them in the spool, wait
@@ -1030,18 +1042,25 @@ class Uplink:
         elapsed = (self._clock.seconds() - flight.sent_at) * 1000
         if ack.status != "ok":
             self.counters["batches_refused"] += 1
-            # A few lines a minute: a cloud whose disk is full refuses every
-            # batch of the window at each retry.
+            del self._in_flight[ack.batch_id]
+            # One retry for the whole window (a cloud whose disk is full
+            # refuses every batch in flight), later after each refusal.
+            if self._retry is None or not self._retry.active():
+                delay = self._refused_backoff.next()
+                if not self._stopped:
+                    self._retry = self._clock.callLater(delay, self.kick)
+            else:
+                delay = self._retry.getTime() - self._clock.seconds()
+            # A few lines a minute, for the same reason.
             self._refusals.warn(
                 "cloud",
                 "the cloud refused batch {batch_id}: {reason}; its readings stay spooled, retry in {delay:g} s",
                 batch_id=ack.batch_id,
                 reason=ack.reason,
-                delay=self._retry_delay,
+                delay=round(delay, 3),
             )
-            del self._in_flight[ack.batch_id]
-            self._retry = self._clock.callLater(self._retry_delay, self.kick)
             return
+        self._refused_backoff.reset()
         flight.acknowledged = True
         self.counters["batches_acknowledged"] += 1
         self.log.info(

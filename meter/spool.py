@@ -189,7 +189,7 @@ def _version_2(connection: sqlite3.Connection) -> None:
 VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2))
 
 
-_OPEN_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, NULL)"
+_ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
 # OR IGNORE: a part spooled again (its message id no longer in the
 # gateway's memory, as after a forget the spool failed) is a no-op, not an
 # error.
@@ -199,16 +199,14 @@ _ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 7)
 def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]:
     """
     Work for the spool's L{Database}: spool the chunks that arrived together,
-    C{(round row or None, part row, chunk row)} each, in three statements
+    C{(round row, part row, chunk row)} each, in three statements
     rather than three a chunk; the readings each added (0 for a part spooled
     already).
     """
     rounds = {}
     for round_row, _, _ in items:
-        if round_row is not None:
-            rounds.setdefault(round_row[0], round_row)
-    if rounds:
-        connection.executemany(_OPEN_ROUND, rounds.values())
+        rounds.setdefault(round_row[0], round_row)
+    connection.executemany(_ADD_ROUND, rounds.values())
     new = insert_telling_new(connection, _ADD_PART, [value for _, part, _ in items for value in part])
     chunks = [row for (_, _, row), fresh in zip(items, new) if fresh and row[4]]
     if chunks:
@@ -255,16 +253,18 @@ class Spool:
         (depth,) = connection.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()
         return connection, Recovered(rounds, parts, depth)
 
-    def add_chunk(self, chunk: wire.DayChunk, now: float, open_round: bool):
+    def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False):
         """
         Record C{chunk}'s message id with its content digest and its
-        readings, and open its day's round if C{open_round}.  Fires with the number of readings that were
+        readings, and its day's round where the spool has none: open, or
+        closed if C{round_closed} (the gateway closed it and the spool has
+        forgotten it since).  Fires with the number of readings that were
         new to the spool: all of the chunk's, or none if a chunk with its
         message id is spooled already.
         """
         day = chunk.day.isoformat()
         item = (
-            (day, now) if open_round else None,
+            (day, now, now if round_closed else None),
             (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now, chunk_digest(chunk)),
             (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count),
         )

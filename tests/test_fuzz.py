@@ -163,7 +163,7 @@ class RecordingSpool(Spool):
         self.stored: list[wire.DayChunk] = []
         self.failed = 0
 
-    def add_chunk(self, chunk, now, open_round):
+    def add_chunk(self, chunk, now, round_closed=False):
         def done(new):
             self.committed.append(chunk)
             assert new in (0, len(chunk.readings))
@@ -175,7 +175,7 @@ class RecordingSpool(Spool):
             self.failed += 1
             return failure
 
-        return super().add_chunk(chunk, now, open_round).addCallbacks(done, failed)
+        return super().add_chunk(chunk, now, round_closed).addCallbacks(done, failed)
 
 
 def random_chunk(rng: random.Random, now: float, xfers: list[str]) -> wire.DayChunk:

@@ -91,8 +91,8 @@ class FakeSpool:
         self.failures = 0
         self._seen: set = set()
 
-    def add_chunk(self, chunk, now, open_round):
-        self.added.append((chunk, now, open_round))
+    def add_chunk(self, chunk, now, round_closed=False):
+        self.added.append((chunk, now, round_closed))
         if self.failures:
             self.failures -= 1
             return fail(RuntimeError("disk I/O error"))
@@ -195,7 +195,7 @@ def test_every_chunk_makes_sure_its_round_is_spooled():
     h.report(1)
     h.clock.advance(5)
     h.report(2)
-    assert [(c.device_id, now, open_round) for c, now, open_round in h.spool.added] == [(1, NOW, True), (2, NOW + 5, True)]
+    assert [(c.device_id, now, closed) for c, now, closed in h.spool.added] == [(1, NOW, False), (2, NOW + 5, False)]
 
 
 def test_the_deadline_closes_the_round_naming_the_missing_devices():
@@ -298,8 +298,8 @@ def test_a_failed_spool_write_is_busy_and_the_retry_is_spooled():
 
 def test_waiters_of_a_failed_commit_are_told_busy():
     class HeldFailure(FakeSpool):
-        def add_chunk(self, chunk, now, open_round):
-            self.added.append((chunk, now, open_round))
+        def add_chunk(self, chunk, now, round_closed=False):
+            self.added.append((chunk, now, round_closed))
             self.pending = Deferred()
             return self.pending
 
@@ -707,7 +707,24 @@ def test_a_disconnect_after_the_ack_does_not_resend():
     assert again.sent == []
 
 
-def test_a_refused_batch_stays_spooled_and_is_retried_after_a_delay():
+def test_refusals_of_a_whole_window_make_one_retry():
+    # A cloud that cannot store refuses every batch in flight: one timer
+    # retries them all, and stop leaves none behind.
+    h = UplinkHarness(count=6, window=3)
+    h.uplink.connected(h.sender)
+    assert len(h.sender.sent) == 3
+    for batch in list(h.sender.sent):
+        h.ack(batch, "bad", "store: not stored: disk I/O error")
+    assert len(h.clock.getDelayedCalls()) == 1
+    h.clock.advance(5)
+    assert len(h.sender.sent) == 6
+    for batch in h.sender.sent[3:]:
+        h.ack(batch, "bad", "store: not stored: disk I/O error")
+    h.uplink.stop()
+    assert [c for c in h.clock.getDelayedCalls() if c.active()] == []
+
+
+def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
     h = UplinkHarness(retry_delay=5.0)
     h.uplink.connected(h.sender)
     h.ack(h.sender.sent[0], "bad", "not stored: disk I/O error")
@@ -720,13 +737,22 @@ def test_a_refused_batch_stays_spooled_and_is_retried_after_a_delay():
     assert len(h.sender.sent) == 2
     assert h.sender.sent[1].readings == h.sender.sent[0].readings
     # a reconnection during the delay does not hurry it either
+    # a second refusal waits twice as long; a reconnection meanwhile does
+    # not hurry it
     h.ack(h.sender.sent[1], "bad", "again")
     other = FakeSender()
     h.uplink.disconnected(h.sender)
     h.uplink.connected(other)
     assert other.sent == []
-    h.clock.advance(5)
+    h.clock.advance(9.999)
+    assert other.sent == []
+    h.clock.advance(0.001)
     assert len(other.sent) == 1
+    # an acknowledgement starts the delays again from the first
+    h.ack(other.sent[0], "ok")
+    h.ack(other.sent[1], "bad", "once more")
+    h.clock.advance(5)
+    assert len(other.sent) == 3
 
 
 def test_a_stray_ack_is_ignored():
@@ -1064,11 +1090,11 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
         def __getattr__(self, name):
             return getattr(self._spool, name)
 
-        def add_chunk(self, chunk, now, open_round):
+        def add_chunk(self, chunk, now, round_closed=False):
             if not self.failed:
                 self.failed = True
                 return fail(RuntimeError("disk I/O error"))
-            return self._spool.add_chunk(chunk, now, open_round)
+            return self._spool.add_chunk(chunk, now, round_closed)
 
     h = IntakeHarness(fleet={1: FLEET[1]}, spool=FailingOnce(real.spool))
     chunk = day_chunk(1)
@@ -1085,25 +1111,25 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
 @pytest_twisted.ensureDeferred
 async def test_spool_counts_only_new_readings(real):
     chunk = day_chunk(1)
-    assert await real.spool.add_chunk(chunk, NOW, True) == 1
+    assert await real.spool.add_chunk(chunk, NOW) == 1
     # the same day in a new transfer: spooled again (the cloud's key by
     # device and minute stores it once and counts the copy as a duplicate)
     again = day_chunk(1, n=1)
     assert again.message_id != chunk.message_id
-    assert await real.spool.add_chunk(again, NOW, True) == 1
+    assert await real.spool.add_chunk(again, NOW) == 1
     # the same part again (its message id forgotten by an expired reassembly)
-    assert await real.spool.add_chunk(chunk, NOW, True) == 0
+    assert await real.spool.add_chunk(chunk, NOW) == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(real):
     first = day_chunk(1)
-    assert await real.spool.add_chunk(first, NOW, True) == 1
+    assert await real.spool.add_chunk(first, NOW) == 1
     # A burst committed together, with a part spooled before among new ones
     # (and the same new part twice): each learns what it added.
     blocker = real.database.run(lambda connection: None)
     burst = [day_chunk(2), first, day_chunk(3, n=1), day_chunk(2)]
-    answers = [real.spool.add_chunk(chunk, NOW + 1, True) for chunk in burst]
+    answers = [real.spool.add_chunk(chunk, NOW + 1) for chunk in burst]
     await blocker
     assert [await d for d in answers] == [1, 0, 1, 0]
     await real.spool.close_round(DAY, NOW + 2)
@@ -1117,10 +1143,10 @@ async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(
 async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
     other = DAY + datetime.timedelta(days=1)
     three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
-    await real.spool.add_chunk(day_chunk(1, readings=three), NOW, True)
-    await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW, True)
+    await real.spool.add_chunk(day_chunk(1, readings=three), NOW)
+    await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW)
     assert (await real.spool.take_batch(10)).count == 0  # no round closed yet
-    await real.spool.add_chunk(day_chunk(3, n=1), NOW, True)
+    await real.spool.add_chunk(day_chunk(3, n=1), NOW)
     await real.spool.close_round(DAY, NOW + 60)
     # a batch holds whole chunks; one chunk over the limit goes alone
     batch = await real.spool.take_batch(2)
@@ -1134,7 +1160,7 @@ async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
 @pytest_twisted.ensureDeferred
 async def test_spool_batches_whole_chunks_up_to_the_limit(real):
     for device_id in (1, 2, 3):
-        await real.spool.add_chunk(day_chunk(device_id), NOW, True)
+        await real.spool.add_chunk(day_chunk(device_id), NOW)
     await real.spool.close_round(DAY, NOW + 60)
     first = await real.spool.take_batch(2)
     assert [r.device_id for r in first.readings] == [1, 2]
@@ -1146,9 +1172,9 @@ async def test_spool_batches_whole_chunks_up_to_the_limit(real):
 async def test_a_day_spooled_twice_is_not_repeated_in_one_batch(real, tmp_path):
     # The cloud refuses a batch naming a device and minute twice.
     three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
-    await real.spool.add_chunk(day_chunk(1, readings=three), NOW, True)
-    await real.spool.add_chunk(day_chunk(1, n=1, readings=three[1:]), NOW, True)
-    await real.spool.add_chunk(day_chunk(2), NOW, True)
+    await real.spool.add_chunk(day_chunk(1, readings=three), NOW)
+    await real.spool.add_chunk(day_chunk(1, n=1, readings=three[1:]), NOW)
+    await real.spool.add_chunk(day_chunk(2), NOW)
     await real.spool.close_round(DAY, NOW + 60)
     batch = await real.spool.take_batch(100)
     assert list(batch.readings) == list(three) + list(day_chunk(2).readings)
@@ -1208,10 +1234,10 @@ def test_a_spool_of_one_row_a_reading_is_moved_into_chunks(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
     old = DAY - datetime.timedelta(days=3)
-    await real.spool.add_chunk(day_chunk(1, day=old), NOW, True)
-    await real.spool.add_chunk(day_chunk(2, day=old, n=1), NOW, True)
+    await real.spool.add_chunk(day_chunk(1, day=old), NOW)
+    await real.spool.add_chunk(day_chunk(2, day=old, n=1), NOW)
     await real.spool.close_round(old, NOW)
-    await real.spool.add_chunk(day_chunk(1, n=2), NOW + 10, True)
+    await real.spool.add_chunk(day_chunk(1, n=2), NOW + 10)
     batch = await real.spool.take_batch(10)
     await real.spool.remove(batch.seqs)
     await real.spool.forget_before(NOW + 5)
@@ -1226,7 +1252,7 @@ async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_spool_keeps_an_old_round_still_holding_readings(real, tmp_path):
     old = DAY - datetime.timedelta(days=3)
-    await real.spool.add_chunk(day_chunk(1, day=old), NOW, True)
+    await real.spool.add_chunk(day_chunk(1, day=old), NOW)
     await real.spool.close_round(old, NOW)
     await real.spool.forget_before(NOW + 1)
     await real.stop()

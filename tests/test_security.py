@@ -70,7 +70,7 @@ class FakeSpool:
         self.closed: list[datetime.date] = []
         self.forgotten: list[datetime.date] = []
 
-    def add_chunk(self, chunk, now, open_round):
+    def add_chunk(self, chunk, now, round_closed=False):
         self.chunks.append(chunk)
         return succeed(len(chunk.readings))
 
@@ -90,9 +90,9 @@ class CountingSpool(Spool):
 
     added = 0
 
-    def add_chunk(self, chunk, now, open_round):
+    def add_chunk(self, chunk, now, round_closed=False):
         self.added += 1
-        return super().add_chunk(chunk, now, open_round)
+        return super().add_chunk(chunk, now, round_closed)
 
 
 class Gateway:
@@ -392,9 +392,9 @@ class HoldingSpool(FakeSpool):
         self._held = held
         self.waiting: list = []
 
-    def add_chunk(self, chunk, now, open_round):
+    def add_chunk(self, chunk, now, round_closed=False):
         if chunk.xfer != self._held:
-            return super().add_chunk(chunk, now, open_round)
+            return super().add_chunk(chunk, now, round_closed)
         self.chunks.append(chunk)
         d = Deferred()
         self.waiting.append((d, len(chunk.readings)))
