@@ -832,6 +832,20 @@ class Intake:
         )
 
 
+#: The codes of a cloud's refusal that name something in the batch itself,
+#: which sending it again cannot change (docs/protocol.md).  Any other
+#: refusal (the cloud's database failing, a cloud of another version) may
+#: pass and is retried.
+REFUSED_FOR_GOOD = frozenset({"field", "value", "range", "count", "record", "minute", "checksum"})
+
+
+def refused_for_good(reason: str) -> bool:
+    """
+    Whether a refusal's C{reason} says the batch will never be stored.
+    """
+    return reason.partition(":")[0] in REFUSED_FOR_GOOD
+
+
 class BatchSender(Protocol):
     """
     What the uplink needs of a connection to the cloud.
@@ -849,7 +863,9 @@ class Uplink:
     once the cloud acknowledged it.
 
     A batch the cloud does not acknowledge within C{ack_timeout} (or that it
-    refuses) stays in the spool and is sent again.
+    refuses) stays in the spool and is sent again; one the cloud refuses for
+    good (L{refused_for_good}) is set aside in the spool's C{refused} table,
+    so the batches behind it go on.
 
     A spool transaction that fails (taking a batch, removing an acknowledged
     one) is retried on a timer with backoff up to C{max_retry_delay}
@@ -876,12 +892,21 @@ class Uplink:
         window: int = 1,
         max_retry_delay: float = 30.0,
         late_linger: float = 0.0,
+        on_set_aside: Callable[[int], None] | None = None,
     ):
+        """
+        @param on_delivered: called with the number of readings that left
+            the spool, delivered.
+        @param on_set_aside: called with the number of readings that left
+            the spool's depth, refused for good by the cloud and set aside
+            (by default L{on_delivered}).
+        """
         self._spool = spool
         self._clock = clock
         self._batch_readings = batch_readings
         self._ack_timeout = ack_timeout
         self._on_delivered = on_delivered
+        self._on_set_aside = on_set_aside or on_delivered
         self._retry_delay = retry_delay
         self._new_batch_id = new_batch_id
         self._window = window
@@ -1040,6 +1065,21 @@ class Uplink:
             return
         self._cancel(flight)
         elapsed = (self._clock.seconds() - flight.sent_at) * 1000
+        if ack.status != "ok" and refused_for_good(ack.reason):
+            # Sent again, it would be refused again, and every batch behind
+            # it would wait: it goes out of the way, kept in the spool file.
+            self.counters["batches_set_aside"] += 1
+            flight.acknowledged = True
+            flight.set_aside = ack.reason
+            self._refusals.warn(
+                "cloud",
+                "the cloud refused batch {batch_id} for good: {reason}; its readings are set aside in the spool's "
+                "refused table (docs/reliability.md)",
+                batch_id=ack.batch_id,
+                reason=ack.reason,
+            )
+            self._remove(flight)
+            return
         if ack.status != "ok":
             self.counters["batches_refused"] += 1
             del self._in_flight[ack.batch_id]
@@ -1078,15 +1118,21 @@ class Uplink:
         the window until they are gone, so they are not taken again.
         """
         flight.timer = None
-        self._spool.remove(flight.seqs).addCallbacks(
-            self._removed, self._remove_failed, callbackArgs=(flight,), errbackArgs=(flight,)
-        )
+        if flight.set_aside is None:
+            removed = self._spool.remove(flight.seqs)
+        else:
+            removed = self._spool.set_aside(flight.seqs, flight.set_aside, self._clock.seconds())
+        removed.addCallbacks(self._removed, self._remove_failed, callbackArgs=(flight,), errbackArgs=(flight,))
 
     def _removed(self, count: int, flight: _InFlight) -> None:
         self._failures.succeeded("removing a delivered batch from the spool")
         flight.removal_failed = False
         del self._in_flight[flight.batch.batch_id]
-        self._on_delivered(count)
+        if flight.set_aside is None:
+            self._on_delivered(count)
+        else:
+            self.counters["readings_set_aside"] += count
+            self._on_set_aside(count)
         self.kick()
 
     def _remove_failed(self, failure, flight: _InFlight) -> None:
@@ -1126,6 +1172,9 @@ class _InFlight:
     acknowledged: bool = False
     #: Its removal from the spool failed and waits for a retry.
     removal_failed: bool = False
+    #: Why the cloud refused it for good, if it did: it is set aside, not
+    #: removed.
+    set_aside: str | None = None
 
 
 # -- protocols ---------------------------------------------------------------

@@ -77,6 +77,7 @@ class GatewayService(MultiService):
             s["batch_readings"],
             s["ack_timeout"],
             on_delivered=self._delivered,
+            on_set_aside=lambda count: self.intake.delivered(count),
             window=s["batches_in_flight"],
             max_retry_delay=s["max_backoff"],
             late_linger=s["late_linger"],

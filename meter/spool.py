@@ -184,9 +184,22 @@ def _version_2(connection: sqlite3.Connection) -> None:
     connection.execute("ALTER TABLE parts ADD COLUMN digest BLOB")
 
 
+def _version_3(connection: sqlite3.Connection) -> None:
+    """
+    Chunks the cloud refused for good (a reading it will never take, as a
+    cloud of another release may): set aside with the reason, out of the
+    way of the chunks behind them, kept for the operator.
+    """
+    connection.execute(
+        "CREATE TABLE refused ("
+        " seq INTEGER PRIMARY KEY, day TEXT NOT NULL, device_id INTEGER NOT NULL, device_ip TEXT NOT NULL,"
+        " records TEXT NOT NULL, n INTEGER NOT NULL, reason TEXT NOT NULL, refused_at REAL NOT NULL)"
+    )
+
+
 #: The spool's versions (see L{meter.database.Schema}): each step takes a
 #: spool from the version before it to the next.
-VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2))
+VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2, _version_3))
 
 
 _ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
@@ -358,6 +371,28 @@ class Spool:
             removed = connection.execute(
                 "DELETE FROM chunks WHERE seq IN (SELECT value FROM json_each(?)) RETURNING n",
                 (json.dumps(unique),),
+            ).fetchall()
+            return sum(n for (n,) in removed)
+
+        return self._database.run(work)
+
+    def set_aside(self, seqs, reason: str, now: float):
+        """
+        Move the chunks of a batch the cloud refused for good (by their
+        C{seq}s) into the C{refused} table with C{reason}; fires with how
+        many readings went.  They leave the spool's depth, not the file.
+        """
+        unique = json.dumps(sorted(set(seqs)))
+
+        def work(connection: sqlite3.Connection) -> int:
+            connection.execute(
+                "INSERT OR IGNORE INTO refused"
+                " SELECT seq, day, device_id, device_ip, records, n, ?, ? FROM chunks"
+                " WHERE seq IN (SELECT value FROM json_each(?))",
+                (reason, now, unique),
+            )
+            removed = connection.execute(
+                "DELETE FROM chunks WHERE seq IN (SELECT value FROM json_each(?)) RETURNING n", (unique,)
             ).fetchall()
             return sum(n for (n,) in removed)
 

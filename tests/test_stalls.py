@@ -226,6 +226,42 @@ def test_a_failed_take_is_retried_with_backoff_until_it_succeeds(gw):
     assert lines[0] == "no batch taken from the spool: OperationalError: database is locked; retry in 0.25 s"
 
 
+def test_a_batch_the_cloud_refuses_for_good_is_set_aside_and_the_rest_go_on(gw):
+    # A cloud of another release may refuse what this gateway spooled (a
+    # value it no longer takes): sent again, it would be refused again and
+    # block every batch behind it.
+    g = gw(fleet={1: FLEET[1]}, batch_readings=1)
+    for part in (1, 2):
+        assert g.receive(day_chunk(1, part=part, parts=2)).status == "ok"
+    g.uplink.connected(g.sender)
+    g.settle()
+    (first,) = g.sender.sent
+    g.uplink.ack_received(wire.BatchAck(first.batch_id, "bad", "value: device address '::ffff:102:304' is IPv4-mapped"))
+    g.settle()
+    (_, second) = g.sender.sent
+    assert second.readings == day_chunk(1, part=2, parts=2).readings
+    g.ack(second)
+    assert g.delivered == [1, 1]  # the depth counts both out
+    assert (g.uplink.counters["batches_set_aside"], g.uplink.counters["readings_set_aside"]) == (1, 1)
+    with sqlite3.connect(g.path) as connection:
+        assert connection.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
+        (kept,) = connection.execute("SELECT device_id, records, reason FROM refused").fetchall()
+    assert kept == (1, "00:00,20,30", "value: device address '::ffff:102:304' is IPv4-mapped")
+    assert any("refused batch 0000000000000001 for good" in line for line in g.logged())
+
+
+def test_a_refusal_that_may_pass_is_retried_not_set_aside(gw):
+    g = gw(fleet={1: FLEET[1]}, batch_readings=1)
+    assert g.receive(day_chunk(1)).status == "ok"
+    g.uplink.connected(g.sender)
+    g.settle()
+    for reason in ("store: not stored: disk I/O error", "version: version 1, this side speaks 2"):
+        g.uplink.ack_received(wire.BatchAck(g.sender.sent[-1].batch_id, "bad", reason))
+        g.clock.advance(30)
+    assert len(g.sender.sent) == 3
+    assert g.uplink.counters["batches_set_aside"] == 0
+
+
 def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_removed_later(gw):
     g = gw(fleet={1: FLEET[1]}, batch_readings=1)
     for part in (1, 2):

@@ -164,7 +164,7 @@ def test_a_new_spool_is_made_at_the_current_version_in_wal_mode(tmp_path):
     path = tmp_path / "var" / "spool.sqlite"
     prepare(path, SPOOL)
     assert pragmas(path) == (GATEWAY_SPOOL, SPOOL.version)
-    assert tables(path) == ["chunks", "parts", "rounds"]
+    assert tables(path) == ["chunks", "parts", "refused", "rounds"]
     with contextlib.closing(sqlite3.connect(path)) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -192,7 +192,7 @@ def test_a_spool_of_one_row_a_reading_is_adopted_with_its_readings_in_chunks(tmp
     write_script(path, ONE_ROW_A_READING_SPOOL)
     prepare(path, SPOOL)
     assert pragmas(path) == (GATEWAY_SPOOL, SPOOL.version)
-    assert tables(path) == ["chunks", "parts", "rounds"]
+    assert tables(path) == ["chunks", "parts", "refused", "rounds"]
     with contextlib.closing(sqlite3.connect(path)) as connection:
         assert connection.execute("SELECT day, device_id, records, n FROM chunks").fetchall() == [
             ("2024-05-01", 3, "02:00,17,35;03:00,17.5,36", 2)
