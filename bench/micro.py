@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from meter import cloud, wire  # noqa: E402
 from meter.database import connect  # noqa: E402
-from meter.loadgen import synthetic_day  # noqa: E402
+from meter.tools.loadgen import synthetic_day  # noqa: E402
 from meter.reading import Reading  # noqa: E402
 
 DAY = datetime.date(2026, 3, 1)
@@ -56,7 +56,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
     the acknowledgements.  Plus the raw loop's CPU per datagram, it is the
     least the gateway daemon can spend with this codec and spool.
     """
-    from meter.spool import SCHEMA as SPOOL_SCHEMA, Spool, _add_chunks
+    from meter.gateway.spool import SCHEMA as SPOOL_SCHEMA, Spool, _add_chunks
 
     keys = {d: bytes([d % 251 + 1]) * 32 for d in range(1, devices + 1)}
     datagrams = []
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             size=1200, device=3, peer="127.0.0.1:5555", part=1, parts=21, day=DAY, n=n), number=2000))
 
     with tempfile.TemporaryDirectory() as scratch:
-        from meter.spool import SCHEMA as SPOOL_SCHEMA, Spool
+        from meter.gateway.spool import SCHEMA as SPOOL_SCHEMA, Spool
 
         connection = connect(Path(scratch) / "spool.sqlite")
         connection.executescript(SPOOL_SCHEMA)

@@ -56,7 +56,7 @@ import profiles  # noqa: E402
 from suite import Workspace, fleet_of, label_address, loadgen_command, proc_stats  # noqa: E402
 
 from meter import config, wire  # noqa: E402
-from meter.loadgen import synthetic_day  # noqa: E402
+from meter.tools.loadgen import synthetic_day  # noqa: E402
 
 REPO = HERE.parent
 RESULTS = HERE / "results"

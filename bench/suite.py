@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from meter import config, secrets
-from meter.processes import free_port, twistd
+from meter.tools.processes import free_port, twistd
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -221,5 +221,5 @@ def proc_stats(pid: int) -> dict:
 
 
 def loadgen_command(workspace: Workspace, json_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "meter.cli", "loadgen", "--config", str(workspace.config), "--quiet",
+    return [sys.executable, "-m", "meter.tools.cli", "loadgen", "--config", str(workspace.config), "--quiet",
             "--json", str(json_path), *args]

@@ -39,7 +39,6 @@ from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, wire
-from meter.gateway import new_id
 from meter.reading import load_survey, survey_path
 
 
@@ -126,7 +125,7 @@ class FleetDevice:
         self.attempts += 1
         f = self.fleet
         chunks = wire.split_day(
-            self.id, self.address, f.day, self.readings, new_id(), int(time.time()), f.chunk_bytes
+            self.id, self.address, f.day, self.readings, wire.new_id(), int(time.time()), f.chunk_bytes
         )
         sender = device.DaySender(chunks, self._send, reactor, f.retransmission, random.Random(f.seed * 100003 + self.id))
         self.protocol.sender = sender

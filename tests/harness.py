@@ -1,7 +1,7 @@
 """
 A meter suite on loopback for end-to-end and fault tests: a temporary
 configuration with free ports, survey files for a fleet, and the real twistd
-plugins started as child processes (see L{meter.processes}).
+plugins started as child processes (see L{meter.tools.processes}).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from meter import config
-from meter.lab import survey_text
-from meter.processes import Daemon, DaemonError, free_port, twistd
+from meter.tools.lab import survey_text
+from meter.tools.processes import Daemon, DaemonError, free_port, twistd
 
 #: The fleet-in-one-process driver of the fault tests.
 FLEET = Path(__file__).resolve().parent / "fleet.py"

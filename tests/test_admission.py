@@ -29,7 +29,7 @@ from meter import secrets, wire
 from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
-from meter.spool import Spool, content_digest
+from meter.gateway.spool import Spool, content_digest
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
 #: east of UTC+2:40, 2026-03-01).

@@ -189,7 +189,7 @@ def _readings_database(path) -> None:
     ],
 )
 def test_meter_readings_carries_the_device_id_beside_the_address(tmp_path, capsys, fmt, expected):
-    from meter import cli
+    from meter.tools import cli
 
     _readings_database(tmp_path / "cloud.sqlite")
     assert cli.main(["readings", "--db", str(tmp_path / "cloud.sqlite"), "--format", fmt]) == 0
@@ -199,7 +199,7 @@ def test_meter_readings_carries_the_device_id_beside_the_address(tmp_path, capsy
 def test_meter_readings_as_json_carries_the_device_id(tmp_path, capsys):
     import json
 
-    from meter import cli
+    from meter.tools import cli
 
     _readings_database(tmp_path / "cloud.sqlite")
     assert cli.main(["readings", "--db", str(tmp_path / "cloud.sqlite"), "--format", "json"]) == 0

@@ -278,7 +278,7 @@ def usage_error(options, args) -> str:
 
 
 def test_gateway_option_with_a_bad_deadline_is_refused_naming_it(repo_root, secrets_dir):
-    from meter import gateway_tap
+    from meter.gateway import tap as gateway_tap
 
     assert usage_error(gateway_tap.Options(), ["--deadline", "x", "--secrets", secrets_dir]) == (
         "--deadline: expected a number, got 'x'"
@@ -292,7 +292,7 @@ def test_gateway_option_with_a_bad_deadline_is_refused_naming_it(repo_root, secr
 
 
 def test_gateway_options_override_the_file(repo_root, secrets_dir):
-    from meter import gateway_tap
+    from meter.gateway import tap as gateway_tap
 
     options = gateway_tap.Options()
     options.parseOptions(["--deadline", "12.5", "--listen", "127.0.0.1:20005", "--secrets", secrets_dir])
@@ -303,14 +303,14 @@ def test_gateway_options_override_the_file(repo_root, secrets_dir):
 
 
 def test_device_options_need_an_id(repo_root, secrets_dir):
-    from meter import device_tap
+    from meter.device import tap as device_tap
 
     message = usage_error(device_tap.Options(), ["--secrets", secrets_dir])
     assert message == "--id is required (or [device] id in the configuration)"
 
 
 def test_device_options_refuse_an_id_outside_the_fleet(repo_root, secrets_dir):
-    from meter import device_tap
+    from meter.device import tap as device_tap
 
     message = usage_error(device_tap.Options(), ["--id", "9", "--secrets", secrets_dir])
     assert message == "--id 9: not a device of [fleet] in etc/meter.toml (devices: 1, 2, 3, 4)"
@@ -319,7 +319,7 @@ def test_device_options_refuse_an_id_outside_the_fleet(repo_root, secrets_dir):
 
 
 def test_device_options_take_a_fleet_id(repo_root, secrets_dir):
-    from meter import device_tap
+    from meter.device import tap as device_tap
 
     options = device_tap.Options()
     options.parseOptions(["--id", "2", "--secrets", secrets_dir])
@@ -328,14 +328,14 @@ def test_device_options_take_a_fleet_id(repo_root, secrets_dir):
 
 
 def test_cloud_options_refuse_a_bad_endpoint(repo_root, secrets_dir):
-    from meter import cloud_tap
+    from meter.cloud import tap as cloud_tap
 
     message = usage_error(cloud_tap.Options(), ["--listen", "tcp:notaport", "--secrets", secrets_dir])
     assert message.startswith("--listen: expected a Twisted endpoint")
 
 
 def test_options_with_a_missing_config_file_are_refused(tmp_path, secrets_dir):
-    from meter import gateway_tap
+    from meter.gateway import tap as gateway_tap
 
     missing = tmp_path / "missing.toml"
     message = usage_error(gateway_tap.Options(), ["--config", str(missing), "--secrets", secrets_dir])
@@ -344,7 +344,7 @@ def test_options_with_a_missing_config_file_are_refused(tmp_path, secrets_dir):
 
 @pytest.mark.parametrize("nodaemon, expected", [(True, ""), (False, "meter-gateway.pid")])
 def test_each_daemon_gets_its_own_pidfile(repo_root, secrets_dir, nodaemon, expected):
-    from meter import gateway_tap
+    from meter.gateway import tap as gateway_tap
 
     options = gateway_tap.Options()
     options.parent = {"pidfile": "twistd.pid", "nodaemon": nodaemon}
@@ -353,7 +353,7 @@ def test_each_daemon_gets_its_own_pidfile(repo_root, secrets_dir, nodaemon, expe
 
 
 def test_a_chosen_pidfile_is_kept(repo_root, secrets_dir):
-    from meter import device_tap
+    from meter.device import tap as device_tap
 
     options = device_tap.Options()
     options.parent = {"pidfile": "mine.pid", "nodaemon": False}

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from meter.processes import CONSOLE_LINE
+from meter.tools.processes import CONSOLE_LINE
 from tests.harness import Suite
 
 pytestmark = pytest.mark.e2e

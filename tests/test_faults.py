@@ -23,7 +23,7 @@ import time
 import pytest
 
 from meter.device import previous_day
-from meter.processes import CONSOLE_LINE, Daemon
+from meter.tools.processes import CONSOLE_LINE, Daemon
 from tests.harness import Suite
 
 pytestmark = pytest.mark.e2e

@@ -42,7 +42,7 @@ from meter import cloud, wire
 from meter.database import Database, connect
 from meter.gateway import CloudClientProtocol, GatewayProtocol, Intake
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
-from meter.spool import Spool
+from meter.gateway.spool import Spool
 
 NOW = 1_795_320_000
 DAYS = [datetime.date(2026, 11, 20), datetime.date(2026, 11, 21), datetime.date(2026, 11, 22)]

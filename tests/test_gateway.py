@@ -25,7 +25,7 @@ from meter import gateway, wire
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
-from meter.spool import Recovered, Spool, Spooled, StoredPart, StoredRound
+from meter.gateway.spool import Recovered, Spool, Spooled, StoredPart, StoredRound
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from meter import lab as lab_module
+from meter.tools import lab as lab_module
 from meter.gateway import peer_host
-from meter.lab import Lab, LabError
-from meter.processes import CONSOLE_LINE, Daemon
+from meter.tools.lab import Lab, LabError
+from meter.tools.processes import CONSOLE_LINE, Daemon
 
 REPO_SURVEYS = Path(__file__).resolve().parent.parent / "surveys"
 RECEIVED = re.compile(r"device (\d+) \(([0-9.]+):\d+\) reported ")
@@ -187,7 +187,7 @@ def test_twenty_percent_loss_twenty_devices_every_reading_once(make_lab):
 
 
 def meter_lab(tmp_path: Path, *args: str) -> Daemon:
-    return Daemon("meter lab", [sys.executable, "-m", "meter.cli", "lab", "--dir", str(tmp_path / "lab"), *args])
+    return Daemon("meter lab", [sys.executable, "-m", "meter.tools.cli", "lab", "--dir", str(tmp_path / "lab"), *args])
 
 
 def test_command_tears_down_on_ctrl_c(lab_runs, tmp_path):
@@ -216,7 +216,7 @@ def test_down_removes_a_killed_run(lab_runs, tmp_path):
         command.kill()  # no teardown: the namespaces and daemons stay
         assert len(re.findall(rf"^mlab-{run_id}-", netns_list(), re.M)) == 7
         down = subprocess.run(
-            [sys.executable, "-m", "meter.cli", "lab", "--down", run_id], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "meter.tools.cli", "lab", "--down", run_id], capture_output=True, text=True, timeout=60
         )
         assert down.returncode == 0, down.stderr
         assert "removed 7 namespaces" in down.stdout

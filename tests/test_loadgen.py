@@ -1,5 +1,5 @@
 """
-meter.loadgen: the synthetic day its simulated devices send, and its
+meter.tools.loadgen: the synthetic day its simulated devices send, and its
 summary figures.  (The bench, bench/run.py, drives the real daemons with it.)
 """
 
@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 
 from meter import wire
-from meter.loadgen import collector_paused, latency_summary, synthetic_day
+from meter.tools.loadgen import collector_paused, latency_summary, synthetic_day
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, format_number
 
 DAY = datetime.date(2026, 3, 1)
@@ -104,7 +104,7 @@ def test_the_collector_is_paused_while_the_fleet_sends_and_restored_after(enable
 
 
 def test_refuses_a_gateway_that_is_not_loopback(tmp_path, capsys):
-    from meter import loadgen
+    from meter.tools import loadgen
 
     status = loadgen.main(["--config", str(tmp_path / "none.toml"), "--devices", "1"])
     assert status == 2  # no such configuration file
@@ -129,7 +129,7 @@ def test_loadgen_delivers_a_fleet_through_the_real_daemons(tmp_path):
         gateway.wait_for("connected to the cloud")
         out = tmp_path / "loadgen.json"
         completed = subprocess.run(
-            [sys.executable, "-m", "meter.cli", "loadgen", "--config", str(suite.config), "--devices", "5",
+            [sys.executable, "-m", "meter.tools.cli", "loadgen", "--config", str(suite.config), "--devices", "5",
              "--spread", "0", "--quiet", "--json", str(out), "--timeout", "30"],
             cwd=tmp_path, capture_output=True, text=True, timeout=90,
         )
@@ -160,7 +160,7 @@ async def test_the_stamped_port_gives_each_datagram_its_kernel_receive_time():
     from twisted.internet.defer import Deferred
     from twisted.internet.protocol import DatagramProtocol
 
-    from meter.loadgen import _stamped_port_class
+    from meter.tools.loadgen import _stamped_port_class
 
     class Run:
         arrived_at = None

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from meter import config, wire
 from meter.gateway import Intake
 from meter.reading import Reading
-from meter.spool import Recovered, Spool, StoredPart, StoredRound
+from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0

@@ -29,7 +29,7 @@ from meter.database import Database
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import REMEMBER, GatewayProtocol, Intake
 from meter.reading import Reading
-from meter.spool import Spool
+from meter.gateway.spool import Spool
 from tests.test_cloud import Cloud as StoreHarness
 
 NOW = 1_795_320_000  # 2026-11-22 04:00 UTC

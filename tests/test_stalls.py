@@ -34,9 +34,9 @@ from meter.cloud import CloudStore, open_database
 from meter.database import Database, connect
 from meter.device import previous_day
 from meter.gateway import Intake, Uplink
-from meter.processes import CONSOLE_LINE
+from meter.tools.processes import CONSOLE_LINE
 from meter.reading import Reading
-from meter.spool import Spool
+from meter.gateway.spool import Spool
 from tests.harness import Suite
 
 DAY = datetime.date(2026, 3, 1)

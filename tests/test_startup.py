@@ -25,8 +25,8 @@ import pytest
 
 from meter import cloud, database, spool
 from meter.database import CLOUD_DATABASE, GATEWAY_SPOOL, Schema, Unusable, connect, prepare
-from meter.processes import free_port
-from meter.spool import Spool
+from meter.tools.processes import free_port
+from meter.gateway.spool import Spool
 from tests.harness import Suite
 
 SPOOL = spool.VERSIONS

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import cloud, cloud_tap, gateway, wire
-from meter.processes import Daemon, twistd
+from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
 from tests.harness import Suite
 

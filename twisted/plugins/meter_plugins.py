@@ -3,11 +3,11 @@
 from twisted.application.service import ServiceMaker
 
 meter_cloud = ServiceMaker(
-    "meter-cloud", "meter.cloud_tap", "meter cloud: stores and prints the readings gateways forward", "meter-cloud"
+    "meter-cloud", "meter.cloud.tap", "meter cloud: stores and prints the readings gateways forward", "meter-cloud"
 )
 meter_gateway = ServiceMaker(
-    "meter-gateway", "meter.gateway_tap", "meter gateway: collects devices' days over UDP, forwards to the cloud", "meter-gateway"
+    "meter-gateway", "meter.gateway.tap", "meter gateway: collects devices' days over UDP, forwards to the cloud", "meter-gateway"
 )
 meter_device = ServiceMaker(
-    "meter-device", "meter.device_tap", "meter device: sends its previous day's readings to the gateway", "meter-device"
+    "meter-device", "meter.device.tap", "meter device: sends its previous day's readings to the gateway", "meter-device"
 )

@@ -13,7 +13,6 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from meter import device, secrets, wire
-from meter.gateway import new_id
 from meter.options import MeterOptions
 from meter.reading import SurveyError, load_survey, survey_path
 
@@ -97,7 +96,7 @@ class DeviceService(Service):
             self._failed(f"cannot read the day's survey: {e}")
             return
         chunks = wire.split_day(
-            self._id, self._address, day, readings, new_id(), int(now), self._settings["chunk_bytes"]
+            self._id, self._address, day, readings, wire.new_id(), int(now), self._settings["chunk_bytes"]
         )
         sender = device.DaySender(chunks, self.protocol.send, self._reactor, self._retransmission)
         self.protocol.sender = sender

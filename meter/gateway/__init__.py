@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 from collections import Counter
 from typing import Callable, Protocol
@@ -27,7 +26,7 @@ from zope.interface import implementer
 from meter import wire
 from meter.ratelimit import LimitedWarnings, PerSource
 from meter.retry import Backoff, Failures
-from meter.spool import Recovered, Spool, Spooled, chunk_digest, content_digest
+from meter.gateway.spool import Recovered, Spool, Spooled, chunk_digest, content_digest
 
 #: How long (seconds, on the gateway's clock) the gateway remembers a
 #: device's day after its last part arrived (its message ids, so a duplicate
@@ -72,10 +71,6 @@ def minute_bits(records: str) -> int:
     for record in records.split(";"):
         bits |= _MINUTE_BIT.get(record[:5], 0)
     return bits
-
-
-def new_id() -> str:
-    return os.urandom(8).hex()
 
 
 def peer_host(peer: str) -> str:
@@ -888,7 +883,7 @@ class Uplink:
         ack_timeout: float,
         on_delivered: Callable[[int], None],
         retry_delay: float = 5.0,
-        new_batch_id: Callable[[], str] = new_id,
+        new_batch_id: Callable[[], str] = wire.new_id,
         window: int = 1,
         max_retry_delay: float = 30.0,
         late_linger: float = 0.0,

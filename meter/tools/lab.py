@@ -39,7 +39,7 @@ from typing import Iterator
 import attrs
 
 from meter import config
-from meter.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
+from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
 
 #: Every namespace of a lab is named PREFIX + run id + "-" + role.
 PREFIX = "mlab-"

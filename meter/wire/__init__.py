@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hmac
 import ipaddress
+import os
 import re
 import zlib
 from typing import Union
@@ -1054,6 +1055,14 @@ def refusal(data: bytes, error: WireError) -> DayAck | BatchAck | None:
 _TAG = b" mac="
 TAG_LENGTH = len(_TAG) + 64
 _CLAIMED_DEVICE = re.compile(rb"^meter/[0-9]{1,9} DAY dev=([1-9][0-9]{0,9}) ")
+
+
+def new_id() -> str:
+    """
+    A fresh transfer or batch id: 16 lowercase hex digits, random, so ids
+    of a restarted sender do not repeat earlier ones.
+    """
+    return os.urandom(8).hex()
 
 
 def seal(data: bytes, key: bytes) -> bytes:

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from meter import database, gateway, secrets
 from meter.database import Database
 from meter.options import MeterOptions
-from meter.spool import VERSIONS, Spool
+from meter.gateway.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from meter import config, secrets
 from meter.cloud import query_readings
-from meter.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
+from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
 from meter.reading import format_number
 
 DEMO_DIR = Path("var/demo")
@@ -145,7 +145,7 @@ def certs(args: argparse.Namespace) -> int:
 
 
 def lab(args: argparse.Namespace) -> int:
-    from meter import lab as network_lab
+    from meter.tools import lab as network_lab
 
     return network_lab.main(args)
 
@@ -187,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(run=readings)
 
-    from meter import loadgen as load_generator
+    from meter.tools import loadgen as load_generator
 
     p = commands.add_parser(
         "loadgen",
