@@ -18,6 +18,7 @@ import datetime
 import json
 import random
 import re
+import sqlite3
 import time
 
 import pytest
@@ -87,14 +88,23 @@ def expected_console(rows) -> list[str]:
     )
 
 
-def stop_drained(gateway: Daemon) -> None:
+def stop_drained(suite: Suite, gateway: Daemon) -> None:
     """
-    Wait until the gateway says its spool is empty, then stop it.  The
-    database can be complete a moment before that: the cloud may hold a
-    batch's readings from before it was killed while the gateway, which never
-    got that acknowledgement, still has the batch in flight again.
+    Wait until the gateway says its spool is empty and the spool agrees,
+    then stop it.  The database can be complete a moment before that: the
+    cloud may hold a batch's readings from before it was killed while the
+    gateway, which never got that acknowledgement, still has the batch in
+    flight again; and a part that arrived after its round closed (a copy
+    from a device that gave up and sent its day again) may still linger to
+    fill a batch after an earlier "0 left".  Called once the devices are
+    done, so nothing more arrives.
     """
-    gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+    while True:
+        gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+        with sqlite3.connect(suite.spool) as spool:
+            (held,) = spool.execute("SELECT count(*) FROM chunks").fetchone()
+        if not held:
+            break
     gateway.stop()
 
 
@@ -142,7 +152,7 @@ def test_lossy_relay_200_devices(make_suite):
     gateway.wait_for(rf"round {DAY} complete: every expected device reported", 30)
     suite.wait_stored(200 * 96, cloud)
     assert_exact(suite)
-    stop_drained(gateway)
+    stop_drained(suite, gateway)
     stats = gateway_stats(gateway)
     assert stats["duplicates"] > 0 and stats["spool_depth"] == 0, stats
     # The console prints a reading only the first time it is stored.
@@ -222,7 +232,7 @@ def test_cloud_killed_three_times_while_gateway_forwards(make_suite):
         clouds.append(cloud)
     suite.wait_stored(100 * 96, cloud)
     assert_exact(suite)
-    stop_drained(gateway)
+    stop_drained(suite, gateway)
     stats = gateway_stats(gateway)
     assert stats["forwarding_retries"] >= 3 and stats["spool_depth"] == 0, stats
     # Reconnecting never reopened (let alone reinitialised) the spool.
@@ -290,7 +300,7 @@ def test_gateway_killed_mid_forward(make_suite):
         assert int(gateway.all_matching(r"spool holds (\d+) readings")[-1].group(1)) > 0
     suite.wait_stored(100 * 96, cloud)
     assert_exact(suite)
-    stop_drained(gateway)
+    stop_drained(suite, gateway)
     assert gateway_stats(gateway)["spool_depth"] == 0
     assert sorted(console_lines(cloud)) == expected_console(suite.expected_rows(DAY))
 
@@ -353,7 +363,7 @@ def test_spool_full_refuses_busy_and_loses_nothing(make_suite):
     assert_exact(suite)
     depths = [int(m.group(1)) for m in gateway.all_matching(r"delivered; (\d+) left in the spool")]
     assert depths and max(depths) <= limit
-    stop_drained(gateway)
+    stop_drained(suite, gateway)
     stats = gateway_stats(gateway)
     assert stats["refused_busy"] > 0 and stats["spool_depth"] == 0, stats
     assert sorted(console_lines(cloud)) == expected_console(suite.expected_rows(DAY))

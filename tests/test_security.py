@@ -402,16 +402,21 @@ class HoldingSpool(FakeSpool):
 
 
 def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
-    # Device 1 sends day D again while a later round closes and forgets D's
-    # (closed two days before): the commit must still find its answer.
+    # Device 1 sends day D again in the last moments a transfer may name it,
+    # and a later round closes and forgets D's (closed two days before, and
+    # no longer a day a transfer may name) while it commits: the commit must
+    # still find its answer.
     later = DAY + datetime.timedelta(days=2)
     spool = HoldingSpool("c" * 16)
     g = Gateway(spool)
     g.receive(sealed(chunk(1, "a" * 16)))
     g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
-    g.clock.advance(REMEMBER - 30)
+    day_end = NOW - 4 * 3600  # 2026-11-22 00:00 UTC
+    last_ts = day_end + 62 * 3600 - 1  # the last send time that may name DAY
+    g.clock.advance(last_ts + REPLAY_WINDOW - 30 - g.clock.seconds())
+    assert g.clock.seconds() - NOW > REMEMBER
     now = int(g.clock.seconds())
-    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=now)))  # commit held
+    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=last_ts)))  # commit held
     g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=now)))  # round DAY+2 opens
     with capturedLogs() as events:
         g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
