@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from meter import cloud, database, spool
+from meter import cloud, database
+from meter.gateway import spool
 from meter.database import CLOUD_DATABASE, GATEWAY_SPOOL, Schema, Unusable, connect, prepare
 from meter.tools.processes import free_port
 from meter.gateway.spool import Spool

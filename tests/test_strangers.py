@@ -39,7 +39,8 @@ from twisted.logger import Logger, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meter import cloud, cloud_tap, gateway, wire
+from meter import cloud, gateway, wire
+from meter.cloud import tap as cloud_tap
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
 from tests.harness import Suite
