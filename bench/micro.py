@@ -1,7 +1,8 @@
 """
 Micro-benchmarks of the per-datagram and per-reading steps the profiles
-point at (docs/performance.md): what each costs today and what a cheaper
-form of the same step costs, so the recommendations carry expected gains.
+point at: what each step costs, and beside some of them what a cheaper form
+of the same step would cost, to judge a change before making it (the
+figures: docs/performance.md).
 
     python bench/micro.py [--json PATH]
 

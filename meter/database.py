@@ -10,14 +10,12 @@ fires only after the transaction holding it is committed: callers
 acknowledge from there, so an acknowledgement always means the data is on
 disk.
 
-Why the reactor thread and not a thread of the database's own: the data is
-on the reactor thread already, and a transaction holds a turn's datagrams at
-the gateway (a millisecond or two) or a few batches at the cloud (tens of
-milliseconds).  A second thread cost both daemons more than it saved, as it
-hands each group off and back and fights the reactor for the GIL: device
-acknowledgements took p50 0.8 / p99 2.9-4.9 ms on the reactor against
-1.9-2.2 / 8.1-8.4 ms with a thread in the 10,000-device day, and the cloud
-took ~40% more CPU a reading with one (docs/performance.md).  The cost: a
+Why the reactor thread: the data is there already, and a transaction is
+short (a turn's datagrams at the gateway, a few batches at the cloud).  A
+thread of the database's own would take each group off the reactor and hand
+its results back, and fight the reactor for the GIL around every SQLite
+step; on two cores that costs more CPU and a longer acknowledgement tail
+than the overlap gains (the figures: docs/performance.md).  The price: a
 slow disk stalls the reactor for its fsync, while the kernel queues what
 arrives.  A lock, though, is never waited for (see L{connect}): a
 transaction that finds the database locked by another process fails at
@@ -390,8 +388,8 @@ class RowInsert:
 
     Why: C{executemany} steps SQLite once a row, through the sqlite3
     module's per-row work (and a release and retake of the GIL); a
-    statement of thousands of rows steps once.  Measured ~1.5x faster a row
-    (docs/performance.md).
+    statement of thousands of rows steps once (the cloud's cost a reading:
+    docs/performance.md).
     """
 
     #: The statement up to C{VALUES}, e.g. C{INSERT OR IGNORE INTO parts}.
