@@ -36,24 +36,26 @@ BATCH = wire.Batch(BATCH_ID, (R1, R2))
 
 
 class Cloud:
+    """
+    A CloudStore on the real SQLite reading store at C{path}, its console
+    kept as lines.
+    """
+
     def __init__(self, path, schema=True):
         self.path = path
         connection = connect(path)
         if schema:
             cloud.open_database(connection)
-        self.database = Database(connection, reactor)
+        self.readings = cloud.SQLiteReadingStore(connection, reactor)
+        self.database = self.readings.database
         self.console: list[str] = []
         self.clock = task.Clock()
         self.clock.advance(1772400000)
-        self.store = cloud.CloudStore(self.database, self.print, self.clock)
+        self.store = cloud.CloudStore(self.readings, self.print, self.clock)
 
     def print(self, text: str) -> None:
         assert text.endswith("\n")
         self.console.extend(text.splitlines())
-
-    def stored(self):
-        with sqlite3.connect(str(self.path)) as other:
-            return list(cloud.query_readings(other))
 
     def count(self) -> int:
         with sqlite3.connect(str(self.path)) as other:
@@ -75,10 +77,7 @@ async def test_store_commits_a_batch_and_prints_each_reading(c):
     ack = await c.store.store(BATCH, "10.0.0.1:5555")
     assert ack == wire.BatchAck(BATCH_ID, "ok", new=2, dup=0)
     assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
-    assert c.stored() == [
-        (3, "192.168.1.4", datetime.datetime(2026, 3, 1, 2, 0), 17.0, 35.0),
-        (1, "192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0),
-    ]
+    assert await c.readings.readings() == [R1, R2]
     assert c.store.counters["batches"] == 1
     assert c.store.counters["readings_new"] == 2
 
@@ -108,7 +107,7 @@ async def test_a_reading_is_unique_by_device_and_time(c):
     changed = reading(1, "192.168.1.2", "2026-03-01T08:00", 21, 31)
     ack = await c.store.store(wire.Batch(OTHER_ID, (changed,)), "gw")
     assert (ack.new, ack.dup) == (0, 1)
-    assert c.stored() == [(1, "192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0)]
+    assert await c.readings.readings() == [R2]
 
 
 @pytest_twisted.ensureDeferred
@@ -149,14 +148,6 @@ async def test_a_batch_is_stored_whole_or_not_at_all(c):
     assert ack == wire.BatchAck(BATCH_ID, "bad", "store: not stored: device 9 refused")
     assert c.count() == 0
     assert c.console == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_query_readings_of_one_device(c):
-    await c.store.store(wire.Batch(BATCH_ID, (R3, R1, R2)), "gw")
-    with sqlite3.connect(str(c.path)) as other:
-        assert [row[2].hour for row in cloud.query_readings(other, "192.168.1.2")] == [8, 12]
-        assert [row[:2] for row in cloud.query_readings(other)] == [(3, "192.168.1.4"), (1, "192.168.1.2"), (1, "192.168.1.2")]
 
 
 def _readings_database(path) -> None:

@@ -30,7 +30,7 @@ from twisted.internet import task
 from twisted.logger import Logger, formatEvent
 
 from meter import wire
-from meter.cloud import CloudStore, open_database
+from meter.cloud import CloudStore, SQLiteReadingStore, open_database
 from meter.database import Database, connect
 from meter.device import previous_day
 from meter.gateway import Intake, Uplink
@@ -439,9 +439,8 @@ def test_the_cloud_refuses_a_batch_it_could_not_store_and_logs_it_bounded(tmp_pa
     path = tmp_path / "cloud.sqlite"
     connection = connect(path)
     open_database(connection)
-    database = Database(connection, clock)
     printed: list[str] = []
-    store = CloudStore(database, printed.append, clock)
+    store = CloudStore(SQLiteReadingStore(connection, clock), printed.append, clock)
     events: list[dict] = []
     store.log = Logger(observer=events.append)
     locker = Locker(path)
@@ -471,7 +470,7 @@ def test_a_console_that_fails_does_not_keep_the_acknowledgement(tmp_path):
     def console(text: str) -> None:
         raise OSError(28, "No space left on device")
 
-    store = CloudStore(Database(connection, clock), console, clock)
+    store = CloudStore(SQLiteReadingStore(connection, clock), console, clock)
     events: list[dict] = []
     store.log = Logger(observer=events.append)
     acks = []

@@ -39,9 +39,11 @@ from twisted.logger import Logger, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meter import cloud, cloud_tap, gateway, wire
+from meter import cloud, gateway, wire
+from meter.cloud import tap as cloud_tap
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
+from meter.testing import MemoryReadingStore
 from tests.harness import Suite
 
 TIMEOUT = 5.0
@@ -89,7 +91,7 @@ class Cloud:
     def __init__(self, max_unauthenticated=1024, max_connections=4096):
         self.clock = task.Clock()
         self.events = Events()
-        self.store = cloud.CloudStore(None, lambda text: None, self.clock)
+        self.store = cloud.CloudStore(MemoryReadingStore(), lambda text: None, self.clock)
         self.factory = cloud.CloudFactory(
             self.store, IDLE, self.clock, handshake_timeout=TIMEOUT,
             max_unauthenticated=max_unauthenticated, max_connections=max_connections,

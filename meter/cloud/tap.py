@@ -5,7 +5,6 @@ twistd -n meter-cloud: wires the cloud's store and TCP listener.
 from __future__ import annotations
 
 import resource
-import sys
 
 from twisted.application import strports
 from twisted.application.service import MultiService
@@ -15,7 +14,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from meter import cloud, database, secrets
-from meter.database import Database, connect
+from meter.database import connect
 from meter.options import MeterOptions
 
 
@@ -47,8 +46,8 @@ class CloudService(MultiService):
         self._settings = settings
         self._tls = tls
         self._reactor = reactor
-        self._console = console or _console
-        self.database: Database | None = None
+        self._console = console or cloud.write_console
+        self.readings: cloud.SQLiteReadingStore | None = None
         self.store: cloud.CloudStore | None = None
 
     def startService(self):
@@ -60,9 +59,9 @@ class CloudService(MultiService):
             raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
         # Commits on the reactor thread: with a thread of their own the cloud
         # took ~40% more CPU a reading (see meter.database).
-        self.database = Database(connection, self._reactor)
+        self.readings = cloud.SQLiteReadingStore(connection, self._reactor)
         self.log.info("readings database {path}", path=path)
-        self.store = cloud.CloudStore(self.database, self._console, self._reactor)
+        self.store = cloud.CloudStore(self.readings, self._console, self._reactor)
         descriptors, how = raise_descriptor_limit()
         max_connections, max_unauthenticated = cloud.connection_limits(
             descriptors, self._settings["max_unauthenticated"]
@@ -99,7 +98,7 @@ class CloudService(MultiService):
 
     def stopService(self):
         d = MultiService.stopService(self)
-        d.addCallback(lambda _: self.database.stop())
+        d.addCallback(lambda _: self.readings.database.stop())
         d.addCallback(lambda _: self.log.info("cloud stopped: {counters}", counters=dict(self.store.counters)))
         return d
 
@@ -162,15 +161,6 @@ class AcceptFailuresCounted:
             self._counted()
         elif not text.startswith(_ACCEPT_RECOVERY):
             self._forward(event)
-
-
-def _console(text: str) -> None:
-    # The console is the process's real stdout, not twistd's log: the lines
-    # must read exactly as the report prints them, with no log prefix.  One
-    # write and one flush per batch.
-    out = sys.__stdout__
-    out.write(text)
-    out.flush()
 
 
 def makeService(options: Options):
