@@ -78,8 +78,8 @@ async def test_store_commits_a_batch_and_prints_each_reading(c):
     assert ack == wire.BatchAck(BATCH_ID, "ok", new=2, dup=0)
     assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
     assert await c.readings.readings() == [R1, R2]
-    assert c.store.counters["batches"] == 1
-    assert c.store.counters["readings_new"] == 2
+    assert c.store.metrics.batches == 1
+    assert c.store.metrics.readings_new == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -90,7 +90,7 @@ async def test_a_batch_sent_again_is_stored_once_and_acknowledged_with_its_dupli
     assert ack == wire.BatchAck(OTHER_ID, "ok", new=0, dup=2)
     assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
     assert c.count() == 2
-    assert c.store.counters["readings_duplicate"] == 2
+    assert c.store.metrics.readings_duplicate == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -131,7 +131,7 @@ async def test_a_failed_store_is_a_bad_ack_and_prints_nothing(tmp_path):
         await broken.database.stop()
     assert ack == wire.BatchAck(BATCH_ID, "bad", "store: not stored: no such table: readings")
     assert broken.console == []
-    assert broken.store.counters["store_failures"] == 1
+    assert (broken.store.metrics.store_failures, broken.store.metrics.transaction_failures) == (1, 1)
 
 
 @pytest_twisted.ensureDeferred
@@ -269,7 +269,7 @@ async def test_a_malformed_batch_with_a_readable_id_gets_a_bad_ack_and_nothing_i
     assert c.count() == 0
     assert c.console == []
     assert not transport.disconnecting
-    assert c.store.counters["refused_checksum"] == 1
+    assert c.store.metrics.refused["checksum"] == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -302,7 +302,7 @@ async def test_a_line_over_max_length_closes_the_connection(c):
     protocol.dataReceived(b"meter/1 PING seq=1" + b"0" * protocol.MAX_LENGTH)
     assert transport.disconnecting
     assert transport.value() == b""
-    assert c.store.counters["refused_size"] == 1
+    assert c.store.metrics.refused["size"] == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -310,7 +310,7 @@ async def test_an_unexpected_kind_is_ignored(c):
     protocol, transport = connect_protocol(c)
     protocol.dataReceived(line(wire.BatchAck(BATCH_ID, "ok")) + line(wire.Ping(9)))
     assert transport.value() == line(wire.Pong(9))
-    assert c.store.counters["unexpected"] == 1
+    assert c.store.metrics.unexpected == 1
     assert not transport.disconnecting
 
 
@@ -324,7 +324,7 @@ async def test_a_silent_connection_is_closed_after_the_idle_timeout(c):
     assert not transport.disconnected
     c.clock.advance(1)
     assert transport.disconnected
-    assert c.store.counters["idle_timeouts"] == 1
+    assert c.store.metrics.idle_timeouts == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -356,3 +356,33 @@ def test_console_text_from_record_text_reads_as_each_reading_prints_itself():
     )
     batch = wire.decode(wire.encode(wire.Batch("0123456789abcdef", readings)))
     assert cloud.console_text(batch.columns()) == "".join(r.console_line() + "\n" for r in readings)
+
+
+# -- the metrics ------------------------------------------------------------
+
+
+def test_the_metrics_render_as_logfmt_every_field_in_order():
+    metrics = cloud.CloudMetrics()
+    metrics.stored(2, 1)
+    metrics.refused["checksum"] += 1
+    metrics.refused["auth"] += 2
+    metrics.handshake_timeouts += 3
+    assert metrics.logfmt() == (
+        "batches=1 readings_new=2 readings_duplicate=1 transaction_failures=0 store_failures=0 console_failures=0 "
+        "refused_auth=2 refused_checksum=1 unexpected=0 idle_timeouts=0 handshake_timeouts=3 "
+        "unauthenticated_evicted=0 unauthenticated_failed=0 connections_refused=0 accept_failures=0"
+    )
+    assert str(metrics) == metrics.logfmt()
+
+
+def test_the_store_the_protocol_and_admission_count_in_one_metrics_object(c):
+    metrics = cloud.CloudMetrics()
+    store = cloud.CloudStore(c.readings, c.print, c.clock, metrics)
+    factory = cloud.CloudFactory(store, IDLE, c.clock)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555)))
+    protocol.dataReceived(b"GET / HTTP/1.1\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    factory.admission.accept_failed()
+    assert (metrics.refused["magic"], metrics.unauthenticated_failed, metrics.accept_failures) == (1, 1, 1)
+    assert store.metrics is metrics

@@ -470,10 +470,10 @@ async def test_fuzz_the_cloud(tmp_path, seed):
 
     assert inputs >= CLOUD_INPUTS
     assert len(committed) > 1000
-    assert store.counters["store_failures"] == 0
-    refused = sum(v for k, v in store.counters.items() if k.startswith("refused_"))
+    assert store.metrics.store_failures == 0
+    refused = sum(store.metrics.refused.values())
     assert refused > 10_000
-    assert store.counters["refused_size"] > 0 and store.counters["idle_timeouts"] > 0
+    assert store.metrics.refused["size"] > 0 and store.metrics.idle_timeouts > 0
 
     # The database holds exactly the first of each (device, minute) of the
     # acknowledged batches, each a valid reading: nothing of a line refused

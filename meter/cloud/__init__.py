@@ -11,6 +11,7 @@ tap (L{meter.cloud.tap}) wires them.
 
 from meter.cloud.console import console_text, write_console
 from meter.cloud.interfaces import DeviceSummary, IReadingStore
+from meter.cloud.metrics import CloudMetrics
 from meter.cloud.protocol import (
     MAX_UNAUTHENTICATED,
     RESERVED_DESCRIPTORS,
@@ -25,6 +26,7 @@ from meter.cloud.store import CloudStore
 __all__ = [
     "Admission",
     "CloudFactory",
+    "CloudMetrics",
     "CloudProtocol",
     "CloudStore",
     "DeviceSummary",

@@ -15,6 +15,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from meter import ratelimit, wire
+from meter.cloud.metrics import CloudMetrics
 from meter.cloud.store import CloudStore
 
 
@@ -68,14 +69,14 @@ class Admission:
     def __init__(
         self,
         clock,
-        counters: Counter,
+        metrics: CloudMetrics,
         handshake_timeout: float = 5.0,
         max_unauthenticated: int = 1024,
         max_connections: int = 4096,
         report_period: float = 60.0,
     ):
         self._clock = clock
-        self._counters = counters
+        self._metrics = metrics
         self.handshake_timeout = handshake_timeout
         self.max_unauthenticated = max_unauthenticated
         self.max_connections = max_connections
@@ -98,17 +99,16 @@ class Admission:
         while self._strangers and (
             len(self._strangers) >= self.max_unauthenticated or self._count() >= self.max_connections
         ):
-            self._close(next(iter(self._strangers)), "evicted", "unauthenticated_evicted")
+            self._metrics.unauthenticated_evicted += 1
+            self._close(next(iter(self._strangers)), "evicted")
         if self._count() >= self.max_connections:
-            self._counters["connections_refused"] += 1
+            self._metrics.connections_refused += 1
             self._summary.add("refused")
             protocol.transport.abortConnection()
             return False
         timer = None
         if timed:
-            timer = self._clock.callLater(
-                self.handshake_timeout, self._close, protocol, "timeouts", "handshake_timeouts"
-            )
+            timer = self._clock.callLater(self.handshake_timeout, self._handshake_timed_out, protocol)
         self._strangers[protocol] = timer
         return True
 
@@ -124,7 +124,8 @@ class Admission:
         before any valid line).
         """
         if protocol in self._strangers:
-            self._close(protocol, "timeouts", "idle_timeouts")
+            self._metrics.idle_timeouts += 1
+            self._close(protocol, "timeouts")
 
     def left(self, protocol: CloudProtocol, detail: str) -> bool:
         """
@@ -140,7 +141,7 @@ class Admission:
             timer = self._strangers.pop(protocol)
             if timer is not None and timer.active():
                 timer.cancel()
-            self._counters["unauthenticated_failed"] += 1
+            self._metrics.unauthenticated_failed += 1
             self._summary.add("failed", last=detail)
         return False
 
@@ -149,7 +150,7 @@ class Admission:
         The listener could not accept a connection (no descriptor left), or
         closed one at once to recover.
         """
-        self._counters["accept_failures"] += 1
+        self._metrics.accept_failures += 1
         self._summary.add("accepts")
 
     def stop(self) -> None:
@@ -161,11 +162,18 @@ class Admission:
     def _count(self) -> int:
         return len(self._strangers) + len(self._authenticated)
 
-    def _close(self, protocol: CloudProtocol, kind: str, counter: str) -> None:
+    def _handshake_timed_out(self, protocol: CloudProtocol) -> None:
+        self._metrics.handshake_timeouts += 1
+        self._close(protocol, "timeouts")
+
+    def _close(self, protocol: CloudProtocol, kind: str) -> None:
+        """
+        Close a stranger, counted in the summary's C{kind}; its own metric is
+        the caller's.
+        """
         timer = self._strangers.pop(protocol)
         if timer is not None and timer.active():
             timer.cancel()
-        self._counters[counter] += 1
         self._summary.add(kind)
         protocol.transport.abortConnection()
 
@@ -203,7 +211,8 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
     def __init__(self, store: CloudStore, idle_timeout: float, clock, admission: Admission | None = None):
         self._store = store
         self._idle_timeout = idle_timeout
-        self._admission = admission if admission is not None else Admission(clock, store.counters)
+        self._metrics = store.metrics
+        self._admission = admission if admission is not None else Admission(clock, store.metrics)
         self._authenticated = False
         #: Why a stranger is closed by this side, for its count.
         self._why: str | None = None
@@ -248,7 +257,7 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
             self._admission.expired(self)
             return
         self.log.warn("gateway {peer} silent for {t:g} s: closing", peer=self._peer, t=self._idle_timeout)
-        self._store.counters["idle_timeouts"] += 1
+        self._metrics.idle_timeouts += 1
         self.transport.abortConnection()
 
     def lineReceived(self, line: bytes):
@@ -267,7 +276,7 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
                 self._authenticate("plain text: a valid first line")
             self._answer(wire.Pong(message.seq))
         else:
-            self._store.counters["unexpected"] += 1
+            self._metrics.unexpected += 1
             self._warn("gateway {peer} sent a {kind}, which a cloud never takes", kind=type(message).__name__)
 
     def _warn(self, format: str, **fields) -> None:
@@ -286,7 +295,7 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
             self.sendLine(wire.encode(message))
 
     def _refuse(self, line: bytes, error: wire.WireError) -> None:
-        self._store.counters[f"refused_{error.code}"] += 1
+        self._metrics.refused[error.code] += 1
         self._warn("gateway {peer}: refused line of {size} bytes: {error}", size=len(line), error=str(error))
         answer = wire.refusal(line, error)
         if isinstance(answer, wire.BatchAck):
@@ -296,7 +305,7 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def lineLengthExceeded(self, line):
-        self._store.counters["refused_size"] += 1
+        self._metrics.refused["size"] += 1
         self._warn("gateway {peer}: line longer than {max} bytes: closing", max=self.MAX_LENGTH)
         self.transport.loseConnection()
 
@@ -314,7 +323,7 @@ class CloudFactory(Factory):
         self._store = store
         self._idle_timeout = idle_timeout
         self._clock = clock
-        self.admission = Admission(clock, store.counters, handshake_timeout, max_unauthenticated, max_connections)
+        self.admission = Admission(clock, store.metrics, handshake_timeout, max_unauthenticated, max_connections)
 
     def buildProtocol(self, addr):
         return CloudProtocol(self._store, self._idle_timeout, self._clock, self.admission)

@@ -5,7 +5,6 @@ answer the gateway only after the commit.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable
 
 from twisted.internet.defer import Deferred
@@ -15,6 +14,7 @@ from twisted.python.failure import Failure
 from meter import wire
 from meter.cloud.console import console_text
 from meter.cloud.interfaces import IReadingStore
+from meter.cloud.metrics import CloudMetrics
 from meter.retry import Failures
 
 
@@ -28,20 +28,24 @@ class CloudStore:
 
     log = Logger()
 
-    def __init__(self, readings: IReadingStore, console: Callable[[str], None], clock):
+    def __init__(
+        self, readings: IReadingStore, console: Callable[[str], None], clock, metrics: CloudMetrics | None = None
+    ):
         """
         @param readings: where the readings are kept.
         @param console: called with the console text of each batch's newly
             stored readings (L{console_text}), once per batch.
+        @param metrics: the cloud's counts, which the protocol and admission
+            of connections served by this store add to as well; a new one
+            if not given.
         """
         self._readings = readings
         self._console = console
         self._clock = clock
-        #: Counters for the logs: batches, readings new and duplicate, refusals.
-        self.counters: Counter[str] = Counter()
+        self.metrics = CloudMetrics() if metrics is None else metrics
         # The gateway retries a batch refused for a failed commit, so there
         # is no retry here; the failures are counted and logged a few a minute.
-        self._failures = Failures(self, clock, self.counters)
+        self._failures = Failures(self, clock, self.metrics)
 
     def store(self, batch: wire.Batch, peer: str) -> Deferred:
         """
@@ -69,9 +73,7 @@ class CloudStore:
                     )
             count = len(columns)
             duplicates = count - len(new)
-            self.counters["batches"] += 1
-            self.counters["readings_new"] += len(new)
-            self.counters["readings_duplicate"] += duplicates
+            self.metrics.stored(len(new), duplicates)
             self.log.info(
                 "batch {batch_id} from {peer}: {count} readings committed ({new} new, {dup} duplicate) "
                 "in {ms:.1f} ms; acknowledged at={at:.6f}",

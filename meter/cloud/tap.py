@@ -99,7 +99,7 @@ class CloudService(MultiService):
     def stopService(self):
         d = MultiService.stopService(self)
         d.addCallback(lambda _: self.readings.database.stop())
-        d.addCallback(lambda _: self.log.info("cloud stopped: {counters}", counters=dict(self.store.counters)))
+        d.addCallback(lambda _: self.log.info("cloud stopped: {metrics}", metrics=self.store.metrics))
         return d
 
 
