@@ -11,10 +11,13 @@ import zlib
 
 import pytest
 import pytest_twisted
+from twisted.application.service import Service
 from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
@@ -386,3 +389,43 @@ def test_the_store_the_protocol_and_admission_count_in_one_metrics_object(c):
     factory.admission.accept_failed()
     assert (metrics.refused["magic"], metrics.unauthenticated_failed, metrics.accept_failures) == (1, 1, 1)
     assert store.metrics is metrics
+
+
+# -- the service tree ---------------------------------------------------------
+
+
+class Child(Service):
+    """
+    A child service whose stop ends when the test says so.
+    """
+
+    def __init__(self, name: str, stops: list[str]):
+        self.name = name
+        self._stops = stops
+        self.stopped = Deferred()
+
+    def stopService(self):
+        Service.stopService(self)
+        self._stops.append(self.name)
+        return self.stopped
+
+
+def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_stopped():
+    from meter.cloud import tap
+
+    stops: list[str] = []
+    service = tap.CloudService(cloud.CloudMetrics())
+    database, listener = Child("database", stops), Child("listener", stops)
+    database.setServiceParent(service)
+    listener.setServiceParent(service)
+    service.startService()
+    with capturedLogs() as events:
+        done: list = []
+        service.stopService().addCallback(done.append)
+        assert stops == ["listener"]
+        listener.stopped.callback(None)
+        assert stops == ["listener", "database"] and done == []
+        database.stopped.callback(None)
+    assert done == [None]
+    (line,) = [formatEvent(e) for e in events if "cloud stopped" in formatEvent(e)]
+    assert line.startswith("cloud stopped: batches=0 readings_new=0 ")

@@ -1,7 +1,7 @@
 """
 The contract of meter.cloud.interfaces.IReadingStore: one test body run over
-every implementation (the in-memory one of meter.testing and the SQLite one
-of the daemon), so that the tests written against the memory store speak of
+every implementation (the in-memory one of meter.testing, the SQLite one,
+and the daemon's service that opens it), so that the tests written against the memory store speak of
 the behaviour the daemon has.  A new store joins by adding a fixture param.
 
 Bounds of a time range: C{since} is inclusive, C{until} exclusive, so that
@@ -19,17 +19,25 @@ from zope.interface.verify import verifyObject
 
 from meter import wire
 from meter.cloud import DeviceSummary, IReadingStore, SQLiteReadingStore, open_database
+from meter.cloud.tap import ReadingsDatabase
 from meter.database import connect
 from meter.reading import Reading
 from meter.testing import MemoryReadingStore
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "daemon"])
 async def store(request, tmp_path):
     if request.param == "memory":
         instance = MemoryReadingStore()
         verifyObject(IReadingStore, instance)
         yield instance
+    elif request.param == "daemon":
+        # The daemon's service, opening the SQLite store at its start.
+        instance = ReadingsDatabase(tmp_path / "cloud.sqlite", reactor)
+        instance.startService()
+        verifyObject(IReadingStore, instance)
+        yield instance
+        await instance.stopService()
     else:
         connection = connect(tmp_path / "cloud.sqlite")
         open_database(connection)
