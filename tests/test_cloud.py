@@ -1,6 +1,8 @@
 """
-meter.cloud: CloudStore on a real Database in tmp_path, and
-CloudProtocol on a StringTransport with a task.Clock for its idle timeout.
+meter.cloud: CloudStore on the real SQLite reading store in tmp_path (its
+commits and refusals; the stores' own behaviour is the contract of
+tests/contracts/test_reading_store.py), CloudProtocol on a StringTransport
+with a task.Clock for its idle timeout, the metrics, the service tree.
 """
 
 from __future__ import annotations
