@@ -224,13 +224,13 @@ def main(argv=None) -> int:
             cloud.open_database(connection)
             connection.execute("BEGIN IMMEDIATE")
             if per_row:
-                cloud._insert(columns, 1.0)(connection)
+                cloud.sqlite._insert(columns, 1.0)(connection)
             else:
                 connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
             connection.execute("COMMIT")
             connection.close()
 
-        note("cloud insert: rows from the split records + insert_telling_new (cloud._insert), per reading",
+        note("cloud insert: rows from the split records + insert_telling_new (cloud.sqlite._insert), per reading",
              best(lambda: insert(True), repeat=3) / len(readings))
         note("cloud insert: executemany of the same rows, built beforehand, per reading", best(lambda: insert(False), repeat=3) / len(readings))
 

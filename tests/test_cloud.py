@@ -1,6 +1,8 @@
 """
-meter.cloud: CloudStore on a real Database in tmp_path, and
-CloudProtocol on a StringTransport with a task.Clock for its idle timeout.
+meter.cloud: CloudStore on the real SQLite reading store in tmp_path (its
+commits and refusals; the stores' own behaviour is the contract of
+tests/contracts/test_reading_store.py), CloudProtocol on a StringTransport
+with a task.Clock for its idle timeout, the metrics, the service tree.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import zlib
 
 import pytest
 import pytest_twisted
+from twisted.application.service import Service
 from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
@@ -36,24 +41,26 @@ BATCH = wire.Batch(BATCH_ID, (R1, R2))
 
 
 class Cloud:
+    """
+    A CloudStore on the real SQLite reading store at C{path}, its console
+    kept as lines.
+    """
+
     def __init__(self, path, schema=True):
         self.path = path
         connection = connect(path)
         if schema:
             cloud.open_database(connection)
-        self.database = Database(connection, reactor)
+        self.readings = cloud.SQLiteReadingStore(connection, reactor)
+        self.database = self.readings.database
         self.console: list[str] = []
         self.clock = task.Clock()
         self.clock.advance(1772400000)
-        self.store = cloud.CloudStore(self.database, self.print, self.clock)
+        self.store = cloud.CloudStore(self.readings, self.print, self.clock)
 
     def print(self, text: str) -> None:
         assert text.endswith("\n")
         self.console.extend(text.splitlines())
-
-    def stored(self):
-        with sqlite3.connect(str(self.path)) as other:
-            return list(cloud.query_readings(other))
 
     def count(self) -> int:
         with sqlite3.connect(str(self.path)) as other:
@@ -75,12 +82,9 @@ async def test_store_commits_a_batch_and_prints_each_reading(c):
     ack = await c.store.store(BATCH, "10.0.0.1:5555")
     assert ack == wire.BatchAck(BATCH_ID, "ok", new=2, dup=0)
     assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
-    assert c.stored() == [
-        (3, "192.168.1.4", datetime.datetime(2026, 3, 1, 2, 0), 17.0, 35.0),
-        (1, "192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0),
-    ]
-    assert c.store.counters["batches"] == 1
-    assert c.store.counters["readings_new"] == 2
+    assert await c.readings.readings() == [R1, R2]
+    assert c.store.metrics.batches == 1
+    assert c.store.metrics.readings_new == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -91,7 +95,7 @@ async def test_a_batch_sent_again_is_stored_once_and_acknowledged_with_its_dupli
     assert ack == wire.BatchAck(OTHER_ID, "ok", new=0, dup=2)
     assert c.console == ["192.168.1.4 - 02:00 - 17 - 35%", "192.168.1.2 - 08:00 - 20 - 30%"]
     assert c.count() == 2
-    assert c.store.counters["readings_duplicate"] == 2
+    assert c.store.metrics.readings_duplicate == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -108,7 +112,7 @@ async def test_a_reading_is_unique_by_device_and_time(c):
     changed = reading(1, "192.168.1.2", "2026-03-01T08:00", 21, 31)
     ack = await c.store.store(wire.Batch(OTHER_ID, (changed,)), "gw")
     assert (ack.new, ack.dup) == (0, 1)
-    assert c.stored() == [(1, "192.168.1.2", datetime.datetime(2026, 3, 1, 8, 0), 20.0, 30.0)]
+    assert await c.readings.readings() == [R2]
 
 
 @pytest_twisted.ensureDeferred
@@ -132,7 +136,7 @@ async def test_a_failed_store_is_a_bad_ack_and_prints_nothing(tmp_path):
         await broken.database.stop()
     assert ack == wire.BatchAck(BATCH_ID, "bad", "store: not stored: no such table: readings")
     assert broken.console == []
-    assert broken.store.counters["store_failures"] == 1
+    assert (broken.store.metrics.store_failures, broken.store.metrics.transaction_failures) == (1, 1)
 
 
 @pytest_twisted.ensureDeferred
@@ -149,14 +153,6 @@ async def test_a_batch_is_stored_whole_or_not_at_all(c):
     assert ack == wire.BatchAck(BATCH_ID, "bad", "store: not stored: device 9 refused")
     assert c.count() == 0
     assert c.console == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_query_readings_of_one_device(c):
-    await c.store.store(wire.Batch(BATCH_ID, (R3, R1, R2)), "gw")
-    with sqlite3.connect(str(c.path)) as other:
-        assert [row[2].hour for row in cloud.query_readings(other, "192.168.1.2")] == [8, 12]
-        assert [row[:2] for row in cloud.query_readings(other)] == [(3, "192.168.1.4"), (1, "192.168.1.2"), (1, "192.168.1.2")]
 
 
 def _readings_database(path) -> None:
@@ -278,7 +274,7 @@ async def test_a_malformed_batch_with_a_readable_id_gets_a_bad_ack_and_nothing_i
     assert c.count() == 0
     assert c.console == []
     assert not transport.disconnecting
-    assert c.store.counters["refused_checksum"] == 1
+    assert c.store.metrics.refused["checksum"] == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -311,7 +307,7 @@ async def test_a_line_over_max_length_closes_the_connection(c):
     protocol.dataReceived(b"meter/1 PING seq=1" + b"0" * protocol.MAX_LENGTH)
     assert transport.disconnecting
     assert transport.value() == b""
-    assert c.store.counters["refused_size"] == 1
+    assert c.store.metrics.refused["size"] == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -319,7 +315,7 @@ async def test_an_unexpected_kind_is_ignored(c):
     protocol, transport = connect_protocol(c)
     protocol.dataReceived(line(wire.BatchAck(BATCH_ID, "ok")) + line(wire.Ping(9)))
     assert transport.value() == line(wire.Pong(9))
-    assert c.store.counters["unexpected"] == 1
+    assert c.store.metrics.unexpected == 1
     assert not transport.disconnecting
 
 
@@ -333,7 +329,7 @@ async def test_a_silent_connection_is_closed_after_the_idle_timeout(c):
     assert not transport.disconnected
     c.clock.advance(1)
     assert transport.disconnected
-    assert c.store.counters["idle_timeouts"] == 1
+    assert c.store.metrics.idle_timeouts == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -365,3 +361,73 @@ def test_console_text_from_record_text_reads_as_each_reading_prints_itself():
     )
     batch = wire.decode(wire.encode(wire.Batch("0123456789abcdef", readings)))
     assert cloud.console_text(batch.columns()) == "".join(r.console_line() + "\n" for r in readings)
+
+
+# -- the metrics ------------------------------------------------------------
+
+
+def test_the_metrics_render_as_logfmt_every_field_in_order():
+    metrics = cloud.CloudMetrics()
+    metrics.stored(2, 1)
+    metrics.refused["checksum"] += 1
+    metrics.refused["auth"] += 2
+    metrics.handshake_timeouts += 3
+    assert metrics.logfmt() == (
+        "batches=1 readings_new=2 readings_duplicate=1 transaction_failures=0 store_failures=0 console_failures=0 "
+        "refused_auth=2 refused_checksum=1 unexpected=0 idle_timeouts=0 handshake_timeouts=3 "
+        "unauthenticated_evicted=0 unauthenticated_failed=0 connections_refused=0 accept_failures=0"
+    )
+    assert str(metrics) == metrics.logfmt()
+
+
+def test_the_store_the_protocol_and_admission_count_in_one_metrics_object(c):
+    metrics = cloud.CloudMetrics()
+    store = cloud.CloudStore(c.readings, c.print, c.clock, metrics)
+    factory = cloud.CloudFactory(store, IDLE, c.clock)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555)))
+    protocol.dataReceived(b"GET / HTTP/1.1\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    factory.admission.accept_failed()
+    assert (metrics.refused["magic"], metrics.unauthenticated_failed, metrics.accept_failures) == (1, 1, 1)
+    assert store.metrics is metrics
+
+
+# -- the service tree ---------------------------------------------------------
+
+
+class Child(Service):
+    """
+    A child service whose stop ends when the test says so.
+    """
+
+    def __init__(self, name: str, stops: list[str]):
+        self.name = name
+        self._stops = stops
+        self.stopped = Deferred()
+
+    def stopService(self):
+        Service.stopService(self)
+        self._stops.append(self.name)
+        return self.stopped
+
+
+def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_stopped():
+    from meter.cloud import tap
+
+    stops: list[str] = []
+    service = tap.CloudService(cloud.CloudMetrics())
+    database, listener = Child("database", stops), Child("listener", stops)
+    database.setServiceParent(service)
+    listener.setServiceParent(service)
+    service.startService()
+    with capturedLogs() as events:
+        done: list = []
+        service.stopService().addCallback(done.append)
+        assert stops == ["listener"]
+        listener.stopped.callback(None)
+        assert stops == ["listener", "database"] and done == []
+        database.stopped.callback(None)
+    assert done == [None]
+    (line,) = [formatEvent(e) for e in events if "cloud stopped" in formatEvent(e)]
+    assert line.startswith("cloud stopped: batches=0 readings_new=0 ")

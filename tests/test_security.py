@@ -618,7 +618,7 @@ async def test_a_line_over_max_length_is_refused_unread(c, with_end):
     protocol.dataReceived(data)
     assert transport.disconnecting
     assert transport.value() == b""
-    assert c.store.counters["refused_size"] == 1
+    assert c.store.metrics.refused["size"] == 1
     await c.database.flush()
     assert c.count() == 0
 
@@ -630,7 +630,7 @@ async def test_a_silent_connection_is_closed_by_the_idle_timeout(c):
     assert not transport.disconnected
     c.clock.advance(0.001)
     assert transport.disconnected  # aborted, not waiting for a polite close
-    assert c.store.counters["idle_timeouts"] == 1
+    assert c.store.metrics.idle_timeouts == 1
     protocol.connectionLost(Failure(ConnectionDone()))
     assert c.clock.getDelayedCalls() == []
 

@@ -30,7 +30,7 @@ from twisted.internet import task
 from twisted.logger import Logger, formatEvent
 
 from meter import wire
-from meter.cloud import CloudStore, open_database
+from meter.cloud import CloudStore, SQLiteReadingStore, open_database
 from meter.database import Database, connect
 from meter.device import previous_day
 from meter.gateway import Intake, Uplink
@@ -439,9 +439,8 @@ def test_the_cloud_refuses_a_batch_it_could_not_store_and_logs_it_bounded(tmp_pa
     path = tmp_path / "cloud.sqlite"
     connection = connect(path)
     open_database(connection)
-    database = Database(connection, clock)
     printed: list[str] = []
-    store = CloudStore(database, printed.append, clock)
+    store = CloudStore(SQLiteReadingStore(connection, clock), printed.append, clock)
     events: list[dict] = []
     store.log = Logger(observer=events.append)
     locker = Locker(path)
@@ -453,7 +452,7 @@ def test_the_cloud_refuses_a_batch_it_could_not_store_and_logs_it_bounded(tmp_pa
         clock.advance(1)
     assert {ack.status for ack in acks} == {"bad"}
     assert acks[0].reason == "store: not stored: database is locked"
-    assert store.counters["store_failures"] == 100
+    assert store.metrics.store_failures == 100
     lines = [formatEvent(e) for e in events]
     assert 3 <= len(lines) <= 15, lines
     assert lines[0] == "batch 0123456789abcdef from gateway not stored, refused: OperationalError: database is locked"
@@ -471,14 +470,14 @@ def test_a_console_that_fails_does_not_keep_the_acknowledgement(tmp_path):
     def console(text: str) -> None:
         raise OSError(28, "No space left on device")
 
-    store = CloudStore(Database(connection, clock), console, clock)
+    store = CloudStore(SQLiteReadingStore(connection, clock), console, clock)
     events: list[dict] = []
     store.log = Logger(observer=events.append)
     acks = []
     store.store(wire.Batch("0123456789abcdef", day_chunk(1).readings), "gateway").addCallback(acks.append)
     clock.advance(0)
     assert [ack.status for ack in acks] == ["ok"]
-    assert store.counters["console_failures"] == 1
+    assert store.metrics.console_failures == 1
     assert any("stored, not printed on the console: OSError" in formatEvent(e) for e in events)
 
 
@@ -735,7 +734,7 @@ def test_the_clouds_database_on_a_full_disk(small_disk, make_suite):
     printed = [m.group(0) for m in cloud.all_matching(CONSOLE_LINE)]
     assert len(printed) == len(set(printed)) == 20 * 96
     assert cloud.all_matching(r"storing a batch succeeded again after \d+ failures")
-    failures = int(cloud.all_matching(r"cloud stopped: .*'store_failures': (\d+)")[-1].group(1))
+    failures = int(cloud.all_matching(r"cloud stopped: .*\bstore_failures=(\d+)")[-1].group(1))
     lines = cloud.all_matching(r"disk is full")
     print(len(lines), "lines about the full disk, for", failures, "failures")
     assert failures >= 2 and len(lines) < 20

@@ -205,7 +205,7 @@ def test_an_unversioned_cloud_database_is_adopted_with_its_rows(tmp_path):
     prepare(path, CLOUD)
     assert pragmas(path) == (CLOUD_DATABASE, CLOUD.version)
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        assert list(cloud.query_readings(connection))[0][:2] == (3, "192.168.1.4")
+        assert connection.execute("SELECT device_id, device_ip FROM readings").fetchall() == [(3, "192.168.1.4")]
 
 
 def test_open_database_and_spool_open_adopt_an_unversioned_file(tmp_path):

@@ -43,6 +43,7 @@ from meter import cloud, gateway, wire
 from meter.cloud import tap as cloud_tap
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
+from meter.testing import MemoryReadingStore
 from tests.harness import Suite
 
 TIMEOUT = 5.0
@@ -90,7 +91,7 @@ class Cloud:
     def __init__(self, max_unauthenticated=1024, max_connections=4096):
         self.clock = task.Clock()
         self.events = Events()
-        self.store = cloud.CloudStore(None, lambda text: None, self.clock)
+        self.store = cloud.CloudStore(MemoryReadingStore(), lambda text: None, self.clock)
         self.factory = cloud.CloudFactory(
             self.store, IDLE, self.clock, handshake_timeout=TIMEOUT,
             max_unauthenticated=max_unauthenticated, max_connections=max_connections,
@@ -129,8 +130,8 @@ def test_a_stranger_that_does_not_complete_tls_is_closed_after_the_handshake_tim
     c.clock.advance(0.001)
     assert transport.disconnected  # aborted: nothing more is waited for
     c.lose(protocol, ConnectionLost())
-    assert c.store.counters["handshake_timeouts"] == 1
-    assert c.store.counters["unauthenticated_failed"] == 0  # counted once, as a timeout
+    assert c.store.metrics.handshake_timeouts == 1
+    assert c.store.metrics.unauthenticated_failed == 0  # counted once, as a timeout
     assert c.clock.getDelayedCalls() == []
 
 
@@ -157,7 +158,7 @@ def test_a_handshake_without_a_certificate_does_not_make_a_gateway():
     assert transport.disconnected
     c.lose(protocol, ConnectionLost())
     assert c.events.matching("gateway") == []
-    assert c.store.counters["unauthenticated_failed"] == 1
+    assert c.store.metrics.unauthenticated_failed == 1
     assert "no client certificate" in c.events[-1]
 
 
@@ -171,10 +172,10 @@ def test_over_the_cap_the_oldest_stranger_is_closed_first():
     newest = c.connect()
     assert [transport.disconnected for _, transport in strangers] == [True, False, False]
     assert not newest[1].disconnected
-    assert c.store.counters["unauthenticated_evicted"] == 1
+    assert c.store.metrics.unauthenticated_evicted == 1
     # The evicted one's loss is not counted again, and its timer is gone.
     c.lose(strangers[0][0], ConnectionLost())
-    assert c.store.counters["unauthenticated_failed"] == 0
+    assert c.store.metrics.unauthenticated_failed == 0
     assert len(c.clock.getDelayedCalls()) == 3 * 2  # each remaining stranger: handshake and idle timers
 
 
@@ -185,7 +186,7 @@ def test_an_authenticated_gateway_is_never_closed_for_strangers():
     assert not gateway_transport.disconnected
     assert sum(not transport.disconnected for _, transport in strangers) == 2  # the newest two
     assert [not t.disconnected for _, t in strangers[-2:]] == [True, True]
-    assert c.store.counters["unauthenticated_evicted"] == 48
+    assert c.store.metrics.unauthenticated_evicted == 48
     # and the gateway is served
     protocol.dataReceived(wire.encode(wire.Ping(7)) + b"\n")
     assert gateway_transport.value() == wire.encode(wire.Pong(7)) + b"\n"
@@ -199,7 +200,7 @@ def test_near_the_connection_limit_the_oldest_stranger_makes_room():
     assert (first_gateway.disconnected, old.disconnected, young.disconnected, newest.disconnected) == (
         False, True, False, False,
     )
-    assert c.store.counters["unauthenticated_evicted"] == 1
+    assert c.store.metrics.unauthenticated_evicted == 1
 
 
 def test_when_every_connection_is_a_gateway_a_newcomer_is_refused():
@@ -208,9 +209,9 @@ def test_when_every_connection_is_a_gateway_a_newcomer_is_refused():
     protocol, newcomer = c.connect()
     assert newcomer.disconnected
     assert not any(transport.disconnected for _, transport in gateways)
-    assert c.store.counters["connections_refused"] == 1
+    assert c.store.metrics.connections_refused == 1
     c.lose(protocol, ConnectionLost())  # its loss is not counted again
-    assert c.store.counters["unauthenticated_failed"] == 0
+    assert c.store.metrics.unauthenticated_failed == 0
     # once a gateway goes, a newcomer is admitted
     c.lose(gateways[0][0])
     assert not c.connect()[1].disconnected
@@ -250,7 +251,7 @@ def test_in_plain_text_a_silent_stranger_goes_at_the_idle_timeout_as_a_count():
     protocol, transport = c.connect(tls=False)
     c.clock.advance(IDLE)
     assert transport.disconnected
-    assert c.store.counters["idle_timeouts"] == 1
+    assert c.store.metrics.idle_timeouts == 1
     assert c.events.matching("silent") == []  # a gateway's line, not a stranger's
 
 
@@ -261,8 +262,8 @@ def test_a_strangers_garbage_is_counted_with_its_reason_not_logged_a_line_each()
         protocol.dataReceived(b"GET / HTTP/1.1\n")
         assert transport.disconnecting
         c.lose(protocol)
-    assert sum(n for key, n in c.store.counters.items() if key.startswith("refused_")) == 20
-    assert c.store.counters["unauthenticated_failed"] == 20
+    assert sum(c.store.metrics.refused.values()) == 20
+    assert c.store.metrics.unauthenticated_failed == 20
     assert c.events.matching("refused line") == [c.events[0]]  # only as the summary's last reason
     assert len(c.events) == 1
 

@@ -1,22 +1,26 @@
 """
-twistd -n meter-cloud: wires the cloud's store and TCP listener.
+twistd -n meter-cloud: builds the cloud's service tree (the readings
+database, the store, the TCP listener).
 """
 
 from __future__ import annotations
 
 import resource
-import sys
+from pathlib import Path
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from meter import cloud, database, secrets
-from meter.database import Database, connect
+from meter.database import connect
 from meter.options import MeterOptions
+
+log = Logger()
 
 
 class Options(MeterOptions):
@@ -34,73 +38,63 @@ class Options(MeterOptions):
         self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
 
 
-class CloudService(MultiService):
+@implementer(cloud.IReadingStore)
+class ReadingsDatabase(Service):
     """
-    Opens the database, then listens; at stop, stops listening, then
-    finishes the pending commits and closes the database.
+    The SQLite database of readings, an L{cloud.IReadingStore} while the
+    service runs; at stop, its pending commits finish and it is closed.
     """
 
-    log = Logger()
-
-    def __init__(self, settings: dict, tls, reactor, console=None):
-        MultiService.__init__(self)
-        self._settings = settings
-        self._tls = tls
+    def __init__(self, path: Path, reactor):
+        self._path = path
         self._reactor = reactor
-        self._console = console or _console
-        self.database: Database | None = None
-        self.store: cloud.CloudStore | None = None
+        self._store: cloud.SQLiteReadingStore | None = None
 
     def startService(self):
-        path = self._settings["db"]
+        # Opened here, not in makeService: twistd forks to daemonize between
+        # the two, and an SQLite connection must not be carried across a
+        # fork (the child holds none of the parent's POSIX locks).
         try:
-            connection = connect(path)
+            connection = connect(self._path)
             cloud.open_database(connection)
         except Exception as e:
-            raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-        # Commits on the reactor thread: with a thread of their own the cloud
-        # took ~40% more CPU a reading (see meter.database).
-        self.database = Database(connection, self._reactor)
-        self.log.info("readings database {path}", path=path)
-        self.store = cloud.CloudStore(self.database, self._console, self._reactor)
-        descriptors, how = raise_descriptor_limit()
-        max_connections, max_unauthenticated = cloud.connection_limits(
-            descriptors, self._settings["max_unauthenticated"]
-        )
-        self.log.info(
-            "descriptor limit {descriptors} ({how}): at most {connections} connections, {strangers} of them not "
-            "authenticated yet, each for {timeout:g} s at most",
-            descriptors=descriptors,
-            how=how,
-            connections=max_connections,
-            strangers=max_unauthenticated,
-            timeout=self._settings["handshake_timeout"],
-        )
-        factory = cloud.CloudFactory(
-            self.store,
-            self._settings["idle_timeout"],
-            self._reactor,
-            handshake_timeout=self._settings["handshake_timeout"],
-            max_unauthenticated=max_unauthenticated,
-            max_connections=max_connections,
-        )
-        admission = factory.admission
-        if self._tls is not None:
-            # TLS wraps whatever endpoint is configured; the TLS options
-            # require a client certificate signed by the suite's CA.
-            factory = TLSMemoryBIOFactory(self._tls, False, factory)
-            self.log.info("listening on {listen} with TLS, gateways need a certificate of the suite's CA", listen=self._settings["listen"])
-        else:
-            self.log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=self._settings["listen"])
-        listener = strports.service(self._settings["listen"], factory)
-        listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
-        listener.setServiceParent(self)
-        MultiService.startService(self)
+            raise SystemExit(f"meter-cloud: cannot open database {self._path}: {e}") from None
+        # Commits on the reactor thread: meter.database says why.
+        self._store = cloud.SQLiteReadingStore(connection, self._reactor)
+        log.info("readings database {path}", path=self._path)
+        Service.startService(self)
 
     def stopService(self):
-        d = MultiService.stopService(self)
-        d.addCallback(lambda _: self.database.stop())
-        d.addCallback(lambda _: self.log.info("cloud stopped: {counters}", counters=dict(self.store.counters)))
+        Service.stopService(self)
+        return self._store.database.stop()
+
+    def add(self, columns, stored_at):
+        return self._store.add(columns, stored_at)
+
+    def readings(self, device_id=None, device_ip=None, since=None, until=None):
+        return self._store.readings(device_id, device_ip, since, until)
+
+    def devices(self):
+        return self._store.devices()
+
+
+class CloudService(MultiService):
+    """
+    The cloud: its children start in order (the database, then the
+    listener) and stop in reverse, each once the one before it has stopped:
+    no batch is taken after the database begins to close.
+    """
+
+    def __init__(self, metrics: cloud.CloudMetrics):
+        MultiService.__init__(self)
+        self.metrics = metrics
+
+    def stopService(self):
+        Service.stopService(self)
+        d = succeed(None)
+        for service in reversed(list(self)):
+            d.addCallback(lambda _, service=service: service.stopService())
+        d.addCallback(lambda _: log.info("cloud stopped: {metrics}", metrics=self.metrics))
         return d
 
 
@@ -164,24 +158,57 @@ class AcceptFailuresCounted:
             self._forward(event)
 
 
-def _console(text: str) -> None:
-    # The console is the process's real stdout, not twistd's log: the lines
-    # must read exactly as the report prints them, with no log prefix.  One
-    # write and one flush per batch.
-    out = sys.__stdout__
-    out.write(text)
-    out.flush()
-
-
-def makeService(options: Options):
+def makeService(options: Options) -> CloudService:
+    """
+    The cloud's service tree: the readings database, then the listener of
+    gateway connections over the store that serves them.
+    """
     from twisted.internet import reactor
 
+    settings = options.config.cloud
     # Here, before twistd logs, forks or binds anything: a database that
     # cannot work, or that a running cloud holds, ends the start with one
     # line naming it and the cause.
-    path = options.config.cloud["db"]
+    path = settings["db"]
     try:
         database.claim(path, cloud.VERSIONS)
     except database.Unusable as e:
         raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-    return CloudService(options.config.cloud, options.tls, reactor)
+
+    metrics = cloud.CloudMetrics()
+    service = CloudService(metrics)
+    readings = ReadingsDatabase(path, reactor)
+    readings.setServiceParent(service)
+    store = cloud.CloudStore(readings, cloud.write_console, reactor, metrics)
+
+    descriptors, how = raise_descriptor_limit()
+    max_connections, max_unauthenticated = cloud.connection_limits(descriptors, settings["max_unauthenticated"])
+    log.info(
+        "descriptor limit {descriptors} ({how}): at most {connections} connections, {strangers} of them not "
+        "authenticated yet, each for {timeout:g} s at most",
+        descriptors=descriptors,
+        how=how,
+        connections=max_connections,
+        strangers=max_unauthenticated,
+        timeout=settings["handshake_timeout"],
+    )
+    factory = cloud.CloudFactory(
+        store,
+        settings["idle_timeout"],
+        reactor,
+        handshake_timeout=settings["handshake_timeout"],
+        max_unauthenticated=max_unauthenticated,
+        max_connections=max_connections,
+    )
+    admission = factory.admission
+    if options.tls is not None:
+        # TLS wraps whatever endpoint is configured; the TLS options
+        # require a client certificate signed by the suite's CA.
+        factory = TLSMemoryBIOFactory(options.tls, False, factory)
+        log.info("listening on {listen} with TLS, gateways need a certificate of the suite's CA", listen=settings["listen"])
+    else:
+        log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=settings["listen"])
+    listener = strports.service(settings["listen"], factory)
+    listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
+    listener.setServiceParent(service)
+    return service

@@ -16,8 +16,10 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from twisted.python.failure import Failure
+
 from meter import config, secrets
-from meter.cloud import query_readings
+from meter.cloud import SQLiteReadingStore
 from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
 from meter.reading import format_number
 
@@ -102,9 +104,15 @@ def readings(args: argparse.Namespace) -> int:
         return 2
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # The SQLite store answers a query at once: its Deferred has fired.
+        outcome: list = []
+        SQLiteReadingStore(connection).readings(device_ip=args.device).addBoth(outcome.append)
+        (found,) = outcome
+        if isinstance(found, Failure):
+            found.raiseException()
         rows = [
-            (device_id, ip, taken_at.isoformat(timespec="minutes"), temperature, humidity)
-            for device_id, ip, taken_at, temperature, humidity in query_readings(connection, args.device)
+            (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
+            for r in found
         ]
     except sqlite3.DatabaseError as e:
         print(f"meter readings: {path} is not a meter cloud database: {e}", file=sys.stderr)
