@@ -42,7 +42,7 @@ from zope.interface import implementer
 from meter import cloud, cloud_tap, gateway, wire
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
-from tests.harness import Suite
+from meter.tools.suite import Suite
 
 TIMEOUT = 5.0
 IDLE = 120.0
