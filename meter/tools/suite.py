@@ -91,8 +91,10 @@ class Suite(Daemons):
     The secrets are made by the first daemon to start, as on a first start
     on loopback (in C{root}/var/secrets), or with C{keys} before any starts,
     in C{root}/secrets: the device keys without an fsync each, for fleets of
-    thousands.  C{gateway} settings (the keywords), C{device} and C{cloud}
-    settings are laid over the suite's.
+    thousands.  C{gateway} settings (the keywords), C{device} settings (in
+    place of L{QUICK_DEVICE}; C{{}} for the configuration's defaults) and
+    C{cloud} settings are laid over the suite's own.  With C{logs} each
+    daemon's output goes to <name>.log in C{root} rather than a pipe.
     """
 
     def __init__(
