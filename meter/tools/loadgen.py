@@ -691,7 +691,7 @@ def load_keys(settings: config.Config, ids: list[int]) -> dict[int, bytes]:
     if settings.security["generate"]:
         for path in secrets.generate(folder, settings.fleet):
             print(f"meter loadgen: created secret {path}", file=sys.stderr)
-    return {device_id: secrets.read_device_key(folder, device_id) for device_id in ids}
+    return secrets.read_fleet_keys(folder, ids)
 
 
 def format_summary(s: dict) -> str:
