@@ -55,7 +55,7 @@ MAX_DEVICES = 253
 #: The gateway's port on the LAN bridge, in the bridge's namespace.
 GATEWAY_PORT_NAME = "gw"
 #: The repository's survey files (devices 1 to 4 of the report), if there.
-REPO_SURVEYS = Path(__file__).resolve().parent.parent / "surveys"
+REPO_SURVEYS = Path(__file__).resolve().parents[2] / "surveys"
 #: How long one `ip` or `nft` command may take.
 COMMAND_TIMEOUT = 30.0
 
