@@ -56,12 +56,20 @@ def expected_console(rows) -> list[str]:
 
 def stop_drained(gateway: Daemon) -> None:
     """
-    Wait until the gateway says its spool is empty, then stop it.  The
-    database can be complete a moment before that: the cloud may hold a
-    batch's readings from before it was killed while the gateway, which never
-    got that acknowledgement, still has the batch in flight again.
+    Wait until the gateway says its spool is empty after the last readings
+    it took, then stop it.  The database can be complete a moment before
+    that: the cloud may hold a batch's readings from before it was killed
+    while the gateway, which never got that acknowledgement, still has the
+    batch in flight again; and a device whose acknowledgements were lost
+    gives up and sends its day again, which the gateway takes as a late
+    device's after its spool was empty once.
     """
-    gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
+    spool = re.compile(r"readings delivered; (\d+) left in the spool|late device \d+")
+    while True:
+        said = gateway.all_matching(spool)
+        if said and said[-1].group(1) == "0":
+            break
+        gateway.wait_for(spool, 30)
     gateway.stop()
 
 

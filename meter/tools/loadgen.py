@@ -164,10 +164,10 @@ class SimDevice:
             run.started += 1
         else:
             run.on_stop(self)
-            # A new transfer, as a device's next attempt is: the chunks of
-            # the one it gave up are no longer answered for.
+            # A new transfer, as a device's next attempt is: its chunks are
+            # timed afresh, but a part acknowledged in an attempt before
+            # counts once (its readings are the same).
             self.first_sent = {}
-            self.acked = set()
         self.xfer = device_xfer(run.seed, self.id, f"{run.attempt_salt}/{self.attempts}")
         chunks = wire.day_chunks(self.id, self.address, run.day, self.parts, self.xfer, int(now))
         self.part_readings = {chunk.part: chunk.count for chunk in chunks}
