@@ -53,10 +53,10 @@ sys.path.insert(0, str(HERE))
 import ceilings  # noqa: E402
 import micro  # noqa: E402
 import profiles  # noqa: E402
-from suite import Workspace, fleet_of, label_address, loadgen_command, proc_stats  # noqa: E402
-
 from meter import config, wire  # noqa: E402
 from meter.tools.loadgen import synthetic_day  # noqa: E402
+from meter.tools.processes import proc_stats  # noqa: E402
+from meter.tools.suite import Suite, label_address  # noqa: E402
 
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -80,9 +80,21 @@ def say(text: str) -> None:
 # -- helpers --------------------------------------------------------------------
 
 
-def run_loadgen(workspace: Workspace, name: str, *args: str, timeout: float = 300.0) -> dict:
+def workspace_of(root: Path, devices: int, **settings) -> Suite:
+    """
+    One scenario's suite: a fleet of C{devices} whose addresses are only
+    labels in the data (nothing is ever sent to them), their keys written
+    before the daemons start, no survey files, the daemons' output in log
+    files (a pipe read by this process would cost CPU on the cores the
+    daemons are measured on), and the devices' own retransmission timers.
+    """
+    settings = {"addresses": label_address, "deadline": 60.0, **settings}
+    return Suite(root, devices, None, keys=True, logs=True, device={}, **settings)
+
+
+def run_loadgen(workspace: Suite, name: str, *args: str, timeout: float = 300.0) -> dict:
     out = workspace.root / f"loadgen-{name}.json"
-    command = loadgen_command(workspace, out, *args)
+    command = workspace.loadgen_command(out, *args)
     completed = subprocess.run(command, cwd=workspace.root, capture_output=True, text=True, timeout=timeout + 60)
     (workspace.root / f"loadgen-{name}.out").write_text(completed.stdout + completed.stderr)
     if not out.exists():
@@ -347,17 +359,17 @@ def scenario_day4(args, scratch: Path) -> dict:
     a gateway and a cloud; first send to the cloud's last acknowledgement.
     """
     say(f"day4: the report's 4-device day (surveys/), {args.repeat} runs, each with a fresh gateway and cloud")
-    fleet = dict(config.DEFAULT_FLEET)
     runs = []
     # Each run its own spool and database: the gateway takes only yesterday
     # (give or take a day), so runs cannot be told apart by their day, and
     # a second run of one day would find its round closed.
     day = datetime.date.today() - datetime.timedelta(days=1)
     for index in range(args.repeat):
-        workspace = Workspace(scratch / f"day4-{index}", fleet)
+        workspace = workspace_of(scratch / f"day4-{index}", len(config.DEFAULT_FLEET),
+                                 addresses=config.DEFAULT_FLEET.__getitem__)
         try:
             cloud = workspace.start_cloud()
-            gateway = workspace.start_gateway()
+            gateway = workspace.start_gateway(connected=True)
             sent = run_loadgen(workspace, f"day4-{index}", "--devices", "4", "--surveys", str(REPO / "surveys"),
                                "--day", day.isoformat(), "--spread", "0", "--timeout", "30")
             totals = wait_committed(cloud, sent["readings_acked"], 30)
@@ -399,11 +411,11 @@ def scenario_intake(args, scratch: Path, raw: dict) -> dict:
     sealed = args.intake_sealed_devices
     say(f"intake: {sealed} devices x 1,440 readings, pre-sealed chunks of <= 1,200 bytes, window {args.intake_window}; "
         f"then {devices} devices from loadgen")
-    fleet = fleet_of(max(devices, sealed) + 1)
-    workspace = Workspace(scratch / "intake", fleet, gateway={"deadline": 600.0})
+    workspace = workspace_of(scratch / "intake", max(devices, sealed) + 1, deadline=600.0)
+    fleet = workspace.fleet
     try:
         cloud = workspace.start_cloud()
-        gateway = workspace.start_gateway()
+        gateway = workspace.start_gateway(connected=True)
         from meter import secrets
 
         day = datetime.date.today() - datetime.timedelta(days=1)
@@ -436,9 +448,9 @@ def scenario_intake(args, scratch: Path, raw: dict) -> dict:
         # The same kind of days from loadgen (real device code, its own
         # sockets and keys), on the next device ids of a fresh gateway.
         workspace.stop()
-        workspace = Workspace(scratch / "intake-loadgen", fleet, gateway={"deadline": 600.0})
+        workspace = workspace_of(scratch / "intake-loadgen", max(devices, sealed) + 1, deadline=600.0)
         cloud = workspace.start_cloud()
-        gateway = workspace.start_gateway()
+        gateway = workspace.start_gateway(connected=True)
         before = gateway.stats()
         sent = run_loadgen(workspace, "intake", "--devices", str(devices), "--readings", "1440",
                            "--spread", str(args.intake_spread), "--seed", str(args.seed), "--timeout", "120")
@@ -495,7 +507,6 @@ def scenario_cloud(args, scratch: Path, readings: list, executemany: dict) -> di
     window = config.SCHEMA["gateway"]["batches_in_flight"][1]
     say(f"cloud: {len(readings):,} readings over TLS straight to the cloud: batches of {batch}, {window} in flight "
         f"(the gateway's defaults) {args.cloud_runs} times, then one in flight, batches of {batch} and of {args.batch}")
-    fleet = fleet_of(1)
     runs: dict[str, list[dict]] = {}
     rows = cloud_rows(readings)
     beside: list[float] = []
@@ -507,7 +518,7 @@ def scenario_cloud(args, scratch: Path, readings: list, executemany: dict) -> di
                        for index, start in enumerate(range(0, len(readings), size))]
                 for size in {batch_size for _, batch_size, _ in plan}}
     for number, (name, batch_size, in_flight) in enumerate(plan):
-        workspace = Workspace(scratch / f"cloud-{number}-{name}", fleet)
+        workspace = workspace_of(scratch / f"cloud-{number}-{name}", 1)
         try:
             cloud = workspace.start_cloud()
             connection = ceilings.tls_client(workspace.secrets, workspace.cloud_port)
@@ -576,12 +587,12 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
     """
     tag = f"{devices}x{readings}{'-profiled' if profile else ''}"
     say(f"fleet: {devices:,} devices x {readings} readings, spread {spread:g} s{' (profiled)' if profile else ''}")
-    fleet = fleet_of(devices)
-    workspace = Workspace(scratch / f"fleet-{tag}", fleet)
+    workspace = workspace_of(scratch / f"fleet-{tag}", devices)
+    fleet = workspace.fleet
     spies = []
     try:
         cloud = workspace.start_cloud()
-        gateway = workspace.start_gateway()
+        gateway = workspace.start_gateway(connected=True)
         if profile:
             RESULTS.mkdir(parents=True, exist_ok=True)
             spies = [profiles.Spy(gateway.pid, RESULTS / "profile-gateway-intake.txt"),

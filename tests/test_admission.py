@@ -592,7 +592,7 @@ def test_an_overloaded_gateway_says_so_with_its_code(tmp_path):
 
 @pytest.mark.e2e
 def test_one_key_sending_empty_transfers_keeps_the_real_gateways_books_bounded(tmp_path):
-    from tests.harness import Suite
+    from meter.tools.suite import Suite
 
     suite = Suite(tmp_path, devices=3, stats_interval=0.5, deadline=300.0)
     try:

@@ -12,16 +12,13 @@ import time
 import pytest
 
 from meter.tools.processes import CONSOLE_LINE
-from tests.harness import Suite
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def suite(tmp_path):
-    suite = Suite(tmp_path, devices=6, readings=4)
-    yield suite
-    suite.stop()
+def suite(make_suite):
+    return make_suite(6)
 
 
 def test_six_devices_day_reaches_console_and_database(suite):

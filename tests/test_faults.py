@@ -6,7 +6,7 @@ on free loopback ports), breaks something (datagrams, the cloud, the
 gateway, the spool's room) and then asserts the cloud's database EXACTLY:
 every reading the devices handed over, once, with its values.
 
-Fleets of devices run in one process (tests/fleet.py, the real device code
+Fleets of devices run in one process (`meter loadgen`, the real device code
 on the real reactor), optionally behind its seeded lossy relay; a few tests
 add real meter-device processes.  Every wait has a deadline; waits follow
 the daemons' log lines rather than sleeping.
@@ -15,7 +15,6 @@ the daemons' log lines rather than sleeping.
 from __future__ import annotations
 
 import datetime
-import json
 import random
 import re
 import sqlite3
@@ -25,7 +24,7 @@ import pytest
 
 from meter.device import previous_day
 from meter.tools.processes import CONSOLE_LINE, Daemon
-from tests.harness import Suite
+from meter.tools.suite import Suite, loadgen_summary
 
 pytestmark = pytest.mark.e2e
 
@@ -40,38 +39,6 @@ DAY = previous_day(time.time())
 #: so a test takes seconds, and a device that gives up sends its day again
 #: (as meter-device does when not run with --once), at most 8 times.
 FAST_DEVICES = ("--ack-timeout", "0.1", "--max-retransmit", "5", "--attempts", "8", "--retry-after", "0.2")
-
-
-@pytest.fixture
-def make_suite(tmp_path):
-    suites = []
-
-    def make(devices: int, readings: int, **settings) -> Suite:
-        root = tmp_path / f"suite{len(suites)}"
-        root.mkdir()
-        suite = Suite(root, devices=devices, readings=readings, **settings)
-        suites.append(suite)
-        return suite
-
-    yield make
-    for suite in suites:
-        suite.stop()
-
-
-def fleet_summary(fleet: Daemon, timeout: float = 90.0) -> dict:
-    summary = json.loads(fleet.wait_for(r"fleet done: (.*)", timeout).group(1))
-    fleet.wait(10)
-    print("fleet:", json.dumps(summary))  # the figures, shown with pytest -rP
-    return summary
-
-
-def seen_or_wait(daemon: Daemon, pattern: str, timeout: float = 20.0) -> None:
-    """
-    Wait for a line matching C{pattern}, unless one was read already (a
-    restarted gateway may log it while it recovers, before its port opens).
-    """
-    if not daemon.all_matching(pattern):
-        daemon.wait_for(pattern, timeout)
 
 
 def console_lines(*clouds: Daemon) -> list[str]:
@@ -141,7 +108,7 @@ def test_lossy_relay_200_devices(make_suite):
         DAY, "1-200", "--loss", "0.3", "--dup", "0.1", "--delay", "0.02", "--seed", "20240501", "--spread", "1",
         *FAST_DEVICES,
     )
-    summary = fleet_summary(fleet)
+    summary = loadgen_summary(fleet)
     assert summary["delivered"] == 200, summary
     relay = summary["relay"]
     for direction in ("up", "down"):
@@ -175,7 +142,7 @@ def test_day_of_1440_readings_in_chunks(make_suite):
     fleet = suite.start_fleet(
         day, "2-4", "--loss", "0.1", "--dup", "0.1", "--delay", "0.05", "--seed", "1440", *FAST_DEVICES
     )
-    summary = fleet_summary(fleet)
+    summary = loadgen_summary(fleet)
     assert summary["delivered"] == 3, summary
     assert device.wait(30) == 0, device.tail()
     assert device.all_matching(rf"sending 1440 readings of {day} to \S+ in (1[7-9]|2\d) datagrams"), device.tail()
@@ -219,7 +186,7 @@ def test_cloud_killed_three_times_while_gateway_forwards(make_suite):
     clouds = [cloud]
     gateway = suite.start_gateway()
     gateway.wait_for("connected to the cloud")
-    summary = fleet_summary(suite.start_fleet(DAY, "1-100"))
+    summary = loadgen_summary(suite.start_fleet(DAY, "1-100"))
     assert summary["delivered"] == 100, summary
     for kill in range(3):
         cloud.collect(r"readings committed", rng.randint(5, 60), timeout=30)
@@ -258,7 +225,7 @@ def test_gateway_killed_after_acknowledging_before_forwarding(make_suite):
     """
     suite = make_suite(50, 96, deadline=6.0)
     gateway = suite.start_gateway()
-    summary = fleet_summary(suite.start_fleet(DAY, "1-49"))
+    summary = loadgen_summary(suite.start_fleet(DAY, "1-49"))
     assert summary["delivered"] == 49, summary
     gateway.kill()
 
@@ -271,7 +238,7 @@ def test_gateway_killed_after_acknowledging_before_forwarding(make_suite):
     suite.wait_stored(49 * 96, cloud)
     assert_exact(suite, range(1, 50))
 
-    summary = fleet_summary(suite.start_fleet(DAY, "50"))
+    summary = loadgen_summary(suite.start_fleet(DAY, "50"))
     assert summary["delivered"] == 1, summary
     gateway.wait_for(r"late device 50 \(\S+\) reported")
     suite.wait_stored(50 * 96, cloud)
@@ -291,7 +258,7 @@ def test_gateway_killed_mid_forward(make_suite):
     cloud = suite.start_cloud()
     gateway = suite.start_gateway()
     gateway.wait_for("connected to the cloud")
-    summary = fleet_summary(suite.start_fleet(DAY, "1-100"))
+    summary = loadgen_summary(suite.start_fleet(DAY, "1-100"))
     assert summary["delivered"] == 100, summary
     for _ in range(2):
         gateway.collect(r"forwarding batch", rng.randint(5, 80), timeout=30)
@@ -317,11 +284,11 @@ def test_gateway_down_when_devices_send_and_crashing_mid_intake(make_suite):
     retry = ("--ack-timeout", "0.2", "--max-retransmit", "6")  # gives up after 25 to 38 s
     first = suite.start_fleet(day, "1-18", *retry)
     devices = [suite.start_device(device_id) for device_id in (19, 20)]
-    first.wait_for(r"fleet: retransmitting", 20)
+    first.wait_for(r"loadgen: retransmitting", 20)
     for device in devices:
         device.wait_for(r"retransmission 2 of 4", 20)
     gateway = suite.start_gateway()
-    assert fleet_summary(first)["delivered"] == 18
+    assert loadgen_summary(first)["delivered"] == 18
     for device in devices:
         assert device.wait(30) == 0, device.tail()
 
@@ -329,13 +296,13 @@ def test_gateway_down_when_devices_send_and_crashing_mid_intake(make_suite):
     gateway.collect(r"device (2[1-9]|3\d|40) \(\S+\) reported ", 10, timeout=20)
     gateway.kill()
     gateway = suite.start_gateway()
-    summary = fleet_summary(second)
+    summary = loadgen_summary(second)
     assert summary["delivered"] == 20, summary
     assert summary["retransmissions"] > 0
 
     for device in devices:
         assert device.all_matching(rf"sending 96 readings of {day} "), device.tail()
-    seen_or_wait(gateway, rf"round {day} complete: every expected device reported")
+    gateway.seen_or_wait(rf"round {day} complete: every expected device reported")
     suite.wait_stored(40 * 96, cloud)
     assert_exact(suite, day=day)
 
@@ -349,16 +316,16 @@ def test_spool_full_refuses_busy_and_loses_nothing(make_suite):
     limit = 600
     suite = make_suite(20, 96, spool_limit=limit, deadline=2.0, stats_interval=1.0)
     gateway = suite.start_gateway()
-    fleet = suite.start_fleet(DAY, "1-20", "--ack-timeout", "0.2", "--max-retransmit", "7", "--time-limit", "100")
+    fleet = suite.start_fleet(DAY, "1-20", "--ack-timeout", "0.2", "--max-retransmit", "7", "--timeout", "100")
     gateway.wait_for(r"SPOOL FULL \(\d+ of 600 readings\)", 20)
     gateway.wait_for(rf"round {DAY} closed: deadline of 2 s passed", 20)
     # The periodic stats line shows the spool's depth while the cloud is away.
     depth = int(gateway.wait_for(r"gateway stats: spool_depth=(\d+) ", 5).group(1))
     assert 0 < depth <= limit
     cloud = suite.start_cloud()
-    summary = fleet_summary(fleet, 100)
+    summary = loadgen_summary(fleet, 100)
     assert summary["delivered"] == 20, summary
-    assert summary["busy"] > 0 and summary["gave_up"] == 0, summary
+    assert summary["busy_answers"] > 0 and summary["gave_up"] == 0, summary
     suite.wait_stored(20 * 96, cloud)
     assert_exact(suite)
     depths = [int(m.group(1)) for m in gateway.all_matching(r"delivered; (\d+) left in the spool")]

@@ -115,40 +115,28 @@ def test_refuses_a_gateway_that_is_not_loopback(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_loadgen_delivers_a_fleet_through_the_real_daemons(tmp_path):
-    import json
-    import subprocess
-    import sys
+def test_loadgen_delivers_a_fleet_through_the_real_daemons(make_suite):
+    from meter.tools.suite import loadgen_summary
 
-    from tests.harness import Suite
-
-    suite = Suite(tmp_path, devices=5, readings=4)
-    try:
-        cloud = suite.start_cloud()
-        gateway = suite.start_gateway()
-        gateway.wait_for("connected to the cloud")
-        out = tmp_path / "loadgen.json"
-        completed = subprocess.run(
-            [sys.executable, "-m", "meter.tools.cli", "loadgen", "--config", str(suite.config), "--devices", "5",
-             "--spread", "0", "--quiet", "--json", str(out), "--timeout", "30"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=90,
-        )
-        assert completed.returncode == 0, completed.stdout + completed.stderr
-        summary = json.loads(out.read_text())
-        assert summary["delivered"] == 5 and summary["failed"] == 0
-        assert summary["readings_acked"] == 5 * 96
-        assert summary["ack_latency_ms"]["count"] == summary["chunks_acked"] == summary["chunks"]
-        suite.wait_stored(5 * 96, cloud)
-        day = datetime.date.fromisoformat(summary["day"])
-        rows = suite.stored()
-        expected = sorted(
-            (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
-            for device_id, address in suite.fleet.items()
-            for r in synthetic_day(device_id, address, day, 96, seed=1)
-        )
-        assert rows == expected
-    finally:
-        suite.stop()
+    suite = make_suite(5)
+    cloud = suite.start_cloud()
+    suite.start_gateway(connected=True)
+    loadgen = suite.run("loadgen", suite.loadgen_command(suite.root / "loadgen.json", "--devices", "5", "--spread", "0",
+                                                         "--timeout", "30"))
+    summary = loadgen_summary(loadgen)
+    assert loadgen.process.returncode == 0, loadgen.tail()
+    assert summary["delivered"] == 5 and summary["failed"] == 0
+    assert summary["readings_acked"] == 5 * 96
+    assert summary["ack_latency_ms"]["count"] == summary["chunks_acked"] == summary["chunks"]
+    suite.wait_stored(5 * 96, cloud)
+    day = datetime.date.fromisoformat(summary["day"])
+    rows = suite.stored()
+    expected = sorted(
+        (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
+        for device_id, address in suite.fleet.items()
+        for r in synthetic_day(device_id, address, day, 96, seed=1)
+    )
+    assert rows == expected
 
 
 @pytest_twisted.ensureDeferred
@@ -188,3 +176,83 @@ async def test_the_stamped_port_gives_each_datagram_its_kernel_receive_time():
     assert arrived_at is not None and before - 0.001 <= arrived_at <= handled
     # Only while the datagram is handled.
     assert run.arrived_at is None
+
+
+class _Written:
+    """
+    A UDP transport that keeps what is written to it.
+    """
+
+    def __init__(self):
+        self.written: list[tuple[bytes, tuple]] = []
+
+    def write(self, data, to):
+        self.written.append((data, to))
+
+
+class _RelayReactor:
+    """
+    The clock and the UDP ports the relay asks for, in memory.
+    """
+
+    def __init__(self):
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.callLater = self.clock.callLater
+        self.upstreams = []
+
+    def listenUDP(self, port, protocol, interface, maxPacketSize):
+        protocol.transport = _Written()
+        self.upstreams.append(protocol)
+        return protocol.transport
+
+
+def relay_of(loss=0.0, dup=0.0, delay=0.0, seed=7):
+    import random
+
+    from meter.tools.loadgen import LossyRelay
+
+    reactor = _RelayReactor()
+    relay = LossyRelay(reactor, ("127.0.0.1", 10005), loss, dup, delay, random.Random(seed))
+    relay.transport = _Written()
+    return relay, reactor
+
+
+def test_the_relay_passes_datagrams_both_ways_through_a_socket_per_device():
+    relay, reactor = relay_of()
+    relay.datagramReceived(b"one", ("127.0.0.1", 4001))
+    relay.datagramReceived(b"two", ("127.0.0.1", 4002))
+    relay.datagramReceived(b"three", ("127.0.0.1", 4001))
+    reactor.clock.advance(0)
+    first, second = reactor.upstreams
+    assert first.transport.written == [(b"one", ("127.0.0.1", 10005)), (b"three", ("127.0.0.1", 10005))]
+    assert second.transport.written == [(b"two", ("127.0.0.1", 10005))]
+    second.datagramReceived(b"ack", ("127.0.0.1", 10005))
+    reactor.clock.advance(0)
+    assert relay.transport.written == [(b"ack", ("127.0.0.1", 4002))]
+    assert relay.counters == {"up_received": 3, "up_sent": 3, "down_received": 1, "down_sent": 1}
+
+
+def test_the_relay_drops_and_doubles_its_share_of_datagrams_and_reorders_them():
+    relay, reactor = relay_of(loss=0.3, dup=0.1, delay=0.05)
+    for n in range(2000):
+        relay.datagramReceived(b"%d" % n, ("127.0.0.1", 4001))
+    reactor.clock.advance(0.05)
+    c = relay.counters
+    assert 0.25 < c["up_dropped"] / c["up_received"] < 0.35
+    assert 0.05 < c["up_duplicated"] / (c["up_received"] - c["up_dropped"]) < 0.15
+    assert c["up_sent"] == c["up_received"] - c["up_dropped"] + c["up_duplicated"]
+    sent = [int(data) for data, _ in reactor.upstreams[0].transport.written]
+    assert sent != sorted(sent)
+
+
+def test_the_relays_choices_follow_its_seed():
+    runs = []
+    for _ in range(2):
+        relay, reactor = relay_of(loss=0.3, dup=0.1, delay=0.05, seed=11)
+        for n in range(200):
+            relay.datagramReceived(b"%d" % n, ("127.0.0.1", 4001))
+        reactor.clock.advance(0.05)
+        runs.append(reactor.upstreams[0].transport.written)
+    assert runs[0] == runs[1]

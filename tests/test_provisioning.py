@@ -13,7 +13,7 @@ Provisioning cannot silently split the trust (docs/security.md,
   key shorter than 32 bytes, or a certificate of another CA than its ca.crt
   refuses to start with one line naming the file, and a non-zero exit.
 
-The start-up refusals run the real twistd plugins (tests/harness.Suite); the
+The start-up refusals run the real twistd plugins (meter.tools.suite.Suite); the
 rest runs the secrets module on real files.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from meter import secrets
-from tests.harness import Suite
+from meter.tools.suite import Suite
 
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3"}
 
@@ -175,10 +175,8 @@ def test_a_key_of_another_certificate_is_refused(tmp_path):
 
 
 @pytest.fixture
-def suite(tmp_path):
-    suite = Suite(tmp_path, devices=2, readings=4)
-    yield suite
-    suite.stop()
+def suite(make_suite):
+    return make_suite(2)
 
 
 #: What each host holds, per docs/security.md (no ca.key anywhere).

@@ -15,7 +15,6 @@ against files on a small tmpfs that fills.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import signal
@@ -37,7 +36,7 @@ from meter.gateway import Intake, Uplink
 from meter.tools.processes import CONSOLE_LINE
 from meter.reading import Reading
 from meter.gateway.spool import Spool
-from tests.harness import Suite
+from meter.tools.suite import Suite, loadgen_summary
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
@@ -492,7 +491,7 @@ E2E_DAY = E2E_NEXT - datetime.timedelta(days=1)
 #: Devices that keep retrying for a while: a busy answer keeps a chunk, and
 #: a device that gives up sends its day again.
 PATIENT = ("--ack-timeout", "0.2", "--max-retransmit", "4", "--attempts", "40", "--retry-after", "0.2",
-           "--time-limit", "150")
+           "--timeout", "150")
 
 #: Another process holding the write lock of a SQLite file until told.
 LOCK_HOLDER = """
@@ -517,22 +516,6 @@ class LockHolder:
             self.process.stdin.write("\n")
             self.process.stdin.flush()
         assert self.process.wait(30) == 0
-
-
-@pytest.fixture
-def make_suite(tmp_path):
-    suites = []
-
-    def make(devices: int, readings: int, **settings) -> Suite:
-        root = tmp_path / f"suite{len(suites)}"
-        root.mkdir()
-        suite = Suite(root, devices=devices, readings=readings, **settings)
-        suites.append(suite)
-        return suite
-
-    yield make
-    for suite in suites:
-        suite.stop()
 
 
 @pytest.fixture
@@ -574,10 +557,7 @@ def fill(folder: Path) -> Path:
 
 
 def fleet_summary(fleet) -> dict:
-    summary = json.loads(fleet.wait_for(r"fleet done: (.*)", 150).group(1))
-    fleet.wait(10)
-    print("fleet:", summary)
-    return summary
+    return loadgen_summary(fleet, 160)
 
 
 def counters_of(gateway) -> dict[str, int]:
@@ -593,11 +573,6 @@ def counters_of(gateway) -> dict[str, int]:
     for key, value in re.findall(r"'(\w+)': (\d+)", line):
         counters[key] = counters.get(key, 0) + int(value)
     return counters
-
-
-def seen_or_wait(daemon, pattern: str, timeout: float = 20.0) -> None:
-    if not daemon.all_matching(pattern):
-        daemon.wait_for(pattern, timeout)
 
 
 def assert_stored(suite: Suite, days) -> None:
@@ -630,13 +605,13 @@ def test_a_spool_locked_by_another_process(make_suite):
         # are rate-limited per step: the device's round of yesterday may
         # have had them).
         gateway.wait_for(rf"round {E2E_DAY} closed: deadline of 3 s passed", 20)
-        seen_or_wait(gateway, r"round \S+ not closed in the spool, not forwarded yet: .*database is locked")
+        gateway.seen_or_wait(r"round \S+ not closed in the spool, not forwarded yet: .*database is locked")
         cloud = suite.start_cloud()
         gateway.wait_for(r"no batch taken from the spool: OperationalError: database is locked", 20)
     finally:
         lock.release()
     summary = fleet_summary(fleet)
-    assert summary["delivered"] == 5 and summary["busy"] > 0, summary
+    assert summary["delivered"] == 5 and summary["busy_answers"] > 0, summary
     suite.wait_stored(5 * 96, cloud)
     gateway.wait_for(r"closing a round succeeded again after \d+ failures", 20)
 
@@ -691,7 +666,7 @@ def test_the_gateways_spool_on_a_full_disk(small_disk, make_suite):
         gateway.wait_for(r"gateway stats: ", 5)
     filler.unlink()
     summary = fleet_summary(fleet)
-    assert summary["delivered"] == 20 and summary["busy"] > 0, summary
+    assert summary["delivered"] == 20 and summary["busy_answers"] > 0, summary
     suite.wait_stored(20 * 96, cloud)
     gateway.wait_for(r"readings delivered; 0 left in the spool", 30)
     gateway.stop()

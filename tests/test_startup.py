@@ -28,7 +28,7 @@ from meter.gateway import spool
 from meter.database import CLOUD_DATABASE, GATEWAY_SPOOL, Schema, Unusable, connect, prepare
 from meter.tools.processes import free_port
 from meter.gateway.spool import Spool
-from tests.harness import Suite
+from meter.tools.suite import Suite
 
 SPOOL = spool.VERSIONS
 CLOUD = cloud.VERSIONS
@@ -457,10 +457,8 @@ def test_a_wal_file_in_a_read_only_folder_is_refused(tmp_path):
 
 
 @pytest.fixture
-def suite(tmp_path):
-    suite = Suite(tmp_path, devices=2)
-    yield suite
-    suite.stop()
+def suite(make_suite):
+    return make_suite(2)
 
 
 ROLES = {

@@ -44,7 +44,7 @@ from meter.cloud import tap as cloud_tap
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
 from meter.testing import MemoryReadingStore
-from tests.harness import Suite
+from meter.tools.suite import Suite
 
 TIMEOUT = 5.0
 IDLE = 120.0

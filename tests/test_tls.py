@@ -1,6 +1,6 @@
 """
 The gateway <-> cloud hop over TLS with mutual authentication, end to end:
-the real twistd plugins (tests/harness.Suite) on loopback.
+the real twistd plugins (meter.tools.suite.Suite) on loopback.
 
 - the default suite runs over TLS and delivers;
 - a gateway whose certificate another CA signed is refused by the cloud, and
@@ -28,25 +28,9 @@ from pathlib import Path
 import pytest
 
 from meter import secrets
-from tests.harness import Suite
+from meter.tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def make_suite(tmp_path):
-    suites = []
-
-    def make(devices: int = 2, **settings) -> Suite:
-        root = tmp_path / f"suite{len(suites)}"
-        root.mkdir()
-        suite = Suite(root, devices=devices, readings=4, **settings)
-        suites.append(suite)
-        return suite
-
-    yield make
-    for suite in suites:
-        suite.stop()
 
 
 def yesterday() -> datetime.date:

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from meter import config, secrets
 from meter.cloud import SQLiteReadingStore
-from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
+from meter.tools.processes import CONSOLE_LINE, DaemonError, Daemons
 from meter.reading import format_number
 
 DEMO_DIR = Path("var/demo")
@@ -44,24 +44,12 @@ def demo(args: argparse.Namespace) -> int:
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    common = ["--config", args.config] if args.config else []
     db = work / "cloud.sqlite"
-    daemons: list[Daemon] = []
-
-    def start(name: str, *command: str) -> Daemon:
-        daemon = Daemon(name, twistd(*command))
-        daemons.append(daemon)
-        return daemon
-
+    daemons = Daemons(Path(args.config) if args.config else None)
     try:
-        cloud = start("cloud", "meter-cloud", *common, "--db", str(db))
-        cloud.wait_for(r"Factory (\(TLS\) )?starting on")
-        gateway = start(
-            "gateway", "meter-gateway", *common, "--spool", str(work / "gateway-spool.sqlite"), "--deadline", "30"
-        )
-        gateway.wait_for(r"GatewayProtocol starting on")
-        gateway.wait_for(r"connected to the cloud")
-        devices = [start(f"device {i}", "meter-device", *common, "--id", str(i), "--once") for i in settings.fleet]
+        cloud = daemons.start_cloud("--db", str(db))
+        daemons.start_gateway("--spool", str(work / "gateway-spool.sqlite"), "--deadline", "30", connected=True)
+        devices = [daemons.start_device(i) for i in settings.fleet]
         for device in devices:
             status = device.wait(60)
             if status != 0:
@@ -73,8 +61,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"meter demo: {e}", file=sys.stderr)
         return 1
     finally:
-        for daemon in reversed(daemons):
-            daemon.stop()
+        daemons.stop()
 
     print("The cloud's console:")
     for line in lines:

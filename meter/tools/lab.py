@@ -39,7 +39,8 @@ from typing import Iterator
 import attrs
 
 from meter import config
-from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, twistd
+from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, Daemons, twistd
+from meter.tools.suite import survey_text
 
 #: Every namespace of a lab is named PREFIX + run id + "-" + role.
 PREFIX = "mlab-"
@@ -54,7 +55,7 @@ MAX_DEVICES = 253
 #: The gateway's port on the LAN bridge, in the bridge's namespace.
 GATEWAY_PORT_NAME = "gw"
 #: The repository's survey files (devices 1 to 4 of the report), if there.
-REPO_SURVEYS = Path(__file__).resolve().parent.parent / "surveys"
+REPO_SURVEYS = Path(__file__).resolve().parents[2] / "surveys"
 #: How long one `ip` or `nft` command may take.
 COMMAND_TIMEOUT = 30.0
 
@@ -167,21 +168,6 @@ def unavailable() -> str | None:
     return None
 
 
-def survey_text(device_id: int, count: int = 4) -> str:
-    """
-    C{count} readings of a day for device C{device_id}, in the report's
-    format, for devices beyond the repository's four survey files.
-    """
-    step = (24 * 60) // count
-    lines = []
-    for i in range(count):
-        minute = i * step
-        temperature = 10 + (device_id * 7 + i) % 20
-        humidity = 20 + (device_id * 3 + i * 5) % 60
-        lines.append(f"{minute // 60:02d}:{minute % 60:02d} - {temperature}.5 - {humidity}%")
-    return "\n".join(lines) + "\n"
-
-
 @attrs.define
 class Result:
     """
@@ -240,7 +226,7 @@ class Lab:
         self._device_ack_timeout = device_ack_timeout
         self._max_retransmit = max_retransmit
         self._deadline = deadline
-        self.daemons: list[Daemon] = []
+        self.daemons = Daemons(self.config, cwd=self.workdir)
         self._created: list[str] = []
 
     # -- names ---------------------------------------------------------------
@@ -302,7 +288,7 @@ class Lab:
         for device_id, address in self.fleet.items():
             self._port(f"d{device_id}", self.device_ns(device_id), f"{address}/{LAN.prefixlen}")
         if self.loss:
-            command("ip", "netns", "exec", lan, "nft", "-f", "-", input=self.loss_rules())
+            command(*in_namespace(lan), "nft", "-f", "-", input=self.loss_rules())
         self.check_isolated(root_links)
         self._write_files()
 
@@ -327,7 +313,7 @@ class Lab:
             for key, value in settings
             for path in [f"/proc/sys/{key.replace('.', '/')}"]
         )
-        command("ip", "netns", "exec", namespace, "sh", "-ec", script)
+        command(*in_namespace(namespace), "sh", "-ec", script)
 
     def loss_rules(self) -> str:
         """
@@ -349,7 +335,7 @@ class Lab:
         """
         if not self.loss:
             return {}
-        listing = command("ip", "netns", "exec", self.lan_ns, "nft", "list", "table", "bridge", "mlab")
+        listing = command(*in_namespace(self.lan_ns), "nft", "list", "table", "bridge", "mlab")
         counts: dict[str, dict[str, int]] = {}
         for packets, direction, what in re.findall(r'counter packets (\d+) bytes \d+ .*?comment "(\w+) (seen|dropped)"', listing):
             counts.setdefault(direction, {})[what] = int(packets)
@@ -365,7 +351,7 @@ class Lab:
             routes = command("ip", "-n", name, "route", "show", "default").strip()
             if routes:
                 raise LabError(f"namespace {name} has a default route: {routes}")
-        forwarding = command("ip", "netns", "exec", self.gateway_ns, "cat", "/proc/sys/net/ipv4/ip_forward").strip()
+        forwarding = command(*in_namespace(self.gateway_ns), "cat", "/proc/sys/net/ipv4/ip_forward").strip()
         if forwarding != "0":
             raise LabError(f"the gateway host forwards (net.ipv4.ip_forward = {forwarding})")
         if root_links is not None:
@@ -414,27 +400,11 @@ class Lab:
 
     # -- run -----------------------------------------------------------------
 
-    def start(self, name: str, namespace: str, plugin: str, *args: str) -> Daemon:
-        """
-        Start C{twistd -n plugin} inside C{namespace} with the lab's
-        configuration.
-        """
-        daemon = Daemon(
-            name, ["ip", "netns", "exec", namespace, *twistd(plugin, "--config", str(self.config), *args)], cwd=self.workdir
-        )
-        self.daemons.append(daemon)
-        return daemon
-
     def start_cloud(self) -> Daemon:
-        cloud = self.start("cloud", self.cloud_ns, "meter-cloud")
-        cloud.wait_for(r"Factory (\(TLS\) )?starting on")
-        return cloud
+        return self.daemons.start_cloud(prefix=in_namespace(self.cloud_ns))
 
     def start_gateway(self) -> Daemon:
-        gateway = self.start("gateway", self.gateway_ns, "meter-gateway")
-        gateway.wait_for("GatewayProtocol starting on")
-        gateway.wait_for("connected to the cloud")
-        return gateway
+        return self.daemons.start_gateway(prefix=in_namespace(self.gateway_ns), connected=True)
 
     def start_device(self, device_id: int, *args: str, host: int | None = None) -> Daemon:
         """
@@ -443,7 +413,7 @@ class Lab:
         """
         host = device_id if host is None else host
         name = f"device {device_id}" if host == device_id else f"device {device_id} on host {host}"
-        return self.start(name, self.device_ns(host), "meter-device", "--id", str(device_id), "--once", *args)
+        return self.daemons.start_device(device_id, *args, prefix=in_namespace(self.device_ns(host)), name=name)
 
     def device_wait(self) -> float:
         """
@@ -493,12 +463,7 @@ class Lab:
         Ctrl-C and SIGTERM wait until it is done.
         """
         with _signals_held():
-            errors = []
-            for daemon in reversed(self.daemons):
-                try:
-                    daemon.stop()
-                except Exception as e:  # noqa: BLE001 - carry on tearing down
-                    errors.append(f"stopping {daemon.name}: {e}")
+            errors = self.daemons.stop()
             if not self._own_workdir and self.workdir.is_dir():
                 for daemon in self.daemons:
                     log = self.workdir / (daemon.name.replace(" ", "-") + ".log")
@@ -527,6 +492,14 @@ class Lab:
 
     def __exit__(self, *exc) -> None:
         self.teardown()
+
+
+def in_namespace(namespace: str) -> list[str]:
+    """
+    The command prefix that runs a command inside network namespace
+    C{namespace}.
+    """
+    return ["ip", "netns", "exec", namespace]
 
 
 def _link_names(namespace: str | None) -> set[str]:

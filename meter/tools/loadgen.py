@@ -27,6 +27,12 @@ retransmissions, busy answers and failures; it stops
 when every device is done or at C{--timeout}, prints a summary (and writes
 it as JSON with C{--json}), and exits 0 only if every device delivered.
 
+A device whose day is not delivered (its sender gave up) sends it again,
+with a fresh transfer, after C{--retry-after} seconds, as meter-device does
+when it is not run with --once, at most C{--attempts} times in all.  The
+fault tests drive their fleets so, through a lossy relay (C{--loss},
+C{--dup}, C{--delay}: L{LossyRelay}) between the devices and the gateway.
+
 Traffic goes only to the configured gateway (C{[device] gateway}, or
 C{--gateway}), which must be a loopback address unless C{--non-loopback} is
 given.
@@ -50,6 +56,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, secrets, wire
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, load_survey, survey_path
@@ -135,7 +143,7 @@ class SimDevice:
         self.parts = parts
         #: How many readings the day holds, for the summary.
         self.reading_count = sum(map(wire.record_count, parts))
-        self.protocol = device.DeviceProtocol(run.gateway, key)
+        self.protocol = device.DeviceProtocol(run.target, key)
         self.sender: device.DaySender | None = None
         self.xfer = ""
         self.part_readings: dict[int, int] = {}
@@ -145,16 +153,25 @@ class SimDevice:
         self.outcome: str | None = None
         self.reason = ""
         self.started_at = 0.0
+        self.attempts = 0
 
     def start(self) -> None:
         run = self.run
         now = time.time()
-        self.started_at = now
-        self.xfer = device_xfer(run.seed, self.id, run.attempt_salt)
+        self.attempts += 1
+        if self.attempts == 1:
+            self.started_at = now
+            run.started += 1
+        else:
+            run.on_stop(self)
+            # A new transfer, as a device's next attempt is: its chunks are
+            # timed afresh, but a part acknowledged in an attempt before
+            # counts once (its readings are the same).
+            self.first_sent = {}
+        self.xfer = device_xfer(run.seed, self.id, f"{run.attempt_salt}/{self.attempts}")
         chunks = wire.day_chunks(self.id, self.address, run.day, self.parts, self.xfer, int(now))
         self.part_readings = {chunk.part: chunk.count for chunk in chunks}
         run.chunks += len(chunks)
-        run.started += 1
         run.on_start(self)
         sender = device.DaySender(
             chunks, self._send, run.reactor, run.retransmission, random.Random(run.seed * 1000003 + self.id), run.window
@@ -171,6 +188,8 @@ class SimDevice:
             self.run.first_sends += 1
             if self.run.first_send is None:
                 self.run.first_send = now
+        elif not self.run.retransmitting:
+            self.run.first_retransmission(self)
         self.datagrams += 1
         self.run.datagrams += 1
         self.protocol.send(datagram)
@@ -194,14 +213,21 @@ class SimDevice:
         run.last_ack = handled
 
     def _delivered(self, parts: int) -> None:
+        self.run.sender_counters.update(self.sender.counters)
         self.outcome = "delivered"
         self.run.finished(self)
 
     def _not_delivered(self, failure) -> None:
         failure.trap(device.DeliveryFailed)
+        run = self.run
+        run.sender_counters.update(self.sender.counters)
+        run.gave_up += 1
+        if self.attempts < run.attempts:
+            run.reactor.callLater(run.retry_after, self.start)
+            return
         self.outcome = "failed"
         self.reason = failure.getErrorMessage()
-        self.run.finished(self)
+        run.finished(self)
 
 
 class _AckTap:
@@ -297,6 +323,71 @@ def _pool_protocol():
     return PoolProtocol
 
 
+# -- the lossy relay ----------------------------------------------------------
+
+
+class LossyRelay(DatagramProtocol):
+    """
+    A relay between the devices and the gateway on 127.0.0.1 that drops
+    each datagram with probability C{loss} in each direction, sends a second
+    copy with probability C{dup}, and delays every copy by a random time up
+    to C{delay} seconds, which reorders them; its choices come from C{rng}.
+
+    Devices send to its port; each device gets its own upstream socket
+    towards the gateway, so the gateway's answers come back to it and are
+    passed on to the device from this port.
+    """
+
+    def __init__(self, reactor, gateway: tuple[str, int], loss: float, dup: float, delay: float, rng: random.Random):
+        self._reactor = reactor
+        self._gateway = gateway
+        self._loss = loss
+        self._dup = dup
+        self._delay = delay
+        self._rng = rng
+        self._upstreams: dict[tuple[str, int], _Upstream] = {}
+        self.counters: Counter[str] = Counter()
+
+    def startProtocol(self):
+        # The whole fleet's first datagrams arrive at once: let the kernel
+        # queue them (up to net.core.rmem_max), so the relay's drops are
+        # the seeded ones rather than a full socket buffer's.
+        self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+
+    def datagramReceived(self, data: bytes, addr):
+        upstream = self._upstreams.get(addr)
+        if upstream is None:
+            upstream = self._upstreams[addr] = _Upstream(self, addr)
+            self._reactor.listenUDP(0, upstream, interface="127.0.0.1", maxPacketSize=wire.MAX_DATAGRAM)
+        self.forward("up", data, upstream.transport, self._gateway)
+
+    def forward(self, direction: str, data: bytes, transport, to) -> None:
+        self.counters[f"{direction}_received"] += 1
+        if self._rng.random() < self._loss:
+            self.counters[f"{direction}_dropped"] += 1
+            return
+        copies = 1
+        if self._rng.random() < self._dup:
+            self.counters[f"{direction}_duplicated"] += 1
+            copies = 2
+        for _ in range(copies):
+            self._reactor.callLater(self._rng.uniform(0, self._delay), self._write, direction, transport, data, to)
+
+    def _write(self, direction: str, transport, data: bytes, to) -> None:
+        if transport is not None:
+            self.counters[f"{direction}_sent"] += 1
+            transport.write(data, to)
+
+
+class _Upstream(DatagramProtocol):
+    def __init__(self, relay: LossyRelay, device_addr):
+        self._relay = relay
+        self._device = device_addr
+
+    def datagramReceived(self, data: bytes, addr):
+        self._relay.forward("down", data, self._relay.transport, self._device)
+
+
 # -- the run ------------------------------------------------------------------
 
 
@@ -308,6 +399,11 @@ class LoadRun:
         self.attempt_salt = f"{time.time_ns()}"
         self.day = args.day or device.previous_day(time.time())
         self.gateway = args.gateway or settings.device["gateway"]
+        #: Where the devices send: the gateway, or the relay in front of it.
+        self.target = self.gateway
+        self.relay: LossyRelay | None = None
+        self.attempts = args.attempts
+        self.retry_after = args.retry_after
         self.chunk_bytes = args.chunk_bytes or settings.device["chunk_bytes"]
         self.window = args.window
         self.retransmission = device.Retransmission(
@@ -335,6 +431,11 @@ class LoadRun:
         self.first_sends = 0
         self.delivered = 0
         self.failed = 0
+        #: Senders that gave up, the last attempt's or not.
+        self.gave_up = 0
+        #: The counters of every sender that ended.
+        self.sender_counters: Counter[str] = Counter()
+        self.retransmitting = False
         self.timed_out = False
         self.prepare_s = 0.0
         self.run_started = 0.0
@@ -346,6 +447,11 @@ class LoadRun:
     def prepare(self, settings: config.Config, ids: list[int]) -> None:
         began = time.monotonic()
         keys = load_keys(settings, ids)
+        args = self.args
+        if args.loss or args.dup or args.delay:
+            self.relay = LossyRelay(self.reactor, self.gateway, args.loss, args.dup, args.delay, random.Random(self.seed))
+            port = self.reactor.listenUDP(0, self.relay, interface="127.0.0.1", maxPacketSize=wire.MAX_DATAGRAM)
+            self.target = ("127.0.0.1", port.getHost().port)
         for device_id in ids:
             address = settings.fleet[device_id]
             if self.args.surveys is not None:
@@ -407,13 +513,21 @@ class LoadRun:
         if self.pooled:
             self.by_xfer[sim.xfer] = sim
 
+    def on_stop(self, sim: SimDevice) -> None:
+        if self.pooled:
+            self.by_xfer.pop(sim.xfer, None)
+
+    def first_retransmission(self, sim: SimDevice) -> None:
+        # A line to wait on for the tests of a gateway that is not there.
+        self.retransmitting = True
+        print(f"loadgen: retransmitting (device {sim.id} first)", flush=True)
+
     def finished(self, sim: SimDevice) -> None:
         if sim.outcome == "delivered":
             self.delivered += 1
         else:
             self.failed += 1
-        if self.pooled:
-            self.by_xfer.pop(sim.xfer, None)
+        self.on_stop(sim)
         if self.delivered + self.failed == len(self.devices):
             self._stop()
 
@@ -451,9 +565,9 @@ class LoadRun:
     # -- the outcome
 
     def summary(self) -> dict:
-        counters: Counter[str] = Counter()
+        counters = Counter(self.sender_counters)
         for sim in self.devices:
-            if sim.sender is not None:
+            if sim.sender is not None and not sim.sender.done.called:
                 counters.update(sim.sender.counters)
         latencies = sorted(self.latencies)
         duration = (self.last_ack - self.first_send) if self.first_send and self.last_ack else 0.0
@@ -489,6 +603,9 @@ class LoadRun:
             "retransmissions": counters["retransmissions"],
             "busy_answers": counters["busy"],
             "stray_acks": counters["stray_acks"],
+            "attempts": sum(sim.attempts for sim in self.devices),
+            "gave_up": self.gave_up,
+            "relay": dict(sorted(self.relay.counters.items())) if self.relay is not None else None,
             "first_send": self.first_send,
             "last_ack": self.last_ack,
             "duration_s": round(duration, 6),
@@ -574,7 +691,7 @@ def load_keys(settings: config.Config, ids: list[int]) -> dict[int, bytes]:
     if settings.security["generate"]:
         for path in secrets.generate(folder, settings.fleet):
             print(f"meter loadgen: created secret {path}", file=sys.stderr)
-    return {device_id: secrets.read_device_key(folder, device_id) for device_id in ids}
+    return secrets.read_fleet_keys(folder, ids)
 
 
 def format_summary(s: dict) -> str:
@@ -658,6 +775,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sockets", type=int, default=0, metavar="K",
                    help="share K sockets among the devices (default 0: one socket each, pooled only if the "
                    "open-file limit is too low)")
+    p.add_argument("--attempts", type=int, default=1, metavar="N",
+                   help="deliveries a device tries, each a fresh transfer after its sender gave up (default 1)")
+    p.add_argument("--retry-after", type=float, default=0.5, metavar="SECONDS",
+                   help="wait before a device's next attempt (default 0.5)")
+    p.add_argument("--loss", type=float, default=0.0, metavar="P",
+                   help="send through a relay on 127.0.0.1 that drops each datagram with this probability, each way")
+    p.add_argument("--dup", type=float, default=0.0, metavar="P", help="... and sends a second copy with this one")
+    p.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                   help="... and delays each copy by up to this long, reordering them (the relay's choices are "
+                   "seeded by --seed)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop after this long and report what was not delivered (default 120)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the summary as JSON here")
@@ -676,8 +803,8 @@ def run(args: argparse.Namespace) -> int:
     if args.devices < 1:
         print("meter loadgen: --devices must be at least 1", file=sys.stderr)
         return 2
-    if args.window < 1:
-        print("meter loadgen: --window must be at least 1", file=sys.stderr)
+    if args.window < 1 or args.attempts < 1:
+        print("meter loadgen: --window and --attempts must be at least 1", file=sys.stderr)
         return 2
     target = args.gateway or settings.device["gateway"]
     if not ipaddress.ip_address(target[0]).is_loopback and not args.non_loopback:

@@ -1,7 +1,8 @@
 """
 The daemons as child processes: start a twistd plugin, wait for a line of
-its output, stop it.  Used by `meter demo`, `meter lab` and the end-to-end
-tests, which all run the real plugins rather than importing them.
+its output, stop it.  The one daemon runner of `meter demo`, `meter lab`,
+the loopback suite (L{meter.tools.suite}: the end-to-end tests and the
+bench), which all run the real plugins rather than importing them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 #: A line of the cloud's console: `192.168.1.4 - 02:00 - 17 - 35%`.
 CONSOLE_LINE = re.compile(r"^(\S+) - (\d\d:\d\d) - (-?[0-9.]+) - ([0-9.]+)%$")
+
+#: What the cloud logs once it listens (with TLS or without).
+CLOUD_LISTENING = re.compile(r"Factory (\(TLS\) )?starting on")
+#: What the gateway logs once its UDP port is open.
+GATEWAY_LISTENING = re.compile(r"GatewayProtocol starting on")
+#: What the gateway logs once its uplink reached the cloud.
+UPLINK_CONNECTED = re.compile(r"connected to the cloud")
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -49,62 +59,161 @@ class DaemonError(RuntimeError):
     """
 
 
-class Daemon:
+class _PipeOutput:
     """
-    One child process whose output (stdout and stderr merged) is read line
-    by line on a thread, so it can be waited on with a deadline and never
-    blocks the child on a full pipe.
+    A child's output read from a pipe line by line on a thread, so it can be
+    waited on with a deadline and never blocks the child on a full pipe.
     """
 
-    def __init__(self, name: str, command: Sequence[str], cwd: Path | None = None, env: dict | None = None):
-        self.name = name
-        self.command = list(command)
-        self.lines: list[str] = []
+    def __init__(self, stream, name: str):
+        self._stream = stream
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self._cursor = 0
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
-        self._reader.start()
+        self._thread = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
+        self._thread.start()
 
     def _read(self) -> None:
-        for line in self.process.stdout:
+        for line in self._stream:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
+    def read(self, wait: float) -> list[str] | None:
+        """
+        The lines that arrived, waiting up to C{wait} seconds for a first
+        one; C{None} once the output ended and every line was read.
+        """
+        try:
+            item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return []
+        lines: list[str] = []
+        while item is not None:
+            lines.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return lines
+        self._queue.put(None)
+        return lines or None
+
+    def close(self) -> None:
+        self._thread.join(5)
+
+
+class _FileOutput:
+    """
+    A child's output written straight to a log file, read back as it grows:
+    the bench's daemons, whose output read through a pipe by the bench
+    would cost CPU on the cores the daemons are measured on.
+    """
+
+    #: How often a wait looks at the file again: a file, unlike a pipe,
+    #: cannot be waited on.
+    POLL = 0.01
+
+    def __init__(self, path: Path, process: subprocess.Popen):
+        self._file = open(path, "rb")
+        self._process = process
+        self._partial = b""
+        self._ended = False
+
+    def read(self, wait: float) -> list[str] | None:
+        if self._ended:
+            return None
+        deadline = time.monotonic() + wait
+        while True:
+            exited = self._process.poll() is not None
+            data = self._file.read()
+            if data:
+                raw = (self._partial + data).split(b"\n")
+                self._partial = raw.pop()
+                if raw:
+                    return [line.decode("utf-8", "replace") for line in raw]
+            if exited:
+                self._ended = True
+                rest, self._partial = self._partial, b""
+                return [rest.decode("utf-8", "replace")] if rest else None
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(self.POLL)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Daemon:
+    """
+    One child process (in a session of its own, so stopping it stops its
+    children) whose output, stdout and stderr merged, is read line by line:
+    from a pipe, or with C{log} from the file it writes.
+    """
+
+    def __init__(
+        self, name: str, command: Sequence[str], cwd: Path | None = None, env: dict | None = None,
+        log: Path | None = None,
+    ):
+        self.name = name
+        self.command = list(command)
+        self.log = log
+        #: Every line read so far.
+        self.lines: list[str] = []
+        #: How many of L{lines} a wait or L{new_lines} consumed.
+        self._cursor = 0
+        self._ended = False
+        #: CPU and memory just before L{stop} signalled it (see L{stats}).
+        self.final: dict | None = None
+        sink = open(log, "wb") if log is not None else subprocess.PIPE
+        try:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=cwd,
+                env={**os.environ, **env} if env else None,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=log is None,
+                bufsize=1 if log is None else -1,
+                start_new_session=True,
+            )
+        finally:
+            if log is not None:
+                sink.close()  # the child holds its own copy
+        self.pid = self.process.pid
+        self._output = _PipeOutput(self.process.stdout, name) if log is None else _FileOutput(log, self.process)
+
+    def _take(self, wait: float) -> None:
+        if self._ended:
+            return
+        lines = self._output.read(wait)
+        if lines is None:
+            self._ended = True
+        else:
+            self.lines += lines
+
+    def _drain(self) -> None:
+        before = -1
+        while not self._ended and before != len(self.lines):
+            before = len(self.lines)
+            self._take(0)
+
     def _next_line(self, deadline: float) -> str | None:
         """
-        The next unseen line, or C{None} when the output ended; raises
-        L{DaemonError} at the deadline.
+        The next unconsumed line, or C{None} when the output ended; raises
+        L{TimeoutError} at the deadline.
         """
-        while True:
-            if self._cursor < len(self.lines):
-                self._cursor += 1
-                return self.lines[self._cursor - 1]
+        while self._cursor >= len(self.lines):
+            if self._ended:
+                return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                raise TimeoutError from None
-            if line is None:
-                self._queue.put(None)
-                return None
-            self.lines.append(line)
+            self._take(remaining)
+        self._cursor += 1
+        return self.lines[self._cursor - 1]
 
     def wait_for(self, pattern: str | re.Pattern, timeout: float = 20.0) -> re.Match:
         """
-        Read on until a line matches C{pattern} (searched, not anchored).
+        Read on until a line matches C{pattern} (searched, not anchored);
+        the lines after it stay unconsumed.
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
@@ -119,11 +228,30 @@ class Daemon:
         except TimeoutError:
             raise DaemonError(f"{self.name} printed no /{regex.pattern}/ within {timeout:g} s{self.tail()}") from None
 
+    def seen_or_wait(self, pattern: str | re.Pattern, timeout: float = 20.0) -> None:
+        """
+        Wait for a line matching C{pattern}, unless one was read already
+        (a restarted gateway may log it while it recovers, before its port
+        opens).
+        """
+        if not self.all_matching(pattern):
+            self.wait_for(pattern, timeout)
+
     def collect(self, pattern: str | re.Pattern, count: int, timeout: float = 20.0) -> list[re.Match]:
         """
         Read on until C{count} more lines match C{pattern}.
         """
         return [self.wait_for(pattern, timeout) for _ in range(count)]
+
+    def new_lines(self) -> list[str]:
+        """
+        The lines read since the last call or wait, without waiting; they
+        count as consumed.
+        """
+        self._drain()
+        lines = self.lines[self._cursor:]
+        self._cursor = len(self.lines)
+        return lines
 
     def all_matching(self, pattern: str | re.Pattern) -> list[re.Match]:
         """
@@ -133,17 +261,6 @@ class Daemon:
         self._drain()
         return [m for m in map(regex.search, self.lines) if m is not None]
 
-    def _drain(self) -> None:
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if line is None:
-                self._queue.put(None)
-                return
-            self.lines.append(line)
-
     def wait(self, timeout: float = 30.0) -> int:
         """
         Wait for the process to exit by itself; its exit status.
@@ -152,8 +269,7 @@ class Daemon:
             status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             raise DaemonError(f"{self.name} still running after {timeout:g} s{self.tail()}") from None
-        self._reader.join(5)
-        self._drain()
+        self._finish()
         return status
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
@@ -163,6 +279,10 @@ class Daemon:
         """
         if self.process.poll() is None:
             try:
+                self.final = self.stats()
+            except OSError:
+                pass
+            try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
                 pass
@@ -171,9 +291,15 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self._reader.join(5)
-        self._drain()
+        self._finish()
         return self.process.returncode
+
+    def _finish(self) -> None:
+        if isinstance(self._output, _PipeOutput):
+            self._output.close()
+        self._drain()
+        if isinstance(self._output, _FileOutput):
+            self._output.close()
 
     def kill(self) -> int | None:
         """
@@ -181,8 +307,111 @@ class Daemon:
         """
         return self.stop(signal.SIGKILL)
 
+    def stats(self) -> dict:
+        """
+        CPU seconds (user + system, all threads) and resident memory so far.
+        """
+        return proc_stats(self.pid)
+
     def tail(self, count: int = 15) -> str:
         self._drain()
         if not self.lines:
             return " (no output)"
         return "; its last output:\n    " + "\n    ".join(self.lines[-count:])
+
+
+def proc_stats(pid: int) -> dict:
+    """
+    Process C{pid}'s CPU seconds (user + system) and its resident memory,
+    now and at its peak, in MB, from /proc.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # Fields after the command: state is 3rd overall, utime 14th, stime 15th.
+    utime, stime = int(fields[11]), int(fields[12])
+    status = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                status[key] = int(value.split()[0]) / 1024
+    return {
+        "cpu_s": round((utime + stime) / CLOCK_TICKS, 2),
+        "rss_mb": round(status.get("VmRSS", 0.0), 1),
+        "peak_rss_mb": round(status.get("VmHWM", 0.0), 1),
+    }
+
+
+class Daemons:
+    """
+    The daemons of one suite, started in order and stopped in reverse: the
+    twistd plugins with one configuration file, run from C{cwd}, each behind
+    an optional command C{prefix} (the lab's C{ip netns exec <namespace>}),
+    their output in C{cwd}/<name>.log with C{logs}.
+    """
+
+    def __init__(self, config: Path | None, cwd: Path | None = None, logs: bool = False):
+        self.config = config
+        self.cwd = cwd
+        self.logs = logs
+        self.daemons: list[Daemon] = []
+
+    def __iter__(self) -> Iterator[Daemon]:
+        return iter(self.daemons)
+
+    def run(self, name: str, command: Sequence[str], env: dict | None = None) -> Daemon:
+        """
+        Start any command as one of the suite's processes.
+        """
+        log = (self.cwd or Path.cwd()) / (name.replace(" ", "-") + ".log") if self.logs else None
+        daemon = Daemon(name, command, cwd=self.cwd, env=env, log=log)
+        self.daemons.append(daemon)
+        return daemon
+
+    def start(self, name: str, plugin: str, *args: str, prefix: Sequence[str] = (), env: dict | None = None) -> Daemon:
+        """
+        Start C{twistd -n plugin} with the suite's configuration and C{args}.
+        """
+        configured = ("--config", str(self.config)) if self.config is not None else ()
+        return self.run(name, [*prefix, *twistd(plugin, *configured, *args)], env)
+
+    def start_cloud(self, *args: str, prefix: Sequence[str] = (), timeout: float = 30.0) -> Daemon:
+        """
+        The cloud, once it listens.
+        """
+        cloud = self.start("cloud", "meter-cloud", *args, prefix=prefix)
+        cloud.wait_for(CLOUD_LISTENING, timeout)
+        return cloud
+
+    def start_gateway(
+        self, *args: str, prefix: Sequence[str] = (), connected: bool = False, timeout: float = 60.0
+    ) -> Daemon:
+        """
+        The gateway, once its port is open (and, with C{connected}, once it
+        reached the cloud).
+        """
+        gateway = self.start("gateway", "meter-gateway", *args, prefix=prefix)
+        gateway.wait_for(GATEWAY_LISTENING, timeout)
+        if connected:
+            gateway.wait_for(UPLINK_CONNECTED, timeout)
+        return gateway
+
+    def start_device(self, device_id: int, *args: str, prefix: Sequence[str] = (), name: str | None = None) -> Daemon:
+        """
+        Device C{device_id} sending its day once (C{--once}), not awaited.
+        """
+        return self.start(name or f"device {device_id}", "meter-device", "--id", str(device_id), "--once", *args,
+                          prefix=prefix)
+
+    def stop(self) -> list[str]:
+        """
+        Stop every daemon, the last started first, each even if another
+        could not be; what went wrong.
+        """
+        errors = []
+        for daemon in reversed(self.daemons):
+            try:
+                daemon.stop()
+            except Exception as e:  # noqa: BLE001 - stop the others all the same
+                errors.append(f"stopping {daemon.name}: {e}")
+        return errors
