@@ -70,7 +70,7 @@ class GatewayService(MultiService):
         # Commits on the reactor thread: a device's acknowledgement then
         # waits for no other thread to get a core (see meter.database).
         self.database = Database(connection, self._reactor)
-        spool = Spool(self.database)
+        spool = Spool(self.database, recovered.depth)
         self.uplink = gateway.Uplink(
             spool,
             self._reactor,
