@@ -7,7 +7,8 @@ parts of a transfer and a message id sent again with other content are
 refused; and every refusal the gateway makes starts with its code.
 
 Unit tests run the Intake (and the GatewayProtocol) on a task.Clock and the
-real Spool on a SQLite file; the end-to-end test runs the real gateway.
+real Spool on a SQLite file, or the memory spool where the spool must fail;
+the end-to-end test runs the real gateway.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.logger import Logger, formatEvent
 
@@ -29,7 +29,8 @@ from meter import secrets, wire
 from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
-from meter.gateway.spool import Spool, content_digest
+from meter.gateway.spool import Recovered, Spool, content_digest
+from meter.testing import MemorySpool
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
 #: east of UTC+2:40, 2026-03-01).
@@ -51,17 +52,23 @@ def chunk(device_id=1, xfer=1, part=1, parts=1, day=DAY, minutes=(480,), sent_at
 
 class Gateway:
     """
-    An Intake on the real spool at C{path}, a task.Clock at L{NOW}, and a
+    An Intake on the real spool at C{path} (or, without one, the memory
+    spool committing as the clock turns), a task.Clock at L{NOW}, and a
     GatewayProtocol on a fake transport in front of it.
     """
 
-    def __init__(self, path, spool_class=Spool, **kw):
+    def __init__(self, path=None, **kw):
         self.path = path
-        connection, recovered = Spool.open(path)
-        self.database = Database(connection, reactor)
-        self.spool = spool_class(self.database)
         self.clock = task.Clock()
         self.clock.advance(NOW)
+        if path is None:
+            self.database = None
+            self.spool = MemorySpool(self.clock)
+            recovered = Recovered((), (), 0)
+        else:
+            connection, recovered = Spool.open(path)
+            self.database = Database(connection, reactor)
+            self.spool = Spool(self.database, recovered.depth)
         self.ready = 0
         self.events: list[dict] = []
         self.intake = Intake(FLEET, self.spool, self.clock, 60.0, self._ready, **kw)
@@ -78,8 +85,11 @@ class Gateway:
     def counters(self):
         return self.intake.counters
 
-    async def send(self, message: wire.DayChunk) -> wire.DayAck:
-        return await self.intake.chunk_received(message, f"{message.device_ip}:5000")
+    async def send(self, message: wire.DayChunk, peer: str | None = None) -> wire.DayAck:
+        d = self.intake.chunk_received(message, peer or f"{message.device_ip}:5000")
+        if self.database is None:
+            self.clock.advance(0)
+        return await d
 
     async def datagram(self, message: wire.DayChunk) -> wire.DayAck:
         """
@@ -99,7 +109,8 @@ class Gateway:
     async def stop(self) -> None:
         self.stopped = True
         self.intake.stop()
-        await self.database.stop()
+        if self.database is not None:
+            await self.database.stop()
 
     def stored(self, query: str) -> list[tuple]:
         with sqlite3.connect(self.path) as connection:
@@ -257,28 +268,14 @@ async def test_a_closed_round_is_kept_while_its_day_can_still_be_sent(tmp_path):
         await g.stop()
 
 
-class ForgetFailing(Spool):
-    """
-    The real spool, whose next L{forget_before} calls fail.
-    """
-
-    failures = 0
-
-    def forget_before(self, before):
-        if self.failures:
-            self.failures -= 1
-            return fail(sqlite3.OperationalError("database is locked"))
-        return super().forget_before(before)
-
-
 @pytest_twisted.ensureDeferred
-async def test_a_failed_forget_is_counted_logged_once_and_retried(tmp_path):
-    g = Gateway(tmp_path / "spool.sqlite", spool_class=ForgetFailing)
+async def test_a_failed_forget_is_counted_logged_once_and_retried():
+    g = Gateway()
     try:
         await g.send(chunk(1, minutes=()))
         g.clock.advance(60)  # the round closes, which forgets what is old
         g.clock.advance(REMEMBER + 1)
-        g.spool.failures = 3
+        g.spool.fail_next("forget_before", times=3, error=sqlite3.OperationalError("database is locked"))
         await g.send(chunk(2, minutes=(), sent_at=int(g.clock.seconds()), day=DAY + datetime.timedelta(days=2)))
         g.clock.advance(60)  # the round closes: forgetting fails
         assert g.counters["forget_failures"] == 1
@@ -288,9 +285,8 @@ async def test_a_failed_forget_is_counted_logged_once_and_retried(tmp_path):
         assert g.counters["forget_failures"] == 3
         g.clock.advance(1)
         assert g.counters["forget_failures"] == 3
-        await g.database.flush()
         assert g.counters["transaction_failures"] == 3
-        assert g.stored("SELECT device_id FROM parts") == [(2,)]
+        assert sorted(device_id for device_id, _, _ in g.spool.contents.parts) == [2]
         lines = [formatEvent(e) for e in g.events if "forg" in formatEvent(e)]
         assert lines == [
             f"old message ids and rounds not forgotten in the spool: OperationalError: database is locked; "
@@ -352,17 +348,9 @@ async def test_the_bounds_are_kept_through_a_restart(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_commit_gives_its_place_back(tmp_path):
-    class AddFailing(Spool):
-        failures = 1
-
-        def add_chunk(self, message, now, round_closed=False):
-            if self.failures:
-                self.failures -= 1
-                return fail(sqlite3.OperationalError("disk I/O error"))
-            return super().add_chunk(message, now, round_closed)
-
-    g = Gateway(tmp_path / "spool.sqlite", spool_class=AddFailing, max_parts_per_day=1)
+async def test_a_failed_commit_gives_its_place_back():
+    g = Gateway(max_parts_per_day=1)
+    g.spool.fail_next("add_chunk")
     try:
         first = chunk(1, part=1, parts=2, minutes=(1, 2))
         busy = await g.send(first)
@@ -526,19 +514,10 @@ async def test_a_spool_without_digests_gains_the_column(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_refusal_of_the_gateway_starts_with_its_code(tmp_path):
-    class AddFailing(Spool):
-        def add_chunk(self, message, now, round_closed=False):
-            if message.device_id == 3:
-                return fail(sqlite3.OperationalError("disk I/O error"))
-            return super().add_chunk(message, now, round_closed)
-
-    g = Gateway(
-        tmp_path / "spool.sqlite", spool_class=AddFailing, check_source=True, replay_window=600.0, spool_limit=3,
-        max_transfers_per_day=1,
-    )
+async def test_every_refusal_of_the_gateway_starts_with_its_code():
+    g = Gateway(check_source=True, replay_window=600.0, spool_limit=3, max_transfers_per_day=1)
     try:
-        send = g.intake.chunk_received
+        send = g.send
         two = chunk(1, part=1, parts=2, minutes=(1, 2))
         assert (await send(two, "192.168.1.2:1")).status == "ok"
         reasons = [
@@ -552,8 +531,9 @@ async def test_every_refusal_of_the_gateway_starts_with_its_code(tmp_path):
             (await send(chunk(1, part=2, parts=2, minutes=(2, 3)), "192.168.1.2:1")).reason,
             (await send(chunk(1, part=1, parts=2, minutes=(1, 5)), "192.168.1.2:1")).reason,
             (await send(chunk(2, minutes=(1, 2)), "192.168.1.3:1")).reason,
-            (await send(chunk(3), "192.168.1.4:1")).reason,
         ]
+        g.spool.fail_next("add_chunk")
+        reasons.append((await send(chunk(3), "192.168.1.4:1")).reason)
         codes = [reason.partition(": ")[0] for reason in reasons]
         assert codes == [
             "fleet", "address", "source", "replay", "transfer", "day", "limit", "minute", "conflict", "spool_full",
@@ -564,27 +544,14 @@ async def test_every_refusal_of_the_gateway_starts_with_its_code(tmp_path):
         await g.stop()
 
 
-def test_an_overloaded_gateway_says_so_with_its_code(tmp_path):
-    connection, _ = Spool.open(tmp_path / "spool.sqlite")
-    try:
-        clock = task.Clock()
-        clock.advance(NOW)
-
-        class Holding:
-            def add_chunk(self, message, now, round_closed=False):
-                return Deferred()
-
-        intake = Intake(FLEET, Holding(), clock, 60.0, lambda: None, max_committing=1)
-        protocol = GatewayProtocol(intake, KEYS, clock, 1e9, 1e9)
-        transport = FakeDatagramTransport()
-        protocol.makeConnection(transport)
-        for part in (1, 2):
-            message = chunk(1, part=part, parts=2, minutes=(part,))
-            protocol.datagramReceived(wire.seal(wire.encode(message), KEYS[1]), DEVICE1)
-        ((data, _),) = transport.written
-        assert wire.decode(wire.unseal(data, KEYS[1])).reason.startswith("overloaded: ")
-    finally:
-        connection.close()
+def test_an_overloaded_gateway_says_so_with_its_code():
+    g = Gateway(max_committing=1)
+    g.spool.hold()
+    for part in (1, 2):
+        message = chunk(1, part=part, parts=2, minutes=(part,))
+        g.protocol.datagramReceived(wire.seal(wire.encode(message), KEYS[1]), DEVICE1)
+    ((data, _),) = g.transport.written
+    assert wire.decode(wire.unseal(data, KEYS[1])).reason.startswith("overloaded: ")
 
 
 # -- against the real gateway ----------------------------------------------------

@@ -2,8 +2,8 @@
 Who may speak, and what bad input gets (docs/security.md), at unit level:
 the gateway's UDP protocol and intake on a FakeDatagramTransport, the device's
 protocol, and the cloud's line protocol on a StringTransport, each with a
-task.Clock.  The spool is a small synchronous fake, or the real one on
-tmp_path where persistence is the point; the cloud's store is real.
+task.Clock.  The gateway's spool is the memory spool (meter.testing),
+committing as the clock turns; the cloud's store is real.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ import zlib
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import FakeDatagramTransport, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.database import Database
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import REMEMBER, GatewayProtocol, Intake
 from meter.reading import Reading
-from meter.gateway.spool import Spool
+from meter.testing import MemorySpool
 from tests.test_cloud import Cloud as StoreHarness
 
 NOW = 1_795_320_000  # 2026-11-22 04:00 UTC
@@ -60,51 +59,18 @@ def sealed(message, key=None) -> bytes:
     return wire.seal(wire.encode(message), key)
 
 
-class FakeSpool:
-    """
-    The spool's interface, committing at once: counts what reaches it.
-    """
-
-    def __init__(self):
-        self.chunks: list[wire.DayChunk] = []
-        self.closed: list[datetime.date] = []
-        self.forgotten: list[datetime.date] = []
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        self.chunks.append(chunk)
-        return succeed(len(chunk.readings))
-
-    def close_round(self, day, now):
-        self.closed.append(day)
-        return succeed(None)
-
-    def forget_before(self, day):
-        self.forgotten.append(day)
-        return succeed(None)
-
-
-class CountingSpool(Spool):
-    """
-    The real spool, counting the chunks handed to it.
-    """
-
-    added = 0
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        self.added += 1
-        return super().add_chunk(chunk, now, round_closed)
-
-
 class Gateway:
     """
     A GatewayProtocol and its Intake on a fake datagram transport and a
     task.Clock at L{NOW}.
     """
 
-    def __init__(self, spool=None, *, rate=1e6, burst=1e6, fleet=FLEET, keys=KEYS, recovered=None):
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.spool = spool if spool is not None else FakeSpool()
+    def __init__(self, spool=None, *, rate=1e6, burst=1e6, fleet=FLEET, keys=KEYS, recovered=None, clock=None):
+        if clock is None:
+            clock = task.Clock()
+            clock.advance(NOW)
+        self.clock = clock
+        self.spool = spool if spool is not None else MemorySpool(self.clock)
         self.intake = Intake(fleet, self.spool, self.clock, 60.0, lambda: None, replay_window=REPLAY_WINDOW)
         if recovered is not None:
             self.intake.recover(recovered)
@@ -118,7 +84,17 @@ class Gateway:
         return self.intake.counters
 
     def receive(self, data: bytes, addr=DEVICE1) -> None:
+        """
+        Hand C{data} to the protocol and let the spool commit.
+        """
         self.protocol.datagramReceived(data, addr)
+        self.clock.advance(0)
+
+    def spooled(self) -> int:
+        """
+        How many chunks reached the spool.
+        """
+        return self.spool.submitted["add_chunk"]
 
     def answers(self, addr=DEVICE1, key=None) -> list[wire.DayAck]:
         """
@@ -161,7 +137,7 @@ def test_an_unauthenticated_datagram_is_dropped_unanswered(data, counter):
     with capturedLogs() as events:
         g.receive(data, STRANGER)
     assert g.transport.written == []  # no answer: the gateway reflects nothing
-    assert g.spool.chunks == []
+    assert g.spooled() == 0
     assert g.counters[counter] == 1
     assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn][0].startswith(
         f"dropped datagram of {len(data)} bytes from 192.168.1.66:50066"
@@ -172,7 +148,10 @@ def test_a_genuine_chunk_is_spooled_and_acknowledged_under_its_devices_key():
     g = Gateway()
     g.receive(sealed(chunk()))
     assert g.answers() == [OK]
-    assert g.spool.chunks == [chunk()]
+    assert g.spooled() == 1
+    assert [row[1:] for row in g.spool.contents.chunks.values()] == [
+        (DAY.isoformat(), 1, FLEET[1], chunk().records, 2)
+    ]
     # the answer verifies only under the device's own key
     (data, _), = g.transport.written
     with pytest.raises(wire.WireError):
@@ -186,7 +165,7 @@ def test_a_malformed_but_authentic_datagram_is_answered_bad_under_its_key():
     assert (answer.xfer, answer.part, answer.status) == (XFER, 1, "bad")
     assert answer.reason.startswith("range: humidity 101%")
     assert g.counters["refused_range"] == 1
-    assert g.spool.chunks == []
+    assert g.spooled() == 0
 
 
 def test_the_refusal_of_a_huge_malformed_datagram_fits_a_datagram():
@@ -212,7 +191,7 @@ def test_a_datagram_outside_the_replay_window_is_refused(offset):
     assert answer.status == "bad"
     assert "outside the replay window of 600 s" in answer.reason
     assert g.counters["refused_replay"] == 1
-    assert g.spool.chunks == []
+    assert g.spooled() == 0
 
 
 @pytest.mark.parametrize("offset", [-600, 600, 0])
@@ -231,7 +210,7 @@ def test_a_captured_datagram_replayed_after_the_window_is_refused():
     assert g.answers() == [OK]
     (refused,) = g.answers(STRANGER)
     assert refused.status == "bad"
-    assert len(g.spool.chunks) == 1
+    assert g.spooled() == 1
 
 
 def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
@@ -240,45 +219,31 @@ def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
     for _ in range(5):
         g.receive(data)
     assert g.answers() == [OK] * 5
-    assert len(g.spool.chunks) == 1
+    assert g.spooled() == 1
     assert g.counters["duplicates"] == 4
     assert g.counters["chunks"] == 1
 
 
-def open_spool(path):
-    connection, recovered = Spool.open(path)
-    database = Database(connection, reactor)
-    return database, CountingSpool(database), recovered
-
-
-@pytest_twisted.ensureDeferred
-async def test_deduplication_survives_a_gateway_restart(tmp_path):
-    path = tmp_path / "spool.sqlite"
+def test_deduplication_survives_a_gateway_restart():
     data = sealed(chunk())
-
-    database, spool, recovered = open_spool(path)
-    first = Gateway(spool, recovered=recovered)
-    first.receive(data)
+    first = Gateway()
+    first.protocol.datagramReceived(data, DEVICE1)
     assert first.answers() == []  # not before the commit
-    await database.flush()
+    first.clock.advance(0)
     assert first.answers() == [OK]
     first.intake.stop()
-    await database.stop()
 
-    database, spool, recovered = open_spool(path)
-    try:
-        second = Gateway(spool, recovered=recovered)
-        assert [(p.device_id, p.xfer, p.part) for p in recovered.parts] == [(1, XFER, 1)]
-        second.receive(data)
-        # answered at once from the recovered message ids: the spool never saw it
-        assert second.answers() == [OK]
-        assert spool.added == 0
-        assert second.counters["duplicates"] == 1
-        second.intake.stop()
-    finally:
-        await database.stop()
-    with sqlite3.connect(str(path)) as other:
-        assert other.execute("SELECT sum(n) FROM chunks").fetchone() == (2,)
+    spool = first.spool.reopened()
+    recovered = spool.recover()
+    first.clock.advance(0)
+    second = Gateway(spool, recovered=recovered.result, clock=first.clock)
+    assert [(p.device_id, p.xfer, p.part) for p in recovered.result.parts] == [(1, XFER, 1)]
+    second.protocol.datagramReceived(data, DEVICE1)
+    # answered at once from the recovered message ids: the spool never saw it
+    assert second.answers() == [OK]
+    assert second.spooled() == 0
+    assert second.counters["duplicates"] == 1
+    assert spool.depth == 2
 
 
 # -- floods and logs ------------------------------------------------------------
@@ -377,50 +342,39 @@ def test_a_day_far_from_the_transfers_start_is_refused(day):
         g.receive(sealed(chunk(day=day)))
     (answer,) = g.answers()
     assert answer.status == "bad" and answer.reason.startswith(f"day: {day} does not agree with ts={NOW}")
-    assert g.spool.chunks == [] and g.spool.closed == []
+    assert g.spooled() == 0 and g.spool.contents.rounds == {}
     assert g.counters["refused_day"] == 1
     assert not [e for e in events if "log_failure" in e]
 
 
-class HoldingSpool(FakeSpool):
+def at(text: str) -> int:
     """
-    A fake spool whose commits of transfer C{held} wait until released.
+    The Unix time of C{text}, an ISO date and time in UTC.
     """
-
-    def __init__(self, held: str):
-        super().__init__()
-        self._held = held
-        self.waiting: list = []
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        if chunk.xfer != self._held:
-            return super().add_chunk(chunk, now, round_closed)
-        self.chunks.append(chunk)
-        d = Deferred()
-        self.waiting.append((d, len(chunk.readings)))
-        return d
+    return int(datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
 def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
-    # Device 1 sends day D again while a later round closes and forgets D's
-    # (closed two days before): the commit must still find its answer.
+    # Device 1 sends day D again just before D can no longer be sent (a
+    # transfer started up to the replay window before, 62 h after D began),
+    # and the disk stalls.  Meanwhile a later round closes and forgets D's,
+    # closed two days before: the commit must still find its answer.
     later = DAY + datetime.timedelta(days=2)
-    spool = HoldingSpool("c" * 16)
-    g = Gateway(spool)
+    g = Gateway()
     g.receive(sealed(chunk(1, "a" * 16)))
     g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
-    g.clock.advance(REMEMBER - 30)
-    now = int(g.clock.seconds())
-    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=now)))  # commit held
-    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=now)))  # round DAY+2 opens
+    sent = at("2026-11-24T13:59:00")  # 62 h after DAY, less a minute
+    g.clock.advance(sent + REPLAY_WINDOW - 1 - g.clock.seconds())
+    g.spool.hold()
+    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=sent)))
+    g.clock.advance(5)
+    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
     with capturedLogs() as events:
         g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
         assert DAY not in g.intake._rounds
-        d, new = spool.waiting.pop()
-        d.callback(new)
-        del d
+        g.spool.release()
         gc.collect()
-    assert [a.xfer[0] for a in g.answers()] == ["a", "d", "c"]
+    assert [a.xfer[0] for a in g.answers()] == ["a", "c", "d"]
     assert {a.status for a in g.answers()} == {"ok"}
     assert not [e for e in events if "log_failure" in e]
     assert g.intake._committing == {}

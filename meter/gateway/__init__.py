@@ -210,7 +210,6 @@ class Intake:
         #: minute with a count (see L{_log_report}).
         self._report_lines = PerSource(clock, 1 / 60, 5)
         self._spool_full_lines = PerSource(clock, 1 / 6, 5)
-        self.depth = 0
         #: Readings of chunks being committed now: they count against the
         #: spool limit already, or a burst could overshoot it.
         self._incoming = 0
@@ -225,7 +224,6 @@ class Intake:
         Resume from what the spool holds: open rounds get their deadline back
         (closing at once if it passed while the gateway was down).
         """
-        self.depth = state.depth
         for part in state.parts:
             message_id = (part.device_id, part.xfer, part.part)
             self._acknowledged[message_id] = part.digest
@@ -265,11 +263,11 @@ class Intake:
                     self._arm(round_)
         self.log.info(
             "spool holds {depth} readings, {rounds} rounds, {ids} message ids",
-            depth=self.depth,
+            depth=self._spool.depth,
             rounds=len(self._rounds),
             ids=len(self._acknowledged),
         )
-        if self.depth:
+        if state.depth:
             self._on_ready()
 
     def stop(self) -> None:
@@ -295,7 +293,7 @@ class Intake:
         The gauges and counters of the intake, for the periodic stats line.
         """
         return {
-            "spool_depth": self.depth,
+            "spool_depth": self._spool.depth,
             "reassemblies": len(self._incomplete),
             "message_ids": len(self._acknowledged),
             "device_days": len(self._days),
@@ -409,7 +407,7 @@ class Intake:
                     )
                 )
         count = chunk.count
-        if self._spool_limit is not None and self.depth + self._incoming + count > self._spool_limit:
+        if self._spool_limit is not None and self._spool.depth + self._incoming + count > self._spool_limit:
             self.counters["refused_spool_full"] += 1
             # Every device's every chunk is refused while the spool is full:
             # a few lines a minute say so, the counter counts them all.
@@ -418,7 +416,7 @@ class Intake:
                 self.log.error(
                     "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
                     "is the cloud reachable?" + (" ({suppressed} similar lines left out)" if suppressed else ""),
-                    depth=self.depth,
+                    depth=self._spool.depth,
                     limit=self._spool_limit,
                     device=chunk.device_id,
                     suppressed=suppressed,
@@ -447,7 +445,6 @@ class Intake:
         def committed(new: int) -> wire.DayAck:
             self._failures.succeeded("spooling a chunk")
             self._acknowledged[key] = self._committing_digests.pop(key)
-            self.depth += new
             self.counters["chunks"] += 1
             self.counters["readings"] += new
             self._part_arrived(chunk, peer)
@@ -761,12 +758,6 @@ class Intake:
         if self._forget_retry is None or not self._forget_retry.active():
             self._forget_retry = self._clock.callLater(delay, self._forget_old)
 
-    def delivered(self, count: int) -> None:
-        """
-        C{count} readings left the spool for good.
-        """
-        self.depth -= count
-
     # -- bounds on reassembly ------------------------------------------------
 
     def _bound_reassemblies(self) -> None:
@@ -887,21 +878,16 @@ class Uplink:
         window: int = 1,
         max_retry_delay: float = 30.0,
         late_linger: float = 0.0,
-        on_set_aside: Callable[[int], None] | None = None,
     ):
         """
         @param on_delivered: called with the number of readings that left
             the spool, delivered.
-        @param on_set_aside: called with the number of readings that left
-            the spool's depth, refused for good by the cloud and set aside
-            (by default L{on_delivered}).
         """
         self._spool = spool
         self._clock = clock
         self._batch_readings = batch_readings
         self._ack_timeout = ack_timeout
         self._on_delivered = on_delivered
-        self._on_set_aside = on_set_aside or on_delivered
         self._retry_delay = retry_delay
         self._new_batch_id = new_batch_id
         self._window = window
@@ -1127,7 +1113,6 @@ class Uplink:
             self._on_delivered(count)
         else:
             self.counters["readings_set_aside"] += count
-            self._on_set_aside(count)
         self.kick()
 
     def _remove_failed(self, failure, flight: _InFlight) -> None:

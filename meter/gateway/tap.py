@@ -70,14 +70,13 @@ class GatewayService(MultiService):
         # Commits on the reactor thread: a device's acknowledgement then
         # waits for no other thread to get a core (see meter.database).
         self.database = Database(connection, self._reactor)
-        spool = Spool(self.database, recovered.depth)
+        self.spool = spool = Spool(self.database, recovered.depth)
         self.uplink = gateway.Uplink(
             spool,
             self._reactor,
             s["batch_readings"],
             s["ack_timeout"],
             on_delivered=self._delivered,
-            on_set_aside=lambda count: self.intake.delivered(count),
             window=s["batches_in_flight"],
             max_retry_delay=s["max_backoff"],
             late_linger=s["late_linger"],
@@ -173,8 +172,7 @@ class GatewayService(MultiService):
         )
 
     def _delivered(self, count: int) -> None:
-        self.intake.delivered(count)
-        self.log.info("{count} readings delivered; {depth} left in the spool", count=count, depth=self.intake.depth)
+        self.log.info("{count} readings delivered; {depth} left in the spool", count=count, depth=self.spool.depth)
 
     def stopService(self):
         if self._stats.running:
