@@ -71,8 +71,7 @@ class Gateway:
             self.spool = Spool(self.database, recovered.depth)
         self.ready = 0
         self.events: list[dict] = []
-        self.intake = Intake(FLEET, self.spool, self.clock, 60.0, self._ready, **kw)
-        self.intake.log = Logger(observer=self.events.append)
+        self.intake = Intake(FLEET, self.spool, self.clock, 60.0, self._ready, log=Logger(observer=self.events.append), **kw)
         self.intake.recover(recovered)
         self.protocol = GatewayProtocol(self.intake, KEYS, self.clock, 1e9, 1e9)
         self.transport = FakeDatagramTransport()

@@ -58,9 +58,11 @@ class IntakeHarness:
         self.clock.advance(NOW)
         self.spool = spool if spool is not None else MemorySpool(self.clock)
         self.ready: list[float] = []
-        self.intake = Intake(fleet, self.spool, self.clock, deadline, lambda: self.ready.append(self.clock.seconds()), **kw)
         self.events: list[dict] = []
-        self.intake.log = Logger(observer=self.events.append)
+        self.intake = Intake(
+            fleet, self.spool, self.clock, deadline, lambda: self.ready.append(self.clock.seconds()),
+            log=Logger(observer=self.events.append), **kw,
+        )
 
     def receive(self, chunk, peer=None) -> wire.DayAck:
         """

@@ -277,7 +277,7 @@ def test_the_per_source_table_is_bounded():
 def warnings_by_source(events) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for event in events:
-        if event.get("log_level") == LogLevel.warn and event.get("log_namespace") == "meter.gateway.GatewayProtocol":
+        if event.get("log_level") == LogLevel.warn and event.get("log_namespace") == "meter.gateway.protocol.GatewayProtocol":
             found.setdefault(event["peer"].rpartition(":")[0], []).append(formatEvent(event))
     return found
 
@@ -312,7 +312,7 @@ def test_warnings_about_refused_authentic_chunks_are_rate_limited_per_source():
         g.receive(stale, DEVICE2)
         g.clock.advance(6)
         g.receive(stale, STRANGER)
-    refused = [formatEvent(e) for e in events if e.get("log_namespace") == "meter.gateway.Intake" and e["log_level"] == LogLevel.warn]
+    refused = [formatEvent(e) for e in events if e.get("log_namespace") == "meter.gateway.intake.Intake" and e["log_level"] == LogLevel.warn]
     assert [line.split(":")[0] for line in refused] == ["refused chunk from 192.168.1.66"] * 5 + [
         "refused chunk from 192.168.1.3"
     ] + ["refused chunk from 192.168.1.66"]
@@ -371,13 +371,13 @@ def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
     g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
     with capturedLogs() as events:
         g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
-        assert DAY not in g.intake._rounds
+        assert DAY not in g.intake.rounds.rounds
         g.spool.release()
         gc.collect()
     assert [a.xfer[0] for a in g.answers()] == ["a", "c", "d"]
     assert {a.status for a in g.answers()} == {"ok"}
     assert not [e for e in events if "log_failure" in e]
-    assert g.intake._committing == {}
+    assert not g.intake.admission.overloaded() and g.intake.admission._committing == {}
 
 
 # -- the device hears only its gateway -----------------------------------------
