@@ -247,10 +247,10 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     with sqlite3.connect(str(path)) as other:
         digests = {digest for (digest,) in other.execute("SELECT digest FROM parts")}
     assert digests <= {content_digest(body) for body in authentic}
-    counters = intake.counters
-    assert counters["spool_failures"] == 0
+    metrics = intake.metrics
+    assert metrics.spool_failures == 0
     assert sum(kinds.values()) == GATEWAY_INPUTS
-    assert counters["dropped_bad_tag"] + counters["dropped_no_tag"] + counters["dropped_unknown_device"] >= (
+    assert metrics.dropped_bad_tag + metrics.dropped_no_tag + metrics.dropped_unknown_device >= (
         kinds["mutated"] + kinds["random"] + kinds["wrong key"] + kinds["unsealed"]
     )
     # Every answer is a sealed acknowledgement under one of the fleet's keys.
@@ -268,7 +268,7 @@ async def test_fuzz_the_gateway(tmp_path, seed):
             raise AssertionError(f"an answer no fleet key verifies: {data[:80]!r}")
     # It was a real fight: plenty accepted, plenty refused, all of it dropped.
     assert statuses["ok"] > 1000 and statuses["bad"] > 1000, statuses
-    assert counters["chunks"] > 1000
+    assert metrics.chunks > 1000
 
     # The spool holds only chunks sent with their device's key, one row
     # each with all its readings as canonical text, and as many readings as
@@ -296,7 +296,7 @@ async def test_fuzz_the_gateway(tmp_path, seed):
         rows = other.execute("SELECT day, device_id, device_ip, records, n FROM chunks ORDER BY seq").fetchall()
     assert len(rows) > 1000
     assert set(rows) <= sent
-    assert sum(n for *_, n in rows) == counters["readings"] == spool.depth
+    assert sum(n for *_, n in rows) == metrics.readings == spool.depth
     for day, device_id, device_ip, records, n in rows:
         assert FLEET[device_id] == device_ip
         assert len(records.split(";")) == n

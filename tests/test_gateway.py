@@ -114,8 +114,8 @@ def test_all_devices_reporting_closes_the_round():
     assert h.closed() == [(DAY, NOW + 10)]
     assert h.ready == [NOW + 10]
     assert h.clock.getDelayedCalls() == []  # the deadline is cancelled
-    assert h.intake.counters["rounds_closed"] == 1
-    assert h.intake.counters["rounds_incomplete"] == 0
+    assert h.intake.metrics.rounds_closed == 1
+    assert h.intake.metrics.rounds_incomplete == 0
     assert "round 2026-03-01 complete: every expected device reported" in h.logged()
     assert h.spool.depth == 4
 
@@ -147,7 +147,7 @@ def test_the_deadline_closes_the_round_naming_the_missing_devices():
         "round 2026-03-01 closed: deadline of 60 s passed; devices that did not report: "
         "3 (192.168.1.4), 4 (192.168.1.5)"
     ) in h.logged()
-    assert h.intake.counters["rounds_incomplete"] == 1
+    assert h.intake.metrics.rounds_incomplete == 1
 
 
 def test_a_late_device_is_forwarded_at_once():
@@ -160,7 +160,7 @@ def test_a_late_device_is_forwarded_at_once():
     assert h.ready == [NOW + 60, NOW + 65]
     assert h.closed() == [(DAY, NOW + 60)]
     assert h.spool.submitted["close_round"] == 1  # not closed twice
-    assert h.intake.counters["late_devices"] == 1
+    assert h.intake.metrics.late_devices == 1
 
 
 def test_a_device_reporting_twice_is_counted_once():
@@ -204,7 +204,7 @@ def test_a_duplicate_is_acknowledged_again_without_spooling():
     assert h.receive(chunk) == ok(chunk)
     assert h.receive(chunk) == ok(chunk)
     assert h.added() == 1
-    assert h.intake.counters["duplicates"] == 1
+    assert h.intake.metrics.duplicates == 1
     assert h.spool.depth == 1
 
 
@@ -217,7 +217,7 @@ def test_a_duplicate_during_the_commit_gets_the_same_answer_after_it():
     assert h.added() == 1
     h.clock.advance(0)  # the commit
     assert result_of(first) == result_of(second) == ok(chunk)
-    assert h.intake.counters["duplicates"] == 1
+    assert h.intake.metrics.duplicates == 1
     assert h.spool.depth == 1
 
 
@@ -226,7 +226,7 @@ def test_a_failed_spool_write_is_busy_and_the_retry_is_spooled():
     h.spool.fail_next("add_chunk")
     chunk = day_chunk(1)
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
-    assert h.intake.counters["spool_failures"] == 1
+    assert h.intake.metrics.spool_failures == 1
     assert h.spool.depth == 0
     # the device retries: spooled this time
     assert h.receive(chunk) == ok(chunk)
@@ -253,7 +253,7 @@ def test_an_unknown_device_is_refused():
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "fleet: device 9 is not in this gateway's fleet")
     assert h.added() == 0
     assert h.clock.getDelayedCalls() == []  # no round opened
-    assert h.intake.counters["unknown_device"] == 1
+    assert h.intake.metrics.unknown_device == 1
 
 
 def test_a_device_claiming_another_address_is_refused():
@@ -261,7 +261,7 @@ def test_a_device_claiming_another_address_is_refused():
     chunk = day_chunk(1, ip="10.0.0.9")
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "address: device 1 is 192.168.1.2, not 10.0.0.9")
     assert h.added() == 0
-    assert h.intake.counters["wrong_address"] == 1
+    assert h.intake.metrics.wrong_address == 1
 
 
 def test_a_full_spool_says_busy_until_readings_are_delivered():
@@ -273,7 +273,7 @@ def test_a_full_spool_says_busy_until_readings_are_delivered():
     chunk = day_chunk(2, readings=two)
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool_full: the spool is at its limit of 5 readings")
     assert h.added() == 1
-    assert h.intake.counters["refused_spool_full"] == 1
+    assert h.intake.metrics.refused_spool_full == 1
     h.clock.advance(60)  # the round closes: its readings may leave
     batch = h.spool.take_batch(100)
     h.clock.advance(0)
@@ -290,7 +290,7 @@ def test_a_transfer_changing_its_shape_is_refused():
     assert h.receive(chunk) == wire.DayAck(
         chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
     )
-    assert h.intake.counters["inconsistent_chunks"] == 1
+    assert h.intake.metrics.inconsistent_chunks == 1
 
 
 def test_check_source_refuses_a_chunk_from_another_address():
@@ -300,7 +300,7 @@ def test_check_source_refuses_a_chunk_from_another_address():
         chunk.xfer, 1, "bad", "source: device 1 sends from 192.168.1.2, not from 10.0.0.9"
     )
     assert h.receive(chunk, "::ffff:192.168.1.2:5000") == ok(chunk)  # IPv4-mapped is the same address
-    assert h.intake.counters["wrong_source"] == 1
+    assert h.intake.metrics.wrong_source == 1
 
 
 def test_without_check_source_any_source_address_is_taken():
@@ -352,14 +352,14 @@ def test_an_expired_reassembly_is_forgotten_and_its_parts_still_recognised():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]}, reassembly_timeout=30.0)
     chunk = day_chunk(1, part=1, parts=2)
     h.receive(chunk)
-    assert h.intake.stats()["reassemblies"] == 1
+    assert h.intake.gauges()["reassemblies"] == 1
     h.clock.advance(30)
-    assert h.intake.counters["expired_reassemblies"] == 1
-    assert h.intake.stats()["reassemblies"] == 0
+    assert h.intake.metrics.expired_reassemblies == 1
+    assert h.intake.gauges()["reassemblies"] == 0
     # its message ids stay with the device's day: a duplicate, not spooled
     assert h.receive(chunk) == ok(chunk)
     assert h.added() == 1
-    assert h.intake.counters["duplicates"] == 1
+    assert h.intake.metrics.duplicates == 1
 
 
 def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
@@ -367,8 +367,8 @@ def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
     first = day_chunk(1, part=1, parts=2)
     h.receive(first)
     h.receive(day_chunk(2, part=1, parts=2))
-    assert h.intake.counters["expired_reassemblies"] == 1
-    assert h.intake.stats()["reassemblies"] == 1
+    assert h.intake.metrics.expired_reassemblies == 1
+    assert h.intake.gauges()["reassemblies"] == 1
     # device 1's transfer was the one forgotten: its part, sent again, is
     # recognised by its message id
     assert h.receive(first) == ok(first)
@@ -390,7 +390,7 @@ def test_a_fleet_of_50_devices():
     assert h.closed() == [(DAY, NOW)]
     assert h.ready == [NOW]
     assert h.spool.depth == 50
-    assert h.intake.counters["chunks"] == 50
+    assert h.intake.metrics.chunks == 50
 
 
 # -- memory of old days -----------------------------------------------------
@@ -401,13 +401,13 @@ def test_closing_a_round_forgets_what_is_two_days_old_on_the_gateways_clock():
     old_chunk = day_chunk(1)
     h.receive(old_chunk)
     assert h.spool.submitted["forget_before"] == 1  # as the round closed
-    assert h.intake.stats()["message_ids"] == 1
+    assert h.intake.gauges()["message_ids"] == 1
     h.clock.advance(gateway.REMEMBER + 1)
     later = DAY + datetime.timedelta(days=2)
     h.report(1, n=1, day=later, sent_at=int(h.clock.seconds()))
     assert h.spool.submitted["forget_before"] == 2
-    assert h.intake.stats()["message_ids"] == 1
-    assert h.intake.stats()["device_days"] == 1
+    assert h.intake.gauges()["message_ids"] == 1
+    assert h.intake.gauges()["device_days"] == 1
     # the old day's message id is forgotten, by the gateway and the spool
     # alike: a copy is stored again
     assert sorted(key[0:2] for key in h.spool.contents.parts) == [(1, xfer_of(1, 1))]
@@ -428,8 +428,8 @@ def test_stats():
     h = IntakeHarness()
     h.report(1)
     h.receive(day_chunk(2, part=1, parts=2))
-    stats = h.intake.stats()
-    assert (stats["spool_depth"], stats["reassemblies"], stats["message_ids"], stats["chunks"]) == (2, 1, 2, 2)
+    gauges = h.intake.gauges()
+    assert (gauges["spool_depth"], gauges["reassemblies"], gauges["message_ids"], h.intake.metrics.chunks) == (2, 1, 2, 2)
 
 
 # -- recovery after a restart -----------------------------------------------
@@ -504,7 +504,7 @@ def test_recover_remembers_acknowledged_message_ids():
     chunk = day_chunk(1)
     assert h.receive(chunk) == ok(chunk)
     assert h.added() == 0
-    assert h.intake.counters["duplicates"] == 1
+    assert h.intake.metrics.duplicates == 1
 
 
 def test_recover_resumes_a_partial_transfer():
@@ -612,7 +612,7 @@ def test_uplink_removes_readings_only_after_the_ack():
     assert h.removed() == [1, 2, 3, 4, 5]
     assert h.delivered == [2, 2, 1]
     assert len(h.sender.sent) == 3  # the spool is empty
-    assert h.uplink.counters["batches_acknowledged"] == 3
+    assert h.uplink.metrics.batches_acknowledged == 3
     assert h.clock.getDelayedCalls() == []
 
 
@@ -638,7 +638,7 @@ def test_an_unacknowledged_batch_aborts_the_connection():
     assert h.sender.aborted == 0
     h.clock.advance(0.001)
     assert h.sender.aborted == 1
-    assert h.uplink.counters["ack_timeouts"] == 1
+    assert h.uplink.metrics.ack_timeouts == 1
     assert h.removed() == []
 
 
@@ -648,7 +648,7 @@ def test_a_batch_lost_with_its_connection_is_sent_again_after_reconnecting():
     lost = h.sender.sent[0]
     h.uplink.disconnected(h.sender)
     assert h.clock.getDelayedCalls() == []  # its ack timer went with it
-    assert h.uplink.counters["batches_resent"] == 1
+    assert h.uplink.metrics.batches_resent == 1
     again = FakeSender()
     h.connect(again)
     (batch,) = again.sent
@@ -657,7 +657,7 @@ def test_a_batch_lost_with_its_connection_is_sent_again_after_reconnecting():
     # an ack of the lost batch arriving late is stray
     h.ack(lost)
     assert h.removed() == []
-    assert h.uplink.counters["stray_acks"] == 1
+    assert h.uplink.metrics.stray_acks == 1
     h.ack(batch)
     assert h.removed() == [1, 2]
 
@@ -668,7 +668,7 @@ def test_a_disconnect_after_the_ack_does_not_resend():
     h.spool.hold()
     h.ack(h.sender.sent[0])
     h.uplink.disconnected(h.sender)
-    assert h.uplink.counters["batches_resent"] == 0
+    assert h.uplink.metrics.batches_resent == 0
     h.spool.release()  # the removal is committed
     assert h.delivered == [2]
     again = FakeSender()
@@ -698,7 +698,7 @@ def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
     h.connect(h.sender)
     h.ack(h.sender.sent[0], "bad", "not stored: disk I/O error")
     assert h.removed() == []
-    assert h.uplink.counters["batches_refused"] == 1
+    assert h.uplink.metrics.batches_refused == 1
     h.kick()  # no retry before the delay
     h.clock.advance(4.999)
     assert len(h.sender.sent) == 1
@@ -729,7 +729,7 @@ def test_a_stray_ack_is_ignored():
     h.connect(h.sender)
     h.uplink.ack_received(wire.BatchAck("ffffffffffffffff", "ok", new=2))
     assert h.removed() == []
-    assert h.uplink.counters["stray_acks"] == 1
+    assert h.uplink.metrics.stray_acks == 1
     h.clock.advance(30)
     assert h.sender.aborted == 1  # still waiting for the real ack
 
@@ -743,7 +743,7 @@ def test_a_second_ack_of_the_same_batch_is_stray():
     h.spool.release()
     assert h.spool.submitted["remove"] == 1
     assert h.removed() == [1, 2]
-    assert h.uplink.counters["stray_acks"] == 1
+    assert h.uplink.metrics.stray_acks == 1
 
 
 def test_disconnect_of_an_old_connection_is_ignored():
@@ -753,7 +753,7 @@ def test_disconnect_of_an_old_connection_is_ignored():
     h.uplink.disconnected(old)
     h.connect(h.sender)
     h.uplink.disconnected(old)
-    assert h.uplink.counters["batches_resent"] == 1
+    assert h.uplink.metrics.batches_resent == 1
     h.ack(h.sender.sent[0])
     assert h.removed() == [1, 2]
 
@@ -838,7 +838,7 @@ def test_unauthenticated_datagrams_get_no_answer(data, counter):
     h = ProtocolHarness()
     h.receive(data, DEVICE_ADDR)
     assert h.transport.written == []
-    assert h.intake.intake.counters[counter] == 1
+    assert h.intake.intake.metrics[counter] == 1
     assert h.intake.added() == 0
 
 
@@ -849,7 +849,7 @@ def test_a_bad_chunk_with_a_readable_id_gets_a_bad_dayack():
     assert h.answers() == [
         (wire.DayAck(xfer_of(1), 2, "bad", "range: temperature 86 outside -40..85 °C"), DEVICE_ADDR)
     ]
-    assert h.intake.intake.counters["refused_range"] == 1
+    assert h.intake.intake.metrics.decoder_refused["range"] == 1
     assert h.intake.added() == 0
 
 
@@ -860,7 +860,7 @@ def test_a_chunk_of_another_version_gets_a_sealed_bad_dayack_naming_the_version(
     body = wire.encode(day_chunk(1)).replace(b"meter/1 ", b"meter/2 ", 1)
     h.receive(wire.seal(body, KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [(wire.DayAck(xfer_of(1), 1, "bad", "version: version '2', this side speaks 1"), DEVICE_ADDR)]
-    assert h.intake.intake.counters["refused_version"] == 1
+    assert h.intake.intake.metrics.decoder_refused["version"] == 1
     assert h.intake.added() == 0
 
 
@@ -877,7 +877,7 @@ def test_a_flooding_source_is_cut_off_and_others_still_served():
     for data in datagrams:
         h.receive(data, DEVICE_ADDR)
     assert len(h.transport.written) == 2
-    assert h.intake.intake.counters["dropped_flood"] == 1
+    assert h.intake.intake.metrics.dropped_flood == 1
     h.receive(wire.seal(wire.encode(day_chunk(2)), KEYS[2]), ("192.168.1.3", 5000))
     assert len(h.transport.written) == 3
     h.intake.clock.advance(1)  # a token back
@@ -944,7 +944,7 @@ def test_the_client_aborts_when_a_ping_is_unanswered():
     assert not h.transport.disconnected
     h.clock.advance(0.001)
     assert h.transport.disconnected
-    assert h.uplink.uplink.counters["heartbeat_failures"] == 1
+    assert h.uplink.uplink.metrics.heartbeat_failures == 1
 
 
 def test_any_line_from_the_cloud_postpones_the_ping():
@@ -958,7 +958,7 @@ def test_any_line_from_the_cloud_postpones_the_ping():
 def test_garbage_from_the_cloud_is_counted_not_fatal():
     h = ClientHarness()
     h.protocol.dataReceived(b"nonsense\n")
-    assert h.uplink.uplink.counters["refused_from_cloud"] == 1
+    assert h.uplink.uplink.metrics.refused_from_cloud == 1
     assert not h.transport.disconnected
 
 
@@ -972,7 +972,7 @@ def test_connection_lost_stops_the_heartbeat_and_tells_the_uplink():
     h = ClientHarness(count=2)
     h.protocol.connectionLost(Failure(ConnectionDone()))
     assert h.clock.getDelayedCalls() == []  # neither the heartbeat nor the ack timer
-    assert h.uplink.uplink.counters["batches_resent"] == 1
+    assert h.uplink.uplink.metrics.batches_resent == 1
 
 
 # -- with a real spool ------------------------------------------------------
@@ -1049,7 +1049,7 @@ async def test_a_restart_resumes_from_the_spool(real, tmp_path):
         assert h.spool.depth == 2
         # a duplicate of a chunk acknowledged before the restart
         assert await h.intake.chunk_received(day_chunk(1), "p") == ok(day_chunk(1))
-        assert h.intake.counters["duplicates"] == 1
+        assert h.intake.metrics.duplicates == 1
         h.clock.advance(0)
         await again.database.flush()
         assert [r.device_id for r in (await again.spool.take_batch(100)).readings] == [1, 2]
@@ -1251,7 +1251,7 @@ def test_a_retransmission_of_a_stored_chunk_is_acknowledged_without_decoding(mon
     monkeypatch.undo()
     assert h.answers() == [(ok(chunk), DEVICE_ADDR), (ok(chunk), DEVICE_ADDR)]
     assert h.intake.added() == 1
-    assert h.intake.intake.counters["duplicates"] == 1
+    assert h.intake.intake.metrics.duplicates == 1
 
 
 def test_a_stored_chunk_replayed_after_the_window_is_not_acknowledged_again():
@@ -1267,7 +1267,7 @@ def test_a_stored_chunk_replayed_after_the_window_is_not_acknowledged_again():
     (first, _), (second, _) = h.answers()
     assert first == ok(chunk)
     assert second.status == "bad" and "replay window" in second.reason
-    assert h.intake.intake.counters["duplicates"] == 0
+    assert h.intake.intake.metrics.duplicates == 0
 
 
 def test_an_overloaded_gateway_answers_busy_before_decoding():
@@ -1281,7 +1281,7 @@ def test_an_overloaded_gateway_answers_busy_before_decoding():
         h.receive(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [(wire.DayAck(chunks[2].xfer, 3, "busy", "overloaded: too many chunks wait for the spool"), DEVICE_ADDR)]
     assert h.intake.added() == 2
-    assert h.intake.intake.counters["refused_overloaded"] == 1
+    assert h.intake.intake.metrics.refused_overloaded == 1
     h.intake.spool.release()
     assert [answer for answer, _ in h.answers()[1:]] == [ok(chunks[0]), ok(chunks[1])]
 
@@ -1312,7 +1312,7 @@ def test_uplink_resends_every_unacknowledged_batch_of_its_window_after_a_reconne
     first, second, third = h.sender.sent
     h.ack(second)
     h.uplink.disconnected(h.sender)
-    assert h.uplink.counters["batches_resent"] == 2
+    assert h.uplink.metrics.batches_resent == 2
     again = FakeSender()
     h.connect(again)
     assert [b.readings for b in again.sent] == [h.readings(1, 2), h.readings(5, 6)]

@@ -70,7 +70,7 @@ def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
     clock.advance(60)  # the round closes at its deadline
     assert committed(clock, spool.remove(committed(clock, spool.take_batch(100)).seqs)) == 8
     assert committed(clock, gateway.chunk_received(chunk(3, count=4), "127.0.0.1:1")).status == "ok"
-    assert gateway.counters["refused_spool_full"] == 2
+    assert gateway.metrics.refused_spool_full == 2
 
 
 def test_a_part_spooled_again_is_acknowledged_and_stored_once(tmp_path):
@@ -80,10 +80,10 @@ def test_a_part_spooled_again_is_acknowledged_and_stored_once(tmp_path):
     first = chunk(1, part=1, parts=2, count=3)
     assert committed(clock, gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
     clock.advance(30)
-    assert gateway.counters["expired_reassemblies"] == 1
+    assert gateway.metrics.expired_reassemblies == 1
     assert committed(clock, gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
     assert spool.depth == 3
-    assert gateway.counters["readings"] == 3
+    assert gateway.metrics.readings == 3
 
 
 def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
@@ -100,14 +100,14 @@ def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
         )
     )
     clock.advance(0)
-    assert gateway.counters["expired_reassemblies"] == 1
-    assert gateway.stats()["reassemblies"] == 1
+    assert gateway.metrics.expired_reassemblies == 1
+    assert gateway.gauges()["reassemblies"] == 1
     # The survivor expires 300 s after its first part, not after the restart.
     clock.advance(199)
-    assert gateway.stats()["reassemblies"] == 1
+    assert gateway.gauges()["reassemblies"] == 1
     clock.advance(1)
-    assert gateway.stats()["reassemblies"] == 0
-    assert gateway.counters["expired_reassemblies"] == 2
+    assert gateway.gauges()["reassemblies"] == 0
+    assert gateway.metrics.expired_reassemblies == 2
 
 
 def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
@@ -119,10 +119,10 @@ def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
             depth=2,
         )
     )
-    assert gateway.counters["expired_reassemblies"] == 1
+    assert gateway.metrics.expired_reassemblies == 1
     # Device 1's (older) transfer went: its part is spooled again, device 2's is a duplicate.
     assert committed(clock, gateway.chunk_received(chunk(2, part=1, parts=2, xfer="b" * 16), "127.0.0.1:1")).status == "ok"
-    assert gateway.counters["duplicates"] == 1
+    assert gateway.metrics.duplicates == 1
 
 
 def test_the_reliability_keys_are_configurable():

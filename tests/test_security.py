@@ -80,8 +80,8 @@ class Gateway:
         self.keys = keys
 
     @property
-    def counters(self):
-        return self.intake.counters
+    def metrics(self):
+        return self.intake.metrics
 
     def receive(self, data: bytes, addr=DEVICE1) -> None:
         """
@@ -138,7 +138,7 @@ def test_an_unauthenticated_datagram_is_dropped_unanswered(data, counter):
         g.receive(data, STRANGER)
     assert g.transport.written == []  # no answer: the gateway reflects nothing
     assert g.spooled() == 0
-    assert g.counters[counter] == 1
+    assert g.metrics[counter] == 1
     assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn][0].startswith(
         f"dropped datagram of {len(data)} bytes from 192.168.1.66:50066"
     )
@@ -164,7 +164,7 @@ def test_a_malformed_but_authentic_datagram_is_answered_bad_under_its_key():
     (answer,) = g.answers()
     assert (answer.xfer, answer.part, answer.status) == (XFER, 1, "bad")
     assert answer.reason.startswith("range: humidity 101%")
-    assert g.counters["refused_range"] == 1
+    assert g.metrics.decoder_refused["range"] == 1
     assert g.spooled() == 0
 
 
@@ -190,7 +190,7 @@ def test_a_datagram_outside_the_replay_window_is_refused(offset):
     (answer,) = g.answers()
     assert answer.status == "bad"
     assert "outside the replay window of 600 s" in answer.reason
-    assert g.counters["refused_replay"] == 1
+    assert g.metrics.refused_replay == 1
     assert g.spooled() == 0
 
 
@@ -220,8 +220,8 @@ def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
         g.receive(data)
     assert g.answers() == [OK] * 5
     assert g.spooled() == 1
-    assert g.counters["duplicates"] == 4
-    assert g.counters["chunks"] == 1
+    assert g.metrics.duplicates == 4
+    assert g.metrics.chunks == 1
 
 
 def test_deduplication_survives_a_gateway_restart():
@@ -242,7 +242,7 @@ def test_deduplication_survives_a_gateway_restart():
     # answered at once from the recovered message ids: the spool never saw it
     assert second.answers() == [OK]
     assert second.spooled() == 0
-    assert second.counters["duplicates"] == 1
+    assert second.metrics.duplicates == 1
     assert spool.depth == 2
 
 
@@ -255,7 +255,7 @@ def test_a_flood_from_one_source_is_cut_while_another_is_served():
     for _ in range(1000):
         g.receive(data, DEVICE1)
     assert len(g.answers(DEVICE1)) == 20  # the burst, then nothing
-    assert g.counters["dropped_flood"] == 980
+    assert g.metrics.dropped_flood == 980
     g.receive(sealed(chunk(device_id=2)), DEVICE2)
     assert g.answers(DEVICE2, KEYS[2]) == [OK]
     # the flooding source gets its rate back as time passes
@@ -263,7 +263,7 @@ def test_a_flood_from_one_source_is_cut_while_another_is_served():
     for _ in range(100):
         g.receive(data, DEVICE1)
     assert len(g.answers(DEVICE1)) == 30
-    assert g.counters["datagrams"] == 1101
+    assert g.metrics.datagrams == 1101
 
 
 def test_the_per_source_table_is_bounded():
@@ -292,7 +292,7 @@ def test_warnings_about_bad_input_are_rate_limited_per_source():
             g.receive(forged, DEVICE2)
     warnings = warnings_by_source(events)
     assert {source: len(lines) for source, lines in warnings.items()} == {"192.168.1.66": 5, "192.168.1.3": 3}
-    assert g.counters["dropped_bad_tag"] == 103  # every one is counted all the same
+    assert g.metrics.dropped_bad_tag == 103  # every one is counted all the same
     g.clock.advance(6)
     with capturedLogs() as events:
         g.receive(forged, STRANGER)
@@ -317,7 +317,7 @@ def test_warnings_about_refused_authentic_chunks_are_rate_limited_per_source():
         "refused chunk from 192.168.1.3"
     ] + ["refused chunk from 192.168.1.66"]
     assert refused[-1].endswith("(95 similar lines from this source left out)")
-    assert g.counters["refused_replay"] == 102
+    assert g.metrics.refused_replay == 102
     assert len(g.answers(STRANGER)) == 101  # the answers are flood-limited, not log-limited
 
 def test_flood_warnings_are_rate_limited_too():
@@ -327,7 +327,7 @@ def test_flood_warnings_are_rate_limited_too():
             g.receive(b"x", STRANGER)
     (source, lines), = warnings_by_source(events).items()
     assert len(lines) == 5
-    assert g.counters["dropped_flood"] == 999
+    assert g.metrics.dropped_flood == 999
 
 
 # -- odd days a device may report ----------------------------------------------
@@ -343,7 +343,7 @@ def test_a_day_far_from_the_transfers_start_is_refused(day):
     (answer,) = g.answers()
     assert answer.status == "bad" and answer.reason.startswith(f"day: {day} does not agree with ts={NOW}")
     assert g.spooled() == 0 and g.spool.contents.rounds == {}
-    assert g.counters["refused_day"] == 1
+    assert g.metrics.refused_day == 1
     assert not [e for e in events if "log_failure" in e]
 
 

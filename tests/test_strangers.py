@@ -25,7 +25,6 @@ import resource
 import select
 import socket
 import time
-from collections import Counter
 
 import pytest
 from twisted.internet import task, tcp
@@ -40,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import cloud, cloud_tap, gateway, wire
+from meter.gateway.metrics import GatewayMetrics
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
 from tests.harness import Suite
@@ -392,7 +392,7 @@ HEARTBEAT = 15.0
 
 class FakeUplink:
     def __init__(self):
-        self.counters: Counter[str] = Counter()
+        self.metrics = GatewayMetrics()
         self.senders = []
 
     def connected(self, sender):
@@ -441,7 +441,7 @@ def test_the_gateway_gives_up_a_handshake_that_does_not_complete():
     assert not transport.disconnected
     clock.advance(0.001)
     assert transport.disconnected
-    assert uplink.counters["handshake_timeouts"] == 1
+    assert uplink.metrics.handshake_timeouts == 1
     protocol.connectionLost(Failure(ConnectionLost()))
     assert events.matching("connected to") == []
     assert events.matching("before the TLS handshake completed")

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from meter import wire
 from meter.gateway.interfaces import ISpool
+from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
 from meter.gateway.spool import StoredPart, chunk_digest, content_digest
 from meter.ratelimit import LimitedWarnings, PerSource
@@ -120,7 +121,7 @@ class Admission:
         spool: ISpool,
         clock,
         reassembly: Reassembly,
-        counters,
+        metrics: GatewayMetrics,
         log: Logger,
         report: Callable[..., None],
         *,
@@ -135,7 +136,7 @@ class Admission:
         self._spool = spool
         self._clock = clock
         self._reassembly = reassembly
-        self._counters = counters
+        self._metrics = metrics
         self._log = log
         self._report = report
         self._check_source = check_source
@@ -221,7 +222,7 @@ class Admission:
             return False
         if self._refusal(device_id, sent_at, peer) is not None:
             return False
-        self._counters["duplicates"] += 1
+        self._metrics.duplicates += 1
         return True
 
     def overloaded(self) -> bool:
@@ -241,7 +242,7 @@ class Admission:
         refusal = self._refusal(chunk.device_id, chunk.sent_at, peer, chunk.device_ip, chunk.day)
         if refusal is not None:
             counter, reason = refusal
-            self._counters[counter] += 1
+            self._metrics[counter] += 1
             return succeed(self._refuse(chunk, reason, peer))
         key = chunk.message_id
         digest = chunk_digest(chunk)
@@ -249,7 +250,7 @@ class Admission:
             stored = self.acknowledged[key]
             if stored is not None and stored != digest:
                 return succeed(self._conflict(chunk, peer))
-            self._counters["duplicates"] += 1
+            self._metrics.duplicates += 1
             self._report(
                 chunk.device_id,
                 "duplicate of device {device} part {part}/{parts} from {peer}: acknowledged again",
@@ -262,13 +263,13 @@ class Admission:
         if key in self._committing:
             if self._committing_content[key][0] != digest:
                 return succeed(self._conflict(chunk, peer))
-            self._counters["duplicates"] += 1
+            self._metrics.duplicates += 1
             waiter = Deferred()
             self._committing[key].append(waiter)
             return waiter
         transfer = self._reassembly.transfers.get((chunk.device_id, chunk.xfer))
         if transfer is not None and (transfer.parts != chunk.parts or transfer.day != chunk.day):
-            self._counters["inconsistent_chunks"] += 1
+            self._metrics.inconsistent_chunks += 1
             return succeed(
                 self._refuse(
                     chunk,
@@ -280,7 +281,7 @@ class Admission:
         device_day = self.days.get((chunk.device_id, chunk.day))
         refusal_reason = self._over_daily_bounds(chunk, device_day)
         if refusal_reason is not None:
-            self._counters["refused_limit"] += 1
+            self._metrics.refused_limit += 1
             return succeed(self._refuse(chunk, refusal_reason, peer))
         transfer_key = (chunk.device_id, chunk.xfer)
         minutes = 0
@@ -288,7 +289,7 @@ class Admission:
             minutes = minute_bits(chunk.records)
             repeated = self._minutes.get(transfer_key, 0) & minutes
             if repeated:
-                self._counters["refused_minute"] += 1
+                self._metrics.refused_minute += 1
                 first = (repeated & -repeated).bit_length() - 1
                 return succeed(
                     self._refuse(
@@ -336,7 +337,7 @@ class Admission:
         return None
 
     def _spool_full(self, chunk: wire.DayChunk) -> wire.DayAck:
-        self._counters["refused_spool_full"] += 1
+        self._metrics.refused_spool_full += 1
         # Every device's every chunk is refused while the spool is full: a
         # few lines a minute say so, the counter counts them all.
         if self._spool_full_lines.allow(None):
@@ -359,7 +360,7 @@ class Admission:
     def _conflict(self, chunk: wire.DayChunk, peer: str) -> wire.DayAck:
         # Acknowledging it as a duplicate would tell the device its content
         # is stored when only the first content is.
-        self._counters["refused_conflict"] += 1
+        self._metrics.refused_conflict += 1
         return self._refuse(
             chunk,
             f"conflict: part {chunk.part}/{chunk.parts} of transfer {chunk.xfer} was received with other content",

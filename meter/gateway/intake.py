@@ -10,7 +10,6 @@ restart, and forgets with them what is old.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable
 
 from twisted.internet.defer import Deferred
@@ -19,6 +18,7 @@ from twisted.logger import Logger
 from meter import wire
 from meter.gateway.admission import Admission, admissible_from
 from meter.gateway.interfaces import ISpool
+from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
 from meter.gateway.rounds import Rounds
 from meter.gateway.spool import Recovered
@@ -44,6 +44,8 @@ class Intake:
     @param max_retry_delay: the longest wait, in seconds, before a failed
         spool transaction (closing a round) is tried again.
     @param log: where the intake's lines go (by default its own logger).
+    @param metrics: what the intake counts into (the role's, shared with the
+        uplink and the protocols; by default its own).
     """
 
     log = Logger()
@@ -67,6 +69,7 @@ class Intake:
         max_parts_per_day: int = 4096,
         remember: float = REMEMBER,
         log: Logger | None = None,
+        metrics: GatewayMetrics | None = None,
     ):
         if log is not None:
             self.log = log
@@ -75,13 +78,13 @@ class Intake:
         self._remember = remember
         self._replay_window = replay_window
         self._on_ready = on_ready
-        self.counters: Counter[str] = Counter()
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
         #: Lines about what devices send again: a few a device, then one a
         #: minute with a count (see L{_report}).
         self._report_lines = PerSource(clock, 1 / 60, 5)
-        self.reassembly = Reassembly(clock, self.counters, self.log, reassembly_timeout, max_reassemblies)
+        self.reassembly = Reassembly(clock, self.metrics, self.log, reassembly_timeout, max_reassemblies)
         self.admission = Admission(
-            fleet, spool, clock, self.reassembly, self.counters, self.log, self._report,
+            fleet, spool, clock, self.reassembly, self.metrics, self.log, self._report,
             check_source=check_source,
             replay_window=replay_window,
             spool_limit=spool_limit,
@@ -90,7 +93,7 @@ class Intake:
             max_parts_per_day=max_parts_per_day,
         )
         self.rounds = Rounds(
-            fleet, spool, clock, deadline, self.counters, self.log,
+            fleet, spool, clock, deadline, self.metrics, self.log,
             on_ready=on_ready,
             on_late=on_late if on_late is not None else lambda count: on_ready(),
             on_closed=self._forget_old,
@@ -99,7 +102,7 @@ class Intake:
         )
         self._forget_retry = None
         self._stopped = False
-        self._failures = Failures(self, clock, self.counters, max_retry_delay)
+        self._failures = Failures(self, clock, self.metrics, max_retry_delay)
 
     # -- start and stop ------------------------------------------------------
 
@@ -130,16 +133,17 @@ class Intake:
             self._forget_retry.cancel()
         self._forget_retry = None
 
-    def stats(self) -> dict[str, int]:
+    def gauges(self) -> dict[str, int]:
         """
-        The gauges and counters of the intake, for the periodic stats line.
+        What the intake holds now, for the periodic stats line: the spool's
+        depth, the transfers in reassembly, the message ids and the devices'
+        days remembered.
         """
         return {
             "spool_depth": self._spool.depth,
             "reassemblies": len(self.reassembly.incomplete),
             "message_ids": len(self.admission.acknowledged),
             "device_days": len(self.admission.days),
-            **self.counters,
         }
 
     # -- a chunk arrives -----------------------------------------------------
@@ -166,8 +170,8 @@ class Intake:
     def _committed(self, new: int, chunk: wire.DayChunk, peer: str) -> wire.DayAck:
         self._failures.succeeded("spooling a chunk")
         self.admission.acknowledge(chunk)
-        self.counters["chunks"] += 1
-        self.counters["readings"] += new
+        self.metrics.chunks += 1
+        self.metrics.readings += new
         complete = self.reassembly.part_arrived(chunk)
         if complete and chunk.parts > 1:
             self.admission.transfer_complete(chunk.device_id, chunk.xfer)

@@ -44,6 +44,7 @@ class GatewayProtocol(DatagramProtocol):
     ):
         self._intake = intake
         self._admission = intake.admission
+        self._metrics = intake.metrics
         self._log_datagrams = log_datagrams
         self._keys = keys
         self._receive_buffer = receive_buffer
@@ -61,24 +62,27 @@ class GatewayProtocol(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr):
         peer = f"{addr[0]}:{addr[1]}"
-        counters = self._intake.counters
-        counters["datagrams"] += 1
+        metrics = self._metrics
+        metrics.datagrams += 1
         if not self._per_source.allow(addr[0]):
-            counters["dropped_flood"] += 1
+            metrics.dropped_flood += 1
             self._warnings.warn(addr[0], "dropping datagrams from {peer}: over its limit of {rate:g} a second", peer=peer, rate=self._per_source.rate)
             return
         try:
             body, tag = wire.split_tag(data)
         except wire.WireError as e:
-            self._drop("no_tag", peer, len(data), str(e))
+            metrics.dropped_no_tag += 1
+            self._drop(peer, len(data), str(e))
             return
         device_id = wire.claimed_device(body)
         key = self._keys.get(device_id)
         if key is None:
-            self._drop("unknown_device", peer, len(data), f"no key for claimed device {device_id}")
+            metrics.dropped_unknown_device += 1
+            self._drop(peer, len(data), f"no key for claimed device {device_id}")
             return
         if not wire.tag_ok(body, tag, key):
-            self._drop("bad_tag", peer, len(data), f"tag does not verify under device {device_id}'s key")
+            metrics.dropped_bad_tag += 1
+            self._drop(peer, len(data), f"tag does not verify under device {device_id}'s key")
             return
         seen = wire.peek_day_id(body)
         if seen is not None:
@@ -93,7 +97,7 @@ class GatewayProtocol(DatagramProtocol):
                 # take in a device's first timeout: refuse new work now,
                 # cheaply, rather than acknowledge late and draw every
                 # device's retransmissions.  The device keeps the chunk.
-                counters["refused_overloaded"] += 1
+                metrics.refused_overloaded += 1
                 self._reply(
                     wire.DayAck(xfer, part, "busy", "overloaded: too many chunks wait for the spool"), key, addr
                 )
@@ -101,20 +105,20 @@ class GatewayProtocol(DatagramProtocol):
         try:
             message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:
-            counters[f"refused_{e.code}"] += 1
+            refused = metrics.decoder_refused
+            refused[e.code] = refused.get(e.code, 0) + 1
             self._warnings.warn(addr[0], "refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
             answer = wire.refusal(body, e)
             if isinstance(answer, wire.DayAck):
                 self._reply(answer, key, addr)
             return
         if not isinstance(message, wire.DayChunk):
-            counters["unexpected"] += 1
+            metrics.unexpected += 1
             self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
             return
         self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr, peer, len(data))
 
-    def _drop(self, why: str, peer: str, size: int, detail: str) -> None:
-        self._intake.counters[f"dropped_{why}"] += 1
+    def _drop(self, peer: str, size: int, detail: str) -> None:
         self._warnings.warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
 
     def _reply(self, ack: wire.DayAck, key: bytes, addr) -> None:
@@ -223,12 +227,12 @@ class CloudClientProtocol(wire.LineProtocol):
     def _silent(self) -> None:
         if not self._handshake_done:
             self.log.warn("no TLS handshake with the cloud within {t:g} s: reconnecting", t=self._heartbeat)
-            self._uplink.counters["handshake_timeouts"] += 1
+            self._uplink.metrics.handshake_timeouts += 1
             self.abort()
             return
         if self._pings >= 1:
             self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
-            self._uplink.counters["heartbeat_failures"] += 1
+            self._uplink.metrics.heartbeat_failures += 1
             self.abort()
             return
         self._ping()
@@ -248,7 +252,7 @@ class CloudClientProtocol(wire.LineProtocol):
         try:
             message = wire.decode(line, max_size=self.MAX_LENGTH)
         except wire.WireError as e:
-            self._uplink.counters["refused_from_cloud"] += 1
+            self._uplink.metrics.refused_from_cloud += 1
             self.log.warn("refused a line from the cloud: {error}", error=str(e))
             return
         if isinstance(message, wire.BatchAck):

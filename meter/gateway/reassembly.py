@@ -14,6 +14,7 @@ import attrs
 from twisted.logger import Logger
 
 from meter import wire
+from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.spool import StoredPart
 
 
@@ -40,9 +41,9 @@ class Reassembly:
         for no bound.
     """
 
-    def __init__(self, clock, counters, log: Logger, timeout: float | None = None, most: int | None = None):
+    def __init__(self, clock, metrics: GatewayMetrics, log: Logger, timeout: float | None = None, most: int | None = None):
         self._clock = clock
-        self._counters = counters
+        self._metrics = metrics
         self._log = log
         self._timeout = timeout
         self._most = most
@@ -102,7 +103,7 @@ class Reassembly:
         self.transfers.pop(key, None)
         if key in self.incomplete:
             del self.incomplete[key]
-            self._counters["expired_reassemblies"] += 1
+            self._metrics.expired_reassemblies += 1
 
     def stop(self) -> None:
         if self._expiry is not None and self._expiry.active():
@@ -153,7 +154,7 @@ class Reassembly:
         del self.incomplete[key]
         transfer = self.transfers.pop(key)
         device_id, xfer = key
-        self._counters["expired_reassemblies"] += 1
+        self._metrics.expired_reassemblies += 1
         self._log.warn(
             "reassembly of device {device}'s transfer {xfer} of {day} expired ({why}) with {n} of {parts} parts: "
             "the parts received stay spooled and are forwarded",

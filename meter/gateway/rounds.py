@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from meter import wire
 from meter.gateway.interfaces import ISpool
+from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.spool import StoredRound
 from meter.retry import Failures
 
@@ -55,7 +56,7 @@ class Rounds:
         spool: ISpool,
         clock,
         deadline: float,
-        counters,
+        metrics: GatewayMetrics,
         log: Logger,
         on_ready: Callable[[], None],
         on_late: Callable[[int], None],
@@ -67,7 +68,7 @@ class Rounds:
         self._spool = spool
         self._clock = clock
         self._deadline = deadline
-        self._counters = counters
+        self._metrics = metrics
         self.log = log
         self._on_ready = on_ready
         self._on_late = on_late
@@ -78,7 +79,7 @@ class Rounds:
         #: day -> the timer of the next attempt.
         self._closing: dict[datetime.date, object] = {}
         self._stopped = False
-        self._failures = Failures(self, clock, counters, max_retry_delay)
+        self._failures = Failures(self, clock, metrics, max_retry_delay)
 
     def get(self, day: datetime.date) -> Round | None:
         return self.rounds.get(day)
@@ -112,7 +113,7 @@ class Rounds:
         # each device (each datagram only with log_datagrams).
         reported = {"device": chunk.device_id, "peer": peer, "day": chunk.day, "parts": chunk.parts}
         if round_.closed:
-            self._counters["late_devices"] += 1
+            self._metrics.late_devices += 1
             self._report(
                 chunk.device_id,
                 "late device {device} ({peer}) reported {day} in {parts} parts after its round closed: "
@@ -216,7 +217,7 @@ class Rounds:
         round_.timer = None
         missing = sorted(self._fleet.keys() - round_.reported)
         if missing:
-            self._counters["rounds_incomplete"] += 1
+            self._metrics.rounds_incomplete += 1
             self.log.warn(
                 "round {day} closed: {why}; devices that did not report: {missing}",
                 day=round_.day,
@@ -225,7 +226,7 @@ class Rounds:
             )
         else:
             self.log.info("round {day} complete: {why}", day=round_.day, why=why)
-        self._counters["rounds_closed"] += 1
+        self._metrics.rounds_closed += 1
         self._close_in_spool(round_.day, self._clock.seconds())
         self._on_closed()
 

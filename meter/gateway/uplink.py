@@ -6,7 +6,6 @@ the cloud acknowledged it.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, Protocol
 
 import attrs
@@ -14,6 +13,7 @@ from twisted.logger import Logger
 
 from meter import wire
 from meter.gateway.interfaces import ISpool
+from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.spool import Spooled
 from meter.ratelimit import LimitedWarnings
 from meter.retry import Backoff, Failures
@@ -80,11 +80,14 @@ class Uplink:
         max_retry_delay: float = 30.0,
         late_linger: float = 0.0,
         log: Logger | None = None,
+        metrics: GatewayMetrics | None = None,
     ):
         """
         @param on_delivered: called with the number of readings that left
             the spool, delivered.
         @param log: where the uplink's lines go (by default its own logger).
+        @param metrics: what the uplink counts into (the role's, shared with
+            the intake; by default its own).
         """
         if log is not None:
             self.log = log
@@ -108,8 +111,8 @@ class Uplink:
         #: sent: once they fill a batch, it goes.
         self._late_readings = 0
         self._stopped = False
-        self.counters: Counter[str] = Counter()
-        self._failures = Failures(self, clock, self.counters, max_retry_delay)
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self._failures = Failures(self, clock, self.metrics, max_retry_delay)
         self._refusals = LimitedWarnings(self.log, clock)
         self._refused_backoff = Backoff(retry_delay, max(retry_delay, max_retry_delay))
 
@@ -126,7 +129,7 @@ class Uplink:
         # until they are, so they are not taken again meanwhile.
         for batch_id, flight in list(self._in_flight.items()):
             if not flight.acknowledged:
-                self.counters["batches_resent"] += 1
+                self.metrics.batches_resent += 1
                 self._cancel(flight)
                 del self._in_flight[batch_id]
 
@@ -234,7 +237,7 @@ class Uplink:
         flight = _InFlight(batch, spooled.seqs, self._clock.seconds())
         flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
         self._in_flight[batch.batch_id] = flight
-        self.counters["batches_sent"] += 1
+        self.metrics.batches_sent += 1
         self.log.info(
             "forwarding batch {batch_id} of {count} readings to the cloud",
             batch_id=batch.batch_id,
@@ -246,7 +249,7 @@ class Uplink:
     def ack_received(self, ack: wire.BatchAck) -> None:
         flight = self._in_flight.get(ack.batch_id)
         if flight is None or flight.acknowledged:
-            self.counters["stray_acks"] += 1
+            self.metrics.stray_acks += 1
             self.log.warn("acknowledgement of unknown batch {batch_id}", batch_id=ack.batch_id)
             return
         self._cancel(flight)
@@ -254,7 +257,7 @@ class Uplink:
         if ack.status != "ok" and refused_for_good(ack.reason):
             # Sent again, it would be refused again, and every batch behind
             # it would wait: it goes out of the way, kept in the spool file.
-            self.counters["batches_set_aside"] += 1
+            self.metrics.batches_set_aside += 1
             flight.acknowledged = True
             flight.set_aside = ack.reason
             self._refusals.warn(
@@ -267,7 +270,7 @@ class Uplink:
             self._remove(flight)
             return
         if ack.status != "ok":
-            self.counters["batches_refused"] += 1
+            self.metrics.batches_refused += 1
             del self._in_flight[ack.batch_id]
             # One retry for the whole window (a cloud whose disk is full
             # refuses every batch in flight), later after each refusal.
@@ -288,7 +291,7 @@ class Uplink:
             return
         self._refused_backoff.reset()
         flight.acknowledged = True
-        self.counters["batches_acknowledged"] += 1
+        self.metrics.batches_acknowledged += 1
         self.log.info(
             "batch {batch_id} acknowledged by the cloud after {ms:.1f} ms: {new} new, {dup} already stored",
             batch_id=ack.batch_id,
@@ -317,7 +320,7 @@ class Uplink:
         if flight.set_aside is None:
             self._on_delivered(count)
         else:
-            self.counters["readings_set_aside"] += count
+            self.metrics.readings_set_aside += count
         self.kick()
 
     def _remove_failed(self, failure, flight: _InFlight) -> None:
@@ -332,7 +335,7 @@ class Uplink:
 
     def _ack_timed_out(self, flight: _InFlight) -> None:
         flight.timer = None
-        self.counters["ack_timeouts"] += 1
+        self.metrics.ack_timeouts += 1
         self.log.warn(
             "batch {batch_id} not acknowledged within {t:g} s: reconnecting to the cloud",
             batch_id=flight.batch.batch_id,
