@@ -1083,19 +1083,6 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
 
 
 @pytest_twisted.ensureDeferred
-async def test_spool_counts_only_new_readings(real):
-    chunk = day_chunk(1)
-    assert await real.spool.add_chunk(chunk, NOW) == 1
-    # the same day in a new transfer: spooled again (the cloud's key by
-    # device and minute stores it once and counts the copy as a duplicate)
-    again = day_chunk(1, n=1)
-    assert again.message_id != chunk.message_id
-    assert await real.spool.add_chunk(again, NOW) == 1
-    # the same part again (its message id forgotten by an expired reassembly)
-    assert await real.spool.add_chunk(chunk, NOW) == 0
-
-
-@pytest_twisted.ensureDeferred
 async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(real):
     first = day_chunk(1)
     assert await real.spool.add_chunk(first, NOW) == 1
@@ -1111,57 +1098,6 @@ async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(
     assert sorted((r.device_id, r.taken_at) for r in taken.readings) == sorted(
         (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, n=1)) for r in chunk.readings
     )
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
-    other = DAY + datetime.timedelta(days=1)
-    three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
-    await real.spool.add_chunk(day_chunk(1, readings=three), NOW)
-    await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW)
-    assert (await real.spool.take_batch(10)).count == 0  # no round closed yet
-    await real.spool.add_chunk(day_chunk(3, n=1), NOW)
-    await real.spool.close_round(DAY, NOW + 60)
-    # a batch holds whole chunks; one chunk over the limit goes alone
-    batch = await real.spool.take_batch(2)
-    assert list(batch.readings) == list(three)
-    assert await real.spool.take_batch(2) == batch  # taking does not remove
-    assert await real.spool.remove(batch.seqs) == 3
-    assert await real.spool.remove(batch.seqs) == 0
-    assert list((await real.spool.take_batch(10)).readings) == list(day_chunk(3).readings)
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_batches_whole_chunks_up_to_the_limit(real):
-    for device_id in (1, 2, 3):
-        await real.spool.add_chunk(day_chunk(device_id), NOW)
-    await real.spool.close_round(DAY, NOW + 60)
-    first = await real.spool.take_batch(2)
-    assert [r.device_id for r in first.readings] == [1, 2]
-    second = await real.spool.take_batch(2, after=first.seqs[-1])
-    assert [r.device_id for r in second.readings] == [3]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_day_spooled_twice_is_not_repeated_in_one_batch(real, tmp_path):
-    # The cloud refuses a batch naming a device and minute twice.
-    three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
-    await real.spool.add_chunk(day_chunk(1, readings=three), NOW)
-    await real.spool.add_chunk(day_chunk(1, n=1, readings=three[1:]), NOW)
-    await real.spool.add_chunk(day_chunk(2), NOW)
-    await real.spool.close_round(DAY, NOW + 60)
-    batch = await real.spool.take_batch(100)
-    assert list(batch.readings) == list(three) + list(day_chunk(2).readings)
-    wire.decode(wire.encode(wire.Batch("0123456789abcdef", batch.records)))
-    # the copy left out of the batch goes later, and the spool empties
-    assert await real.spool.remove(batch.seqs) == 4
-    rest = await real.spool.take_batch(100)
-    assert list(rest.readings) == list(three[1:])
-    assert await real.spool.remove(rest.seqs) == 2
-    await real.stop()
-    connection, state = Spool.open(tmp_path / "spool.sqlite")
-    connection.close()
-    assert state.depth == 0
 
 
 def test_a_spool_of_one_row_a_reading_is_moved_into_chunks(tmp_path):
@@ -1203,38 +1139,6 @@ def test_a_spool_of_one_row_a_reading_is_moved_into_chunks(tmp_path):
     connection, state = Spool.open(path)
     connection.close()
     assert state.depth == 3
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
-    old = DAY - datetime.timedelta(days=3)
-    await real.spool.add_chunk(day_chunk(1, day=old), NOW)
-    await real.spool.add_chunk(day_chunk(2, day=old, n=1), NOW)
-    await real.spool.close_round(old, NOW)
-    await real.spool.add_chunk(day_chunk(1, n=2), NOW + 10)
-    batch = await real.spool.take_batch(10)
-    await real.spool.remove(batch.seqs)
-    await real.spool.forget_before(NOW + 5)
-    await real.stop()
-    connection, state = Spool.open(tmp_path / "spool.sqlite")
-    connection.close()
-    assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, None)]
-    assert [(p.device_id, p.day) for p in state.parts] == [(1, DAY)]
-    assert state.depth == 1
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_keeps_an_old_round_still_holding_readings(real, tmp_path):
-    old = DAY - datetime.timedelta(days=3)
-    await real.spool.add_chunk(day_chunk(1, day=old), NOW)
-    await real.spool.close_round(old, NOW)
-    await real.spool.forget_before(NOW + 1)
-    await real.stop()
-    connection, state = Spool.open(tmp_path / "spool.sqlite")
-    connection.close()
-    assert [r.day for r in state.rounds] == [old]
-    assert state.parts == ()
-    assert state.depth == 1
 
 
 def test_a_retransmission_of_a_stored_chunk_is_acknowledged_without_decoding(monkeypatch):

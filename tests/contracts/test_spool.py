@@ -238,6 +238,7 @@ def test_a_batch_holds_a_device_and_minute_once(backend):
     batch = take(backend)
     assert [(r.device_id, r.taken_at.minute) for r in batch.readings] == [(1, 0), (1, 1), (1, 2), (2, 0)]
     assert len(batch.seqs) == 2  # the copies of the day wait for later batches
+    wire.decode(wire.encode(wire.Batch("0123456789abcdef", batch.records)))  # a batch the cloud takes
     assert backend.commit(backend.spool.remove(batch.seqs)) == 4
     rest = take(backend)
     assert [(r.device_id, r.taken_at.minute) for r in rest.readings] == [(1, 1), (1, 2)]
@@ -289,6 +290,18 @@ def test_forgetting_drops_old_message_ids_and_empty_closed_rounds(backend):
     assert [r.day for r in state.rounds] == [open_day, held]
     # A message id forgotten is new again.
     assert backend.commit(backend.spool.add_chunk(chunk(1, day=old), NOW + 20)) == 1
+
+
+def test_an_old_round_still_holding_readings_is_not_forgotten(backend):
+    old = DAY - datetime.timedelta(days=3)
+    backend.commit(backend.spool.add_chunk(chunk(1, day=old), NOW))
+    backend.commit(backend.spool.close_round(old, NOW))
+    backend.commit(backend.spool.forget_before(NOW + 1))
+    backend.reopen()
+    state = recovered(backend)
+    assert [r.day for r in state.rounds] == [old]
+    assert state.parts == ()
+    assert state.depth == 1
 
 
 def test_a_restart_finds_what_was_committed(backend):
