@@ -100,6 +100,8 @@ class Intake:
             report=self._report,
             max_retry_delay=max_retry_delay,
         )
+        #: The rounds by day, looked up for every chunk.
+        self._rounds = self.rounds.rounds
         self._forget_retry = None
         self._stopped = False
         self._failures = Failures(self, clock, self.metrics, max_retry_delay)
@@ -156,7 +158,7 @@ class Intake:
         answer = self.admission.admit(chunk, peer)
         if answer is not None:
             return answer
-        round_ = self.rounds.get(chunk.day)
+        round_ = self._rounds.get(chunk.day)
         # Every chunk makes sure its round is in the spool (INSERT OR IGNORE),
         # as the gateway knows it: if the write of the day's first chunk
         # failed, the round exists in memory only; a round closed long ago

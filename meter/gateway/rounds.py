@@ -81,9 +81,6 @@ class Rounds:
         self._stopped = False
         self._failures = Failures(self, clock, metrics, max_retry_delay)
 
-    def get(self, day: datetime.date) -> Round | None:
-        return self.rounds.get(day)
-
     def open(self, day: datetime.date, device_id: int) -> None:
         """
         Open C{day}'s round, at its first report (by C{device_id}).
