@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from twisted.internet.defer import Deferred  # noqa: E402
+
 from meter import cloud, wire  # noqa: E402
 from meter.database import connect  # noqa: E402
 from meter.tools.loadgen import synthetic_day  # noqa: E402
@@ -71,6 +73,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
     class Collect:
         def run_many(self, work, item):
             items.append(item)
+            return Deferred()
 
     spool = Spool(Collect())
     connection = connect(scratch / "floor.sqlite")
@@ -169,6 +172,7 @@ def main(argv=None) -> int:
         class Capture:
             def run_many(self, work, item):
                 captured.append((work, item))
+                return Deferred()
 
         spool = Spool(Capture())
         started = time.perf_counter()

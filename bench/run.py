@@ -209,20 +209,12 @@ def forwarding_breakdown(gateway, cloud) -> dict:
 
 def gateway_counters(gateway) -> dict:
     """
-    The gateway's intake counters from its stop line (or last stats line).
+    The gateway's counts from its stop line (logfmt, see meter.gateway.metrics).
     """
-    for match in reversed(gateway.all_matching(r"gateway stopped: (\{.*?\}); uplink (\{.*\})")):
-        return {"intake": _literal(match.group(1)), "uplink": _literal(match.group(2))}
+    for match in reversed(gateway.all_matching(r"gateway stopped: (.*)")):
+        counts = {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+        return {"intake": counts, "uplink": counts}
     return {}
-
-
-def _literal(text: str) -> dict:
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return {}
 
 
 def verify_cloud(db: Path, fleet: dict[int, str], ids: list[int], day: datetime.date, readings: int, seed: int) -> dict:

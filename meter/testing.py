@@ -7,21 +7,254 @@ prove by running one test body over both.
 
 from __future__ import annotations
 
+import datetime
+import sqlite3
+from collections import Counter
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from meter import wire
+from meter.cloud.interfaces import DeviceSummary, IReadingStore
+from meter.gateway.interfaces import ISpool
+from meter.gateway.spool import Recovered, Spooled, StoredPart, StoredRound, batch_of, chunk_digest
+from meter.reading import Reading
+from meter.wire import BatchColumns
+
 # -- the gateway's spool (meter.gateway.interfaces.ISpool) ---------------------
 
 
+@attrs.define
+class SpoolContents:
+    """
+    What a L{MemorySpool} holds, committed: the tables of the SQLite spool
+    (L{meter.gateway.spool.SCHEMA}), row for row.
+    """
+
+    #: seq -> (seq, day, device_id, device_ip, records, n)
+    chunks: dict[int, tuple[int, str, int, str, str, int]] = attrs.Factory(dict)
+    #: (device_id, xfer, part) -> its part row
+    parts: dict[tuple[int, str, int], StoredPart] = attrs.Factory(dict)
+    #: day -> [opened_at, closed_at or None]
+    rounds: dict[str, list] = attrs.Factory(dict)
+    #: seq -> (seq, day, device_id, device_ip, records, n, reason, refused_at)
+    refused: dict[int, tuple] = attrs.Factory(dict)
+
+    def copy(self) -> SpoolContents:
+        return SpoolContents(
+            dict(self.chunks), dict(self.parts), {day: list(row) for day, row in self.rounds.items()}, dict(self.refused)
+        )
+
+
+#: What a failed commit of a L{MemorySpool} fails with unless told otherwise:
+#: what SQLite says when the disk fails.
+DISK_ERROR = sqlite3.OperationalError("disk I/O error")
+
+
+@implementer(ISpool)
+class MemorySpool:
+    """
+    The gateway's spool in memory, committing as L{meter.database.Database}
+    commits the SQLite L{meter.gateway.spool.Spool}: what is submitted is
+    committed together in the next turn of C{clock} (a C{callLater(0)}),
+    and each operation's Deferred fires after that commit.  A test commits
+    by advancing its C{task.Clock} (C{clock.advance(0)}); until then, the
+    work waits as it would for a slow disk.
+
+    For tests that need the spool to misbehave:
+      - L{fail_next}: the next operations fail at their commit, changing
+        nothing, as a transaction SQLite rolled back (a full disk);
+      - L{hold} and L{release}: commits wait, whatever the clock does,
+        until released (a disk stalled through a deadline);
+      - L{reopened}: a spool over what this one committed, as a gateway
+        restarted after a crash finds its file.
+
+    For tests that look inside: L{contents} (committed rows), L{round},
+    and L{submitted} (how many times each operation was asked for: what
+    shows the intake spared the spool a write).
+    """
+
+    def __init__(self, clock, contents: SpoolContents | None = None):
+        self._clock = clock
+        self.contents = contents if contents is not None else SpoolContents()
+        self.depth = sum(row[5] for row in self.contents.chunks.values())
+        self.submitted: Counter[str] = Counter()
+        #: Work for the next commit: (operation, its change, its Deferred, the error it fails with or None).
+        self._pending: list[tuple[str, Callable[[SpoolContents], tuple[Any, int]], Deferred, Exception | None]] = []
+        self._committing = False
+        self._held = False
+        #: (operation or None for any, error), one a failure to come.
+        self._failures: list[tuple[str | None, Exception]] = []
+
+    # -- failure injection and inspection -------------------------------------
+
+    def fail_next(self, operation: str | None = None, times: int = 1, error: Exception = DISK_ERROR) -> None:
+        """
+        Make the next C{times} calls of C{operation} (a method name of
+        L{ISpool}, or None for any) fail at their commit with C{error},
+        changing nothing.
+        """
+        self._failures.extend([(operation, error)] * times)
+
+    def hold(self) -> None:
+        """
+        Hold every commit from now until L{release}.
+        """
+        self._held = True
+
+    def release(self) -> None:
+        """
+        Commit what waits, now, and let later commits go as the clock turns.
+        """
+        self._held = False
+        if self._pending:
+            self._commit()
+
+    def reopened(self, clock=None) -> MemorySpool:
+        """
+        A spool holding what this one committed (work still waiting is lost,
+        as in a crash), on C{clock} (by default this one's).
+        """
+        return MemorySpool(clock if clock is not None else self._clock, self.contents.copy())
+
+    def round(self, day: datetime.date) -> StoredRound | None:
+        """
+        C{day}'s round as committed, if the spool holds one.
+        """
+        row = self.contents.rounds.get(day.isoformat())
+        return None if row is None else StoredRound(day, row[0], row[1])
+
+    # -- ISpool ---------------------------------------------------------------
+
+    def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False) -> Deferred:
+        day = chunk.day.isoformat()
+        part = StoredPart(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, chunk_digest(chunk))
+        row = (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count)
+
+        def change(contents: SpoolContents) -> tuple[int, int]:
+            contents.rounds.setdefault(day, [now, now if round_closed else None])
+            key = (part.device_id, part.xfer, part.part)
+            if key in contents.parts:
+                return 0, 0
+            contents.parts[key] = part
+            if row[4]:
+                # As SQLite numbers an INTEGER PRIMARY KEY: one above the
+                # highest in the table.
+                seq = max(contents.chunks, default=0) + 1
+                contents.chunks[seq] = (seq, *row)
+            return row[4], row[4]
+
+        return self._submit("add_chunk", change)
+
+    def close_round(self, day: datetime.date, now: float) -> Deferred:
+        def change(contents: SpoolContents) -> tuple[None, int]:
+            row = contents.rounds.setdefault(day.isoformat(), [now, now])
+            if row[1] is None:
+                row[1] = now
+            return None, 0
+
+        return self._submit("close_round", change)
+
+    def take_batch(self, limit: int, after: int = 0) -> Deferred:
+        def change(contents: SpoolContents) -> tuple[Spooled, int]:
+            closed = {day for day, (_, closed_at) in contents.rounds.items() if closed_at is not None}
+            rows = [contents.chunks[seq] for seq in sorted(contents.chunks) if seq > after]
+            return batch_of([row for row in rows if row[1] in closed], limit), 0
+
+        return self._submit("take_batch", change)
+
+    def remove(self, seqs) -> Deferred:
+        unique = sorted(set(seqs))
+
+        def change(contents: SpoolContents) -> tuple[int, int]:
+            count = sum(contents.chunks.pop(seq)[5] for seq in unique if seq in contents.chunks)
+            return count, -count
+
+        return self._submit("remove", change)
+
+    def set_aside(self, seqs, reason: str, now: float) -> Deferred:
+        unique = sorted(set(seqs))
+
+        def change(contents: SpoolContents) -> tuple[int, int]:
+            count = 0
+            for seq in unique:
+                row = contents.chunks.pop(seq, None)
+                if row is not None:
+                    contents.refused.setdefault(seq, (*row, reason, now))
+                    count += row[5]
+            return count, -count
+
+        return self._submit("set_aside", change)
+
+    def forget_before(self, before: float) -> Deferred:
+        def change(contents: SpoolContents) -> tuple[None, int]:
+            last: dict[tuple[int, datetime.date], float] = {}
+            for part in contents.parts.values():
+                key = (part.device_id, part.day)
+                last[key] = max(last.get(key, part.received_at), part.received_at)
+            for key, part in list(contents.parts.items()):
+                if last[(part.device_id, part.day)] < before:
+                    del contents.parts[key]
+            held = {row[1] for row in contents.chunks.values()}
+            for day, (_, closed_at) in list(contents.rounds.items()):
+                if closed_at is not None and closed_at < before and day not in held:
+                    del contents.rounds[day]
+            return None, 0
+
+        return self._submit("forget_before", change)
+
+    def recover(self) -> Deferred:
+        def change(contents: SpoolContents) -> tuple[Recovered, int]:
+            rounds = tuple(
+                StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
+                for day, (opened_at, closed_at) in sorted(contents.rounds.items())
+            )
+            parts = tuple(contents.parts[key] for key in sorted(contents.parts))
+            return Recovered(rounds, parts, sum(row[5] for row in contents.chunks.values())), 0
+
+        return self._submit("recover", change)
+
+    # -- the group commit ------------------------------------------------------
+
+    def _submit(self, operation: str, change: Callable[[SpoolContents], tuple[Any, int]]) -> Deferred:
+        self.submitted[operation] += 1
+        error = None
+        for at, (failing, failure) in enumerate(self._failures):
+            if failing is None or failing == operation:
+                error = failure
+                del self._failures[at]
+                break
+        d = Deferred()
+        self._pending.append((operation, change, d, error))
+        if not self._committing:
+            self._committing = True
+            self._clock.callLater(0, self._commit)
+        return d
+
+    def _commit(self) -> None:
+        if self._held:
+            return
+        group, self._pending = self._pending, []
+        # Every change first, then the answers, as one transaction's.
+        outcomes = [(d, None, error) if error is not None else (d, change(self.contents), None) for _, change, d, error in group]
+        for d, outcome, error in outcomes:
+            if error is not None:
+                d.errback(Failure(error))
+            else:
+                result, grown = outcome
+                self.depth += grown
+                d.callback(result)
+        self._committing = False
+        if self._pending:
+            self._committing = True
+            self._clock.callLater(0, self._commit)
+
+
 # -- the cloud's reading store (meter.cloud.interfaces.IReadingStore) ----------
-
-# The cloud section's imports, here so that each section stays one block.
-import datetime
-
-from twisted.internet import defer
-from twisted.internet.defer import Deferred, succeed
-from zope.interface import implementer
-
-from meter.cloud.interfaces import DeviceSummary, IReadingStore
-from meter.reading import Reading
-from meter.wire import BatchColumns
 
 
 @implementer(IReadingStore)

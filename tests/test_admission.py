@@ -7,7 +7,8 @@ parts of a transfer and a message id sent again with other content are
 refused; and every refusal the gateway makes starts with its code.
 
 Unit tests run the Intake (and the GatewayProtocol) on a task.Clock and the
-real Spool on a SQLite file; the end-to-end test runs the real gateway.
+real Spool on a SQLite file, or the memory spool where the spool must fail;
+the end-to-end test runs the real gateway.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.logger import Logger, formatEvent
 
@@ -29,7 +29,8 @@ from meter import secrets, wire
 from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
-from meter.gateway.spool import Spool, content_digest
+from meter.gateway.spool import Recovered, Spool, content_digest
+from meter.testing import MemorySpool
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
 #: east of UTC+2:40, 2026-03-01).
@@ -51,21 +52,26 @@ def chunk(device_id=1, xfer=1, part=1, parts=1, day=DAY, minutes=(480,), sent_at
 
 class Gateway:
     """
-    An Intake on the real spool at C{path}, a task.Clock at L{NOW}, and a
+    An Intake on the real spool at C{path} (or, without one, the memory
+    spool committing as the clock turns), a task.Clock at L{NOW}, and a
     GatewayProtocol on a fake transport in front of it.
     """
 
-    def __init__(self, path, spool_class=Spool, **kw):
+    def __init__(self, path=None, **kw):
         self.path = path
-        connection, recovered = Spool.open(path)
-        self.database = Database(connection, reactor)
-        self.spool = spool_class(self.database)
         self.clock = task.Clock()
         self.clock.advance(NOW)
+        if path is None:
+            self.database = None
+            self.spool = MemorySpool(self.clock)
+            recovered = Recovered((), (), 0)
+        else:
+            connection, recovered = Spool.open(path)
+            self.database = Database(connection, reactor)
+            self.spool = Spool(self.database, recovered.depth)
         self.ready = 0
         self.events: list[dict] = []
-        self.intake = Intake(FLEET, self.spool, self.clock, 60.0, self._ready, **kw)
-        self.intake.log = Logger(observer=self.events.append)
+        self.intake = Intake(FLEET, self.spool, self.clock, 60.0, self._ready, log=Logger(observer=self.events.append), **kw)
         self.intake.recover(recovered)
         self.protocol = GatewayProtocol(self.intake, KEYS, self.clock, 1e9, 1e9)
         self.transport = FakeDatagramTransport()
@@ -75,11 +81,14 @@ class Gateway:
         self.ready += 1
 
     @property
-    def counters(self):
-        return self.intake.counters
+    def metrics(self):
+        return self.intake.metrics
 
-    async def send(self, message: wire.DayChunk) -> wire.DayAck:
-        return await self.intake.chunk_received(message, f"{message.device_ip}:5000")
+    async def send(self, message: wire.DayChunk, peer: str | None = None) -> wire.DayAck:
+        d = self.intake.chunk_received(message, peer or f"{message.device_ip}:5000")
+        if self.database is None:
+            self.clock.advance(0)
+        return await d
 
     async def datagram(self, message: wire.DayChunk) -> wire.DayAck:
         """
@@ -99,7 +108,8 @@ class Gateway:
     async def stop(self) -> None:
         self.stopped = True
         self.intake.stop()
-        await self.database.stop()
+        if self.database is not None:
+            await self.database.stop()
 
     def stored(self, query: str) -> list[tuple]:
         with sqlite3.connect(self.path) as connection:
@@ -164,7 +174,7 @@ async def test_a_day_that_does_not_agree_with_ts_is_refused(g):
         f"day: 9999-12-31 does not agree with ts={NOW}: a transfer started then reports a day from "
         "2026-02-27 to 2026-03-02"
     )
-    assert g.counters["refused_day"] == 1
+    assert g.metrics.refused_day == 1
     await g.database.flush()
     assert g.stored("SELECT day FROM rounds") == []
     assert g.stored("SELECT count(*) FROM parts") == [(0,)]
@@ -185,12 +195,12 @@ async def test_a_far_day_neither_forgets_other_devices_ids_nor_reopens_their_rou
     await g.database.flush()
     # retransmissions of the first chunks are duplicates: not stored again
     assert [await g.send(c) for c in first] == [ok(c) for c in first]
-    assert g.counters["duplicates"] == 2
-    assert g.counters["chunks"] == 2
+    assert g.metrics.duplicates == 2
+    assert g.metrics.chunks == 2
     await g.database.flush()
     assert g.stored("SELECT device_id FROM parts ORDER BY device_id") == [(1,), (2,)]
     assert g.stored("SELECT day, closed_at FROM rounds") == [(DAY.isoformat(), NOW + 60)]
-    assert g.intake.stats()["message_ids"] == 2
+    assert g.intake.gauges()["message_ids"] == 2
 
 
 # -- forgetting by age ---------------------------------------------------------
@@ -210,7 +220,7 @@ async def test_what_is_forgotten_is_decided_by_age_on_the_gateways_clock(g):
     await g.send(chunk(1, xfer=2, day=later, sent_at=int(g.clock.seconds())))
     g.clock.advance(60)
     await g.database.flush()
-    assert g.intake.stats()["message_ids"] == 3
+    assert g.intake.gauges()["message_ids"] == 3
     assert len(g.stored("SELECT * FROM parts")) == 3
     assert [day for day, in g.stored("SELECT day FROM rounds ORDER BY day")] == [DAY.isoformat(), later.isoformat()]
     # A round closing once DAY's last part and its round's close are more
@@ -220,7 +230,7 @@ async def test_what_is_forgotten_is_decided_by_age_on_the_gateways_clock(g):
     await g.send(chunk(1, xfer=3, day=latest, sent_at=int(g.clock.seconds())))
     g.clock.advance(60)
     await g.database.flush()
-    assert g.intake.stats()["message_ids"] == 2
+    assert g.intake.gauges()["message_ids"] == 2
     assert g.stored("SELECT device_id, day FROM parts ORDER BY day") == [
         (1, later.isoformat()), (1, latest.isoformat())
     ]
@@ -228,7 +238,7 @@ async def test_what_is_forgotten_is_decided_by_age_on_the_gateways_clock(g):
     # DAY's message ids are forgotten: a copy is spooled again (the cloud
     # stores its readings once)
     assert await g.send(chunk(1, minutes=())) == ok(chunk(1, minutes=()))
-    assert g.counters["chunks"] == 5
+    assert g.metrics.chunks == 5
 
 
 @pytest_twisted.ensureDeferred
@@ -257,40 +267,25 @@ async def test_a_closed_round_is_kept_while_its_day_can_still_be_sent(tmp_path):
         await g.stop()
 
 
-class ForgetFailing(Spool):
-    """
-    The real spool, whose next L{forget_before} calls fail.
-    """
-
-    failures = 0
-
-    def forget_before(self, before):
-        if self.failures:
-            self.failures -= 1
-            return fail(sqlite3.OperationalError("database is locked"))
-        return super().forget_before(before)
-
-
 @pytest_twisted.ensureDeferred
-async def test_a_failed_forget_is_counted_logged_once_and_retried(tmp_path):
-    g = Gateway(tmp_path / "spool.sqlite", spool_class=ForgetFailing)
+async def test_a_failed_forget_is_counted_logged_once_and_retried():
+    g = Gateway()
     try:
         await g.send(chunk(1, minutes=()))
         g.clock.advance(60)  # the round closes, which forgets what is old
         g.clock.advance(REMEMBER + 1)
-        g.spool.failures = 3
+        g.spool.fail_next("forget_before", times=3, error=sqlite3.OperationalError("database is locked"))
         await g.send(chunk(2, minutes=(), sent_at=int(g.clock.seconds()), day=DAY + datetime.timedelta(days=2)))
         g.clock.advance(60)  # the round closes: forgetting fails
-        assert g.counters["forget_failures"] == 1
+        assert g.metrics.forget_failures == 1
         # retried later, with backoff, until it succeeds
         g.clock.advance(0.25)
         g.clock.advance(0.5)
-        assert g.counters["forget_failures"] == 3
+        assert g.metrics.forget_failures == 3
         g.clock.advance(1)
-        assert g.counters["forget_failures"] == 3
-        await g.database.flush()
-        assert g.counters["transaction_failures"] == 3
-        assert g.stored("SELECT device_id FROM parts") == [(2,)]
+        assert g.metrics.forget_failures == 3
+        assert g.metrics.transaction_failures == 3
+        assert sorted(device_id for device_id, _, _ in g.spool.contents.parts) == [2]
         lines = [formatEvent(e) for e in g.events if "forg" in formatEvent(e)]
         assert lines == [
             f"old message ids and rounds not forgotten in the spool: OperationalError: database is locked; "
@@ -314,13 +309,13 @@ async def test_empty_transfers_count_against_a_devices_day(g):
     assert answers[24].reason == (
         "limit: device 1 sent 24 transfers of 2026-02-28 already, the most a device's day may have"
     )
-    assert g.counters["refused_limit"] == 6
+    assert g.metrics.refused_limit == 6
     # the transfers taken are still recognised; other devices are served
     assert await g.send(empties[0]) == ok(empties[0])
     assert await g.send(chunk(2, minutes=())) == ok(chunk(2, minutes=()))
     await g.database.flush()
     assert g.stored("SELECT count(*) FROM parts WHERE device_id = 1") == [(24,)]
-    assert g.intake.stats()["message_ids"] == 25
+    assert g.intake.gauges()["message_ids"] == 25
 
 
 @pytest_twisted.ensureDeferred
@@ -333,7 +328,7 @@ async def test_a_devices_day_is_bounded_in_parts(tmp_path):
         assert answers[10].reason == (
             "limit: device 1 sent 10 parts of 2026-02-28 already, the most a device's day may have"
         )
-        assert g.counters["refused_limit"] == 10
+        assert g.metrics.refused_limit == 10
     finally:
         await g.stop()
 
@@ -352,17 +347,9 @@ async def test_the_bounds_are_kept_through_a_restart(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_commit_gives_its_place_back(tmp_path):
-    class AddFailing(Spool):
-        failures = 1
-
-        def add_chunk(self, message, now, round_closed=False):
-            if self.failures:
-                self.failures -= 1
-                return fail(sqlite3.OperationalError("disk I/O error"))
-            return super().add_chunk(message, now, round_closed)
-
-    g = Gateway(tmp_path / "spool.sqlite", spool_class=AddFailing, max_parts_per_day=1)
+async def test_a_failed_commit_gives_its_place_back():
+    g = Gateway(max_parts_per_day=1)
+    g.spool.fail_next("add_chunk")
     try:
         first = chunk(1, part=1, parts=2, minutes=(1, 2))
         busy = await g.send(first)
@@ -394,7 +381,7 @@ async def test_a_full_spool_is_logged_a_few_times_a_minute_and_counted_always(tm
         assert (await g.send(chunk(1))).status == "ok"
         answers = [await g.send(chunk(2, xfer=n)) for n in range(100)]
         assert {a.reason for a in answers} == {"spool_full: the spool is at its limit of 1 readings"}
-        assert g.counters["refused_spool_full"] == 100
+        assert g.metrics.refused_spool_full == 100
         full = [line for line in g.logged() if line.startswith("SPOOL FULL")]
         assert len(full) == 5 and full[0].endswith("is the cloud reachable?")
         g.clock.advance(6)
@@ -418,7 +405,7 @@ async def test_a_minute_sent_twice_across_parts_is_refused(g):
     assert refused == wire.DayAck(
         again.xfer, 2, "bad", f"minute: 08:01 of 2026-02-28 is in another part of transfer {again.xfer} already"
     )
-    assert g.counters["refused_minute"] == 1
+    assert g.metrics.refused_minute == 1
     assert await g.send(other) == ok(other)
     # another transfer may send the same minutes (a day sent again)
     assert (await g.send(chunk(1, xfer=2, part=1, parts=2, minutes=(480,)))).status == "ok"
@@ -430,7 +417,7 @@ async def test_a_part_after_its_reassembly_expired_is_still_checked(tmp_path):
     try:
         assert (await g.send(chunk(1, part=1, parts=2, minutes=(480,)))).status == "ok"
         g.clock.advance(30)
-        assert g.counters["expired_reassemblies"] == 1
+        assert g.metrics.expired_reassemblies == 1
         assert (await g.send(chunk(1, part=2, parts=2, minutes=(480,)))).reason.startswith("minute: 08:00")
     finally:
         await g.stop()
@@ -453,9 +440,9 @@ async def test_a_message_id_sent_again_with_other_content_is_refused(g):
     assert refused == wire.DayAck(
         other.xfer, 1, "bad", f"conflict: part 1/1 of transfer {other.xfer} was received with other content"
     )
-    assert g.counters["refused_conflict"] == 1
+    assert g.metrics.refused_conflict == 1
     assert await g.send(first) == ok(first)
-    assert g.counters["duplicates"] == 1
+    assert g.metrics.duplicates == 1
     await g.database.flush()
     assert g.stored("SELECT records FROM chunks") == [("08:00,20,30",)]
 
@@ -472,10 +459,10 @@ async def test_the_retransmission_shortcut_compares_content(g):
     first = chunk(1, temperature=20.0)
     assert await g.datagram(first) == ok(first)
     assert await g.datagram(first) == ok(first)
-    assert g.counters["duplicates"] == 1
+    assert g.metrics.duplicates == 1
     refused = await g.datagram(chunk(1, temperature=23.0))
     assert refused.status == "bad" and refused.reason.startswith("conflict: ")
-    assert g.counters["duplicates"] == 1
+    assert g.metrics.duplicates == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -514,7 +501,7 @@ async def test_a_spool_without_digests_gains_the_column(tmp_path):
     try:
         # no digest to compare: acknowledged as before, as a duplicate
         assert await g.datagram(first) == ok(first)
-        assert g.counters["duplicates"] == 1
+        assert g.metrics.duplicates == 1
         await g.send(chunk(2))
         await g.database.flush()
         assert [digest is None for digest, in g.stored("SELECT digest FROM parts ORDER BY device_id")] == [True, False]
@@ -526,19 +513,10 @@ async def test_a_spool_without_digests_gains_the_column(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_refusal_of_the_gateway_starts_with_its_code(tmp_path):
-    class AddFailing(Spool):
-        def add_chunk(self, message, now, round_closed=False):
-            if message.device_id == 3:
-                return fail(sqlite3.OperationalError("disk I/O error"))
-            return super().add_chunk(message, now, round_closed)
-
-    g = Gateway(
-        tmp_path / "spool.sqlite", spool_class=AddFailing, check_source=True, replay_window=600.0, spool_limit=3,
-        max_transfers_per_day=1,
-    )
+async def test_every_refusal_of_the_gateway_starts_with_its_code():
+    g = Gateway(check_source=True, replay_window=600.0, spool_limit=3, max_transfers_per_day=1)
     try:
-        send = g.intake.chunk_received
+        send = g.send
         two = chunk(1, part=1, parts=2, minutes=(1, 2))
         assert (await send(two, "192.168.1.2:1")).status == "ok"
         reasons = [
@@ -552,8 +530,9 @@ async def test_every_refusal_of_the_gateway_starts_with_its_code(tmp_path):
             (await send(chunk(1, part=2, parts=2, minutes=(2, 3)), "192.168.1.2:1")).reason,
             (await send(chunk(1, part=1, parts=2, minutes=(1, 5)), "192.168.1.2:1")).reason,
             (await send(chunk(2, minutes=(1, 2)), "192.168.1.3:1")).reason,
-            (await send(chunk(3), "192.168.1.4:1")).reason,
         ]
+        g.spool.fail_next("add_chunk")
+        reasons.append((await send(chunk(3), "192.168.1.4:1")).reason)
         codes = [reason.partition(": ")[0] for reason in reasons]
         assert codes == [
             "fleet", "address", "source", "replay", "transfer", "day", "limit", "minute", "conflict", "spool_full",
@@ -564,27 +543,14 @@ async def test_every_refusal_of_the_gateway_starts_with_its_code(tmp_path):
         await g.stop()
 
 
-def test_an_overloaded_gateway_says_so_with_its_code(tmp_path):
-    connection, _ = Spool.open(tmp_path / "spool.sqlite")
-    try:
-        clock = task.Clock()
-        clock.advance(NOW)
-
-        class Holding:
-            def add_chunk(self, message, now, round_closed=False):
-                return Deferred()
-
-        intake = Intake(FLEET, Holding(), clock, 60.0, lambda: None, max_committing=1)
-        protocol = GatewayProtocol(intake, KEYS, clock, 1e9, 1e9)
-        transport = FakeDatagramTransport()
-        protocol.makeConnection(transport)
-        for part in (1, 2):
-            message = chunk(1, part=part, parts=2, minutes=(part,))
-            protocol.datagramReceived(wire.seal(wire.encode(message), KEYS[1]), DEVICE1)
-        ((data, _),) = transport.written
-        assert wire.decode(wire.unseal(data, KEYS[1])).reason.startswith("overloaded: ")
-    finally:
-        connection.close()
+def test_an_overloaded_gateway_says_so_with_its_code():
+    g = Gateway(max_committing=1)
+    g.spool.hold()
+    for part in (1, 2):
+        message = chunk(1, part=part, parts=2, minutes=(part,))
+        g.protocol.datagramReceived(wire.seal(wire.encode(message), KEYS[1]), DEVICE1)
+    ((data, _),) = g.transport.written
+    assert wire.decode(wire.unseal(data, KEYS[1])).reason.startswith("overloaded: ")
 
 
 # -- against the real gateway ----------------------------------------------------
@@ -630,11 +596,11 @@ def test_one_key_sending_empty_transfers_keeps_the_real_gateways_books_bounded(t
         # duplicates.
         assert send(2, 1, minutes=(480,)).status == "ok"
         assert send(3, 1, minutes=(480,)).status == "ok"
-        stats = gateway_daemon.wait_for(r"gateway stats: .*'refused_limit': 1976", 10)
+        stats = gateway_daemon.wait_for(r"gateway stats: .* refused_limit=1976 ", 10)
         line = stats.string
-        assert "'refused_day': 1" in line
-        assert "'message_ids': 26" in line and "'device_days': 3" in line
-        assert "'duplicates': 2" in line
+        assert " refused_day=1 " in line
+        assert " message_ids=26 " in line and " device_days=3 " in line
+        assert " duplicates=2 " in line
         # The log does not carry a line a refusal: a few, then counts.
         refused = gateway_daemon.all_matching(r"refused chunk from 127\.0\.0\.1")
         assert 1 <= len(refused) <= 10

@@ -23,7 +23,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.database import Database, connect
+from meter.database import connect
 from meter.reading import Reading
 
 BATCH_ID = "fedcba9876543210"

@@ -1,6 +1,7 @@
 """
-meter.gateway: the Intake's round logic (on a synchronous fake spool, and on
-a real Spool for integration), the Uplink (a fake sender and a Clock), the
+meter.gateway: the Intake's round logic (on the memory spool, committing on
+the test's Clock, and on a real Spool for integration), the Uplink (a fake
+sender and a Clock), the
 GatewayProtocol on a FakeDatagramTransport and the CloudClientProtocol on a
 StringTransport.
 """
@@ -11,11 +12,10 @@ import datetime
 import random
 import sqlite3
 
-import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import FakeDatagramTransport, StringTransport
 from twisted.logger import Logger, formatEvent
@@ -25,7 +25,8 @@ from meter import gateway, wire
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
-from meter.gateway.spool import Recovered, Spool, Spooled, StoredPart, StoredRound
+from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
+from meter.testing import MemorySpool
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
@@ -51,112 +52,37 @@ def result_of(d: Deferred):
     return out[0]
 
 
-@attrs.frozen
-class Ready:
-    """
-    One reading the fake spool holds, in a chunk of its own.
-    """
-
-    seq: int
-    reading: Reading
-
-
-def as_spooled(ready: list[Ready]) -> Spooled:
-    """
-    What the real spool's take_batch gives for these readings.
-    """
-    readings = tuple(r.reading for r in ready)
-    return Spooled(tuple(r.seq for r in ready), wire.Batch("0" * 16, readings).records, len(readings))
-
-
-class FakeSpool:
-    """
-    The Spool's methods, answering with already-fired Deferreds (or held
-    ones, to play a commit in progress), recording every call.
-    """
-
-    def __init__(self):
-        self.added: list[tuple[wire.DayChunk, float, bool]] = []
-        self.closed: list[tuple[datetime.date, float]] = []
-        self.forgotten: list[float] = []
-        self.removed: list[list[int]] = []
-        self.takes: list[int] = []
-        self.ready: list[Ready] = []
-        self.hold = False
-        self.held: list[tuple[Deferred, int]] = []
-        self.hold_remove = False
-        self.held_removes: list[tuple[Deferred, int]] = []
-        self.hold_take = False
-        self.held_takes: list[tuple[Deferred, int, int]] = []
-        self.failures = 0
-        self._seen: set = set()
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        self.added.append((chunk, now, round_closed))
-        if self.failures:
-            self.failures -= 1
-            return fail(RuntimeError("disk I/O error"))
-        new = 0
-        for r in chunk.readings:
-            if (r.device_id, r.taken_at) not in self._seen:
-                self._seen.add((r.device_id, r.taken_at))
-                new += 1
-        if self.hold:
-            d = Deferred()
-            self.held.append((d, new))
-            return d
-        return succeed(new)
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d, new in held:
-            d.callback(new)
-
-    def close_round(self, day, now):
-        self.closed.append((day, now))
-        return succeed(None)
-
-    def forget_before(self, day):
-        self.forgotten.append(day)
-        return succeed(None)
-
-    def take_batch(self, limit, after=0):
-        self.takes.append(limit)
-        if self.hold_take:
-            d = Deferred()
-            self.held_takes.append((d, limit, after))
-            return d
-        return succeed(as_spooled([s for s in self.ready if s.seq > after][:limit]))
-
-    def release_takes(self) -> None:
-        held, self.held_takes = self.held_takes, []
-        for d, limit, after in held:
-            d.callback(as_spooled([s for s in self.ready if s.seq > after][:limit]))
-
-    def remove(self, seqs):
-        self.removed.append(list(seqs))
-        before = len(self.ready)
-        self.ready = [s for s in self.ready if s.seq not in seqs]
-        count = before - len(self.ready)
-        if self.hold_remove:
-            d = Deferred()
-            self.held_removes.append((d, count))
-            return d
-        return succeed(count)
-
-
 class IntakeHarness:
     def __init__(self, fleet=FLEET, deadline=60.0, spool=None, **kw):
         self.clock = task.Clock()
         self.clock.advance(NOW)
-        self.spool = spool if spool is not None else FakeSpool()
+        self.spool = spool if spool is not None else MemorySpool(self.clock)
         self.ready: list[float] = []
-        self.intake = Intake(fleet, self.spool, self.clock, deadline, lambda: self.ready.append(self.clock.seconds()), **kw)
         self.events: list[dict] = []
-        self.intake.log = Logger(observer=self.events.append)
+        self.intake = Intake(
+            fleet, self.spool, self.clock, deadline, lambda: self.ready.append(self.clock.seconds()),
+            log=Logger(observer=self.events.append), **kw,
+        )
 
     def receive(self, chunk, peer=None) -> wire.DayAck:
-        return result_of(self.intake.chunk_received(chunk, peer or f"{chunk.device_ip}:5000"))
+        """
+        Hand C{chunk} to the intake and let the spool commit: the answer.
+        """
+        d = self.intake.chunk_received(chunk, peer or f"{chunk.device_ip}:5000")
+        self.clock.advance(0)
+        return result_of(d)
+
+    def closed(self) -> list[tuple[datetime.date, float]]:
+        """
+        The rounds the spool holds closed, with when they closed.
+        """
+        return [(r.day, r.closed_at) for r in rounds_of(self.spool) if r.closed_at is not None]
+
+    def added(self) -> int:
+        """
+        How many chunks the intake handed to the spool.
+        """
+        return self.spool.submitted["add_chunk"]
 
     def report(self, *device_ids, **kw) -> None:
         for device_id in device_ids:
@@ -165,6 +91,10 @@ class IntakeHarness:
 
     def logged(self) -> list[str]:
         return [formatEvent(event) for event in self.events]
+
+
+def rounds_of(spool: MemorySpool) -> list[StoredRound]:
+    return [r for r in (spool.round(datetime.date.fromisoformat(day)) for day in sorted(spool.contents.rounds))]
 
 
 def ok(chunk) -> wire.DayAck:
@@ -177,25 +107,30 @@ def ok(chunk) -> wire.DayAck:
 def test_all_devices_reporting_closes_the_round():
     h = IntakeHarness()
     h.report(1, 2, 3)
-    assert h.spool.closed == []
+    assert h.closed() == []
     assert h.ready == []
     h.clock.advance(10)
     h.report(4)
-    assert h.spool.closed == [(DAY, NOW + 10)]
+    assert h.closed() == [(DAY, NOW + 10)]
     assert h.ready == [NOW + 10]
     assert h.clock.getDelayedCalls() == []  # the deadline is cancelled
-    assert h.intake.counters["rounds_closed"] == 1
-    assert h.intake.counters["rounds_incomplete"] == 0
+    assert h.intake.metrics.rounds_closed == 1
+    assert h.intake.metrics.rounds_incomplete == 0
     assert "round 2026-03-01 complete: every expected device reported" in h.logged()
-    assert h.intake.depth == 4
+    assert h.spool.depth == 4
 
 
 def test_every_chunk_makes_sure_its_round_is_spooled():
     h = IntakeHarness()
     h.report(1)
-    h.clock.advance(5)
+    assert h.spool.round(DAY) == StoredRound(DAY, NOW, None)
+    h.clock.advance(60)
+    assert h.closed() == [(DAY, NOW + 60)]
+    # The spool lost the round (its first write failed, or it forgot the
+    # round): a chunk of the day brings it back as the gateway knows it.
+    del h.spool.contents.rounds[DAY.isoformat()]
     h.report(2)
-    assert [(c.device_id, now, closed) for c, now, closed in h.spool.added] == [(1, NOW, False), (2, NOW + 5, False)]
+    assert h.spool.round(DAY) == StoredRound(DAY, NOW + 60, NOW + 60)
 
 
 def test_the_deadline_closes_the_round_naming_the_missing_devices():
@@ -204,15 +139,15 @@ def test_the_deadline_closes_the_round_naming_the_missing_devices():
     h.clock.advance(30)
     h.report(2)  # the deadline counts from the day's first report
     h.clock.advance(30 - 0.001)
-    assert h.spool.closed == []
+    assert h.closed() == []
     h.clock.advance(0.001)
-    assert h.spool.closed == [(DAY, NOW + 60)]
+    assert h.closed() == [(DAY, NOW + 60)]
     assert h.ready == [NOW + 60]
     assert (
         "round 2026-03-01 closed: deadline of 60 s passed; devices that did not report: "
         "3 (192.168.1.4), 4 (192.168.1.5)"
     ) in h.logged()
-    assert h.intake.counters["rounds_incomplete"] == 1
+    assert h.intake.metrics.rounds_incomplete == 1
 
 
 def test_a_late_device_is_forwarded_at_once():
@@ -223,22 +158,25 @@ def test_a_late_device_is_forwarded_at_once():
     h.clock.advance(5)
     h.report(3)
     assert h.ready == [NOW + 60, NOW + 65]
-    assert h.spool.closed == [(DAY, NOW + 60)]  # not closed twice
-    assert h.intake.counters["late_devices"] == 1
+    assert h.closed() == [(DAY, NOW + 60)]
+    assert h.spool.submitted["close_round"] == 1  # not closed twice
+    assert h.intake.metrics.late_devices == 1
 
 
 def test_a_device_reporting_twice_is_counted_once():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     h.report(1)
     h.report(1, n=1)  # the same day again, in a new transfer
-    assert len(h.spool.added) == 2
-    assert h.spool.closed == []
-    assert h.intake.depth == 1  # the same reading is not counted twice
+    assert h.added() == 2
+    assert h.closed() == []
+    # The spool stores the day again (one row a chunk; it does not look
+    # inside): the cloud, keyed by device and minute, stores it once.
+    assert h.spool.depth == 2
     assert [line for line in h.logged() if " reported " in line] == ["device 1 (192.168.1.2:5000) reported 2026-03-01 in 1 parts: 1 of 2 devices",
         "device 1 (192.168.1.2:5000) reported 2026-03-01 again in 1 parts",
     ]
     h.report(2)
-    assert h.spool.closed == [(DAY, NOW)]
+    assert h.closed() == [(DAY, NOW)]
     assert h.logged()[-2:] == [
         "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 parts: 2 of 2 devices",
         "round 2026-03-01 complete: every expected device reported",
@@ -250,11 +188,11 @@ def test_rounds_of_different_days_are_separate():
     other = DAY + datetime.timedelta(days=1)
     h.report(1)
     h.report(2, day=other, n=1)
-    assert h.spool.closed == []
+    assert h.closed() == []
     h.report(2)
-    assert h.spool.closed == [(DAY, NOW)]
+    assert h.closed() == [(DAY, NOW)]
     h.clock.advance(60)
-    assert h.spool.closed == [(DAY, NOW), (other, NOW + 60)]
+    assert h.closed() == [(DAY, NOW), (other, NOW + 60)]
 
 
 # -- duplicates -------------------------------------------------------------
@@ -265,49 +203,43 @@ def test_a_duplicate_is_acknowledged_again_without_spooling():
     chunk = day_chunk(1)
     assert h.receive(chunk) == ok(chunk)
     assert h.receive(chunk) == ok(chunk)
-    assert len(h.spool.added) == 1
-    assert h.intake.counters["duplicates"] == 1
-    assert h.intake.depth == 1
+    assert h.added() == 1
+    assert h.intake.metrics.duplicates == 1
+    assert h.spool.depth == 1
 
 
 def test_a_duplicate_during_the_commit_gets_the_same_answer_after_it():
     h = IntakeHarness()
-    h.spool.hold = True
     chunk = day_chunk(1)
     first = h.intake.chunk_received(chunk, "192.168.1.2:5000")
     second = h.intake.chunk_received(chunk, "192.168.1.2:5000")
     assert not first.called and not second.called
-    assert len(h.spool.added) == 1
-    h.spool.release()
+    assert h.added() == 1
+    h.clock.advance(0)  # the commit
     assert result_of(first) == result_of(second) == ok(chunk)
-    assert h.intake.counters["duplicates"] == 1
-    assert h.intake.depth == 1
+    assert h.intake.metrics.duplicates == 1
+    assert h.spool.depth == 1
 
 
 def test_a_failed_spool_write_is_busy_and_the_retry_is_spooled():
     h = IntakeHarness()
-    h.spool.failures = 1
+    h.spool.fail_next("add_chunk")
     chunk = day_chunk(1)
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
-    assert h.intake.counters["spool_failures"] == 1
-    assert h.intake.depth == 0
+    assert h.intake.metrics.spool_failures == 1
+    assert h.spool.depth == 0
     # the device retries: spooled this time
     assert h.receive(chunk) == ok(chunk)
-    assert len(h.spool.added) == 2
+    assert h.added() == 2
 
 
 def test_waiters_of_a_failed_commit_are_told_busy():
-    class HeldFailure(FakeSpool):
-        def add_chunk(self, chunk, now, round_closed=False):
-            self.added.append((chunk, now, round_closed))
-            self.pending = Deferred()
-            return self.pending
-
-    h = IntakeHarness(spool=HeldFailure())
+    h = IntakeHarness()
+    h.spool.fail_next("add_chunk")
     chunk = day_chunk(1)
     first = h.intake.chunk_received(chunk, "p")
     second = h.intake.chunk_received(chunk, "p")
-    h.spool.pending.errback(RuntimeError("disk I/O error"))
+    h.clock.advance(0)
     busy = wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
     assert result_of(first) == result_of(second) == busy
 
@@ -319,31 +251,35 @@ def test_an_unknown_device_is_refused():
     h = IntakeHarness()
     chunk = day_chunk(9, ip="10.0.0.9")
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "fleet: device 9 is not in this gateway's fleet")
-    assert h.spool.added == []
+    assert h.added() == 0
     assert h.clock.getDelayedCalls() == []  # no round opened
-    assert h.intake.counters["unknown_device"] == 1
+    assert h.intake.metrics.unknown_device == 1
 
 
 def test_a_device_claiming_another_address_is_refused():
     h = IntakeHarness()
     chunk = day_chunk(1, ip="10.0.0.9")
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "bad", "address: device 1 is 192.168.1.2, not 10.0.0.9")
-    assert h.spool.added == []
-    assert h.intake.counters["wrong_address"] == 1
+    assert h.added() == 0
+    assert h.intake.metrics.wrong_address == 1
 
 
 def test_a_full_spool_says_busy_until_readings_are_delivered():
     h = IntakeHarness(spool_limit=5)
     four = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in range(4))
     assert h.receive(day_chunk(1, readings=four)).status == "ok"
-    assert h.intake.depth == 4
+    assert h.spool.depth == 4
     two = tuple(Reading(2, FLEET[2], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in range(2))
     chunk = day_chunk(2, readings=two)
     assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool_full: the spool is at its limit of 5 readings")
-    assert len(h.spool.added) == 1
-    assert h.intake.counters["refused_spool_full"] == 1
-    h.intake.delivered(4)
-    assert h.intake.depth == 0
+    assert h.added() == 1
+    assert h.intake.metrics.refused_spool_full == 1
+    h.clock.advance(60)  # the round closes: its readings may leave
+    batch = h.spool.take_batch(100)
+    h.clock.advance(0)
+    h.spool.remove(result_of(batch).seqs)
+    h.clock.advance(0)
+    assert h.spool.depth == 0
     assert h.receive(chunk) == ok(chunk)
 
 
@@ -354,7 +290,7 @@ def test_a_transfer_changing_its_shape_is_refused():
     assert h.receive(chunk) == wire.DayAck(
         chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
     )
-    assert h.intake.counters["inconsistent_chunks"] == 1
+    assert h.intake.metrics.inconsistent_chunks == 1
 
 
 def test_check_source_refuses_a_chunk_from_another_address():
@@ -364,7 +300,7 @@ def test_check_source_refuses_a_chunk_from_another_address():
         chunk.xfer, 1, "bad", "source: device 1 sends from 192.168.1.2, not from 10.0.0.9"
     )
     assert h.receive(chunk, "::ffff:192.168.1.2:5000") == ok(chunk)  # IPv4-mapped is the same address
-    assert h.intake.counters["wrong_source"] == 1
+    assert h.intake.metrics.wrong_source == 1
 
 
 def test_without_check_source_any_source_address_is_taken():
@@ -384,7 +320,7 @@ def test_replay_window(offset, status):
             f"replay: the gateway's clock minus ts={int(NOW) + offset} is {-offset:+d} s "
             "(positive: the transfer started that long ago), outside the replay window of 600 s"
         )
-        assert h.spool.added == []
+        assert h.added() == 0
 
 
 # -- multi-part transfers ---------------------------------------------------
@@ -395,12 +331,12 @@ def test_a_transfer_completes_only_when_every_part_arrived_in_any_order():
     for part in (3, 1):
         chunk = day_chunk(1, part=part, parts=3)
         assert h.receive(chunk) == ok(chunk)
-        assert h.spool.closed == []
+        assert h.closed() == []
     assert h.receive(day_chunk(1, part=1, parts=3)).status == "ok"  # a duplicate does not complete it
-    assert h.spool.closed == []
+    assert h.closed() == []
     h.receive(day_chunk(1, part=2, parts=3))
-    assert h.spool.closed == [(DAY, NOW)]
-    assert h.intake.depth == 3
+    assert h.closed() == [(DAY, NOW)]
+    assert h.spool.depth == 3
 
 
 def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
@@ -416,14 +352,14 @@ def test_an_expired_reassembly_is_forgotten_and_its_parts_still_recognised():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]}, reassembly_timeout=30.0)
     chunk = day_chunk(1, part=1, parts=2)
     h.receive(chunk)
-    assert h.intake.stats()["reassemblies"] == 1
+    assert h.intake.gauges()["reassemblies"] == 1
     h.clock.advance(30)
-    assert h.intake.counters["expired_reassemblies"] == 1
-    assert h.intake.stats()["reassemblies"] == 0
+    assert h.intake.metrics.expired_reassemblies == 1
+    assert h.intake.gauges()["reassemblies"] == 0
     # its message ids stay with the device's day: a duplicate, not spooled
     assert h.receive(chunk) == ok(chunk)
-    assert len(h.spool.added) == 1
-    assert h.intake.counters["duplicates"] == 1
+    assert h.added() == 1
+    assert h.intake.metrics.duplicates == 1
 
 
 def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
@@ -431,12 +367,12 @@ def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
     first = day_chunk(1, part=1, parts=2)
     h.receive(first)
     h.receive(day_chunk(2, part=1, parts=2))
-    assert h.intake.counters["expired_reassemblies"] == 1
-    assert h.intake.stats()["reassemblies"] == 1
+    assert h.intake.metrics.expired_reassemblies == 1
+    assert h.intake.gauges()["reassemblies"] == 1
     # device 1's transfer was the one forgotten: its part, sent again, is
     # recognised by its message id
     assert h.receive(first) == ok(first)
-    assert len(h.spool.added) == 2
+    assert h.added() == 2
 
 
 # -- a fleet of 50 ----------------------------------------------------------
@@ -449,12 +385,12 @@ def test_a_fleet_of_50_devices():
     random.Random(5).shuffle(order)
     for device_id in order[:-1]:
         assert h.receive(day_chunk(device_id, fleet=fleet)).status == "ok"
-    assert h.spool.closed == []
+    assert h.closed() == []
     h.receive(day_chunk(order[-1], fleet=fleet))
-    assert h.spool.closed == [(DAY, NOW)]
+    assert h.closed() == [(DAY, NOW)]
     assert h.ready == [NOW]
-    assert h.intake.depth == 50
-    assert h.intake.counters["chunks"] == 50
+    assert h.spool.depth == 50
+    assert h.intake.metrics.chunks == 50
 
 
 # -- memory of old days -----------------------------------------------------
@@ -464,18 +400,20 @@ def test_closing_a_round_forgets_what_is_two_days_old_on_the_gateways_clock():
     h = IntakeHarness(fleet={1: FLEET[1]})
     old_chunk = day_chunk(1)
     h.receive(old_chunk)
-    assert h.spool.forgotten == [NOW - gateway.REMEMBER]
-    assert h.intake.stats()["message_ids"] == 1
+    assert h.spool.submitted["forget_before"] == 1  # as the round closed
+    assert h.intake.gauges()["message_ids"] == 1
     h.clock.advance(gateway.REMEMBER + 1)
     later = DAY + datetime.timedelta(days=2)
     h.report(1, n=1, day=later, sent_at=int(h.clock.seconds()))
-    assert h.spool.forgotten[-1] == NOW + 1
-    assert h.intake.stats()["message_ids"] == 1
-    assert h.intake.stats()["device_days"] == 1
-    # the old day's message id is forgotten: a copy now reaches the spool,
-    # which stores nothing twice
+    assert h.spool.submitted["forget_before"] == 2
+    assert h.intake.gauges()["message_ids"] == 1
+    assert h.intake.gauges()["device_days"] == 1
+    # the old day's message id is forgotten, by the gateway and the spool
+    # alike: a copy is stored again
+    assert sorted(key[0:2] for key in h.spool.contents.parts) == [(1, xfer_of(1, 1))]
     h.receive(old_chunk)
-    assert len(h.spool.added) == 3
+    assert h.added() == 3
+    assert h.spool.depth == 3
 
 
 def test_stop_cancels_the_deadlines():
@@ -490,8 +428,8 @@ def test_stats():
     h = IntakeHarness()
     h.report(1)
     h.receive(day_chunk(2, part=1, parts=2))
-    stats = h.intake.stats()
-    assert (stats["spool_depth"], stats["reassemblies"], stats["message_ids"], stats["chunks"]) == (2, 1, 2, 2)
+    gauges = h.intake.gauges()
+    assert (gauges["spool_depth"], gauges["reassemblies"], gauges["message_ids"], h.intake.metrics.chunks) == (2, 1, 2, 2)
 
 
 # -- recovery after a restart -----------------------------------------------
@@ -509,9 +447,9 @@ def test_recover_closes_a_round_whose_deadline_passed_while_down():
     h = IntakeHarness()
     h.intake.recover(recovered([StoredRound(DAY, NOW - 100, None)], [part(1)], depth=1))
     assert h.ready == [NOW]  # the spool holds readings
-    assert h.spool.closed == []
+    assert h.closed() == []
     h.clock.advance(0)
-    assert h.spool.closed == [(DAY, NOW)]
+    assert h.closed() == [(DAY, NOW)]
     assert "devices that did not report: 2 (192.168.1.3), 3 (192.168.1.4), 4 (192.168.1.5)" in h.logged()[-1]
 
 
@@ -519,15 +457,16 @@ def test_recover_rearms_an_open_rounds_deadline():
     h = IntakeHarness()
     h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, received_at=NOW - 10)], depth=1))
     h.clock.advance(50 - 0.001)
-    assert h.spool.closed == []
+    assert h.closed() == []
     h.clock.advance(0.001)
-    assert h.spool.closed == [(DAY, NOW + 50)]
+    assert h.closed() == [(DAY, NOW + 50)]
 
 
 def test_recover_closes_a_round_every_device_had_reported():
     h = IntakeHarness()
     h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(d) for d in FLEET], depth=4))
-    assert h.spool.closed == [(DAY, NOW)]
+    h.clock.advance(0)
+    assert h.closed() == [(DAY, NOW)]
     assert h.clock.getDelayedCalls() == []
 
 
@@ -543,7 +482,8 @@ def test_recover_with_an_old_closed_round_still_spooled():
             depth=2,
         )
     )
-    assert h.spool.closed == [(DAY, NOW)]
+    h.clock.advance(0)
+    assert h.closed() == [(DAY, NOW)]
 
 
 def test_recover_leaves_closed_rounds_closed():
@@ -553,7 +493,8 @@ def test_recover_leaves_closed_rounds_closed():
     assert h.ready == []  # nothing spooled, nothing to forward
     h.report(2)  # a late device of the closed round
     assert h.ready == [NOW]
-    assert h.spool.closed == []  # it stays closed: no new deadline
+    assert h.spool.submitted["close_round"] == 0  # it stays closed: no new deadline
+    assert h.closed() == [(DAY, NOW)]  # as the chunk brought it to the spool
     assert h.clock.getDelayedCalls() == []
 
 
@@ -562,16 +503,16 @@ def test_recover_remembers_acknowledged_message_ids():
     h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1)], depth=1))
     chunk = day_chunk(1)
     assert h.receive(chunk) == ok(chunk)
-    assert h.spool.added == []
-    assert h.intake.counters["duplicates"] == 1
+    assert h.added() == 0
+    assert h.intake.metrics.duplicates == 1
 
 
 def test_recover_resumes_a_partial_transfer():
     h = IntakeHarness(fleet={1: FLEET[1]})
     h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, part=1, parts=2)], depth=1))
-    assert h.spool.closed == []
+    assert h.closed() == []
     assert h.receive(day_chunk(1, part=2, parts=2)).status == "ok"
-    assert h.spool.closed == [(DAY, NOW)]
+    assert h.closed() == [(DAY, NOW)]
 
 
 # -- the uplink -------------------------------------------------------------
@@ -589,19 +530,26 @@ class FakeSender:
         self.aborted += 1
 
 
-def spooled(count: int) -> list[Ready]:
-    return [
-        Ready(seq, Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0))
-        for seq in range(1, count + 1)
-    ]
+def spooled_chunk(seq: int) -> wire.DayChunk:
+    """
+    The chunk the uplink tests spool as number C{seq}: one reading of
+    device 1, at minute C{seq} of the day.
+    """
+    return day_chunk(1, n=seq, readings=(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0),))
 
 
 class UplinkHarness:
+    """
+    An Uplink over a memory spool holding C{count} chunks of one reading
+    each (sequence numbers 1 to C{count}) of a closed round; each step lets
+    the spool commit.
+    """
+
     def __init__(self, count=5, batch_readings=2, ack_timeout=30.0, retry_delay=5.0, window=1):
         self.clock = task.Clock()
-        self.spool = FakeSpool()
-        self.spool.ready = spooled(count)
-        self.all = list(self.spool.ready)
+        self.spool = MemorySpool(self.clock)
+        self.all: dict[int, Reading] = {}
+        self.fill(count)
         self.delivered: list[int] = []
         ids = (f"{i:016x}" for i in range(1, 1000))
         self.uplink = Uplink(
@@ -611,99 +559,120 @@ class UplinkHarness:
         self.uplink.log = Logger(observer=lambda event: None)
         self.sender = FakeSender()
 
+    def fill(self, count: int) -> None:
+        for seq in range(len(self.all) + 1, len(self.all) + count + 1):
+            chunk = spooled_chunk(seq)
+            self.spool.add_chunk(chunk, 0.0, round_closed=True)
+            self.all[seq] = chunk.readings[0]
+        self.clock.advance(0)
+
     def readings(self, *seqs):
-        return tuple(s.reading for s in self.all if s.seq in seqs)
+        return tuple(self.all[seq] for seq in seqs)
+
+    def removed(self) -> list[int]:
+        """
+        The sequence numbers of the chunks gone from the spool.
+        """
+        return sorted(self.all.keys() - self.spool.contents.chunks.keys())
+
+    def connect(self, sender) -> None:
+        self.uplink.connected(sender)
+        self.clock.advance(0)
+
+    def kick(self) -> None:
+        self.uplink.kick()
+        self.clock.advance(0)
 
     def ack(self, batch, status="ok", reason=""):
         self.uplink.ack_received(wire.BatchAck(batch.batch_id, status, reason, new=len(batch.readings) if status == "ok" else 0))
+        self.clock.advance(0)
 
 
 def test_uplink_sends_one_batch_at_a_time():
     h = UplinkHarness()
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     assert h.sender.sent == [wire.Batch(f"{1:016x}", h.readings(1, 2))]
-    h.uplink.kick()
-    h.uplink.kick()
+    h.kick()
+    h.kick()
     assert len(h.sender.sent) == 1
-    assert h.spool.takes == [2]
+    assert h.spool.submitted["take_batch"] == 1
 
 
 def test_uplink_removes_readings_only_after_the_ack():
     h = UplinkHarness()
-    h.uplink.connected(h.sender)
-    assert h.spool.removed == []
+    h.connect(h.sender)
+    assert h.removed() == []
     h.ack(h.sender.sent[0])
-    assert h.spool.removed == [[1, 2]]
+    assert h.removed() == [1, 2]
     assert h.delivered == [2]
     assert h.sender.sent[1] == wire.Batch(f"{2:016x}", h.readings(3, 4))
     h.ack(h.sender.sent[1])
     assert h.sender.sent[2].readings == h.readings(5)
     h.ack(h.sender.sent[2])
-    assert h.spool.removed == [[1, 2], [3, 4], [5]]
+    assert h.removed() == [1, 2, 3, 4, 5]
     assert h.delivered == [2, 2, 1]
     assert len(h.sender.sent) == 3  # the spool is empty
-    assert h.uplink.counters["batches_acknowledged"] == 3
+    assert h.uplink.metrics.batches_acknowledged == 3
     assert h.clock.getDelayedCalls() == []
 
 
 def test_uplink_without_a_connection_sends_nothing():
     h = UplinkHarness()
-    h.uplink.kick()
-    assert h.spool.takes == []
+    h.kick()
+    assert h.spool.submitted["take_batch"] == 0
 
 
 def test_uplink_with_an_empty_spool_sends_when_kicked_later():
     h = UplinkHarness(count=0)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     assert h.sender.sent == []
-    h.spool.ready = spooled(1)
-    h.uplink.kick()
-    assert [b.readings for b in h.sender.sent] == [(spooled(1)[0].reading,)]
+    h.fill(1)
+    h.kick()
+    assert [b.readings for b in h.sender.sent] == [h.readings(1)]
 
 
 def test_an_unacknowledged_batch_aborts_the_connection():
     h = UplinkHarness(ack_timeout=30.0)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     h.clock.advance(29.999)
     assert h.sender.aborted == 0
     h.clock.advance(0.001)
     assert h.sender.aborted == 1
-    assert h.uplink.counters["ack_timeouts"] == 1
-    assert h.spool.removed == []
+    assert h.uplink.metrics.ack_timeouts == 1
+    assert h.removed() == []
 
 
 def test_a_batch_lost_with_its_connection_is_sent_again_after_reconnecting():
     h = UplinkHarness()
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     lost = h.sender.sent[0]
     h.uplink.disconnected(h.sender)
     assert h.clock.getDelayedCalls() == []  # its ack timer went with it
-    assert h.uplink.counters["batches_resent"] == 1
+    assert h.uplink.metrics.batches_resent == 1
     again = FakeSender()
-    h.uplink.connected(again)
+    h.connect(again)
     (batch,) = again.sent
     assert batch.readings == lost.readings
     assert batch.batch_id != lost.batch_id
     # an ack of the lost batch arriving late is stray
     h.ack(lost)
-    assert h.spool.removed == []
-    assert h.uplink.counters["stray_acks"] == 1
+    assert h.removed() == []
+    assert h.uplink.metrics.stray_acks == 1
     h.ack(batch)
-    assert h.spool.removed == [[1, 2]]
+    assert h.removed() == [1, 2]
 
 
 def test_a_disconnect_after_the_ack_does_not_resend():
     h = UplinkHarness(count=2)
-    h.spool.hold_remove = True
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
+    h.spool.hold()
     h.ack(h.sender.sent[0])
     h.uplink.disconnected(h.sender)
-    assert h.uplink.counters["batches_resent"] == 0
-    (d, count), = h.spool.held_removes
-    d.callback(count)
+    assert h.uplink.metrics.batches_resent == 0
+    h.spool.release()  # the removal is committed
     assert h.delivered == [2]
     again = FakeSender()
-    h.uplink.connected(again)
+    h.connect(again)
     assert again.sent == []
 
 
@@ -711,7 +680,7 @@ def test_refusals_of_a_whole_window_make_one_retry():
     # A cloud that cannot store refuses every batch in flight: one timer
     # retries them all, and stop leaves none behind.
     h = UplinkHarness(count=6, window=3)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     assert len(h.sender.sent) == 3
     for batch in list(h.sender.sent):
         h.ack(batch, "bad", "store: not stored: disk I/O error")
@@ -726,11 +695,11 @@ def test_refusals_of_a_whole_window_make_one_retry():
 
 def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
     h = UplinkHarness(retry_delay=5.0)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     h.ack(h.sender.sent[0], "bad", "not stored: disk I/O error")
-    assert h.spool.removed == []
-    assert h.uplink.counters["batches_refused"] == 1
-    h.uplink.kick()  # no retry before the delay
+    assert h.removed() == []
+    assert h.uplink.metrics.batches_refused == 1
+    h.kick()  # no retry before the delay
     h.clock.advance(4.999)
     assert len(h.sender.sent) == 1
     h.clock.advance(0.001)
@@ -742,7 +711,7 @@ def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
     h.ack(h.sender.sent[1], "bad", "again")
     other = FakeSender()
     h.uplink.disconnected(h.sender)
-    h.uplink.connected(other)
+    h.connect(other)
     assert other.sent == []
     h.clock.advance(9.999)
     assert other.sent == []
@@ -757,43 +726,45 @@ def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
 
 def test_a_stray_ack_is_ignored():
     h = UplinkHarness()
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     h.uplink.ack_received(wire.BatchAck("ffffffffffffffff", "ok", new=2))
-    assert h.spool.removed == []
-    assert h.uplink.counters["stray_acks"] == 1
+    assert h.removed() == []
+    assert h.uplink.metrics.stray_acks == 1
     h.clock.advance(30)
     assert h.sender.aborted == 1  # still waiting for the real ack
 
 
 def test_a_second_ack_of_the_same_batch_is_stray():
     h = UplinkHarness(count=2)
-    h.spool.hold_remove = True
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
+    h.spool.hold()
     h.ack(h.sender.sent[0])
     h.ack(h.sender.sent[0])
-    assert h.spool.removed == [[1, 2]]
-    assert h.uplink.counters["stray_acks"] == 1
+    h.spool.release()
+    assert h.spool.submitted["remove"] == 1
+    assert h.removed() == [1, 2]
+    assert h.uplink.metrics.stray_acks == 1
 
 
 def test_disconnect_of_an_old_connection_is_ignored():
     h = UplinkHarness()
     old = FakeSender()
-    h.uplink.connected(old)
+    h.connect(old)
     h.uplink.disconnected(old)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     h.uplink.disconnected(old)
-    assert h.uplink.counters["batches_resent"] == 1
+    assert h.uplink.metrics.batches_resent == 1
     h.ack(h.sender.sent[0])
-    assert h.spool.removed == [[1, 2]]
+    assert h.removed() == [1, 2]
 
 
 def test_uplink_stop_cancels_its_timers():
     h = UplinkHarness()
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     h.uplink.stop()
     assert h.clock.getDelayedCalls() == []
     h = UplinkHarness()
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     h.ack(h.sender.sent[0], "bad", "x")
     h.uplink.stop()
     assert h.clock.getDelayedCalls() == []
@@ -812,17 +783,24 @@ class ProtocolHarness:
         self.transport = FakeDatagramTransport()
         self.protocol.makeConnection(self.transport)
 
+    def receive(self, data: bytes, addr=None) -> None:
+        """
+        Hand C{data} to the protocol and let the spool commit.
+        """
+        self.protocol.datagramReceived(data, addr or DEVICE_ADDR)
+        self.intake.clock.advance(0)
+
     def answers(self, device_id=1):
         return [(wire.decode(wire.unseal(data, KEYS[device_id])), addr) for data, addr in self.transport.written]
 
 
 def test_a_good_chunk_gets_an_ok_dayack_after_its_commit():
     h = ProtocolHarness()
-    h.intake.spool.hold = True
+    h.intake.spool.hold()
     chunk = day_chunk(1)
-    h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
+    h.receive(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
     assert h.transport.written == []
-    h.intake.spool.release()
+    h.intake.spool.release()  # the commit
     assert h.answers() == [(ok(chunk), DEVICE_ADDR)]
 
 
@@ -833,7 +811,7 @@ def test_each_datagram_is_logged_only_when_asked(log_datagrams):
     h.protocol.log = Logger(observer=events.append)
     chunk = day_chunk(1)
     datagram = wire.seal(wire.encode(chunk), KEYS[1])
-    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    h.receive(datagram, DEVICE_ADDR)
     assert h.answers() == [(ok(chunk), DEVICE_ADDR)]
     expected = (
         f"received {len(datagram)} bytes from device 1 ({DEVICE_ADDR[0]}:{DEVICE_ADDR[1]}): part 1/1 of 2026-03-01, "
@@ -858,21 +836,21 @@ def test_each_datagram_is_logged_only_when_asked(log_datagrams):
 )
 def test_unauthenticated_datagrams_get_no_answer(data, counter):
     h = ProtocolHarness()
-    h.protocol.datagramReceived(data, DEVICE_ADDR)
+    h.receive(data, DEVICE_ADDR)
     assert h.transport.written == []
-    assert h.intake.intake.counters[counter] == 1
-    assert h.intake.spool.added == []
+    assert h.intake.intake.metrics[counter] == 1
+    assert h.intake.added() == 0
 
 
 def test_a_bad_chunk_with_a_readable_id_gets_a_bad_dayack():
     h = ProtocolHarness()
     body = wire.encode(day_chunk(1, part=2, parts=3)).replace(b"08:02,20,30", b"08:02,86,30")
-    h.protocol.datagramReceived(wire.seal(body, KEYS[1]), DEVICE_ADDR)
+    h.receive(wire.seal(body, KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [
         (wire.DayAck(xfer_of(1), 2, "bad", "range: temperature 86 outside -40..85 °C"), DEVICE_ADDR)
     ]
-    assert h.intake.intake.counters["refused_range"] == 1
-    assert h.intake.spool.added == []
+    assert h.intake.intake.metrics.decoder_refused["range"] == 1
+    assert h.intake.added() == 0
 
 
 def test_a_chunk_of_another_version_gets_a_sealed_bad_dayack_naming_the_version():
@@ -880,16 +858,16 @@ def test_a_chunk_of_another_version_gets_a_sealed_bad_dayack_naming_the_version(
     # so the device learns why its day is never taken.
     h = ProtocolHarness()
     body = wire.encode(day_chunk(1)).replace(b"meter/1 ", b"meter/2 ", 1)
-    h.protocol.datagramReceived(wire.seal(body, KEYS[1]), DEVICE_ADDR)
+    h.receive(wire.seal(body, KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [(wire.DayAck(xfer_of(1), 1, "bad", "version: version '2', this side speaks 1"), DEVICE_ADDR)]
-    assert h.intake.intake.counters["refused_version"] == 1
-    assert h.intake.spool.added == []
+    assert h.intake.intake.metrics.decoder_refused["version"] == 1
+    assert h.intake.added() == 0
 
 
 def test_a_refused_chunk_gets_a_sealed_bad_dayack():
     h = ProtocolHarness()
     chunk = day_chunk(1, ip="10.0.0.9")
-    h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
+    h.receive(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [(wire.DayAck(chunk.xfer, 1, "bad", "address: device 1 is 192.168.1.2, not 10.0.0.9"), DEVICE_ADDR)]
 
 
@@ -897,13 +875,13 @@ def test_a_flooding_source_is_cut_off_and_others_still_served():
     h = ProtocolHarness(source_rate=1.0, source_burst=2.0)
     datagrams = [wire.seal(wire.encode(day_chunk(1, n=n)), KEYS[1]) for n in range(3)]
     for data in datagrams:
-        h.protocol.datagramReceived(data, DEVICE_ADDR)
+        h.receive(data, DEVICE_ADDR)
     assert len(h.transport.written) == 2
-    assert h.intake.intake.counters["dropped_flood"] == 1
-    h.protocol.datagramReceived(wire.seal(wire.encode(day_chunk(2)), KEYS[2]), ("192.168.1.3", 5000))
+    assert h.intake.intake.metrics.dropped_flood == 1
+    h.receive(wire.seal(wire.encode(day_chunk(2)), KEYS[2]), ("192.168.1.3", 5000))
     assert len(h.transport.written) == 3
     h.intake.clock.advance(1)  # a token back
-    h.protocol.datagramReceived(datagrams[2], DEVICE_ADDR)
+    h.receive(datagrams[2], DEVICE_ADDR)
     assert len(h.transport.written) == 4
 
 
@@ -922,6 +900,7 @@ class ClientHarness:
         self.no_delay: list[bool] = []
         self.transport.setTcpNoDelay = self.no_delay.append
         self.protocol.makeConnection(self.transport)
+        self.clock.advance(0)  # the first batch is taken from the spool
 
     def lines(self):
         return [wire.decode(line) for line in self.transport.value().splitlines()]
@@ -941,7 +920,8 @@ def test_the_client_sends_batches_as_lines():
 def test_the_client_hands_acks_to_the_uplink():
     h = ClientHarness(count=2)
     h.protocol.dataReceived(wire.encode(wire.BatchAck(f"{1:016x}", "ok", new=2)) + b"\n")
-    assert h.uplink.spool.removed == [[1, 2]]
+    h.clock.advance(0)
+    assert h.uplink.removed() == [1, 2]
 
 
 def test_the_client_pings_after_a_silence():
@@ -964,7 +944,7 @@ def test_the_client_aborts_when_a_ping_is_unanswered():
     assert not h.transport.disconnected
     h.clock.advance(0.001)
     assert h.transport.disconnected
-    assert h.uplink.uplink.counters["heartbeat_failures"] == 1
+    assert h.uplink.uplink.metrics.heartbeat_failures == 1
 
 
 def test_any_line_from_the_cloud_postpones_the_ping():
@@ -978,7 +958,7 @@ def test_any_line_from_the_cloud_postpones_the_ping():
 def test_garbage_from_the_cloud_is_counted_not_fatal():
     h = ClientHarness()
     h.protocol.dataReceived(b"nonsense\n")
-    assert h.uplink.uplink.counters["refused_from_cloud"] == 1
+    assert h.uplink.uplink.metrics.refused_from_cloud == 1
     assert not h.transport.disconnected
 
 
@@ -992,7 +972,7 @@ def test_connection_lost_stops_the_heartbeat_and_tells_the_uplink():
     h = ClientHarness(count=2)
     h.protocol.connectionLost(Failure(ConnectionDone()))
     assert h.clock.getDelayedCalls() == []  # neither the heartbeat nor the ack timer
-    assert h.uplink.uplink.counters["batches_resent"] == 1
+    assert h.uplink.uplink.metrics.batches_resent == 1
 
 
 # -- with a real spool ------------------------------------------------------
@@ -1003,7 +983,7 @@ class RealSpool:
         self.path = path
         connection, self.recovered = Spool.open(path)
         self.database = Database(connection, reactor)
-        self.spool = Spool(self.database)
+        self.spool = Spool(self.database, self.recovered.depth)
         self.stopped = False
 
     async def stop(self):
@@ -1066,10 +1046,10 @@ async def test_a_restart_resumes_from_the_spool(real, tmp_path):
         h = IntakeHarness(spool=again.spool)
         h.clock.advance(61)  # the deadline passed while the gateway was down
         h.intake.recover(state)
-        assert h.intake.depth == 2
+        assert h.spool.depth == 2
         # a duplicate of a chunk acknowledged before the restart
         assert await h.intake.chunk_received(day_chunk(1), "p") == ok(day_chunk(1))
-        assert h.intake.counters["duplicates"] == 1
+        assert h.intake.metrics.duplicates == 1
         h.clock.advance(0)
         await again.database.flush()
         assert [r.device_id for r in (await again.spool.take_batch(100)).readings] == [1, 2]
@@ -1082,23 +1062,17 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
     # The first chunk of a day opens its round in memory and in the spool;
     # if that write fails the device retries, and its day must still be
     # forwarded once the round closes.
-    class FailingOnce:
-        def __init__(self, spool):
-            self._spool = spool
-            self.failed = False
-
-        def __getattr__(self, name):
-            return getattr(self._spool, name)
-
-        def add_chunk(self, chunk, now, round_closed=False):
-            if not self.failed:
-                self.failed = True
-                return fail(RuntimeError("disk I/O error"))
-            return self._spool.add_chunk(chunk, now, round_closed)
-
-    h = IntakeHarness(fleet={1: FLEET[1]}, spool=FailingOnce(real.spool))
+    h = IntakeHarness(fleet={1: FLEET[1]}, spool=real.spool)
     chunk = day_chunk(1)
-    assert (await h.intake.chunk_received(chunk, "p")).status == "busy"
+    # Another process holds the write lock, and the spool waits for none:
+    # the first write fails.
+    lock = sqlite3.connect(str(real.path), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        assert (await h.intake.chunk_received(chunk, "p")).status == "busy"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
     assert (await h.intake.chunk_received(chunk, "p")).status == "ok"
     await real.database.flush()
     assert h.ready == [NOW]
@@ -1106,19 +1080,6 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
 
 
 # -- the spool itself -------------------------------------------------------
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_counts_only_new_readings(real):
-    chunk = day_chunk(1)
-    assert await real.spool.add_chunk(chunk, NOW) == 1
-    # the same day in a new transfer: spooled again (the cloud's key by
-    # device and minute stores it once and counts the copy as a duplicate)
-    again = day_chunk(1, n=1)
-    assert again.message_id != chunk.message_id
-    assert await real.spool.add_chunk(again, NOW) == 1
-    # the same part again (its message id forgotten by an expired reassembly)
-    assert await real.spool.add_chunk(chunk, NOW) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -1137,57 +1098,6 @@ async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(
     assert sorted((r.device_id, r.taken_at) for r in taken.readings) == sorted(
         (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, n=1)) for r in chunk.readings
     )
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_takes_batches_of_closed_rounds_oldest_first(real):
-    other = DAY + datetime.timedelta(days=1)
-    three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
-    await real.spool.add_chunk(day_chunk(1, readings=three), NOW)
-    await real.spool.add_chunk(day_chunk(2, day=other, n=1), NOW)
-    assert (await real.spool.take_batch(10)).count == 0  # no round closed yet
-    await real.spool.add_chunk(day_chunk(3, n=1), NOW)
-    await real.spool.close_round(DAY, NOW + 60)
-    # a batch holds whole chunks; one chunk over the limit goes alone
-    batch = await real.spool.take_batch(2)
-    assert list(batch.readings) == list(three)
-    assert await real.spool.take_batch(2) == batch  # taking does not remove
-    assert await real.spool.remove(batch.seqs) == 3
-    assert await real.spool.remove(batch.seqs) == 0
-    assert list((await real.spool.take_batch(10)).readings) == list(day_chunk(3).readings)
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_batches_whole_chunks_up_to_the_limit(real):
-    for device_id in (1, 2, 3):
-        await real.spool.add_chunk(day_chunk(device_id), NOW)
-    await real.spool.close_round(DAY, NOW + 60)
-    first = await real.spool.take_batch(2)
-    assert [r.device_id for r in first.readings] == [1, 2]
-    second = await real.spool.take_batch(2, after=first.seqs[-1])
-    assert [r.device_id for r in second.readings] == [3]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_day_spooled_twice_is_not_repeated_in_one_batch(real, tmp_path):
-    # The cloud refuses a batch naming a device and minute twice.
-    three = tuple(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in (5, 6, 7))
-    await real.spool.add_chunk(day_chunk(1, readings=three), NOW)
-    await real.spool.add_chunk(day_chunk(1, n=1, readings=three[1:]), NOW)
-    await real.spool.add_chunk(day_chunk(2), NOW)
-    await real.spool.close_round(DAY, NOW + 60)
-    batch = await real.spool.take_batch(100)
-    assert list(batch.readings) == list(three) + list(day_chunk(2).readings)
-    wire.decode(wire.encode(wire.Batch("0123456789abcdef", batch.records)))
-    # the copy left out of the batch goes later, and the spool empties
-    assert await real.spool.remove(batch.seqs) == 4
-    rest = await real.spool.take_batch(100)
-    assert list(rest.readings) == list(three[1:])
-    assert await real.spool.remove(rest.seqs) == 2
-    await real.stop()
-    connection, state = Spool.open(tmp_path / "spool.sqlite")
-    connection.close()
-    assert state.depth == 0
 
 
 def test_a_spool_of_one_row_a_reading_is_moved_into_chunks(tmp_path):
@@ -1231,53 +1141,21 @@ def test_a_spool_of_one_row_a_reading_is_moved_into_chunks(tmp_path):
     assert state.depth == 3
 
 
-@pytest_twisted.ensureDeferred
-async def test_spool_forgets_old_message_ids_and_empty_rounds(real, tmp_path):
-    old = DAY - datetime.timedelta(days=3)
-    await real.spool.add_chunk(day_chunk(1, day=old), NOW)
-    await real.spool.add_chunk(day_chunk(2, day=old, n=1), NOW)
-    await real.spool.close_round(old, NOW)
-    await real.spool.add_chunk(day_chunk(1, n=2), NOW + 10)
-    batch = await real.spool.take_batch(10)
-    await real.spool.remove(batch.seqs)
-    await real.spool.forget_before(NOW + 5)
-    await real.stop()
-    connection, state = Spool.open(tmp_path / "spool.sqlite")
-    connection.close()
-    assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, None)]
-    assert [(p.device_id, p.day) for p in state.parts] == [(1, DAY)]
-    assert state.depth == 1
-
-
-@pytest_twisted.ensureDeferred
-async def test_spool_keeps_an_old_round_still_holding_readings(real, tmp_path):
-    old = DAY - datetime.timedelta(days=3)
-    await real.spool.add_chunk(day_chunk(1, day=old), NOW)
-    await real.spool.close_round(old, NOW)
-    await real.spool.forget_before(NOW + 1)
-    await real.stop()
-    connection, state = Spool.open(tmp_path / "spool.sqlite")
-    connection.close()
-    assert [r.day for r in state.rounds] == [old]
-    assert state.parts == ()
-    assert state.depth == 1
-
-
 def test_a_retransmission_of_a_stored_chunk_is_acknowledged_without_decoding(monkeypatch):
     h = ProtocolHarness()
     chunk = day_chunk(1)
     datagram = wire.seal(wire.encode(chunk), KEYS[1])
-    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    h.receive(datagram, DEVICE_ADDR)
 
     def no_decode(*args, **kwargs):
         raise AssertionError("a stored chunk was decoded again")
 
     monkeypatch.setattr(wire, "decode", no_decode)
-    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    h.receive(datagram, DEVICE_ADDR)
     monkeypatch.undo()
     assert h.answers() == [(ok(chunk), DEVICE_ADDR), (ok(chunk), DEVICE_ADDR)]
-    assert len(h.intake.spool.added) == 1
-    assert h.intake.intake.counters["duplicates"] == 1
+    assert h.intake.added() == 1
+    assert h.intake.intake.metrics.duplicates == 1
 
 
 def test_a_stored_chunk_replayed_after_the_window_is_not_acknowledged_again():
@@ -1287,34 +1165,34 @@ def test_a_stored_chunk_replayed_after_the_window_is_not_acknowledged_again():
     h.protocol.makeConnection(h.transport)
     chunk = day_chunk(1)
     datagram = wire.seal(wire.encode(chunk), KEYS[1])
-    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    h.receive(datagram, DEVICE_ADDR)
     h.intake.clock.advance(601)
-    h.protocol.datagramReceived(datagram, DEVICE_ADDR)
+    h.receive(datagram, DEVICE_ADDR)
     (first, _), (second, _) = h.answers()
     assert first == ok(chunk)
     assert second.status == "bad" and "replay window" in second.reason
-    assert h.intake.intake.counters["duplicates"] == 0
+    assert h.intake.intake.metrics.duplicates == 0
 
 
 def test_an_overloaded_gateway_answers_busy_before_decoding():
     h = ProtocolHarness()
     h.intake = IntakeHarness(max_committing=2)
-    h.intake.spool.hold = True
+    h.intake.spool.hold()
     h.protocol = gateway.GatewayProtocol(h.intake.intake, KEYS, h.intake.clock)
     h.protocol.makeConnection(h.transport)
     chunks = [day_chunk(1, part=part, parts=3) for part in (1, 2, 3)]
     for chunk in chunks:
-        h.protocol.datagramReceived(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
+        h.receive(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [(wire.DayAck(chunks[2].xfer, 3, "busy", "overloaded: too many chunks wait for the spool"), DEVICE_ADDR)]
-    assert len(h.intake.spool.added) == 2
-    assert h.intake.intake.counters["refused_overloaded"] == 1
+    assert h.intake.added() == 2
+    assert h.intake.intake.metrics.refused_overloaded == 1
     h.intake.spool.release()
     assert [answer for answer, _ in h.answers()[1:]] == [ok(chunks[0]), ok(chunks[1])]
 
 
 def test_uplink_keeps_up_to_its_window_of_batches_in_flight():
     h = UplinkHarness(count=7, window=2)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     first, second = h.sender.sent
     assert (first.readings, second.readings) == (h.readings(1, 2), h.readings(3, 4))
     # An acknowledgement out of order frees its place: the next batch
@@ -1322,43 +1200,42 @@ def test_uplink_keeps_up_to_its_window_of_batches_in_flight():
     h.ack(second)
     third = h.sender.sent[2]
     assert third.readings == h.readings(5, 6)
-    assert h.spool.removed == [[3, 4]]
+    assert h.removed() == [3, 4]
     h.ack(first)
     h.ack(third)
     fourth = h.sender.sent[3]
     assert fourth.readings == h.readings(7)
     h.ack(fourth)
     assert sorted(h.delivered) == [1, 2, 2, 2]
-    assert h.spool.ready == []
+    assert h.spool.depth == 0
 
 
 def test_uplink_resends_every_unacknowledged_batch_of_its_window_after_a_reconnect():
     h = UplinkHarness(count=6, window=3)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     first, second, third = h.sender.sent
     h.ack(second)
     h.uplink.disconnected(h.sender)
-    assert h.uplink.counters["batches_resent"] == 2
+    assert h.uplink.metrics.batches_resent == 2
     again = FakeSender()
-    h.uplink.connected(again)
+    h.connect(again)
     assert [b.readings for b in again.sent] == [h.readings(1, 2), h.readings(5, 6)]
     assert all(b.batch_id not in {first.batch_id, third.batch_id} for b in again.sent)
 
 
 def test_uplink_looks_again_from_the_start_when_its_window_drained_during_an_empty_fetch():
     h = UplinkHarness(count=4, window=2)
-    h.uplink.connected(h.sender)
+    h.connect(h.sender)
     first, second = h.sender.sent
-    h.spool.hold_remove = True
-    h.ack(second)  # acknowledged; its removal is under way
+    h.spool.hold()
+    h.ack(second)
+    # The second is removed, and its removal kicks a fetch after the
+    # first, still in flight: the fetch waits for the next commit.
+    h.spool.release()
     h.uplink.disconnected(h.sender)  # the first is to be sent again
-    h.spool.hold_take = True
     again = FakeSender()
-    h.uplink.connected(again)  # fetches after the second, still in the window
-    (d, count), = h.spool.held_removes
-    d.callback(count)  # the second leaves the window while that fetch runs
-    h.spool.hold_take = False
-    h.spool.release_takes()  # the fetch finds nothing after the second...
+    h.uplink.connected(again)  # a fetch is under way: no second one
+    h.clock.advance(0)  # the fetch finds nothing after the first...
     # ...so the uplink looks again from the start, and the first batch's
     # readings are sent again instead of staying in the spool.
     assert [b.readings for b in again.sent] == [h.readings(1, 2)]

@@ -2,18 +2,19 @@
 Unit tests of the bounds behind "nothing lost, nothing doubled" that the
 fault tests (tests/test_faults.py) cannot aim at precisely: the spool limit
 under a burst of commits, reassembly bounds after a restart, and a part
-spooled twice.  A task.Clock and a synchronous database: no sleeps.
+spooled twice.  The real spool, committing as a task.Clock turns: no
+sleeps.
 """
 
 from __future__ import annotations
 
 import datetime
-import sqlite3
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 from meter import config, wire
+from meter.database import Database
 from meter.gateway import Intake
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
@@ -38,76 +39,51 @@ def fired(d: Deferred):
     return out[0]
 
 
-class SyncDatabase:
+def intake(tmp_path, **kw) -> tuple[Intake, Spool, task.Clock, Recovered]:
     """
-    Database's C{run} on the calling thread, each piece its own
-    transaction; with C{hold}, results wait for L{release} (a commit in
-    progress).
+    An Intake on the real spool, which commits as the clock turns.
     """
-
-    def __init__(self, connection: sqlite3.Connection):
-        self.connection = connection
-        self.hold = False
-        self.held: list[tuple[Deferred, object]] = []
-
-    def run(self, work):
-        self.connection.execute("BEGIN IMMEDIATE")
-        result = work(self.connection)
-        self.connection.execute("COMMIT")
-        if self.hold:
-            d = Deferred()
-            self.held.append((d, result))
-            return d
-        return succeed(result)
-
-    def run_many(self, work, item):
-        # Each item alone: what Database does for an item with no
-        # neighbour.
-        return self.run(lambda connection: work(connection, [item])[0])
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d, result in held:
-            d.callback(result)
-
-
-def intake(tmp_path, **kw) -> tuple[Intake, SyncDatabase, task.Clock, Recovered]:
     connection, recovered = Spool.open(tmp_path / "spool.sqlite")
-    database = SyncDatabase(connection)
     clock = task.Clock()
     clock.advance(NOW)
-    return Intake(FLEET, Spool(database), clock, 60.0, lambda: None, **kw), database, clock, recovered
+    spool = Spool(Database(connection, clock), recovered.depth)
+    return Intake(FLEET, spool, clock, 60.0, lambda: None, **kw), spool, clock, recovered
+
+
+def committed(clock: task.Clock, d: Deferred):
+    clock.advance(0)
+    return fired(d)
 
 
 def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
     # Twelve readings arrive in three chunks before any commit is done: the
     # readings being committed count against the limit already.
-    gateway, database, _, _ = intake(tmp_path, spool_limit=10)
-    database.hold = True
+    gateway, spool, clock, _ = intake(tmp_path, spool_limit=10)
     answers = [gateway.chunk_received(chunk(device_id, count=4), "127.0.0.1:1") for device_id in (1, 2, 3)]
     assert fired(answers[2]) == wire.DayAck(f"{3:016x}", 1, "busy", "spool_full: the spool is at its limit of 10 readings")
-    database.release()
+    assert not answers[0].called
+    clock.advance(0)  # the commit
     assert [fired(d).status for d in answers[:2]] == ["ok", "ok"]
-    assert gateway.depth == 8
-    database.hold = False
+    assert spool.depth == 8
     assert fired(gateway.chunk_received(chunk(3, count=3), "127.0.0.1:1")).status == "busy"
     # Once the cloud took readings, what fits is taken again.
-    gateway.delivered(8)
-    assert fired(gateway.chunk_received(chunk(3, count=4), "127.0.0.1:1")).status == "ok"
-    assert gateway.counters["refused_spool_full"] == 2
+    clock.advance(60)  # the round closes at its deadline
+    assert committed(clock, spool.remove(committed(clock, spool.take_batch(100)).seqs)) == 8
+    assert committed(clock, gateway.chunk_received(chunk(3, count=4), "127.0.0.1:1")).status == "ok"
+    assert gateway.metrics.refused_spool_full == 2
 
 
 def test_a_part_spooled_again_is_acknowledged_and_stored_once(tmp_path):
     # After its reassembly expired, a late copy of an acknowledged part
     # reaches the spool again: no error, nothing new.
-    gateway, _, clock, _ = intake(tmp_path, reassembly_timeout=30.0)
+    gateway, spool, clock, _ = intake(tmp_path, reassembly_timeout=30.0)
     first = chunk(1, part=1, parts=2, count=3)
-    assert fired(gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
+    assert committed(clock, gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
     clock.advance(30)
-    assert gateway.counters["expired_reassemblies"] == 1
-    assert fired(gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
-    assert gateway.depth == 3
-    assert gateway.counters["readings"] == 3
+    assert gateway.metrics.expired_reassemblies == 1
+    assert committed(clock, gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
+    assert spool.depth == 3
+    assert gateway.metrics.readings == 3
 
 
 def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
@@ -124,20 +100,18 @@ def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
         )
     )
     clock.advance(0)
-    assert gateway.counters["expired_reassemblies"] == 1
-    assert gateway.stats()["reassemblies"] == 1
+    assert gateway.metrics.expired_reassemblies == 1
+    assert gateway.gauges()["reassemblies"] == 1
     # The survivor expires 300 s after its first part, not after the restart.
     clock.advance(199)
-    assert gateway.stats()["reassemblies"] == 1
+    assert gateway.gauges()["reassemblies"] == 1
     clock.advance(1)
-    assert gateway.stats()["reassemblies"] == 0
-    assert gateway.counters["expired_reassemblies"] == 2
-    # Expiry only drops bookkeeping: the spool still holds every reading.
-    assert gateway.depth == 3
+    assert gateway.gauges()["reassemblies"] == 0
+    assert gateway.metrics.expired_reassemblies == 2
 
 
 def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
-    gateway, _, _, _ = intake(tmp_path, max_reassemblies=1)
+    gateway, _, clock, _ = intake(tmp_path, max_reassemblies=1)
     gateway.recover(
         Recovered(
             (StoredRound(DAY, NOW - 50, None),),
@@ -145,10 +119,10 @@ def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
             depth=2,
         )
     )
-    assert gateway.counters["expired_reassemblies"] == 1
+    assert gateway.metrics.expired_reassemblies == 1
     # Device 1's (older) transfer went: its part is spooled again, device 2's is a duplicate.
-    assert fired(gateway.chunk_received(chunk(2, part=1, parts=2, xfer="b" * 16), "127.0.0.1:1")).status == "ok"
-    assert gateway.counters["duplicates"] == 1
+    assert committed(clock, gateway.chunk_received(chunk(2, part=1, parts=2, xfer="b" * 16), "127.0.0.1:1")).status == "ok"
+    assert gateway.metrics.duplicates == 1
 
 
 def test_the_reliability_keys_are_configurable():

@@ -2,8 +2,8 @@
 Who may speak, and what bad input gets (docs/security.md), at unit level:
 the gateway's UDP protocol and intake on a FakeDatagramTransport, the device's
 protocol, and the cloud's line protocol on a StringTransport, each with a
-task.Clock.  The spool is a small synchronous fake, or the real one on
-tmp_path where persistence is the point; the cloud's store is real.
+task.Clock.  The gateway's spool is the memory spool (meter.testing),
+committing as the clock turns; the cloud's store is real.
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ import zlib
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import FakeDatagramTransport, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.database import Database
 from meter.device import DaySender, DeviceProtocol, Retransmission
-from meter.gateway import REMEMBER, GatewayProtocol, Intake
+from meter.gateway import GatewayProtocol, Intake
 from meter.reading import Reading
-from meter.gateway.spool import Spool
+from meter.testing import MemorySpool
 from tests.test_cloud import Cloud as StoreHarness
 
 NOW = 1_795_320_000  # 2026-11-22 04:00 UTC
@@ -60,51 +58,18 @@ def sealed(message, key=None) -> bytes:
     return wire.seal(wire.encode(message), key)
 
 
-class FakeSpool:
-    """
-    The spool's interface, committing at once: counts what reaches it.
-    """
-
-    def __init__(self):
-        self.chunks: list[wire.DayChunk] = []
-        self.closed: list[datetime.date] = []
-        self.forgotten: list[datetime.date] = []
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        self.chunks.append(chunk)
-        return succeed(len(chunk.readings))
-
-    def close_round(self, day, now):
-        self.closed.append(day)
-        return succeed(None)
-
-    def forget_before(self, day):
-        self.forgotten.append(day)
-        return succeed(None)
-
-
-class CountingSpool(Spool):
-    """
-    The real spool, counting the chunks handed to it.
-    """
-
-    added = 0
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        self.added += 1
-        return super().add_chunk(chunk, now, round_closed)
-
-
 class Gateway:
     """
     A GatewayProtocol and its Intake on a fake datagram transport and a
     task.Clock at L{NOW}.
     """
 
-    def __init__(self, spool=None, *, rate=1e6, burst=1e6, fleet=FLEET, keys=KEYS, recovered=None):
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.spool = spool if spool is not None else FakeSpool()
+    def __init__(self, spool=None, *, rate=1e6, burst=1e6, fleet=FLEET, keys=KEYS, recovered=None, clock=None):
+        if clock is None:
+            clock = task.Clock()
+            clock.advance(NOW)
+        self.clock = clock
+        self.spool = spool if spool is not None else MemorySpool(self.clock)
         self.intake = Intake(fleet, self.spool, self.clock, 60.0, lambda: None, replay_window=REPLAY_WINDOW)
         if recovered is not None:
             self.intake.recover(recovered)
@@ -114,11 +79,21 @@ class Gateway:
         self.keys = keys
 
     @property
-    def counters(self):
-        return self.intake.counters
+    def metrics(self):
+        return self.intake.metrics
 
     def receive(self, data: bytes, addr=DEVICE1) -> None:
+        """
+        Hand C{data} to the protocol and let the spool commit.
+        """
         self.protocol.datagramReceived(data, addr)
+        self.clock.advance(0)
+
+    def spooled(self) -> int:
+        """
+        How many chunks reached the spool.
+        """
+        return self.spool.submitted["add_chunk"]
 
     def answers(self, addr=DEVICE1, key=None) -> list[wire.DayAck]:
         """
@@ -161,8 +136,8 @@ def test_an_unauthenticated_datagram_is_dropped_unanswered(data, counter):
     with capturedLogs() as events:
         g.receive(data, STRANGER)
     assert g.transport.written == []  # no answer: the gateway reflects nothing
-    assert g.spool.chunks == []
-    assert g.counters[counter] == 1
+    assert g.spooled() == 0
+    assert g.metrics[counter] == 1
     assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn][0].startswith(
         f"dropped datagram of {len(data)} bytes from 192.168.1.66:50066"
     )
@@ -172,7 +147,10 @@ def test_a_genuine_chunk_is_spooled_and_acknowledged_under_its_devices_key():
     g = Gateway()
     g.receive(sealed(chunk()))
     assert g.answers() == [OK]
-    assert g.spool.chunks == [chunk()]
+    assert g.spooled() == 1
+    assert [row[1:] for row in g.spool.contents.chunks.values()] == [
+        (DAY.isoformat(), 1, FLEET[1], chunk().records, 2)
+    ]
     # the answer verifies only under the device's own key
     (data, _), = g.transport.written
     with pytest.raises(wire.WireError):
@@ -185,8 +163,8 @@ def test_a_malformed_but_authentic_datagram_is_answered_bad_under_its_key():
     (answer,) = g.answers()
     assert (answer.xfer, answer.part, answer.status) == (XFER, 1, "bad")
     assert answer.reason.startswith("range: humidity 101%")
-    assert g.counters["refused_range"] == 1
-    assert g.spool.chunks == []
+    assert g.metrics.decoder_refused["range"] == 1
+    assert g.spooled() == 0
 
 
 def test_the_refusal_of_a_huge_malformed_datagram_fits_a_datagram():
@@ -211,8 +189,8 @@ def test_a_datagram_outside_the_replay_window_is_refused(offset):
     (answer,) = g.answers()
     assert answer.status == "bad"
     assert "outside the replay window of 600 s" in answer.reason
-    assert g.counters["refused_replay"] == 1
-    assert g.spool.chunks == []
+    assert g.metrics.refused_replay == 1
+    assert g.spooled() == 0
 
 
 @pytest.mark.parametrize("offset", [-600, 600, 0])
@@ -231,7 +209,7 @@ def test_a_captured_datagram_replayed_after_the_window_is_refused():
     assert g.answers() == [OK]
     (refused,) = g.answers(STRANGER)
     assert refused.status == "bad"
-    assert len(g.spool.chunks) == 1
+    assert g.spooled() == 1
 
 
 def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
@@ -240,45 +218,31 @@ def test_a_duplicate_is_acknowledged_again_but_never_processed_again():
     for _ in range(5):
         g.receive(data)
     assert g.answers() == [OK] * 5
-    assert len(g.spool.chunks) == 1
-    assert g.counters["duplicates"] == 4
-    assert g.counters["chunks"] == 1
+    assert g.spooled() == 1
+    assert g.metrics.duplicates == 4
+    assert g.metrics.chunks == 1
 
 
-def open_spool(path):
-    connection, recovered = Spool.open(path)
-    database = Database(connection, reactor)
-    return database, CountingSpool(database), recovered
-
-
-@pytest_twisted.ensureDeferred
-async def test_deduplication_survives_a_gateway_restart(tmp_path):
-    path = tmp_path / "spool.sqlite"
+def test_deduplication_survives_a_gateway_restart():
     data = sealed(chunk())
-
-    database, spool, recovered = open_spool(path)
-    first = Gateway(spool, recovered=recovered)
-    first.receive(data)
+    first = Gateway()
+    first.protocol.datagramReceived(data, DEVICE1)
     assert first.answers() == []  # not before the commit
-    await database.flush()
+    first.clock.advance(0)
     assert first.answers() == [OK]
     first.intake.stop()
-    await database.stop()
 
-    database, spool, recovered = open_spool(path)
-    try:
-        second = Gateway(spool, recovered=recovered)
-        assert [(p.device_id, p.xfer, p.part) for p in recovered.parts] == [(1, XFER, 1)]
-        second.receive(data)
-        # answered at once from the recovered message ids: the spool never saw it
-        assert second.answers() == [OK]
-        assert spool.added == 0
-        assert second.counters["duplicates"] == 1
-        second.intake.stop()
-    finally:
-        await database.stop()
-    with sqlite3.connect(str(path)) as other:
-        assert other.execute("SELECT sum(n) FROM chunks").fetchone() == (2,)
+    spool = first.spool.reopened()
+    recovered = spool.recover()
+    first.clock.advance(0)
+    second = Gateway(spool, recovered=recovered.result, clock=first.clock)
+    assert [(p.device_id, p.xfer, p.part) for p in recovered.result.parts] == [(1, XFER, 1)]
+    second.protocol.datagramReceived(data, DEVICE1)
+    # answered at once from the recovered message ids: the spool never saw it
+    assert second.answers() == [OK]
+    assert second.spooled() == 0
+    assert second.metrics.duplicates == 1
+    assert spool.depth == 2
 
 
 # -- floods and logs ------------------------------------------------------------
@@ -290,7 +254,7 @@ def test_a_flood_from_one_source_is_cut_while_another_is_served():
     for _ in range(1000):
         g.receive(data, DEVICE1)
     assert len(g.answers(DEVICE1)) == 20  # the burst, then nothing
-    assert g.counters["dropped_flood"] == 980
+    assert g.metrics.dropped_flood == 980
     g.receive(sealed(chunk(device_id=2)), DEVICE2)
     assert g.answers(DEVICE2, KEYS[2]) == [OK]
     # the flooding source gets its rate back as time passes
@@ -298,7 +262,7 @@ def test_a_flood_from_one_source_is_cut_while_another_is_served():
     for _ in range(100):
         g.receive(data, DEVICE1)
     assert len(g.answers(DEVICE1)) == 30
-    assert g.counters["datagrams"] == 1101
+    assert g.metrics.datagrams == 1101
 
 
 def test_the_per_source_table_is_bounded():
@@ -312,7 +276,7 @@ def test_the_per_source_table_is_bounded():
 def warnings_by_source(events) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for event in events:
-        if event.get("log_level") == LogLevel.warn and event.get("log_namespace") == "meter.gateway.GatewayProtocol":
+        if event.get("log_level") == LogLevel.warn and event.get("log_namespace") == "meter.gateway.protocol.GatewayProtocol":
             found.setdefault(event["peer"].rpartition(":")[0], []).append(formatEvent(event))
     return found
 
@@ -327,7 +291,7 @@ def test_warnings_about_bad_input_are_rate_limited_per_source():
             g.receive(forged, DEVICE2)
     warnings = warnings_by_source(events)
     assert {source: len(lines) for source, lines in warnings.items()} == {"192.168.1.66": 5, "192.168.1.3": 3}
-    assert g.counters["dropped_bad_tag"] == 103  # every one is counted all the same
+    assert g.metrics.dropped_bad_tag == 103  # every one is counted all the same
     g.clock.advance(6)
     with capturedLogs() as events:
         g.receive(forged, STRANGER)
@@ -347,12 +311,12 @@ def test_warnings_about_refused_authentic_chunks_are_rate_limited_per_source():
         g.receive(stale, DEVICE2)
         g.clock.advance(6)
         g.receive(stale, STRANGER)
-    refused = [formatEvent(e) for e in events if e.get("log_namespace") == "meter.gateway.Intake" and e["log_level"] == LogLevel.warn]
+    refused = [formatEvent(e) for e in events if e.get("log_namespace") == "meter.gateway.intake.Intake" and e["log_level"] == LogLevel.warn]
     assert [line.split(":")[0] for line in refused] == ["refused chunk from 192.168.1.66"] * 5 + [
         "refused chunk from 192.168.1.3"
     ] + ["refused chunk from 192.168.1.66"]
     assert refused[-1].endswith("(95 similar lines from this source left out)")
-    assert g.counters["refused_replay"] == 102
+    assert g.metrics.refused_replay == 102
     assert len(g.answers(STRANGER)) == 101  # the answers are flood-limited, not log-limited
 
 def test_flood_warnings_are_rate_limited_too():
@@ -362,7 +326,7 @@ def test_flood_warnings_are_rate_limited_too():
             g.receive(b"x", STRANGER)
     (source, lines), = warnings_by_source(events).items()
     assert len(lines) == 5
-    assert g.counters["dropped_flood"] == 999
+    assert g.metrics.dropped_flood == 999
 
 
 # -- odd days a device may report ----------------------------------------------
@@ -377,58 +341,42 @@ def test_a_day_far_from_the_transfers_start_is_refused(day):
         g.receive(sealed(chunk(day=day)))
     (answer,) = g.answers()
     assert answer.status == "bad" and answer.reason.startswith(f"day: {day} does not agree with ts={NOW}")
-    assert g.spool.chunks == [] and g.spool.closed == []
-    assert g.counters["refused_day"] == 1
+    assert g.spooled() == 0 and g.spool.contents.rounds == {}
+    assert g.metrics.refused_day == 1
     assert not [e for e in events if "log_failure" in e]
 
 
-class HoldingSpool(FakeSpool):
+def at(text: str) -> int:
     """
-    A fake spool whose commits of transfer C{held} wait until released.
+    The Unix time of C{text}, an ISO date and time in UTC.
     """
-
-    def __init__(self, held: str):
-        super().__init__()
-        self._held = held
-        self.waiting: list = []
-
-    def add_chunk(self, chunk, now, round_closed=False):
-        if chunk.xfer != self._held:
-            return super().add_chunk(chunk, now, round_closed)
-        self.chunks.append(chunk)
-        d = Deferred()
-        self.waiting.append((d, len(chunk.readings)))
-        return d
+    return int(datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
 def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
-    # Device 1 sends day D again in the last moments a transfer may name it,
-    # and a later round closes and forgets D's (closed two days before, and
-    # no longer a day a transfer may name) while it commits: the commit must
-    # still find its answer.
+    # Device 1 sends day D again just before D can no longer be sent (a
+    # transfer started up to the replay window before, 62 h after D began),
+    # and the disk stalls.  Meanwhile a later round closes and forgets D's,
+    # closed two days before: the commit must still find its answer.
     later = DAY + datetime.timedelta(days=2)
-    spool = HoldingSpool("c" * 16)
-    g = Gateway(spool)
+    g = Gateway()
     g.receive(sealed(chunk(1, "a" * 16)))
     g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
-    day_end = NOW - 4 * 3600  # 2026-11-22 00:00 UTC
-    last_ts = day_end + 62 * 3600 - 1  # the last send time that may name DAY
-    g.clock.advance(last_ts + REPLAY_WINDOW - 30 - g.clock.seconds())
-    assert g.clock.seconds() - NOW > REMEMBER
-    now = int(g.clock.seconds())
-    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=last_ts)))  # commit held
-    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=now)))  # round DAY+2 opens
+    sent = at("2026-11-24T13:59:00")  # 62 h after DAY, less a minute
+    g.clock.advance(sent + REPLAY_WINDOW - 1 - g.clock.seconds())
+    g.spool.hold()
+    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=sent)))
+    g.clock.advance(5)
+    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
     with capturedLogs() as events:
         g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
-        assert DAY not in g.intake._rounds
-        d, new = spool.waiting.pop()
-        d.callback(new)
-        del d
+        assert DAY not in g.intake.rounds.rounds
+        g.spool.release()
         gc.collect()
-    assert [a.xfer[0] for a in g.answers()] == ["a", "d", "c"]
+    assert [a.xfer[0] for a in g.answers()] == ["a", "c", "d"]
     assert {a.status for a in g.answers()} == {"ok"}
     assert not [e for e in events if "log_failure" in e]
-    assert g.intake._committing == {}
+    assert not g.intake.admission.overloaded() and g.intake.admission._committing == {}
 
 
 # -- the device hears only its gateway -----------------------------------------

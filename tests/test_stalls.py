@@ -99,21 +99,19 @@ class Gateway:
         self.path = path
         connection, recovered = Spool.open(path)
         self.database = Database(connection, self.clock)
-        self.spool = Spool(self.database)
+        self.spool = Spool(self.database, recovered.depth)
         self.events: list[dict] = []
         log = Logger(observer=self.events.append)
         self.delivered: list[int] = []
         ids = (f"{i:016x}" for i in range(1, 10**6))
         self.uplink = Uplink(
             self.spool, self.clock, batch_readings, 30.0, self.delivered.append, new_batch_id=lambda: next(ids),
-            window=window, max_retry_delay=8.0, late_linger=late_linger,
+            window=window, max_retry_delay=8.0, late_linger=late_linger, log=log,
         )
-        self.uplink.log = log
         self.intake = Intake(
             fleet, self.spool, self.clock, deadline, self.uplink.kick, on_late=self.uplink.late_arrived,
-            max_retry_delay=8.0,
+            max_retry_delay=8.0, log=log,
         )
-        self.intake.log = log
         self.intake.recover(recovered)
         self.sender = Sender()
         self.locker = Locker(path)
@@ -190,8 +188,8 @@ def test_a_locked_spool_answers_busy_at_once_and_takes_the_retry(gw):
     g.locker.lock()
     chunk = day_chunk(1)
     assert g.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool: write failed")
-    assert g.intake.counters["spool_failures"] == 1
-    assert g.intake.counters["transaction_failures"] == 1
+    assert g.intake.metrics.spool_failures == 1
+    assert g.intake.metrics.transaction_failures == 1
     g.locker.release()
     assert g.receive(chunk).status == "ok"
     assert "spooling a chunk succeeded again after 1 failures over 0.0 s" in g.logged()
@@ -203,15 +201,15 @@ def test_a_failed_take_is_retried_with_backoff_until_it_succeeds(gw):
     g.locker.lock()
     g.uplink.connected(g.sender)
     g.settle()
-    assert g.uplink.counters["take_failures"] == 1
+    assert g.uplink.metrics.take_failures == 1
     assert g.sender.sent == []
     # Retried after 0.25 s, then twice as long each time, at most 8 s.
     for delay in (0.25, 0.5, 1, 2, 4, 8, 8):
         g.clock.advance(delay - 0.001)
-        before = g.uplink.counters["take_failures"]
+        before = g.uplink.metrics.take_failures
         g.clock.advance(0.001)
-        assert g.uplink.counters["take_failures"] == before + 1
-    assert g.uplink.counters["transaction_failures"] == 8
+        assert g.uplink.metrics.take_failures == before + 1
+    assert g.uplink.metrics.transaction_failures == 8
     g.locker.release()
     g.clock.advance(8)
     assert [r.device_id for r in g.sent_readings()] == [1]
@@ -240,13 +238,15 @@ def test_a_batch_the_cloud_refuses_for_good_is_set_aside_and_the_rest_go_on(gw):
     (_, second) = g.sender.sent
     assert second.readings == day_chunk(1, part=2, parts=2).readings
     g.ack(second)
-    assert g.delivered == [1, 1]  # the depth counts both out
-    assert (g.uplink.counters["batches_set_aside"], g.uplink.counters["readings_set_aside"]) == (1, 1)
+    assert g.delivered == [1]  # the one set aside was not delivered...
+    assert g.spool.depth == 0  # ...but neither counts in the depth
+    assert (g.uplink.metrics.batches_set_aside, g.uplink.metrics.readings_set_aside) == (1, 1)
     with sqlite3.connect(g.path) as connection:
         assert connection.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
         (kept,) = connection.execute("SELECT device_id, records, reason FROM refused").fetchall()
     assert kept == (1, "00:00,20,30", "value: device address '::ffff:102:304' is IPv4-mapped")
-    assert g.uplink.counters["batches_refused"] == 0
+    assert g.uplink.metrics.batches_refused == 0
+    assert any("refused batch 0000000000000001 for good" in line for line in g.logged())
 
 
 def test_a_refusal_that_may_pass_is_retried_not_set_aside(gw):
@@ -258,7 +258,7 @@ def test_a_refusal_that_may_pass_is_retried_not_set_aside(gw):
         g.uplink.ack_received(wire.BatchAck(g.sender.sent[-1].batch_id, "bad", reason))
         g.clock.advance(30)
     assert len(g.sender.sent) == 3
-    assert g.uplink.counters["batches_set_aside"] == 0
+    assert g.uplink.metrics.batches_set_aside == 0
 
 
 def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_removed_later(gw):
@@ -270,7 +270,7 @@ def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_remove
     (first,) = g.sender.sent
     g.locker.lock()
     g.ack(first)
-    assert g.uplink.counters["remove_failures"] == 1
+    assert g.uplink.metrics.remove_failures == 1
     assert g.delivered == []
     # Its readings are not taken again meanwhile, not even by a new connection.
     g.uplink.kick()
@@ -280,7 +280,7 @@ def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_remove
     g.settle()
     assert g.sender.sent == []
     g.clock.advance(0.25)
-    assert g.uplink.counters["remove_failures"] == 2
+    assert g.uplink.metrics.remove_failures == 2
     g.locker.release()
     g.clock.advance(0.5)
     assert g.delivered == [1]
@@ -289,8 +289,8 @@ def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_remove
     g.ack(second)
     assert g.delivered == [1, 1]
     assert "removing a delivered batch from the spool succeeded again after 2 failures over 0.8 s" in g.logged()
-    assert g.intake.counters["transaction_failures"] == 0
-    assert g.uplink.counters["transaction_failures"] == 2
+    assert g.intake.metrics.transaction_failures == 0
+    assert g.uplink.metrics.transaction_failures == 2
 
 
 def test_work_failing_after_a_stop_is_not_retried(gw):
@@ -303,7 +303,7 @@ def test_work_failing_after_a_stop_is_not_retried(gw):
     g.uplink.ack_received(wire.BatchAck(batch.batch_id, "ok", new=1))
     g.uplink.stop()
     g.settle()
-    assert g.uplink.counters["remove_failures"] == 1
+    assert g.uplink.metrics.remove_failures == 1
     assert g.clock.getDelayedCalls() == []
 
 
@@ -313,14 +313,14 @@ def test_a_round_whose_close_failed_is_closed_later_and_forwarded_only_then(gw):
     assert g.receive(day_chunk(1)).status == "ok"
     g.locker.lock()
     g.clock.advance(60)
-    assert g.intake.counters["close_failures"] == 1
+    assert g.intake.metrics.close_failures == 1
     assert "round 2026-03-01 not closed in the spool, not forwarded yet: OperationalError: database is locked; " \
            "retry in 0.25 s" in g.logged()
     # Closed in memory (a late part counts as late) but not in the spool:
     # nothing leaves yet.
     g.locker.release()
     assert g.receive(day_chunk(2)).status == "ok"
-    assert g.intake.counters["late_devices"] == 1
+    assert g.intake.metrics.late_devices == 1
     g.settle()
     assert g.sender.sent == []
     g.clock.advance(0.25)
@@ -333,7 +333,7 @@ def test_a_close_lost_to_a_stop_is_made_again_at_the_next_start(gw, tmp_path):
     assert g.receive(day_chunk(1)).status == "ok"
     g.locker.lock()
     g.clock.advance(60)
-    assert g.intake.counters["close_failures"] == 1
+    assert g.intake.metrics.close_failures == 1
     g.intake.stop()
     assert g.clock.getDelayedCalls() == []
     g.locker.release()
@@ -370,7 +370,7 @@ def test_a_failing_spool_logs_a_bounded_number_of_lines(gw):
         for n in range(50):
             assert g.receive(day_chunk(1, part=1, parts=1, n=second * 50 + n)).status == "busy"
         g.clock.advance(1)
-    assert g.intake.counters["spool_failures"] == 3000
+    assert g.intake.metrics.spool_failures == 3000
     lines = [line for line in g.logged() if "chunk not spooled, answered busy" in line]
     # Three at once, then one every ten seconds.
     assert 3 <= len(lines) <= 10, len(lines)
@@ -562,7 +562,7 @@ def fleet_summary(fleet) -> dict:
 
 def counters_of(gateway) -> dict[str, int]:
     """
-    The intake's and the uplink's counters in the gateway's last stats line.
+    The counts in the gateway's last stats line (logfmt).
     """
     lines = gateway.all_matching(r"gateway stats: (.*)")
     if not lines:
@@ -570,8 +570,8 @@ def counters_of(gateway) -> dict[str, int]:
     line = lines[-1].group(1)
     print("gateway stats:", line)
     counters: dict[str, int] = {}
-    for key, value in re.findall(r"'(\w+)': (\d+)", line):
-        counters[key] = counters.get(key, 0) + int(value)
+    for key, value in re.findall(r"(\w+)=(\d+)", line):
+        counters[key] = int(value)
     return counters
 
 

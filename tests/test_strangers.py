@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import datetime
 import errno
-import resource
 import select
 import socket
 import time
-from collections import Counter
 
 import pytest
 from twisted.internet import task, tcp
@@ -35,12 +33,13 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger, LogPublisher, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogPublisher, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import cloud, gateway, wire
 from meter.cloud import tap as cloud_tap
+from meter.gateway.metrics import GatewayMetrics
 from meter.tools.processes import Daemon, twistd
 from meter.ratelimit import Summary
 from meter.testing import MemoryReadingStore
@@ -394,7 +393,7 @@ HEARTBEAT = 15.0
 
 class FakeUplink:
     def __init__(self):
-        self.counters: Counter[str] = Counter()
+        self.metrics = GatewayMetrics()
         self.senders = []
 
     def connected(self, sender):
@@ -443,7 +442,7 @@ def test_the_gateway_gives_up_a_handshake_that_does_not_complete():
     assert not transport.disconnected
     clock.advance(0.001)
     assert transport.disconnected
-    assert uplink.counters["handshake_timeouts"] == 1
+    assert uplink.metrics.handshake_timeouts == 1
     protocol.connectionLost(Failure(ConnectionLost()))
     assert events.matching("connected to") == []
     assert events.matching("before the TLS handshake completed")

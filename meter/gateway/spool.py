@@ -25,11 +25,14 @@ import hashlib
 import json
 import sqlite3
 from pathlib import Path
+from typing import Iterable
 
 import attrs
+from zope.interface import implementer
 
 from meter import wire
 from meter.database import GATEWAY_SPOOL, Database, RowInsert, Schema, connect, execute_script, insert_telling_new, upgrade
+from meter.gateway.interfaces import ISpool
 from meter.reading import Reading, format_number
 
 #: Version 1 of the spool, the first step of L{VERSIONS}.  Fixed: a later
@@ -227,14 +230,83 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
     return [row[4] if fresh else 0 for (_, _, row), fresh in zip(items, new)]
 
 
+def _recovered(connection: sqlite3.Connection) -> Recovered:
+    rounds = tuple(
+        StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
+        for day, opened_at, closed_at in connection.execute(
+            "SELECT day, opened_at, closed_at FROM rounds ORDER BY day"
+        )
+    )
+    parts = tuple(
+        StoredPart(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
+        for device_id, xfer, part, parts, day, received_at, digest in connection.execute(
+            "SELECT device_id, xfer, part, parts, day, received_at, digest FROM parts ORDER BY device_id, xfer, part"
+        )
+    )
+    (depth,) = connection.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()
+    return Recovered(rounds, parts, depth)
+
+
+def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) -> Spooled:
+    """
+    The next batch for the cloud from the chunks C{rows} (C{seq, day,
+    device_id, device_ip, records, n}, oldest first, of closed rounds):
+    whole chunks up to C{limit} readings (a chunk of more than C{limit}
+    readings goes alone).
+
+    A device and minute appears once in a batch (the cloud refuses a
+    batch that repeats one): a reading of a day spooled twice whose first
+    copy is in the batch already is left out, and goes, as a duplicate,
+    with its chunk in a later batch if the chunk is not in this one.
+    """
+    seqs: list[int] = []
+    parts: list[str] = []
+    #: The times already in the batch, by device and day.
+    times: dict[tuple[int, str], set[str]] = {}
+    count = 0
+    for seq, day, device_id, device_ip, records, n in rows:
+        if count and count + n > limit:
+            break
+        chunk_records = records.split(";")
+        chunk_times = {record[:5] for record in chunk_records}
+        taken = times.setdefault((device_id, day), set())
+        if not taken.isdisjoint(chunk_times):
+            # Rare: the day was spooled twice (sent again in a new
+            # transfer), or a device repeated a time across parts.  Keep
+            # the first reading of each minute; a chunk with nothing left
+            # waits for a later batch.
+            kept = []
+            for record in chunk_records:
+                if record[:5] not in taken:
+                    taken.add(record[:5])
+                    kept.append(record)
+            if not kept:
+                continue
+            records = ";".join(kept)
+        else:
+            taken |= chunk_times
+        seqs.append(seq)
+        parts.append(_batch_records(records, day, device_id, device_ip))
+        count += n
+        if count >= limit:
+            break
+    batch = ";".join(parts)
+    return Spooled(tuple(seqs), batch, wire.record_count(batch))
+
+
+@implementer(ISpool)
 class Spool:
     """
     The spool's operations.  Each returns a Deferred that fires after its
     transaction is committed (see L{Database}).
+
+    @param depth: the readings the file holds as it was opened
+        (L{Recovered.depth}); the spool keeps count from there.
     """
 
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, depth: int = 0):
         self._database = database
+        self.depth = depth
 
     @staticmethod
     def open(path: Path) -> tuple[sqlite3.Connection, Recovered]:
@@ -251,20 +323,7 @@ class Spool:
         except BaseException:
             connection.close()
             raise
-        rounds = tuple(
-            StoredRound(datetime.date.fromisoformat(day), opened_at, closed_at)
-            for day, opened_at, closed_at in connection.execute(
-                "SELECT day, opened_at, closed_at FROM rounds ORDER BY day"
-            )
-        )
-        parts = tuple(
-            StoredPart(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
-            for device_id, xfer, part, parts, day, received_at, digest in connection.execute(
-                "SELECT device_id, xfer, part, parts, day, received_at, digest FROM parts"
-            )
-        )
-        (depth,) = connection.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()
-        return connection, Recovered(rounds, parts, depth)
+        return connection, _recovered(connection)
 
     def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False):
         """
@@ -281,7 +340,18 @@ class Spool:
             (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now, chunk_digest(chunk)),
             (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count),
         )
-        return self._database.run_many(_add_chunks, item)
+        return self._database.run_many(_add_chunks, item).addCallback(self._added)
+
+    def _added(self, new: int) -> int:
+        self.depth += new
+        return new
+
+    def _left(self, count: int) -> int:
+        self.depth -= count
+        return count
+
+    def recover(self):
+        return self._database.run(_recovered)
 
     def close_round(self, day: datetime.date, now: float):
         """
@@ -302,16 +372,9 @@ class Spool:
     def take_batch(self, limit: int, after: int = 0):
         """
         Fires with the L{Spooled} readings of the oldest chunks of closed
-        rounds whose sequence numbers are above C{after}, whole chunks up to
-        C{limit} readings (a chunk of more than C{limit} readings goes
-        alone): the next batch for the cloud.  They stay in the spool.  With
-        nothing ready, C{count} is 0.
-
-        A device and minute appears once in a batch (the cloud refuses a
-        batch that repeats one): a reading of a day spooled twice whose
-        first copy is in the batch already is left out, and goes, as a
-        duplicate, with its chunk in a later batch if the chunk is not in
-        this one.
+        rounds whose sequence numbers are above C{after} (see L{batch_of}):
+        the next batch for the cloud.  They stay in the spool.  With nothing
+        ready, C{count} is 0.
         """
 
         def work(connection: sqlite3.Connection) -> Spooled:
@@ -321,42 +384,10 @@ class Spool:
                 " ORDER BY seq",
                 (after,),
             )
-            seqs: list[int] = []
-            parts: list[str] = []
-            #: The times already in the batch, by device and day.
-            times: dict[tuple[int, str], set[str]] = {}
-            count = 0
             try:
-                for seq, day, device_id, device_ip, records, n in cursor:
-                    if count and count + n > limit:
-                        break
-                    chunk_records = records.split(";")
-                    chunk_times = {record[:5] for record in chunk_records}
-                    taken = times.setdefault((device_id, day), set())
-                    if not taken.isdisjoint(chunk_times):
-                        # Rare: the day was spooled twice (sent again in a
-                        # new transfer), or a device repeated a time across
-                        # parts.  Keep the first reading of each minute; a
-                        # chunk with nothing left waits for a later batch.
-                        kept = []
-                        for record in chunk_records:
-                            if record[:5] not in taken:
-                                taken.add(record[:5])
-                                kept.append(record)
-                        if not kept:
-                            continue
-                        records = ";".join(kept)
-                    else:
-                        taken |= chunk_times
-                    seqs.append(seq)
-                    parts.append(_batch_records(records, day, device_id, device_ip))
-                    count += n
-                    if count >= limit:
-                        break
+                return batch_of(cursor, limit)
             finally:
                 cursor.close()
-            batch = ";".join(parts)
-            return Spooled(tuple(seqs), batch, wire.record_count(batch))
 
         return self._database.run(work)
 
@@ -374,7 +405,7 @@ class Spool:
             ).fetchall()
             return sum(n for (n,) in removed)
 
-        return self._database.run(work)
+        return self._database.run(work).addCallback(self._left)
 
     def set_aside(self, seqs, reason: str, now: float):
         """
@@ -396,7 +427,7 @@ class Spool:
             ).fetchall()
             return sum(n for (n,) in removed)
 
-        return self._database.run(work)
+        return self._database.run(work).addCallback(self._left)
 
     def forget_before(self, before: float):
         """

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from meter import database, gateway, secrets
 from meter.database import Database
 from meter.options import MeterOptions
+from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
 
@@ -49,6 +50,13 @@ class GatewayService(MultiService):
     """
     Opens the spool and resumes what it holds before the UDP port opens, so
     no device is acknowledged before the gateway knows its past.
+
+    Why the tree is built in L{startService}, not in L{makeService}: the
+    spool's SQLite connection must be opened in the process that uses it,
+    and twistd forks (to run as a daemon) after C{makeService} returns; an
+    SQLite connection must not cross a fork.  Everything else hangs from
+    the open spool: the intake and the uplink start from what it holds,
+    and the UDP port, the cloud client and the stats timer serve them.
     """
 
     log = Logger()
@@ -70,17 +78,18 @@ class GatewayService(MultiService):
         # Commits on the reactor thread: a device's acknowledgement then
         # waits for no other thread to get a core (see meter.database).
         self.database = Database(connection, self._reactor)
-        spool = Spool(self.database)
+        self.spool = spool = Spool(self.database, recovered.depth)
+        self.metrics = GatewayMetrics()
         self.uplink = gateway.Uplink(
             spool,
             self._reactor,
             s["batch_readings"],
             s["ack_timeout"],
             on_delivered=self._delivered,
-            on_set_aside=lambda count: self.intake.delivered(count),
             window=s["batches_in_flight"],
             max_retry_delay=s["max_backoff"],
             late_linger=s["late_linger"],
+            metrics=self.metrics,
         )
         self.intake = gateway.Intake(
             self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick, check_source=s["check_source"],
@@ -91,6 +100,7 @@ class GatewayService(MultiService):
             max_reassemblies=s["max_reassemblies"],
             max_transfers_per_day=s["max_transfers_per_day"],
             max_parts_per_day=s["max_parts_per_day"],
+            metrics=self.metrics,
         )
         self.intake.recover(recovered)
 
@@ -139,42 +149,24 @@ class GatewayService(MultiService):
         """
 
         def retry(attempt: int) -> float:
-            self.uplink.counters["cloud_retries"] += 1
+            self.metrics.cloud_retries += 1
             return policy(attempt)
 
         return retry
 
     def log_stats(self) -> None:
         """
-        One line of the gateway's gauges and counters: spool depth,
-        reassemblies, duplicates, and the uplink's forwarding retries.
+        One line of the gateway's gauges and counts, as logfmt: spool depth
+        first, then reassemblies, duplicates, failures, forwarding retries
+        and the rest (see L{meter.gateway.metrics}).
         """
-        intake, uplink = self.intake.stats(), self.uplink.counters
-        self.log.info(
-            "gateway stats: spool_depth={depth} reassemblies={reassemblies} duplicates={duplicates} "
-            "expired_reassemblies={expired} refused_busy={busy} transaction_failures={failures} "
-            "batches_acknowledged={acked} "
-            "forwarding_retries={retries} (resent {resent}, ack timeouts {timeouts}, refused {refused}, "
-            "reconnects {reconnects}); intake {intake}; uplink {uplink}",
-            depth=intake["spool_depth"],
-            reassemblies=intake["reassemblies"],
-            duplicates=intake.get("duplicates", 0),
-            expired=intake.get("expired_reassemblies", 0),
-            busy=intake.get("refused_spool_full", 0) + intake.get("spool_failures", 0),
-            failures=intake.get("transaction_failures", 0) + uplink["transaction_failures"],
-            acked=uplink["batches_acknowledged"],
-            retries=uplink["batches_resent"] + uplink["ack_timeouts"] + uplink["batches_refused"] + uplink["cloud_retries"],
-            resent=uplink["batches_resent"],
-            timeouts=uplink["ack_timeouts"],
-            refused=uplink["batches_refused"],
-            reconnects=uplink["cloud_retries"],
-            intake=dict(sorted(intake.items())),
-            uplink=dict(sorted(uplink.items())),
-        )
+        gauges = self.intake.gauges()
+        # The text for a person; the gauges and counts, as numbers, for a
+        # program reading the log's events.
+        self.log.info("gateway stats: {stats}", stats=render(gauges, self.metrics), gauges=gauges, counts=self.metrics.counts())
 
     def _delivered(self, count: int) -> None:
-        self.intake.delivered(count)
-        self.log.info("{count} readings delivered; {depth} left in the spool", count=count, depth=self.intake.depth)
+        self.log.info("{count} readings delivered; {depth} left in the spool", count=count, depth=self.spool.depth)
 
     def stopService(self):
         if self._stats.running:
@@ -188,13 +180,7 @@ class GatewayService(MultiService):
             return self.database.stop()
 
         d.addCallback(stopped)
-        d.addCallback(
-            lambda _: self.log.info(
-                "gateway stopped: {intake}; uplink {uplink}",
-                intake=dict(self.intake.counters),
-                uplink=dict(self.uplink.counters),
-            )
-        )
+        d.addCallback(lambda _: self.log.info("gateway stopped: {stats}", stats=render({}, self.metrics)))
         return d
 
 

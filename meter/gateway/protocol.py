@@ -1,0 +1,275 @@
+"""
+The gateway's two protocols, which only translate: datagrams from devices
+into calls on the L{meter.gateway.intake.Intake}, and lines from the cloud
+into calls on the L{meter.gateway.uplink.Uplink}.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.interfaces import IHandshakeListener, INegotiated
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from meter import wire
+from meter.gateway.intake import Intake
+from meter.gateway.uplink import Uplink
+from meter.ratelimit import LimitedWarnings, PerSource
+
+
+class GatewayProtocol(DatagramProtocol):
+    """
+    The devices' side: one UDP port for the gateway's whole life.
+
+    A datagram is authenticated before anything else is done with it: its
+    claimed device must have a key and its tag must verify under that key,
+    or it is dropped unanswered (an answer would let anyone use the gateway
+    to reflect traffic).  Every answer is sealed with the device's key, so a
+    forged acknowledgement cannot make a device drop its data.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        intake: Intake,
+        keys: dict[int, bytes],
+        clock,
+        source_rate: float = 200.0,
+        source_burst: float = 400.0,
+        receive_buffer: int = 4 << 20,
+        log_datagrams: bool = False,
+    ):
+        self._intake = intake
+        self._admission = intake.admission
+        self._metrics = intake.metrics
+        self._log_datagrams = log_datagrams
+        self._keys = keys
+        self._receive_buffer = receive_buffer
+        # A flood from one address is cut off before any work is spent on
+        # it, so the other devices keep being served.
+        self._per_source = PerSource(clock, source_rate, source_burst)
+        # Warnings about bad input: a few a minute per source, then a count.
+        self._warnings = LimitedWarnings(self.log, clock)
+
+    def startProtocol(self):
+        # A fleet reporting at once must not overflow the kernel's queue.
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+
+    def datagramReceived(self, data: bytes, addr):
+        peer = f"{addr[0]}:{addr[1]}"
+        metrics = self._metrics
+        metrics.datagrams += 1
+        if not self._per_source.allow(addr[0]):
+            metrics.dropped_flood += 1
+            self._warnings.warn(addr[0], "dropping datagrams from {peer}: over its limit of {rate:g} a second", peer=peer, rate=self._per_source.rate)
+            return
+        try:
+            body, tag = wire.split_tag(data)
+        except wire.WireError as e:
+            metrics.dropped_no_tag += 1
+            self._drop(peer, len(data), str(e))
+            return
+        device_id = wire.claimed_device(body)
+        key = self._keys.get(device_id)
+        if key is None:
+            metrics.dropped_unknown_device += 1
+            self._drop(peer, len(data), f"no key for claimed device {device_id}")
+            return
+        if not wire.tag_ok(body, tag, key):
+            metrics.dropped_bad_tag += 1
+            self._drop(peer, len(data), f"tag does not verify under device {device_id}'s key")
+            return
+        seen = wire.peek_day_id(body)
+        if seen is not None:
+            xfer, part, sent_at = seen
+            if self._admission.acknowledged_before(device_id, xfer, part, sent_at, peer, body):
+                # A retransmission of a stored chunk (its ack was lost or
+                # late): answer again without decoding it a second time.
+                self._reply(wire.DayAck(xfer, part, "ok"), key, addr)
+                return
+            if self._admission.overloaded():
+                # More chunks wait for their commit than the spool can
+                # take in a device's first timeout: refuse new work now,
+                # cheaply, rather than acknowledge late and draw every
+                # device's retransmissions.  The device keeps the chunk.
+                metrics.refused_overloaded += 1
+                self._reply(
+                    wire.DayAck(xfer, part, "busy", "overloaded: too many chunks wait for the spool"), key, addr
+                )
+                return
+        try:
+            message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
+        except wire.WireError as e:
+            refused = metrics.decoder_refused
+            refused[e.code] = refused.get(e.code, 0) + 1
+            self._warnings.warn(addr[0], "refused datagram of {size} bytes from {peer}: {error}", size=len(data), peer=peer, error=str(e))
+            answer = wire.refusal(body, e)
+            if isinstance(answer, wire.DayAck):
+                self._reply(answer, key, addr)
+            return
+        if not isinstance(message, wire.DayChunk):
+            metrics.unexpected += 1
+            self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
+            return
+        self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr, peer, len(data))
+
+    def _drop(self, peer: str, size: int, detail: str) -> None:
+        self._warnings.warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
+
+    def _reply(self, ack: wire.DayAck, key: bytes, addr) -> None:
+        """
+        Send C{ack}, sealed with the device's C{key}, to C{addr}.
+        """
+        self.transport.write(wire.seal(wire.encode(ack), key), addr)
+
+    def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr, peer: str, size: int) -> None:
+        self._reply(ack, self._keys[chunk.device_id], addr)
+        if not self._log_datagrams:
+            # A log line costs as much as the rest of a datagram's handling:
+            # by default the intake logs each device's day once it is whole.
+            return
+        # One line for both events.
+        self.log.info(
+            "received {size} bytes from device {device} ({peer}): part {part}/{parts} of {day}, {n} readings; "
+            "sent {status} to device {device} for part {part}/{parts}",
+            size=size,
+            device=chunk.device_id,
+            peer=peer,
+            part=chunk.part,
+            parts=chunk.parts,
+            day=chunk.day,
+            n=chunk.count,
+            status=ack.status,
+        )
+
+
+@implementer(IHandshakeListener)
+class CloudClientProtocol(wire.LineProtocol):
+    """
+    The cloud's side: hands acknowledgements to the uplink, and pings the
+    cloud when the line has been silent for C{heartbeat} seconds, so a
+    half-open connection is noticed and replaced.
+
+    Over TLS the link is up, and the uplink sends, once the cloud has
+    answered a first ping through it: in TLS 1.3 this side's handshake
+    completes before the cloud has checked this side's certificate, so only
+    an answer shows that both checks passed.  A handshake that does not
+    complete within C{heartbeat} seconds is given up.  In plain text the link
+    is up at once.
+    """
+
+    MAX_LENGTH = 64 * 1024
+    log = Logger()
+
+    def __init__(self, uplink: Uplink, clock, heartbeat: float):
+        self._uplink = uplink
+        self._clock = clock
+        self._heartbeat = heartbeat
+        self._timer = None
+        self._pings = 0
+        self._handshake_done = False
+        self._up = False
+        self._how = "plain text"
+
+    def connectionMade(self):
+        wire.without_nagle(self.transport)
+        self._heard()
+        # A TLS transport provides INegotiated; handshakeCompleted follows.
+        if not INegotiated.providedBy(self.transport):
+            self._handshake_done = True
+            self._link_up()
+
+    def handshakeCompleted(self):
+        self._handshake_done = True
+        certificate = self.transport.getPeerCertificate()
+        subject = certificate.get_subject().commonName if certificate is not None else None
+        self._how = f"TLS, certificate CN={subject}"
+        self._ping()
+
+    def _link_up(self) -> None:
+        self._up = True
+        self.log.info(
+            "connected to the cloud at {peer} from {local} ({how})",
+            peer=self.transport.getPeer(),
+            local=self.transport.getHost(),
+            how=self._how,
+        )
+        self._uplink.connected(self)
+
+    def connectionLost(self, reason):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._up:
+            self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
+        else:
+            stage = "before the cloud answered over TLS" if self._handshake_done else "before the TLS handshake completed"
+            self.log.info("connection to the cloud lost: {why} ({stage})", why=reason.getErrorMessage(), stage=stage)
+        self._uplink.disconnected(self)
+
+    def send(self, message) -> None:
+        self.sendLine(wire.encode(message))
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
+    def _heard(self) -> None:
+        self._pings = 0
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._heartbeat)
+        else:
+            self._timer = self._clock.callLater(self._heartbeat, self._silent)
+
+    def _silent(self) -> None:
+        if not self._handshake_done:
+            self.log.warn("no TLS handshake with the cloud within {t:g} s: reconnecting", t=self._heartbeat)
+            self._uplink.metrics.handshake_timeouts += 1
+            self.abort()
+            return
+        if self._pings >= 1:
+            self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
+            self._uplink.metrics.heartbeat_failures += 1
+            self.abort()
+            return
+        self._ping()
+
+    def _ping(self) -> None:
+        self._pings += 1
+        self.send(wire.Ping(self._pings))
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._heartbeat)
+        else:
+            self._timer = self._clock.callLater(self._heartbeat, self._silent)
+
+    def lineReceived(self, line: bytes):
+        self._heard()
+        if not self._up:
+            self._link_up()
+        try:
+            message = wire.decode(line, max_size=self.MAX_LENGTH)
+        except wire.WireError as e:
+            self._uplink.metrics.refused_from_cloud += 1
+            self.log.warn("refused a line from the cloud: {error}", error=str(e))
+            return
+        if isinstance(message, wire.BatchAck):
+            self._uplink.ack_received(message)
+        elif not isinstance(message, wire.Pong):
+            self.log.warn("the cloud sent a {kind}: ignored", kind=type(message).__name__)
+
+    def lineLengthExceeded(self, line):
+        self.log.warn("the cloud sent a line over {max} bytes: reconnecting", max=self.MAX_LENGTH)
+        self.abort()
+
+
+class CloudClientFactory(Factory):
+    def __init__(self, uplink: Uplink, clock, heartbeat: float):
+        self._uplink = uplink
+        self._clock = clock
+        self._heartbeat = heartbeat
+
+    def buildProtocol(self, addr):
+        return CloudClientProtocol(self._uplink, self._clock, self._heartbeat)

@@ -1,0 +1,167 @@
+"""
+The reassembly of each device's transfer: which of its parts have arrived,
+so the gateway knows when a device has reported its whole day.  Bounded in
+time and in number: a transfer still missing parts is given up (expired)
+after a timeout, and the oldest first when too many are in progress.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Iterator
+
+import attrs
+from twisted.logger import Logger
+
+from meter import wire
+from meter.gateway.metrics import GatewayMetrics
+from meter.gateway.spool import StoredPart
+
+
+@attrs.define
+class Transfer:
+    """
+    The reassembly of one device's day: which parts have arrived.
+    """
+
+    day: datetime.date
+    parts: int
+    received: set[int] = attrs.Factory(set)
+    first_seen: float = 0.0
+
+
+class Reassembly:
+    """
+    The transfers the gateway knows, by C{(device_id, xfer)}, and the
+    bounds on those still missing parts.
+
+    @param timeout: seconds after its first part at which a transfer still
+        missing parts expires, or None for never.
+    @param most: how many transfers may be missing parts at once, or None
+        for no bound.
+    """
+
+    def __init__(self, clock, metrics: GatewayMetrics, log: Logger, timeout: float | None = None, most: int | None = None):
+        self._clock = clock
+        self._metrics = metrics
+        self._log = log
+        self._timeout = timeout
+        self._most = most
+        self.transfers: dict[tuple[int, str], Transfer] = {}
+        #: The transfers still missing parts, oldest first: what the time and
+        #: memory bounds on reassembly expire (see L{_expire}).
+        self.incomplete: dict[tuple[int, str], None] = {}
+        self._expiry = None
+
+    def part_arrived(self, chunk: wire.DayChunk) -> bool:
+        """
+        C{chunk}, a part of its transfer, is committed: whether the transfer
+        is now complete.
+        """
+        key = (chunk.device_id, chunk.xfer)
+        transfer = self.transfers.get(key)
+        if transfer is None:
+            transfer = self.transfers[key] = Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
+        transfer.received.add(chunk.part)
+        if len(transfer.received) < transfer.parts:
+            if key not in self.incomplete:
+                self.incomplete[key] = None
+                self._bound()
+            return False
+        self.incomplete.pop(key, None)
+        return True
+
+    def recover(self, parts: tuple[StoredPart, ...]) -> None:
+        """
+        Resume the transfers of the parts the spool holds; those still
+        missing parts expire as if the gateway had not stopped.
+        """
+        for part in parts:
+            transfer = self.transfers.setdefault(
+                (part.device_id, part.xfer), Transfer(part.day, part.parts, first_seen=part.received_at)
+            )
+            transfer.received.add(part.part)
+            transfer.first_seen = min(transfer.first_seen, part.received_at)
+        for key, transfer in sorted(self.transfers.items(), key=lambda item: item[1].first_seen):
+            if len(transfer.received) < transfer.parts:
+                self.incomplete[key] = None
+        self._bound()
+
+    def complete(self) -> Iterator[tuple[int, datetime.date]]:
+        """
+        The device and day of every complete transfer.
+        """
+        for (device_id, _), transfer in self.transfers.items():
+            if len(transfer.received) == transfer.parts:
+                yield device_id, transfer.day
+
+    def forget(self, key: tuple[int, str]) -> None:
+        """
+        Forget transfer C{key} (its device's day is forgotten): if it was
+        still missing parts, it counts as expired.
+        """
+        self.transfers.pop(key, None)
+        if key in self.incomplete:
+            del self.incomplete[key]
+            self._metrics.expired_reassemblies += 1
+
+    def stop(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+    def _bound(self) -> None:
+        """
+        Keep at most C{most} transfers in reassembly (the oldest go first),
+        and expire each C{timeout} seconds after its first part arrived.
+        """
+        if self._most is not None:
+            while len(self.incomplete) > self._most:
+                self._expire(next(iter(self.incomplete)), f"more than {self._most} in progress")
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timeout is None or not self.incomplete:
+            return
+        if self._expiry is not None and self._expiry.active():
+            return
+        oldest = self.transfers[next(iter(self.incomplete))]
+        delay = max(0.0, oldest.first_seen + self._timeout - self._clock.seconds())
+        self._expiry = self._clock.callLater(delay, self._expire_old)
+
+    def _expire_old(self) -> None:
+        self._expiry = None
+        cutoff = self._clock.seconds() - self._timeout
+        while self.incomplete:
+            key = next(iter(self.incomplete))
+            if self.transfers[key].first_seen > cutoff:
+                break
+            self._expire(key, f"incomplete after {self._timeout:g} s")
+        self._arm()
+
+    def _expire(self, key: tuple[int, str], why: str) -> None:
+        """
+        Stop reassembling transfer C{key}: forget which of its parts arrived.
+
+        Only bookkeeping goes.  Every part that was acknowledged is durable
+        in the spool and its readings are forwarded with their day whatever
+        happens here; what is lost is only the knowledge that the device
+        reported completely (its round then closes at its deadline).  The
+        message ids of its parts and the minutes they held stay with their
+        device's day (bounded, and forgotten by age), so a late
+        retransmission is still recognised and a late part still checked.
+        """
+        del self.incomplete[key]
+        transfer = self.transfers.pop(key)
+        device_id, xfer = key
+        self._metrics.expired_reassemblies += 1
+        self._log.warn(
+            "reassembly of device {device}'s transfer {xfer} of {day} expired ({why}) with {n} of {parts} parts: "
+            "the parts received stay spooled and are forwarded",
+            device=device_id,
+            xfer=xfer,
+            day=transfer.day,
+            why=why,
+            n=len(transfer.received),
+            parts=transfer.parts,
+        )

@@ -1,0 +1,259 @@
+"""
+Each day's round: open from the day's first report until every expected
+device has reported or its deadline passes; then closed, in memory and in
+the spool, and its readings may leave for the cloud.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable
+
+import attrs
+from twisted.logger import Logger
+
+from meter import wire
+from meter.gateway.interfaces import ISpool
+from meter.gateway.metrics import GatewayMetrics
+from meter.gateway.spool import StoredRound
+from meter.retry import Failures
+
+
+@attrs.define
+class Round:
+    """
+    One day's collection: open from the day's first report until every
+    expected device has reported or the deadline passes.
+    """
+
+    day: datetime.date
+    opened_at: float
+    closed: bool = False
+    reported: set[int] = attrs.Factory(set)
+    timer: object = None
+    #: When it closed, on the gateway's clock: it is forgotten some time
+    #: later (see L{Rounds.forget_before}).
+    closed_at: float | None = None
+
+
+class Rounds:
+    """
+    The rounds the gateway holds, by day, and their deadlines.
+
+    @param on_ready: called when a round is closed in the spool: its
+        readings may leave.
+    @param on_late: called with the number of readings of a part spooled
+        under a round closed already: they may leave.
+    @param on_closed: called when a round closes, in memory (the gateway
+        then forgets what is old).
+    @param report: logs a line about what a device sends again, rate-limited
+        per device.
+    """
+
+    def __init__(
+        self,
+        fleet: dict[int, str],
+        spool: ISpool,
+        clock,
+        deadline: float,
+        metrics: GatewayMetrics,
+        log: Logger,
+        on_ready: Callable[[], None],
+        on_late: Callable[[int], None],
+        on_closed: Callable[[], None],
+        report: Callable[..., None],
+        max_retry_delay: float = 30.0,
+    ):
+        self._fleet = fleet
+        self._spool = spool
+        self._clock = clock
+        self._deadline = deadline
+        self._metrics = metrics
+        self.log = log
+        self._on_ready = on_ready
+        self._on_late = on_late
+        self._on_closed = on_closed
+        self._report = report
+        self.rounds: dict[datetime.date, Round] = {}
+        #: Rounds closed in memory whose close the spool has not taken yet:
+        #: day -> the timer of the next attempt.
+        self._closing: dict[datetime.date, object] = {}
+        self._stopped = False
+        self._failures = Failures(self, clock, metrics, max_retry_delay)
+
+    def open(self, day: datetime.date, device_id: int) -> None:
+        """
+        Open C{day}'s round, at its first report (by C{device_id}).
+        """
+        round_ = self.rounds[day] = Round(day, self._clock.seconds())
+        self.log.info("round {day} opened by device {device}", day=day, device=device_id)
+        self._arm(round_)
+
+    def part_arrived(self, chunk: wire.DayChunk, peer: str, complete: bool) -> None:
+        """
+        C{chunk} is committed, and its transfer C{complete} or not: its
+        device may have reported its day, and the round may close.
+        """
+        round_ = self.rounds.get(chunk.day)
+        if round_ is None:
+            # Its round, closed long ago, was forgotten (as another round
+            # closed) while this chunk was being committed: its readings are
+            # spooled under a closed round, so they may go.
+            self._on_late(chunk.count)
+            return
+        if not complete:
+            if round_.closed:
+                # Its readings are spooled under a closed round: they may go.
+                self._on_late(chunk.count)
+            return
+        # One line a device a day, what the report's gateway printed for
+        # each device (each datagram only with log_datagrams).
+        reported = {"device": chunk.device_id, "peer": peer, "day": chunk.day, "parts": chunk.parts}
+        if round_.closed:
+            self._metrics.late_devices += 1
+            self._report(
+                chunk.device_id,
+                "late device {device} ({peer}) reported {day} in {parts} parts after its round closed: "
+                "forwarding its readings now",
+                **reported,
+            )
+            self._on_late(chunk.count)
+            return
+        if chunk.device_id in round_.reported:
+            self._report(chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} parts", **reported)
+            return
+        round_.reported.add(chunk.device_id)
+        self.log.info(
+            "device {device} ({peer}) reported {day} in {parts} parts: {n} of {total} devices",
+            n=len(round_.reported),
+            total=len(self._fleet),
+            **reported,
+        )
+        if self._everyone_reported(round_):
+            self._close(round_, "every expected device reported")
+
+    def recover(self, stored: tuple[StoredRound, ...], complete) -> None:
+        """
+        Resume the rounds the spool holds, with the devices that reported
+        (C{complete}: the device and day of each complete transfer): open
+        rounds get their deadline back, closing at once if it passed while
+        the gateway was down.
+        """
+        for round_ in stored:
+            self.rounds[round_.day] = Round(
+                round_.day, round_.opened_at, closed=round_.closed_at is not None, closed_at=round_.closed_at
+            )
+        for device_id, day in complete:
+            round_ = self.rounds.get(day)
+            if round_ is not None:
+                round_.reported.add(device_id)
+        # A copy: closing a round forgets old rounds.
+        for round_ in list(self.rounds.values()):
+            if not round_.closed:
+                self.log.info(
+                    "resuming open round {day}: {n} of {total} devices reported",
+                    day=round_.day,
+                    n=len(round_.reported),
+                    total=len(self._fleet),
+                )
+                if self._everyone_reported(round_):
+                    self._close(round_, "every expected device reported")
+                else:
+                    self._arm(round_)
+
+    def forget_before(self, now: float, cutoff: float, admissible: datetime.date | None) -> None:
+        """
+        Forget the rounds closed before C{cutoff} whose day is before
+        C{admissible}, the first a chunk taken now may name (None: any day
+        may be named).
+
+        A closed round is kept while a chunk of its day can still be taken:
+        a late part then finds its round closed and is forwarded, where a
+        round made anew would wait for a deadline and report every device
+        missing.
+        """
+        for day, round_ in list(self.rounds.items()):
+            if not round_.closed:
+                continue
+            if round_.closed_at is None:
+                # Closed since the last pass (closing does not stamp it).
+                round_.closed_at = now
+            elif round_.closed_at < cutoff and (admissible is None or day < admissible):
+                del self.rounds[day]
+
+    def stop(self) -> None:
+        for round_ in self.rounds.values():
+            if round_.timer is not None and round_.timer.active():
+                round_.timer.cancel()
+        # A close not yet in the spool is not lost: the next start finds the
+        # round open past its deadline (or complete) and closes it again.
+        self._stopped = True
+        for retry in self._closing.values():
+            if retry.active():
+                retry.cancel()
+        self._closing.clear()
+
+    def _everyone_reported(self, round_: Round) -> bool:
+        # Counting first: comparing the sets costs as much as the fleet is
+        # large, and this is asked each time a device reports.
+        return len(round_.reported) >= len(self._fleet) and self._fleet.keys() <= round_.reported
+
+    def _arm(self, round_: Round) -> None:
+        delay = max(0.0, round_.opened_at + self._deadline - self._clock.seconds())
+        round_.timer = self._clock.callLater(delay, self._deadline_passed, round_)
+
+    def _deadline_passed(self, round_: Round) -> None:
+        round_.timer = None
+        if not round_.closed:
+            self._close(round_, f"deadline of {self._deadline:g} s passed")
+
+    def _close(self, round_: Round, why: str) -> None:
+        round_.closed = True
+        if round_.timer is not None and round_.timer.active():
+            round_.timer.cancel()
+        round_.timer = None
+        missing = sorted(self._fleet.keys() - round_.reported)
+        if missing:
+            self._metrics.rounds_incomplete += 1
+            self.log.warn(
+                "round {day} closed: {why}; devices that did not report: {missing}",
+                day=round_.day,
+                why=why,
+                missing=", ".join(f"{d} ({self._fleet[d]})" for d in missing),
+            )
+        else:
+            self.log.info("round {day} complete: {why}", day=round_.day, why=why)
+        self._metrics.rounds_closed += 1
+        self._close_in_spool(round_.day, self._clock.seconds())
+        self._on_closed()
+
+    def _close_in_spool(self, day: datetime.date, at: float) -> None:
+        """
+        Close C{day}'s round in the spool, retrying until the spool takes it.
+
+        The round stays closed in memory meanwhile: the decision is made
+        (its deadline passed, or every device reported) and is not taken
+        twice.  Its readings cannot leave early, as only a round closed in
+        the spool is forwarded, and a restart before the spool took the
+        close finds the round open and closes it again for the same reason.
+        """
+        pending = self._closing.pop(day, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+        self._spool.close_round(day, at).addCallbacks(
+            self._closed_in_spool, self._close_failed, errbackArgs=(day, at)
+        )
+
+    def _closed_in_spool(self, _) -> None:
+        self._failures.succeeded("closing a round")
+        self._on_ready()
+
+    def _close_failed(self, failure, day: datetime.date, at: float) -> None:
+        delay = self._failures.failed(
+            "closing a round", "close_failures", failure, "round {day} not closed in the spool, not forwarded yet",
+            day=day,
+        )
+        if self._stopped:
+            return
+        self._closing[day] = self._clock.callLater(delay, self._close_in_spool, day, at)
+
