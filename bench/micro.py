@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from meter import cloud, wire  # noqa: E402
+from meter.wire import values as wire_values  # noqa: E402
 from meter.database import connect  # noqa: E402
 from meter.tools.loadgen import synthetic_day  # noqa: E402
 from meter.reading import Reading  # noqa: E402
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     note("  a plain tuple instead, per reading", best(
         lambda: (3, "10.0.0.3", datetime.datetime(2026, 3, 1, 1, 2), 21.3, 35.5), number=20000))
     note("  _number('21.3') (regex, float, canonical check, range)", best(
-        lambda: wire._check_number("21.3", lambda v: v, "t"), number=20000))
+        lambda: wire_values.check_number("21.3", lambda v: v, "t"), number=20000))
     cache = {"21.3": 21.3}
     note("  a dict lookup of an already-checked number instead", best(lambda: cache.get("21.3"), number=20000))
     ack = wire.DayAck(chunk.xfer, chunk.part, "ok")
