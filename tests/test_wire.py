@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineOnlyReceiver
 
 from meter import wire
 from meter.reading import Reading
@@ -750,3 +751,78 @@ def test_line_protocol_sends_a_line_with_its_end():
     protocol, transport = connected_lines()
     protocol.sendLine(b"meter/1 PING seq=1")
     assert transport.value() == b"meter/1 PING seq=1\n"
+
+
+class _Recording:
+    """
+    Records the lines a line receiver is given, closes its connection on a
+    line C{close}, and (as C{LineOnlyReceiver} does) on a line too long.
+    What it is told once its connection is closing does not count: nothing
+    reads it.
+    """
+
+    MAX_LENGTH = 10
+    delimiter = b"\n"
+
+    def __init__(self):
+        self.lines: list[bytes] = []
+        self.too_long: list[bytes] = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+        if line == b"close":
+            self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line):
+        if not self.transport.disconnecting:
+            self.too_long.append(line)
+        self.transport.loseConnection()
+
+
+class _FastLines(_Recording, wire.LineProtocol):
+    pass
+
+
+class _TwistedLines(_Recording, LineOnlyReceiver):
+    pass
+
+
+def test_line_protocol_is_twisteds_line_only_receiver_of_newline_ended_lines():
+    assert issubclass(wire.LineProtocol, LineOnlyReceiver)
+    assert wire.LineProtocol.delimiter == b"\n"
+    assert wire.LineProtocol.MAX_LENGTH == wire.MAX_LINE
+
+
+def test_line_protocol_closes_on_a_line_too_long_as_line_only_receiver_does():
+    class Plain(wire.LineProtocol):
+        MAX_LENGTH = 4
+
+        def lineReceived(self, line):
+            raise AssertionError(line)
+
+    protocol, transport = Plain(), StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"01234\n")
+    assert transport.disconnecting
+
+
+_stream_lines = st.lists(
+    st.one_of(st.binary(max_size=14).map(lambda b: b.replace(b"\n", b"")), st.just(b"close")), max_size=8
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_stream_lines, st.booleans(), st.data())
+def test_line_protocol_reads_as_line_only_receiver_however_the_bytes_are_cut(lines, ended, data):
+    stream = b"".join(line + b"\n" for line in lines)
+    if not ended:
+        stream += data.draw(st.binary(max_size=14).map(lambda b: b.replace(b"\n", b"")), "unended")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6), "cuts"))
+    fast, twisted = _FastLines(), _TwistedLines()
+    for protocol in (fast, twisted):
+        protocol.makeConnection(StringTransport())
+        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+            protocol.dataReceived(stream[start:end])
+    assert fast.lines == twisted.lines
+    assert fast.too_long == twisted.too_long
+    assert fast.transport.disconnecting == twisted.transport.disconnecting
