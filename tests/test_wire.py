@@ -753,25 +753,12 @@ def test_line_protocol_sends_a_line_with_its_end():
     assert transport.value() == b"meter/1 PING seq=1\n"
 
 
-class _Recording:
+class _ClosingLines(Lines):
     """
-    Records the lines a line receiver is given, closes its connection on a
-    line C{close}, and (as C{LineOnlyReceiver} does) on a line too long.
-    What it is told once its connection is closing does not count: nothing
-    reads it.
+    L{Lines} closing its connection on a line too long, as
+    C{LineOnlyReceiver} does.  What it is told once its connection is
+    closing does not count: nothing reads it.
     """
-
-    MAX_LENGTH = 10
-    delimiter = b"\n"
-
-    def __init__(self):
-        self.lines: list[bytes] = []
-        self.too_long: list[bytes] = []
-
-    def lineReceived(self, line):
-        self.lines.append(line)
-        if line == b"close":
-            self.transport.loseConnection()
 
     def lineLengthExceeded(self, line):
         if not self.transport.disconnecting:
@@ -779,12 +766,12 @@ class _Recording:
         self.transport.loseConnection()
 
 
-class _FastLines(_Recording, wire.LineProtocol):
-    pass
+class _TwistedLines(_ClosingLines):
+    """
+    The same, reading as C{LineOnlyReceiver} itself reads.
+    """
 
-
-class _TwistedLines(_Recording, LineOnlyReceiver):
-    pass
+    dataReceived = LineOnlyReceiver.dataReceived
 
 
 def test_line_protocol_is_twisteds_line_only_receiver_of_newline_ended_lines():
@@ -818,7 +805,7 @@ def test_line_protocol_reads_as_line_only_receiver_however_the_bytes_are_cut(lin
     if not ended:
         stream += data.draw(st.binary(max_size=14).map(lambda b: b.replace(b"\n", b"")), "unended")
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6), "cuts"))
-    fast, twisted = _FastLines(), _TwistedLines()
+    fast, twisted = _ClosingLines(), _TwistedLines()
     for protocol in (fast, twisted):
         protocol.makeConnection(StringTransport())
         for start, end in zip([0, *cuts], [*cuts, len(stream)]):

@@ -31,21 +31,8 @@ import attrs
 from meter.wire import values
 from meter.wire.batch import batch_columns, checksum
 from meter.wire.day import check_day_records
-from meter.wire.messages import (
-    MAGIC,
-    MAX_BATCH_READINGS,
-    MAX_LINE,
-    MAX_READINGS,
-    STATUSES,
-    VERSION,
-    Batch,
-    BatchAck,
-    DayAck,
-    DayChunk,
-    Message,
-    Ping,
-    Pong,
-)
+from meter.wire.messages import MAGIC, MAX_BATCH_READINGS, MAX_LINE, MAX_READINGS, STATUSES, VERSION
+from meter.wire.messages import Batch, BatchAck, DayAck, DayChunk, Message, Ping, Pong
 from meter.wire.values import WireError
 
 _PREFIX = b"meter/%d " % (VERSION,)
@@ -84,8 +71,9 @@ class Kind:
 
     @ivar rules: the faults a message's values may have that no single field
         shows, each a function of a getter of the message's attributes by
-        name, giving C{(code, words)} or C{None}.  L{encode} refuses such a message with a
-        C{ValueError}, L{decode} with a L{WireError} of that code.
+        name, giving C{(code, words)} or C{None}.  L{encode} refuses such a
+        message with a C{ValueError}, L{decode} with a L{WireError} of that
+        code.
     @ivar check: checks the records of a message being decoded against the
         fields they imply, given the values read by key; gives the
         message's attributes made along the way.
