@@ -57,7 +57,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
     the acknowledgements.  Plus the raw loop's CPU per datagram, it is the
     least the gateway daemon can spend with this codec and spool.
     """
-    from meter.gateway.spool import SCHEMA as SPOOL_SCHEMA, Spool, _add_chunks
+    from meter.gateway.spool import Spool, _add_chunks
 
     keys = {d: bytes([d % 251 + 1]) * 32 for d in range(1, devices + 1)}
     datagrams = []
@@ -73,8 +73,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
             items.append(item)
 
     spool = Spool(Collect())
-    connection = connect(scratch / "floor.sqlite")
-    connection.executescript(SPOOL_SCHEMA)
+    connection, _ = Spool.open(scratch / "floor.sqlite")
     seen: set[tuple[int, str, int]] = set()
     spent = dict.fromkeys(("verify", "decode", "spool", "answer"), 0.0)
     clock = time.process_time
@@ -156,10 +155,9 @@ def main(argv=None) -> int:
             size=1200, device=3, peer="127.0.0.1:5555", part=1, parts=21, day=DAY, n=n), number=2000))
 
     with tempfile.TemporaryDirectory() as scratch:
-        from meter.gateway.spool import SCHEMA as SPOOL_SCHEMA, Spool
+        from meter.gateway.spool import Spool
 
-        connection = connect(Path(scratch) / "spool.sqlite")
-        connection.executescript(SPOOL_SCHEMA)
+        connection, _ = Spool.open(Path(scratch) / "spool.sqlite")
         chunks = [wire.split_day(d, f"10.0.{d >> 8}.{d & 255}", DAY, synthetic_day(d, f"10.0.{d >> 8}.{d & 255}", DAY, 1440),
                                  f"{d:016x}", 1772400000) for d in range(1, 61)]
         pieces = [c for day in chunks for c in day][:1000]

@@ -11,7 +11,7 @@ roles use, so C{wire.encode(...)} reads as one codec:
     their ids;
   - L{meter.wire.codec}: one description per kind of message, driving
     L{encode}, L{decode} and L{refusal};
-  - L{meter.wire.seal}: the tags of device datagrams and the one reader of
+  - L{meter.wire.sealing}: the tags of device datagrams and the one reader of
     a sealed C{DAY} header;
   - L{meter.wire.split}: a day cut into chunks;
   - L{meter.wire.lines}: the TCP hop's line framing.
@@ -38,7 +38,7 @@ from meter.wire.messages import (
     Pong,
     new_id,
 )
-from meter.wire.seal import TAG_LENGTH, claimed_device, peek_ack_id, peek_day_id, seal, split_tag, tag_ok, unseal
+from meter.wire.sealing import TAG_LENGTH, claimed_device, peek_ack_id, peek_day_id, seal, split_tag, tag_ok, unseal
 from meter.wire.split import day_chunks, day_parts, split_day
 from meter.wire.values import MAX_DEVICE_ID, WireError, device_address, record_count
 

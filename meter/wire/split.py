@@ -11,7 +11,7 @@ from meter.reading import Reading
 from meter.wire.codec import encode
 from meter.wire.day import check_belong, day_record
 from meter.wire.messages import DEFAULT_CHUNK_BYTES, MAX_READINGS, DayChunk
-from meter.wire.seal import TAG_LENGTH
+from meter.wire.sealing import TAG_LENGTH
 from meter.wire.values import MAX_UINT32
 
 
@@ -26,7 +26,7 @@ def split_day(
 ) -> list[DayChunk]:
     """
     Cut one device's day into L{DayChunk}s whose sealed datagrams (see
-    L{meter.wire.seal.seal}) are at most C{max_bytes} long each.  A day with
+    L{meter.wire.sealing.seal}) are at most C{max_bytes} long each.  A day with
     no readings is one empty chunk, so the gateway still learns the device
     reported.
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import re
 
+from meter.wire.messages import VERSION
 from meter.wire.values import WireError
 
 #: A sealed datagram ends with this and 64 hex digits of HMAC-SHA256.
@@ -62,13 +63,14 @@ def _tag(body: bytes, key: bytes) -> bytes:
 
 
 #: The header of a C{DAY} message, sealed or not: the version and the
-#: device it claims, then, if they are all there and well formed, its
-#: transfer id, part, parts and start time.  A prefix match: the records
-#: and the tag after it are not read.
-_DAY_HEADER = re.compile(
-    rb"meter/([0-9]{1,9}) DAY dev=([1-9][0-9]{0,9}) "
-    rb"(?:ip=\S+ day=\S+ xfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/([1-9][0-9]{0,3}) ts=(0|[1-9][0-9]{0,9}) )?"
-)
+#: device it claims, then its transfer id, part, parts and start time.
+#: Prefixes of it are matched: the records and the tag after it are not read.
+_CLAIM = rb"meter/(%s) DAY dev=([1-9][0-9]{0,9}) "
+_ID = rb"ip=\S+ day=\S+ xfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/[1-9][0-9]{0,3} ts=(0|[1-9][0-9]{0,9}) "
+#: The claim alone, of any version: read before the tag is checked.
+_DAY_CLAIM = re.compile(_CLAIM % rb"[0-9]{1,9}")
+#: The whole header, of this version.
+_DAY_HEADER = re.compile(_CLAIM % str(VERSION).encode("ascii") + _ID)
 
 
 def claimed_device(body: bytes) -> int | None:
@@ -80,7 +82,7 @@ def claimed_device(body: bytes) -> int | None:
     its key, C{bad} with the decoder's C{version} error, rather than
     dropped like a stranger's datagram.
     """
-    match = _DAY_HEADER.match(body)
+    match = _DAY_CLAIM.match(body)
     return int(match.group(2)) if match is not None else None
 
 
@@ -93,13 +95,13 @@ def peek_day_id(body: bytes) -> tuple[str, int, int] | None:
     why).
     """
     match = _DAY_HEADER.match(body)
-    if match is None or match.group(3) is None or match.group(1) != b"1":
+    if match is None:
         return None
-    return match.group(3).decode("ascii"), int(match.group(4)), int(match.group(6))
+    return match.group(3).decode("ascii"), int(match.group(4)), int(match.group(5))
 
 
 #: The head of a C{DAYACK}: its transfer id, part and status.
-_DAYACK_HEADER = re.compile(rb"meter/1 DAYACK xfer=([0-9a-f]{16}) part=(0|[1-9][0-9]{0,3}) st=([a-z]+)")
+_DAYACK_HEADER = re.compile(rb"meter/%d DAYACK xfer=([0-9a-f]{16}) part=(0|[1-9][0-9]{0,3}) st=([a-z]+)" % VERSION)
 
 
 def peek_ack_id(body: bytes) -> tuple[str, int, str] | None:
