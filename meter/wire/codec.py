@@ -52,7 +52,8 @@ class Field:
     @ivar write: the text of an attribute's value, where C{str} is not it.
     @ivar implied: the value follows from the others (C{n=}, C{sum=}): it is
         checked against them, not kept in the message.
-    @ivar optional: the token is left out when its value is C{default}.
+    @ivar optional: the token is left out when its value is C{default}, the
+        value it then reads as.
     """
 
     key: str
@@ -141,7 +142,7 @@ def _source(kind: Kind) -> str:
         "    return text.encode('ascii')",
     ]
     read = ["def read(texts):"]
-    values = {}
+    carried = {}
     for index, field in enumerate(kind.fields):
         if field.optional:
             read.append(f"    v{index} = default{index} if texts[{index}] is None else read{index}(texts[{index}])")
@@ -149,18 +150,18 @@ def _source(kind: Kind) -> str:
             read.append(f"    v{index} = read{index}(texts[{index}])")
         if not field.implied:
             if len(field.attributes) == 1:
-                values[field.attributes[0]] = f"v{index}"
+                carried[field.attributes[0]] = f"v{index}"
             else:
-                values.update((name, f"v{index}[{place}]") for place, name in enumerate(field.attributes))
+                carried.update((name, f"v{index}[{place}]") for place, name in enumerate(field.attributes))
     # In the order of the class's attributes, by position while none is
     # left out (cheaper than by name): the rest keep their defaults.
     arguments = []
     for attribute in attrs.fields(kind.message):
-        if attribute.name not in values:
+        if attribute.name not in carried:
             break
-        arguments.append(values.pop(attribute.name))
-    if values:
-        raise TypeError(f"{kind.name}: {', '.join(values)} after an attribute no field carries")
+        arguments.append(carried.pop(attribute.name))
+    if carried:
+        raise TypeError(f"{kind.name}: {', '.join(carried)} after an attribute no field carries")
     arguments = ", ".join(arguments)
     read.append(f"    message = Message({arguments})")
     read.extend(f"{rule}\n    if fault is not None:\n        raise WireError(*fault)" for rule in rules)
