@@ -21,6 +21,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from meter import wire
 from meter.reading import Reading
+from meter.wire.values import TEMPERATURES, BoundedCache
 from meter.wire import (
     Batch,
     BatchAck,
@@ -439,6 +440,27 @@ def test_datagram_limit_refuses_a_larger_datagram():
 
 def test_wire_error_is_a_value_error():
     assert issubclass(WireError, ValueError)
+
+
+def test_a_bounded_cache_holds_at_most_its_limit_and_starts_afresh_when_full():
+    cache = BoundedCache(2)
+    assert cache.remember("1", 1) == 1
+    cache.remember("2", 2)
+    assert cache.entries == {"1": 1, "2": 2}
+    cache.remember("3", 3)
+    assert cache.entries == {"3": 3}
+    # a plain dict: a set's difference looks its values up in it
+    assert type(cache.entries) is dict
+    assert {"2", "3"}.difference(cache.entries) == {"2"}
+
+
+def test_values_checked_once_are_taken_from_their_cache_and_refused_ones_are_not_kept():
+    text = "17.123"
+    assert decode(day_variant(b"08:00,20,30", b"08:00," + text.encode() + b",30")).readings[0].temperature_c == 17.123
+    assert TEMPERATURES.entries[text] == 17.123
+    with pytest.raises(WireError):
+        decode(day_variant(b"08:00,20,30", b"08:00,17.1230,30"))
+    assert "17.1230" not in TEMPERATURES.entries
 
 
 # -- split_day --------------------------------------------------------------
