@@ -201,24 +201,27 @@ def raw_udp_ceiling(count: int, window: int, time_limit: float = 60.0, size: int
     return result
 
 
-_DAYACK = re.compile(rb"^meter/1 DAYACK xfer=([0-9a-f]{16}) part=([0-9]+) st=(\w+)")
-_DAY = re.compile(rb" xfer=([0-9a-f]{16}) part=([0-9]+)/")
+def day_ident(datagram: bytes) -> tuple[str, int]:
+    """
+    The transfer id and part of a sealed C{DAY} datagram.
+    """
+    from meter.wire import peek_day_id
+
+    xfer, part, _ = peek_day_id(datagram)
+    return xfer, part
 
 
-def day_ident(datagram: bytes) -> tuple[bytes, bytes]:
-    match = _DAY.search(datagram, 0, 400)
-    return match.group(1), match.group(2)
-
-
-def dayack_ident(answer: bytes):
+def dayack_ident(answer: bytes) -> tuple[str, int] | None:
     """
     The chunk an C{ok} DAYACK acknowledges (its tag is not checked: this
     driver measures the gateway, and the tags were made with the right keys).
     """
-    match = _DAYACK.match(answer)
-    if match is None or match.group(3) != b"ok":
+    from meter.wire import peek_ack_id
+
+    seen = peek_ack_id(answer)
+    if seen is None or seen[2] != "ok":
         return None
-    return match.group(1), match.group(2)
+    return seen[:2]
 
 
 # -- SQLite -------------------------------------------------------------------

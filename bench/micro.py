@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 from twisted.internet.defer import Deferred  # noqa: E402
 
 from meter import cloud, wire  # noqa: E402
+from meter.wire import values as wire_values  # noqa: E402
 from meter.database import connect  # noqa: E402
 from meter.tools.loadgen import synthetic_day  # noqa: E402
 from meter.reading import Reading  # noqa: E402
@@ -59,7 +60,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
     the acknowledgements.  Plus the raw loop's CPU per datagram, it is the
     least the gateway daemon can spend with this codec and spool.
     """
-    from meter.gateway.spool import SCHEMA as SPOOL_SCHEMA, Spool, _add_chunks
+    from meter.gateway.spool import Spool, _add_chunks
 
     keys = {d: bytes([d % 251 + 1]) * 32 for d in range(1, devices + 1)}
     datagrams = []
@@ -76,8 +77,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
             return Deferred()
 
     spool = Spool(Collect())
-    connection = connect(scratch / "floor.sqlite")
-    connection.executescript(SPOOL_SCHEMA)
+    connection, _ = Spool.open(scratch / "floor.sqlite")
     seen: set[tuple[int, str, int]] = set()
     spent = dict.fromkeys(("verify", "decode", "spool", "answer"), 0.0)
     clock = time.process_time
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     note("  a plain tuple instead, per reading", best(
         lambda: (3, "10.0.0.3", datetime.datetime(2026, 3, 1, 1, 2), 21.3, 35.5), number=20000))
     note("  _number('21.3') (regex, float, canonical check, range)", best(
-        lambda: wire._check_number("21.3", lambda v: v, "t"), number=20000))
+        lambda: wire_values.check_number("21.3", lambda v: v, "t"), number=20000))
     cache = {"21.3": 21.3}
     note("  a dict lookup of an already-checked number instead", best(lambda: cache.get("21.3"), number=20000))
     ack = wire.DayAck(chunk.xfer, chunk.part, "ok")
@@ -159,10 +159,9 @@ def main(argv=None) -> int:
             size=1200, device=3, peer="127.0.0.1:5555", part=1, parts=21, day=DAY, n=n), number=2000))
 
     with tempfile.TemporaryDirectory() as scratch:
-        from meter.gateway.spool import SCHEMA as SPOOL_SCHEMA, Spool
+        from meter.gateway.spool import Spool
 
-        connection = connect(Path(scratch) / "spool.sqlite")
-        connection.executescript(SPOOL_SCHEMA)
+        connection, _ = Spool.open(Path(scratch) / "spool.sqlite")
         chunks = [wire.split_day(d, f"10.0.{d >> 8}.{d & 255}", DAY, synthetic_day(d, f"10.0.{d >> 8}.{d & 255}", DAY, 1440),
                                  f"{d:016x}", 1772400000) for d in range(1, 61)]
         pieces = [c for day in chunks for c in day][:1000]

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineOnlyReceiver
 
 from meter import wire
 from meter.reading import Reading
+from meter.wire.values import TEMPERATURES, BoundedCache
 from meter.wire import (
     Batch,
     BatchAck,
@@ -440,6 +442,27 @@ def test_wire_error_is_a_value_error():
     assert issubclass(WireError, ValueError)
 
 
+def test_a_bounded_cache_holds_at_most_its_limit_and_starts_afresh_when_full():
+    cache = BoundedCache(2)
+    assert cache.remember("1", 1) == 1
+    cache.remember("2", 2)
+    assert cache.entries == {"1": 1, "2": 2}
+    cache.remember("3", 3)
+    assert cache.entries == {"3": 3}
+    # a plain dict: a set's difference looks its values up in it
+    assert type(cache.entries) is dict
+    assert {"2", "3"}.difference(cache.entries) == {"2"}
+
+
+def test_values_checked_once_are_taken_from_their_cache_and_refused_ones_are_not_kept():
+    text = "17.123"
+    assert decode(day_variant(b"08:00,20,30", b"08:00," + text.encode() + b",30")).readings[0].temperature_c == 17.123
+    assert TEMPERATURES.entries[text] == 17.123
+    with pytest.raises(WireError):
+        decode(day_variant(b"08:00,20,30", b"08:00,17.1230,30"))
+    assert "17.1230" not in TEMPERATURES.entries
+
+
 # -- split_day --------------------------------------------------------------
 
 
@@ -750,3 +773,65 @@ def test_line_protocol_sends_a_line_with_its_end():
     protocol, transport = connected_lines()
     protocol.sendLine(b"meter/1 PING seq=1")
     assert transport.value() == b"meter/1 PING seq=1\n"
+
+
+class _ClosingLines(Lines):
+    """
+    L{Lines} closing its connection on a line too long, as
+    C{LineOnlyReceiver} does.  What it is told once its connection is
+    closing does not count: nothing reads it.
+    """
+
+    def lineLengthExceeded(self, line):
+        if not self.transport.disconnecting:
+            self.too_long.append(line)
+        self.transport.loseConnection()
+
+
+class _TwistedLines(_ClosingLines):
+    """
+    The same, reading as C{LineOnlyReceiver} itself reads.
+    """
+
+    dataReceived = LineOnlyReceiver.dataReceived
+
+
+def test_line_protocol_is_twisteds_line_only_receiver_of_newline_ended_lines():
+    assert issubclass(wire.LineProtocol, LineOnlyReceiver)
+    assert wire.LineProtocol.delimiter == b"\n"
+    assert wire.LineProtocol.MAX_LENGTH == wire.MAX_LINE
+
+
+def test_line_protocol_closes_on_a_line_too_long_as_line_only_receiver_does():
+    class Plain(wire.LineProtocol):
+        MAX_LENGTH = 4
+
+        def lineReceived(self, line):
+            raise AssertionError(line)
+
+    protocol, transport = Plain(), StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"01234\n")
+    assert transport.disconnecting
+
+
+_stream_lines = st.lists(
+    st.one_of(st.binary(max_size=14).map(lambda b: b.replace(b"\n", b"")), st.just(b"close")), max_size=8
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_stream_lines, st.booleans(), st.data())
+def test_line_protocol_reads_as_line_only_receiver_however_the_bytes_are_cut(lines, ended, data):
+    stream = b"".join(line + b"\n" for line in lines)
+    if not ended:
+        stream += data.draw(st.binary(max_size=14).map(lambda b: b.replace(b"\n", b"")), "unended")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6), "cuts"))
+    fast, twisted = _ClosingLines(), _TwistedLines()
+    for protocol in (fast, twisted):
+        protocol.makeConnection(StringTransport())
+        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+            protocol.dataReceived(stream[start:end])
+    assert fast.lines == twisted.lines
+    assert fast.too_long == twisted.too_long
+    assert fast.transport.disconnecting == twisted.transport.disconnecting

@@ -27,6 +27,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meter import wire
+from meter.wire import batch as wire_batch
+from meter.wire import codec as wire_codec
+from meter.wire import day as wire_day
+from meter.wire import values as wire_values
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, check_humidity, check_temperature
 from meter.wire import Batch, BatchAck, DayAck, DayChunk, Ping, Pong, WireError, decode, encode, seal, unseal
 
@@ -366,7 +370,7 @@ def _reference_day_records(text, count, device_id, device_ip, day):
     """
     readings = []
     seen = set()
-    for fields in wire._records(text, count):
+    for fields in wire_values.split_records(text, count):
         if len(fields) != 3:
             raise WireError("record", f"record {','.join(fields)!r} is not HH:MM,temperature,humidity")
         hhmm, temperature, humidity = fields
@@ -381,8 +385,8 @@ def _reference_day_records(text, count, device_id, device_ip, day):
                 device_id,
                 device_ip,
                 taken_at,
-                wire._check_number(temperature, check_temperature, "temperature"),
-                wire._check_number(humidity, check_humidity, "humidity"),
+                wire_values.check_number(temperature, check_temperature, "temperature"),
+                wire_values.check_number(humidity, check_humidity, "humidity"),
             )
         )
     return tuple(readings)
@@ -427,7 +431,7 @@ def test_day_records_decode_as_the_reference_decoder_does(case, day):
     text, count = case
     # twice: the second time through the caches the first one filled
     for _ in range(2):
-        assert _outcome(wire._decode_day_records, text, count, day) == _outcome(_reference_day_records, text, count, day)
+        assert _outcome(wire_day.decode_day_records, text, count, day) == _outcome(_reference_day_records, text, count, day)
 
 
 # -- the fast record checks against the field-by-field decoders --------------------
@@ -453,8 +457,8 @@ def _verdict(check, *args):
 @example(("00:00,-40.5,100;23:59,85.000001,0", 2), datetime.date(2026, 11, 21))
 def test_the_fast_day_record_check_agrees_with_the_field_checks(case, day):
     text, count = case
-    assert _verdict(wire._check_day_records, text, count, 5, "10.0.0.5", day) == _verdict(
-        wire._decode_day_records, text, count, 5, "10.0.0.5", day
+    assert _verdict(wire_day.check_day_records, text, count, 5, "10.0.0.5", day) == _verdict(
+        wire_day.decode_day_records, text, count, 5, "10.0.0.5", day
     )
 
 
@@ -491,10 +495,10 @@ def batch_texts(draw):
 
 
 def _batch_verdict(text, count):
-    verdict = _verdict(wire._batch_columns, text, count)
+    verdict = _verdict(wire_batch.batch_columns, text, count)
     if verdict == ("ok",):
         # the fields split are the records' own
-        columns = wire._batch_columns(text, count)
+        columns = wire_batch.batch_columns(text, count)
         records = [tuple(r.split(",")) for r in text.split(";")] if text else []
         assert list(zip(*attrs.astuple(columns, recurse=False))) == records
     return verdict
@@ -509,7 +513,7 @@ def _batch_verdict(text, count):
 def test_the_fast_batch_record_check_agrees_with_the_field_checks(case):
     text, count = case
     for _ in range(2):  # the second time through the caches
-        assert _batch_verdict(text, count) == _verdict(wire._decode_batch_records, text, count)
+        assert _batch_verdict(text, count) == _verdict(wire_batch.decode_batch_records, text, count)
 
 
 def _general_verdict(data: bytes):
@@ -517,12 +521,12 @@ def _general_verdict(data: bytes):
     What L{decode} says of C{data} when its C{DAY} layout shortcut is left
     out (every message then goes through the token-by-token parsing).
     """
-    saved = wire._DAY_MESSAGE
-    wire._DAY_MESSAGE = re.compile(rb"(?!)")
+    saved = wire_codec._DAY_MESSAGE
+    wire_codec._DAY_MESSAGE = re.compile(rb"(?!)")
     try:
         return _verdict_of_decode(data)
     finally:
-        wire._DAY_MESSAGE = saved
+        wire_codec._DAY_MESSAGE = saved
 
 
 def _verdict_of_decode(data: bytes):
@@ -621,10 +625,10 @@ def test_device_addresses_are_written_as_rfc_5952_says(address):
         text = wire.device_address(written)
         _rfc5952_ok(text, address)
         # the decoder takes this text and refuses every other
-        assert wire._ip(text) == text
+        assert wire_values.address(text) == text
         if written != text:
             with pytest.raises(WireError):
-                wire._ip(written)
+                wire_values.address(written)
 
 
 @BOUNDED

@@ -137,16 +137,6 @@ def chunk_digest(chunk: wire.DayChunk) -> bytes:
 _ADD_CHUNK = "INSERT INTO chunks (day, device_id, device_ip, records, n) VALUES (?, ?, ?, ?, ?)"
 
 
-def _batch_records(chunk_records: str, day: str, device_id: int, device_ip: str) -> str:
-    """
-    A chunk's C{DAY} records (C{HH:MM,t,h;...}) as C{BATCH} records
-    (C{id,ip,YYYY-MM-DDTHH:MM,t,h;...}): every record gains the same prefix,
-    so string operations in C do it without splitting the records apart.
-    """
-    prefix = f"{device_id},{device_ip},{day}T"
-    return prefix + chunk_records.replace(";", ";" + prefix)
-
-
 def _migrate(connection: sqlite3.Connection) -> None:
     """
     Move the readings of a spool written one row a reading into chunks, one
@@ -286,7 +276,7 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
         else:
             taken |= chunk_times
         seqs.append(seq)
-        parts.append(_batch_records(records, day, device_id, device_ip))
+        parts.append(wire.batch_records_of_day(records, day, device_id, device_ip))
         count += n
         if count >= limit:
             break

@@ -48,7 +48,6 @@ import ipaddress
 import json
 import math
 import random
-import re
 import resource
 import socket
 import struct
@@ -64,9 +63,6 @@ from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, load_surve
 
 #: File descriptors kept free for the reactor, logs and the JSON file.
 SPARE_FDS = 64
-
-_PART = re.compile(rb" part=([0-9]+)/")
-_XFER = re.compile(rb" xfer=([0-9a-f]{16}) ")
 
 #: Linux's socket option and control message for a datagram's kernel
 #: receive time (struct timespec); the socket module does not name them.
@@ -181,8 +177,8 @@ class SimDevice:
         sender.start().addCallbacks(self._delivered, self._not_delivered)
 
     def _send(self, datagram: bytes) -> None:
-        match = _PART.search(datagram, 0, 400)
-        part = int(match.group(1)) if match is not None else 0
+        seen = wire.peek_day_id(datagram)
+        part = seen[1] if seen is not None else 0
         if part not in self.first_sent:
             now = self.first_sent[part] = time.time()
             self.run.first_sends += 1
@@ -315,8 +311,8 @@ def _pool_protocol():
             self._by_xfer = by_xfer
 
         def datagramReceived(self, data: bytes, addr):
-            match = _XFER.search(data, 0, 200)
-            sim = self._by_xfer.get(match.group(1).decode("ascii")) if match is not None else None
+            seen = wire.peek_ack_id(data)
+            sim = self._by_xfer.get(seen[0]) if seen is not None else None
             if sim is not None:
                 sim.protocol.datagramReceived(data, addr)
 
