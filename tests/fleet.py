@@ -39,7 +39,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, wire
-from meter.reading import load_survey, survey_path
+from meter.device.survey import load_survey, survey_path
 
 
 def say(text: str) -> None:

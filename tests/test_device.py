@@ -1,6 +1,8 @@
 """
 meter.device: the DaySender's CoAP-style retransmission on a task.Clock, the
-DeviceProtocol on a FakeDatagramTransport, and the daily schedule.
+DeviceProtocol on a FakeDatagramTransport, their metrics, and the tap's
+service tree.  The schedule has its own tests (test_schedule.py), as do the
+survey files (test_survey.py).
 """
 
 from __future__ import annotations
@@ -13,15 +15,7 @@ from twisted.internet import task
 from twisted.internet.testing import FakeDatagramTransport
 
 from meter import wire
-from meter.device import (
-    DaySender,
-    DeliveryFailed,
-    DeviceProtocol,
-    Retransmission,
-    next_send,
-    offset_for,
-    previous_day,
-)
+from meter.device import DaySender, DeliveryFailed, DeviceMetrics, DeviceProtocol, Retransmission
 from meter.reading import Reading
 
 DAY = datetime.date(2026, 3, 1)
@@ -125,7 +119,7 @@ def test_retransmissions_follow_coap_timing():
         assert step(h.clock) == pytest.approx(multiple * timeout)
         assert len(h.sent) == count + 1
     assert set(h.sent) == {wire.encode(h.chunks[0])}
-    assert h.sender.counters["retransmissions"] == 4
+    assert h.sender.metrics.retransmissions == 4
     assert h.results == []
     assert step(h.clock) == pytest.approx(31 * timeout)
     assert str(h.failure()) == "no acknowledgement for part 1/1 after 5 transmissions"
@@ -177,7 +171,7 @@ def test_an_ack_after_retransmissions_completes():
     assert len(h.sent) == 3
     h.ack(1)
     assert h.results == [1]
-    assert h.sender.counters["retransmissions"] == 2
+    assert h.sender.metrics.retransmissions == 2
 
 
 # -- busy and bad -----------------------------------------------------------
@@ -190,7 +184,7 @@ def test_busy_keeps_the_chunk_and_retries_on_its_timer():
     h.ack(1, "busy", "spool full")
     assert h.results == []
     assert len(h.sent) == 1  # not at once: the backoff timer decides
-    assert h.sender.counters["busy"] == 1
+    assert h.sender.metrics.busy_answers == 1
     assert step(h.clock) == pytest.approx(timeout)
     assert len(h.sent) == 2
     h.ack(1, "busy", "spool full")
@@ -268,7 +262,7 @@ def test_stray_acks_are_ignored():
     h.ack(2)
     h.ack(2)  # already acknowledged
     assert h.results == []
-    assert h.sender.counters["stray_acks"] == 3
+    assert h.sender.metrics.stray_acks == 3
     h.ack(1)
     assert h.results == [2]
 
@@ -320,7 +314,7 @@ def test_protocol_ignores_datagrams_from_other_addresses(addr):
     protocol, transport = connected_protocol()
     protocol.datagramReceived(wire.seal(wire.encode(ACK), KEY), addr)
     assert protocol.sender.acks == []
-    assert protocol.counters["foreign_datagrams"] == 1
+    assert protocol.metrics.foreign_datagrams == 1
     assert transport.written == []
 
 
@@ -337,7 +331,7 @@ def test_protocol_refuses_unauthenticated_or_malformed_datagrams(data):
     protocol, _ = connected_protocol()
     protocol.datagramReceived(data, GATEWAY)
     assert protocol.sender.acks == []
-    assert protocol.counters["refused"] == 1
+    assert protocol.metrics.refused_datagrams == 1
 
 
 def test_protocol_ignores_other_messages_and_acks_without_a_sender():
@@ -361,57 +355,3 @@ def test_sender_and_protocol_deliver_a_day_together():
     for chunk in chunks:
         protocol.datagramReceived(wire.seal(wire.encode(wire.DayAck(chunk.xfer, chunk.part, "ok")), KEY), GATEWAY)
     assert results == [2]
-
-
-# -- the schedule -----------------------------------------------------------
-
-
-def local(*args) -> float:
-    return datetime.datetime(*args).timestamp()
-
-
-def test_previous_day_is_yesterday_in_local_time():
-    assert previous_day(local(2026, 3, 10, 0, 5)) == datetime.date(2026, 3, 9)
-    assert previous_day(local(2026, 3, 10, 23, 59)) == datetime.date(2026, 3, 9)
-    assert previous_day(local(2026, 1, 1, 0, 0)) == datetime.date(2025, 12, 31)
-    assert previous_day(local(2024, 3, 1, 12, 0)) == datetime.date(2024, 2, 29)
-
-
-@pytest.mark.parametrize(
-    "now, offset, expected",
-    [
-        ((2026, 3, 10, 0, 0), 0, (2026, 3, 10, 0, 5)),
-        ((2026, 3, 10, 0, 4, 59), 0, (2026, 3, 10, 0, 5)),
-        ((2026, 3, 10, 0, 5), 0, (2026, 3, 11, 0, 5)),  # strictly after now
-        ((2026, 3, 10, 0, 6), 0, (2026, 3, 11, 0, 5)),
-        ((2026, 3, 10, 0, 6), 120, (2026, 3, 10, 0, 7)),  # today's send plus the offset is still ahead
-        ((2026, 3, 10, 23, 0), 0, (2026, 3, 11, 0, 5)),
-        ((2026, 12, 31, 12, 0), 0, (2027, 1, 1, 0, 5)),
-    ],
-)
-def test_next_send(now, offset, expected):
-    # expected already includes the offset
-    assert next_send(local(*now), datetime.time(0, 5), offset) == local(*expected)
-
-
-def test_next_send_with_offset_is_exact():
-    assert next_send(local(2026, 3, 10, 0, 6), datetime.time(0, 5), 120) == local(2026, 3, 10, 0, 7)
-    assert next_send(local(2026, 3, 10, 0, 8), datetime.time(0, 5), 120) == local(2026, 3, 11, 0, 7)
-    assert next_send(local(2026, 3, 10, 0, 0), datetime.time(0, 5), 30.5) == local(2026, 3, 10, 0, 5) + 30.5
-
-
-def test_offset_for_is_deterministic_spread_and_bounded():
-    assert offset_for(1, 600) == pytest.approx(370.8203920628875)
-    offsets = [offset_for(device_id, 600) for device_id in range(1, 51)]
-    assert offsets == [offset_for(device_id, 600) for device_id in range(1, 51)]
-    assert all(0 <= o < 600 for o in offsets)
-    assert len(set(offsets)) == 50
-    ordered = sorted(offsets)
-    # evenly spread: no two devices within 5 s, no gap wider than 3 even shares
-    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 5
-    assert max(b - a for a, b in zip(ordered, ordered[1:])) < 3 * 600 / 50
-
-
-def test_offset_without_a_spread_is_zero():
-    assert offset_for(17, 0) == 0.0
-    assert offset_for(17, -5) == 0.0

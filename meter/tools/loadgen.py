@@ -48,11 +48,11 @@ import socket
 import struct
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from meter import config, device, secrets, wire
-from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, load_survey, survey_path
+from meter.device.survey import load_survey, survey_path
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading
 
 #: File descriptors kept free for the reactor, logs and the JSON file.
 SPARE_FDS = 64
@@ -135,7 +135,7 @@ class SimDevice:
         self.parts = parts
         #: How many readings the day holds, for the summary.
         self.reading_count = sum(map(wire.record_count, parts))
-        self.protocol = device.DeviceProtocol(run.gateway, key)
+        self.protocol = device.DeviceProtocol(run.gateway, key, run.metrics)
         self.sender: device.DaySender | None = None
         self.xfer = ""
         self.part_readings: dict[int, int] = {}
@@ -157,7 +157,13 @@ class SimDevice:
         run.started += 1
         run.on_start(self)
         sender = device.DaySender(
-            chunks, self._send, run.reactor, run.retransmission, random.Random(run.seed * 1000003 + self.id), run.window
+            chunks,
+            self._send,
+            run.reactor,
+            run.retransmission,
+            random.Random(run.seed * 1000003 + self.id),
+            run.window,
+            run.metrics,
         )
         self.sender = sender
         self.protocol.sender = _AckTap(self, sender)
@@ -315,6 +321,8 @@ class LoadRun:
             settings.device["ack_random_factor"],
             args.max_retransmit if args.max_retransmit is not None else settings.device["max_retransmit"],
         )
+        #: What every simulated device counts, together.
+        self.metrics = device.DeviceMetrics()
         self.devices: list[SimDevice] = []
         self.by_xfer: dict[str, SimDevice] = {}
         self.pooled = False
@@ -451,10 +459,6 @@ class LoadRun:
     # -- the outcome
 
     def summary(self) -> dict:
-        counters: Counter[str] = Counter()
-        for sim in self.devices:
-            if sim.sender is not None:
-                counters.update(sim.sender.counters)
         latencies = sorted(self.latencies)
         duration = (self.last_ack - self.first_send) if self.first_send and self.last_ack else 0.0
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -486,9 +490,9 @@ class LoadRun:
             "chunks": self.chunks,
             "chunks_acked": self.chunks_acked,
             "datagrams_sent": self.datagrams,
-            "retransmissions": counters["retransmissions"],
-            "busy_answers": counters["busy"],
-            "stray_acks": counters["stray_acks"],
+            "retransmissions": self.metrics.retransmissions,
+            "busy_answers": self.metrics.busy_answers,
+            "stray_acks": self.metrics.stray_acks,
             "first_send": self.first_send,
             "last_ack": self.last_ack,
             "duration_s": round(duration, 6),
