@@ -45,6 +45,7 @@ class SurveyDelivery:
         self._surveys = surveys
         self._chunk_bytes = chunk_bytes
         self._retransmission = retransmission
+        #: The protocol's: one object counts everything the device does.
         self.metrics: DeviceMetrics = protocol.metrics
 
     def __call__(self, day: datetime.date) -> Deferred:

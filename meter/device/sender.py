@@ -20,7 +20,8 @@ from meter.device.metrics import DeviceMetrics
 
 class DeliveryFailed(Exception):
     """
-    The day was not delivered: the gateway refused it or never answered.
+    The day was not delivered: the gateway refused it or never answered (or,
+    from L{meter.device.delivery}, the day's survey could not be read).
     """
 
 
