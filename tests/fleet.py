@@ -112,7 +112,7 @@ class FleetDevice:
         self.id = device_id
         self.address = address
         self.readings = readings
-        self.protocol = device.DeviceProtocol(fleet.target, key)
+        self.protocol = device.DeviceProtocol(fleet.target, key, fleet.metrics)
         self.attempts = 0
         self.counters: Counter[str] = Counter()
         self.outcome: str | None = None
@@ -127,10 +127,12 @@ class FleetDevice:
         chunks = wire.split_day(
             self.id, self.address, f.day, self.readings, wire.new_id(), int(time.time()), f.chunk_bytes
         )
-        sender = device.DaySender(chunks, self._send, reactor, f.retransmission, random.Random(f.seed * 100003 + self.id))
+        sender = device.DaySender(
+            chunks, self._send, reactor, f.retransmission, random.Random(f.seed * 100003 + self.id), metrics=f.metrics
+        )
         self.protocol.sender = sender
         self.counters["chunks"] += len(chunks)
-        sender.start().addCallbacks(self._delivered, self._not_delivered, errbackArgs=(sender,))
+        sender.start().addCallbacks(self._delivered, self._not_delivered)
 
     def _send(self, datagram: bytes) -> None:
         self.counters["datagrams"] += 1
@@ -138,13 +140,11 @@ class FleetDevice:
         self.protocol.send(datagram)
 
     def _delivered(self, parts: int) -> None:
-        self.counters.update(self.protocol.sender.counters)
         self.outcome = "delivered"
         self.fleet.finished(self, f"delivered in {self.attempts} attempt(s)")
 
-    def _not_delivered(self, failure, sender) -> None:
+    def _not_delivered(self, failure) -> None:
         failure.trap(device.DeliveryFailed)
-        self.counters.update(sender.counters)
         self.counters["gave_up"] += 1
         if self.attempts < self.fleet.attempts:
             say(f"fleet: device {self.id} attempt {self.attempts} failed ({failure.getErrorMessage()}): "
@@ -168,6 +168,8 @@ class Fleet:
             args.max_retransmit if args.max_retransmit is not None else settings.device["max_retransmit"],
         )
         self.target = target
+        #: What every device counts, together.
+        self.metrics = device.DeviceMetrics()
         self.started = time.monotonic()
         self.devices = []
         for device_id in args.devices:
@@ -201,9 +203,9 @@ class Fleet:
             "attempts": sum(d.attempts for d in self.devices),
             "chunks": totals["chunks"],
             "datagrams": totals["datagrams"],
-            "retransmissions": totals["retransmissions"],
-            "busy": totals["busy"],
-            "stray_acks": totals["stray_acks"],
+            "retransmissions": self.metrics.retransmissions,
+            "busy": self.metrics.busy_answers,
+            "stray_acks": self.metrics.stray_acks,
             "gave_up": totals["gave_up"],
             "seconds": round(time.monotonic() - self.started, 3),
             "relay": dict(sorted(relay.counters.items())) if relay is not None else None,
