@@ -1,6 +1,8 @@
 """
 meter.device: the DaySender's CoAP-style retransmission on a task.Clock, the
-DeviceProtocol on a FakeDatagramTransport, and the daily schedule.
+DeviceProtocol on a FakeDatagramTransport, their metrics, and the tap's
+service tree.  The schedule has its own tests (test_schedule.py), as do the
+survey files (test_survey.py).
 """
 
 from __future__ import annotations
@@ -10,18 +12,12 @@ import random
 
 import pytest
 from twisted.internet import task
-from twisted.internet.testing import FakeDatagramTransport
+from twisted.internet.testing import FakeDatagramTransport, MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 
 from meter import wire
-from meter.device import (
-    DaySender,
-    DeliveryFailed,
-    DeviceProtocol,
-    Retransmission,
-    next_send,
-    offset_for,
-    previous_day,
-)
+from meter.device import DaySender, DeliveryFailed, DeviceMetrics, DeviceProtocol, Retransmission, SurveyDelivery
+from meter.device import tap as device_tap
 from meter.reading import Reading
 
 DAY = datetime.date(2026, 3, 1)
@@ -125,7 +121,7 @@ def test_retransmissions_follow_coap_timing():
         assert step(h.clock) == pytest.approx(multiple * timeout)
         assert len(h.sent) == count + 1
     assert set(h.sent) == {wire.encode(h.chunks[0])}
-    assert h.sender.counters["retransmissions"] == 4
+    assert h.sender.metrics.retransmissions == 4
     assert h.results == []
     assert step(h.clock) == pytest.approx(31 * timeout)
     assert str(h.failure()) == "no acknowledgement for part 1/1 after 5 transmissions"
@@ -177,7 +173,7 @@ def test_an_ack_after_retransmissions_completes():
     assert len(h.sent) == 3
     h.ack(1)
     assert h.results == [1]
-    assert h.sender.counters["retransmissions"] == 2
+    assert h.sender.metrics.retransmissions == 2
 
 
 # -- busy and bad -----------------------------------------------------------
@@ -190,7 +186,7 @@ def test_busy_keeps_the_chunk_and_retries_on_its_timer():
     h.ack(1, "busy", "spool full")
     assert h.results == []
     assert len(h.sent) == 1  # not at once: the backoff timer decides
-    assert h.sender.counters["busy"] == 1
+    assert h.sender.metrics.busy_answers == 1
     assert step(h.clock) == pytest.approx(timeout)
     assert len(h.sent) == 2
     h.ack(1, "busy", "spool full")
@@ -268,7 +264,7 @@ def test_stray_acks_are_ignored():
     h.ack(2)
     h.ack(2)  # already acknowledged
     assert h.results == []
-    assert h.sender.counters["stray_acks"] == 3
+    assert h.sender.metrics.stray_acks == 3
     h.ack(1)
     assert h.results == [2]
 
@@ -320,7 +316,7 @@ def test_protocol_ignores_datagrams_from_other_addresses(addr):
     protocol, transport = connected_protocol()
     protocol.datagramReceived(wire.seal(wire.encode(ACK), KEY), addr)
     assert protocol.sender.acks == []
-    assert protocol.counters["foreign_datagrams"] == 1
+    assert protocol.metrics.foreign_datagrams == 1
     assert transport.written == []
 
 
@@ -337,7 +333,7 @@ def test_protocol_refuses_unauthenticated_or_malformed_datagrams(data):
     protocol, _ = connected_protocol()
     protocol.datagramReceived(data, GATEWAY)
     assert protocol.sender.acks == []
-    assert protocol.counters["refused"] == 1
+    assert protocol.metrics.refused_datagrams == 1
 
 
 def test_protocol_ignores_other_messages_and_acks_without_a_sender():
@@ -363,55 +359,182 @@ def test_sender_and_protocol_deliver_a_day_together():
     assert results == [2]
 
 
-# -- the schedule -----------------------------------------------------------
+# -- metrics ----------------------------------------------------------------
 
 
-def local(*args) -> float:
-    return datetime.datetime(*args).timestamp()
+def test_metrics_render_as_logfmt_in_field_order():
+    metrics = DeviceMetrics(retransmissions=4, busy_answers=1)
+    assert metrics.logfmt() == (
+        "retransmissions=4 busy_answers=1 stray_acks=0 foreign_datagrams=0 refused_datagrams=0 "
+        "days_delivered=0 days_failed=0"
+    )
 
 
-def test_previous_day_is_yesterday_in_local_time():
-    assert previous_day(local(2026, 3, 10, 0, 5)) == datetime.date(2026, 3, 9)
-    assert previous_day(local(2026, 3, 10, 23, 59)) == datetime.date(2026, 3, 9)
-    assert previous_day(local(2026, 1, 1, 0, 0)) == datetime.date(2025, 12, 31)
-    assert previous_day(local(2024, 3, 1, 12, 0)) == datetime.date(2024, 2, 29)
+def test_sender_and_protocol_count_into_one_metrics_object():
+    metrics = DeviceMetrics()
+    clock = task.Clock()
+    protocol = DeviceProtocol(GATEWAY, KEY, metrics)
+    protocol.makeConnection(FakeDatagramTransport())
+    protocol.sender = DaySender(make_chunks(), protocol.send, clock, rng=random.Random(1), metrics=metrics)
+    protocol.sender.start()
+    protocol.datagramReceived(b"noise", GATEWAY)
+    protocol.datagramReceived(wire.seal(wire.encode(wire.DayAck(XFER, 1, "busy", "spool full")), KEY), GATEWAY)
+    step(clock)
+    assert (metrics.refused_datagrams, metrics.busy_answers, metrics.retransmissions) == (1, 1, 1)
 
 
-@pytest.mark.parametrize(
-    "now, offset, expected",
-    [
-        ((2026, 3, 10, 0, 0), 0, (2026, 3, 10, 0, 5)),
-        ((2026, 3, 10, 0, 4, 59), 0, (2026, 3, 10, 0, 5)),
-        ((2026, 3, 10, 0, 5), 0, (2026, 3, 11, 0, 5)),  # strictly after now
-        ((2026, 3, 10, 0, 6), 0, (2026, 3, 11, 0, 5)),
-        ((2026, 3, 10, 0, 6), 120, (2026, 3, 10, 0, 7)),  # today's send plus the offset is still ahead
-        ((2026, 3, 10, 23, 0), 0, (2026, 3, 11, 0, 5)),
-        ((2026, 12, 31, 12, 0), 0, (2027, 1, 1, 0, 5)),
-    ],
-)
-def test_next_send(now, offset, expected):
-    # expected already includes the offset
-    assert next_send(local(*now), datetime.time(0, 5), offset) == local(*expected)
+# -- one day's delivery -----------------------------------------------------
 
 
-def test_next_send_with_offset_is_exact():
-    assert next_send(local(2026, 3, 10, 0, 6), datetime.time(0, 5), 120) == local(2026, 3, 10, 0, 7)
-    assert next_send(local(2026, 3, 10, 0, 8), datetime.time(0, 5), 120) == local(2026, 3, 11, 0, 7)
-    assert next_send(local(2026, 3, 10, 0, 0), datetime.time(0, 5), 30.5) == local(2026, 3, 10, 0, 5) + 30.5
+class Delivery:
+    """
+    A SurveyDelivery on a FakeDatagramTransport and a Clock, reading
+    C{survey} as device 1's file.
+    """
+
+    def __init__(self, folder, survey: str | None = "08:00 - 20 - 30%\n12:00 - 25 - 33%\n"):
+        if survey is not None:
+            (folder / "device1.txt").write_text(survey)
+        self.folder = folder
+        self.clock = task.Clock()
+        self.clock.advance(1772400000)
+        self.protocol = DeviceProtocol(GATEWAY, KEY)
+        self.transport = FakeDatagramTransport()
+        self.protocol.makeConnection(self.transport)
+        params = Retransmission(ack_timeout=1.0, ack_random_factor=1.0, max_retransmit=1)
+        self.send = SurveyDelivery(self.protocol, self.clock, 1, "192.168.1.2", folder, 1200, params)
+        self.results: list = []
+
+    def start(self, day=DAY) -> None:
+        self.send(day).addBoth(self.results.append)
+
+    def chunks(self) -> list[wire.DayChunk]:
+        return [wire.decode(wire.unseal(data, KEY)) for data, _ in self.transport.written]
+
+    def ack_all(self) -> None:
+        for chunk in self.chunks():
+            ack = wire.DayAck(chunk.xfer, chunk.part, "ok")
+            self.protocol.datagramReceived(wire.seal(wire.encode(ack), KEY), GATEWAY)
 
 
-def test_offset_for_is_deterministic_spread_and_bounded():
-    assert offset_for(1, 600) == pytest.approx(370.8203920628875)
-    offsets = [offset_for(device_id, 600) for device_id in range(1, 51)]
-    assert offsets == [offset_for(device_id, 600) for device_id in range(1, 51)]
-    assert all(0 <= o < 600 for o in offsets)
-    assert len(set(offsets)) == 50
-    ordered = sorted(offsets)
-    # evenly spread: no two devices within 5 s, no gap wider than 3 even shares
-    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 5
-    assert max(b - a for a, b in zip(ordered, ordered[1:])) < 3 * 600 / 50
+def test_a_delivery_sends_the_days_survey_and_fires_with_its_chunks(tmp_path):
+    d = Delivery(tmp_path)
+    with capturedLogs() as events:
+        d.start()
+        (chunk,) = d.chunks()
+        assert [r.console_line() for r in chunk.readings] == ["192.168.1.2 - 08:00 - 20 - 30%", "192.168.1.2 - 12:00 - 25 - 33%"]
+        assert (chunk.device_id, chunk.day) == (1, DAY)
+        d.ack_all()
+    assert d.results == [1]
+    assert d.protocol.metrics.days_delivered == 1
+    lines = [formatEvent(event) for event in events]
+    assert "device 1 (192.168.1.2) sending 2 readings of 2026-03-01 to 127.0.0.1:10005 in 1 datagrams" in lines[0]
+    assert "send started at=1772400000.000000" in lines[0]
+    assert lines[-1] == (
+        "device 1: gateway acknowledged all 1 datagrams in 0.0 ms; retransmissions=0 busy_answers=0 stray_acks=0 "
+        "foreign_datagrams=0 refused_datagrams=0 days_delivered=1 days_failed=0"
+    )
 
 
-def test_offset_without_a_spread_is_zero():
-    assert offset_for(17, 0) == 0.0
-    assert offset_for(17, -5) == 0.0
+def test_a_delivery_that_is_not_acknowledged_fails_saying_so_and_logs_the_metrics(tmp_path):
+    d = Delivery(tmp_path)
+    with capturedLogs() as events:
+        d.start()
+        d.clock.advance(1)
+        d.clock.advance(2)
+    (failure,) = d.results
+    assert failure.check(DeliveryFailed)
+    assert failure.getErrorMessage() == "day not delivered: no acknowledgement for part 1/1 after 2 transmissions"
+    assert d.protocol.metrics.days_failed == 1
+    assert formatEvent(events[-1]).startswith("device 1: giving up; retransmissions=1 busy_answers=0 ")
+
+
+def test_a_delivery_of_an_unreadable_survey_fails_at_once_and_sends_nothing(tmp_path):
+    d = Delivery(tmp_path, "08:00 - 20 - 30%\n08:00 - 21 - 31%\n")
+    d.start()
+    (failure,) = d.results
+    assert failure.check(DeliveryFailed)
+    assert failure.getErrorMessage() == (
+        f"cannot read the day's survey: {tmp_path / 'device1.txt'}:2: time 08:00 already read at line 1"
+    )
+    assert d.transport.written == []
+    assert d.protocol.metrics.days_failed == 1
+
+
+def test_each_delivery_has_its_own_transfer(tmp_path):
+    d = Delivery(tmp_path)
+    d.start()
+    d.ack_all()
+    d.start(DAY + datetime.timedelta(days=1))
+    first, second = d.chunks()
+    assert first.xfer != second.xfer
+    assert second.day == DAY + datetime.timedelta(days=1)
+
+
+# -- the tap: the service tree ----------------------------------------------
+
+
+class UDPReactor(MemoryReactorClock):
+    """
+    A MemoryReactorClock that binds UDP ports to FakeDatagramTransports.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.udp: list[tuple[object, dict]] = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        transport = FakeDatagramTransport()
+        transport.stopListening = lambda: None
+        protocol.makeConnection(transport)
+        self.udp.append((protocol, {"port": port, "interface": interface, "maxPacketSize": maxPacketSize}))
+        return transport
+
+
+def device_service(tmp_path, *args):
+    surveys = tmp_path / "surveys"
+    surveys.mkdir()
+    (surveys / "device2.txt").write_text("08:00 - 20 - 30%\n")
+    options = device_tap.Options()
+    options.parseOptions(["--id", "2", "--secrets", str(tmp_path / "secrets"), "--surveys", str(surveys), *args])
+    reactor = UDPReactor()
+    reactor.advance(1772400000)
+    return reactor, device_tap.build(options, reactor), options
+
+
+def test_the_tree_is_the_udp_port_then_the_schedule(repo_root, tmp_path):
+    reactor, service, options = device_service(tmp_path)
+    udp, schedule = list(service)
+    assert type(udp).__name__ == "UDPServer" and isinstance(schedule, device_tap.ScheduleService)
+    assert reactor.udp == []  # nothing bound or sent before the service starts
+    service.startService()
+    ((protocol, listen),) = reactor.udp
+    assert listen == {"port": 0, "interface": "0.0.0.0", "maxPacketSize": wire.MAX_DATAGRAM}
+    ((data, to),) = protocol.transport.written
+    chunk = wire.decode(wire.unseal(data, options.key))
+    assert (chunk.device_id, chunk.device_ip, to) == (2, "192.168.1.3", options.config.device["gateway"])
+    protocol.datagramReceived(wire.seal(wire.encode(wire.DayAck(chunk.xfer, 1, "ok")), options.key), to)
+    assert schedule.schedule.next_at is not None  # the next daily send
+    service.stopService()
+    assert reactor.getDelayedCalls() == []
+    assert not reactor.hasStopped
+
+
+def test_once_stops_the_reactor_once_the_day_is_delivered(repo_root, tmp_path):
+    reactor, service, options = device_service(tmp_path, "--once")
+    service.startService()
+    ((protocol, _),) = reactor.udp
+    ((data, to),) = protocol.transport.written
+    chunk = wire.decode(wire.unseal(data, options.key))
+    protocol.datagramReceived(wire.seal(wire.encode(wire.DayAck(chunk.xfer, 1, "ok")), options.key), to)
+    assert reactor.hasStopped
+    assert "shutdown" not in reactor.triggers.get("after", {})  # exits 0, as twistd does
+
+
+def test_once_with_an_unreadable_survey_exits_non_zero_once_the_reactor_runs(repo_root, tmp_path):
+    reactor, service, options = device_service(tmp_path, "--once")
+    (tmp_path / "surveys" / "device2.txt").write_text("noon - 20 - 30%\n")
+    service.startService()
+    assert not reactor.hasStopped  # the reactor is not running yet
+    assert [hook[0] for hook in reactor.whenRunningHooks] == [reactor.stop]
+    assert len(reactor.triggers["after"]["shutdown"]) == 1  # the exit with status 1

@@ -402,7 +402,7 @@ def test_a_device_ignores_a_forged_ack(status):
     protocol.datagramReceived(wire.seal(wire.encode(forged), KEYS[2]), GATEWAY)
     protocol.datagramReceived(wire.encode(forged), GATEWAY)  # no tag
     assert not done.called  # the day is neither delivered nor failed
-    assert protocol.counters["refused"] == 3
+    assert protocol.metrics.refused_datagrams == 3
     clock.advance(2)
     assert len(transport.written) == 2  # so it is retransmitted
     protocol.datagramReceived(wire.seal(wire.encode(OK), KEYS[1]), GATEWAY)
@@ -415,7 +415,7 @@ def test_a_device_ignores_an_ack_from_another_address():
     for addr in [("127.0.0.2", 10005), ("127.0.0.1", 10006), STRANGER]:
         protocol.datagramReceived(genuine, addr)
     assert not done.called
-    assert protocol.counters["foreign_datagrams"] == 3
+    assert protocol.metrics.foreign_datagrams == 3
     protocol.datagramReceived(genuine, GATEWAY)
     assert done.called
 

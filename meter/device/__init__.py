@@ -1,234 +1,34 @@
 """
-A soil meter: once a day it sends the previous day's readings to the
-gateway over UDP, each chunk confirmable.
+A soil meter: once a day it sends the previous day's readings from its
+survey file to the gateway over UDP, each chunk confirmable.
 
-L{DaySender} is the retransmission logic, after CoAP (RFC 7252 section 4.8):
-the first timeout is random between C{ack_timeout} and C{ack_timeout *
-ack_random_factor}, doubled on each of at most C{max_retransmit}
-retransmissions; the day is delivered only once every chunk is acknowledged.
-L{DeviceProtocol} only moves datagrams between it and the socket.
+L{sender} holds the retransmission logic (L{DaySender}), L{protocol} the
+UDP socket (L{DeviceProtocol}), L{survey} the survey files, L{delivery} one
+day's send, L{schedule} when to send which day, L{metrics} what the device
+counts, and L{tap} the twistd plugin that wires them.
 """
 
-from __future__ import annotations
+from meter.device.delivery import SurveyDelivery
+from meter.device.metrics import DeviceMetrics
+from meter.device.protocol import DeviceProtocol
+from meter.device.schedule import RETRY_AFTER, DailySchedule, next_send, offset_for, previous_day
+from meter.device.sender import DaySender, DeliveryFailed, Retransmission
+from meter.device.survey import SurveyError, load_survey, parse_survey, survey_path
 
-import datetime
-import random
-from collections import Counter
-from typing import Callable
-
-import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
-
-from meter import wire
-
-
-class DeliveryFailed(Exception):
-    """
-    The day was not delivered: the gateway refused it or never answered.
-    """
-
-
-@attrs.frozen
-class Retransmission:
-    """
-    CoAP's transmission parameters (RFC 7252 section 4.8), configurable.
-    """
-
-    ack_timeout: float = 2.0
-    ack_random_factor: float = 1.5
-    max_retransmit: int = 4
-
-    def span(self) -> float:
-        """
-        The longest a sender keeps trying one chunk (CoAP's MAX_TRANSMIT_WAIT).
-        """
-        return self.ack_timeout * (2 ** (self.max_retransmit + 1) - 1) * self.ack_random_factor
-
-
-@attrs.define
-class _Outstanding:
-    chunk: wire.DayChunk
-    datagram: bytes
-    timeout: float
-    retransmissions: int = 0
-    timer: object = None
-    #: The gateway's reason when it last answered busy: a give-up then says
-    #: the gateway was there but full, not unreachable.
-    busy_reason: str = ""
-
-
-class DaySender:
-    """
-    Delivers one day's chunks: sends at most C{window} unacknowledged at a
-    time, retransmits each on its own timer, and fires C{done} once every
-    chunk is acknowledged (or fails it with L{DeliveryFailed}).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        chunks: list[wire.DayChunk],
-        send: Callable[[bytes], None],
-        clock,
-        retransmission: Retransmission = Retransmission(),
-        rng: random.Random | None = None,
-        window: int = 8,
-    ):
-        self._waiting = list(reversed(chunks))
-        self._send = send
-        self._clock = clock
-        self._params = retransmission
-        self._rng = rng or random.Random()
-        self._window = window
-        self._outstanding: dict[int, _Outstanding] = {}
-        self._total = len(chunks)
-        self._acknowledged = 0
-        self.done: Deferred = Deferred()
-        self.counters: Counter[str] = Counter()
-
-    def start(self) -> Deferred:
-        self._fill()
-        return self.done
-
-    def ack_received(self, ack: wire.DayAck) -> None:
-        pending = self._outstanding.get(ack.part)
-        if pending is None or pending.chunk.xfer != ack.xfer:
-            self.counters["stray_acks"] += 1
-            return
-        if ack.status == "busy":
-            # The gateway is alive but cannot take the chunk now (its spool is
-            # full): keep it and let the backoff timer try again.
-            self.counters["busy"] += 1
-            pending.busy_reason = ack.reason or "busy"
-            self.log.warn("gateway busy ({reason}): will retry part {part}", reason=ack.reason, part=ack.part)
-            return
-        self._cancel(pending)
-        del self._outstanding[ack.part]
-        if ack.status == "bad":
-            self._fail(f"gateway refused part {ack.part}/{self._total}: {ack.reason}")
-            return
-        self._acknowledged += 1
-        self._fill()
-
-    def _fill(self) -> None:
-        if self.done.called:
-            return
-        while self._waiting and len(self._outstanding) < self._window:
-            chunk = self._waiting.pop()
-            timeout = self._params.ack_timeout * self._rng.uniform(1.0, self._params.ack_random_factor)
-            pending = _Outstanding(chunk, wire.encode(chunk), timeout)
-            self._outstanding[chunk.part] = pending
-            self._transmit(pending)
-        if not self._outstanding and not self._waiting:
-            self.done.callback(self._total)
-
-    def _transmit(self, pending: _Outstanding) -> None:
-        self._send(pending.datagram)
-        pending.timer = self._clock.callLater(pending.timeout, self._timed_out, pending)
-
-    def _timed_out(self, pending: _Outstanding) -> None:
-        pending.timer = None
-        if pending.retransmissions >= self._params.max_retransmit:
-            if pending.busy_reason:
-                self._fail(
-                    f"gateway busy ({pending.busy_reason}) for part {pending.chunk.part}/{self._total} "
-                    f"after {pending.retransmissions + 1} transmissions"
-                )
-            else:
-                self._fail(
-                    f"no acknowledgement for part {pending.chunk.part}/{self._total} after "
-                    f"{pending.retransmissions + 1} transmissions"
-                )
-            return
-        pending.retransmissions += 1
-        pending.timeout *= 2
-        self.counters["retransmissions"] += 1
-        self.log.info(
-            "no acknowledgement for part {part}/{parts}: retransmission {n} of {max}",
-            part=pending.chunk.part,
-            parts=self._total,
-            n=pending.retransmissions,
-            max=self._params.max_retransmit,
-        )
-        self._transmit(pending)
-
-    def _fail(self, why: str) -> None:
-        for pending in self._outstanding.values():
-            self._cancel(pending)
-        self._outstanding.clear()
-        self._waiting.clear()
-        if not self.done.called:
-            self.done.errback(DeliveryFailed(why))
-
-    @staticmethod
-    def _cancel(pending: _Outstanding) -> None:
-        if pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
-        pending.timer = None
-
-
-class DeviceProtocol(DatagramProtocol):
-    """
-    The device's UDP socket: sends datagrams to the gateway, sealed with the
-    device's key, and hands the gateway's acknowledgements to the current
-    L{DaySender} once their tag verifies.  Datagrams from any other address
-    are ignored.
-    """
-
-    log = Logger()
-
-    def __init__(self, gateway: tuple[str, int], key: bytes):
-        self._gateway = gateway
-        self._key = key
-        self.sender: DaySender | None = None
-        self.counters: Counter[str] = Counter()
-
-    def send(self, datagram: bytes) -> None:
-        self.transport.write(wire.seal(datagram, self._key), self._gateway)
-
-    def datagramReceived(self, data: bytes, addr):
-        if (addr[0], addr[1]) != self._gateway:
-            self.counters["foreign_datagrams"] += 1
-            return
-        try:
-            message = wire.decode(wire.unseal(data, self._key), max_size=wire.MAX_DATAGRAM)
-        except wire.WireError as e:
-            self.counters["refused"] += 1
-            self.log.warn("refused a datagram from the gateway: {error}", error=str(e))
-            return
-        if isinstance(message, wire.DayAck) and self.sender is not None:
-            self.sender.ack_received(message)
-
-
-def previous_day(now: float) -> datetime.date:
-    """
-    The day a send at Unix time C{now} reports: yesterday, local time.
-    """
-    return datetime.date.fromtimestamp(now) - datetime.timedelta(days=1)
-
-
-def next_send(now: float, send_at: datetime.time, offset: float) -> float:
-    """
-    The Unix time of the next daily send after C{now}: today's or tomorrow's
-    C{send_at} (local time), plus this device's C{offset} seconds.
-    """
-    today = datetime.date.fromtimestamp(now)
-    for day in (today, today + datetime.timedelta(days=1)):
-        at = datetime.datetime.combine(day, send_at).timestamp() + offset
-        if at > now:
-            return at
-    return datetime.datetime.combine(today + datetime.timedelta(days=2), send_at).timestamp() + offset
-
-
-def offset_for(device_id: int, spread: float) -> float:
-    """
-    This device's offset into the fleet's sending window: deterministic and
-    spread evenly (a multiplicative hash), so a large fleet does not fire in
-    the same second and a device always sends at the same time.
-    """
-    if spread <= 0:
-        return 0.0
-    return ((device_id * 2654435761) % 2**32) / 2**32 * spread
+__all__ = [
+    "RETRY_AFTER",
+    "DailySchedule",
+    "DaySender",
+    "DeliveryFailed",
+    "DeviceMetrics",
+    "DeviceProtocol",
+    "Retransmission",
+    "SurveyDelivery",
+    "SurveyError",
+    "load_survey",
+    "next_send",
+    "offset_for",
+    "parse_survey",
+    "previous_day",
+    "survey_path",
+]

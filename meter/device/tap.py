@@ -1,6 +1,6 @@
 """
-twistd -n meter-device --id N: wires one device's UDP socket and its daily
-schedule.
+twistd -n meter-device --id N: wires one device's UDP socket, its survey
+and its daily schedule (L{meter.device.schedule}).
 """
 
 from __future__ import annotations
@@ -8,17 +8,17 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.application.service import Service
-from twisted.logger import Logger
+from twisted.application.internet import UDPServer
+from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
-from meter import device, secrets, wire
+from meter import secrets, wire
+from meter.device.delivery import SurveyDelivery
+from meter.device.metrics import DeviceMetrics
+from meter.device.protocol import DeviceProtocol
+from meter.device.schedule import DailySchedule, offset_for
+from meter.device.sender import Retransmission
 from meter.options import MeterOptions
-from meter.reading import SurveyError, load_survey, survey_path
-
-#: After a failed daily send, try again this much later (at most until the
-#: next daily send).
-RETRY_AFTER = 300.0
 
 
 class Options(MeterOptions):
@@ -53,107 +53,23 @@ class Options(MeterOptions):
         return f"meter-device-{self.config.device['id']}.pid"
 
 
-class DeviceService(Service):
-    log = Logger()
+class ScheduleService(Service):
+    """
+    Runs the device's schedule while the service runs: its first send goes
+    out as the service starts, after the UDP port (the service before it in
+    the tree) is bound.
+    """
 
-    def __init__(self, settings: dict, address: str, key: bytes, reactor, once: bool):
-        self._settings = settings
-        self._id = settings["id"]
-        self._address = address
-        self._reactor = reactor
-        self._once = once
-        self._port = None
-        self._next = None
-        self.protocol = device.DeviceProtocol(settings["gateway"], key)
-        self._retransmission = device.Retransmission(
-            settings["ack_timeout"], settings["ack_random_factor"], settings["max_retransmit"]
-        )
+    def __init__(self, schedule: DailySchedule):
+        self.schedule = schedule
 
     def startService(self):
         Service.startService(self)
-        gateway_host = self._settings["gateway"][0]
-        self._port = self._reactor.listenUDP(
-            0, self.protocol, interface="::" if ":" in gateway_host else "0.0.0.0", maxPacketSize=wire.MAX_DATAGRAM
-        )
-        self.send_day()
+        self.schedule.start()
 
     def stopService(self):
         Service.stopService(self)
-        if self._next is not None and self._next.active():
-            self._next.cancel()
-        if self.protocol.sender is not None:
-            self.protocol.sender.done.addErrback(lambda _: None)
-        return self._port.stopListening() if self._port is not None else None
-
-    def send_day(self) -> None:
-        self._next = None
-        now = self._reactor.seconds()
-        day = device.previous_day(now)
-        path = survey_path(self._settings["surveys"], self._id)
-        try:
-            readings = load_survey(path, self._id, self._address, day)
-        except SurveyError as e:
-            self._failed(f"cannot read the day's survey: {e}")
-            return
-        chunks = wire.split_day(
-            self._id, self._address, day, readings, wire.new_id(), int(now), self._settings["chunk_bytes"]
-        )
-        sender = device.DaySender(chunks, self.protocol.send, self._reactor, self._retransmission)
-        self.protocol.sender = sender
-        self.log.info(
-            "device {id} ({ip}) sending {n} readings of {day} to {gateway} in {parts} datagrams; send started at={at:.6f}",
-            id=self._id,
-            ip=self._address,
-            n=len(readings),
-            day=day,
-            gateway="%s:%d" % self._settings["gateway"],
-            parts=len(chunks),
-            at=now,
-        )
-        sender.start().addCallbacks(self._delivered, self._not_delivered, callbackArgs=(now,))
-
-    def _delivered(self, parts: int, started: float) -> None:
-        self.log.info(
-            "device {id}: gateway acknowledged all {parts} datagrams in {ms:.1f} ms ({retries} retransmissions)",
-            id=self._id,
-            parts=parts,
-            ms=(self._reactor.seconds() - started) * 1000,
-            retries=self.protocol.sender.counters["retransmissions"],
-        )
-        if self._once:
-            self._reactor.stop()
-        else:
-            self._schedule(None)
-
-    def _not_delivered(self, failure) -> None:
-        failure.trap(device.DeliveryFailed)
-        counters = self.protocol.sender.counters
-        self.log.warn(
-            "device {id}: giving up after {retries} retransmissions ({busy} busy answers)",
-            id=self._id,
-            retries=counters["retransmissions"],
-            busy=counters["busy"],
-        )
-        self._failed(f"day not delivered: {failure.getErrorMessage()}")
-
-    def _failed(self, why: str) -> None:
-        self.log.error("device {id}: {why}", id=self._id, why=why)
-        if self._once:
-            exit_after_shutdown(self._reactor, f"meter-device {self._id}: {why}")
-            # A survey refused at start fails before the reactor runs.
-            self._reactor.callWhenRunning(self._reactor.stop)
-        else:
-            self._schedule(RETRY_AFTER)
-
-    def _schedule(self, retry: float | None) -> None:
-        now = self._reactor.seconds()
-        at = device.next_send(
-            now, self._settings["send_at"], device.offset_for(self._id, self._settings["spread"])
-        )
-        if retry is not None:
-            at = min(at, now + retry)
-        self.log.info("device {id}: next send in {s:.0f} s", id=self._id, s=at - now)
-        self._next = self._reactor.callLater(at - now, self.send_day)
+        self.schedule.stop()
 
 
 def exit_after_shutdown(reactor, message: str, status: int = 1) -> None:
@@ -173,5 +89,46 @@ def exit_after_shutdown(reactor, message: str, status: int = 1) -> None:
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    return build(options, reactor)
+
+
+def build(options: Options, reactor) -> MultiService:
+    """
+    The device's service tree: its UDP port, then its schedule sending days
+    of its survey through it; with C{--once}, the process ends with the one
+    send's outcome.
+    """
     settings = options.config.device
-    return DeviceService(settings, options.config.fleet[settings["id"]], options.key, reactor, options["once"])
+    device_id = settings["id"]
+    protocol = DeviceProtocol(settings["gateway"], options.key, DeviceMetrics())
+    retransmission = Retransmission(settings["ack_timeout"], settings["ack_random_factor"], settings["max_retransmit"])
+    delivery = SurveyDelivery(
+        protocol,
+        reactor,
+        device_id,
+        options.config.fleet[device_id],
+        settings["surveys"],
+        settings["chunk_bytes"],
+        retransmission,
+    )
+    schedule = DailySchedule(
+        reactor,
+        delivery,
+        settings["send_at"],
+        offset_for(device_id, settings["spread"]),
+        once=options["once"],
+        name=f"device {device_id}",
+    )
+    if options["once"]:
+        schedule.finished.addCallbacks(lambda _: reactor.stop(), _exit_non_zero, errbackArgs=(reactor, device_id))
+    top = MultiService()
+    interface = "::" if ":" in settings["gateway"][0] else "0.0.0.0"
+    UDPServer(0, protocol, interface=interface, maxPacketSize=wire.MAX_DATAGRAM, reactor=reactor).setServiceParent(top)
+    ScheduleService(schedule).setServiceParent(top)
+    return top
+
+
+def _exit_non_zero(failure, reactor, device_id: int) -> None:
+    exit_after_shutdown(reactor, f"meter-device {device_id}: {failure.getErrorMessage()}")
+    # A survey refused at start fails before the reactor runs.
+    reactor.callWhenRunning(reactor.stop)

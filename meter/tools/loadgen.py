@@ -59,7 +59,8 @@ from pathlib import Path
 from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, secrets, wire
-from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, load_survey, survey_path
+from meter.device.survey import load_survey, survey_path
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading
 
 #: File descriptors kept free for the reactor, logs and the JSON file.
 SPARE_FDS = 64
@@ -139,7 +140,7 @@ class SimDevice:
         self.parts = parts
         #: How many readings the day holds, for the summary.
         self.reading_count = sum(map(wire.record_count, parts))
-        self.protocol = device.DeviceProtocol(run.target, key)
+        self.protocol = device.DeviceProtocol(run.target, key, run.metrics)
         self.sender: device.DaySender | None = None
         self.xfer = ""
         self.part_readings: dict[int, int] = {}
@@ -170,7 +171,13 @@ class SimDevice:
         run.chunks += len(chunks)
         run.on_start(self)
         sender = device.DaySender(
-            chunks, self._send, run.reactor, run.retransmission, random.Random(run.seed * 1000003 + self.id), run.window
+            chunks,
+            self._send,
+            run.reactor,
+            run.retransmission,
+            random.Random(run.seed * 1000003 + self.id),
+            run.window,
+            run.metrics,
         )
         self.sender = sender
         self.protocol.sender = _AckTap(self, sender)
@@ -209,14 +216,12 @@ class SimDevice:
         run.last_ack = handled
 
     def _delivered(self, parts: int) -> None:
-        self.run.sender_counters.update(self.sender.counters)
         self.outcome = "delivered"
         self.run.finished(self)
 
     def _not_delivered(self, failure) -> None:
         failure.trap(device.DeliveryFailed)
         run = self.run
-        run.sender_counters.update(self.sender.counters)
         run.gave_up += 1
         if self.attempts < run.attempts:
             run.reactor.callLater(run.retry_after, self.start)
@@ -407,6 +412,8 @@ class LoadRun:
             settings.device["ack_random_factor"],
             args.max_retransmit if args.max_retransmit is not None else settings.device["max_retransmit"],
         )
+        #: What every simulated device counts, together.
+        self.metrics = device.DeviceMetrics()
         self.devices: list[SimDevice] = []
         self.by_xfer: dict[str, SimDevice] = {}
         self.pooled = False
@@ -429,8 +436,6 @@ class LoadRun:
         self.failed = 0
         #: Senders that gave up, the last attempt's or not.
         self.gave_up = 0
-        #: The counters of every sender that ended.
-        self.sender_counters: Counter[str] = Counter()
         self.retransmitting = False
         self.timed_out = False
         self.prepare_s = 0.0
@@ -561,10 +566,6 @@ class LoadRun:
     # -- the outcome
 
     def summary(self) -> dict:
-        counters = Counter(self.sender_counters)
-        for sim in self.devices:
-            if sim.sender is not None and not sim.sender.done.called:
-                counters.update(sim.sender.counters)
         latencies = sorted(self.latencies)
         duration = (self.last_ack - self.first_send) if self.first_send and self.last_ack else 0.0
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -596,9 +597,9 @@ class LoadRun:
             "chunks": self.chunks,
             "chunks_acked": self.chunks_acked,
             "datagrams_sent": self.datagrams,
-            "retransmissions": counters["retransmissions"],
-            "busy_answers": counters["busy"],
-            "stray_acks": counters["stray_acks"],
+            "retransmissions": self.metrics.retransmissions,
+            "busy_answers": self.metrics.busy_answers,
+            "stray_acks": self.metrics.stray_acks,
             "attempts": sum(sim.attempts for sim in self.devices),
             "gave_up": self.gave_up,
             "relay": dict(sorted(self.relay.counters.items())) if self.relay is not None else None,
