@@ -441,7 +441,7 @@ def scenario_intake(args, scratch: Path, raw: dict) -> dict:
         # sockets and keys), on the next device ids of a fresh gateway.
         workspace.stop()
         workspace = workspace_of(scratch / "intake-loadgen", max(devices, sealed) + 1, deadline=600.0)
-        cloud = workspace.start_cloud()
+        workspace.start_cloud()
         gateway = workspace.start_gateway(connected=True)
         before = gateway.stats()
         sent = run_loadgen(workspace, "intake", "--devices", str(devices), "--readings", "1440",
