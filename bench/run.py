@@ -406,7 +406,7 @@ def scenario_intake(args, scratch: Path, raw: dict) -> dict:
     workspace = workspace_of(scratch / "intake", max(devices, sealed) + 1, deadline=600.0)
     fleet = workspace.fleet
     try:
-        cloud = workspace.start_cloud()
+        workspace.start_cloud()
         gateway = workspace.start_gateway(connected=True)
         from meter import secrets
 
