@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import sqlite3
 import statistics
@@ -60,7 +59,10 @@ from meter.tools.suite import Suite, label_address  # noqa: E402
 
 REPO = HERE.parent
 RESULTS = HERE / "results"
-COMMITTED = re.compile(r"(\d+) readings committed \((\d+) new, (\d+) duplicate\) in ([0-9.]+) ms; acknowledged at=([0-9.]+)")
+#: The formats of the daemons' log records the figures are read from.
+COMMITTED = "batch {batch_id} from {peer}: {count} readings committed"
+ACKNOWLEDGED = "batch {batch_id} acknowledged by the cloud after"
+GATEWAY_STOPPED = "gateway stopped:"
 
 #: The targets of issue #6, checked against the measurements.
 TARGETS = {
@@ -110,14 +112,12 @@ def wait_committed(cloud, expected: int, timeout: float, totals: dict | None = N
     totals = totals if totals is not None else {"new": 0, "dup": 0, "batches": 0, "last_ack": None}
     deadline = time.monotonic() + timeout
     while True:
-        for line in cloud.new_lines():
-            match = COMMITTED.search(line)
-            if match is not None:
-                totals["new"] += int(match.group(2))
-                totals["dup"] += int(match.group(3))
-                totals["batches"] += 1
-                totals["store_ms"] = float(match.group(4))
-                totals["last_ack"] = float(match.group(5))
+        for event in cloud.new_records(COMMITTED):
+            totals["new"] += event["new"]
+            totals["dup"] += event["dup"]
+            totals["batches"] += 1
+            totals["store_ms"] = round(event["ms"], 1)
+            totals["last_ack"] = event["at"]
         if totals["new"] >= expected or time.monotonic() > deadline:
             totals["complete"] = totals["new"] >= expected
             return totals
@@ -198,9 +198,10 @@ def forwarding_breakdown(gateway, cloud) -> dict:
     send-to-acknowledgement time, the cloud's store time (its queue,
     inserts, commit and console), and the interval between acknowledgements.
     """
-    rtt = [float(m.group(1)) for m in gateway.all_matching(r"acknowledged by the cloud after ([0-9.]+) ms")]
-    store = [float(m.group(1)) for m in cloud.all_matching(r"committed \(\d+ new, \d+ duplicate\) in ([0-9.]+) ms")]
-    acks = [float(m.group(1)) for m in cloud.all_matching(r"acknowledged at=([0-9.]+)")]
+    rtt = [event["ms"] for event in gateway.records_of(ACKNOWLEDGED)]
+    committed = cloud.records_of(COMMITTED)
+    store = [event["ms"] for event in committed]
+    acks = [event["at"] for event in committed]
     gaps = [(b - a) * 1000 for a, b in zip(acks, acks[1:])]
     median = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
     return {"batches": len(acks), "gateway_send_to_ack_ms_p50": median(rtt), "cloud_store_ms_p50": median(store),
@@ -209,11 +210,10 @@ def forwarding_breakdown(gateway, cloud) -> dict:
 
 def gateway_counters(gateway) -> dict:
     """
-    The gateway's counts from its stop line (logfmt, see meter.gateway.metrics).
+    The gateway's counts from its stop record (see meter.gateway.metrics).
     """
-    for match in reversed(gateway.all_matching(r"gateway stopped: (.*)")):
-        counts = {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
-        return {"intake": counts, "uplink": counts}
+    for event in reversed(gateway.records_of(GATEWAY_STOPPED)):
+        return {"intake": event["counts"], "uplink": event["counts"]}
     return {}
 
 
@@ -366,8 +366,8 @@ def scenario_day4(args, scratch: Path) -> dict:
                                "--day", day.isoformat(), "--spread", "0", "--timeout", "30")
             totals = wait_committed(cloud, sent["readings_acked"], 30)
             first, last = sent["first_send"], totals["last_ack"]
-            rtt = [line for line in gateway.new_lines() if "acknowledged by the cloud after" in line]
-            rtt_ms = float(re.search(r"after ([0-9.]+) ms", rtt[-1]).group(1)) if rtt else None
+            rtt = gateway.new_records(ACKNOWLEDGED)
+            rtt_ms = round(rtt[-1]["ms"], 1) if rtt else None
             runs.append({
                 "day": day.isoformat(),
                 "readings": sent["readings_acked"],

@@ -180,7 +180,9 @@ class GatewayService(MultiService):
             return self.database.stop()
 
         d.addCallback(stopped)
-        d.addCallback(lambda _: self.log.info("gateway stopped: {stats}", stats=render({}, self.metrics)))
+        d.addCallback(
+            lambda _: self.log.info("gateway stopped: {stats}", stats=render({}, self.metrics), counts=self.metrics.counts())
+        )
         return d
 
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from twisted.logger import eventFromJSON, formatEvent, jsonFileLogObserver
+
 #: A line of the cloud's console: `192.168.1.4 - 02:00 - 17 - 35%`.
 CONSOLE_LINE = re.compile(r"^(\S+) - (\d\d:\d\d) - (-?[0-9.]+) - ([0-9.]+)%$")
 
@@ -42,14 +44,27 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-def twistd(plugin: str, *args: str) -> list[str]:
+def twistd(plugin: str, *args: str, records: bool = False) -> list[str]:
     """
-    The command line of C{twistd -n <plugin> <args>} with this Python.
+    The command line of C{twistd -n <plugin> <args>} with this Python; with
+    C{records}, its log is written as JSON records (see L{json_records}).
     """
+    options = ["-n", "--logger", f"{__name__}.json_records"] if records else ["-n"]
     script = Path(sys.executable).parent / "twistd"
     if script.exists():
-        return [str(script), "-n", plugin, *args]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", plugin, *args]
+        return [str(script), *options, plugin, *args]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *options, plugin, *args]
+
+
+def json_records():
+    """
+    A log observer for twistd's C{--logger}: every event as one JSON object
+    a line on the process's real standard output, with its fields, so a
+    program reading the log takes the figures from the fields rather than
+    from the text.  (The real standard output: twistd sends C{sys.stdout}
+    into the log itself.)
+    """
+    return jsonFileLogObserver(sys.__stdout__, recordSeparator="")
 
 
 class DaemonError(RuntimeError):
@@ -154,8 +169,12 @@ class Daemon:
         self.name = name
         self.command = list(command)
         self.log = log
-        #: Every line read so far.
+        #: Every line read so far (a JSON record as its text).
         self.lines: list[str] = []
+        #: Every JSON log record read so far, as its event (see
+        #: L{json_records}), and how many L{new_records} consumed.
+        self.records: list[dict] = []
+        self._records_cursor = 0
         #: How many of L{lines} a wait or L{new_lines} consumed.
         self._cursor = 0
         self._ended = False
@@ -186,8 +205,17 @@ class Daemon:
         lines = self._output.read(wait)
         if lines is None:
             self._ended = True
-        else:
-            self.lines += lines
+            return
+        for line in lines:
+            if line.startswith('{"'):
+                try:
+                    event = eventFromJSON(line)
+                except ValueError:
+                    pass
+                else:
+                    self.records.append(event)
+                    line = formatEvent(event)
+            self.lines.append(line)
 
     def _drain(self) -> None:
         before = -1
@@ -252,6 +280,25 @@ class Daemon:
         lines = self.lines[self._cursor:]
         self._cursor = len(self.lines)
         return lines
+
+    def records_of(self, log_format: str) -> list[dict]:
+        """
+        Every JSON log record read so far whose format starts with
+        C{log_format}, without waiting.
+        """
+        self._drain()
+        return [event for event in self.records if event.get("log_format", "").startswith(log_format)]
+
+    def new_records(self, log_format: str) -> list[dict]:
+        """
+        The JSON log records read since the last call whose format starts
+        with C{log_format}, without waiting; every record read counts as
+        consumed.
+        """
+        self._drain()
+        records = self.records[self._records_cursor:]
+        self._records_cursor = len(self.records)
+        return [event for event in records if event.get("log_format", "").startswith(log_format)]
 
     def all_matching(self, pattern: str | re.Pattern) -> list[re.Match]:
         """
@@ -373,7 +420,9 @@ class Daemons:
         Start C{twistd -n plugin} with the suite's configuration and C{args}.
         """
         configured = ("--config", str(self.config)) if self.config is not None else ()
-        return self.run(name, [*prefix, *twistd(plugin, *configured, *args)], env)
+        # A suite that keeps log files (the bench's) reads figures from the
+        # daemons' log records.
+        return self.run(name, [*prefix, *twistd(plugin, *configured, *args, records=self.logs)], env)
 
     def start_cloud(self, *args: str, prefix: Sequence[str] = (), timeout: float = 30.0) -> Daemon:
         """
