@@ -89,3 +89,30 @@ def test_daemons_stop_in_reverse_and_write_logs(tmp_path):
     assert first.process.returncode is not None and second.process.returncode is not None
     assert (tmp_path / "first-one.log").read_text().splitlines() == ["first", "second 2", "third 3"]
     assert first.final is not None and "peak_rss_mb" in first.final
+
+
+#: A child that logs through the observer twistd gets with --logger when a
+#: suite keeps its logs, then prints a plain line (as the cloud's console).
+RECORDING_CHILD = """
+from twisted.logger import Logger, globalLogBeginner
+from meter.tools.processes import json_records
+globalLogBeginner.beginLoggingTo([json_records()], redirectStandardIO=False)
+log = Logger(namespace="child")
+log.info("batch {batch_id} committed in {ms:.1f} ms", batch_id="ab", ms=1.25)
+log.info("batch {batch_id} committed in {ms:.1f} ms", batch_id="cd", ms=2.5)
+print("192.168.1.2 - 08:00 - 20 - 30%", flush=True)
+"""
+
+
+@pytest.mark.parametrize("output", ["pipe", "log file"])
+def test_json_log_records_give_their_fields_and_their_text(tmp_path, output):
+    log = tmp_path / "child.log" if output == "log file" else None
+    daemon = Daemon("child", [sys.executable, "-c", RECORDING_CHILD], cwd=tmp_path, log=log)
+    assert daemon.wait() == 0
+    assert [(e["batch_id"], e["ms"]) for e in daemon.records_of("batch {batch_id} committed")] == [
+        ("ab", 1.25), ("cd", 2.5)
+    ]
+    assert daemon.wait_for(r"batch cd committed in 2\.5 ms").group(0)
+    assert daemon.all_matching(r"^192\.168\.1\.2 - 08:00 - 20 - 30%$")
+    assert [e["batch_id"] for e in daemon.new_records("batch")] == ["ab", "cd"]
+    assert daemon.new_records("batch") == []
