@@ -26,7 +26,6 @@ import math
 import random
 import re
 import sqlite3
-import time
 import zlib
 
 import pytest
@@ -189,7 +188,6 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     xfers = [rng.randbytes(8).hex() for _ in range(40)]
     authentic: set[bytes] = set()  # every body sealed with its device's right key
     kinds = dict.fromkeys(["valid", "resealed", "mutated", "random", "wrong key", "unsealed"], 0)
-    started = time.monotonic()
     try:
         with capturedLogs() as events:
             for i in range(GATEWAY_INPUTS):
@@ -240,7 +238,6 @@ async def test_fuzz_the_gateway(tmp_path, seed):
         no_failures_logged(events)
     finally:
         await database.stop()
-    elapsed = time.monotonic() - started
 
     # Nobody without a key got an answer or reached the spool.
     assert [to for _, to in transport.written if to != GOOD] == []
@@ -303,7 +300,6 @@ async def test_fuzz_the_gateway(tmp_path, seed):
         for record in records.split(";"):
             hhmm, temperature, humidity = record.split(",")
             check_row(device_id, device_ip, f"{day}T{hhmm}", float(temperature), float(humidity))
-    assert elapsed < 60, f"{GATEWAY_INPUTS} inputs took {elapsed:.1f} s"
 
 
 # -- the cloud --------------------------------------------------------------------------
@@ -387,7 +383,6 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     factory = cloud.CloudFactory(store, 120.0, clock)
     inputs = 0
     sessions = 0
-    started = time.monotonic()
 
     def connected():
         protocol = factory.buildProtocol(None)
@@ -446,7 +441,6 @@ async def test_fuzz_the_cloud(tmp_path, seed):
         no_failures_logged(events)
     finally:
         await database.stop()
-    elapsed = time.monotonic() - started
 
     assert inputs >= CLOUD_INPUTS
     assert len(committed) > 1000
@@ -472,4 +466,3 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     for row in rows:
         check_row(*row[:5])
         assert row[5] >= NOW
-    assert elapsed < 60, f"{inputs} inputs took {elapsed:.1f} s"

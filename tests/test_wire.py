@@ -696,8 +696,30 @@ async def test_without_nagle_sets_no_delay_on_a_real_tcp_connection():
         await port.stopListening()
 
 
-def test_without_nagle_leaves_a_transport_that_is_not_tcp_alone():
-    wire.without_nagle(object())
+class Asked:
+    """
+    A transport that records which attributes it was asked for, offering
+    C{setTcpNoDelay} (recording its argument) only if told it is TCP.
+    """
+
+    def __init__(self, tcp: bool):
+        self.tcp = tcp
+        self.asked: list[str] = []
+        self.no_delay: list[bool] = []
+
+    def __getattr__(self, name):
+        self.asked.append(name)
+        if name == "setTcpNoDelay" and self.tcp:
+            return self.no_delay.append
+        raise AttributeError(name)
+
+
+def test_without_nagle_sets_no_delay_on_tcp_and_leaves_another_transport_alone():
+    tcp, other = Asked(tcp=True), Asked(tcp=False)
+    wire.without_nagle(tcp)
+    wire.without_nagle(other)
+    assert (tcp.asked, tcp.no_delay) == (["setTcpNoDelay"], [True])
+    assert (other.asked, other.no_delay) == (["setTcpNoDelay"], [])
 
 
 class Lines(wire.LineProtocol):
