@@ -2,7 +2,8 @@
 In-memory implementations of meter's storage interfaces, for tests of the
 code that uses them and for anyone embedding meter: each behaves as the real
 SQLite implementation does, which the contract tests in tests/contracts/
-prove by running one test body over both.
+prove by running one test body over both.  Then what the tests share: a
+cloud store on SQLite with its protocol, and the fleet's test keys.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ from __future__ import annotations
 import datetime
 import sqlite3
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meter import wire
+from meter import cloud, wire
 from meter.cloud.interfaces import DeviceSummary, IReadingStore
 from meter.gateway.interfaces import ISpool
+from meter.database import connect
 from meter.gateway.spool import Recovered, Spooled, StoredPart, StoredRound, batch_of, chunk_digest
 from meter.reading import Reading
 from meter.wire import BatchColumns
@@ -316,3 +321,66 @@ class MemoryReadingStore:
         return succeed(
             [DeviceSummary(number, parse(min(own)), parse(max(own)), len(own)) for number, own in sorted(stamps.items())]
         )
+
+
+# -- a cloud store on SQLite, for the tests of the store and its protocol ----
+
+
+class SQLiteCloud:
+    """
+    A L{meter.cloud.CloudStore} on the real SQLite reading store at
+    C{path}, driven by C{reactor} (the store's commits) and a
+    L{task.Clock} at C{now} (its timers), its console kept as lines; for
+    tests of the store and of the protocol in front of it.
+    """
+
+    def __init__(self, path: Path, reactor, now: float = 1772400000, schema: bool = True) -> None:
+        self.path = path
+        connection = connect(path)
+        if schema:
+            cloud.open_database(connection)
+        self.readings = cloud.SQLiteReadingStore(connection, reactor)
+        self.database = self.readings.database
+        self.console: list[str] = []
+        self.clock = task.Clock()
+        self.clock.advance(now)
+        self.store = cloud.CloudStore(self.readings, self.print, self.clock)
+
+    def print(self, text: str) -> None:
+        assert text.endswith("\n")
+        self.console.extend(text.splitlines())
+
+    def count(self) -> int:
+        """
+        The readings committed, as another connection sees them.
+        """
+        with sqlite3.connect(str(self.path)) as other:
+            return other.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    def connect(self, idle: float = 120.0, peer: IPv4Address = IPv4Address("TCP", "10.0.0.1", 5555)):
+        """
+        A CloudProtocol of the store, its idle timeout C{idle}, connected
+        to a StringTransport from C{peer}: (protocol, transport).
+        """
+        protocol = cloud.CloudFactory(self.store, idle, self.clock).buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+# -- the fleet's keys --------------------------------------------------------
+
+
+def device_key(device_id: int) -> bytes:
+    """
+    The key the tests give device C{device_id} (1 to 255): its number, 32
+    times over.
+    """
+    return bytes([device_id]) * 32
+
+
+def device_keys(device_ids) -> dict[int, bytes]:
+    """
+    The L{device_key} of each of C{device_ids}, by device id.
+    """
+    return {device_id: device_key(device_id) for device_id in device_ids}

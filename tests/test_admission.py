@@ -30,14 +30,14 @@ from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, content_digest
-from meter.testing import MemorySpool
+from meter.testing import MemorySpool, device_keys
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
 #: east of UTC+2:40, 2026-03-01).
 NOW = 1772400000
 DAY = datetime.date(2026, 2, 28)
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4"}
-KEYS = {device_id: bytes([device_id]) * 32 for device_id in FLEET}
+KEYS = device_keys(FLEET)
 DEVICE1 = ("192.168.1.2", 50001)
 
 

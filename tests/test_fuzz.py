@@ -42,11 +42,12 @@ from meter.database import Database, connect
 from meter.gateway import CloudClientProtocol, GatewayProtocol, Intake
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 from meter.gateway.spool import Spool, content_digest
+from meter.testing import device_keys
 
 NOW = 1_795_320_000
 DAYS = [datetime.date(2026, 11, 20), datetime.date(2026, 11, 21), datetime.date(2026, 11, 22)]
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "fd00::4"}
-KEYS = {device_id: bytes([device_id]) * 32 for device_id in FLEET}
+KEYS = device_keys(FLEET)
 GOOD = ("192.168.1.2", 40000)  # where the key holders send from
 EVIL = ("192.168.1.66", 40066)  # where everything unauthenticated comes from
 

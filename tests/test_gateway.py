@@ -26,12 +26,12 @@ from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
-from meter.testing import MemorySpool
+from meter.testing import MemorySpool, device_keys
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4", 4: "192.168.1.5"}
-KEYS = {device_id: bytes([device_id]) * 32 for device_id in range(1, 60)}
+KEYS = device_keys(range(1, 60))
 
 
 def xfer_of(device_id: int, n: int = 0) -> str:
