@@ -26,7 +26,7 @@ from meter import cloud, wire
 from meter.cloud.interfaces import DeviceSummary, IReadingStore
 from meter.gateway.interfaces import ISpool
 from meter.database import connect
-from meter.gateway.spool import Recovered, Spooled, StoredPart, StoredRound, batch_of, chunk_digest
+from meter.gateway.spool import Recovered, SpooledBatch, StoredChunk, StoredRound, batch_of, chunk_digest
 from meter.reading import Reading
 from meter.wire import BatchColumns
 
@@ -43,7 +43,7 @@ class SpoolContents:
     #: seq -> (seq, day, device_id, device_ip, records, n)
     chunks: dict[int, tuple[int, str, int, str, str, int]] = attrs.Factory(dict)
     #: (device_id, xfer, part) -> its part row
-    parts: dict[tuple[int, str, int], StoredPart] = attrs.Factory(dict)
+    parts: dict[tuple[int, str, int], StoredChunk] = attrs.Factory(dict)
     #: day -> [opened_at, closed_at or None]
     rounds: dict[str, list] = attrs.Factory(dict)
     #: seq -> (seq, day, device_id, device_ip, records, n, reason, refused_at)
@@ -137,7 +137,7 @@ class MemorySpool:
 
     def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False) -> Deferred:
         day = chunk.day.isoformat()
-        part = StoredPart(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, chunk_digest(chunk))
+        part = StoredChunk(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, chunk_digest(chunk))
         row = (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count)
 
         def change(contents: SpoolContents) -> tuple[int, int]:
@@ -165,7 +165,7 @@ class MemorySpool:
         return self._submit("close_round", change)
 
     def take_batch(self, limit: int, after: int = 0) -> Deferred:
-        def change(contents: SpoolContents) -> tuple[Spooled, int]:
+        def change(contents: SpoolContents) -> tuple[SpooledBatch, int]:
             closed = {day for day, (_, closed_at) in contents.rounds.items() if closed_at is not None}
             rows = [contents.chunks[seq] for seq in sorted(contents.chunks) if seq > after]
             return batch_of([row for row in rows if row[1] in closed], limit), 0

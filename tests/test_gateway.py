@@ -25,7 +25,7 @@ from meter import gateway, wire
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
-from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
+from meter.gateway.spool import Recovered, Spool, StoredChunk, StoredRound
 from meter.testing import MemorySpool, device_keys
 
 DAY = datetime.date(2026, 3, 1)
@@ -326,7 +326,7 @@ def test_replay_window(offset, status):
 # -- multi-part transfers ---------------------------------------------------
 
 
-def test_a_transfer_completes_only_when_every_part_arrived_in_any_order():
+def test_a_transfer_completes_only_when_every_chunk_arrived_in_any_order():
     h = IntakeHarness(fleet={1: FLEET[1]})
     for part in (3, 1):
         chunk = day_chunk(1, part=part, parts=3)
@@ -439,8 +439,8 @@ def recovered(rounds=(), parts=(), depth=0) -> Recovered:
     return Recovered(tuple(rounds), tuple(parts), depth)
 
 
-def part(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredPart:
-    return StoredPart(device_id, xfer_of(device_id, n), part, parts, day, received_at)
+def part(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredChunk:
+    return StoredChunk(device_id, xfer_of(device_id, n), part, parts, day, received_at)
 
 
 def test_recover_closes_a_round_whose_deadline_passed_while_down():
@@ -579,8 +579,8 @@ class UplinkHarness:
         self.uplink.connected(sender)
         self.clock.advance(0)
 
-    def kick(self) -> None:
-        self.uplink.kick()
+    def send_next(self) -> None:
+        self.uplink.send_next()
         self.clock.advance(0)
 
     def ack(self, batch, status="ok", reason=""):
@@ -592,8 +592,8 @@ def test_uplink_sends_one_batch_at_a_time():
     h = UplinkHarness()
     h.connect(h.sender)
     assert h.sender.sent == [wire.Batch(f"{1:016x}", h.readings(1, 2))]
-    h.kick()
-    h.kick()
+    h.send_next()
+    h.send_next()
     assert len(h.sender.sent) == 1
     assert h.spool.submitted["take_batch"] == 1
 
@@ -618,16 +618,16 @@ def test_uplink_removes_readings_only_after_the_ack():
 
 def test_uplink_without_a_connection_sends_nothing():
     h = UplinkHarness()
-    h.kick()
+    h.send_next()
     assert h.spool.submitted["take_batch"] == 0
 
 
-def test_uplink_with_an_empty_spool_sends_when_kicked_later():
+def test_uplink_with_an_empty_spool_sends_when_told_later():
     h = UplinkHarness(count=0)
     h.connect(h.sender)
     assert h.sender.sent == []
     h.fill(1)
-    h.kick()
+    h.send_next()
     assert [b.readings for b in h.sender.sent] == [h.readings(1)]
 
 
@@ -699,7 +699,7 @@ def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
     h.ack(h.sender.sent[0], "bad", "not stored: disk I/O error")
     assert h.removed() == []
     assert h.uplink.metrics.batches_refused == 1
-    h.kick()  # no retry before the delay
+    h.send_next()  # no retry before the delay
     h.clock.advance(4.999)
     assert len(h.sender.sent) == 1
     h.clock.advance(0.001)
@@ -1042,7 +1042,7 @@ async def test_a_restart_resumes_from_the_spool(real, tmp_path):
         state = again.recovered
         assert state.depth == 2
         assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, None)]
-        assert sorted(p.device_id for p in state.parts) == [1, 2]
+        assert sorted(p.device_id for p in state.chunks) == [1, 2]
         h = IntakeHarness(spool=again.spool)
         h.clock.advance(61)  # the deadline passed while the gateway was down
         h.intake.recover(state)
@@ -1229,7 +1229,7 @@ def test_uplink_looks_again_from_the_start_when_its_window_drained_during_an_emp
     first, second = h.sender.sent
     h.spool.hold()
     h.ack(second)
-    # The second is removed, and its removal kicks a fetch after the
+    # The second is removed, and its removal starts a fetch after the
     # first, still in flight: the fetch waits for the next commit.
     h.spool.release()
     h.uplink.disconnected(h.sender)  # the first is to be sent again

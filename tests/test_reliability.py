@@ -17,7 +17,7 @@ from meter import config, wire
 from meter.database import Database
 from meter.gateway import Intake
 from meter.reading import Reading
-from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
+from meter.gateway.spool import Recovered, Spool, StoredChunk, StoredRound
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
@@ -92,9 +92,9 @@ def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
         Recovered(
             (StoredRound(DAY, NOW - 400, None),),
             (
-                StoredPart(1, "a" * 16, 2, 3, DAY, NOW - 400),
-                StoredPart(1, "a" * 16, 1, 3, DAY, NOW - 390),
-                StoredPart(2, "b" * 16, 1, 2, DAY, NOW - 100),
+                StoredChunk(1, "a" * 16, 2, 3, DAY, NOW - 400),
+                StoredChunk(1, "a" * 16, 1, 3, DAY, NOW - 390),
+                StoredChunk(2, "b" * 16, 1, 2, DAY, NOW - 100),
             ),
             depth=3,
         )
@@ -115,7 +115,7 @@ def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
     gateway.recover(
         Recovered(
             (StoredRound(DAY, NOW - 50, None),),
-            (StoredPart(2, "b" * 16, 1, 2, DAY, NOW - 10), StoredPart(1, "a" * 16, 1, 2, DAY, NOW - 50)),
+            (StoredChunk(2, "b" * 16, 1, 2, DAY, NOW - 10), StoredChunk(1, "a" * 16, 1, 2, DAY, NOW - 50)),
             depth=2,
         )
     )

@@ -235,7 +235,7 @@ def test_deduplication_survives_a_gateway_restart():
     recovered = spool.recover()
     first.clock.advance(0)
     second = Gateway(spool, recovered=recovered.result, clock=first.clock)
-    assert [(p.device_id, p.xfer, p.part) for p in recovered.result.parts] == [(1, XFER, 1)]
+    assert [(p.device_id, p.xfer, p.part) for p in recovered.result.chunks] == [(1, XFER, 1)]
     second.protocol.datagramReceived(data, DEVICE1)
     # answered at once from the recovered message ids: the spool never saw it
     assert second.answers() == [OK]

@@ -109,7 +109,7 @@ class Gateway:
             window=window, max_retry_delay=8.0, late_linger=late_linger, log=log,
         )
         self.intake = Intake(
-            fleet, self.spool, self.clock, deadline, self.uplink.kick, on_late=self.uplink.late_arrived,
+            fleet, self.spool, self.clock, deadline, self.uplink.send_next, on_late=self.uplink.late_arrived,
             max_retry_delay=8.0, log=log,
         )
         self.intake.recover(recovered)
@@ -273,7 +273,7 @@ def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_remove
     assert g.uplink.metrics.remove_failures == 1
     assert g.delivered == []
     # Its readings are not taken again meanwhile, not even by a new connection.
-    g.uplink.kick()
+    g.uplink.send_next()
     g.uplink.disconnected(g.sender)
     g.sender = Sender()
     g.uplink.connected(g.sender)

@@ -518,11 +518,11 @@ def test_an_empty_day_is_one_empty_chunk():
     assert split_day(1, "192.168.1.2", DAY, (), XFER, 7) == [DayChunk(1, "192.168.1.2", DAY, XFER, 1, 1, 7, ())]
 
 
-def test_day_parts_are_the_record_texts_of_split_day():
+def test_day_chunk_records_are_the_record_texts_of_split_day():
     # What a load generator prepares before its clock starts is exactly what
     # a device sends, whatever the transfer id and start time.
     readings = minutes_of_day(300, t=-3.25, h=41.5)
-    texts = wire.day_parts(1, "192.168.1.2", DAY, readings)
+    texts = wire.day_chunk_records(1, "192.168.1.2", DAY, readings)
     for sent_at in (0, 7, 1772400000, 4294967295):
         chunks = split_day(1, "192.168.1.2", DAY, readings, XFER, sent_at)
         assert [c.records for c in chunks] == texts

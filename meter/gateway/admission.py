@@ -24,7 +24,7 @@ from meter import wire
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
-from meter.gateway.spool import StoredPart, chunk_digest, content_digest
+from meter.gateway.spool import StoredChunk, chunk_digest, content_digest
 from meter.ratelimit import LimitedWarnings, PerSource
 
 #: The days a chunk may name, relative to its C{ts} (UTC dates, whole
@@ -414,7 +414,7 @@ class Admission:
 
     # -- memory --------------------------------------------------------------
 
-    def recover(self, parts: tuple[StoredPart, ...]) -> None:
+    def recover(self, parts: tuple[StoredChunk, ...]) -> None:
         """
         Remember the message ids the spool holds, each against its device's
         day.

@@ -115,8 +115,8 @@ class Intake:
         deadline back, closing at once if it passed while the gateway was
         down).
         """
-        self.admission.recover(state.parts)
-        self.reassembly.recover(state.parts)
+        self.admission.recover(state.chunks)
+        self.reassembly.recover(state.chunks)
         self.rounds.recover(state.rounds, self.reassembly.complete())
         self.log.info(
             "spool holds {depth} readings, {rounds} rounds, {ids} message ids",
@@ -174,10 +174,10 @@ class Intake:
         self.admission.acknowledge(chunk)
         self.metrics.chunks += 1
         self.metrics.readings += new
-        complete = self.reassembly.part_arrived(chunk)
+        complete = self.reassembly.chunk_arrived(chunk)
         if complete and chunk.parts > 1:
             self.admission.transfer_complete(chunk.device_id, chunk.xfer)
-        self.rounds.part_arrived(chunk, peer, complete)
+        self.rounds.chunk_arrived(chunk, peer, complete)
         return self.admission.answer(chunk, wire.DayAck(chunk.xfer, chunk.part, "ok"))
 
     def _not_committed(self, failure, chunk: wire.DayChunk) -> wire.DayAck:

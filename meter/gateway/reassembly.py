@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from meter import wire
 from meter.gateway.metrics import GatewayMetrics
-from meter.gateway.spool import StoredPart
+from meter.gateway.spool import StoredChunk
 
 
 @attrs.define
@@ -53,7 +53,7 @@ class Reassembly:
         self.incomplete: dict[tuple[int, str], None] = {}
         self._expiry = None
 
-    def part_arrived(self, chunk: wire.DayChunk) -> bool:
+    def chunk_arrived(self, chunk: wire.DayChunk) -> bool:
         """
         C{chunk}, a part of its transfer, is committed: whether the transfer
         is now complete.
@@ -71,7 +71,7 @@ class Reassembly:
         self.incomplete.pop(key, None)
         return True
 
-    def recover(self, parts: tuple[StoredPart, ...]) -> None:
+    def recover(self, parts: tuple[StoredChunk, ...]) -> None:
         """
         Resume the transfers of the parts the spool holds; those still
         missing parts expire as if the gateway had not stopped.

@@ -89,7 +89,7 @@ class Rounds:
         self.log.info("round {day} opened by device {device}", day=day, device=device_id)
         self._arm(round_)
 
-    def part_arrived(self, chunk: wire.DayChunk, peer: str, complete: bool) -> None:
+    def chunk_arrived(self, chunk: wire.DayChunk, peer: str, complete: bool) -> None:
         """
         C{chunk} is committed, and its transfer C{complete} or not: its
         device may have reported its day, and the round may close.

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 
 
 @attrs.frozen
-class StoredPart:
+class StoredChunk:
     device_id: int
     xfer: str
     part: int
@@ -94,12 +94,12 @@ class Recovered:
     """
 
     rounds: tuple[StoredRound, ...]
-    parts: tuple[StoredPart, ...]
+    chunks: tuple[StoredChunk, ...]
     depth: int
 
 
 @attrs.frozen
-class Spooled:
+class SpooledBatch:
     """
     The next batch for the cloud, as the spool holds it: the readings of
     whole chunks as C{BATCH} record text, and the chunks' sequence numbers,
@@ -228,7 +228,7 @@ def _recovered(connection: sqlite3.Connection) -> Recovered:
         )
     )
     parts = tuple(
-        StoredPart(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
+        StoredChunk(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
         for device_id, xfer, part, parts, day, received_at, digest in connection.execute(
             "SELECT device_id, xfer, part, parts, day, received_at, digest FROM parts ORDER BY device_id, xfer, part"
         )
@@ -237,7 +237,7 @@ def _recovered(connection: sqlite3.Connection) -> Recovered:
     return Recovered(rounds, parts, depth)
 
 
-def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) -> Spooled:
+def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) -> SpooledBatch:
     """
     The next batch for the cloud from the chunks C{rows} (C{seq, day,
     device_id, device_ip, records, n}, oldest first, of closed rounds):
@@ -281,7 +281,7 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
         if count >= limit:
             break
     batch = ";".join(parts)
-    return Spooled(tuple(seqs), batch, wire.record_count(batch))
+    return SpooledBatch(tuple(seqs), batch, wire.record_count(batch))
 
 
 @implementer(ISpool)
@@ -361,13 +361,13 @@ class Spool:
 
     def take_batch(self, limit: int, after: int = 0):
         """
-        Fires with the L{Spooled} readings of the oldest chunks of closed
+        Fires with the L{SpooledBatch} readings of the oldest chunks of closed
         rounds whose sequence numbers are above C{after} (see L{batch_of}):
         the next batch for the cloud.  They stay in the spool.  With nothing
         ready, C{count} is 0.
         """
 
-        def work(connection: sqlite3.Connection) -> Spooled:
+        def work(connection: sqlite3.Connection) -> SpooledBatch:
             cursor = connection.execute(
                 "SELECT seq, day, device_id, device_ip, records, n FROM chunks"
                 " WHERE seq > ? AND day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)"

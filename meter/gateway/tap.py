@@ -92,7 +92,7 @@ class GatewayService(MultiService):
             metrics=self.metrics,
         )
         self.intake = gateway.Intake(
-            self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick, check_source=s["check_source"],
+            self._fleet, spool, self._reactor, s["deadline"], self.uplink.send_next, check_source=s["check_source"],
             on_late=self.uplink.late_arrived, max_retry_delay=s["max_backoff"],
             replay_window=s["replay_window"],
             spool_limit=s["spool_limit"],

@@ -178,7 +178,7 @@ def test_an_empty_chunk_records_its_message_id(backend):
     empty = chunk(minutes=())
     assert backend.commit(backend.spool.add_chunk(empty, NOW)) == 0
     state = recovered(backend)
-    assert [(p.device_id, p.xfer, p.part, p.digest) for p in state.parts] == [
+    assert [(p.device_id, p.xfer, p.part, p.digest) for p in state.chunks] == [
         (1, empty.xfer, 1, chunk_digest(empty))
     ]
     assert state.depth == 0
@@ -285,7 +285,7 @@ def test_forgetting_drops_old_message_ids_and_empty_closed_rounds(backend):
     assert backend.commit(backend.spool.forget_before(NOW + 5)) is None
     state = recovered(backend)
     # Device 2's day of old had a part after the cutoff: all of it is kept.
-    assert sorted((p.device_id, p.part) for p in state.parts) == [(2, 1), (2, 2)]
+    assert sorted((p.device_id, p.part) for p in state.chunks) == [(2, 1), (2, 2)]
     # old is closed and empty; open_day is open; held holds readings.
     assert [r.day for r in state.rounds] == [open_day, held]
     # A message id forgotten is new again.
@@ -300,7 +300,7 @@ def test_an_old_round_still_holding_readings_is_not_forgotten(backend):
     backend.reopen()
     state = recovered(backend)
     assert [r.day for r in state.rounds] == [old]
-    assert state.parts == ()
+    assert state.chunks == ()
     assert state.depth == 1
 
 
@@ -315,7 +315,7 @@ def test_a_restart_finds_what_was_committed(backend):
     state = recovered(backend)
     assert state.depth == 2
     assert state.rounds == (StoredRound(DAY, NOW, NOW + 2),)
-    assert [(p.device_id, p.xfer, p.part, p.parts, p.day, p.received_at, p.digest) for p in state.parts] == [
+    assert [(p.device_id, p.xfer, p.part, p.parts, p.day, p.received_at, p.digest) for p in state.chunks] == [
         (1, chunk(1).xfer, 1, 1, DAY, NOW, chunk_digest(chunk(1))),
         (2, two.xfer, 1, 2, DAY, NOW + 1, chunk_digest(two)),
     ]
