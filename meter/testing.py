@@ -42,7 +42,7 @@ class SpoolContents:
 
     #: seq -> (seq, day, device_id, device_ip, records, n)
     chunks: dict[int, tuple[int, str, int, str, str, int]] = attrs.Factory(dict)
-    #: (device_id, xfer, part) -> its part row
+    #: (device_id, xfer, part) -> its chunk row
     parts: dict[tuple[int, str, int], StoredChunk] = attrs.Factory(dict)
     #: day -> [opened_at, closed_at or None]
     rounds: dict[str, list] = attrs.Factory(dict)

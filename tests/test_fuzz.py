@@ -155,7 +155,7 @@ def random_chunk(rng: random.Random, now: float, xfers: list[str]) -> wire.DayCh
     ip, day = FLEET[device_id], rng.choice(DAYS)
     parts = rng.choice((1, 1, 2, 3))
     minutes = rng.sample(range(24 * 60), rng.randrange(0, 12))
-    # now and then a transfer id seen before (duplicates, inconsistent parts)
+    # now and then a transfer id seen before (duplicates, inconsistent chunks)
     xfer = rng.choice(xfers) if rng.random() < 0.3 else rng.randbytes(8).hex()
     # now and then a start near the replay window's edges
     sent_at = int(now) - rng.randrange(0, 30)

@@ -172,13 +172,13 @@ def test_a_device_reporting_twice_is_counted_once():
     # The spool stores the day again (one row a chunk; it does not look
     # inside): the cloud, keyed by device and minute, stores it once.
     assert h.spool.depth == 2
-    assert [line for line in h.logged() if " reported " in line] == ["device 1 (192.168.1.2:5000) reported 2026-03-01 in 1 parts: 1 of 2 devices",
-        "device 1 (192.168.1.2:5000) reported 2026-03-01 again in 1 parts",
+    assert [line for line in h.logged() if " reported " in line] == ["device 1 (192.168.1.2:5000) reported 2026-03-01 in 1 chunks: 1 of 2 devices",
+        "device 1 (192.168.1.2:5000) reported 2026-03-01 again in 1 chunks",
     ]
     h.report(2)
     assert h.closed() == [(DAY, NOW)]
     assert h.logged()[-2:] == [
-        "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 parts: 2 of 2 devices",
+        "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 chunks: 2 of 2 devices",
         "round 2026-03-01 complete: every expected device reported",
     ]
 
@@ -288,7 +288,7 @@ def test_a_transfer_changing_its_shape_is_refused():
     h.receive(day_chunk(1, part=1, parts=2))
     chunk = day_chunk(1, part=2, parts=3)
     assert h.receive(chunk) == wire.DayAck(
-        chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
+        chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 chunks of 2026-03-01, now 3 chunks of 2026-03-01"
     )
     assert h.intake.metrics.inconsistent_chunks == 1
 
@@ -323,7 +323,7 @@ def test_replay_window(offset, status):
         assert h.added() == 0
 
 
-# -- multi-part transfers ---------------------------------------------------
+# -- multi-chunk transfers ---------------------------------------------------
 
 
 def test_a_transfer_completes_only_when_every_chunk_arrived_in_any_order():
@@ -339,7 +339,7 @@ def test_a_transfer_completes_only_when_every_chunk_arrived_in_any_order():
     assert h.spool.depth == 3
 
 
-def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
+def test_chunks_of_a_closed_round_are_forwarded_as_they_arrive():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     h.report(2)
     h.clock.advance(60)
@@ -348,7 +348,7 @@ def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
     assert len(h.ready) == 2
 
 
-def test_an_expired_reassembly_is_forgotten_and_its_parts_still_recognised():
+def test_an_expired_reassembly_is_forgotten_and_its_chunks_still_recognised():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]}, reassembly_timeout=30.0)
     chunk = day_chunk(1, part=1, parts=2)
     h.receive(chunk)
@@ -369,7 +369,7 @@ def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
     h.receive(day_chunk(2, part=1, parts=2))
     assert h.intake.metrics.expired_reassemblies == 1
     assert h.intake.gauges()["reassemblies"] == 1
-    # device 1's transfer was the one forgotten: its part, sent again, is
+    # device 1's transfer was the one forgotten: its chunk, sent again, is
     # recognised by its message id
     assert h.receive(first) == ok(first)
     assert h.added() == 2
@@ -819,7 +819,7 @@ def test_each_datagram_is_logged_only_when_asked(log_datagrams):
     )
     assert [formatEvent(event) for event in events] == ([expected] if log_datagrams else [])
     # the intake logs the device's day either way
-    assert any(line.startswith("device 1 (") and " reported 2026-03-01 in 1 parts" in line for line in h.intake.logged())
+    assert any(line.startswith("device 1 (") and " reported 2026-03-01 in 1 chunks" in line for line in h.intake.logged())
 
 
 @pytest.mark.parametrize(
@@ -1083,11 +1083,11 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
 
 
 @pytest_twisted.ensureDeferred
-async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(real):
+async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_ones(real):
     first = day_chunk(1)
     assert await real.spool.add_chunk(first, NOW) == 1
-    # A burst committed together, with a part spooled before among new ones
-    # (and the same new part twice): each learns what it added.
+    # A burst committed together, with a chunk spooled before among new ones
+    # (and the same new chunk twice): each learns what it added.
     blocker = real.database.run(lambda connection: None)
     burst = [day_chunk(2), first, day_chunk(3, n=1), day_chunk(2)]
     answers = [real.spool.add_chunk(chunk, NOW + 1) for chunk in burst]

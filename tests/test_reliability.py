@@ -1,7 +1,7 @@
 """
 Unit tests of the bounds behind "nothing lost, nothing doubled" that the
 fault tests (tests/test_faults.py) cannot aim at precisely: the spool limit
-under a burst of commits, reassembly bounds after a restart, and a part
+under a burst of commits, reassembly bounds after a restart, and a chunk
 spooled twice.  The real spool, committing as a task.Clock turns: no
 sleeps.
 """
@@ -73,7 +73,7 @@ def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
     assert gateway.metrics.refused_spool_full == 2
 
 
-def test_a_part_spooled_again_is_acknowledged_and_stored_once(tmp_path):
+def test_a_chunk_spooled_again_is_acknowledged_and_stored_once(tmp_path):
     # After its reassembly expired, a late copy of an acknowledged part
     # reaches the spool again: no error, nothing new.
     gateway, spool, clock, _ = intake(tmp_path, reassembly_timeout=30.0)
@@ -102,7 +102,7 @@ def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
     clock.advance(0)
     assert gateway.metrics.expired_reassemblies == 1
     assert gateway.gauges()["reassemblies"] == 1
-    # The survivor expires 300 s after its first part, not after the restart.
+    # The survivor expires 300 s after its first chunk, not after the restart.
     clock.advance(199)
     assert gateway.gauges()["reassemblies"] == 1
     clock.advance(1)
@@ -120,7 +120,7 @@ def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
         )
     )
     assert gateway.metrics.expired_reassemblies == 1
-    # Device 1's (older) transfer went: its part is spooled again, device 2's is a duplicate.
+    # Device 1's (older) transfer went: its chunk is spooled again, device 2's is a duplicate.
     assert committed(clock, gateway.chunk_received(chunk(2, part=1, parts=2, xfer="b" * 16), "127.0.0.1:1")).status == "ok"
     assert gateway.metrics.duplicates == 1
 

@@ -2,7 +2,7 @@
 No silent stall: a spool or database transaction that fails (a full disk, a
 lock held by another process) leaves no state stuck, is logged with its
 cause a bounded number of times, counted, and retried on a timer until it
-succeeds; and late parts leave in a few batches.
+succeeds; and late chunks leave in a few batches.
 
 The unit tests run the real Intake, Uplink, Spool and Database on a
 task.Clock (the Database commits on the clock's turns) over a real SQLite
@@ -45,7 +45,7 @@ FLEET = {1: "192.168.1.2", 2: "192.168.1.3"}
 
 def day_chunk(device_id=1, part=1, parts=1, n=0, minutes=1, day=DAY):
     ip = FLEET.get(device_id, f"192.168.2.{device_id}")
-    # Minutes of their own for each part (up to 1440 readings a day).
+    # Minutes of their own for each chunk (up to 1440 readings a day).
     first = (part - 1) * minutes
     readings = tuple(
         Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, at // 60, at % 60), 20.0, 30.0)
@@ -383,7 +383,7 @@ def test_a_failing_spool_logs_a_bounded_number_of_lines(gw):
 
 def late_day(g: Gateway, device_id: int, parts: int, every: float) -> None:
     """
-    Device C{device_id}'s day in C{parts} parts of 4 readings, one every
+    Device C{device_id}'s day in C{parts} chunks of 4 readings, one every
     C{every} seconds, the cloud acknowledging each batch as it is sent.
     """
     for part in range(1, parts + 1):
@@ -408,19 +408,19 @@ def test_a_late_day_leaves_in_few_batches(gw):
     assert sum(g.delivered) == 801
 
 
-def test_late_parts_trickling_wait_for_the_linger(gw):
+def test_late_chunks_trickling_wait_for_the_linger(gw):
     g = gw(fleet={1: FLEET[1], 2: FLEET[2]}, batch_readings=100, window=4, late_linger=1.0)
     g.uplink.connected(g.sender)
     g.receive(day_chunk(1))
     g.clock.advance(60)
     g.ack_all()
     late_day(g, 2, parts=30, every=0.1)
-    # 120 readings over 3 s: a batch a second (the parts of a linger), not
-    # a batch a part.
+    # 120 readings over 3 s: a batch a second (the chunks of a linger), not
+    # a batch a chunk.
     assert [len(b.readings) for b in g.sender.sent[1:]] == [44, 44, 32]
 
 
-def test_without_linger_each_late_part_goes_alone(gw):
+def test_without_linger_each_late_chunk_goes_alone(gw):
     g = gw(fleet={1: FLEET[1], 2: FLEET[2]}, batch_readings=100, window=4, late_linger=0.0)
     g.uplink.connected(g.sender)
     g.receive(day_chunk(1))
@@ -720,8 +720,8 @@ def test_the_clouds_database_on_a_full_disk(small_disk, make_suite):
 @pytest.mark.e2e
 def test_a_late_day_is_forwarded_in_few_batches(make_suite):
     """
-    A device reporting after its round closed: its day's parts leave
-    together once they stop coming (a linger of 1 s), not a batch a part.
+    A device reporting after its round closed: its day's chunks leave
+    together once they stop coming (a linger of 1 s), not a batch a chunk.
     """
     suite = make_suite(4, 1440, deadline=2.0)
     cloud = suite.start_cloud()

@@ -66,7 +66,7 @@ class ISpool(Interface):
 
     def forget_before(before):
         """
-        Drop the message ids of every device and day whose last part
+        Drop the message ids of every device and day whose last chunk
         arrived before C{before}, and the rounds closed before it that hold
         no readings any more.  Fires with None.
         """

@@ -170,7 +170,7 @@ def _version_1(connection: sqlite3.Connection) -> None:
 
 def _version_2(connection: sqlite3.Connection) -> None:
     """
-    Each part's content digest (L{content_digest}), so a message id sent
+    Each chunk's content digest (L{content_digest}), so a message id sent
     again with other content is told from a retransmission; C{NULL} in the
     rows spooled before it, which are taken as retransmissions as before.
     """
@@ -196,7 +196,7 @@ VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2, _version_3))
 
 
 _ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
-# OR IGNORE: a part spooled again (its message id no longer in the
+# OR IGNORE: a chunk spooled again (its message id no longer in the
 # gateway's memory, as after a forget the spool failed) is a no-op, not an
 # error.
 _ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 7)
@@ -206,7 +206,7 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
     """
     Work for the spool's L{Database}: spool the chunks that arrived together,
     C{(round row, part row, chunk row)} each, in three statements
-    rather than three a chunk; the readings each added (0 for a part spooled
+    rather than three a chunk; the readings each added (0 for a chunk spooled
     already).
     """
     rounds = {}
@@ -262,7 +262,7 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
         taken = times.setdefault((device_id, day), set())
         if not taken.isdisjoint(chunk_times):
             # Rare: the day was spooled twice (sent again in a new
-            # transfer), or a device repeated a time across parts.  Keep
+            # transfer), or a device repeated a time across chunks.  Keep
             # the first reading of each minute; a chunk with nothing left
             # waits for a later batch.
             kept = []
@@ -421,7 +421,7 @@ class Spool:
 
     def forget_before(self, before: float):
         """
-        Drop the message ids of every device and day whose last part
+        Drop the message ids of every device and day whose last chunk
         arrived before C{before} (on the gateway's clock, as C{received_at}),
         and the rounds closed before it that hold no readings any more: they
         bound how far back a duplicate is recognised.  Age on the gateway's

@@ -59,10 +59,10 @@ class Uplink:
     seconds; an acknowledged batch stays in the window until its removal
     succeeds.
 
-    Readings of parts that arrive after their round closed (see
+    Readings of chunks that arrive after their round closed (see
     L{late_arrived}) linger: for C{late_linger} seconds from the first of
-    them a batch goes only if it is full, so a late day arriving part by
-    part leaves in a few full batches rather than one batch a part.
+    them a batch goes only if it is full, so a late day arriving chunk by
+    chunk leaves in a few full batches rather than one batch a chunk.
     """
 
     log = Logger()
@@ -107,7 +107,7 @@ class Uplink:
         self._late_linger = late_linger
         #: The end of the linger for late readings, while one runs.
         self._linger = None
-        #: Readings of late parts spooled since the linger started, not yet
+        #: Readings of late chunks spooled since the linger started, not yet
         #: sent: once they fill a batch, it goes.
         self._late_readings = 0
         self._stopped = False
@@ -146,7 +146,7 @@ class Uplink:
 
     def late_arrived(self, count: int) -> None:
         """
-        A part of C{count} readings arrived after its round closed: it is
+        A chunk of C{count} readings arrived after its round closed: it is
         spooled and ready.  It goes with the batch that fills, or when the
         linger it starts (or joins) ends.
         """

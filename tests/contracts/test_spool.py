@@ -284,7 +284,7 @@ def test_forgetting_drops_old_message_ids_and_empty_closed_rounds(backend):
     backend.commit(backend.spool.remove(take(backend, limit=3).seqs))  # old's readings are delivered
     assert backend.commit(backend.spool.forget_before(NOW + 5)) is None
     state = recovered(backend)
-    # Device 2's day of old had a part after the cutoff: all of it is kept.
+    # Device 2's day of old had a chunk after the cutoff: all of it is kept.
     assert sorted((p.device_id, p.part) for p in state.chunks) == [(2, 1), (2, 2)]
     # old is closed and empty; open_day is open; held holds readings.
     assert [r.day for r in state.rounds] == [open_day, held]
