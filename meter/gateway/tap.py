@@ -75,8 +75,7 @@ class GatewayService(MultiService):
             connection, recovered = Spool.open(s["spool"])
         except Exception as e:
             raise SystemExit(f"meter-gateway: cannot open spool {s['spool']}: {e}") from None
-        # Commits on the reactor thread: a device's acknowledgement then
-        # waits for no other thread to get a core (see meter.database).
+        # Commits on the reactor thread: meter.database says why.
         self.database = Database(connection, self._reactor)
         self.spool = spool = Spool(self.database, recovered.depth)
         self.metrics = GatewayMetrics()

@@ -641,12 +641,12 @@ def collector_paused():
     """
     No automatic garbage collection inside the block.
 
-    A full collection of this process's thousands of devices took 30-170 ms
-    in a 10,000-device run; the devices due meanwhile then all sent at once
-    when it ended, and the gateway's queue for that burst, not the even load
-    asked for, made the tail of the measured latencies.  The run is bounded
-    in devices and time, so its cyclic garbage is too: it is collected once,
-    after.
+    Why: a full collection of this process's thousands of devices stops
+    every device for its length (docs/performance.md, on the method); those
+    due meanwhile then all send at once when it ends, and the gateway's
+    queue for that burst, not the even load asked for, makes the tail of
+    the measured latencies.  The run is bounded in devices and time, so its
+    cyclic garbage is too: it is collected once, after.
     """
     was_enabled = gc.isenabled()
     gc.collect()
