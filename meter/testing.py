@@ -3,7 +3,8 @@ In-memory implementations of meter's storage interfaces, for tests of the
 code that uses them and for anyone embedding meter: each behaves as the real
 SQLite implementation does, which the contract tests in tests/contracts/
 prove by running one test body over both.  Then what the tests share: a
-cloud store on SQLite with its protocol, and the fleet's test keys.
+cloud store on SQLite with its protocol, the fleet's test keys, and a builder
+of the chunks of a day.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import datetime
 import sqlite3
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 from twisted.internet import defer, task
@@ -384,3 +385,54 @@ def device_keys(device_ids) -> dict[int, bytes]:
     The L{device_key} of each of C{device_ids}, by device id.
     """
     return {device_id: device_key(device_id) for device_id in device_ids}
+
+
+# -- a chunk of a device's day -----------------------------------------------
+
+
+def day_chunk(
+    device_id: int = 1,
+    xfer: int | str = 0,
+    *,
+    day: datetime.date,
+    sent_at: float,
+    part: int = 1,
+    parts: int = 1,
+    minutes: Iterable[int] | None = None,
+    temperature: float | Callable[[int], float] = 20.0,
+    humidity: float = 30.0,
+    readings: Iterable[Reading] | None = None,
+    ip: str | None = None,
+    fleet: Mapping[int, str] = {},
+    stranger_ip: str = "10.9.9.9",
+) -> wire.DayChunk:
+    """
+    Chunk C{part} of C{parts} of device C{device_id}'s C{day}, sent at
+    C{sent_at} (Unix seconds) in transfer C{xfer}: a transfer id, or a
+    number making one of the device's own.
+
+    Its readings are C{readings}, or one at each of C{minutes} (minutes of
+    the day; by default one, at 08:00 plus the chunk's number less one, so
+    the chunks of a transfer hold minutes of their own), at C{temperature}
+    (degrees, or a function of the minute) and C{humidity}.  Its address
+    is C{ip}, or the device's in C{fleet}, or C{stranger_ip} for a device
+    not in it.
+    """
+    if ip is None:
+        ip = fleet.get(device_id, stranger_ip)
+    if isinstance(xfer, int):
+        xfer = f"{device_id:08x}{xfer:08x}"
+    if readings is None:
+        if minutes is None:
+            minutes = (480 + part - 1,)
+        readings = [
+            Reading(
+                device_id,
+                ip,
+                datetime.datetime.combine(day, datetime.time(m // 60, m % 60)),
+                temperature(m) if callable(temperature) else temperature,
+                humidity,
+            )
+            for m in minutes
+        ]
+    return wire.DayChunk(device_id, ip, day, xfer, part, parts, int(sent_at), tuple(readings))

@@ -14,6 +14,7 @@ the end-to-end test runs the real gateway.
 from __future__ import annotations
 
 import datetime
+import functools
 import socket
 import sqlite3
 import time
@@ -30,7 +31,7 @@ from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, content_digest
-from meter.testing import MemorySpool, device_keys
+from meter.testing import MemorySpool, day_chunk, device_keys
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
 #: east of UTC+2:40, 2026-03-01).
@@ -41,13 +42,7 @@ KEYS = device_keys(FLEET)
 DEVICE1 = ("192.168.1.2", 50001)
 
 
-def chunk(device_id=1, xfer=1, part=1, parts=1, day=DAY, minutes=(480,), sent_at=NOW, temperature=20.0):
-    ip = FLEET.get(device_id, "10.9.9.9")
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime.combine(day, datetime.time(m // 60, m % 60)), temperature, 30.0)
-        for m in minutes
-    )
-    return wire.DayChunk(device_id, ip, day, f"{device_id:08x}{xfer:08x}", part, parts, sent_at, readings)
+chunk = functools.partial(day_chunk, xfer=1, day=DAY, sent_at=NOW, fleet=FLEET, minutes=(480,))
 
 
 class Gateway:

@@ -9,6 +9,7 @@ committing as the clock turns; the cloud's store is real.
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import random
 import sqlite3
@@ -27,7 +28,7 @@ from meter import cloud, wire
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
 from meter.reading import Reading
-from meter.testing import MemorySpool, SQLiteCloud, device_key, device_keys
+from meter.testing import MemorySpool, SQLiteCloud, day_chunk, device_key, device_keys
 
 NOW = 1_795_320_000  # 2026-11-22 04:00 UTC
 DAY = datetime.date(2026, 11, 21)
@@ -42,13 +43,10 @@ DEVICE2 = ("192.168.1.3", 50002)
 STRANGER = ("192.168.1.66", 50066)
 
 
-def chunk(device_id=1, xfer=XFER, part=1, parts=1, sent_at=NOW, day=DAY, minutes=(480, 540), ip=None):
-    ip = ip or FLEET.get(device_id, "192.168.1.99")
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime.combine(day, datetime.time(m // 60, m % 60)), 20.0 + m % 7, 30.0)
-        for m in minutes
-    )
-    return wire.DayChunk(device_id, ip, day, xfer, part, parts, sent_at, readings)
+chunk = functools.partial(
+    day_chunk, xfer=XFER, day=DAY, sent_at=NOW, fleet=FLEET, stranger_ip="192.168.1.99", minutes=(480, 540),
+    temperature=lambda minute: 20.0 + minute % 7,
+)
 
 
 def sealed(message, key=None) -> bytes:
@@ -359,14 +357,14 @@ def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
     # closed two days before: the commit must still find its answer.
     later = DAY + datetime.timedelta(days=2)
     g = Gateway()
-    g.receive(sealed(chunk(1, "a" * 16)))
-    g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
+    g.receive(sealed(chunk(1, xfer="a" * 16)))
+    g.receive(sealed(chunk(2, xfer="b" * 16)), DEVICE2)  # round DAY complete and closed
     sent = at("2026-11-24T13:59:00")  # 62 h after DAY, less a minute
     g.clock.advance(sent + REPLAY_WINDOW - 1 - g.clock.seconds())
     g.spool.hold()
-    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=sent)))
+    g.receive(sealed(chunk(1, xfer="c" * 16, minutes=(600,), sent_at=sent)))
     g.clock.advance(5)
-    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
+    g.receive(sealed(chunk(1, xfer="d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
     with capturedLogs() as events:
         g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
         assert DAY not in g.intake.rounds.rounds

@@ -11,6 +11,7 @@ clock turns (L{Backend.commit}).
 from __future__ import annotations
 
 import datetime
+import functools
 import sqlite3
 
 import pytest
@@ -24,20 +25,14 @@ from meter.database import Database
 from meter.gateway.interfaces import ISpool
 from meter.gateway.spool import Spool, StoredRound, chunk_digest
 from meter.reading import Reading
-from meter.testing import MemorySpool
+from meter.testing import MemorySpool, day_chunk
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
 IPS = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4"}
 
 
-def chunk(device_id=1, day=DAY, xfer=0, part=1, parts=1, minutes=(480,), value=20.0) -> wire.DayChunk:
-    ip = IPS[device_id]
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, m // 60, m % 60), value, 30.0)
-        for m in minutes
-    )
-    return wire.DayChunk(device_id, ip, day, f"{device_id:08x}{xfer:08x}", part, parts, int(NOW), readings)
+chunk = functools.partial(day_chunk, day=DAY, sent_at=NOW, fleet=IPS, minutes=(480,))
 
 
 class Backend:
