@@ -9,6 +9,7 @@ StringTransport.
 from __future__ import annotations
 
 import datetime
+import functools
 import random
 import sqlite3
 
@@ -21,7 +22,7 @@ from twisted.internet.testing import FakeDatagramTransport, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
-from meter import gateway, wire
+from meter import gateway, testing, wire
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
@@ -38,11 +39,7 @@ def xfer_of(device_id: int, n: int = 0) -> str:
     return f"{device_id:08x}{n:08x}"
 
 
-def day_chunk(device_id=1, day=DAY, part=1, parts=1, n=0, readings=None, ip=None, sent_at=int(NOW), fleet=FLEET):
-    ip = ip if ip is not None else fleet.get(device_id, "10.9.9.9")
-    if readings is None:
-        readings = (Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, 8, part), 20.0, 30.0),)
-    return wire.DayChunk(device_id, ip, day, xfer_of(device_id, n), part, parts, sent_at, tuple(readings))
+day_chunk = functools.partial(testing.day_chunk, day=DAY, sent_at=NOW, fleet=FLEET)
 
 
 def result_of(d: Deferred):
@@ -166,7 +163,7 @@ def test_a_late_device_is_forwarded_at_once():
 def test_a_device_reporting_twice_is_counted_once():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     h.report(1)
-    h.report(1, n=1)  # the same day again, in a new transfer
+    h.report(1, xfer=1)  # the same day again, in a new transfer
     assert h.added() == 2
     assert h.closed() == []
     # The spool stores the day again (one row a chunk; it does not look
@@ -187,7 +184,7 @@ def test_rounds_of_different_days_are_separate():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     other = DAY + datetime.timedelta(days=1)
     h.report(1)
-    h.report(2, day=other, n=1)
+    h.report(2, day=other, xfer=1)
     assert h.closed() == []
     h.report(2)
     assert h.closed() == [(DAY, NOW)]
@@ -404,7 +401,7 @@ def test_closing_a_round_forgets_what_is_two_days_old_on_the_gateways_clock():
     assert h.intake.gauges()["message_ids"] == 1
     h.clock.advance(gateway.REMEMBER + 1)
     later = DAY + datetime.timedelta(days=2)
-    h.report(1, n=1, day=later, sent_at=int(h.clock.seconds()))
+    h.report(1, xfer=1, day=later, sent_at=int(h.clock.seconds()))
     assert h.spool.submitted["forget_before"] == 2
     assert h.intake.gauges()["message_ids"] == 1
     assert h.intake.gauges()["device_days"] == 1
@@ -435,17 +432,17 @@ def test_stats():
 # -- recovery after a restart -----------------------------------------------
 
 
-def recovered(rounds=(), parts=(), depth=0) -> Recovered:
-    return Recovered(tuple(rounds), tuple(parts), depth)
+def recovered(rounds=(), chunks=(), depth=0) -> Recovered:
+    return Recovered(tuple(rounds), tuple(chunks), depth)
 
 
-def part(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredChunk:
+def stored_chunk(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredChunk:
     return StoredChunk(device_id, xfer_of(device_id, n), part, parts, day, received_at)
 
 
 def test_recover_closes_a_round_whose_deadline_passed_while_down():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, None)], [part(1)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, None)], [stored_chunk(1)], depth=1))
     assert h.ready == [NOW]  # the spool holds readings
     assert h.closed() == []
     h.clock.advance(0)
@@ -455,7 +452,7 @@ def test_recover_closes_a_round_whose_deadline_passed_while_down():
 
 def test_recover_rearms_an_open_rounds_deadline():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, received_at=NOW - 10)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(1, received_at=NOW - 10)], depth=1))
     h.clock.advance(50 - 0.001)
     assert h.closed() == []
     h.clock.advance(0.001)
@@ -464,7 +461,7 @@ def test_recover_rearms_an_open_rounds_deadline():
 
 def test_recover_closes_a_round_every_device_had_reported():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(d) for d in FLEET], depth=4))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(d) for d in FLEET], depth=4))
     h.clock.advance(0)
     assert h.closed() == [(DAY, NOW)]
     assert h.clock.getDelayedCalls() == []
@@ -478,7 +475,7 @@ def test_recover_with_an_old_closed_round_still_spooled():
     h.intake.recover(
         recovered(
             [StoredRound(old, NOW - 5 * 86400, NOW - 5 * 86400 + 60), StoredRound(DAY, NOW - 10, None)],
-            [part(1)],
+            [stored_chunk(1)],
             depth=2,
         )
     )
@@ -488,7 +485,7 @@ def test_recover_with_an_old_closed_round_still_spooled():
 
 def test_recover_leaves_closed_rounds_closed():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, NOW - 40)], [part(1)], depth=0))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, NOW - 40)], [stored_chunk(1)], depth=0))
     assert h.clock.getDelayedCalls() == []
     assert h.ready == []  # nothing spooled, nothing to forward
     h.report(2)  # a late device of the closed round
@@ -500,7 +497,7 @@ def test_recover_leaves_closed_rounds_closed():
 
 def test_recover_remembers_acknowledged_message_ids():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(1)], depth=1))
     chunk = day_chunk(1)
     assert h.receive(chunk) == ok(chunk)
     assert h.added() == 0
@@ -509,7 +506,7 @@ def test_recover_remembers_acknowledged_message_ids():
 
 def test_recover_resumes_a_partial_transfer():
     h = IntakeHarness(fleet={1: FLEET[1]})
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, part=1, parts=2)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(1, part=1, parts=2)], depth=1))
     assert h.closed() == []
     assert h.receive(day_chunk(1, part=2, parts=2)).status == "ok"
     assert h.closed() == [(DAY, NOW)]
@@ -535,7 +532,7 @@ def spooled_chunk(seq: int) -> wire.DayChunk:
     The chunk the uplink tests spool as number C{seq}: one reading of
     device 1, at minute C{seq} of the day.
     """
-    return day_chunk(1, n=seq, readings=(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0),))
+    return day_chunk(1, xfer=seq, readings=(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0),))
 
 
 class UplinkHarness:
@@ -844,7 +841,7 @@ def test_unauthenticated_datagrams_get_no_answer(data, counter):
 
 def test_a_bad_chunk_with_a_readable_id_gets_a_bad_dayack():
     h = ProtocolHarness()
-    body = wire.encode(day_chunk(1, part=2, parts=3)).replace(b"08:02,20,30", b"08:02,86,30")
+    body = wire.encode(day_chunk(1, part=2, parts=3)).replace(b"08:01,20,30", b"08:01,86,30")
     h.receive(wire.seal(body, KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [
         (wire.DayAck(xfer_of(1), 2, "bad", "range: temperature 86 outside -40..85 °C"), DEVICE_ADDR)
@@ -873,7 +870,7 @@ def test_a_refused_chunk_gets_a_sealed_bad_dayack():
 
 def test_a_flooding_source_is_cut_off_and_others_still_served():
     h = ProtocolHarness(source_rate=1.0, source_burst=2.0)
-    datagrams = [wire.seal(wire.encode(day_chunk(1, n=n)), KEYS[1]) for n in range(3)]
+    datagrams = [wire.seal(wire.encode(day_chunk(1, xfer=n)), KEYS[1]) for n in range(3)]
     for data in datagrams:
         h.receive(data, DEVICE_ADDR)
     assert len(h.transport.written) == 2
@@ -1089,14 +1086,14 @@ async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_ones(r
     # A burst committed together, with a chunk spooled before among new ones
     # (and the same new chunk twice): each learns what it added.
     blocker = real.database.run(lambda connection: None)
-    burst = [day_chunk(2), first, day_chunk(3, n=1), day_chunk(2)]
+    burst = [day_chunk(2), first, day_chunk(3, xfer=1), day_chunk(2)]
     answers = [real.spool.add_chunk(chunk, NOW + 1) for chunk in burst]
     await blocker
     assert [await d for d in answers] == [1, 0, 1, 0]
     await real.spool.close_round(DAY, NOW + 2)
     taken = await real.spool.take_batch(100)
     assert sorted((r.device_id, r.taken_at) for r in taken.readings) == sorted(
-        (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, n=1)) for r in chunk.readings
+        (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, xfer=1)) for r in chunk.readings
     )
 
 
