@@ -15,6 +15,7 @@ against files on a small tmpfs that fills.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ import pytest
 from twisted.internet import task
 from twisted.logger import Logger, formatEvent
 
-from meter import wire
+from meter import testing, wire
 from meter.cloud import CloudStore, SQLiteReadingStore, open_database
 from meter.database import Database, connect
 from meter.device import previous_day
@@ -43,15 +44,7 @@ NOW = 1772400000.0
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3"}
 
 
-def day_chunk(device_id=1, part=1, parts=1, n=0, minutes=1, day=DAY):
-    ip = FLEET.get(device_id, f"192.168.2.{device_id}")
-    # Minutes of their own for each chunk (up to 1440 readings a day).
-    first = (part - 1) * minutes
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, at // 60, at % 60), 20.0, 30.0)
-        for at in range(first, first + minutes)
-    )
-    return wire.DayChunk(device_id, ip, day, f"{device_id:08x}{n:08x}", part, parts, int(NOW), readings)
+day_chunk = functools.partial(testing.day_chunk, day=DAY, sent_at=NOW, fleet=FLEET)
 
 
 class Locker:
@@ -244,7 +237,7 @@ def test_a_batch_the_cloud_refuses_for_good_is_set_aside_and_the_rest_go_on(gw):
     with sqlite3.connect(g.path) as connection:
         assert connection.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
         (kept,) = connection.execute("SELECT device_id, records, reason FROM refused").fetchall()
-    assert kept == (1, "00:00,20,30", "value: device address '::ffff:102:304' is IPv4-mapped")
+    assert kept == (1, "08:00,20,30", "value: device address '::ffff:102:304' is IPv4-mapped")
     assert g.uplink.metrics.batches_refused == 0
     assert any("refused batch 0000000000000001 for good" in line for line in g.logged())
 
@@ -368,7 +361,7 @@ def test_a_failing_spool_logs_a_bounded_number_of_lines(gw):
     g.locker.lock()
     for second in range(60):
         for n in range(50):
-            assert g.receive(day_chunk(1, part=1, parts=1, n=second * 50 + n)).status == "busy"
+            assert g.receive(day_chunk(1, part=1, parts=1, xfer=second * 50 + n)).status == "busy"
         g.clock.advance(1)
     assert g.intake.metrics.spool_failures == 3000
     lines = [line for line in g.logged() if "chunk not spooled, answered busy" in line]
@@ -387,7 +380,7 @@ def late_day(g: Gateway, device_id: int, parts: int, every: float) -> None:
     C{every} seconds, the cloud acknowledging each batch as it is sent.
     """
     for part in range(1, parts + 1):
-        assert g.receive(day_chunk(device_id, part=part, parts=parts, minutes=4)).status == "ok"
+        assert g.receive(day_chunk(device_id, part=part, parts=parts, minutes=range(4 * part - 4, 4 * part))).status == "ok"
         g.ack_all()
         g.clock.advance(every)
     g.clock.advance(2)
