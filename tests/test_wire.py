@@ -7,6 +7,7 @@ whose code names the fault.
 from __future__ import annotations
 
 import datetime
+import functools
 import socket
 import zlib
 
@@ -19,7 +20,7 @@ from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineOnlyReceiver
 
-from meter import wire
+from meter import testing, wire
 from meter.reading import Reading
 from meter.wire.values import TEMPERATURES, BoundedCache
 from meter.wire import (
@@ -48,10 +49,11 @@ def reading(device_id=1, ip="192.168.1.2", hhmm="08:00", t=20.0, h=30.0, day=DAY
     return Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, hour, minute), t, h)
 
 
-def chunk(readings=None, part=1, parts=1, device_id=1, ip="192.168.1.2", day=DAY):
-    if readings is None:
-        readings = (reading(device_id, ip, "08:00", 20, 30, day), reading(device_id, ip, "12:00", 25.5, 33, day))
-    return DayChunk(device_id, ip, day, XFER, part, parts, 1772400000, tuple(readings))
+#: GOOD_DAY's chunk, or one of other readings.
+chunk = functools.partial(
+    testing.day_chunk, xfer=XFER, day=DAY, sent_at=1772400000, ip="192.168.1.2",
+    readings=(reading(hhmm="08:00", t=20, h=30), reading(hhmm="12:00", t=25.5, h=33)),
+)
 
 
 GOOD_DAY = (
