@@ -414,18 +414,18 @@ class Admission:
 
     # -- memory --------------------------------------------------------------
 
-    def recover(self, parts: tuple[StoredChunk, ...]) -> None:
+    def recover(self, chunks: tuple[StoredChunk, ...]) -> None:
         """
         Remember the message ids the spool holds, each against its device's
         day.
         """
-        for part in parts:
-            message_id = (part.device_id, part.xfer, part.part)
-            self.acknowledged[message_id] = part.digest
-            device_day = self.days.setdefault((part.device_id, part.day), DeviceDay())
-            device_day.xfers.add(part.xfer)
+        for stored in chunks:
+            message_id = (stored.device_id, stored.xfer, stored.part)
+            self.acknowledged[message_id] = stored.digest
+            device_day = self.days.setdefault((stored.device_id, stored.day), DeviceDay())
+            device_day.xfers.add(stored.xfer)
             device_day.ids.append(message_id)
-            device_day.last_seen = max(device_day.last_seen, part.received_at)
+            device_day.last_seen = max(device_day.last_seen, stored.received_at)
 
     def forget_before(self, cutoff: float) -> list[tuple[int, str]]:
         """

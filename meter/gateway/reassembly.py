@@ -71,17 +71,17 @@ class Reassembly:
         self.incomplete.pop(key, None)
         return True
 
-    def recover(self, parts: tuple[StoredChunk, ...]) -> None:
+    def recover(self, chunks: tuple[StoredChunk, ...]) -> None:
         """
         Resume the transfers of the chunks the spool holds; those still
         missing chunks expire as if the gateway had not stopped.
         """
-        for part in parts:
+        for stored in chunks:
             transfer = self.transfers.setdefault(
-                (part.device_id, part.xfer), Transfer(part.day, part.parts, first_seen=part.received_at)
+                (stored.device_id, stored.xfer), Transfer(stored.day, stored.parts, first_seen=stored.received_at)
             )
-            transfer.received.add(part.part)
-            transfer.first_seen = min(transfer.first_seen, part.received_at)
+            transfer.received.add(stored.part)
+            transfer.first_seen = min(transfer.first_seen, stored.received_at)
         for key, transfer in sorted(self.transfers.items(), key=lambda item: item[1].first_seen):
             if len(transfer.received) < transfer.parts:
                 self.incomplete[key] = None

@@ -71,6 +71,12 @@ CREATE TABLE IF NOT EXISTS rounds (
 
 @attrs.frozen
 class StoredChunk:
+    """
+    The spool's record of a chunk it took (its row in the C{parts} table):
+    its message id (device, transfer, C{part}), its transfer's number of
+    chunks C{parts}, its day, when it arrived and its content digest.
+    """
+
     device_id: int
     xfer: str
     part: int
