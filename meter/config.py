@@ -185,7 +185,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "reassembly_timeout": (positive, 600.0, "seconds a day's transfer may stay incomplete before it is forgotten"),
         "max_reassemblies": (whole(1, 10**7), 10_000, "most incomplete transfers tracked at once (oldest forgotten)"),
         "max_transfers_per_day": (whole(1, 10**6), 24, "most transfers one device may send of one day; more are refused"),
-        "max_parts_per_day": (whole(1, 10**7), 4096, "most parts (datagrams) one device may send of one day; more are refused"),
+        "max_parts_per_day": (whole(1, 10**7), 4096, "most chunks (datagrams) one device may send of one day; more are refused"),
         "stats_interval": (positive, 60.0, "seconds between the gateway's stats log lines"),
         "tls": (boolean, True, "connect to the cloud over TLS, verifying its certificate"),
         "cloud_name": (text, "meter-cloud", "the name the cloud's certificate must carry"),

@@ -2,7 +2,9 @@
 In-memory implementations of meter's storage interfaces, for tests of the
 code that uses them and for anyone embedding meter: each behaves as the real
 SQLite implementation does, which the contract tests in tests/contracts/
-prove by running one test body over both.
+prove by running one test body over both.  Then what the tests share: a
+cloud store on SQLite with its protocol, the fleet's test keys, and a builder
+of the chunks of a day.
 """
 
 from __future__ import annotations
@@ -10,18 +12,22 @@ from __future__ import annotations
 import datetime
 import sqlite3
 from collections import Counter
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meter import wire
+from meter import cloud, wire
 from meter.cloud.interfaces import DeviceSummary, IReadingStore
 from meter.gateway.interfaces import ISpool
-from meter.gateway.spool import Recovered, Spooled, StoredPart, StoredRound, batch_of, chunk_digest
+from meter.database import connect
+from meter.gateway.spool import Recovered, SpooledBatch, StoredChunk, StoredRound, batch_of, chunk_digest
 from meter.reading import Reading
 from meter.wire import BatchColumns
 
@@ -37,8 +43,8 @@ class SpoolContents:
 
     #: seq -> (seq, day, device_id, device_ip, records, n)
     chunks: dict[int, tuple[int, str, int, str, str, int]] = attrs.Factory(dict)
-    #: (device_id, xfer, part) -> its part row
-    parts: dict[tuple[int, str, int], StoredPart] = attrs.Factory(dict)
+    #: (device_id, xfer, part) -> its chunk row
+    parts: dict[tuple[int, str, int], StoredChunk] = attrs.Factory(dict)
     #: day -> [opened_at, closed_at or None]
     rounds: dict[str, list] = attrs.Factory(dict)
     #: seq -> (seq, day, device_id, device_ip, records, n, reason, refused_at)
@@ -132,7 +138,7 @@ class MemorySpool:
 
     def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False) -> Deferred:
         day = chunk.day.isoformat()
-        part = StoredPart(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, chunk_digest(chunk))
+        part = StoredChunk(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, chunk_digest(chunk))
         row = (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count)
 
         def change(contents: SpoolContents) -> tuple[int, int]:
@@ -160,7 +166,7 @@ class MemorySpool:
         return self._submit("close_round", change)
 
     def take_batch(self, limit: int, after: int = 0) -> Deferred:
-        def change(contents: SpoolContents) -> tuple[Spooled, int]:
+        def change(contents: SpoolContents) -> tuple[SpooledBatch, int]:
             closed = {day for day, (_, closed_at) in contents.rounds.items() if closed_at is not None}
             rows = [contents.chunks[seq] for seq in sorted(contents.chunks) if seq > after]
             return batch_of([row for row in rows if row[1] in closed], limit), 0
@@ -316,3 +322,117 @@ class MemoryReadingStore:
         return succeed(
             [DeviceSummary(number, parse(min(own)), parse(max(own)), len(own)) for number, own in sorted(stamps.items())]
         )
+
+
+# -- a cloud store on SQLite, for the tests of the store and its protocol ----
+
+
+class SQLiteCloud:
+    """
+    A L{meter.cloud.CloudStore} on the real SQLite reading store at
+    C{path}, driven by C{reactor} (the store's commits) and a
+    L{task.Clock} at C{now} (its timers), its console kept as lines; for
+    tests of the store and of the protocol in front of it.
+    """
+
+    def __init__(self, path: Path, reactor, now: float = 1772400000, schema: bool = True) -> None:
+        self.path = path
+        connection = connect(path)
+        if schema:
+            cloud.open_database(connection)
+        self.readings = cloud.SQLiteReadingStore(connection, reactor)
+        self.database = self.readings.database
+        self.console: list[str] = []
+        self.clock = task.Clock()
+        self.clock.advance(now)
+        self.store = cloud.CloudStore(self.readings, self.print, self.clock)
+
+    def print(self, text: str) -> None:
+        assert text.endswith("\n")
+        self.console.extend(text.splitlines())
+
+    def count(self) -> int:
+        """
+        The readings committed, as another connection sees them.
+        """
+        with sqlite3.connect(str(self.path)) as other:
+            return other.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    def connect(self, idle: float = 120.0, peer: IPv4Address = IPv4Address("TCP", "10.0.0.1", 5555)):
+        """
+        A CloudProtocol of the store, its idle timeout C{idle}, connected
+        to a StringTransport from C{peer}: (protocol, transport).
+        """
+        protocol = cloud.CloudFactory(self.store, idle, self.clock).buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+# -- the fleet's keys --------------------------------------------------------
+
+
+def device_key(device_id: int) -> bytes:
+    """
+    The key the tests give device C{device_id} (1 to 255): its number, 32
+    times over.
+    """
+    return bytes([device_id]) * 32
+
+
+def device_keys(device_ids) -> dict[int, bytes]:
+    """
+    The L{device_key} of each of C{device_ids}, by device id.
+    """
+    return {device_id: device_key(device_id) for device_id in device_ids}
+
+
+# -- a chunk of a device's day -----------------------------------------------
+
+
+def day_chunk(
+    device_id: int = 1,
+    xfer: int | str = 0,
+    *,
+    day: datetime.date,
+    sent_at: float,
+    part: int = 1,
+    parts: int = 1,
+    minutes: Iterable[int] | None = None,
+    temperature: float | Callable[[int], float] = 20.0,
+    humidity: float = 30.0,
+    readings: Iterable[Reading] | None = None,
+    ip: str | None = None,
+    fleet: Mapping[int, str] = {},
+    stranger_ip: str = "10.9.9.9",
+) -> wire.DayChunk:
+    """
+    Chunk C{part} of C{parts} of device C{device_id}'s C{day}, sent at
+    C{sent_at} (Unix seconds) in transfer C{xfer}: a transfer id, or a
+    number making one of the device's own.
+
+    Its readings are C{readings}, or one at each of C{minutes} (minutes of
+    the day; by default one, at 08:00 plus the chunk's number less one, so
+    the chunks of a transfer hold minutes of their own), at C{temperature}
+    (degrees, or a function of the minute) and C{humidity}.  Its address
+    is C{ip}, or the device's in C{fleet}, or C{stranger_ip} for a device
+    not in it.
+    """
+    if ip is None:
+        ip = fleet.get(device_id, stranger_ip)
+    if isinstance(xfer, int):
+        xfer = f"{device_id:08x}{xfer:08x}"
+    if readings is None:
+        if minutes is None:
+            minutes = (480 + part - 1,)
+        readings = [
+            Reading(
+                device_id,
+                ip,
+                datetime.datetime.combine(day, datetime.time(m // 60, m % 60)),
+                temperature(m) if callable(temperature) else temperature,
+                humidity,
+            )
+            for m in minutes
+        ]
+    return wire.DayChunk(device_id, ip, day, xfer, part, parts, int(sent_at), tuple(readings))

@@ -2,8 +2,8 @@
 What a device key holder can make the gateway keep: a chunk's day must agree
 with its ts; the gateway forgets by the age of what it holds on its own
 clock, never by a day a device named; a device's day is bounded in
-transfers and parts (empty ones included); a minute sent twice across the
-parts of a transfer and a message id sent again with other content are
+transfers and chunks (empty ones included); a minute sent twice across the
+chunks of a transfer and a message id sent again with other content are
 refused; and every refusal the gateway makes starts with its code.
 
 Unit tests run the Intake (and the GatewayProtocol) on a task.Clock and the
@@ -14,6 +14,7 @@ the end-to-end test runs the real gateway.
 from __future__ import annotations
 
 import datetime
+import functools
 import socket
 import sqlite3
 import time
@@ -30,24 +31,18 @@ from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, content_digest
-from meter.testing import MemorySpool
+from meter.testing import MemorySpool, day_chunk, device_keys
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
 #: east of UTC+2:40, 2026-03-01).
 NOW = 1772400000
 DAY = datetime.date(2026, 2, 28)
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4"}
-KEYS = {device_id: bytes([device_id]) * 32 for device_id in FLEET}
+KEYS = device_keys(FLEET)
 DEVICE1 = ("192.168.1.2", 50001)
 
 
-def chunk(device_id=1, xfer=1, part=1, parts=1, day=DAY, minutes=(480,), sent_at=NOW, temperature=20.0):
-    ip = FLEET.get(device_id, "10.9.9.9")
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime.combine(day, datetime.time(m // 60, m % 60)), temperature, 30.0)
-        for m in minutes
-    )
-    return wire.DayChunk(device_id, ip, day, f"{device_id:08x}{xfer:08x}", part, parts, sent_at, readings)
+chunk = functools.partial(day_chunk, xfer=1, day=DAY, sent_at=NOW, fleet=FLEET, minutes=(480,))
 
 
 class Gateway:
@@ -223,7 +218,7 @@ async def test_what_is_forgotten_is_decided_by_age_on_the_gateways_clock(g):
     assert g.intake.gauges()["message_ids"] == 3
     assert len(g.stored("SELECT * FROM parts")) == 3
     assert [day for day, in g.stored("SELECT day FROM rounds ORDER BY day")] == [DAY.isoformat(), later.isoformat()]
-    # A round closing once DAY's last part and its round's close are more
+    # A round closing once DAY's last chunk and its round's close are more
     # than two days old forgets them, in memory and in the spool.
     g.clock.advance(120)
     latest = later + datetime.timedelta(days=1)
@@ -319,14 +314,14 @@ async def test_empty_transfers_count_against_a_devices_day(g):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_devices_day_is_bounded_in_parts(tmp_path):
+async def test_a_devices_day_is_bounded_in_chunks(tmp_path):
     g = Gateway(tmp_path / "spool.sqlite", max_parts_per_day=10)
     try:
         parts = [chunk(1, part=p, parts=20, minutes=(p,)) for p in range(1, 21)]
         answers = [await g.send(c) for c in parts]
         assert [a.status for a in answers] == ["ok"] * 10 + ["bad"] * 10
         assert answers[10].reason == (
-            "limit: device 1 sent 10 parts of 2026-02-28 already, the most a device's day may have"
+            "limit: device 1 sent 10 chunks of 2026-02-28 already, the most a device's day may have"
         )
         assert g.metrics.refused_limit == 10
     finally:
@@ -354,7 +349,7 @@ async def test_a_failed_commit_gives_its_place_back():
         first = chunk(1, part=1, parts=2, minutes=(1, 2))
         busy = await g.send(first)
         assert busy == wire.DayAck(first.xfer, 1, "busy", "spool: write failed")
-        # the same part again fits its day's bound and its minutes
+        # the same chunk again fits its day's bound and its minutes
         assert await g.send(first) == ok(first)
     finally:
         await g.stop()
@@ -365,7 +360,7 @@ async def test_lines_about_a_devices_repeated_transfers_are_rate_limited(g):
     for n in range(24):
         assert (await g.send(chunk(1, xfer=n, minutes=()))).status == "ok"
     lines = [line for line in g.logged() if line.startswith("device 1 ")]
-    assert lines[0].startswith("device 1 (192.168.1.2:5000) reported 2026-02-28 in 1 parts: 1 of 3 devices")
+    assert lines[0].startswith("device 1 (192.168.1.2:5000) reported 2026-02-28 in 1 chunks: 1 of 3 devices")
     assert len(lines) == 1 + 5
     g.clock.advance(60)  # the round closes at its deadline; a minute passed
     await g.send(chunk(1, xfer=24, minutes=()))  # past the bound: refused, no report line
@@ -396,14 +391,14 @@ async def test_a_full_spool_is_logged_a_few_times_a_minute_and_counted_always(tm
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_minute_sent_twice_across_parts_is_refused(g):
+async def test_a_minute_sent_twice_across_chunks_is_refused(g):
     first = chunk(1, part=1, parts=3, minutes=(480, 481))
     again = chunk(1, part=2, parts=3, minutes=(481, 482))
     other = chunk(1, part=2, parts=3, minutes=(482, 483))
     assert await g.send(first) == ok(first)
     refused = await g.send(again)
     assert refused == wire.DayAck(
-        again.xfer, 2, "bad", f"minute: 08:01 of 2026-02-28 is in another part of transfer {again.xfer} already"
+        again.xfer, 2, "bad", f"minute: 08:01 of 2026-02-28 is in another chunk of transfer {again.xfer} already"
     )
     assert g.metrics.refused_minute == 1
     assert await g.send(other) == ok(other)
@@ -412,7 +407,7 @@ async def test_a_minute_sent_twice_across_parts_is_refused(g):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_part_after_its_reassembly_expired_is_still_checked(tmp_path):
+async def test_a_chunk_after_its_reassembly_expired_is_still_checked(tmp_path):
     g = Gateway(tmp_path / "spool.sqlite", reassembly_timeout=30.0)
     try:
         assert (await g.send(chunk(1, part=1, parts=2, minutes=(480,)))).status == "ok"
@@ -424,7 +419,7 @@ async def test_a_part_after_its_reassembly_expired_is_still_checked(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_minutes_in_parts_being_committed_together_are_checked(g):
+async def test_minutes_in_chunks_being_committed_together_are_checked(g):
     first = g.intake.chunk_received(chunk(1, part=1, parts=2, minutes=(480,)), "p")
     second = g.intake.chunk_received(chunk(1, part=2, parts=2, minutes=(480,)), "p")
     assert (await second).reason.startswith("minute: 08:00")

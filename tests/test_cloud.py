@@ -14,7 +14,7 @@ import zlib
 import pytest
 import pytest_twisted
 from twisted.application.service import Service
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -23,8 +23,8 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import cloud, wire
-from meter.database import connect
 from meter.reading import Reading
+from meter.testing import SQLiteCloud
 
 BATCH_ID = "fedcba9876543210"
 OTHER_ID = "0123456789abcdef"
@@ -40,36 +40,9 @@ R3 = reading(1, "192.168.1.2", "2026-03-01T12:00", 25.5, 33.25)
 BATCH = wire.Batch(BATCH_ID, (R1, R2))
 
 
-class Cloud:
-    """
-    A CloudStore on the real SQLite reading store at C{path}, its console
-    kept as lines.
-    """
-
-    def __init__(self, path, schema=True):
-        self.path = path
-        connection = connect(path)
-        if schema:
-            cloud.open_database(connection)
-        self.readings = cloud.SQLiteReadingStore(connection, reactor)
-        self.database = self.readings.database
-        self.console: list[str] = []
-        self.clock = task.Clock()
-        self.clock.advance(1772400000)
-        self.store = cloud.CloudStore(self.readings, self.print, self.clock)
-
-    def print(self, text: str) -> None:
-        assert text.endswith("\n")
-        self.console.extend(text.splitlines())
-
-    def count(self) -> int:
-        with sqlite3.connect(str(self.path)) as other:
-            return other.execute("SELECT count(*) FROM readings").fetchone()[0]
-
-
 @pytest_twisted.async_yield_fixture
 async def c(tmp_path):
-    instance = Cloud(tmp_path / "cloud.sqlite")
+    instance = SQLiteCloud(tmp_path / "cloud.sqlite", reactor)
     yield instance
     await instance.database.stop()
 
@@ -129,7 +102,7 @@ async def test_an_empty_batch_is_acknowledged(c):
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_store_is_a_bad_ack_and_prints_nothing(tmp_path):
-    broken = Cloud(tmp_path / "no-schema.sqlite", schema=False)
+    broken = SQLiteCloud(tmp_path / "no-schema.sqlite", reactor, schema=False)
     try:
         ack = await broken.store.store(BATCH, "gw")
     finally:
@@ -210,20 +183,13 @@ def test_meter_readings_as_json_carries_the_device_id(tmp_path, capsys):
 IDLE = 120.0
 
 
-def connect_protocol(c: Cloud):
-    protocol = cloud.CloudFactory(c.store, IDLE, c.clock).buildProtocol(IPv4Address("TCP", "10.0.0.1", 5555))
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
-    protocol.makeConnection(transport)
-    return protocol, transport
-
-
 def line(message) -> bytes:
     return wire.encode(message) + b"\n"
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_batch_line_is_acknowledged_after_its_commit(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(line(BATCH))
     assert transport.value() == b""  # not before the commit
     await c.database.flush()
@@ -234,7 +200,7 @@ async def test_a_batch_line_is_acknowledged_after_its_commit(c):
 
 @pytest_twisted.ensureDeferred
 async def test_a_batch_in_pieces_is_one_line(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     data = line(BATCH)
     for i in range(0, len(data), 7):
         protocol.dataReceived(data[i : i + 7])
@@ -256,14 +222,14 @@ async def test_the_cloud_turns_nagle_off_on_each_connection(c):
 
 @pytest_twisted.ensureDeferred
 async def test_ping_gets_pong_at_once(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(line(wire.Ping(3)) + line(wire.Ping(4)))
     assert transport.value() == line(wire.Pong(3)) + line(wire.Pong(4))
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_malformed_batch_with_a_readable_id_gets_a_bad_ack_and_nothing_is_stored(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     data = wire.encode(BATCH).replace(b",17,35", b",18,35")  # no longer matches its sum
     protocol.dataReceived(data + b"\n")
     (answer,) = transport.value().splitlines()
@@ -279,7 +245,7 @@ async def test_a_malformed_batch_with_a_readable_id_gets_a_bad_ack_and_nothing_i
 
 @pytest_twisted.ensureDeferred
 async def test_an_out_of_range_batch_is_refused_naming_the_reading(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     records = "3,192.168.1.4,2026-03-01T02:00,17,101"
     protocol.dataReceived(f"meter/1 BATCH id={BATCH_ID} n=1 sum={zlib.crc32(records.encode()):08x} r={records}\n".encode())
     assert wire.decode(transport.value().rstrip(b"\n")) == wire.BatchAck(
@@ -295,7 +261,7 @@ async def test_an_out_of_range_batch_is_refused_naming_the_reading(c):
     [b"GET / HTTP/1.1", b"meter/1 BATCH id=nothex n=0 sum=00000000 r=", b"\x16\x03\x01\x02\x00", b""],
 )
 async def test_garbage_closes_the_connection(c, garbage):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(garbage + b"\n" + line(wire.Ping(1)))
     assert transport.disconnecting
     assert transport.value() == b""  # and what followed the garbage is not read
@@ -303,7 +269,7 @@ async def test_garbage_closes_the_connection(c, garbage):
 
 @pytest_twisted.ensureDeferred
 async def test_a_line_over_max_length_closes_the_connection(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(b"meter/1 PING seq=1" + b"0" * protocol.MAX_LENGTH)
     assert transport.disconnecting
     assert transport.value() == b""
@@ -312,7 +278,7 @@ async def test_a_line_over_max_length_closes_the_connection(c):
 
 @pytest_twisted.ensureDeferred
 async def test_an_unexpected_kind_is_ignored(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(line(wire.BatchAck(BATCH_ID, "ok")) + line(wire.Ping(9)))
     assert transport.value() == line(wire.Pong(9))
     assert c.store.metrics.unexpected == 1
@@ -321,7 +287,7 @@ async def test_an_unexpected_kind_is_ignored(c):
 
 @pytest_twisted.ensureDeferred
 async def test_a_silent_connection_is_closed_after_the_idle_timeout(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     c.clock.advance(IDLE - 1)
     assert not transport.disconnected
     protocol.dataReceived(line(wire.Ping(1)))  # any line resets the timeout
@@ -334,7 +300,7 @@ async def test_a_silent_connection_is_closed_after_the_idle_timeout(c):
 
 @pytest_twisted.ensureDeferred
 async def test_connection_lost_cancels_the_idle_timeout(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     assert len(c.clock.getDelayedCalls()) == 1
     protocol.connectionLost(Failure(ConnectionDone()))
     assert c.clock.getDelayedCalls() == []
@@ -342,7 +308,7 @@ async def test_connection_lost_cancels_the_idle_timeout(c):
 
 @pytest_twisted.ensureDeferred
 async def test_no_ack_is_written_to_a_lost_connection(c):
-    protocol, transport = connect_protocol(c)
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(line(BATCH))
     transport.connected = False
     protocol.connectionLost(Failure(ConnectionDone()))

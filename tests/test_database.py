@@ -1,31 +1,69 @@
 """
 meter.database: one SQLite connection with group commits on the reactor
-thread, a turn after the work was submitted.  These run on the real reactor
-(pytest-twisted), but one, on a Clock.
+thread, a turn after the work was submitted.  The Database runs on a
+task.Clock: advancing it by 0 is the reactor's next turn.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
+import attrs
 import pytest
-import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.defer import gatherResults
+from twisted.internet import task
+from twisted.internet.defer import Deferred, gatherResults
 
 from meter.database import Database, RowInsert, connect, insert_telling_new
 
-def make_db(path) -> Database:
+
+@attrs.define
+class Turns:
+    """
+    A Database on a Clock, with the path of its file.
+    """
+
+    database: Database
+    clock: task.Clock
+    path: object
+
+    def next_turn(self) -> None:
+        """
+        Let the reactor's next turn run: the commit waiting for it, and
+        (as a Clock runs what becomes due while it advances) those of work
+        submitted by its callbacks.
+        """
+        self.clock.advance(0)
+
+    def rows(self) -> list[int]:
+        return rows(self.path)
+
+
+def on_a_clock(path) -> Turns:
     connection = connect(path)
     connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)")
-    return Database(connection, reactor)
+    clock = task.Clock()
+    return Turns(Database(connection, clock), clock, path)
 
 
-@pytest_twisted.async_yield_fixture
-async def db(tmp_path):
-    database = make_db(tmp_path / "db" / "t.sqlite")
-    yield database
-    await database.stop()
+@pytest.fixture
+def turns(tmp_path):
+    turns = on_a_clock(tmp_path / "db" / "t.sqlite")
+    yield turns
+    stopped = turns.database.stop()
+    turns.next_turn()
+    assert stopped.called
+
+
+def result(d: Deferred):
+    """
+    What C{d} fired with; it must have fired, and not with a failure.
+    """
+    outcome = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if hasattr(outcome[0], "raiseException"):
+        outcome[0].raiseException()
+    return outcome[0]
 
 
 def insert(x):
@@ -56,59 +94,65 @@ def test_connect_makes_the_folder_and_a_durable_wal(tmp_path):
         connection.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_run_fires_with_the_result_after_the_commit(db, tmp_path):
-    assert await db.run(insert(7)) == 7
-    assert rows(tmp_path / "db" / "t.sqlite") == [7]
-    assert (db.commits, db.pieces) == (1, 1)
+def test_run_fires_with_the_result_after_the_commit(turns):
+    d = turns.database.run(insert(7))
+    assert not d.called
+    turns.next_turn()
+    assert result(d) == 7
+    assert turns.rows() == [7]
+    assert (turns.database.commits, turns.database.pieces) == (1, 1)
 
 
-@pytest_twisted.ensureDeferred
-async def test_work_submitted_during_a_commit_shares_the_next_transaction(db, tmp_path):
+def test_work_submitted_during_a_commit_shares_the_next_transaction(turns):
+    db = turns.database
     deferreds = [db.run(insert(x)) for x in range(20)]
-    assert await gatherResults(deferreds) == list(range(20))
+    turns.next_turn()
+    assert result(gatherResults(deferreds)) == list(range(20))
     # All 20 in the reactor's next turn.
     assert (db.commits, db.pieces) == (1, 20)
-    assert rows(tmp_path / "db" / "t.sqlite") == list(range(20))
+    assert turns.rows() == list(range(20))
     # An idle database commits the next piece on its own.
-    await db.run(insert(20))
+    d = db.run(insert(20))
+    turns.next_turn()
+    assert result(d) == 20
     assert (db.commits, db.pieces) == (2, 21)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_failing_piece_rolls_back_only_itself(db, tmp_path):
+def test_a_failing_piece_rolls_back_only_itself(turns):
+    db = turns.database
 
     def bad(connection):
         connection.execute("INSERT INTO t VALUES (2)")
         raise ValueError("boom")
 
     first, failing, third = db.run(insert(1)), db.run(bad), db.run(insert(3))
-    assert await first == 1
+    turns.next_turn()
+    assert result(first) == 1
     with pytest.raises(ValueError, match="boom"):
-        await failing
-    assert await third == 3
+        result(failing)
+    assert result(third) == 3
     assert db.commits == 1
-    assert rows(tmp_path / "db" / "t.sqlite") == [1, 3]
+    assert turns.rows() == [1, 3]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_failed_transaction_fails_every_piece_of_it(db, tmp_path):
+def test_a_failed_transaction_fails_every_piece_of_it(turns):
+    db = turns.database
     blocker = db.run(noop)
 
     def ends_the_transaction(connection):
         connection.execute("ROLLBACK")
 
     first, breaking = db.run(insert(5)), db.run(ends_the_transaction)
-    with pytest.raises(sqlite3.OperationalError):
-        await blocker  # in the same transaction as the others
-    with pytest.raises(sqlite3.OperationalError):
-        await first
-    with pytest.raises(sqlite3.OperationalError):
-        await breaking
-    assert rows(tmp_path / "db" / "t.sqlite") == []
+    turns.next_turn()
+    for d in (blocker, first, breaking):  # the blocker in the same transaction as the others
+        with pytest.raises(sqlite3.OperationalError):
+            result(d)
+    assert turns.rows() == []
     # the database carries on
-    assert await db.run(insert(6)) == 6
-    assert rows(tmp_path / "db" / "t.sqlite") == [6]
+    d = db.run(insert(6))
+    turns.next_turn()
+    assert result(d) == 6
+    assert turns.rows() == [6]
 
 
 def insert_many(connection, xs):
@@ -116,8 +160,8 @@ def insert_many(connection, xs):
     return [x * 10 for x in xs]
 
 
-@pytest_twisted.ensureDeferred
-async def test_run_many_joins_neighbouring_items_into_one_piece(db, tmp_path):
+def test_run_many_joins_neighbouring_items_into_one_piece(turns):
+    db = turns.database
     calls = []
 
     def recorded(connection, xs):
@@ -127,61 +171,64 @@ async def test_run_many_joins_neighbouring_items_into_one_piece(db, tmp_path):
     first = [db.run_many(recorded, x) for x in (1, 2, 3)]
     between = db.run(insert(4))
     second = [db.run_many(recorded, x) for x in (5, 6)]
-    assert await gatherResults(first + [between] + second) == [10, 20, 30, 4, 50, 60]
+    turns.next_turn()
+    assert result(gatherResults(first + [between] + second)) == [10, 20, 30, 4, 50, 60]
     # Items joined only with their neighbours: the order of work is kept.
     assert calls == [[1, 2, 3], [5, 6]]
     assert (db.commits, db.pieces) == (1, 6)
-    assert rows(tmp_path / "db" / "t.sqlite") == [1, 2, 3, 4, 5, 6]
+    assert turns.rows() == [1, 2, 3, 4, 5, 6]
 
 
-@pytest_twisted.ensureDeferred
-async def test_run_many_that_raises_fails_each_of_its_items_only(db, tmp_path):
+def test_run_many_that_raises_fails_each_of_its_items_only(turns):
+    db = turns.database
+
     def duplicates(connection, xs):
         return insert_many(connection, xs + [xs[0]])  # the primary key refuses
 
     before = db.run(insert(1))
     failing = [db.run_many(duplicates, x) for x in (7, 8)]
     after = db.run(insert(9))
-    assert await before == 1
+    turns.next_turn()
+    assert result(before) == 1
     for d in failing:
         with pytest.raises(sqlite3.IntegrityError):
-            await d
-    assert await after == 9
-    assert rows(tmp_path / "db" / "t.sqlite") == [1, 9]
+            result(d)
+    assert result(after) == 9
+    assert turns.rows() == [1, 9]
 
 
-@pytest_twisted.ensureDeferred
-async def test_run_many_must_answer_each_item(db, tmp_path):
+def test_run_many_must_answer_each_item(turns):
     def one_short(connection, xs):
         return insert_many(connection, xs)[:-1]
 
-    short = [db.run_many(one_short, x) for x in (1, 2)]
+    short = [turns.database.run_many(one_short, x) for x in (1, 2)]
+    turns.next_turn()
     for d in short:
         with pytest.raises(RuntimeError, match="1 results for 2 items"):
-            await d
-    assert rows(tmp_path / "db" / "t.sqlite") == []
+            result(d)
+    assert turns.rows() == []
 
 
-@pytest_twisted.ensureDeferred
-async def test_flush_of_an_idle_database_fires_at_once(db):
-    assert db.flush().called
+def test_flush_of_an_idle_database_fires_at_once(turns):
+    assert turns.database.flush().called
 
 
-@pytest_twisted.ensureDeferred
-async def test_flush_waits_for_everything_submitted(db):
+def test_flush_waits_for_everything_submitted(turns):
+    db = turns.database
     deferreds = [db.run(insert(x)) for x in range(5)]
     flushed = db.flush()
     assert not flushed.called
-    await flushed
+    turns.next_turn()
+    assert flushed.called
     assert all(d.called for d in deferreds)
 
 
-@pytest_twisted.ensureDeferred
-async def test_work_submitted_from_a_result_callback_is_committed_before_flush(db, tmp_path):
+def test_work_submitted_from_a_result_callback_is_committed_before_flush(turns):
     # The gateway submits work from the callbacks of committed work (a chunk
     # committed closes its round; a round closed takes the next batch).
+    db = turns.database
     first = db.run(noop)
-    a, b = db.run(noop), db.run(noop)  # one group, committed after first
+    a, b = db.run(noop), db.run(noop)  # one group with first
     later = {}
 
     def on_a(_):
@@ -193,44 +240,44 @@ async def test_work_submitted_from_a_result_callback_is_committed_before_flush(d
 
     a.addCallback(on_a)
     b.addCallback(on_b)
-    await gatherResults([first, a, b])
-    await later["flush"]
+    turns.next_turn()
+    assert first.called and a.called and b.called
+    assert later["flush"].called
     assert later["x"].called and later["y"].called, "flush fired before work submitted ahead of it was committed"
     # x and y arrived during one commit's callbacks: one transaction for both.
     assert db.commits == 2
-    assert rows(tmp_path / "db" / "t.sqlite") == [1, 2]
+    assert turns.rows() == [1, 2]
 
 
-@pytest_twisted.ensureDeferred
-async def test_stop_finishes_submitted_work_then_closes(tmp_path):
-    database = make_db(tmp_path / "t.sqlite")
-    deferreds = [database.run(insert(x)) for x in range(3)]
-    await database.stop()
+def test_stop_finishes_submitted_work_then_closes(tmp_path):
+    turns = on_a_clock(tmp_path / "t.sqlite")
+    deferreds = [turns.database.run(insert(x)) for x in range(3)]
+    stopped = turns.database.stop()
+    assert not stopped.called
+    turns.next_turn()
+    assert stopped.called
     assert all(d.called for d in deferreds)
-    assert rows(tmp_path / "t.sqlite") == [0, 1, 2]
+    assert turns.rows() == [0, 1, 2]
     with pytest.raises(sqlite3.ProgrammingError):
-        database._connection.execute("SELECT 1")
+        turns.database._connection.execute("SELECT 1")
 
 
 def test_on_the_reactor_work_waits_for_the_next_turn_and_shares_its_transaction(tmp_path):
     # The gateway's datagrams read in one turn are spooled in one transaction
     # after it: nothing runs while they are still being submitted.
-    clock = task.Clock()
-    path = tmp_path / "t.sqlite"
-    connection = connect(path)
-    connection.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
-    database = Database(connection, clock)
+    turns = on_a_clock(tmp_path / "t.sqlite")
+    database = turns.database
     deferreds = [database.run(insert(x)) for x in range(3)]
-    assert rows(path) == []
+    assert turns.rows() == []
     assert not any(d.called for d in deferreds)
-    clock.advance(0)
-    assert rows(path) == [0, 1, 2]
+    turns.clock.advance(0)
+    assert turns.rows() == [0, 1, 2]
     assert [d.result for d in deferreds] == [0, 1, 2]
     assert (database.commits, database.pieces) == (1, 3)
     stopped = database.stop()
     assert stopped.called
     with pytest.raises(sqlite3.ProgrammingError):
-        connection.execute("SELECT 1")
+        database._connection.execute("SELECT 1")
 
 
 def test_a_full_database_fails_the_group_with_its_own_cause(tmp_path):

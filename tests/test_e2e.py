@@ -40,7 +40,7 @@ def test_six_devices_day_reaches_console_and_database(suite):
     cloud.wait_for("acknowledged at=")
     assert suite.stored() == suite.expected_rows(day)
     # The gateway logs what the report's console said.
-    assert gateway.all_matching(r"device 3 \(127\.0\.0\.1:\d+\) reported \S+ in 1 parts: [1-6] of 6 devices")
+    assert gateway.all_matching(r"device 3 \(127\.0\.0\.1:\d+\) reported \S+ in 1 chunks: [1-6] of 6 devices")
     assert gateway.all_matching(r"forwarding batch \w+ of 24 readings")
     assert gateway.all_matching(r"batch \w+ acknowledged by the cloud")
 

@@ -61,7 +61,7 @@ def stop_drained(suite: Suite, gateway: Daemon) -> None:
     then stop it.  The database can be complete a moment before that: the
     cloud may hold a batch's readings from before it was killed while the
     gateway, which never got that acknowledgement, still has the batch in
-    flight again; and a part that arrived after its round closed (a copy
+    flight again; and a chunk that arrived after its round closed (a copy
     from a device that gave up and sent its day again) may still linger to
     fill a batch after an earlier "0 left".  Called once the devices are
     done, so nothing more arrives.
@@ -152,7 +152,7 @@ def test_day_of_1440_readings_in_chunks(make_suite):
     received = gateway.all_matching(r"received (\d+) bytes from device (\d+) \(\S+\): part (\d+)/(\d+) of")
     assert received and max(int(m.group(1)) for m in received) <= 1200
     assert {int(m.group(4)) for m in received} <= set(range(17, 30))
-    # The relay reordered them: some device's parts arrived out of order.
+    # The relay reordered them: some device's chunks arrived out of order.
     orders = {device_id: [] for device_id in (2, 3, 4)}
     for m in received:
         parts = orders.get(int(m.group(2)))

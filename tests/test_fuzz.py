@@ -26,7 +26,6 @@ import math
 import random
 import re
 import sqlite3
-import time
 import zlib
 
 import pytest
@@ -43,11 +42,12 @@ from meter.database import Database, connect
 from meter.gateway import CloudClientProtocol, GatewayProtocol, Intake
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 from meter.gateway.spool import Spool, content_digest
+from meter.testing import device_keys
 
 NOW = 1_795_320_000
 DAYS = [datetime.date(2026, 11, 20), datetime.date(2026, 11, 21), datetime.date(2026, 11, 22)]
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "fd00::4"}
-KEYS = {device_id: bytes([device_id]) * 32 for device_id in FLEET}
+KEYS = device_keys(FLEET)
 GOOD = ("192.168.1.2", 40000)  # where the key holders send from
 EVIL = ("192.168.1.66", 40066)  # where everything unauthenticated comes from
 
@@ -155,7 +155,7 @@ def random_chunk(rng: random.Random, now: float, xfers: list[str]) -> wire.DayCh
     ip, day = FLEET[device_id], rng.choice(DAYS)
     parts = rng.choice((1, 1, 2, 3))
     minutes = rng.sample(range(24 * 60), rng.randrange(0, 12))
-    # now and then a transfer id seen before (duplicates, inconsistent parts)
+    # now and then a transfer id seen before (duplicates, inconsistent chunks)
     xfer = rng.choice(xfers) if rng.random() < 0.3 else rng.randbytes(8).hex()
     # now and then a start near the replay window's edges
     sent_at = int(now) - rng.randrange(0, 30)
@@ -189,7 +189,6 @@ async def test_fuzz_the_gateway(tmp_path, seed):
     xfers = [rng.randbytes(8).hex() for _ in range(40)]
     authentic: set[bytes] = set()  # every body sealed with its device's right key
     kinds = dict.fromkeys(["valid", "resealed", "mutated", "random", "wrong key", "unsealed"], 0)
-    started = time.monotonic()
     try:
         with capturedLogs() as events:
             for i in range(GATEWAY_INPUTS):
@@ -240,7 +239,6 @@ async def test_fuzz_the_gateway(tmp_path, seed):
         no_failures_logged(events)
     finally:
         await database.stop()
-    elapsed = time.monotonic() - started
 
     # Nobody without a key got an answer or reached the spool.
     assert [to for _, to in transport.written if to != GOOD] == []
@@ -303,7 +301,6 @@ async def test_fuzz_the_gateway(tmp_path, seed):
         for record in records.split(";"):
             hhmm, temperature, humidity = record.split(",")
             check_row(device_id, device_ip, f"{day}T{hhmm}", float(temperature), float(humidity))
-    assert elapsed < 60, f"{GATEWAY_INPUTS} inputs took {elapsed:.1f} s"
 
 
 # -- the cloud --------------------------------------------------------------------------
@@ -387,7 +384,6 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     factory = cloud.CloudFactory(store, 120.0, clock)
     inputs = 0
     sessions = 0
-    started = time.monotonic()
 
     def connected():
         protocol = factory.buildProtocol(None)
@@ -446,7 +442,6 @@ async def test_fuzz_the_cloud(tmp_path, seed):
         no_failures_logged(events)
     finally:
         await database.stop()
-    elapsed = time.monotonic() - started
 
     assert inputs >= CLOUD_INPUTS
     assert len(committed) > 1000
@@ -472,4 +467,3 @@ async def test_fuzz_the_cloud(tmp_path, seed):
     for row in rows:
         check_row(*row[:5])
         assert row[5] >= NOW
-    assert elapsed < 60, f"{inputs} inputs took {elapsed:.1f} s"

@@ -9,6 +9,7 @@ StringTransport.
 from __future__ import annotations
 
 import datetime
+import functools
 import random
 import sqlite3
 
@@ -21,28 +22,24 @@ from twisted.internet.testing import FakeDatagramTransport, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
-from meter import gateway, wire
+from meter import gateway, testing, wire
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
-from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
-from meter.testing import MemorySpool
+from meter.gateway.spool import Recovered, Spool, StoredChunk, StoredRound
+from meter.testing import MemorySpool, device_keys
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4", 4: "192.168.1.5"}
-KEYS = {device_id: bytes([device_id]) * 32 for device_id in range(1, 60)}
+KEYS = device_keys(range(1, 60))
 
 
 def xfer_of(device_id: int, n: int = 0) -> str:
     return f"{device_id:08x}{n:08x}"
 
 
-def day_chunk(device_id=1, day=DAY, part=1, parts=1, n=0, readings=None, ip=None, sent_at=int(NOW), fleet=FLEET):
-    ip = ip if ip is not None else fleet.get(device_id, "10.9.9.9")
-    if readings is None:
-        readings = (Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, 8, part), 20.0, 30.0),)
-    return wire.DayChunk(device_id, ip, day, xfer_of(device_id, n), part, parts, sent_at, tuple(readings))
+day_chunk = functools.partial(testing.day_chunk, day=DAY, sent_at=NOW, fleet=FLEET)
 
 
 def result_of(d: Deferred):
@@ -166,19 +163,19 @@ def test_a_late_device_is_forwarded_at_once():
 def test_a_device_reporting_twice_is_counted_once():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     h.report(1)
-    h.report(1, n=1)  # the same day again, in a new transfer
+    h.report(1, xfer=1)  # the same day again, in a new transfer
     assert h.added() == 2
     assert h.closed() == []
     # The spool stores the day again (one row a chunk; it does not look
     # inside): the cloud, keyed by device and minute, stores it once.
     assert h.spool.depth == 2
-    assert [line for line in h.logged() if " reported " in line] == ["device 1 (192.168.1.2:5000) reported 2026-03-01 in 1 parts: 1 of 2 devices",
-        "device 1 (192.168.1.2:5000) reported 2026-03-01 again in 1 parts",
+    assert [line for line in h.logged() if " reported " in line] == ["device 1 (192.168.1.2:5000) reported 2026-03-01 in 1 chunks: 1 of 2 devices",
+        "device 1 (192.168.1.2:5000) reported 2026-03-01 again in 1 chunks",
     ]
     h.report(2)
     assert h.closed() == [(DAY, NOW)]
     assert h.logged()[-2:] == [
-        "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 parts: 2 of 2 devices",
+        "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 chunks: 2 of 2 devices",
         "round 2026-03-01 complete: every expected device reported",
     ]
 
@@ -187,7 +184,7 @@ def test_rounds_of_different_days_are_separate():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     other = DAY + datetime.timedelta(days=1)
     h.report(1)
-    h.report(2, day=other, n=1)
+    h.report(2, day=other, xfer=1)
     assert h.closed() == []
     h.report(2)
     assert h.closed() == [(DAY, NOW)]
@@ -288,7 +285,7 @@ def test_a_transfer_changing_its_shape_is_refused():
     h.receive(day_chunk(1, part=1, parts=2))
     chunk = day_chunk(1, part=2, parts=3)
     assert h.receive(chunk) == wire.DayAck(
-        chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 parts of 2026-03-01, now 3 parts of 2026-03-01"
+        chunk.xfer, 2, "bad", f"transfer: transfer {chunk.xfer} was 2 chunks of 2026-03-01, now 3 chunks of 2026-03-01"
     )
     assert h.intake.metrics.inconsistent_chunks == 1
 
@@ -323,10 +320,10 @@ def test_replay_window(offset, status):
         assert h.added() == 0
 
 
-# -- multi-part transfers ---------------------------------------------------
+# -- multi-chunk transfers ---------------------------------------------------
 
 
-def test_a_transfer_completes_only_when_every_part_arrived_in_any_order():
+def test_a_transfer_completes_only_when_every_chunk_arrived_in_any_order():
     h = IntakeHarness(fleet={1: FLEET[1]})
     for part in (3, 1):
         chunk = day_chunk(1, part=part, parts=3)
@@ -339,7 +336,7 @@ def test_a_transfer_completes_only_when_every_part_arrived_in_any_order():
     assert h.spool.depth == 3
 
 
-def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
+def test_chunks_of_a_closed_round_are_forwarded_as_they_arrive():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     h.report(2)
     h.clock.advance(60)
@@ -348,7 +345,7 @@ def test_parts_of_a_closed_round_are_forwarded_as_they_arrive():
     assert len(h.ready) == 2
 
 
-def test_an_expired_reassembly_is_forgotten_and_its_parts_still_recognised():
+def test_an_expired_reassembly_is_forgotten_and_its_chunks_still_recognised():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]}, reassembly_timeout=30.0)
     chunk = day_chunk(1, part=1, parts=2)
     h.receive(chunk)
@@ -369,7 +366,7 @@ def test_at_most_max_reassemblies_are_kept_oldest_expiring_first():
     h.receive(day_chunk(2, part=1, parts=2))
     assert h.intake.metrics.expired_reassemblies == 1
     assert h.intake.gauges()["reassemblies"] == 1
-    # device 1's transfer was the one forgotten: its part, sent again, is
+    # device 1's transfer was the one forgotten: its chunk, sent again, is
     # recognised by its message id
     assert h.receive(first) == ok(first)
     assert h.added() == 2
@@ -404,7 +401,7 @@ def test_closing_a_round_forgets_what_is_two_days_old_on_the_gateways_clock():
     assert h.intake.gauges()["message_ids"] == 1
     h.clock.advance(gateway.REMEMBER + 1)
     later = DAY + datetime.timedelta(days=2)
-    h.report(1, n=1, day=later, sent_at=int(h.clock.seconds()))
+    h.report(1, xfer=1, day=later, sent_at=int(h.clock.seconds()))
     assert h.spool.submitted["forget_before"] == 2
     assert h.intake.gauges()["message_ids"] == 1
     assert h.intake.gauges()["device_days"] == 1
@@ -435,17 +432,17 @@ def test_stats():
 # -- recovery after a restart -----------------------------------------------
 
 
-def recovered(rounds=(), parts=(), depth=0) -> Recovered:
-    return Recovered(tuple(rounds), tuple(parts), depth)
+def recovered(rounds=(), chunks=(), depth=0) -> Recovered:
+    return Recovered(tuple(rounds), tuple(chunks), depth)
 
 
-def part(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredPart:
-    return StoredPart(device_id, xfer_of(device_id, n), part, parts, day, received_at)
+def stored_chunk(device_id, day=DAY, received_at=NOW - 90, n=0, part=1, parts=1) -> StoredChunk:
+    return StoredChunk(device_id, xfer_of(device_id, n), part, parts, day, received_at)
 
 
 def test_recover_closes_a_round_whose_deadline_passed_while_down():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, None)], [part(1)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, None)], [stored_chunk(1)], depth=1))
     assert h.ready == [NOW]  # the spool holds readings
     assert h.closed() == []
     h.clock.advance(0)
@@ -455,7 +452,7 @@ def test_recover_closes_a_round_whose_deadline_passed_while_down():
 
 def test_recover_rearms_an_open_rounds_deadline():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, received_at=NOW - 10)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(1, received_at=NOW - 10)], depth=1))
     h.clock.advance(50 - 0.001)
     assert h.closed() == []
     h.clock.advance(0.001)
@@ -464,7 +461,7 @@ def test_recover_rearms_an_open_rounds_deadline():
 
 def test_recover_closes_a_round_every_device_had_reported():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(d) for d in FLEET], depth=4))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(d) for d in FLEET], depth=4))
     h.clock.advance(0)
     assert h.closed() == [(DAY, NOW)]
     assert h.clock.getDelayedCalls() == []
@@ -478,7 +475,7 @@ def test_recover_with_an_old_closed_round_still_spooled():
     h.intake.recover(
         recovered(
             [StoredRound(old, NOW - 5 * 86400, NOW - 5 * 86400 + 60), StoredRound(DAY, NOW - 10, None)],
-            [part(1)],
+            [stored_chunk(1)],
             depth=2,
         )
     )
@@ -488,7 +485,7 @@ def test_recover_with_an_old_closed_round_still_spooled():
 
 def test_recover_leaves_closed_rounds_closed():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, NOW - 40)], [part(1)], depth=0))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 100, NOW - 40)], [stored_chunk(1)], depth=0))
     assert h.clock.getDelayedCalls() == []
     assert h.ready == []  # nothing spooled, nothing to forward
     h.report(2)  # a late device of the closed round
@@ -500,7 +497,7 @@ def test_recover_leaves_closed_rounds_closed():
 
 def test_recover_remembers_acknowledged_message_ids():
     h = IntakeHarness()
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(1)], depth=1))
     chunk = day_chunk(1)
     assert h.receive(chunk) == ok(chunk)
     assert h.added() == 0
@@ -509,7 +506,7 @@ def test_recover_remembers_acknowledged_message_ids():
 
 def test_recover_resumes_a_partial_transfer():
     h = IntakeHarness(fleet={1: FLEET[1]})
-    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [part(1, part=1, parts=2)], depth=1))
+    h.intake.recover(recovered([StoredRound(DAY, NOW - 10, None)], [stored_chunk(1, part=1, parts=2)], depth=1))
     assert h.closed() == []
     assert h.receive(day_chunk(1, part=2, parts=2)).status == "ok"
     assert h.closed() == [(DAY, NOW)]
@@ -535,7 +532,7 @@ def spooled_chunk(seq: int) -> wire.DayChunk:
     The chunk the uplink tests spool as number C{seq}: one reading of
     device 1, at minute C{seq} of the day.
     """
-    return day_chunk(1, n=seq, readings=(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0),))
+    return day_chunk(1, xfer=seq, readings=(Reading(1, FLEET[1], datetime.datetime(2026, 3, 1, 0, seq), 20.0, 30.0),))
 
 
 class UplinkHarness:
@@ -579,8 +576,8 @@ class UplinkHarness:
         self.uplink.connected(sender)
         self.clock.advance(0)
 
-    def kick(self) -> None:
-        self.uplink.kick()
+    def send_next(self) -> None:
+        self.uplink.send_next()
         self.clock.advance(0)
 
     def ack(self, batch, status="ok", reason=""):
@@ -592,8 +589,8 @@ def test_uplink_sends_one_batch_at_a_time():
     h = UplinkHarness()
     h.connect(h.sender)
     assert h.sender.sent == [wire.Batch(f"{1:016x}", h.readings(1, 2))]
-    h.kick()
-    h.kick()
+    h.send_next()
+    h.send_next()
     assert len(h.sender.sent) == 1
     assert h.spool.submitted["take_batch"] == 1
 
@@ -618,16 +615,16 @@ def test_uplink_removes_readings_only_after_the_ack():
 
 def test_uplink_without_a_connection_sends_nothing():
     h = UplinkHarness()
-    h.kick()
+    h.send_next()
     assert h.spool.submitted["take_batch"] == 0
 
 
-def test_uplink_with_an_empty_spool_sends_when_kicked_later():
+def test_uplink_with_an_empty_spool_sends_when_told_later():
     h = UplinkHarness(count=0)
     h.connect(h.sender)
     assert h.sender.sent == []
     h.fill(1)
-    h.kick()
+    h.send_next()
     assert [b.readings for b in h.sender.sent] == [h.readings(1)]
 
 
@@ -699,7 +696,7 @@ def test_a_refused_batch_stays_spooled_and_is_retried_after_a_growing_delay():
     h.ack(h.sender.sent[0], "bad", "not stored: disk I/O error")
     assert h.removed() == []
     assert h.uplink.metrics.batches_refused == 1
-    h.kick()  # no retry before the delay
+    h.send_next()  # no retry before the delay
     h.clock.advance(4.999)
     assert len(h.sender.sent) == 1
     h.clock.advance(0.001)
@@ -819,7 +816,7 @@ def test_each_datagram_is_logged_only_when_asked(log_datagrams):
     )
     assert [formatEvent(event) for event in events] == ([expected] if log_datagrams else [])
     # the intake logs the device's day either way
-    assert any(line.startswith("device 1 (") and " reported 2026-03-01 in 1 parts" in line for line in h.intake.logged())
+    assert any(line.startswith("device 1 (") and " reported 2026-03-01 in 1 chunks" in line for line in h.intake.logged())
 
 
 @pytest.mark.parametrize(
@@ -844,7 +841,7 @@ def test_unauthenticated_datagrams_get_no_answer(data, counter):
 
 def test_a_bad_chunk_with_a_readable_id_gets_a_bad_dayack():
     h = ProtocolHarness()
-    body = wire.encode(day_chunk(1, part=2, parts=3)).replace(b"08:02,20,30", b"08:02,86,30")
+    body = wire.encode(day_chunk(1, part=2, parts=3)).replace(b"08:01,20,30", b"08:01,86,30")
     h.receive(wire.seal(body, KEYS[1]), DEVICE_ADDR)
     assert h.answers() == [
         (wire.DayAck(xfer_of(1), 2, "bad", "range: temperature 86 outside -40..85 °C"), DEVICE_ADDR)
@@ -873,7 +870,7 @@ def test_a_refused_chunk_gets_a_sealed_bad_dayack():
 
 def test_a_flooding_source_is_cut_off_and_others_still_served():
     h = ProtocolHarness(source_rate=1.0, source_burst=2.0)
-    datagrams = [wire.seal(wire.encode(day_chunk(1, n=n)), KEYS[1]) for n in range(3)]
+    datagrams = [wire.seal(wire.encode(day_chunk(1, xfer=n)), KEYS[1]) for n in range(3)]
     for data in datagrams:
         h.receive(data, DEVICE_ADDR)
     assert len(h.transport.written) == 2
@@ -1042,7 +1039,7 @@ async def test_a_restart_resumes_from_the_spool(real, tmp_path):
         state = again.recovered
         assert state.depth == 2
         assert [(r.day, r.closed_at) for r in state.rounds] == [(DAY, None)]
-        assert sorted(p.device_id for p in state.parts) == [1, 2]
+        assert sorted(p.device_id for p in state.chunks) == [1, 2]
         h = IntakeHarness(spool=again.spool)
         h.clock.advance(61)  # the deadline passed while the gateway was down
         h.intake.recover(state)
@@ -1083,20 +1080,20 @@ async def test_a_failed_first_write_does_not_lose_the_days_round(real):
 
 
 @pytest_twisted.ensureDeferred
-async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_parts(real):
+async def test_spool_takes_a_burst_of_chunks_together_and_still_tells_old_ones(real):
     first = day_chunk(1)
     assert await real.spool.add_chunk(first, NOW) == 1
-    # A burst committed together, with a part spooled before among new ones
-    # (and the same new part twice): each learns what it added.
+    # A burst committed together, with a chunk spooled before among new ones
+    # (and the same new chunk twice): each learns what it added.
     blocker = real.database.run(lambda connection: None)
-    burst = [day_chunk(2), first, day_chunk(3, n=1), day_chunk(2)]
+    burst = [day_chunk(2), first, day_chunk(3, xfer=1), day_chunk(2)]
     answers = [real.spool.add_chunk(chunk, NOW + 1) for chunk in burst]
     await blocker
     assert [await d for d in answers] == [1, 0, 1, 0]
     await real.spool.close_round(DAY, NOW + 2)
     taken = await real.spool.take_batch(100)
     assert sorted((r.device_id, r.taken_at) for r in taken.readings) == sorted(
-        (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, n=1)) for r in chunk.readings
+        (r.device_id, r.taken_at) for chunk in (first, day_chunk(2), day_chunk(3, xfer=1)) for r in chunk.readings
     )
 
 
@@ -1229,7 +1226,7 @@ def test_uplink_looks_again_from_the_start_when_its_window_drained_during_an_emp
     first, second = h.sender.sent
     h.spool.hold()
     h.ack(second)
-    # The second is removed, and its removal kicks a fetch after the
+    # The second is removed, and its removal starts a fetch after the
     # first, still in flight: the fetch waits for the next commit.
     h.spool.release()
     h.uplink.disconnected(h.sender)  # the first is to be sent again

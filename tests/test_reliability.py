@@ -1,7 +1,7 @@
 """
 Unit tests of the bounds behind "nothing lost, nothing doubled" that the
 fault tests (tests/test_faults.py) cannot aim at precisely: the spool limit
-under a burst of commits, reassembly bounds after a restart, and a part
+under a burst of commits, reassembly bounds after a restart, and a chunk
 spooled twice.  The real spool, committing as a task.Clock turns: no
 sleeps.
 """
@@ -9,6 +9,7 @@ sleeps.
 from __future__ import annotations
 
 import datetime
+import functools
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -16,20 +17,16 @@ from twisted.internet.defer import Deferred
 from meter import config, wire
 from meter.database import Database
 from meter.gateway import Intake
-from meter.reading import Reading
-from meter.gateway.spool import Recovered, Spool, StoredPart, StoredRound
+from meter.gateway.spool import Recovered, Spool, StoredChunk, StoredRound
+from meter.testing import day_chunk
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4"}
 
 
-def chunk(device_id: int, part: int = 1, parts: int = 1, count: int = 1, xfer: str | None = None) -> wire.DayChunk:
-    ip = FLEET[device_id]
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime(2026, 3, 1, part, minute), 20.0, 30.0) for minute in range(count)
-    )
-    return wire.DayChunk(device_id, ip, DAY, xfer or f"{device_id:016x}", part, parts, int(NOW), readings)
+#: Readings from 01:00 on.
+chunk = functools.partial(day_chunk, day=DAY, sent_at=NOW, fleet=FLEET, minutes=(60,))
 
 
 def fired(d: Deferred):
@@ -59,25 +56,25 @@ def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
     # Twelve readings arrive in three chunks before any commit is done: the
     # readings being committed count against the limit already.
     gateway, spool, clock, _ = intake(tmp_path, spool_limit=10)
-    answers = [gateway.chunk_received(chunk(device_id, count=4), "127.0.0.1:1") for device_id in (1, 2, 3)]
-    assert fired(answers[2]) == wire.DayAck(f"{3:016x}", 1, "busy", "spool_full: the spool is at its limit of 10 readings")
+    answers = [gateway.chunk_received(chunk(device_id, minutes=range(60, 64)), "127.0.0.1:1") for device_id in (1, 2, 3)]
+    assert fired(answers[2]) == wire.DayAck(f"{3:08x}{0:08x}", 1, "busy", "spool_full: the spool is at its limit of 10 readings")
     assert not answers[0].called
     clock.advance(0)  # the commit
     assert [fired(d).status for d in answers[:2]] == ["ok", "ok"]
     assert spool.depth == 8
-    assert fired(gateway.chunk_received(chunk(3, count=3), "127.0.0.1:1")).status == "busy"
+    assert fired(gateway.chunk_received(chunk(3, minutes=range(60, 63)), "127.0.0.1:1")).status == "busy"
     # Once the cloud took readings, what fits is taken again.
     clock.advance(60)  # the round closes at its deadline
     assert committed(clock, spool.remove(committed(clock, spool.take_batch(100)).seqs)) == 8
-    assert committed(clock, gateway.chunk_received(chunk(3, count=4), "127.0.0.1:1")).status == "ok"
+    assert committed(clock, gateway.chunk_received(chunk(3, minutes=range(60, 64)), "127.0.0.1:1")).status == "ok"
     assert gateway.metrics.refused_spool_full == 2
 
 
-def test_a_part_spooled_again_is_acknowledged_and_stored_once(tmp_path):
-    # After its reassembly expired, a late copy of an acknowledged part
+def test_a_chunk_spooled_again_is_acknowledged_and_stored_once(tmp_path):
+    # After its reassembly expired, a late copy of an acknowledged chunk
     # reaches the spool again: no error, nothing new.
     gateway, spool, clock, _ = intake(tmp_path, reassembly_timeout=30.0)
-    first = chunk(1, part=1, parts=2, count=3)
+    first = chunk(1, part=1, parts=2, minutes=range(60, 63))
     assert committed(clock, gateway.chunk_received(first, "127.0.0.1:1")).status == "ok"
     clock.advance(30)
     assert gateway.metrics.expired_reassemblies == 1
@@ -92,9 +89,9 @@ def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
         Recovered(
             (StoredRound(DAY, NOW - 400, None),),
             (
-                StoredPart(1, "a" * 16, 2, 3, DAY, NOW - 400),
-                StoredPart(1, "a" * 16, 1, 3, DAY, NOW - 390),
-                StoredPart(2, "b" * 16, 1, 2, DAY, NOW - 100),
+                StoredChunk(1, "a" * 16, 2, 3, DAY, NOW - 400),
+                StoredChunk(1, "a" * 16, 1, 3, DAY, NOW - 390),
+                StoredChunk(2, "b" * 16, 1, 2, DAY, NOW - 100),
             ),
             depth=3,
         )
@@ -102,7 +99,7 @@ def test_a_restart_expires_transfers_whose_time_ran_out_while_down(tmp_path):
     clock.advance(0)
     assert gateway.metrics.expired_reassemblies == 1
     assert gateway.gauges()["reassemblies"] == 1
-    # The survivor expires 300 s after its first part, not after the restart.
+    # The survivor expires 300 s after its first chunk, not after the restart.
     clock.advance(199)
     assert gateway.gauges()["reassemblies"] == 1
     clock.advance(1)
@@ -115,12 +112,12 @@ def test_a_restart_keeps_at_most_max_reassemblies_the_newest(tmp_path):
     gateway.recover(
         Recovered(
             (StoredRound(DAY, NOW - 50, None),),
-            (StoredPart(2, "b" * 16, 1, 2, DAY, NOW - 10), StoredPart(1, "a" * 16, 1, 2, DAY, NOW - 50)),
+            (StoredChunk(2, "b" * 16, 1, 2, DAY, NOW - 10), StoredChunk(1, "a" * 16, 1, 2, DAY, NOW - 50)),
             depth=2,
         )
     )
     assert gateway.metrics.expired_reassemblies == 1
-    # Device 1's (older) transfer went: its part is spooled again, device 2's is a duplicate.
+    # Device 1's (older) transfer went: its chunk is spooled again, device 2's is a duplicate.
     assert committed(clock, gateway.chunk_received(chunk(2, part=1, parts=2, xfer="b" * 16), "127.0.0.1:1")).status == "ok"
     assert gateway.metrics.duplicates == 1
 

@@ -9,6 +9,7 @@ committing as the clock turns; the cloud's store is real.
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import random
 import sqlite3
@@ -16,26 +17,23 @@ import zlib
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
-from twisted.internet.address import IPv4Address
+from twisted.internet import reactor, task
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import FakeDatagramTransport, StringTransport
+from twisted.internet.testing import FakeDatagramTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from meter import cloud, wire
+from meter import wire
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
-from meter.reading import Reading
-from meter.testing import MemorySpool
-from tests.test_cloud import Cloud as StoreHarness
+from meter.testing import MemorySpool, SQLiteCloud, day_chunk, device_key, device_keys
 
 NOW = 1_795_320_000  # 2026-11-22 04:00 UTC
 DAY = datetime.date(2026, 11, 21)
 XFER = "0123456789abcdef"
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3"}
-KEYS = {1: bytes([1]) * 32, 2: bytes([2]) * 32}
-ATTACKER_KEY = bytes([66]) * 32
+KEYS = device_keys([1, 2])
+ATTACKER_KEY = device_key(66)
 REPLAY_WINDOW = 600.0
 
 DEVICE1 = ("192.168.1.2", 50001)
@@ -43,13 +41,10 @@ DEVICE2 = ("192.168.1.3", 50002)
 STRANGER = ("192.168.1.66", 50066)
 
 
-def chunk(device_id=1, xfer=XFER, part=1, parts=1, sent_at=NOW, day=DAY, minutes=(480, 540), ip=None):
-    ip = ip or FLEET.get(device_id, "192.168.1.99")
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime.combine(day, datetime.time(m // 60, m % 60)), 20.0 + m % 7, 30.0)
-        for m in minutes
-    )
-    return wire.DayChunk(device_id, ip, day, xfer, part, parts, sent_at, readings)
+chunk = functools.partial(
+    day_chunk, xfer=XFER, day=DAY, sent_at=NOW, fleet=FLEET, stranger_ip="192.168.1.99", minutes=(480, 540),
+    temperature=lambda minute: 20.0 + minute % 7,
+)
 
 
 def sealed(message, key=None) -> bytes:
@@ -236,7 +231,7 @@ def test_deduplication_survives_a_gateway_restart():
     recovered = spool.recover()
     first.clock.advance(0)
     second = Gateway(spool, recovered=recovered.result, clock=first.clock)
-    assert [(p.device_id, p.xfer, p.part) for p in recovered.result.parts] == [(1, XFER, 1)]
+    assert [(p.device_id, p.xfer, p.part) for p in recovered.result.chunks] == [(1, XFER, 1)]
     second.protocol.datagramReceived(data, DEVICE1)
     # answered at once from the recovered message ids: the spool never saw it
     assert second.answers() == [OK]
@@ -360,14 +355,14 @@ def test_a_chunk_whose_round_is_forgotten_while_it_commits_is_still_answered():
     # closed two days before: the commit must still find its answer.
     later = DAY + datetime.timedelta(days=2)
     g = Gateway()
-    g.receive(sealed(chunk(1, "a" * 16)))
-    g.receive(sealed(chunk(2, "b" * 16)), DEVICE2)  # round DAY complete and closed
+    g.receive(sealed(chunk(1, xfer="a" * 16)))
+    g.receive(sealed(chunk(2, xfer="b" * 16)), DEVICE2)  # round DAY complete and closed
     sent = at("2026-11-24T13:59:00")  # 62 h after DAY, less a minute
     g.clock.advance(sent + REPLAY_WINDOW - 1 - g.clock.seconds())
     g.spool.hold()
-    g.receive(sealed(chunk(1, "c" * 16, minutes=(600,), sent_at=sent)))
+    g.receive(sealed(chunk(1, xfer="c" * 16, minutes=(600,), sent_at=sent)))
     g.clock.advance(5)
-    g.receive(sealed(chunk(1, "d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
+    g.receive(sealed(chunk(1, xfer="d" * 16, day=later, sent_at=int(g.clock.seconds()))))  # round DAY+2 opens
     with capturedLogs() as events:
         g.clock.advance(60)  # DAY+2 closes at its deadline: DAY is forgotten
         assert DAY not in g.intake.rounds.rounds
@@ -435,26 +430,9 @@ def batch_line(records: str = RECORDS, n: int | None = None, checksum: str | Non
     return head + f" BATCH id={BATCH_ID} n={n} sum={checksum} r=".encode() + records.encode("latin-1")
 
 
-class Cloud(StoreHarness):
-    """
-    The store harness of test_cloud, with its clock at this file's NOW and
-    connections to a real CloudProtocol.
-    """
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.clock.advance(NOW - self.clock.seconds())
-
-    def connect(self):
-        protocol = cloud.CloudFactory(self.store, IDLE, self.clock).buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
-        protocol.makeConnection(transport)
-        return protocol, transport
-
-
 @pytest_twisted.async_yield_fixture
 async def c(tmp_path):
-    instance = Cloud(tmp_path / "cloud.sqlite")
+    instance = SQLiteCloud(tmp_path / "cloud.sqlite", reactor, now=NOW)
     yield instance
     await instance.database.stop()
 
@@ -495,7 +473,7 @@ def with_record(record: str) -> str:
     ],
 )
 async def test_a_bad_batch_gets_a_bad_batchack_naming_the_reason_and_nothing_is_stored(c, data, reason):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(data + b"\n" + wire.encode(wire.Ping(1)) + b"\n")
     answer, pong = transport.value().splitlines()
     ack = wire.decode(answer)
@@ -533,7 +511,7 @@ async def test_a_bad_batch_gets_a_bad_batchack_naming_the_reason_and_nothing_is_
     ],
 )
 async def test_a_line_that_names_no_batch_closes_the_connection(c, data):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(data + b"\n" + batch_line() + b"\n")
     assert transport.disconnecting
     assert transport.value() == b""  # and what followed is not read
@@ -546,7 +524,7 @@ async def test_a_line_that_names_no_batch_closes_the_connection(c, data):
 async def test_random_lines_store_nothing_and_crash_nothing(c, seed):
     rng = random.Random(seed)
     for _ in range(200):
-        protocol, transport = c.connect()
+        protocol, transport = c.connect(IDLE)
         protocol.dataReceived(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) + b"\n")
         assert transport.disconnecting or transport.value().startswith(b"meter/1 ")
         protocol.connectionLost(Failure(ConnectionDone()))
@@ -558,7 +536,7 @@ async def test_random_lines_store_nothing_and_crash_nothing(c, seed):
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("with_end", [False, True])
 async def test_a_line_over_max_length_is_refused_unread(c, with_end):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     records = ";".join(f"1,192.168.1.2,2026-11-21T{m // 60:02d}:{m % 60:02d},20,30" for m in range(1440))
     line = batch_line(records)
     data = line + b";" * (protocol.MAX_LENGTH + 1 - len(line)) + (b"\n" if with_end else b"")
@@ -573,7 +551,7 @@ async def test_a_line_over_max_length_is_refused_unread(c, with_end):
 
 @pytest_twisted.ensureDeferred
 async def test_a_silent_connection_is_closed_by_the_idle_timeout(c):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     c.clock.advance(IDLE - 0.001)
     assert not transport.disconnected
     c.clock.advance(0.001)
@@ -585,7 +563,7 @@ async def test_a_silent_connection_is_closed_by_the_idle_timeout(c):
 
 @pytest_twisted.ensureDeferred
 async def test_a_trickle_of_bytes_without_a_line_end_is_closed_by_the_idle_timeout(c):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     data = batch_line()
     # one byte a second: data keeps coming, but never a whole line
     for i in range(int(IDLE) - 1):
@@ -601,7 +579,7 @@ async def test_a_trickle_of_bytes_without_a_line_end_is_closed_by_the_idle_timeo
 
 @pytest_twisted.ensureDeferred
 async def test_complete_lines_keep_a_connection_open(c):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     for seq in range(10):
         c.clock.advance(IDLE - 1)
         protocol.dataReceived(wire.encode(wire.Ping(seq)) + b"\n")
@@ -611,7 +589,7 @@ async def test_complete_lines_keep_a_connection_open(c):
 
 @pytest_twisted.ensureDeferred
 async def test_a_good_batch_after_refused_ones_is_stored_exactly(c):
-    protocol, transport = c.connect()
+    protocol, transport = c.connect(IDLE)
     protocol.dataReceived(batch_line(n=3) + b"\n" + batch_line() + b"\n")
     await c.database.flush()
     refused, ok = map(wire.decode, transport.value().splitlines())

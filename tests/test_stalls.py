@@ -2,7 +2,7 @@
 No silent stall: a spool or database transaction that fails (a full disk, a
 lock held by another process) leaves no state stuck, is logged with its
 cause a bounded number of times, counted, and retried on a timer until it
-succeeds; and late parts leave in a few batches.
+succeeds; and late chunks leave in a few batches.
 
 The unit tests run the real Intake, Uplink, Spool and Database on a
 task.Clock (the Database commits on the clock's turns) over a real SQLite
@@ -15,6 +15,7 @@ against files on a small tmpfs that fills.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ import pytest
 from twisted.internet import task
 from twisted.logger import Logger, formatEvent
 
-from meter import wire
+from meter import testing, wire
 from meter.cloud import CloudStore, SQLiteReadingStore, open_database
 from meter.database import Database, connect
 from meter.device import previous_day
@@ -43,15 +44,7 @@ NOW = 1772400000.0
 FLEET = {1: "192.168.1.2", 2: "192.168.1.3"}
 
 
-def day_chunk(device_id=1, part=1, parts=1, n=0, minutes=1, day=DAY):
-    ip = FLEET.get(device_id, f"192.168.2.{device_id}")
-    # Minutes of their own for each part (up to 1440 readings a day).
-    first = (part - 1) * minutes
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, at // 60, at % 60), 20.0, 30.0)
-        for at in range(first, first + minutes)
-    )
-    return wire.DayChunk(device_id, ip, day, f"{device_id:08x}{n:08x}", part, parts, int(NOW), readings)
+day_chunk = functools.partial(testing.day_chunk, day=DAY, sent_at=NOW, fleet=FLEET)
 
 
 class Locker:
@@ -109,7 +102,7 @@ class Gateway:
             window=window, max_retry_delay=8.0, late_linger=late_linger, log=log,
         )
         self.intake = Intake(
-            fleet, self.spool, self.clock, deadline, self.uplink.kick, on_late=self.uplink.late_arrived,
+            fleet, self.spool, self.clock, deadline, self.uplink.send_next, on_late=self.uplink.late_arrived,
             max_retry_delay=8.0, log=log,
         )
         self.intake.recover(recovered)
@@ -244,7 +237,7 @@ def test_a_batch_the_cloud_refuses_for_good_is_set_aside_and_the_rest_go_on(gw):
     with sqlite3.connect(g.path) as connection:
         assert connection.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
         (kept,) = connection.execute("SELECT device_id, records, reason FROM refused").fetchall()
-    assert kept == (1, "00:00,20,30", "value: device address '::ffff:102:304' is IPv4-mapped")
+    assert kept == (1, "08:00,20,30", "value: device address '::ffff:102:304' is IPv4-mapped")
     assert g.uplink.metrics.batches_refused == 0
     assert any("refused batch 0000000000000001 for good" in line for line in g.logged())
 
@@ -273,7 +266,7 @@ def test_an_acknowledged_batch_whose_removal_failed_keeps_its_slot_and_is_remove
     assert g.uplink.metrics.remove_failures == 1
     assert g.delivered == []
     # Its readings are not taken again meanwhile, not even by a new connection.
-    g.uplink.kick()
+    g.uplink.send_next()
     g.uplink.disconnected(g.sender)
     g.sender = Sender()
     g.uplink.connected(g.sender)
@@ -368,7 +361,7 @@ def test_a_failing_spool_logs_a_bounded_number_of_lines(gw):
     g.locker.lock()
     for second in range(60):
         for n in range(50):
-            assert g.receive(day_chunk(1, part=1, parts=1, n=second * 50 + n)).status == "busy"
+            assert g.receive(day_chunk(1, part=1, parts=1, xfer=second * 50 + n)).status == "busy"
         g.clock.advance(1)
     assert g.intake.metrics.spool_failures == 3000
     lines = [line for line in g.logged() if "chunk not spooled, answered busy" in line]
@@ -383,11 +376,11 @@ def test_a_failing_spool_logs_a_bounded_number_of_lines(gw):
 
 def late_day(g: Gateway, device_id: int, parts: int, every: float) -> None:
     """
-    Device C{device_id}'s day in C{parts} parts of 4 readings, one every
+    Device C{device_id}'s day in C{parts} chunks of 4 readings, one every
     C{every} seconds, the cloud acknowledging each batch as it is sent.
     """
     for part in range(1, parts + 1):
-        assert g.receive(day_chunk(device_id, part=part, parts=parts, minutes=4)).status == "ok"
+        assert g.receive(day_chunk(device_id, part=part, parts=parts, minutes=range(4 * part - 4, 4 * part))).status == "ok"
         g.ack_all()
         g.clock.advance(every)
     g.clock.advance(2)
@@ -408,19 +401,19 @@ def test_a_late_day_leaves_in_few_batches(gw):
     assert sum(g.delivered) == 801
 
 
-def test_late_parts_trickling_wait_for_the_linger(gw):
+def test_late_chunks_trickling_wait_for_the_linger(gw):
     g = gw(fleet={1: FLEET[1], 2: FLEET[2]}, batch_readings=100, window=4, late_linger=1.0)
     g.uplink.connected(g.sender)
     g.receive(day_chunk(1))
     g.clock.advance(60)
     g.ack_all()
     late_day(g, 2, parts=30, every=0.1)
-    # 120 readings over 3 s: a batch a second (the parts of a linger), not
-    # a batch a part.
+    # 120 readings over 3 s: a batch a second (the chunks of a linger), not
+    # a batch a chunk.
     assert [len(b.readings) for b in g.sender.sent[1:]] == [44, 44, 32]
 
 
-def test_without_linger_each_late_part_goes_alone(gw):
+def test_without_linger_each_late_chunk_goes_alone(gw):
     g = gw(fleet={1: FLEET[1], 2: FLEET[2]}, batch_readings=100, window=4, late_linger=0.0)
     g.uplink.connected(g.sender)
     g.receive(day_chunk(1))
@@ -720,8 +713,8 @@ def test_the_clouds_database_on_a_full_disk(small_disk, make_suite):
 @pytest.mark.e2e
 def test_a_late_day_is_forwarded_in_few_batches(make_suite):
     """
-    A device reporting after its round closed: its day's parts leave
-    together once they stop coming (a linger of 1 s), not a batch a part.
+    A device reporting after its round closed: its day's chunks leave
+    together once they stop coming (a linger of 1 s), not a batch a chunk.
     """
     suite = make_suite(4, 1440, deadline=2.0)
     cloud = suite.start_cloud()

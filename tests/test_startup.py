@@ -184,7 +184,7 @@ def test_an_unversioned_spool_of_the_right_shape_is_adopted_with_its_rows(tmp_pa
     connection, recovered = Spool.open(path)
     connection.close()
     assert recovered.depth == 1
-    assert [(p.device_id, p.xfer) for p in recovered.parts] == [(3, "x1")]
+    assert [(p.device_id, p.xfer) for p in recovered.chunks] == [(3, "x1")]
     assert [r.day.isoformat() for r in recovered.rounds] == ["2024-05-01"]
 
 

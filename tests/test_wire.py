@@ -7,6 +7,7 @@ whose code names the fault.
 from __future__ import annotations
 
 import datetime
+import functools
 import socket
 import zlib
 
@@ -19,7 +20,7 @@ from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineOnlyReceiver
 
-from meter import wire
+from meter import testing, wire
 from meter.reading import Reading
 from meter.wire.values import TEMPERATURES, BoundedCache
 from meter.wire import (
@@ -48,10 +49,11 @@ def reading(device_id=1, ip="192.168.1.2", hhmm="08:00", t=20.0, h=30.0, day=DAY
     return Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, hour, minute), t, h)
 
 
-def chunk(readings=None, part=1, parts=1, device_id=1, ip="192.168.1.2", day=DAY):
-    if readings is None:
-        readings = (reading(device_id, ip, "08:00", 20, 30, day), reading(device_id, ip, "12:00", 25.5, 33, day))
-    return DayChunk(device_id, ip, day, XFER, part, parts, 1772400000, tuple(readings))
+#: GOOD_DAY's chunk, or one of other readings.
+chunk = functools.partial(
+    testing.day_chunk, xfer=XFER, day=DAY, sent_at=1772400000, ip="192.168.1.2",
+    readings=(reading(hhmm="08:00", t=20, h=30), reading(hhmm="12:00", t=25.5, h=33)),
+)
 
 
 GOOD_DAY = (
@@ -518,11 +520,11 @@ def test_an_empty_day_is_one_empty_chunk():
     assert split_day(1, "192.168.1.2", DAY, (), XFER, 7) == [DayChunk(1, "192.168.1.2", DAY, XFER, 1, 1, 7, ())]
 
 
-def test_day_parts_are_the_record_texts_of_split_day():
+def test_day_chunk_records_are_the_record_texts_of_split_day():
     # What a load generator prepares before its clock starts is exactly what
     # a device sends, whatever the transfer id and start time.
     readings = minutes_of_day(300, t=-3.25, h=41.5)
-    texts = wire.day_parts(1, "192.168.1.2", DAY, readings)
+    texts = wire.day_chunk_records(1, "192.168.1.2", DAY, readings)
     for sent_at in (0, 7, 1772400000, 4294967295):
         chunks = split_day(1, "192.168.1.2", DAY, readings, XFER, sent_at)
         assert [c.records for c in chunks] == texts
@@ -696,8 +698,30 @@ async def test_without_nagle_sets_no_delay_on_a_real_tcp_connection():
         await port.stopListening()
 
 
-def test_without_nagle_leaves_a_transport_that_is_not_tcp_alone():
-    wire.without_nagle(object())
+class Asked:
+    """
+    A transport that records which attributes it was asked for, offering
+    C{setTcpNoDelay} (recording its argument) only if told it is TCP.
+    """
+
+    def __init__(self, tcp: bool):
+        self.tcp = tcp
+        self.asked: list[str] = []
+        self.no_delay: list[bool] = []
+
+    def __getattr__(self, name):
+        self.asked.append(name)
+        if name == "setTcpNoDelay" and self.tcp:
+            return self.no_delay.append
+        raise AttributeError(name)
+
+
+def test_without_nagle_sets_no_delay_on_tcp_and_leaves_another_transport_alone():
+    tcp, other = Asked(tcp=True), Asked(tcp=False)
+    wire.without_nagle(tcp)
+    wire.without_nagle(other)
+    assert (tcp.asked, tcp.no_delay) == (["setTcpNoDelay"], [True])
+    assert (other.asked, other.no_delay) == (["setTcpNoDelay"], [])
 
 
 class Lines(wire.LineProtocol):

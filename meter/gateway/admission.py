@@ -24,7 +24,7 @@ from meter import wire
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
-from meter.gateway.spool import StoredPart, chunk_digest, content_digest
+from meter.gateway.spool import StoredChunk, chunk_digest, content_digest
 from meter.ratelimit import LimitedWarnings, PerSource
 
 #: The days a chunk may name, relative to its C{ts} (UTC dates, whole
@@ -97,7 +97,7 @@ class DeviceDay:
     What one device sent of one day, kept until it is forgotten by its age
     (see L{Admission.forget_before}): the message ids admitted (being
     committed or acknowledged), so a device's day is bounded in transfers
-    and parts however many it sends.
+    and chunks however many it sends.
     """
 
     xfers: set[str] = attrs.Factory(set)
@@ -109,7 +109,7 @@ class Admission:
     """
     Decides whether a chunk is taken, and keeps what that takes: the message
     ids acknowledged and being committed, each device's days, the minutes of
-    each incomplete multi-part transfer, the readings being committed.
+    each incomplete multi-chunk transfer, the readings being committed.
 
     @param report: logs a line about what a device sends again, rate-limited
         per device (see L{meter.gateway.intake.Intake}).
@@ -158,8 +158,8 @@ class Admission:
         #: What each device sent of each day, by (device, day): the bounds a
         #: device's day is held to, and what is forgotten by age.
         self.days: dict[tuple[int, datetime.date], DeviceDay] = {}
-        #: The minutes of the parts admitted of each multi-part transfer still
-        #: incomplete, one bit each: a minute sent twice across parts is
+        #: The minutes of the chunks admitted of each multi-chunk transfer still
+        #: incomplete, one bit each: a minute sent twice across chunks is
         #: refused.
         self._minutes: dict[tuple[int, str], int] = {}
         #: Readings of chunks being committed now: they count against the
@@ -273,8 +273,8 @@ class Admission:
             return succeed(
                 self._refuse(
                     chunk,
-                    f"transfer: transfer {chunk.xfer} was {transfer.parts} parts of {transfer.day}, "
-                    f"now {chunk.parts} parts of {chunk.day}",
+                    f"transfer: transfer {chunk.xfer} was {transfer.parts} chunks of {transfer.day}, "
+                    f"now {chunk.parts} chunks of {chunk.day}",
                     peer,
                 )
             )
@@ -294,7 +294,7 @@ class Admission:
                 return succeed(
                     self._refuse(
                         chunk,
-                        f"minute: {first // 60:02d}:{first % 60:02d} of {chunk.day} is in another part of "
+                        f"minute: {first // 60:02d}:{first % 60:02d} of {chunk.day} is in another chunk of "
                         f"transfer {chunk.xfer} already",
                         peer,
                     )
@@ -331,7 +331,7 @@ class Admission:
             )
         if len(device_day.ids) >= self._max_parts_per_day:
             return (
-                f"limit: device {chunk.device_id} sent {len(device_day.ids)} parts of {chunk.day} already, "
+                f"limit: device {chunk.device_id} sent {len(device_day.ids)} chunks of {chunk.day} already, "
                 f"the most a device's day may have"
             )
         return None
@@ -397,7 +397,7 @@ class Admission:
         device_day = self.days.get((chunk.device_id, chunk.day))
         if device_day is not None and key in device_day.ids:
             device_day.ids.remove(key)
-            # A transfer none of whose parts was taken is not one of the
+            # A transfer none of whose chunks was taken is not one of the
             # day's: a device whose chunks met a failing spool gives up and
             # sends its day again in a new transfer, as often as it takes.
             if not any(xfer == chunk.xfer for _, xfer, _ in device_day.ids):
@@ -408,24 +408,24 @@ class Admission:
 
     def transfer_complete(self, device_id: int, xfer: str) -> None:
         """
-        Every part of the transfer arrived: its minutes need no more checks.
+        Every chunk of the transfer arrived: its minutes need no more checks.
         """
         self._minutes.pop((device_id, xfer), None)
 
     # -- memory --------------------------------------------------------------
 
-    def recover(self, parts: tuple[StoredPart, ...]) -> None:
+    def recover(self, chunks: tuple[StoredChunk, ...]) -> None:
         """
         Remember the message ids the spool holds, each against its device's
         day.
         """
-        for part in parts:
-            message_id = (part.device_id, part.xfer, part.part)
-            self.acknowledged[message_id] = part.digest
-            device_day = self.days.setdefault((part.device_id, part.day), DeviceDay())
-            device_day.xfers.add(part.xfer)
+        for stored in chunks:
+            message_id = (stored.device_id, stored.xfer, stored.part)
+            self.acknowledged[message_id] = stored.digest
+            device_day = self.days.setdefault((stored.device_id, stored.day), DeviceDay())
+            device_day.xfers.add(stored.xfer)
             device_day.ids.append(message_id)
-            device_day.last_seen = max(device_day.last_seen, part.received_at)
+            device_day.last_seen = max(device_day.last_seen, stored.received_at)
 
     def forget_before(self, cutoff: float) -> list[tuple[int, str]]:
         """

@@ -2,7 +2,7 @@
 The intake: what each device chunk gets, from its admission to its answer
 once it is durable, and what the gateway remembers and forgets of it.  The
 jobs are each an object of its own, all on one clock: L{Admission} (the
-rules, and the message ids), L{Reassembly} (the parts of each transfer),
+rules, and the message ids), L{Reassembly} (the chunks of each transfer),
 L{Rounds} (each day's round and its deadline); the intake passes a chunk
 from one to the next, resumes them from what the spool holds after a
 restart, and forgets with them what is old.
@@ -26,7 +26,7 @@ from meter.ratelimit import PerSource
 from meter.retry import Failures
 
 #: How long (seconds, on the gateway's clock) the gateway remembers a
-#: device's day after its last part arrived (its message ids, so a duplicate
+#: device's day after its last chunk arrived (its message ids, so a duplicate
 #: is recognised, and what it counts against the device's daily bounds) and
 #: a round after it closed: a device retries for about a minute, so two days
 #: is ample.
@@ -39,7 +39,7 @@ class Intake:
 
     @param fleet: device id -> device address, the devices expected each day.
     @param on_ready: called when readings may have become ready to forward.
-    @param on_late: called with the number of readings of a part that arrived
+    @param on_late: called with the number of readings of a chunk that arrived
         after its round closed (default: L{on_ready} is called).
     @param max_retry_delay: the longest wait, in seconds, before a failed
         spool transaction (closing a round) is tried again.
@@ -115,8 +115,8 @@ class Intake:
         deadline back, closing at once if it passed while the gateway was
         down).
         """
-        self.admission.recover(state.parts)
-        self.reassembly.recover(state.parts)
+        self.admission.recover(state.chunks)
+        self.reassembly.recover(state.chunks)
         self.rounds.recover(state.rounds, self.reassembly.complete())
         self.log.info(
             "spool holds {depth} readings, {rounds} rounds, {ids} message ids",
@@ -174,10 +174,10 @@ class Intake:
         self.admission.acknowledge(chunk)
         self.metrics.chunks += 1
         self.metrics.readings += new
-        complete = self.reassembly.part_arrived(chunk)
+        complete = self.reassembly.chunk_arrived(chunk)
         if complete and chunk.parts > 1:
             self.admission.transfer_complete(chunk.device_id, chunk.xfer)
-        self.rounds.part_arrived(chunk, peer, complete)
+        self.rounds.chunk_arrived(chunk, peer, complete)
         return self.admission.answer(chunk, wire.DayAck(chunk.xfer, chunk.part, "ok"))
 
     def _not_committed(self, failure, chunk: wire.DayChunk) -> wire.DayAck:

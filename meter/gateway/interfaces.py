@@ -45,7 +45,7 @@ class ISpool(Interface):
 
     def take_batch(limit, after=0):
         """
-        Fires with the L{meter.gateway.spool.Spooled} readings of the oldest
+        Fires with the L{meter.gateway.spool.SpooledBatch} readings of the oldest
         chunks of closed rounds whose sequence numbers are above C{after}:
         whole chunks up to C{limit} readings (a larger chunk goes alone), a
         device and minute at most once.  They stay in the spool.
@@ -66,7 +66,7 @@ class ISpool(Interface):
 
     def forget_before(before):
         """
-        Drop the message ids of every device and day whose last part
+        Drop the message ids of every device and day whose last chunk
         arrived before C{before}, and the rounds closed before it that hold
         no readings any more.  Fires with None.
         """

@@ -58,11 +58,11 @@ class GatewayMetrics:
     refused_replay: int = 0
     #: A day that does not agree with the transfer's start (C{day}).
     refused_day: int = 0
-    #: A part that changes its transfer's day or number of parts (C{transfer}).
+    #: A chunk that changes its transfer's day or number of chunks (C{transfer}).
     inconsistent_chunks: int = 0
     #: A chunk past its device's daily bounds (C{limit}).
     refused_limit: int = 0
-    #: A minute sent twice across the parts of a transfer (C{minute}).
+    #: A minute sent twice across the chunks of a transfer (C{minute}).
     refused_minute: int = 0
     #: A message id sent again with other content (C{conflict}).
     refused_conflict: int = 0
@@ -80,7 +80,7 @@ class GatewayMetrics:
     rounds_incomplete: int = 0
     #: Devices whose whole day arrived after its round closed.
     late_devices: int = 0
-    #: Transfers given up while missing parts (timeout, bound, or forgotten).
+    #: Transfers given up while missing chunks (timeout, bound, or forgotten).
     expired_reassemblies: int = 0
 
     # -- the cloud's side -------------------------------------------------------

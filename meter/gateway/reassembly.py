@@ -1,7 +1,7 @@
 """
-The reassembly of each device's transfer: which of its parts have arrived,
+The reassembly of each device's transfer: which of its chunks have arrived,
 so the gateway knows when a device has reported its whole day.  Bounded in
-time and in number: a transfer still missing parts is given up (expired)
+time and in number: a transfer still missing chunks is given up (expired)
 after a timeout, and the oldest first when too many are in progress.
 """
 
@@ -15,13 +15,13 @@ from twisted.logger import Logger
 
 from meter import wire
 from meter.gateway.metrics import GatewayMetrics
-from meter.gateway.spool import StoredPart
+from meter.gateway.spool import StoredChunk
 
 
 @attrs.define
 class Transfer:
     """
-    The reassembly of one device's day: which parts have arrived.
+    The reassembly of one device's day: which chunks have arrived.
     """
 
     day: datetime.date
@@ -33,11 +33,11 @@ class Transfer:
 class Reassembly:
     """
     The transfers the gateway knows, by C{(device_id, xfer)}, and the
-    bounds on those still missing parts.
+    bounds on those still missing chunks.
 
-    @param timeout: seconds after its first part at which a transfer still
-        missing parts expires, or None for never.
-    @param most: how many transfers may be missing parts at once, or None
+    @param timeout: seconds after its first chunk at which a transfer still
+        missing chunks expires, or None for never.
+    @param most: how many transfers may be missing chunks at once, or None
         for no bound.
     """
 
@@ -48,14 +48,14 @@ class Reassembly:
         self._timeout = timeout
         self._most = most
         self.transfers: dict[tuple[int, str], Transfer] = {}
-        #: The transfers still missing parts, oldest first: what the time and
+        #: The transfers still missing chunks, oldest first: what the time and
         #: memory bounds on reassembly expire (see L{_expire}).
         self.incomplete: dict[tuple[int, str], None] = {}
         self._expiry = None
 
-    def part_arrived(self, chunk: wire.DayChunk) -> bool:
+    def chunk_arrived(self, chunk: wire.DayChunk) -> bool:
         """
-        C{chunk}, a part of its transfer, is committed: whether the transfer
+        C{chunk}, a chunk of its transfer, is committed: whether the transfer
         is now complete.
         """
         key = (chunk.device_id, chunk.xfer)
@@ -71,17 +71,17 @@ class Reassembly:
         self.incomplete.pop(key, None)
         return True
 
-    def recover(self, parts: tuple[StoredPart, ...]) -> None:
+    def recover(self, chunks: tuple[StoredChunk, ...]) -> None:
         """
-        Resume the transfers of the parts the spool holds; those still
-        missing parts expire as if the gateway had not stopped.
+        Resume the transfers of the chunks the spool holds; those still
+        missing chunks expire as if the gateway had not stopped.
         """
-        for part in parts:
+        for stored in chunks:
             transfer = self.transfers.setdefault(
-                (part.device_id, part.xfer), Transfer(part.day, part.parts, first_seen=part.received_at)
+                (stored.device_id, stored.xfer), Transfer(stored.day, stored.parts, first_seen=stored.received_at)
             )
-            transfer.received.add(part.part)
-            transfer.first_seen = min(transfer.first_seen, part.received_at)
+            transfer.received.add(stored.part)
+            transfer.first_seen = min(transfer.first_seen, stored.received_at)
         for key, transfer in sorted(self.transfers.items(), key=lambda item: item[1].first_seen):
             if len(transfer.received) < transfer.parts:
                 self.incomplete[key] = None
@@ -98,7 +98,7 @@ class Reassembly:
     def forget(self, key: tuple[int, str]) -> None:
         """
         Forget transfer C{key} (its device's day is forgotten): if it was
-        still missing parts, it counts as expired.
+        still missing chunks, it counts as expired.
         """
         self.transfers.pop(key, None)
         if key in self.incomplete:
@@ -113,7 +113,7 @@ class Reassembly:
     def _bound(self) -> None:
         """
         Keep at most C{most} transfers in reassembly (the oldest go first),
-        and expire each C{timeout} seconds after its first part arrived.
+        and expire each C{timeout} seconds after its first chunk arrived.
         """
         if self._most is not None:
             while len(self.incomplete) > self._most:
@@ -141,23 +141,23 @@ class Reassembly:
 
     def _expire(self, key: tuple[int, str], why: str) -> None:
         """
-        Stop reassembling transfer C{key}: forget which of its parts arrived.
+        Stop reassembling transfer C{key}: forget which of its chunks arrived.
 
-        Only bookkeeping goes.  Every part that was acknowledged is durable
+        Only bookkeeping goes.  Every chunk that was acknowledged is durable
         in the spool and its readings are forwarded with their day whatever
         happens here; what is lost is only the knowledge that the device
         reported completely (its round then closes at its deadline).  The
-        message ids of its parts and the minutes they held stay with their
+        message ids of its chunks and the minutes they held stay with their
         device's day (bounded, and forgotten by age), so a late
-        retransmission is still recognised and a late part still checked.
+        retransmission is still recognised and a late chunk still checked.
         """
         del self.incomplete[key]
         transfer = self.transfers.pop(key)
         device_id, xfer = key
         self._metrics.expired_reassemblies += 1
         self._log.warn(
-            "reassembly of device {device}'s transfer {xfer} of {day} expired ({why}) with {n} of {parts} parts: "
-            "the parts received stay spooled and are forwarded",
+            "reassembly of device {device}'s transfer {xfer} of {day} expired ({why}) with {n} of {parts} chunks: "
+            "the chunks received stay spooled and are forwarded",
             device=device_id,
             xfer=xfer,
             day=transfer.day,

@@ -42,7 +42,7 @@ class Rounds:
 
     @param on_ready: called when a round is closed in the spool: its
         readings may leave.
-    @param on_late: called with the number of readings of a part spooled
+    @param on_late: called with the number of readings of a chunk spooled
         under a round closed already: they may leave.
     @param on_closed: called when a round closes, in memory (the gateway
         then forgets what is old).
@@ -89,7 +89,7 @@ class Rounds:
         self.log.info("round {day} opened by device {device}", day=day, device=device_id)
         self._arm(round_)
 
-    def part_arrived(self, chunk: wire.DayChunk, peer: str, complete: bool) -> None:
+    def chunk_arrived(self, chunk: wire.DayChunk, peer: str, complete: bool) -> None:
         """
         C{chunk} is committed, and its transfer C{complete} or not: its
         device may have reported its day, and the round may close.
@@ -113,18 +113,18 @@ class Rounds:
             self._metrics.late_devices += 1
             self._report(
                 chunk.device_id,
-                "late device {device} ({peer}) reported {day} in {parts} parts after its round closed: "
+                "late device {device} ({peer}) reported {day} in {parts} chunks after its round closed: "
                 "forwarding its readings now",
                 **reported,
             )
             self._on_late(chunk.count)
             return
         if chunk.device_id in round_.reported:
-            self._report(chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} parts", **reported)
+            self._report(chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} chunks", **reported)
             return
         round_.reported.add(chunk.device_id)
         self.log.info(
-            "device {device} ({peer}) reported {day} in {parts} parts: {n} of {total} devices",
+            "device {device} ({peer}) reported {day} in {parts} chunks: {n} of {total} devices",
             n=len(round_.reported),
             total=len(self._fleet),
             **reported,
@@ -168,7 +168,7 @@ class Rounds:
         may be named).
 
         A closed round is kept while a chunk of its day can still be taken:
-        a late part then finds its round closed and is forwarded, where a
+        a late chunk then finds its round closed and is forwarded, where a
         round made anew would wait for a deadline and report every device
         missing.
         """

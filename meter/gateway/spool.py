@@ -70,7 +70,13 @@ CREATE TABLE IF NOT EXISTS rounds (
 
 
 @attrs.frozen
-class StoredPart:
+class StoredChunk:
+    """
+    The spool's record of a chunk it took (its row in the C{parts} table):
+    its message id (device, transfer, C{part}), its transfer's number of
+    chunks C{parts}, its day, when it arrived and its content digest.
+    """
+
     device_id: int
     xfer: str
     part: int
@@ -94,12 +100,12 @@ class Recovered:
     """
 
     rounds: tuple[StoredRound, ...]
-    parts: tuple[StoredPart, ...]
+    chunks: tuple[StoredChunk, ...]
     depth: int
 
 
 @attrs.frozen
-class Spooled:
+class SpooledBatch:
     """
     The next batch for the cloud, as the spool holds it: the readings of
     whole chunks as C{BATCH} record text, and the chunks' sequence numbers,
@@ -170,7 +176,7 @@ def _version_1(connection: sqlite3.Connection) -> None:
 
 def _version_2(connection: sqlite3.Connection) -> None:
     """
-    Each part's content digest (L{content_digest}), so a message id sent
+    Each chunk's content digest (L{content_digest}), so a message id sent
     again with other content is told from a retransmission; C{NULL} in the
     rows spooled before it, which are taken as retransmissions as before.
     """
@@ -196,7 +202,7 @@ VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2, _version_3))
 
 
 _ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
-# OR IGNORE: a part spooled again (its message id no longer in the
+# OR IGNORE: a chunk spooled again (its message id no longer in the
 # gateway's memory, as after a forget the spool failed) is a no-op, not an
 # error.
 _ADD_PART = RowInsert("INSERT OR IGNORE INTO parts", 7)
@@ -206,7 +212,7 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
     """
     Work for the spool's L{Database}: spool the chunks that arrived together,
     C{(round row, part row, chunk row)} each, in three statements
-    rather than three a chunk; the readings each added (0 for a part spooled
+    rather than three a chunk; the readings each added (0 for a chunk spooled
     already).
     """
     rounds = {}
@@ -228,7 +234,7 @@ def _recovered(connection: sqlite3.Connection) -> Recovered:
         )
     )
     parts = tuple(
-        StoredPart(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
+        StoredChunk(device_id, xfer, part, parts, datetime.date.fromisoformat(day), received_at, digest)
         for device_id, xfer, part, parts, day, received_at, digest in connection.execute(
             "SELECT device_id, xfer, part, parts, day, received_at, digest FROM parts ORDER BY device_id, xfer, part"
         )
@@ -237,7 +243,7 @@ def _recovered(connection: sqlite3.Connection) -> Recovered:
     return Recovered(rounds, parts, depth)
 
 
-def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) -> Spooled:
+def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) -> SpooledBatch:
     """
     The next batch for the cloud from the chunks C{rows} (C{seq, day,
     device_id, device_ip, records, n}, oldest first, of closed rounds):
@@ -262,7 +268,7 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
         taken = times.setdefault((device_id, day), set())
         if not taken.isdisjoint(chunk_times):
             # Rare: the day was spooled twice (sent again in a new
-            # transfer), or a device repeated a time across parts.  Keep
+            # transfer), or a device repeated a time across chunks.  Keep
             # the first reading of each minute; a chunk with nothing left
             # waits for a later batch.
             kept = []
@@ -281,7 +287,7 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
         if count >= limit:
             break
     batch = ";".join(parts)
-    return Spooled(tuple(seqs), batch, wire.record_count(batch))
+    return SpooledBatch(tuple(seqs), batch, wire.record_count(batch))
 
 
 @implementer(ISpool)
@@ -361,13 +367,13 @@ class Spool:
 
     def take_batch(self, limit: int, after: int = 0):
         """
-        Fires with the L{Spooled} readings of the oldest chunks of closed
+        Fires with the L{SpooledBatch} readings of the oldest chunks of closed
         rounds whose sequence numbers are above C{after} (see L{batch_of}):
         the next batch for the cloud.  They stay in the spool.  With nothing
         ready, C{count} is 0.
         """
 
-        def work(connection: sqlite3.Connection) -> Spooled:
+        def work(connection: sqlite3.Connection) -> SpooledBatch:
             cursor = connection.execute(
                 "SELECT seq, day, device_id, device_ip, records, n FROM chunks"
                 " WHERE seq > ? AND day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)"
@@ -421,7 +427,7 @@ class Spool:
 
     def forget_before(self, before: float):
         """
-        Drop the message ids of every device and day whose last part
+        Drop the message ids of every device and day whose last chunk
         arrived before C{before} (on the gateway's clock, as C{received_at}),
         and the rounds closed before it that hold no readings any more: they
         bound how far back a duplicate is recognised.  Age on the gateway's

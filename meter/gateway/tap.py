@@ -75,8 +75,7 @@ class GatewayService(MultiService):
             connection, recovered = Spool.open(s["spool"])
         except Exception as e:
             raise SystemExit(f"meter-gateway: cannot open spool {s['spool']}: {e}") from None
-        # Commits on the reactor thread: a device's acknowledgement then
-        # waits for no other thread to get a core (see meter.database).
+        # Commits on the reactor thread: meter.database says why.
         self.database = Database(connection, self._reactor)
         self.spool = spool = Spool(self.database, recovered.depth)
         self.metrics = GatewayMetrics()
@@ -92,7 +91,7 @@ class GatewayService(MultiService):
             metrics=self.metrics,
         )
         self.intake = gateway.Intake(
-            self._fleet, spool, self._reactor, s["deadline"], self.uplink.kick, check_source=s["check_source"],
+            self._fleet, spool, self._reactor, s["deadline"], self.uplink.send_next, check_source=s["check_source"],
             on_late=self.uplink.late_arrived, max_retry_delay=s["max_backoff"],
             replay_window=s["replay_window"],
             spool_limit=s["spool_limit"],

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from meter import wire
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
-from meter.gateway.spool import Spooled
+from meter.gateway.spool import SpooledBatch
 from meter.ratelimit import LimitedWarnings
 from meter.retry import Backoff, Failures
 
@@ -59,10 +59,10 @@ class Uplink:
     seconds; an acknowledged batch stays in the window until its removal
     succeeds.
 
-    Readings of parts that arrive after their round closed (see
+    Readings of chunks that arrive after their round closed (see
     L{late_arrived}) linger: for C{late_linger} seconds from the first of
-    them a batch goes only if it is full, so a late day arriving part by
-    part leaves in a few full batches rather than one batch a part.
+    them a batch goes only if it is full, so a late day arriving chunk by
+    chunk leaves in a few full batches rather than one batch a chunk.
     """
 
     log = Logger()
@@ -107,7 +107,7 @@ class Uplink:
         self._late_linger = late_linger
         #: The end of the linger for late readings, while one runs.
         self._linger = None
-        #: Readings of late parts spooled since the linger started, not yet
+        #: Readings of late chunks spooled since the linger started, not yet
         #: sent: once they fill a batch, it goes.
         self._late_readings = 0
         self._stopped = False
@@ -118,7 +118,7 @@ class Uplink:
 
     def connected(self, sender: BatchSender) -> None:
         self._sender = sender
-        self.kick()
+        self.send_next()
 
     def disconnected(self, sender: BatchSender) -> None:
         if sender is not self._sender:
@@ -146,25 +146,25 @@ class Uplink:
 
     def late_arrived(self, count: int) -> None:
         """
-        A part of C{count} readings arrived after its round closed: it is
+        A chunk of C{count} readings arrived after its round closed: it is
         spooled and ready.  It goes with the batch that fills, or when the
         linger it starts (or joins) ends.
         """
         if self._late_linger <= 0:
-            self.kick()
+            self.send_next()
             return
         self._late_readings += count
         if self._linger is None:
             self._linger = self._clock.callLater(self._late_linger, self._linger_ended)
         if self._late_readings >= self._batch_readings:
-            self.kick()
+            self.send_next()
 
     def _linger_ended(self) -> None:
         self._linger = None
         self._late_readings = 0
-        self.kick()
+        self.send_next()
 
-    def kick(self) -> None:
+    def send_next(self) -> None:
         """
         Ready readings may be waiting: fetch the next batch if the window has
         room.
@@ -175,10 +175,11 @@ class Uplink:
             return
         if any(flight.removal_failed for flight in self._in_flight.values()):
             # A fetch now would see the readings of the batch whose removal
-            # failed and send them again; its retry kicks once it succeeds.
+            # failed and send them again; the retried removal calls
+            # send_next once it succeeds.
             return
         self._fetching = True
-        after = self._after()
+        after = self._next_start()
         self._spool.take_batch(self._batch_readings, after).addCallbacks(
             self._send, self._take_failed, callbackArgs=(after,)
         )
@@ -191,9 +192,9 @@ class Uplink:
         if self._stopped:
             return
         if self._retry is None or not self._retry.active():
-            self._retry = self._clock.callLater(delay, self.kick)
+            self._retry = self._clock.callLater(delay, self.send_next)
 
-    def _after(self) -> int:
+    def _next_start(self) -> int:
         """
         Where the next batch starts in the spool: after the newest batch
         still waiting for its acknowledgement.  An acknowledged batch needs
@@ -209,7 +210,7 @@ class Uplink:
         """
         return max((f.seqs[-1] for f in self._in_flight.values() if not f.acknowledged), default=0)
 
-    def _send(self, spooled: Spooled, after: int) -> None:
+    def _send(self, spooled: SpooledBatch, after: int) -> None:
         self._fetching = False
         self._failures.succeeded("taking a batch from the spool")
         if any(flight.removal_failed for flight in self._in_flight.values()):
@@ -219,8 +220,8 @@ class Uplink:
         if not spooled.count:
             # The window moved while this fetch ran (a batch left it): what
             # lies before the new start has not been looked at yet.
-            if after != self._after():
-                self.kick()
+            if after != self._next_start():
+                self.send_next()
             return
         if self._sender is None or len(self._in_flight) >= self._window:
             return
@@ -229,8 +230,8 @@ class Uplink:
             and spooled.count < self._batch_readings
             and self._late_readings < self._batch_readings
         ):
-            # Late parts are still arriving: wait for the batch to fill, at
-            # most until the linger ends (which kicks again).
+            # Late chunks are still arriving: wait for the batch to fill, at
+            # most until the linger ends (which calls send_next).
             return
         self._late_readings = max(0, self._late_readings - spooled.count)
         batch = wire.Batch(self._new_batch_id(), spooled.records)
@@ -244,7 +245,7 @@ class Uplink:
             count=spooled.count,
         )
         self._sender.send(batch)
-        self.kick()
+        self.send_next()
 
     def ack_received(self, ack: wire.BatchAck) -> None:
         flight = self._in_flight.get(ack.batch_id)
@@ -277,7 +278,7 @@ class Uplink:
             if self._retry is None or not self._retry.active():
                 delay = self._refused_backoff.next()
                 if not self._stopped:
-                    self._retry = self._clock.callLater(delay, self.kick)
+                    self._retry = self._clock.callLater(delay, self.send_next)
             else:
                 delay = self._retry.getTime() - self._clock.seconds()
             # A few lines a minute, for the same reason.
@@ -321,7 +322,7 @@ class Uplink:
             self._on_delivered(count)
         else:
             self.metrics.readings_set_aside += count
-        self.kick()
+        self.send_next()
 
     def _remove_failed(self, failure, flight: _InFlight) -> None:
         flight.removal_failed = True

@@ -128,22 +128,22 @@ class SimDevice:
     One device of the fleet: its protocol (socket, key), its day, and the
     timing of each of its chunks.
 
-    The day comes already cut into chunk record texts (L{wire.day_parts}):
+    The day comes already cut into chunk record texts (L{wire.day_chunk_records}):
     formatting thousands of days while sending would take the CPU the
     gateway under test needs, so it is done before the clock starts.
     """
 
-    def __init__(self, run: LoadRun, device_id: int, address: str, key: bytes, parts: list[str]):
+    def __init__(self, run: LoadRun, device_id: int, address: str, key: bytes, chunk_records: list[str]):
         self.run = run
         self.id = device_id
         self.address = address
-        self.parts = parts
+        self.chunk_records = chunk_records
         #: How many readings the day holds, for the summary.
-        self.reading_count = sum(map(wire.record_count, parts))
+        self.reading_count = sum(map(wire.record_count, chunk_records))
         self.protocol = device.DeviceProtocol(run.target, key, run.metrics)
         self.sender: device.DaySender | None = None
         self.xfer = ""
-        self.part_readings: dict[int, int] = {}
+        self.chunk_readings: dict[int, int] = {}
         self.first_sent: dict[int, float] = {}
         self.acked: set[int] = set()
         self.datagrams = 0
@@ -162,12 +162,12 @@ class SimDevice:
         else:
             run.on_stop(self)
             # A new transfer, as a device's next attempt is: its chunks are
-            # timed afresh, but a part acknowledged in an attempt before
+            # timed afresh, but a chunk acknowledged in an attempt before
             # counts once (its readings are the same).
             self.first_sent = {}
         self.xfer = device_xfer(run.seed, self.id, f"{run.attempt_salt}/{self.attempts}")
-        chunks = wire.day_chunks(self.id, self.address, run.day, self.parts, self.xfer, int(now))
-        self.part_readings = {chunk.part: chunk.count for chunk in chunks}
+        chunks = wire.day_chunks(self.id, self.address, run.day, self.chunk_records, self.xfer, int(now))
+        self.chunk_readings = {chunk.part: chunk.count for chunk in chunks}
         run.chunks += len(chunks)
         run.on_start(self)
         sender = device.DaySender(
@@ -212,10 +212,10 @@ class SimDevice:
         # devices, took to get to it.
         run.latencies.append((run.arrived_at or handled) - sent)
         run.chunks_acked += 1
-        run.readings_acked += self.part_readings.get(ack.part, 0)
+        run.readings_acked += self.chunk_readings.get(ack.part, 0)
         run.last_ack = handled
 
-    def _delivered(self, parts: int) -> None:
+    def _delivered(self, chunks: int) -> None:
         self.outcome = "delivered"
         self.run.finished(self)
 
@@ -459,8 +459,8 @@ class LoadRun:
                 readings = load_survey(survey_path(self.args.surveys, device_id), device_id, address, self.day)
             else:
                 readings = synthetic_day(device_id, address, self.day, self.args.readings, self.seed)
-            parts = wire.day_parts(device_id, address, self.day, readings, self.chunk_bytes)
-            self.devices.append(SimDevice(self, device_id, address, keys[device_id], parts))
+            records = wire.day_chunk_records(device_id, address, self.day, readings, self.chunk_bytes)
+            self.devices.append(SimDevice(self, device_id, address, keys[device_id], records))
         self._open_sockets()
         self.prepare_s = time.monotonic() - began
 
@@ -642,12 +642,12 @@ def collector_paused():
     """
     No automatic garbage collection inside the block.
 
-    A full collection of this process's thousands of devices took 30-170 ms
-    in a 10,000-device run; the devices due meanwhile then all sent at once
-    when it ended, and the gateway's queue for that burst, not the even load
-    asked for, made the tail of the measured latencies.  The run is bounded
-    in devices and time, so its cyclic garbage is too: it is collected once,
-    after.
+    Why: a full collection of this process's thousands of devices stops
+    every device for its length (docs/performance.md, on the method); those
+    due meanwhile then all send at once when it ends, and the gateway's
+    queue for that burst, not the even load asked for, makes the tail of
+    the measured latencies.  The run is bounded in devices and time, so its
+    cyclic garbage is too: it is collected once, after.
     """
     was_enabled = gc.isenabled()
     gc.collect()

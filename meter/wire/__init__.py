@@ -39,7 +39,7 @@ from meter.wire.messages import (
     new_id,
 )
 from meter.wire.sealing import TAG_LENGTH, claimed_device, peek_ack_id, peek_day_id, seal, split_tag, tag_ok, unseal
-from meter.wire.split import day_chunks, day_parts, split_day
+from meter.wire.split import day_chunks, day_chunk_records, split_day
 from meter.wire.values import MAX_DEVICE_ID, WireError, device_address, record_count
 
 __all__ = [
@@ -67,7 +67,7 @@ __all__ = [
     "batch_records_of_day",
     "claimed_device",
     "day_chunks",
-    "day_parts",
+    "day_chunk_records",
     "decode",
     "device_address",
     "encode",

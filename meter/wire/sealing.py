@@ -63,7 +63,7 @@ def _tag(body: bytes, key: bytes) -> bytes:
 
 
 #: The header of a C{DAY} message, sealed or not: the version and the
-#: device it claims, then its transfer id, part, parts and start time.
+#: device it claims, then its transfer id, part=N/M and start time.
 #: Prefixes of it are matched: the records and the tag after it are not read.
 _CLAIM = rb"meter/(%s) DAY dev=([1-9][0-9]{0,9}) "
 _ID = rb"ip=\S+ day=\S+ xfer=([0-9a-f]{16}) part=([1-9][0-9]{0,3})/[1-9][0-9]{0,3} ts=(0|[1-9][0-9]{0,9}) "

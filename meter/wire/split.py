@@ -30,7 +30,7 @@ def split_day(
     no readings is one empty chunk, so the gateway still learns the device
     reported.
     """
-    texts = day_parts(device_id, device_ip, day, readings, max_bytes)
+    texts = day_chunk_records(device_id, device_ip, day, readings, max_bytes)
     return day_chunks(device_id, device_ip, day, texts, xfer, sent_at)
 
 
@@ -38,7 +38,7 @@ def day_chunks(
     device_id: int, device_ip: str, day: datetime.date, texts: list[str], xfer: str, sent_at: int
 ) -> list[DayChunk]:
     """
-    The chunks of a day cut by L{day_parts} into C{texts}, sent as transfer
+    The chunks of a day cut by L{day_chunk_records} into C{texts}, sent as transfer
     C{xfer} started at C{sent_at}.
     """
     parts = len(texts)
@@ -48,7 +48,7 @@ def day_chunks(
     ]
 
 
-def day_parts(
+def day_chunk_records(
     device_id: int,
     device_ip: str,
     day: datetime.date,

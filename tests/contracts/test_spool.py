@@ -11,6 +11,7 @@ clock turns (L{Backend.commit}).
 from __future__ import annotations
 
 import datetime
+import functools
 import sqlite3
 
 import pytest
@@ -23,21 +24,14 @@ from meter import wire
 from meter.database import Database
 from meter.gateway.interfaces import ISpool
 from meter.gateway.spool import Spool, StoredRound, chunk_digest
-from meter.reading import Reading
-from meter.testing import MemorySpool
+from meter.testing import MemorySpool, day_chunk
 
 DAY = datetime.date(2026, 3, 1)
 NOW = 1772400000.0
 IPS = {1: "192.168.1.2", 2: "192.168.1.3", 3: "192.168.1.4"}
 
 
-def chunk(device_id=1, day=DAY, xfer=0, part=1, parts=1, minutes=(480,), value=20.0) -> wire.DayChunk:
-    ip = IPS[device_id]
-    readings = tuple(
-        Reading(device_id, ip, datetime.datetime(day.year, day.month, day.day, m // 60, m % 60), value, 30.0)
-        for m in minutes
-    )
-    return wire.DayChunk(device_id, ip, day, f"{device_id:08x}{xfer:08x}", part, parts, int(NOW), readings)
+chunk = functools.partial(day_chunk, day=DAY, sent_at=NOW, fleet=IPS, minutes=(480,))
 
 
 class Backend:
@@ -178,7 +172,7 @@ def test_an_empty_chunk_records_its_message_id(backend):
     empty = chunk(minutes=())
     assert backend.commit(backend.spool.add_chunk(empty, NOW)) == 0
     state = recovered(backend)
-    assert [(p.device_id, p.xfer, p.part, p.digest) for p in state.parts] == [
+    assert [(p.device_id, p.xfer, p.part, p.digest) for p in state.chunks] == [
         (1, empty.xfer, 1, chunk_digest(empty))
     ]
     assert state.depth == 0
@@ -284,8 +278,8 @@ def test_forgetting_drops_old_message_ids_and_empty_closed_rounds(backend):
     backend.commit(backend.spool.remove(take(backend, limit=3).seqs))  # old's readings are delivered
     assert backend.commit(backend.spool.forget_before(NOW + 5)) is None
     state = recovered(backend)
-    # Device 2's day of old had a part after the cutoff: all of it is kept.
-    assert sorted((p.device_id, p.part) for p in state.parts) == [(2, 1), (2, 2)]
+    # Device 2's day of old had a chunk after the cutoff: all of it is kept.
+    assert sorted((p.device_id, p.part) for p in state.chunks) == [(2, 1), (2, 2)]
     # old is closed and empty; open_day is open; held holds readings.
     assert [r.day for r in state.rounds] == [open_day, held]
     # A message id forgotten is new again.
@@ -300,7 +294,7 @@ def test_an_old_round_still_holding_readings_is_not_forgotten(backend):
     backend.reopen()
     state = recovered(backend)
     assert [r.day for r in state.rounds] == [old]
-    assert state.parts == ()
+    assert state.chunks == ()
     assert state.depth == 1
 
 
@@ -315,7 +309,7 @@ def test_a_restart_finds_what_was_committed(backend):
     state = recovered(backend)
     assert state.depth == 2
     assert state.rounds == (StoredRound(DAY, NOW, NOW + 2),)
-    assert [(p.device_id, p.xfer, p.part, p.parts, p.day, p.received_at, p.digest) for p in state.parts] == [
+    assert [(p.device_id, p.xfer, p.part, p.parts, p.day, p.received_at, p.digest) for p in state.chunks] == [
         (1, chunk(1).xfer, 1, 1, DAY, NOW, chunk_digest(chunk(1))),
         (2, two.xfer, 1, 2, DAY, NOW + 1, chunk_digest(two)),
     ]
