@@ -1,6 +1,6 @@
 """
 The lab: the report's two subnets in network namespaces, with the real
-twistd plugins inside (see meter/lab.py and docs/lab.md).
+twistd plugins inside (see meter/tools/lab.py and docs/lab.md).
 
 The namespace tests need root, iproute2 and nftables; without them they are
 skipped with the reason, except under CI as root, where the project installs
