@@ -60,7 +60,7 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
     the acknowledgements.  Plus the raw loop's CPU per datagram, it is the
     least the gateway daemon can spend with this codec and spool.
     """
-    from meter.gateway.spool import Spool, _add_chunks
+    from meter.gateway.spool import Spool, _add_chunks, content_digest
 
     keys = {d: bytes([d % 251 + 1]) * 32 for d in range(1, devices + 1)}
     datagrams = []
@@ -98,8 +98,9 @@ def intake_floor(scratch: Path, devices: int = 100, group: int = 64) -> dict[str
         chunks = [(wire.decode(body, max_size=wire.MAX_DATAGRAM), key) for body, key in fresh]
         t2 = clock()
         items.clear()
-        for chunk, _ in chunks:
-            spool.add_chunk(chunk, 1.0)
+        for (chunk, _), (body, _) in zip(chunks, fresh):
+            # As the gateway does: the digest of the bytes it decoded.
+            spool.add_chunk(chunk, 1.0, digest=content_digest(body))
         connection.execute("BEGIN IMMEDIATE")
         _add_chunks(connection, items)
         connection.execute("COMMIT")

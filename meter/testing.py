@@ -136,9 +136,12 @@ class MemorySpool:
 
     # -- ISpool ---------------------------------------------------------------
 
-    def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False) -> Deferred:
+    def add_chunk(
+        self, chunk: wire.DayChunk, now: float, round_closed: bool = False, digest: bytes | None = None
+    ) -> Deferred:
         day = chunk.day.isoformat()
-        part = StoredChunk(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, chunk_digest(chunk))
+        digest = digest if digest is not None else chunk_digest(chunk)
+        part = StoredChunk(chunk.device_id, chunk.xfer, chunk.part, chunk.parts, chunk.day, now, digest)
         row = (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count)
 
         def change(contents: SpoolContents) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from meter import secrets, wire
 from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
-from meter.gateway.spool import Recovered, Spool, content_digest
+from meter.gateway.spool import Recovered, Spool, chunk_digest, content_digest
 from meter.testing import MemorySpool, day_chunk, device_keys
 
 #: 2026-03-01 21:20:00 UTC: a device sending now reports 2026-02-28 (or,
@@ -473,6 +473,21 @@ async def test_digests_are_spooled_and_recovered(tmp_path):
         assert await g.datagram(first) == ok(first)
     finally:
         await g.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_datagram_spools_the_digest_of_its_bytes_as_a_chunk_handed_over_does(g):
+    # Through the protocol the digest is that of the bytes decoded; handed
+    # to the intake, that of the chunk encoded: the same for the one text
+    # the decoder takes.
+    through_protocol, handed_over = chunk(1, minutes=(480, 481)), chunk(2, minutes=(480, 481))
+    assert await g.datagram(through_protocol) == ok(through_protocol)
+    assert await g.send(handed_over) == ok(handed_over)
+    await g.database.flush()
+    assert g.stored("SELECT device_id, digest FROM parts ORDER BY device_id") == [
+        (1, chunk_digest(through_protocol)), (2, chunk_digest(handed_over))
+    ]
+    assert g.intake.admission.acknowledged[through_protocol.message_id] == chunk_digest(through_protocol)
 
 
 @pytest_twisted.ensureDeferred

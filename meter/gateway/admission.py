@@ -24,7 +24,7 @@ from meter import wire
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
-from meter.gateway.spool import StoredChunk, chunk_digest, content_digest
+from meter.gateway.spool import StoredChunk, content_digest
 from meter.ratelimit import LimitedWarnings, PerSource
 
 #: The days a chunk may name, relative to its C{ts} (UTC dates, whole
@@ -232,9 +232,10 @@ class Admission:
         """
         return len(self._committing) >= self._max_committing
 
-    def admit(self, chunk: wire.DayChunk, peer: str) -> Deferred | None:
+    def admit(self, chunk: wire.DayChunk, peer: str, digest: bytes) -> Deferred | None:
         """
-        Decide on C{chunk}: the Deferred of its answer, or None if it is
+        Decide on C{chunk}, whose content digest is C{digest} (see
+        L{content_digest}): the Deferred of its answer, or None if it is
         taken.  A chunk taken counts as being committed until the caller,
         which spools it, calls L{acknowledge} and L{answer}, or
         L{not_committed}.
@@ -245,7 +246,6 @@ class Admission:
             self._metrics[counter] += 1
             return succeed(self._refuse(chunk, reason, peer))
         key = chunk.message_id
-        digest = chunk_digest(chunk)
         if key in self.acknowledged:
             stored = self.acknowledged[key]
             if stored is not None and stored != digest:

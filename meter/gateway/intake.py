@@ -21,7 +21,7 @@ from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
 from meter.gateway.rounds import Rounds
-from meter.gateway.spool import Recovered
+from meter.gateway.spool import Recovered, chunk_digest, content_digest
 from meter.ratelimit import PerSource
 from meter.retry import Failures
 
@@ -150,12 +150,17 @@ class Intake:
 
     # -- a chunk arrives -----------------------------------------------------
 
-    def chunk_received(self, chunk: wire.DayChunk, peer: str) -> Deferred:
+    def chunk_received(self, chunk: wire.DayChunk, peer: str, body: bytes | None = None) -> Deferred:
         """
         Handle one device chunk; the Deferred fires with the L{wire.DayAck}
         to send back (C{ok} only once the chunk is durable).
+
+        @param body: the unsealed datagram the chunk was decoded from, if
+            it was: the decoder takes only the canonical text, so its digest
+            is the chunk's content digest, without encoding the chunk again.
         """
-        answer = self.admission.admit(chunk, peer)
+        digest = content_digest(body) if body is not None else chunk_digest(chunk)
+        answer = self.admission.admit(chunk, peer, digest)
         if answer is not None:
             return answer
         round_ = self._rounds.get(chunk.day)
@@ -164,7 +169,9 @@ class Intake:
         # failed, the round exists in memory only; a round closed long ago
         # may be forgotten by the spool and not by the gateway.  Either way
         # its readings would otherwise never leave the spool.
-        d = self._spool.add_chunk(chunk, self._clock.seconds(), round_closed=round_ is not None and round_.closed)
+        d = self._spool.add_chunk(
+            chunk, self._clock.seconds(), round_closed=round_ is not None and round_.closed, digest=digest
+        )
         if round_ is None:
             self.rounds.open(chunk.day, chunk.device_id)
         return d.addCallbacks(self._committed, self._not_committed, callbackArgs=(chunk, peer), errbackArgs=(chunk,))

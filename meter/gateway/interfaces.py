@@ -27,11 +27,14 @@ class ISpool(Interface):
         "what the gateway's spool limit is measured against."
     )
 
-    def add_chunk(chunk, now, round_closed=False):
+    def add_chunk(chunk, now, round_closed=False, digest=None):
         """
         Record C{chunk}'s (a L{meter.wire.DayChunk}) message id with its
         content digest and its readings, and its day's round where the spool
         has none: opened at C{now}, or closed at C{now} if C{round_closed}.
+        The digest is C{digest} if given (a caller that has the chunk's
+        bytes has it already), else the chunk's
+        L{meter.gateway.spool.chunk_digest}.
         Fires with how many readings were new to the spool: all of the
         chunk's, or 0 if a chunk with its message id is spooled already.
         """

@@ -116,7 +116,7 @@ class GatewayProtocol(DatagramProtocol):
             metrics.unexpected += 1
             self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
             return
-        self._intake.chunk_received(message, peer).addCallback(self._answer, message, addr, peer, len(data))
+        self._intake.chunk_received(message, peer, body).addCallback(self._answer, message, addr, peer, len(data))
 
     def _drop(self, peer: str, size: int, detail: str) -> None:
         self._warnings.warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)

@@ -321,9 +321,10 @@ class Spool:
             raise
         return connection, _recovered(connection)
 
-    def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False):
+    def add_chunk(self, chunk: wire.DayChunk, now: float, round_closed: bool = False, digest: bytes | None = None):
         """
-        Record C{chunk}'s message id with its content digest and its
+        Record C{chunk}'s message id with its content digest (C{digest}, its
+        L{chunk_digest} if not given) and its
         readings, and its day's round where the spool has none: open, or
         closed if C{round_closed} (the gateway closed it and the spool has
         forgotten it since).  Fires with the number of readings that were
@@ -333,7 +334,7 @@ class Spool:
         day = chunk.day.isoformat()
         item = (
             (day, now, now if round_closed else None),
-            (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now, chunk_digest(chunk)),
+            (chunk.device_id, chunk.xfer, chunk.part, chunk.parts, day, now, digest if digest is not None else chunk_digest(chunk)),
             (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count),
         )
         return self._database.run_many(_add_chunks, item).addCallback(self._added)

@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 from meter import wire
 from meter.database import Database
 from meter.gateway.interfaces import ISpool
-from meter.gateway.spool import Spool, StoredRound, chunk_digest
+from meter.gateway.spool import Spool, StoredRound, chunk_digest, content_digest
 from meter.testing import MemorySpool, day_chunk
 
 DAY = datetime.date(2026, 3, 1)
@@ -176,6 +176,13 @@ def test_an_empty_chunk_records_its_message_id(backend):
         (1, empty.xfer, 1, chunk_digest(empty))
     ]
     assert state.depth == 0
+
+
+def test_a_chunk_keeps_the_digest_it_is_given(backend):
+    given = chunk(2)
+    assert backend.commit(backend.spool.add_chunk(given, NOW, digest=content_digest(wire.encode(given)))) == 1
+    assert backend.commit(backend.spool.add_chunk(chunk(3), NOW, digest=b"d" * 16)) == 1
+    assert [p.digest for p in recovered(backend).chunks] == [chunk_digest(given), b"d" * 16]
 
 
 def test_nothing_leaves_until_its_round_closes(backend):
