@@ -47,12 +47,14 @@ class SpoolContents:
     parts: dict[tuple[int, str, int], StoredChunk] = attrs.Factory(dict)
     #: day -> [opened_at, closed_at or None]
     rounds: dict[str, list] = attrs.Factory(dict)
-    #: seq -> (seq, day, device_id, device_ip, records, n, reason, refused_at)
-    refused: dict[int, tuple] = attrs.Factory(dict)
+    #: (seq, day, device_id, device_ip, records, n, reason, refused_at), in
+    #: the order they were set aside (a seq may stand twice: it is used
+    #: again once the spool has drained)
+    refused: list[tuple] = attrs.Factory(list)
 
     def copy(self) -> SpoolContents:
         return SpoolContents(
-            dict(self.chunks), dict(self.parts), {day: list(row) for day, row in self.rounds.items()}, dict(self.refused)
+            dict(self.chunks), dict(self.parts), {day: list(row) for day, row in self.rounds.items()}, list(self.refused)
         )
 
 
@@ -193,7 +195,7 @@ class MemorySpool:
             for seq in unique:
                 row = contents.chunks.pop(seq, None)
                 if row is not None:
-                    contents.refused.setdefault(seq, (*row, reason, now))
+                    contents.refused.append((*row, reason, now))
                     count += row[5]
             return count, -count
 

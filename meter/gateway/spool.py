@@ -187,12 +187,15 @@ def _version_3(connection: sqlite3.Connection) -> None:
     """
     Chunks the cloud refused for good (a reading it will never take, as a
     cloud of another release may): set aside with the reason, out of the
-    way of the chunks behind them, kept for the operator.
+    way of the chunks behind them, kept for the operator.  Keyed by a row
+    id of its own: a chunk's C{seq} is used again once the spool has
+    drained, so two chunks set aside may have had the same one.
     """
     connection.execute(
         "CREATE TABLE refused ("
-        " seq INTEGER PRIMARY KEY, day TEXT NOT NULL, device_id INTEGER NOT NULL, device_ip TEXT NOT NULL,"
-        " records TEXT NOT NULL, n INTEGER NOT NULL, reason TEXT NOT NULL, refused_at REAL NOT NULL)"
+        " id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, day TEXT NOT NULL, device_id INTEGER NOT NULL,"
+        " device_ip TEXT NOT NULL, records TEXT NOT NULL, n INTEGER NOT NULL, reason TEXT NOT NULL,"
+        " refused_at REAL NOT NULL)"
     )
 
 
@@ -414,7 +417,7 @@ class Spool:
 
         def work(connection: sqlite3.Connection) -> int:
             connection.execute(
-                "INSERT OR IGNORE INTO refused"
+                "INSERT INTO refused (seq, day, device_id, device_ip, records, n, reason, refused_at)"
                 " SELECT seq, day, device_id, device_ip, records, n, ?, ? FROM chunks"
                 " WHERE seq IN (SELECT value FROM json_each(?))",
                 (reason, now, unique),

@@ -10,6 +10,7 @@ clock turns (L{Backend.commit}).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import sqlite3
@@ -72,6 +73,12 @@ class Backend:
         """
         raise NotImplementedError
 
+    def set_aside_rows(self) -> list[tuple]:
+        """
+        What was set aside, in order: (seq, device_id, records, reason).
+        """
+        raise NotImplementedError
+
     def _turn(self) -> None:
         self.clock.advance(0)
 
@@ -87,6 +94,9 @@ class MemoryBackend(Backend):
     def reopen(self) -> None:
         self.spool = self.spool.reopened()
 
+    def set_aside_rows(self) -> list[tuple]:
+        return [(row[0], row[2], row[4], row[6]) for row in self.spool.contents.refused]
+
 
 class SQLiteBackend(Backend):
     def __init__(self, tmp_path):
@@ -97,6 +107,10 @@ class SQLiteBackend(Backend):
     def _open(self) -> None:
         self._connection, recovered = Spool.open(self._path)
         self.spool = Spool(Database(self._connection, self.clock), recovered.depth)
+
+    def set_aside_rows(self) -> list[tuple]:
+        with contextlib.closing(sqlite3.connect(self._path)) as connection:
+            return connection.execute("SELECT seq, device_id, records, reason FROM refused ORDER BY id").fetchall()
 
     def fail_next_commit(self, operation: str) -> None:
         # A real failure: another connection holds the write lock, and the
@@ -272,6 +286,18 @@ def test_chunks_set_aside_leave_the_depth_and_the_batches(backend):
     assert backend.commit(backend.spool.remove(first.seqs)) == 0
     assert backend.spool.depth == 1
     assert [r.device_id for r in take(backend).readings] == [2]
+
+
+def test_chunks_set_aside_are_all_kept_though_a_drained_spool_uses_seqs_again(backend):
+    for device_id in (1, 2):
+        backend.commit(backend.spool.add_chunk(chunk(device_id), NOW))
+        backend.commit(backend.spool.close_round(DAY, NOW))
+        batch = take(backend)
+        assert backend.commit(backend.spool.set_aside(batch.seqs, f"value: no {device_id}", NOW + 1)) == 1
+    assert backend.spool.depth == 0
+    rows = backend.set_aside_rows()
+    assert [(device_id, reason) for _, device_id, _, reason in rows] == [(1, "value: no 1"), (2, "value: no 2")]
+    assert [records for _, _, records, _ in rows] == ["08:00,20,30"] * 2
 
 
 def test_forgetting_drops_old_message_ids_and_empty_closed_rounds(backend):
