@@ -53,7 +53,9 @@ class Failures:
         """
         @param owner: the component, whose C{log} (a L{twisted.logger.Logger})
             the lines go to, looked up at each line.
-        @param counters: the component's L{collections.Counter}.
+        @param counters: the component's metrics, counted by name
+            (C{counters[name] += 1}): C{transaction_failures} and each
+            step's counter must be among its fields.
         @param maximum: the longest delay between retries, seconds.
         """
         self._owner = owner

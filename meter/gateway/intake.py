@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from meter import wire
@@ -169,8 +169,11 @@ class Intake:
         # failed, the round exists in memory only; a round closed long ago
         # may be forgotten by the spool and not by the gateway.  Either way
         # its readings would otherwise never leave the spool.
-        d = self._spool.add_chunk(
-            chunk, self._clock.seconds(), round_closed=round_ is not None and round_.closed, digest=digest
+        # maybeDeferred: the chunk counts as being committed already, so
+        # even a spool that raises at once must reach _not_committed.
+        d = maybeDeferred(
+            self._spool.add_chunk,
+            chunk, self._clock.seconds(), round_closed=round_ is not None and round_.closed, digest=digest,
         )
         if round_ is None:
             self.rounds.open(chunk.day, chunk.device_id)
