@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryFile("w") as sink:
         # As twistd -n logs: formatted text, written and flushed per event.
         publisher = LogPublisher(textFileLogObserver(sink))
-        log = Logger(namespace="meter.gateway.GatewayProtocol", observer=publisher)
+        log = Logger(namespace="meter.gateway.protocol.GatewayProtocol", observer=publisher)
         note("one info log line through twistd's text file observer (to a file)", best(lambda: log.info(
             "received {size} bytes from device {device} ({peer}): part {part}/{parts} of {day}, {n} readings",
             size=1200, device=3, peer="127.0.0.1:5555", part=1, parts=21, day=DAY, n=n), number=2000))

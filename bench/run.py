@@ -213,7 +213,7 @@ def gateway_counters(gateway) -> dict:
     The gateway's counts from its stop record (see meter.gateway.metrics).
     """
     for event in reversed(gateway.records_of(GATEWAY_STOPPED)):
-        return {"intake": event["counts"], "uplink": event["counts"]}
+        return event["counts"]
     return {}
 
 
@@ -641,8 +641,8 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         "ack_latency_handled_ms": sent.get("ack_latency_handled_ms"),
         "cloud_batches": totals["batches"],
         "cloud_duplicates": totals["dup"],
-        "gateway_datagrams_received": counters.get("intake", {}).get("datagrams"),
-        "gateway_duplicate_chunks": counters.get("intake", {}).get("duplicates", 0),
+        "gateway_datagrams_received": counters.get("datagrams"),
+        "gateway_duplicate_chunks": counters.get("duplicates", 0),
         "kernel_udp_receive_buffer_drops": udp1.get("RcvbufErrors", 0) - udp0.get("RcvbufErrors", 0),
         "forwarding": forwarding_breakdown(gateway, cloud),
         "db": check,
