@@ -397,3 +397,24 @@ def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_st
     assert done == [None]
     (line,) = [formatEvent(e) for e in events if "cloud stopped" in formatEvent(e)]
     assert line.startswith("cloud stopped: batches=0 readings_new=0 ")
+
+
+def test_a_child_that_fails_to_stop_is_logged_and_the_next_still_stops():
+    from meter.cloud import tap
+
+    stops: list[str] = []
+    service = tap.CloudService(cloud.CloudMetrics())
+    database, listener = Child("database", stops), Child("listener", stops)
+    database.setServiceParent(service)
+    listener.setServiceParent(service)
+    service.startService()
+    with capturedLogs() as events:
+        done: list = []
+        service.stopService().addCallback(done.append)
+        listener.stopped.errback(Failure(OSError("the port would not close")))
+        assert stops == ["listener", "database"]
+        database.stopped.callback(None)
+    assert done == [None]
+    lines = [formatEvent(e) for e in events]
+    assert "a part of the cloud did not stop cleanly" in lines
+    assert [line for line in lines if line.startswith("cloud stopped: ")]

@@ -94,6 +94,10 @@ class CloudService(MultiService):
         d = succeed(None)
         for service in reversed(list(self)):
             d.addCallback(lambda _, service=service: service.stopService())
+            # A child that fails to stop is logged, and the next still
+            # stops: the database must be flushed and closed whatever the
+            # listener did.
+            d.addErrback(lambda failure: log.failure("a part of the cloud did not stop cleanly", failure))
         d.addCallback(lambda _: log.info("cloud stopped: {metrics}", metrics=self.metrics))
         return d
 
