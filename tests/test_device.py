@@ -431,8 +431,9 @@ def test_a_delivery_sends_the_days_survey_and_fires_with_its_chunks(tmp_path):
     assert "device 1 (192.168.1.2) sending 2 readings of 2026-03-01 to 127.0.0.1:10005 in 1 datagrams" in lines[0]
     assert "send started at=1772400000.000000" in lines[0]
     assert lines[-1] == (
-        "device 1: gateway acknowledged all 1 datagrams in 0.0 ms; retransmissions=0 busy_answers=0 stray_acks=0 "
-        "foreign_datagrams=0 refused_datagrams=0 days_delivered=1 days_failed=0"
+        "device 1: gateway acknowledged all 1 datagrams in 0.0 ms after 0 retransmissions; since start "
+        "retransmissions=0 busy_answers=0 stray_acks=0 foreign_datagrams=0 refused_datagrams=0 days_delivered=1 "
+        "days_failed=0"
     )
 
 
@@ -446,7 +447,18 @@ def test_a_delivery_that_is_not_acknowledged_fails_saying_so_and_logs_the_metric
     assert failure.check(DeliveryFailed)
     assert failure.getErrorMessage() == "day not delivered: no acknowledgement for part 1/1 after 2 transmissions"
     assert d.protocol.metrics.days_failed == 1
-    assert formatEvent(events[-1]).startswith("device 1: giving up; retransmissions=1 busy_answers=0 ")
+    assert formatEvent(events[-1]).startswith(
+        "device 1: giving up after 1 retransmissions; since start retransmissions=1 busy_answers=0 "
+    )
+    # A later day's lines count its own retransmissions apart from the
+    # process's: none this time, one since start.
+    with capturedLogs() as events:
+        d.start()
+        d.ack_all()
+    assert formatEvent(events[-1]).startswith(
+        "device 1: gateway acknowledged all 1 datagrams in 0.0 ms after 0 retransmissions; since start "
+        "retransmissions=1 "
+    )
 
 
 def test_a_delivery_of_an_unreadable_survey_fails_at_once_and_sends_nothing(tmp_path):

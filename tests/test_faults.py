@@ -170,7 +170,7 @@ def test_a_device_that_gets_no_answer_gives_up_non_zero(make_suite):
     device = suite.start_device(1)  # the gateway is not running
     assert device.wait(30) == 1, device.tail()
     assert len(device.all_matching(r"no acknowledgement for part 1/1: retransmission [12] of 2")) == 2
-    assert device.all_matching(r"device 1: giving up; retransmissions=2 busy_answers=0 ")
+    assert device.all_matching(r"device 1: giving up after 2 retransmissions; since start retransmissions=2 busy_answers=0 ")
     assert device.all_matching(r"meter-device 1: day not delivered: no acknowledgement for part 1/1 after 3 transmissions")
 
 

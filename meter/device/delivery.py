@@ -68,21 +68,33 @@ class SurveyDelivery:
             parts=len(chunks),
             at=now,
         )
-        return sender.start().addCallbacks(self._delivered, self._not_delivered, callbackArgs=(now,))
+        # The metrics count for the process's life: this day's own
+        # retransmissions are the difference.
+        before = self.metrics.retransmissions
+        return sender.start().addCallbacks(
+            self._delivered, self._not_delivered, callbackArgs=(now, before), errbackArgs=(before,)
+        )
 
-    def _delivered(self, parts: int, started: float) -> int:
+    def _delivered(self, parts: int, started: float, before: int) -> int:
         self.metrics.days_delivered += 1
         self.log.info(
-            "device {id}: gateway acknowledged all {parts} datagrams in {ms:.1f} ms; {metrics}",
+            "device {id}: gateway acknowledged all {parts} datagrams in {ms:.1f} ms after {day} retransmissions; "
+            "since start {metrics}",
             id=self._id,
             parts=parts,
             ms=(self._clock.seconds() - started) * 1000,
+            day=self.metrics.retransmissions - before,
             metrics=self.metrics.logfmt(),
         )
         return parts
 
-    def _not_delivered(self, failure) -> None:
+    def _not_delivered(self, failure, before: int) -> None:
         failure.trap(DeliveryFailed)
         self.metrics.days_failed += 1
-        self.log.warn("device {id}: giving up; {metrics}", id=self._id, metrics=self.metrics.logfmt())
+        self.log.warn(
+            "device {id}: giving up after {day} retransmissions; since start {metrics}",
+            id=self._id,
+            day=self.metrics.retransmissions - before,
+            metrics=self.metrics.logfmt(),
+        )
         raise DeliveryFailed(f"day not delivered: {failure.getErrorMessage()}")
