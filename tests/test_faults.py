@@ -181,11 +181,11 @@ def test_cloud_killed_three_times_while_gateway_forwards(make_suite):
     reconnects and resumes, nothing is lost and nothing doubled.
     """
     rng = random.Random(3)
-    # ack_timeout below the test's 30-s waits: once, on a loaded machine, a
-    # batch went unacknowledged on the connection to the restarted cloud
-    # until the gateway's ack timeout replaced the connection (the default
-    # 30 s, the test's own wait); the daemon recovers so by design, and a
-    # stall it cannot recover from still fails the test.
+    # ack_timeout below the test's 30-s waits: once, on a loaded machine,
+    # the restarted cloud got nothing more for 30 s, the test's wait and the
+    # gateway's default ack timeout, after which the gateway replaces a
+    # connection whose batch goes unacknowledged.  With 5 s that recovery
+    # fits the wait; a stall it does not end still fails the test.
     suite = make_suite(100, 96, batch_readings=10, ack_timeout=5.0)
     cloud = suite.start_cloud()
     clouds = [cloud]
