@@ -23,7 +23,7 @@ import time
 import pytest
 
 from meter.device import previous_day
-from meter.tools.processes import CONSOLE_LINE, Daemon
+from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError
 from meter.tools.suite import Suite, loadgen_summary
 
 pytestmark = pytest.mark.e2e
@@ -194,7 +194,11 @@ def test_cloud_killed_three_times_while_gateway_forwards(make_suite):
     summary = loadgen_summary(suite.start_fleet(DAY, "1-100"))
     assert summary["delivered"] == 100, summary
     for kill in range(3):
-        cloud.collect(r"readings committed", rng.randint(5, 60), timeout=30)
+        try:
+            cloud.collect(r"readings committed", rng.randint(5, 60), timeout=30)
+        except DaemonError as e:
+            # The cloud's silence is the gateway's to explain.
+            raise DaemonError(f"{e}\nand the gateway{gateway.tail(40)}") from None
         cloud.kill()
         gateway.wait_for("connection to the cloud lost", 10)
         if kill == 1:
