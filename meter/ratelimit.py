@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
+from twisted.logger import LogLevel
+
 
 class PerSource:
     """
@@ -46,27 +48,44 @@ class PerSource:
         return self.suppressed.pop(source, 0)
 
 
-class LimitedWarnings:
+class LimitedLines:
     """
-    Warnings about bad input, at most a few a minute per source (a flood, or
-    a captured datagram replayed in a loop, must not flood the log too); the
-    next line that goes says how many were left out.
+    Log lines that a source may cause without end (bad input, a device
+    sending its day again, every chunk refused while the spool is full): at
+    most C{burst} at once and then C{rate} a second per source, and the next
+    line that goes says how many were left out.
     """
 
-    def __init__(self, log, clock, rate: float = 1 / 6, burst: float = 5):
+    def __init__(self, log, clock, rate: float, burst: float, level: LogLevel, left_out: str):
         """
-        @param log: the L{twisted.logger.Logger} the warnings go to.
+        @param log: the L{twisted.logger.Logger} the lines go to.
+        @param left_out: what the count of lines left out is called, e.g.
+            C{"similar lines from this source left out"}.
         """
         self._log = log
+        self._level = level
+        self._left_out = f" ({{suppressed}} {left_out})"
         self.limit = PerSource(clock, rate, burst)
 
-    def warn(self, source, format: str, **fields) -> None:
+    def line(self, source, format: str, **fields) -> None:
         if not self.limit.allow(source):
             return
         suppressed = self.limit.take_suppressed(source)
         if suppressed:
-            format += " ({suppressed} similar lines from this source left out)"
-        self._log.warn(format, suppressed=suppressed, **fields)
+            format += self._left_out
+        self._log.emit(self._level, format, suppressed=suppressed, **fields)
+
+
+class LimitedWarnings(LimitedLines):
+    """
+    Warnings about bad input, at most a few a minute per source: a flood,
+    or a captured datagram replayed in a loop, must not flood the log too.
+    """
+
+    def __init__(self, log, clock, rate: float = 1 / 6, burst: float = 5):
+        super().__init__(log, clock, rate, burst, LogLevel.warn, "similar lines from this source left out")
+
+    warn = LimitedLines.line
 
 
 class Summary:

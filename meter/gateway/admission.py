@@ -18,14 +18,14 @@ from typing import Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from meter import wire
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
 from meter.gateway.spool import StoredChunk, content_digest
-from meter.ratelimit import LimitedWarnings, PerSource
+from meter.ratelimit import LimitedLines, LimitedWarnings
 
 #: The days a chunk may name, relative to its C{ts} (UTC dates, whole
 #: seconds): a device sends the day before its local date, in any zone from
@@ -166,7 +166,7 @@ class Admission:
         #: spool limit already, or a burst could overshoot it.
         self._incoming = 0
         self._warnings = LimitedWarnings(log, clock)
-        self._spool_full_lines = PerSource(clock, 1 / 6, 5)
+        self._spool_full_lines = LimitedLines(log, clock, 1 / 6, 5, LogLevel.error, "similar lines left out")
 
     # -- the rules -----------------------------------------------------------
 
@@ -340,16 +340,13 @@ class Admission:
         self._metrics.refused_spool_full += 1
         # Every device's every chunk is refused while the spool is full: a
         # few lines a minute say so, the counter counts them all.
-        if self._spool_full_lines.allow(None):
-            suppressed = self._spool_full_lines.take_suppressed(None)
-            self._log.error(
-                "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; "
-                "is the cloud reachable?" + (" ({suppressed} similar lines left out)" if suppressed else ""),
-                depth=self._spool.depth,
-                limit=self._spool_limit,
-                device=chunk.device_id,
-                suppressed=suppressed,
-            )
+        self._spool_full_lines.line(
+            None,
+            "SPOOL FULL ({depth} of {limit} readings): device {device} must retry later; is the cloud reachable?",
+            depth=self._spool.depth,
+            limit=self._spool_limit,
+            device=chunk.device_id,
+        )
         reason = f"spool_full: the spool is at its limit of {self._spool_limit} readings"
         return wire.DayAck(chunk.xfer, chunk.part, "busy", reason)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from meter import wire
 from meter.gateway.admission import Admission, admissible_from
@@ -22,7 +22,7 @@ from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
 from meter.gateway.rounds import Rounds
 from meter.gateway.spool import Recovered, chunk_digest, content_digest
-from meter.ratelimit import PerSource
+from meter.ratelimit import LimitedLines
 from meter.retry import Failures
 
 #: How long (seconds, on the gateway's clock) the gateway remembers a
@@ -81,7 +81,9 @@ class Intake:
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         #: Lines about what devices send again: a few a device, then one a
         #: minute with a count (see L{_report}).
-        self._report_lines = PerSource(clock, 1 / 60, 5)
+        self._report_lines = LimitedLines(
+            self.log, clock, 1 / 60, 5, LogLevel.info, "similar lines about this device left out"
+        )
         self.reassembly = Reassembly(clock, self.metrics, self.log, reassembly_timeout, max_reassemblies)
         self.admission = Admission(
             fleet, spool, clock, self.reassembly, self.metrics, self.log, self._report,
@@ -208,12 +210,7 @@ class Intake:
         how many were left out: a device may send its day as often as its
         bounds allow, and the log must not grow with it.
         """
-        if not self._report_lines.allow(device_id):
-            return
-        suppressed = self._report_lines.take_suppressed(device_id)
-        if suppressed:
-            format += " ({suppressed} similar lines about this device left out)"
-        self.log.info(format, suppressed=suppressed, **fields)
+        self._report_lines.line(device_id, format, **fields)
 
     # -- memory --------------------------------------------------------------
 
