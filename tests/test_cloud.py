@@ -378,7 +378,11 @@ class Child(Service):
         return self.stopped
 
 
-def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_stopped():
+def started_cloud_service():
+    """
+    A started cloud service with two children that stop when the test says:
+    the service, its database and listener children, and the order of stops.
+    """
     from meter.cloud import tap
 
     stops: list[str] = []
@@ -387,6 +391,11 @@ def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_st
     database.setServiceParent(service)
     listener.setServiceParent(service)
     service.startService()
+    return service, database, listener, stops
+
+
+def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_stopped():
+    service, database, listener, stops = started_cloud_service()
     with capturedLogs() as events:
         done: list = []
         service.stopService().addCallback(done.append)
@@ -400,14 +409,7 @@ def test_the_cloud_stops_its_children_in_reverse_each_once_the_one_before_has_st
 
 
 def test_a_child_that_fails_to_stop_is_logged_and_the_next_still_stops():
-    from meter.cloud import tap
-
-    stops: list[str] = []
-    service = tap.CloudService(cloud.CloudMetrics())
-    database, listener = Child("database", stops), Child("listener", stops)
-    database.setServiceParent(service)
-    listener.setServiceParent(service)
-    service.startService()
+    service, database, listener, stops = started_cloud_service()
     with capturedLogs() as events:
         done: list = []
         service.stopService().addCallback(done.append)
