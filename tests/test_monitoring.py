@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import re
+import signal
 import socket
 import time
 import urllib.error
@@ -658,3 +660,26 @@ def test_an_empty_metrics_endpoint_serves_nothing(make_suite):
     gateway = suite.start_gateway("--metrics", "", connected=True)
     for daemon in (cloud, gateway):
         assert not daemon.all_matching("metrics on"), daemon.tail()
+
+
+@pytest.mark.e2e
+def test_the_kernels_drops_at_a_stalled_gateways_socket_are_counted(make_suite):
+    suite = make_suite(2)
+    gateway = suite.start_gateway()
+    url = monitoring_url(gateway)
+    assert metrics_of(url)[("meter_gateway_receive_buffer_drops_total", ())] == 0
+    # Far more than the gateway's receive buffer holds (8 MB: 4 MB asked
+    # for, doubled by the kernel) while nobody reads it.
+    sent = 20000
+    os.kill(gateway.pid, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(sent):
+                s.sendto(b"x" * 1200, ("127.0.0.1", suite.gateway_port))
+    finally:
+        os.kill(gateway.pid, signal.SIGCONT)
+    after = metrics_of(url)
+    drops = after[("meter_gateway_receive_buffer_drops_total", ())]
+    print(f"{sent} sent, {drops:g} dropped by the kernel")  # shown with pytest -rP
+    assert 0 < drops < sent
+    assert after[("meter_gateway_datagrams_received_total", ())] + drops <= sent
