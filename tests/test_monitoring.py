@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,7 +22,6 @@ import pytest_twisted
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
-from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
