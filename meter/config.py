@@ -153,6 +153,15 @@ def server_endpoint(value: Any) -> str:
     return raw
 
 
+def optional_server_endpoint(value: Any) -> str:
+    """
+    A Twisted server endpoint description, or C{""} for none (turned off).
+    """
+    if value == "":
+        return ""
+    return server_endpoint(value)
+
+
 # -- the schema -------------------------------------------------------------
 
 #: section -> key -> (parser, default, help).  etc/meter.toml repeats these
@@ -167,6 +176,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "max_unauthenticated": (
             whole(0, 10**6), 0,
             "most connections not yet authenticated, the oldest closed first (0: from the descriptor limit)",
+        ),
+        "metrics": (
+            optional_server_endpoint, "tcp:9181:interface=127.0.0.1",
+            "Twisted endpoint serving /metrics, /healthz and /readyz over HTTP (\"\": none)",
         ),
     },
     "gateway": {
@@ -195,6 +208,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "cloud_source": (optional_ip, "", "local IP address to connect to the cloud from (\"\": the kernel's choice)"),
         "check_source": (boolean, False, "refuse a datagram whose source address is not its device's [fleet] address"),
         "log_datagrams": (boolean, False, "log every datagram and its answer, not only each device's completed day"),
+        "metrics": (
+            optional_server_endpoint, "tcp:9182:interface=127.0.0.1",
+            "Twisted endpoint serving /metrics, /healthz and /readyz over HTTP (\"\": none)",
+        ),
     },
     "device": {
         "id": (whole(1, 2**31 - 1), None, "this device's number in the fleet"),

@@ -29,12 +29,15 @@ import fcntl
 import functools
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+
+from meter.monitoring.histogram import COMMIT_SECONDS, Histogram
 
 Work = Callable[[sqlite3.Connection], Any]
 #: Work done for many items at once: returns one result per item, in order.
@@ -454,9 +457,14 @@ class Database:
     L{run_many} one after another make one piece together.
     """
 
-    def __init__(self, connection: sqlite3.Connection, reactor):
+    def __init__(self, connection: sqlite3.Connection, reactor, timer: Callable[[], float] = time.perf_counter):
+        """
+        @param timer: the clock the transactions are timed with, in
+            seconds (a fake one in tests).
+        """
         self._connection = connection
         self._reactor = reactor
+        self._timer = timer
         #: Pieces for the next transaction, each (work, [Deferred, ...],
         #: [item, ...] for L{run_many} or None for L{run}).
         self._pending: list[tuple[Callable, list[Deferred], list | None]] = []
@@ -465,6 +473,12 @@ class Database:
         #: Transactions committed and pieces of work done, for the logs.
         self.commits = 0
         self.pieces = 0
+        #: How long each committed transaction took, its fsync included.
+        self.commit_seconds = Histogram(COMMIT_SECONDS)
+        #: The cause of the last transaction's failure, until one commits
+        #: again: the database cannot be written for now (a full disk, a
+        #: lock held by another process), whatever its callers retry.
+        self.failing: str | None = None
 
     def stop(self) -> Deferred:
         """
@@ -525,10 +539,15 @@ class Database:
 
     def _commit(self) -> None:
         pieces, deferreds = self._take_group()
+        started = self._timer()
         try:
             outcome = self._transaction(pieces)
         except Exception:
             outcome = Failure()
+            self.failing = f"{outcome.type.__name__}: {outcome.getErrorMessage()}"
+        else:
+            self.commit_seconds.observe(self._timer() - started)
+            self.failing = None
         self._committed(outcome, deferreds)
 
     def _take_group(self) -> tuple[list[tuple[Callable, list | None]], list[list[Deferred]]]:

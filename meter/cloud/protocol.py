@@ -145,6 +145,12 @@ class Admission:
             self._summary.add("failed", last=detail)
         return False
 
+    def gauges(self) -> dict[str, int]:
+        """
+        The connections now: gateways authenticated, strangers not yet.
+        """
+        return {"gateways_connected": len(self._authenticated), "unauthenticated": len(self._strangers)}
+
     def accept_failed(self) -> None:
         """
         The listener could not accept a connection (no descriptor left), or

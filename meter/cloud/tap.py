@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from meter import cloud, database, secrets
+from meter.cloud import exposition
 from meter.database import connect
 from meter.options import MeterOptions
 
@@ -27,10 +28,11 @@ class Options(MeterOptions):
     role = "cloud"
     synopsis = "[options]"
     longdesc = "The cloud: accepts gateways' batches over TCP, stores each reading once in SQLite and prints it."
-    overrides = {"listen": "listen", "db": "db"}
+    overrides = {"listen": "listen", "db": "db", "metrics": "metrics"}
     optParameters = MeterOptions.optParameters + [
         ["listen", "l", None, "Twisted endpoint to listen on (config: [cloud] listen)"],
         ["db", "d", None, "SQLite database of readings (config: [cloud] db)"],
+        ["metrics", None, None, "Twisted endpoint of /metrics, /healthz, /readyz; \"\" for none (config: [cloud] metrics)"],
     ]
 
 
@@ -67,6 +69,13 @@ class ReadingsDatabase(Service):
     def stopService(self):
         Service.stopService(self)
         return self._store.database.stop()
+
+    @property
+    def database(self) -> database.Database | None:
+        """
+        The open database's transactions, or None before it is open.
+        """
+        return None if self._store is None else self._store.database
 
     def add(self, columns, stored_at):
         return self._store.add(columns, stored_at)
@@ -205,6 +214,7 @@ def makeService(options: Options) -> CloudService:
         max_connections=max_connections,
     )
     admission = factory.admission
+    exposition.monitor(service, settings["metrics"], reactor, exposition.CloudExposition(metrics, factory, readings))
     if options.tls is not None:
         # TLS wraps whatever endpoint is configured; the TLS options
         # require a client certificate signed by the suite's CA.

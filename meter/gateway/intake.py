@@ -141,13 +141,14 @@ class Intake:
         """
         What the intake holds now, for the periodic stats line: the spool's
         depth, the transfers in reassembly, the message ids and the devices'
-        days remembered.
+        days remembered, and the devices missing from the last round closed.
         """
         return {
             "spool_depth": self._spool.depth,
             "reassemblies": len(self.reassembly.incomplete),
             "message_ids": len(self.admission.acknowledged),
             "device_days": len(self.admission.days),
+            "round_devices_missing": self.rounds.last_closed_missing,
         }
 
     # -- a chunk arrives -----------------------------------------------------

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import attrs
 
+from meter.monitoring.histogram import BATCH_ACK_SECONDS, Histogram
+
 
 @attrs.define
 class GatewayMetrics:
     """
     What the gateway counted since it started.  Every field is a count of
-    events; the gauges (spool depth, transfers in reassembly) are read from
-    their owners when the stats line is made (see L{render}).
+    events but L{batch_ack_seconds}, a histogram; the gauges (spool depth,
+    transfers in reassembly) are read from their owners when the stats line
+    is made (see L{render}) and when /metrics is scraped
+    (L{meter.gateway.exposition}).
     """
 
     # -- the devices' side ----------------------------------------------------
@@ -89,6 +93,11 @@ class GatewayMetrics:
     batches_sent: int = 0
     #: Batches the cloud acknowledged as stored.
     batches_acknowledged: int = 0
+    #: Readings of those batches removed from the spool: delivered.
+    readings_forwarded: int = 0
+    #: Seconds from each of those batches sent to its acknowledgement, on
+    #: the uplink's clock (one observation a batch; not in the stats line).
+    batch_ack_seconds: Histogram = attrs.Factory(lambda: Histogram(BATCH_ACK_SECONDS))
     #: Batches in flight when their connection was lost, to be sent again.
     batches_resent: int = 0
     #: Batches the cloud refused for now (retried).
@@ -152,11 +161,14 @@ class GatewayMetrics:
 
     def counts(self) -> dict[str, int]:
         """
-        Every count by its name, the decoder's refusals as C{decoder_refused_<code>}.
+        Every count by its name, the decoder's refusals as
+        C{decoder_refused_<code>}; the histograms are left to /metrics.
         """
         counts = {}
         for field in attrs.fields(GatewayMetrics):
             value = getattr(self, field.name)
+            if isinstance(value, Histogram):
+                continue
             if isinstance(value, dict):
                 for code, count in sorted(value.items()):
                     counts[f"{field.name}_{code}"] = count

@@ -80,6 +80,9 @@ class Rounds:
         self._closing: dict[datetime.date, object] = {}
         self._stopped = False
         self._failures = Failures(self, clock, metrics, max_retry_delay)
+        #: Devices of the fleet missing from the round closed last (0
+        #: until one closes in this process).
+        self.last_closed_missing = 0
 
     def open(self, day: datetime.date, device_id: int) -> None:
         """
@@ -213,6 +216,7 @@ class Rounds:
             round_.timer.cancel()
         round_.timer = None
         missing = sorted(self._fleet.keys() - round_.reported)
+        self.last_closed_missing = len(missing)
         if missing:
             self._metrics.rounds_incomplete += 1
             self.log.warn(

@@ -14,6 +14,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from meter import database, gateway, secrets
+from meter.gateway import exposition
 from meter.database import Database
 from meter.options import MeterOptions
 from meter.gateway.metrics import GatewayMetrics, render
@@ -28,12 +29,13 @@ class Options(MeterOptions):
         "The gateway: takes the devices' days over UDP, keeps them in a durable spool and forwards each day "
         "to the cloud over TCP once every expected device has reported or the deadline passed."
     )
-    overrides = {"listen": "listen", "cloud": "cloud", "deadline": "deadline", "spool": "spool"}
+    overrides = {"listen": "listen", "cloud": "cloud", "deadline": "deadline", "spool": "spool", "metrics": "metrics"}
     optParameters = MeterOptions.optParameters + [
         ["listen", "l", None, "UDP HOST:PORT to take devices' datagrams on (config: [gateway] listen)"],
         ["cloud", None, None, "TCP HOST:PORT of the cloud (config: [gateway] cloud)"],
         ["deadline", None, None, "seconds after a day's first report to forward it anyway (config: [gateway] deadline)"],
         ["spool", None, None, "SQLite spool file (config: [gateway] spool)"],
+        ["metrics", None, None, "Twisted endpoint of /metrics, /healthz, /readyz; \"\" for none (config: [gateway] metrics)"],
     ]
 
 
@@ -127,6 +129,9 @@ class GatewayService(MultiService):
             retryPolicy=self._counted(backoffPolicy(initialDelay=0.5, maxDelay=s["max_backoff"])),
             clock=self._reactor,
         ).setServiceParent(self)
+        exposition.monitor(self, s["metrics"], self._reactor, exposition.GatewayExposition(
+            self.metrics, self.intake, self.uplink, spool, self.database, protocol, s["spool_limit"]
+        ))
         self.log.info(
             "gateway for {n} devices: UDP {host}:{port}, cloud {cloud_host}:{cloud_port}, deadline {deadline:g} s, "
             "spool {spool}",

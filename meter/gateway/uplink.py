@@ -116,6 +116,16 @@ class Uplink:
         self._refusals = LimitedWarnings(self.log, clock)
         self._refused_backoff = Backoff(retry_delay, max(retry_delay, max_retry_delay))
 
+    def gauges(self) -> dict[str, int]:
+        """
+        The link now: up or not (1 or 0), and the batches sent and not yet
+        acknowledged.
+        """
+        return {
+            "uplink_up": int(self._sender is not None),
+            "batches_in_flight": sum(1 for flight in self._in_flight.values() if not flight.acknowledged),
+        }
+
     def connected(self, sender: BatchSender) -> None:
         self._sender = sender
         self.send_next()
@@ -293,6 +303,7 @@ class Uplink:
         self._refused_backoff.reset()
         flight.acknowledged = True
         self.metrics.batches_acknowledged += 1
+        self.metrics.batch_ack_seconds.observe(self._clock.seconds() - flight.sent_at)
         self.log.info(
             "batch {batch_id} acknowledged by the cloud after {ms:.1f} ms: {new} new, {dup} already stored",
             batch_id=ack.batch_id,
@@ -319,6 +330,7 @@ class Uplink:
         flight.removal_failed = False
         del self._in_flight[flight.batch.batch_id]
         if flight.set_aside is None:
+            self.metrics.readings_forwarded += count
             self._on_delivered(count)
         else:
             self.metrics.readings_set_aside += count

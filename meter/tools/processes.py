@@ -31,6 +31,9 @@ GATEWAY_LISTENING = re.compile(r"GatewayProtocol starting on")
 #: What the gateway logs once its uplink reached the cloud.
 UPLINK_CONNECTED = re.compile(r"connected to the cloud")
 
+#: What a daemon logs once its monitoring endpoint listens.
+METRICS_ON = re.compile(r"metrics on (http://\S+)/metrics$")
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -365,6 +368,17 @@ class Daemon:
         if not self.lines:
             return " (no output)"
         return "; its last output:\n    " + "\n    ".join(self.lines[-count:])
+
+
+def monitoring_url(daemon: Daemon, timeout: float = 20.0) -> str:
+    """
+    The base URL of C{daemon}'s monitoring endpoint (C{http://HOST:PORT}),
+    from the line it logs once it listens: a port chosen by the kernel is
+    known only there.
+    """
+    seen = daemon.all_matching(METRICS_ON)
+    match = seen[-1] if seen else daemon.wait_for(METRICS_ON, timeout)
+    return match.group(1)
 
 
 def proc_stats(pid: int) -> dict:

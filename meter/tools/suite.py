@@ -25,6 +25,10 @@ from meter.tools.processes import Daemon, DaemonError, Daemons, free_port
 #: second, so a test of losses takes seconds.
 QUICK_DEVICE = {"ack_timeout": 0.5}
 
+#: The daemons' monitoring endpoints: a port the kernel picks, which each
+#: daemon logs (L{meter.tools.processes.monitoring_url}).
+ANY_PORT = "tcp:0:interface=127.0.0.1"
+
 
 def lan_address(device_id: int) -> str:
     """
@@ -118,11 +122,15 @@ class Suite(Daemons):
                 (self.surveys / f"device{device_id}.txt").write_text(survey_text(device_id, readings))
         self.secrets = root / "secrets"
         settings = {
-            "cloud": {"listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": str(self.db), **(cloud or {})},
+            "cloud": {
+                "listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": str(self.db), "metrics": ANY_PORT,
+                **(cloud or {}),
+            },
             "gateway": {
                 "listen": f"127.0.0.1:{self.gateway_port}",
                 "cloud": f"127.0.0.1:{self.cloud_port}",
                 "spool": str(self.spool),
+                "metrics": ANY_PORT,
                 "deadline": deadline,
                 "max_backoff": 1.0,
                 # Every device of the suite sends from 127.0.0.1: one source
