@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from meter import cloud, database, secrets
 from meter.database import connect
+from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
 
 log = Logger()
@@ -214,5 +215,9 @@ def makeService(options: Options) -> CloudService:
         log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=settings["listen"])
     listener = strports.service(settings["listen"], factory)
     listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
+    # Last: READY=1 once the database is open and the listener bound.
+    readiness = ReadinessService(Notifier.from_environment(), reactor, f"listening on {settings['listen']}")
+    listener.endpoint = readiness.watch(listener.endpoint)
     listener.setServiceParent(service)
+    readiness.setServiceParent(service)
     return service
