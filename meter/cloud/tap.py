@@ -16,7 +16,8 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from meter import cloud, database, secrets
+from meter import cloud, database, logs, secrets
+from meter.cloud.console_file import ConsoleFile, console_path
 from meter.database import connect
 from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
@@ -184,7 +185,15 @@ def makeService(options: Options) -> CloudService:
     service = CloudService(metrics)
     readings = ReadingsDatabase(path, reactor)
     readings.setServiceParent(service)
-    store = cloud.CloudStore(readings, cloud.write_console, reactor, metrics)
+    # A daemon's standard output goes nowhere: its console lines go to a file.
+    console_file = console_path(settings["console"], path, logs.daemonized(options))
+    try:
+        console = cloud.write_console if console_file is None else ConsoleFile(console_file).write
+    except OSError as e:
+        raise SystemExit(f"meter-cloud: cannot open console file {console_file}: {e.strerror} ([cloud] console)") from None
+    if console_file is not None:
+        log.info("console lines appended to {path}", path=str(console_file))
+    store = cloud.CloudStore(readings, console, reactor, metrics)
 
     descriptors, how = raise_descriptor_limit()
     max_connections, max_unauthenticated = cloud.connection_limits(descriptors, settings["max_unauthenticated"])
