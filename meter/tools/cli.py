@@ -4,6 +4,8 @@ The `meter` command for users:
     meter demo                      the report's day, end to end, on loopback
     meter readings --db PATH        what the cloud stored
     meter lab                       the report's two subnets in network namespaces (root)
+    meter backup SOURCE DEST        copy a spool or database while its daemon runs
+    meter restore BACKUP DEST       put a backup in place for a daemon to start on
 """
 
 from __future__ import annotations
@@ -181,6 +183,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="IP", help="only this device's readings")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(run=readings)
+
+    from meter.tools import backup
+
+    backup.register(commands)
 
     from meter.tools import loadgen as load_generator
 
