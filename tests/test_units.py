@@ -14,7 +14,11 @@ import pytest
 
 UNITS = Path(__file__).resolve().parent.parent / "etc" / "systemd"
 INSTALLED_TWISTD = "/opt/meter/bin/twistd"
-PLUGINS = {"meter-cloud.service": "meter-cloud", "meter-gateway.service": "meter-gateway", "meter-device@.service": "meter-device"}
+PLUGINS = {
+    "meter-cloud.service": "meter-cloud",
+    "meter-gateway.service": "meter-gateway",
+    "meter-device@.service": "meter-device",
+}
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",

@@ -195,7 +195,9 @@ def _held(path: Path):
 COMPANIONS = ("", "-wal", "-shm", "-journal")
 
 
-def restore(backup_file: Path, destination: Path, replace: bool = False, now: datetime.datetime | None = None) -> tuple[Copy, Path | None]:
+def restore(
+    backup_file: Path, destination: Path, replace: bool = False, now: datetime.datetime | None = None
+) -> tuple[Copy, Path | None]:
     """
     Put a copy of C{backup_file} at C{destination}, for a daemon to start
     on.  A destination a running daemon holds is refused; an existing one
@@ -211,7 +213,9 @@ def restore(backup_file: Path, destination: Path, replace: bool = False, now: da
                 raise BackupError(f"{destination}: not a regular file")
             stack.enter_context(_held(destination))
             if not replace:
-                raise BackupError(f"{destination} exists: pass --replace to put the backup in its place (it is kept aside)")
+                raise BackupError(
+                    f"{destination} exists: pass --replace to put the backup in its place (it is kept aside)"
+                )
         copy = _copy(backup_file, destination)
         temporary = _temporary_of(destination)
         try:
