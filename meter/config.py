@@ -85,6 +85,15 @@ def path(value: Any) -> Path:
     return Path(text(value))
 
 
+def optional_path(value: Any) -> Path | None:
+    """
+    A path, or C{""} for none (the key's default applies).
+    """
+    if value == "":
+        return None
+    return path(value)
+
+
 def host_port(value: Any) -> tuple[str, int]:
     """
     C{HOST:PORT}, with an IPv6 host in brackets (C{[::1]:10005}).  The host
@@ -170,6 +179,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     "cloud": {
         "listen": (server_endpoint, "tcp:8001:interface=127.0.0.1", "Twisted endpoint the cloud listens on"),
         "db": (path, "var/cloud.sqlite", "SQLite database of stored readings"),
+        "console": (
+            optional_path, "",
+            "file the console lines are appended to (\"-\": standard output; \"\": standard output in the "
+            "foreground, <db>-console.log beside the database when run as a daemon)",
+        ),
         "idle_timeout": (positive, 120.0, "seconds a gateway connection may stay silent between lines"),
         "tls": (boolean, True, "require TLS with a client certificate signed by the suite's CA"),
         "handshake_timeout": (positive, 5.0, "seconds a connection may take to complete TLS and its certificate check"),

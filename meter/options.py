@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.logger import Logger
 from twisted.python import usage
 
-from meter import config, secrets
+from meter import config, logs, secrets
 
 
 class MeterOptions(usage.Options):
@@ -26,6 +26,7 @@ class MeterOptions(usage.Options):
     optParameters = [
         ["config", "c", None, "configuration file (default: etc/meter.toml if it exists, else the embedded defaults)"],
         ["secrets", None, None, "folder of the CA, certificates and device keys (config: [security] dir)"],
+        ["log-format", None, "text", "text, or json: one JSON object a line, for journald and Loki (meter/logs.py)"],
     ]
 
     def postOptions(self):
@@ -33,6 +34,10 @@ class MeterOptions(usage.Options):
         for option, key in {**self.overrides, "secrets": "security.dir"}.items():
             section, _, name = key.rpartition(".")
             given.setdefault(section or self.role, {})[name] = self[option]
+        try:
+            logs.log_format(self["log-format"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         path = Path(self["config"]) if self["config"] is not None else None
         try:
             self.config = config.load(path, given)
@@ -51,6 +56,7 @@ class MeterOptions(usage.Options):
         except OSError as e:
             raise SystemExit(f"meter-{self.role}: cannot create secrets in {security['dir']}: {e} (none kept)") from None
         self._no_shared_pidfile()
+        logs.configure(getattr(self, "parent", None), self["log-format"], self.logfile_name())
 
     def _check(self) -> None:
         """
@@ -60,6 +66,12 @@ class MeterOptions(usage.Options):
 
     def pidfile_name(self) -> str:
         return f"meter-{self.role}.pid"
+
+    def logfile_name(self) -> str:
+        """
+        The log file of this daemon when it runs detached (see L{logs}).
+        """
+        return self.pidfile_name().removesuffix(".pid") + ".log"
 
     def _no_shared_pidfile(self) -> None:
         # twistd writes twistd.pid in the current folder by default, so a

@@ -18,6 +18,7 @@ from twisted.logger import capturedLogs, formatEvent
 from meter import wire
 from meter.device import DaySender, DeliveryFailed, DeviceMetrics, DeviceProtocol, Retransmission, SurveyDelivery
 from meter.device import tap as device_tap
+from meter.notify import ReadinessService
 from meter.reading import Reading
 
 DAY = datetime.date(2026, 3, 1)
@@ -516,8 +517,9 @@ def device_service(tmp_path, *args):
 
 def test_the_tree_is_the_udp_port_then_the_schedule(repo_root, tmp_path):
     reactor, service, options = device_service(tmp_path)
-    udp, schedule = list(service)
+    udp, schedule, readiness = list(service)
     assert type(udp).__name__ == "UDPServer" and isinstance(schedule, device_tap.ScheduleService)
+    assert isinstance(readiness, ReadinessService)  # last: READY=1 once the others started
     assert reactor.udp == []  # nothing bound or sent before the service starts
     service.startService()
     ((protocol, listen),) = reactor.udp
@@ -548,5 +550,6 @@ def test_once_with_an_unreadable_survey_exits_non_zero_once_the_reactor_runs(rep
     (tmp_path / "surveys" / "device2.txt").write_text("noon - 20 - 30%\n")
     service.startService()
     assert not reactor.hasStopped  # the reactor is not running yet
-    assert [hook[0] for hook in reactor.whenRunningHooks] == [reactor.stop]
+    # The stop first, then meter.notify's READY=1 (sent only under systemd).
+    assert [hook[0] for hook in reactor.whenRunningHooks][0] == reactor.stop
     assert len(reactor.triggers["after"]["shutdown"]) == 1  # the exit with status 1

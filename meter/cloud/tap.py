@@ -16,9 +16,11 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from meter import cloud, database, secrets
+from meter import cloud, database, logs, secrets
 from meter.cloud import exposition
+from meter.cloud.console_file import ConsoleFile, console_path
 from meter.database import connect
+from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
 
 log = Logger()
@@ -192,7 +194,15 @@ def makeService(options: Options) -> CloudService:
     service = CloudService(metrics)
     readings = ReadingsDatabase(path, reactor)
     readings.setServiceParent(service)
-    store = cloud.CloudStore(readings, cloud.write_console, reactor, metrics)
+    # A daemon's standard output goes nowhere: its console lines go to a file.
+    console_file = console_path(settings["console"], path, logs.daemonized(options))
+    try:
+        console = cloud.write_console if console_file is None else ConsoleFile(console_file).write
+    except OSError as e:
+        raise SystemExit(f"meter-cloud: cannot open console file {console_file}: {e.strerror} ([cloud] console)") from None
+    if console_file is not None:
+        log.info("console lines appended to {path}", path=str(console_file))
+    store = cloud.CloudStore(readings, console, reactor, metrics)
 
     descriptors, how = raise_descriptor_limit()
     max_connections, max_unauthenticated = cloud.connection_limits(descriptors, settings["max_unauthenticated"])
@@ -224,5 +234,9 @@ def makeService(options: Options) -> CloudService:
         log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=settings["listen"])
     listener = strports.service(settings["listen"], factory)
     listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
+    # Last: READY=1 once the database is open and the listener bound.
+    readiness = ReadinessService(Notifier.from_environment(), reactor, f"listening on {settings['listen']}")
+    listener.endpoint = readiness.watch(listener.endpoint)
     listener.setServiceParent(service)
+    readiness.setServiceParent(service)
     return service

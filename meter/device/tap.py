@@ -18,6 +18,7 @@ from meter.device.metrics import DeviceMetrics
 from meter.device.protocol import DeviceProtocol
 from meter.device.schedule import DailySchedule, offset_for
 from meter.device.sender import Retransmission
+from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
 
 
@@ -125,6 +126,8 @@ def build(options: Options, reactor) -> MultiService:
     interface = "::" if ":" in settings["gateway"][0] else "0.0.0.0"
     UDPServer(0, protocol, interface=interface, maxPacketSize=wire.MAX_DATAGRAM, reactor=reactor).setServiceParent(top)
     ScheduleService(schedule).setServiceParent(top)
+    # Last: READY=1 once the port is bound and the schedule started.
+    ReadinessService(Notifier.from_environment(), reactor, f"device {device_id}").setServiceParent(top)
     return top
 
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from meter import database, gateway, secrets
 from meter.gateway import exposition
 from meter.database import Database
+from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
@@ -152,6 +153,8 @@ class GatewayService(MultiService):
         # device's acknowledgement, while they run (docs/performance.md).
         gc.collect()
         gc.freeze()
+        # Last: READY=1 once the spool is open and the UDP port bound.
+        ReadinessService(Notifier.from_environment(), self._reactor, f"UDP {host}:{port}").setServiceParent(self)
         MultiService.startService(self)
 
     def _counted(self, policy):

@@ -4,12 +4,15 @@ The `meter` command for users:
     meter demo                      the report's day, end to end, on loopback
     meter readings --db PATH        what the cloud stored
     meter lab                       the report's two subnets in network namespaces (root)
+    meter backup SOURCE DEST        copy a spool or database while its daemon runs
+    meter restore BACKUP DEST       put a backup in place for a daemon to start on
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import shutil
 import sqlite3
@@ -124,16 +127,26 @@ def readings(args: argparse.Namespace) -> int:
 def certs(args: argparse.Namespace) -> int:
     """
     Create the CA, the cloud's and gateway's certificates and the fleet's
-    device keys in a folder, never replacing what exists.
+    device keys in a folder, never replacing what exists; renew the
+    certificates near their end (L{meter.renewal}).
     """
+    from meter import renewal
+
+    window = datetime.timedelta(days=args.renew_within)
     try:
         settings = config.load(Path(args.config) if args.config else None)
         created = secrets.create(Path(args.dir), settings.fleet)
+        renewed = renewal.renew(Path(args.dir), window, force=args.renew)
+        ca_warning = renewal.ca_expiring(Path(args.dir), window)
     except (config.ConfigError, secrets.SecretError, OSError) as e:
         print(f"meter certs: {e}", file=sys.stderr)
         return 2
     for path in created:
         print(f"created {path}")
+    for certificate in renewed:
+        print(renewal.describe(certificate))
+    if ca_warning is not None:
+        print(f"meter certs: {ca_warning}", file=sys.stderr)
     print(f"{args.dir}: CA, cloud and gateway certificates, keys of {len(settings.fleet)} devices "
           f"({len(created)} files new). Give each device only its own devices/device<N>.key.")
     return 0
@@ -157,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("certs", help="create a CA, TLS certificates and device keys for the fleet")
     p.add_argument("dir", help="folder to create them in (existing files are kept)")
     p.add_argument("--config", help="configuration file whose [fleet] gets keys (default: etc/meter.toml)")
+    p.add_argument("--renew-within", type=float, default=30.0, metavar="DAYS",
+                   help="renew the cloud's and gateway's certificates that expire within DAYS (default 30), "
+                   "with the same CA and key")
+    p.add_argument("--renew", action="store_true", help="renew the cloud's and gateway's certificates now")
     p.set_defaults(run=certs)
 
     p = commands.add_parser(
@@ -181,6 +198,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="IP", help="only this device's readings")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(run=readings)
+
+    from meter.tools import backup
+
+    backup.register(commands)
 
     from meter.tools import loadgen as load_generator
 

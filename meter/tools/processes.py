@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from twisted.logger import eventFromJSON, formatEvent, jsonFileLogObserver
+from twisted.logger import eventFromJSON, formatEvent
+
+from meter.logs import json_lines
 
 #: A line of the cloud's console: `192.168.1.4 - 02:00 - 17 - 35%`.
 CONSOLE_LINE = re.compile(r"^(\S+) - (\d\d:\d\d) - (-?[0-9.]+) - ([0-9.]+)%$")
@@ -50,24 +52,25 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 def twistd(plugin: str, *args: str, records: bool = False) -> list[str]:
     """
     The command line of C{twistd -n <plugin> <args>} with this Python; with
-    C{records}, its log is written as JSON records (see L{json_records}).
+    C{records}, its log is written as JSON records (C{--log-format json},
+    L{meter.logs}), so a program reading the log takes the figures from the
+    fields rather than from the text.
     """
-    options = ["-n", "--logger", f"{__name__}.json_records"] if records else ["-n"]
+    records_option = ["--log-format", "json"] if records else []
     script = Path(sys.executable).parent / "twistd"
     if script.exists():
-        return [str(script), *options, plugin, *args]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *options, plugin, *args]
+        return [str(script), "-n", plugin, *records_option, *args]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", plugin, *records_option, *args]
 
 
 def json_records():
     """
-    A log observer for twistd's C{--logger}: every event as one JSON object
-    a line on the process's real standard output, with its fields, so a
-    program reading the log takes the figures from the fields rather than
-    from the text.  (The real standard output: twistd sends C{sys.stdout}
-    into the log itself.)
+    A log observer for twistd's C{--logger}, or a process of its own: every
+    event as one JSON object a line on the process's real standard output,
+    as C{--log-format json} writes them.  (The real standard output: twistd
+    sends C{sys.stdout} into the log itself.)
     """
-    return jsonFileLogObserver(sys.__stdout__, recordSeparator="")
+    return json_lines(sys.__stdout__)
 
 
 class DaemonError(RuntimeError):
