@@ -34,6 +34,9 @@ class MeterOptions(usage.Options):
             section, _, name = key.rpartition(".")
             given.setdefault(section or self.role, {})[name] = self[option]
         path = Path(self["config"]) if self["config"] is not None else None
+        #: What the command line overrides, kept for reading the file again
+        #: (the gateway's fleet on SIGHUP).
+        self.given = given
         try:
             self.config = config.load(path, given)
         except config.ConfigError as e:

@@ -182,6 +182,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(run=readings)
 
+    from meter.tools import fleet
+
+    fleet.add_arguments(commands)
+
     from meter.tools import loadgen as load_generator
 
     p = commands.add_parser(
