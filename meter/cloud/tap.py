@@ -71,8 +71,8 @@ class ReadingsDatabase(Service):
     def add(self, columns, stored_at):
         return self._store.add(columns, stored_at)
 
-    def readings(self, device_id=None, device_ip=None, since=None, until=None):
-        return self._store.readings(device_id, device_ip, since, until)
+    def readings(self, device_id=None, device_ip=None, since=None, until=None, limit=None):
+        return self._store.readings(device_id, device_ip, since, until, limit)
 
     def devices(self):
         return self._store.devices()
