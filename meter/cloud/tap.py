@@ -183,7 +183,7 @@ def makeService(options: Options) -> CloudService:
     service = CloudService(metrics)
     readings = ReadingsDatabase(path, reactor)
     readings.setServiceParent(service)
-    store = cloud.CloudStore(readings, cloud.write_console, reactor, metrics)
+    store = cloud.CloudStore(readings, cloud.write_console, reactor, metrics, console_format=cloud.DayHeaders().text)
 
     descriptors, how = raise_descriptor_limit()
     max_connections, max_unauthenticated = cloud.connection_limits(descriptors, settings["max_unauthenticated"])

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from meter import config, database, secrets
 from meter.cloud import SQLiteReadingStore
 from meter.wire import device_address
-from meter.tools.processes import CONSOLE_LINE, DaemonError, Daemons
+from meter.tools.processes import CONSOLE_DAY, CONSOLE_LINE, DaemonError, Daemons
 from meter.reading import format_number
 
 DEMO_DIR = Path("var/demo")
@@ -69,8 +69,10 @@ def demo(args: argparse.Namespace) -> int:
         daemons.stop()
 
     print("The cloud's console:")
-    for line in lines:
-        print(f"  {line}")
+    # Its lines and the day headers among them, as the cloud printed them.
+    for line in cloud.lines:
+        if CONSOLE_LINE.match(line) or CONSOLE_DAY.match(line):
+            print(f"  {line}")
     addresses = {m.group(1) for m in map(CONSOLE_LINE.match, lines)}
     missing = set(settings.fleet.values()) - addresses
     first_send = min(float(m.group(1)) for d in devices for m in d.all_matching(r"send started at=([0-9.]+)"))
