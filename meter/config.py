@@ -168,6 +168,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
             whole(0, 10**6), 0,
             "most connections not yet authenticated, the oldest closed first (0: from the descriptor limit)",
         ),
+        "allow_plain_beyond_loopback": (
+            boolean, False, "let tls = false stand while listen is beyond loopback (a network closed by other means)",
+        ),
     },
     "gateway": {
         "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),
@@ -210,6 +213,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     "security": {
         "dir": (path, "var/secrets", "folder of the CA, the TLS certificates and devices/device<N>.key"),
         "generate": (boolean, True, "create the whole set at start if the folder holds none of it (loopback); false in production"),
+        "allow_generate_beyond_loopback": (
+            boolean, False, "let generate = true stand while the cloud or gateway listens beyond loopback",
+        ),
     },
 }
 
