@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.logger import Logger, formatEvent
 
@@ -31,6 +32,13 @@ WITH_5 = {**FLEET, 5: "192.168.1.6"}
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "meter.toml"
 
 day_chunk = functools.partial(testing.day_chunk, day=DAY, sent_at=NOW)
+
+
+def result_of(d: Deferred):
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
 
 
 # -- `meter fleet add` --------------------------------------------------------
@@ -188,11 +196,41 @@ class ReloadHarness:
 
 def test_a_reload_applies_and_logs_the_new_fleet():
     h = ReloadHarness(lambda: (WITH_5, device_keys(WITH_5)))
-    assert h.reload.reload() == FleetChange(frozenset({5}), frozenset(), frozenset(), frozenset())
+    assert result_of(h.reload.reload()) == FleetChange(frozenset({5}), frozenset(), frozenset(), frozenset())
     assert h.applied == [(WITH_5, device_keys(WITH_5))]
     assert h.logged() == ["fleet reloaded from meter.toml: 1 added (5), 0 removed, 0 changed address; 5 devices expected"]
     # The next reload compares with what was applied.
-    assert h.reload.reload().summary() == "0 added, 0 removed, 0 changed address"
+    assert result_of(h.reload.reload()).summary() == "0 added, 0 removed, 0 changed address"
+
+
+def test_a_reload_asked_for_while_reading_reads_again_afterwards():
+    fleets = [FLEET, WITH_5]
+    h = ReloadHarness(lambda: (fleets[0], device_keys(fleets[0])))
+    reading: list[Deferred] = []
+
+    def run(load):
+        reading.append(Deferred())
+        return reading[-1].addCallback(lambda _: load())
+
+    h.reload._run = run
+    h.reload.reload()
+    h.reload.reload()  # a second SIGHUP while the first reads
+    h.reload.reload()
+    assert len(reading) == 1
+    reading[0].callback(None)
+    assert len(reading) == 2  # once more, for the SIGHUPs that came while reading
+    fleets.pop(0)  # the file changed after the first read
+    reading[1].callback(None)
+    assert len(reading) == 2
+    assert [fleet for fleet, _ in h.applied] == [FLEET, WITH_5]
+
+
+def test_an_unexpected_error_while_reading_is_logged_and_the_fleet_kept():
+    h = ReloadHarness(lambda: 1 / 0)
+    assert result_of(h.reload.reload()) is None
+    assert h.applied == []
+    assert h.logged()[0].startswith("fleet not reloaded, the fleet in use is kept")
+    assert h.events[0]["log_failure"].check(ZeroDivisionError)
 
 
 @pytest.mark.parametrize(
@@ -204,7 +242,7 @@ def test_a_refused_reload_keeps_the_fleet_in_use(error):
         raise error
 
     h = ReloadHarness(load)
-    assert h.reload.reload() is None
+    assert result_of(h.reload.reload()) is None
     assert h.applied == []
     assert h.logged() == [f"fleet not reloaded, the fleet in use is kept: {error}"]
     assert h.reload.fleet == FLEET

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import attrs
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from meter import config, secrets
@@ -97,6 +98,10 @@ class FleetReload:
     @param fleet: the fleet in use.
     @param keys: its devices' keys.
     @param source: the file it is read from, for the lines.
+    @param run: runs C{load}, the Deferred of its result: the daemon's runs
+        it in a thread, as reading thousands of key files takes a few
+        hundred milliseconds the datagrams must not wait for; by default
+        it runs at once.
     """
 
     log = Logger()
@@ -109,8 +114,13 @@ class FleetReload:
         keys: dict[int, bytes],
         source: str,
         log: Logger | None = None,
+        run: Callable[[Callable], Deferred] = maybeDeferred,
     ):
         self._load = load
+        self._run = run
+        #: The reload under way, and whether another was asked for meanwhile.
+        self._loading: Deferred | None = None
+        self._again = False
         self._apply = apply
         self.fleet = fleet
         self.keys = keys
@@ -118,21 +128,43 @@ class FleetReload:
         if log is not None:
             self.log = log
 
-    def reload(self) -> FleetChange | None:
+    def reload(self) -> Deferred:
         """
-        Read the fleet and its keys and swap them in; what changed, or None
-        if the file was refused (the fleet in use kept).
+        Read the fleet and its keys and swap them in: a Deferred firing with
+        what changed, or None if the file was refused (the fleet in use
+        kept).  Asked again while reading, it reads once more afterwards,
+        so the last change to the file is the one taken.
         """
-        try:
-            fleet, keys = self._load()
-        except (config.ConfigError, secrets.SecretError) as e:
-            self.log.error("fleet not reloaded, the fleet in use is kept: {error}", error=str(e))
-            return None
-        except OSError as e:
+        if self._loading is not None:
+            self._again = True
+            return self._loading
+        self._loading = d = self._run(self._load)
+        d.addCallbacks(self._loaded, self._refused)
+        d.addBoth(self._done)
+        return d
+
+    def _done(self, result):
+        self._loading = None
+        if self._again:
+            self._again = False
+            self.reload()
+        return result
+
+    def _refused(self, failure) -> None:
+        if failure.check(config.ConfigError, secrets.SecretError):
+            self.log.error("fleet not reloaded, the fleet in use is kept: {error}", error=failure.getErrorMessage())
+        elif failure.check(OSError):
             self.log.error(
-                "fleet not reloaded, the fleet in use is kept: {source}: {error}", source=self._source, error=str(e)
+                "fleet not reloaded, the fleet in use is kept: {source}: {error}",
+                source=self._source, error=failure.getErrorMessage(),
             )
-            return None
+        else:
+            self.log.failure("fleet not reloaded, the fleet in use is kept", failure)
+        return None
+
+    def _loaded(self, loaded: tuple[dict[int, str], dict[int, bytes]]) -> FleetChange:
+        # On the reactor thread, between two datagrams.
+        fleet, keys = loaded
         change = FleetChange.between(self.fleet, self.keys, fleet, keys)
         self._apply(fleet, keys)
         self.fleet, self.keys = fleet, keys

@@ -13,6 +13,7 @@ from twisted.application.internet import ClientService, UDPServer, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from meter import config, database, gateway, secrets
@@ -126,10 +127,15 @@ class GatewayService(MultiService):
         UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM).setServiceParent(self)
 
         def swap(fleet: dict[int, str], keys: dict[int, bytes]) -> None:
+            if not self.running:
+                return  # read while the gateway stopped: nothing to serve
             self.intake.set_fleet(fleet)
             protocol.set_keys(keys)
 
-        self.fleet_reload = FleetReload(self._load_fleet, swap, self._fleet, self._keys, self._fleet_source)
+        self.fleet_reload = FleetReload(
+            self._load_fleet, swap, self._fleet, self._keys, self._fleet_source,
+            run=lambda load: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), load),
+        )
         if self._load_fleet is not None:
             # The handler runs between two bytecodes of whatever the reactor
             # thread is doing: it only asks the reactor to reload between
