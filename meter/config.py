@@ -214,7 +214,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "dir": (path, "var/secrets", "folder of the CA, the TLS certificates and devices/device<N>.key"),
         "generate": (boolean, True, "create the whole set at start if the folder holds none of it (loopback); false in production"),
         "allow_generate_beyond_loopback": (
-            boolean, False, "let generate = true stand while the cloud or gateway listens beyond loopback",
+            boolean, False, "let generate = true stand while the cloud or gateway listens (a device's gateway is) beyond loopback",
         ),
     },
 }

@@ -2,7 +2,8 @@
 Settings meant for loopback only, refused beyond it: a cloud taking gateways
 in plain text (C{[cloud] tls = false}), and a daemon creating the suite's
 secrets at start (C{[security] generate = true}), while it listens on an
-address other hosts can reach.  Each has an explicit override key, for a
+address other hosts can reach (a device: while its gateway is on another
+host; it would make a key of its own, which its gateway does not hold).  Each has an explicit override key, for a
 network that is closed by other means (the lab's network namespaces).
 
 "Beyond loopback": any listen address outside 127.0.0.0/8 and ::1,
@@ -58,24 +59,26 @@ def refusal(role: str, settings: config.Config) -> str | None:
         host = endpoint_host(listen)
         key = "[cloud] listen"
     elif role == "gateway":
-        host, _ = settings.gateway["listen"]
-        listen = f"{host}:{_}"
+        host, port = settings.gateway["listen"]
+        listen = f"{host}:{port}"
         key = "[gateway] listen"
     else:
-        # A device listens on no address of its own.
-        return None
+        host, port = settings.device["gateway"]
+        listen = f"{host}:{port}"
+        key = "[device] gateway"
     if host is None or is_loopback(host):
         return None
+    verb = "is on" if role == "device" else "listens on"
     if role == "cloud" and not settings.cloud["tls"] and not settings.cloud["allow_plain_beyond_loopback"]:
         return (
-            f"{key} {listen} listens on {_where(host)}, beyond loopback, with [cloud] tls = false: gateways' "
+            f"{key} {listen} {verb} {_where(host)}, beyond loopback, with [cloud] tls = false: gateways' "
             f"readings would cross the network in plain text; set tls = true, or "
             f"[cloud] allow_plain_beyond_loopback = true if the network is closed by other means"
         )
     security = settings.security
     if security["generate"] and not security["allow_generate_beyond_loopback"]:
         return (
-            f"{key} {listen} listens on {_where(host)}, beyond loopback, with [security] generate = true: a host "
+            f"{key} {listen} {verb} {_where(host)}, beyond loopback, with [security] generate = true: a host "
             f"with an empty secrets folder would make a CA and keys no other host holds; provision the hosts (`meter certs`, docs/security.md) "
             f"and set generate = false, or [security] allow_generate_beyond_loopback = true"
         )

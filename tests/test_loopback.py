@@ -80,6 +80,17 @@ def test_loopback_and_unix_sockets_and_devices_pass():
     assert loopback.refusal("device", settings(gateway={"listen": "0.0.0.0:10005"})) is None
 
 
+def test_a_device_creating_secrets_with_its_gateway_on_another_host_is_refused():
+    # It would make a key of its own, which its gateway does not hold.
+    assert loopback.refusal("device", settings(device={"gateway": "192.168.1.1:10005"})) == (
+        "[device] gateway 192.168.1.1:10005 is on 192.168.1.1, beyond loopback, with [security] generate = true: "
+        "a host with an empty secrets folder would make a CA and keys no other host holds; provision the hosts "
+        "(`meter certs`, docs/security.md) and set generate = false, or [security] allow_generate_beyond_loopback = true"
+    )
+    override = {"allow_generate_beyond_loopback": True}
+    assert loopback.refusal("device", settings(device={"gateway": "192.168.1.1:10005"}, security=override)) is None
+
+
 def test_the_repository_configuration_is_loopback_only():
     repository = config.load(Path(__file__).resolve().parent.parent / "etc" / "meter.toml")
     assert loopback.refusal("cloud", repository) is None
