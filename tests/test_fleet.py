@@ -461,3 +461,12 @@ def test_sighup_adds_a_device_mid_round_and_a_bad_file_keeps_the_fleet(make_suit
     device = suite.start_device(1, "--config", str(good))
     assert device.wait(30) == 0, device.tail()
     assert gateway.process.poll() is None
+
+
+def test_the_edited_file_keeps_its_owner_and_mode(tmp_path, configured):
+    # The tests run as root: the service user's file must stay theirs.
+    os.chown(configured, 4321, 4321)
+    configured.chmod(0o640)
+    assert fleet_add(tmp_path, "5", "192.168.1.6") == 0
+    after = os.stat(configured)
+    assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (4321, 4321, 0o640)

@@ -154,9 +154,13 @@ def replace_config(path: Path, text: str, expected: dict[int, str]) -> None:
     renamed over C{path}.  A reader sees the old file or the new one.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    mode = os.stat(path).st_mode & 0o7777
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    old = os.stat(path)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, old.st_mode & 0o7777)
     try:
+        if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+            # Run as root on the service user's file: it stays theirs, or
+            # the daemons reading it could no longer.
+            os.fchown(fd, old.st_uid, old.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
