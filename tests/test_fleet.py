@@ -111,10 +111,11 @@ def test_a_file_without_a_fleet_table_gets_one_holding_the_fleet_it_had(tmp_path
         (("5-6", "192.168.1.6"), "2 devices need --first-address ADDRESS[/PREFIX]"),
         (("5",), "give the address"),
         (("6-5", "192.168.1.6"), "device ids '6-5': the range ends before it starts"),
+        (("1-200000", "--first-address", "10.0.0.1/8"), "device ids '1-200000': 200000 devices, at most 100000 in one add"),
         (("5", "192.168.1.300"), "device address '192.168.1.300' is not an IP address"),
     ],
     ids=["id taken", "address taken", "range collides", "range past the subnet", "past the last host",
-         "network address", "range with one address", "no address", "backwards", "bad address"],
+         "network address", "range with one address", "no address", "backwards", "too many", "bad address"],
 )
 def test_a_refused_add_names_why_and_changes_nothing(tmp_path, configured, capsys, args, refusal):
     before = configured.read_text()

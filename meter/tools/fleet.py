@@ -36,6 +36,8 @@ _TABLE_HEADER = re.compile(r"^\s*\[")
 DEFAULT_PREFIX = {4: 24, 6: 64}
 #: How many refused ids or addresses a refusal names before it counts them.
 NAMED = 5
+#: The most devices one add takes: each is a key file and a line.
+MAX_ADD = 100_000
 
 
 class FleetError(ValueError):
@@ -57,6 +59,8 @@ def device_ids(text: str) -> range:
         raise FleetError(f"device ids {text!r}: {e}") from None
     if high < low:
         raise FleetError(f"device ids {text!r}: the range ends before it starts")
+    if high - low + 1 > MAX_ADD:
+        raise FleetError(f"device ids {text!r}: {high - low + 1} devices, at most {MAX_ADD} in one add")
     return range(low, high + 1)
 
 
