@@ -230,7 +230,7 @@ def test_an_unexpected_error_while_reading_is_logged_and_the_fleet_kept():
     h = ReloadHarness(lambda: 1 / 0)
     assert result_of(h.reload.reload()) is None
     assert h.applied == []
-    assert h.logged()[0].startswith("fleet not reloaded, the fleet in use is kept")
+    assert h.logged()[0].startswith("fleet reload from meter.toml failed")
     assert h.events[0]["log_failure"].check(ZeroDivisionError)
 
 

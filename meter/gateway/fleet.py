@@ -139,7 +139,8 @@ class FleetReload:
             self._again = True
             return self._loading
         self._loading = d = self._run(self._load)
-        d.addCallbacks(self._loaded, self._refused)
+        d.addCallback(self._loaded)
+        d.addErrback(self._refused)
         d.addBoth(self._done)
         return d
 
@@ -159,7 +160,8 @@ class FleetReload:
                 source=self._source, error=failure.getErrorMessage(),
             )
         else:
-            self.log.failure("fleet not reloaded, the fleet in use is kept", failure)
+            # Not a file the operator can fix: a fault of the gateway's own.
+            self.log.failure("fleet reload from {source} failed", failure, source=self._source)
         return None
 
     def _loaded(self, loaded: tuple[dict[int, str], dict[int, bytes]]) -> FleetChange:
