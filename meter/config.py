@@ -195,6 +195,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
             optional_server_endpoint, "tcp:9181:interface=127.0.0.1",
             "Twisted endpoint serving /metrics, /healthz and /readyz over HTTP (\"\": none)",
         ),
+        "allow_plain_beyond_loopback": (
+            boolean, False, "let tls = false stand while listen is beyond loopback (a network closed by other means)",
+        ),
     },
     "gateway": {
         "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),
@@ -241,6 +244,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     "security": {
         "dir": (path, "var/secrets", "folder of the CA, the TLS certificates and devices/device<N>.key"),
         "generate": (boolean, True, "create the whole set at start if the folder holds none of it (loopback); false in production"),
+        "allow_generate_beyond_loopback": (
+            boolean, False, "let generate = true stand while the cloud or gateway listens (a device's gateway is) beyond loopback",
+        ),
     },
 }
 

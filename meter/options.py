@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.logger import Logger
 from twisted.python import usage
 
-from meter import config, logs, secrets
+from meter import config, logs, loopback, secrets
 
 
 class MeterOptions(usage.Options):
@@ -39,10 +39,17 @@ class MeterOptions(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         path = Path(self["config"]) if self["config"] is not None else None
+        #: What the command line overrides, kept for reading the file again
+        #: (the gateway's fleet on SIGHUP).
+        self.given = given
         try:
             self.config = config.load(path, given)
         except config.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        # Before any secret is made: settings meant for loopback only.
+        refused = loopback.refusal(self.role, self.config)
+        if refused is not None:
+            raise SystemExit(f"meter-{self.role}: {refused}")
         # A secret missing or unsafe is no misuse of the command line: one
         # line naming the file and a non-zero exit, without the usage text.
         security = self.config.security

@@ -117,12 +117,13 @@ def read_fleet_keys(folder: Path, fleet) -> dict[int, bytes]:
     return {device_id: read_device_key(folder, device_id) for device_id in fleet}
 
 
-def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+def _write_new(path: Path, data: bytes, mode: int = 0o600, sync_folder: bool = True) -> None:
     """
     Write C{path} only if it does not exist yet, atomically: a reader never
     sees a half-written secret, and an existing file is never replaced.
     The data goes to a temporary file opened with O_EXCL, then link(2)
-    gives it its name, which fails with EEXIST like O_EXCL would.
+    gives it its name, which fails with EEXIST like O_EXCL would.  Without
+    C{sync_folder} the caller fsyncs the folder once it wrote them all.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -138,7 +139,12 @@ def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
             raise SecretError(f"{path} exists: not replaced") from None
     finally:
         os.unlink(temporary)
-    directory = os.open(path.parent, os.O_RDONLY)
+    if sync_folder:
+        _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
@@ -208,6 +214,31 @@ def create(folder: Path, fleet) -> list[Path]:
     with _locked(folder):
         _create(folder, fleet, created)
     return created
+
+
+def create_device_keys(folder: Path, device_ids) -> tuple[list[Path], list[Path]]:
+    """
+    C{meter fleet add}: a key for each of C{device_ids} in C{folder} that
+    has none, never replacing one (a key kept belongs to a device already
+    holding it, or to an earlier add that stopped part way).  The files
+    created and the files kept.  One fsync of the folder for them all, so
+    thousands take seconds.
+    """
+    created: list[Path] = []
+    kept: list[Path] = []
+    with _locked(folder):
+        try:
+            for device_id in device_ids:
+                path = device_key_path(folder, device_id)
+                if os.path.lexists(path):
+                    kept.append(path)
+                    continue
+                _write_new(path, os.urandom(KEY_BYTES).hex().encode() + b"\n", sync_folder=False)
+                created.append(path)
+        finally:
+            if created:
+                _sync_folder(created[0].parent)
+    return created, kept
 
 
 def _create(folder: Path, fleet, created: list[Path]) -> None:

@@ -304,6 +304,7 @@ class MemoryReadingStore:
         device_ip: str | None = None,
         since: datetime.datetime | None = None,
         until: datetime.datetime | None = None,
+        limit: int | None = None,
     ) -> Deferred:
         parse = datetime.datetime.fromisoformat
         found = []
@@ -317,7 +318,7 @@ class MemoryReadingStore:
             ):
                 found.append(Reading.checked(number, ip, taken_at, temperature, humidity))
         found.sort(key=lambda reading: (reading.taken_at, reading.device_id))
-        return succeed(found)
+        return succeed(found if limit is None else found[:limit])
 
     def devices(self) -> Deferred:
         stamps: dict[int, list[str]] = {}

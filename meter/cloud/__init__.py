@@ -9,7 +9,7 @@ translates lines to calls on it and answers to lines; L{console} prints; the
 tap (L{meter.cloud.tap}) wires them.
 """
 
-from meter.cloud.console import console_text, write_console
+from meter.cloud.console import DayHeaders, console_text, day_header, write_console
 from meter.cloud.interfaces import DeviceSummary, IReadingStore
 from meter.cloud.metrics import CloudMetrics
 from meter.cloud.protocol import (
@@ -29,6 +29,7 @@ __all__ = [
     "CloudMetrics",
     "CloudProtocol",
     "CloudStore",
+    "DayHeaders",
     "DeviceSummary",
     "IReadingStore",
     "MAX_UNAUTHENTICATED",
@@ -38,6 +39,7 @@ __all__ = [
     "VERSIONS",
     "connection_limits",
     "console_text",
+    "day_header",
     "open_database",
     "write_console",
 ]

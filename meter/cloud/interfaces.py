@@ -57,7 +57,7 @@ class IReadingStore(Interface):
             could not take them.
         """
 
-    def readings(device_id=None, device_ip=None, since=None, until=None):
+    def readings(device_id=None, device_ip=None, since=None, until=None, limit=None):
         """
         The stored readings, as L{meter.reading.Reading}s, by time taken and
         then device id.
@@ -71,6 +71,7 @@ class IReadingStore(Interface):
             L{datetime.datetime} (exclusive), if given: consecutive ranges
             (C{since=a, until=b}, then C{since=b, until=c}) hold each reading
             exactly once.
+        @param limit: at most this many, the first in that order, if given.
         @return: a L{Deferred} firing with a list.
         """
 

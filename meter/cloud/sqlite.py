@@ -126,6 +126,7 @@ class SQLiteReadingStore:
         device_ip: str | None = None,
         since: datetime.datetime | None = None,
         until: datetime.datetime | None = None,
+        limit: int | None = None,
     ) -> defer.Deferred:
         conditions: list[str] = []
         args: list = []
@@ -142,6 +143,9 @@ class SQLiteReadingStore:
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
         sql += " ORDER BY taken_at, device_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
         parse = datetime.datetime.fromisoformat
         return defer.execute(
             lambda: [

@@ -29,7 +29,8 @@ class CloudStore:
     log = Logger()
 
     def __init__(
-        self, readings: IReadingStore, console: Callable[[str], None], clock, metrics: CloudMetrics | None = None
+        self, readings: IReadingStore, console: Callable[[str], None], clock, metrics: CloudMetrics | None = None,
+        console_format: Callable[[wire.BatchColumns], str] = console_text,
     ):
         """
         @param readings: where the readings are kept.
@@ -38,9 +39,12 @@ class CloudStore:
         @param metrics: the cloud's counts, which the protocol and admission
             of connections served by this store add to as well; a new one
             if not given.
+        @param console_format: makes the console text of the new readings
+            (the daemon's adds the day's header lines, L{DayHeaders}).
         """
         self._readings = readings
         self._console = console
+        self._console_format = console_format
         self._clock = clock
         self.metrics = CloudMetrics() if metrics is None else metrics
         # The gateway retries a batch refused for a failed commit, so there
@@ -61,7 +65,7 @@ class CloudStore:
             new = columns if new_at is None else columns.pick(new_at)
             if new:
                 try:
-                    self._console(console_text(new))
+                    self._console(self._console_format(new))
                     self._failures.succeeded("printing stored readings")
                 except Exception:
                     # The readings are committed: the gateway must hear so,

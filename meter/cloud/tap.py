@@ -82,8 +82,8 @@ class ReadingsDatabase(Service):
     def add(self, columns, stored_at):
         return self._store.add(columns, stored_at)
 
-    def readings(self, device_id=None, device_ip=None, since=None, until=None):
-        return self._store.readings(device_id, device_ip, since, until)
+    def readings(self, device_id=None, device_ip=None, since=None, until=None, limit=None):
+        return self._store.readings(device_id, device_ip, since, until, limit)
 
     def devices(self):
         return self._store.devices()
@@ -202,7 +202,7 @@ def makeService(options: Options) -> CloudService:
         raise SystemExit(f"meter-cloud: cannot open console file {console_file}: {e.strerror} ([cloud] console)") from None
     if console_file is not None:
         log.info("console lines appended to {path}", path=str(console_file))
-    store = cloud.CloudStore(readings, console, reactor, metrics)
+    store = cloud.CloudStore(readings, console, reactor, metrics, console_format=cloud.DayHeaders().text)
 
     descriptors, how = raise_descriptor_limit()
     max_connections, max_unauthenticated = cloud.connection_limits(descriptors, settings["max_unauthenticated"])

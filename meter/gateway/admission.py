@@ -168,6 +168,13 @@ class Admission:
         self._warnings = LimitedWarnings(log, clock)
         self._spool_full_lines = LimitedLines(log, clock, 1 / 6, 5, LogLevel.error, "similar lines left out")
 
+    def set_fleet(self, fleet: dict[int, str]) -> None:
+        """
+        Expect C{fleet} from the next chunk on (a reload): what devices sent
+        before, removed ones included, is kept and forgotten by its age.
+        """
+        self._fleet = fleet
+
     # -- the rules -----------------------------------------------------------
 
     def _refusal(

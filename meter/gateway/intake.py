@@ -108,6 +108,14 @@ class Intake:
         self._stopped = False
         self._failures = Failures(self, clock, self.metrics, max_retry_delay)
 
+    def set_fleet(self, fleet: dict[int, str]) -> None:
+        """
+        Expect C{fleet} (device id -> address) from the next chunk on,
+        without closing or reopening a round: see L{Rounds.set_fleet}.
+        """
+        self.admission.set_fleet(fleet)
+        self.rounds.set_fleet(fleet)
+
     # -- start and stop ------------------------------------------------------
 
     def recover(self, state: Recovered) -> None:

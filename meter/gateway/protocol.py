@@ -54,6 +54,13 @@ class GatewayProtocol(DatagramProtocol):
         # Warnings about bad input: a few a minute per source, then a count.
         self._warnings = LimitedWarnings(self.log, clock)
 
+    def set_keys(self, keys: dict[int, bytes]) -> None:
+        """
+        Authenticate with C{keys} from the next datagram on (a reload).  A
+        chunk being committed is answered under the key it came with.
+        """
+        self._keys = keys
+
     def startProtocol(self):
         # A fleet reporting at once must not overflow the kernel's queue.
         sock = getattr(self.transport, "socket", None)
@@ -116,7 +123,7 @@ class GatewayProtocol(DatagramProtocol):
             metrics.unexpected += 1
             self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
             return
-        self._intake.chunk_received(message, peer, body).addCallback(self._answer, message, addr, peer, len(data))
+        self._intake.chunk_received(message, peer, body).addCallback(self._answer, message, key, addr, peer, len(data))
 
     def _drop(self, peer: str, size: int, detail: str) -> None:
         self._warnings.warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
@@ -127,8 +134,10 @@ class GatewayProtocol(DatagramProtocol):
         """
         self.transport.write(wire.seal(wire.encode(ack), key), addr)
 
-    def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, addr, peer: str, size: int) -> None:
-        self._reply(ack, self._keys[chunk.device_id], addr)
+    def _answer(self, ack: wire.DayAck, chunk: wire.DayChunk, key: bytes, addr, peer: str, size: int) -> None:
+        # The key the chunk came with: a reload meanwhile may have removed
+        # the device or changed its key.
+        self._reply(ack, key, addr)
         if not self._log_datagrams:
             # A log line costs as much as the rest of a datagram's handling:
             # by default the intake logs each device's day once it is whole.

@@ -135,6 +135,21 @@ class Rounds:
         if self._everyone_reported(round_):
             self._close(round_, "every expected device reported")
 
+    def set_fleet(self, fleet: dict[int, str]) -> None:
+        """
+        Expect C{fleet} from now on (a reload).  An open round keeps its
+        deadline and the devices that reported; a device added reports into
+        it like the others.  A round that waited only for devices removed
+        closes at once, complete: they are no longer expected, and the
+        readings of those that reported need not wait out the deadline for
+        a device that will never be counted.
+        """
+        self._fleet = fleet
+        # A copy: closing a round forgets old rounds.
+        for round_ in list(self.rounds.values()):
+            if not round_.closed and self._everyone_reported(round_):
+                self._close(round_, "every expected device reported (the fleet was reloaded)")
+
     def recover(self, stored: tuple[StoredRound, ...], complete) -> None:
         """
         Resume the rounds the spool holds, with the devices that reported

@@ -6,18 +6,22 @@ and the uplink behind a reconnecting TCP client.
 from __future__ import annotations
 
 import gc
+import signal
+from pathlib import Path
 
 from twisted.application.internet import ClientService, UDPServer, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from meter import database, gateway, secrets
+from meter import config, database, gateway, secrets
 from meter.gateway import exposition
 from meter.database import Database
 from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
+from meter.gateway.fleet import FleetReload, file_loader
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
@@ -66,13 +70,24 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor):
+    def __init__(
+        self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor, load_fleet=None,
+        fleet_source: str = "",
+    ):
+        """
+        @param load_fleet: reads the fleet and its keys again, on SIGHUP
+            (see L{file_loader}); None: no reload.
+        @param fleet_source: the file it reads, for the log.
+        """
         MultiService.__init__(self)
         self._settings = settings
         self._fleet = fleet
         self._keys = keys
         self._tls = tls
         self._reactor = reactor
+        self._load_fleet = load_fleet
+        self._fleet_source = fleet_source
+        self._hangup_before = None
 
     def startService(self):
         s = self._settings
@@ -113,6 +128,24 @@ class GatewayService(MultiService):
             self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"]
         )
         UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM).setServiceParent(self)
+
+        def swap(fleet: dict[int, str], keys: dict[int, bytes]) -> None:
+            if not self.running:
+                return  # read while the gateway stopped: nothing to serve
+            self.intake.set_fleet(fleet)
+            protocol.set_keys(keys)
+
+        self.fleet_reload = FleetReload(
+            self._load_fleet, swap, self._fleet, self._keys, self._fleet_source,
+            run=lambda load: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), load),
+        )
+        if self._load_fleet is not None:
+            # The handler runs between two bytecodes of whatever the reactor
+            # thread is doing: it only asks the reactor to reload between
+            # two events, so no datagram sees half a fleet.
+            self._hangup_before = signal.signal(
+                signal.SIGHUP, lambda signum, frame: self._reactor.callFromThread(self.fleet_reload.reload)
+            )
         cloud_host, cloud_port = s["cloud"]
         endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint
         # On a gateway with an interface on each side, connect from the cloud's side.
@@ -184,6 +217,9 @@ class GatewayService(MultiService):
         self.log.info("{count} readings delivered; {depth} left in the spool", count=count, depth=self.spool.depth)
 
     def stopService(self):
+        if self._hangup_before is not None:
+            signal.signal(signal.SIGHUP, self._hangup_before)
+            self._hangup_before = None
         if self._stats.running:
             self._stats.stop()
         d = MultiService.stopService(self)
@@ -212,4 +248,13 @@ def makeService(options: Options):
         database.claim(path, VERSIONS)
     except database.Unusable as e:
         raise SystemExit(f"meter-gateway: cannot open spool {path}: {e}") from None
-    return GatewayService(options.config.gateway, options.config.fleet, options.keys, options.tls, reactor)
+    # Absolute: a daemon may change its folder after this.
+    if options["config"] is not None:
+        source = Path(options["config"]).absolute()
+    else:
+        source = config.DEFAULT_CONFIG.absolute() if config.DEFAULT_CONFIG.exists() else None
+    load_fleet = file_loader(source, options.given, options.config.security["dir"].absolute())
+    return GatewayService(
+        options.config.gateway, options.config.fleet, options.keys, options.tls, reactor,
+        load_fleet=load_fleet, fleet_source=str(source) if source is not None else "the embedded defaults",
+    )

@@ -2,7 +2,8 @@
 The `meter` command for users:
 
     meter demo                      the report's day, end to end, on loopback
-    meter readings --db PATH        what the cloud stored
+    meter readings                  what the cloud stored (its [cloud] db, or --db PATH)
+    meter fleet add ID ADDRESS      a device's key and its [fleet] line (or a range of them)
     meter lab                       the report's two subnets in network namespaces (root)
     meter backup SOURCE DEST        copy a spool or database while its daemon runs
     meter restore BACKUP DEST       put a backup in place for a daemon to start on
@@ -14,6 +15,8 @@ import argparse
 import csv
 import datetime
 import json
+import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -21,9 +24,10 @@ from pathlib import Path
 
 from twisted.python.failure import Failure
 
-from meter import config, secrets
+from meter import config, database, secrets
 from meter.cloud import SQLiteReadingStore
-from meter.tools.processes import CONSOLE_LINE, DaemonError, Daemons
+from meter.wire import device_address
+from meter.tools.processes import CONSOLE_DAY, CONSOLE_LINE, DaemonError, Daemons
 from meter.reading import format_number
 
 DEMO_DIR = Path("var/demo")
@@ -67,8 +71,10 @@ def demo(args: argparse.Namespace) -> int:
         daemons.stop()
 
     print("The cloud's console:")
-    for line in lines:
-        print(f"  {line}")
+    # Its lines and the day headers among them, as the cloud printed them.
+    for line in cloud.lines:
+        if CONSOLE_LINE.match(line) or CONSOLE_DAY.match(line):
+            print(f"  {line}")
     addresses = {m.group(1) for m in map(CONSOLE_LINE.match, lines)}
     missing = set(settings.fleet.values()) - addresses
     first_send = min(float(m.group(1)) for d in devices for m in d.all_matching(r"send started at=([0-9.]+)"))
@@ -87,25 +93,97 @@ def demo(args: argparse.Namespace) -> int:
 COLUMNS = ("device_id", "device_ip", "taken_at", "temperature_c", "humidity_pct")
 
 
+def _device(text: str) -> dict:
+    """
+    C{--device}: a device id (digits) or a device address, as the store's
+    query keywords.
+    """
+    if text.isdigit():
+        return {"device_id": config.whole(1, 2**31 - 1)(text)}
+    return {"device_ip": device_address(text)}
+
+
+#: What --from and --to take: a date, maybe a time of day (a zone is refused).
+_MOMENT = re.compile(r"^\d{4}-\d\d-\d\d(?P<time>[T ]\d\d:\d\d(:\d\d)?)?(?P<zone>Z|[+-]\d\d:?\d\d)?$")
+
+
+def _moment(text: str, end: bool) -> datetime.datetime:
+    """
+    C{--from} or C{--to}: a date or a date and time, in the devices' local
+    time as stored (the readings carry no zone).  A date alone as C{--to}
+    takes in that whole day.
+    """
+    shape = _MOMENT.match(text)
+    if shape is not None and shape.group("zone"):
+        raise ValueError(f"{text!r} has a zone: readings are stamped in their device's local time, give it without one")
+    try:
+        if shape is None:
+            raise ValueError
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"expected a date (2026-11-30) or a date and time (2026-11-30T08:00), got {text!r}") from None
+    if end and shape.group("time") is None:
+        moment += datetime.timedelta(days=1)
+    return moment
+
+
+def _database_path(args: argparse.Namespace) -> tuple[Path, str]:
+    """
+    The cloud's database: --db, else [cloud] db of the configuration; and
+    where the path came from, for a message.
+    """
+    if args.db:
+        return Path(args.db), "--db"
+    settings = config.load(Path(args.config) if args.config else None)
+    return settings.cloud["db"], f"[cloud] db of {settings.source}"
+
+
 def readings(args: argparse.Namespace) -> int:
-    path = Path(args.db)
+    try:
+        path, source = _database_path(args)
+    except config.ConfigError as e:
+        print(f"meter readings: {e}", file=sys.stderr)
+        return 2
+    query: dict = {}
+    for option, given, parse in (
+        ("--device", args.device, _device),
+        ("--from", args.since, lambda text: {"since": _moment(text, False)}),
+        ("--to", args.until, lambda text: {"until": _moment(text, True)}),
+    ):
+        if given is not None:
+            try:
+                query.update(parse(given))
+            except ValueError as e:
+                print(f"meter readings: {option}: {e}", file=sys.stderr)
+                return 2
+    if args.limit is not None and args.limit < 0:
+        print(f"meter readings: --limit: expected 0 or more, got {args.limit}", file=sys.stderr)
+        return 2
     if not path.is_file():
-        print(f"meter readings: no database at {path}", file=sys.stderr)
+        hint = "" if args.db else " (run where the cloud runs, or give --db PATH or --config FILE)"
+        print(f"meter readings: no database at {path} ({source}){hint}", file=sys.stderr)
         return 2
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        (kind,) = connection.execute("PRAGMA application_id").fetchone()
+        if kind != database.CLOUD_DATABASE and kind in database.KINDS:
+            print(f"meter readings: {path} is a {database.KINDS[kind]}, not the cloud's database ({source})", file=sys.stderr)
+            return 2
+        # One more than the limit: whether there were more to show.
+        limit = None if args.limit is None else args.limit + 1
         # The SQLite store answers a query at once: its Deferred has fired.
         outcome: list = []
-        SQLiteReadingStore(connection).readings(device_ip=args.device).addBoth(outcome.append)
+        SQLiteReadingStore(connection).readings(**query, limit=limit).addBoth(outcome.append)
         (found,) = outcome
         if isinstance(found, Failure):
             found.raiseException()
+        more = limit is not None and len(found) == limit
         rows = [
             (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
-            for r in found
+            for r in found[:args.limit]
         ]
     except sqlite3.DatabaseError as e:
-        print(f"meter readings: {path} is not a meter cloud database: {e}", file=sys.stderr)
+        print(f"meter readings: {path} is not a meter cloud database ({source}): {e}", file=sys.stderr)
         return 2
     out = sys.stdout
     if args.format == "csv":
@@ -120,7 +198,7 @@ def readings(args: argparse.Namespace) -> int:
         widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
         for row in table:
             out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
-        out.write(f"({len(rows)} readings)\n")
+        out.write(f"({len(rows)} readings{'; more beyond --limit' if more else ''})\n")
     return 0
 
 
@@ -193,15 +271,30 @@ def parser() -> argparse.ArgumentParser:
                    help="only remove the namespaces (and their processes) left by earlier runs: all mlab-*, or one run's")
     p.set_defaults(run=lab)
 
-    p = commands.add_parser("readings", help="list the readings a cloud database holds")
-    p.add_argument("--db", required=True, help="the cloud's SQLite database")
-    p.add_argument("--device", metavar="IP", help="only this device's readings")
+    p = commands.add_parser(
+        "readings", help="list the readings a cloud database holds",
+        description="The readings the cloud stored, by time taken, then device id.  Times are the devices' local "
+        "times, as their surveys and the cloud's console give them (no zone).",
+    )
+    p.add_argument("--db", help="the cloud's SQLite database (default: [cloud] db of the configuration)")
+    p.add_argument("--config", help="configuration file naming the database (default: etc/meter.toml, else the "
+                   "embedded defaults)")
+    p.add_argument("--device", metavar="ID|ADDRESS", help="only this device's readings, by id (3) or address (192.168.1.4)")
+    p.add_argument("--from", dest="since", metavar="WHEN",
+                   help="only readings taken at or after WHEN: a date (2026-11-30) or date and time (2026-11-30T08:00)")
+    p.add_argument("--to", dest="until", metavar="WHEN",
+                   help="only readings taken before WHEN; a date alone includes that whole day")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N readings, the first by time taken")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(run=readings)
 
     from meter.tools import backup
 
     backup.register(commands)
+
+    from meter.tools import fleet
+
+    fleet.add_arguments(commands)
 
     from meter.tools import loadgen as load_generator
 
@@ -217,7 +310,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`meter readings | head`): what is left
+        # unwritten is not wanted.  Quiet, with a shell's status for a
+        # command ended by SIGPIPE; stdout goes to /dev/null so that the
+        # interpreter's own flush at exit meets no broken pipe either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
 
 
 if __name__ == "__main__":

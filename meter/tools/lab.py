@@ -394,7 +394,8 @@ class Lab:
         if "security" in config.SCHEMA:
             # The cloud, started first, creates the CA, the certificates and
             # the device keys here; the others find them.
-            settings["security"] = {"dir": str(self.workdir / "secrets")}
+            # Beyond loopback, but in network namespaces of this host only.
+            settings["security"] = {"dir": str(self.workdir / "secrets"), "allow_generate_beyond_loopback": True}
         self.config.write_text(config.render(settings, self.fleet))
         config.load(self.config)  # refuse a bad generated file here, not in four daemons
 

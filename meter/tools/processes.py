@@ -25,6 +25,8 @@ from meter.logs import json_lines
 
 #: A line of the cloud's console: `192.168.1.4 - 02:00 - 17 - 35%`.
 CONSOLE_LINE = re.compile(r"^(\S+) - (\d\d:\d\d) - (-?[0-9.]+) - ([0-9.]+)%$")
+#: The cloud console's header above the lines of a day (never a CONSOLE_LINE).
+CONSOLE_DAY = re.compile(r"^--- readings of (\d{4}-\d\d-\d\d) \(the devices' local time\) ---$")
 
 #: What the cloud logs once it listens (with TLS or without).
 CLOUD_LISTENING = re.compile(r"Factory (\(TLS\) )?starting on")

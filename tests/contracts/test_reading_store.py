@@ -193,3 +193,12 @@ async def test_devices_are_summarized_by_id(store):
         DeviceSummary(3, at("2026-03-01T02:00"), at("2026-03-01T02:00"), 1),
         DeviceSummary(7, at("2026-03-02T00:00"), at("2026-03-02T00:00"), 1),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limit_gives_the_first_readings_in_order(store):
+    await store.add(columns(D, C, B, A), 1.0)
+    assert await store.readings(limit=2) == [READING_A, READING_B]
+    assert await store.readings(device_id=1, limit=1) == [READING_B]
+    assert await store.readings(since=at("2026-03-01T09:00"), limit=5) == [READING_C, READING_D]
+    assert await store.readings(limit=0) == []
