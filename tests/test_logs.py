@@ -19,7 +19,7 @@ from twisted.logger import Logger, eventFromJSON
 
 from meter import logs
 from meter.cloud.console_file import ConsoleFile, console_path
-from meter.tools.processes import _FileOutput, twistd
+from meter.tools.processes import CONSOLE_DAY, _FileOutput, twistd
 
 
 def test_json_line_is_one_line_of_json_without_record_separator():
@@ -80,7 +80,7 @@ def test_foreground_json_log_is_json_lines(make_suite):
     """
     The real plugins with --log-format json (the suite's logs=True): every
     line of their output is a JSON object but the cloud's console lines,
-    and no byte is a record separator.
+    and their day's header, and no byte is a record separator.
     """
     suite = make_suite(devices=1, logs=True)
     cloud = suite.start_cloud()
@@ -97,7 +97,9 @@ def test_foreground_json_log_is_json_lines(make_suite):
         assert records, name
         others = [line for line in lines if not line.startswith("{")]
         if name == "cloud":
-            assert len(others) == 4 and all(line.startswith("192.168.1.2 - ") for line in others), others
+            header, *readings = others
+            assert CONSOLE_DAY.match(header), others
+            assert len(readings) == 4 and all(line.startswith("192.168.1.2 - ") for line in readings), others
         else:
             assert others == []
 
@@ -192,11 +194,13 @@ def test_daemons_started_from_one_folder_each_write_their_own_log(make_suite, tm
                 # Detached: READY=1 from the daemon once it serves.
                 assert manager.recv(4096).startswith(b"READY=1")
                 assert (root / pidfile).exists()
-            console = _read_until(root / "cloud-console.log", 4)
+            console = _read_until(root / "cloud-console.log", 5)
         finally:
             for pidfile in reversed(started):
                 _stop(pidfile)
-    assert all(line.startswith("192.168.1.2 - ") for line in console), console
+    header, *readings = console
+    assert CONSOLE_DAY.match(header), console
+    assert len(readings) == 4 and all(line.startswith("192.168.1.2 - ") for line in readings), console
     assert not (root / "twistd.log").exists()
     cloud_log = (root / "meter-cloud.log").read_text()
     assert "console lines appended to" in cloud_log and "cloud stopped" in cloud_log
