@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from meter import cloud, database, secrets
 from meter.database import connect
+from meter.listening import NamedListener
 from meter.options import MeterOptions
 
 log = Logger()
@@ -214,5 +215,7 @@ def makeService(options: Options) -> CloudService:
         log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=settings["listen"])
     listener = strports.service(settings["listen"], factory)
     listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
-    listener.setServiceParent(service)
+    NamedListener(listener, "meter-cloud", "TCP", f"--listen or [cloud] listen in {options.config.source}").setServiceParent(
+        service
+    )
     return service

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 
-from twisted.application.internet import ClientService, UDPServer, backoffPolicy
+from twisted.application.internet import UDPServer
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
@@ -15,7 +15,9 @@ from twisted.logger import Logger
 
 from meter import database, gateway, secrets
 from meter.database import Database
+from meter.listening import NamedListener
 from meter.options import MeterOptions
+from meter.gateway import link
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
@@ -45,7 +47,13 @@ class Options(MeterOptions):
         keys = [secrets.device_key_path(folder, device_id) for device_id in self.config.fleet]
         secrets.require(folder, (secrets.tls_files(folder, "gateway") if tls else []) + keys)
         self.keys = secrets.read_fleet_keys(folder, self.config.fleet)
-        self.tls = secrets.client_tls(folder, self.config.gateway["cloud_name"]) if tls else None
+        self.tls = self.expected = None
+        if tls:
+            # Kept, to say what the cloud presented when it is refused.
+            self.tls = link.PeerCertificates(secrets.client_tls(folder, self.config.gateway["cloud_name"]))
+            self.expected = link.Expectation(
+                self.config.gateway["cloud_name"], (folder / "ca.crt").absolute(), self.tls.presented
+            )
 
 
 class GatewayService(MultiService):
@@ -63,8 +71,14 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor):
+    def __init__(
+        self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor, source: str = "the configuration",
+        expected: link.Expectation | None = None,
+    ):
         MultiService.__init__(self)
+        self._expected = expected
+        #: Where the settings came from, to name in messages.
+        self._source = source
         self._settings = settings
         self._fleet = fleet
         self._keys = keys
@@ -109,7 +123,12 @@ class GatewayService(MultiService):
         protocol = gateway.GatewayProtocol(
             self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"]
         )
-        UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM).setServiceParent(self)
+        NamedListener(
+            UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM),
+            "meter-gateway",
+            "UDP",
+            f"--listen or [gateway] listen in {self._source}",
+        ).setServiceParent(self)
         cloud_host, cloud_port = s["cloud"]
         endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint
         # On a gateway with an interface on each side, connect from the cloud's side.
@@ -121,10 +140,12 @@ class GatewayService(MultiService):
             endpoint = wrapClientTLS(self._tls, endpoint)
         else:
             self.log.warn("connecting to the cloud in PLAIN TEXT ([gateway] tls = false)")
-        ClientService(
-            endpoint,
-            gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"]),
-            retryPolicy=self._counted(backoffPolicy(initialDelay=0.5, maxDelay=s["max_backoff"])),
+        address = f"[{cloud_host}]:{cloud_port}" if ":" in cloud_host else f"{cloud_host}:{cloud_port}"
+        cloud_link = link.CloudLink(address, self._reactor, s["max_backoff"])
+        link.CloudClientService(
+            link.ReportingEndpoint(endpoint, cloud_link, s["connect_timeout"]),
+            gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"], cloud_link, self._expected),
+            retryPolicy=self._counted(cloud_link.retry_delay),
             clock=self._reactor,
         ).setServiceParent(self)
         self.log.info(
@@ -204,4 +225,7 @@ def makeService(options: Options):
         database.claim(path, VERSIONS)
     except database.Unusable as e:
         raise SystemExit(f"meter-gateway: cannot open spool {path}: {e}") from None
-    return GatewayService(options.config.gateway, options.config.fleet, options.keys, options.tls, reactor)
+    return GatewayService(
+        options.config.gateway, options.config.fleet, options.keys, options.tls, reactor, options.config.source,
+        options.expected,
+    )
