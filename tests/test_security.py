@@ -138,6 +138,24 @@ def test_an_unauthenticated_datagram_is_dropped_unanswered(data, counter):
     )
 
 
+def test_a_device_outside_the_fleet_is_named_as_such():
+    g = Gateway()
+    with capturedLogs() as events:
+        g.receive(sealed(chunk(device_id=9), ATTACKER_KEY), STRANGER)
+    (line,) = [formatEvent(e) for e in events]
+    assert line.endswith("from 192.168.1.66:50066: device 9 is not in [fleet]")
+
+
+def test_a_device_of_the_fleet_without_a_key_is_named_as_such():
+    # Its key file may exist: what matters is that the gateway holds no key.
+    g = Gateway(keys={1: KEYS[1]})
+    with capturedLogs() as events:
+        g.receive(sealed(chunk(device_id=2)), STRANGER)
+    (line,) = [formatEvent(e) for e in events]
+    assert line.endswith("from 192.168.1.66:50066: device 2 in [fleet] has no key loaded")
+    assert g.metrics["dropped_unknown_device"] == 1
+
+
 def test_a_genuine_chunk_is_spooled_and_acknowledged_under_its_devices_key():
     g = Gateway()
     g.receive(sealed(chunk()))

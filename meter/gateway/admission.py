@@ -204,6 +204,12 @@ class Admission:
             )
         return None
 
+    def in_fleet(self, device_id: int) -> bool:
+        """
+        Whether device C{device_id} is one of [fleet].
+        """
+        return device_id in self._fleet
+
     def acknowledged_before(self, device_id: int, xfer: str, part: int, sent_at: int, peer: str, body: bytes) -> bool:
         """
         Whether a chunk with this message id is stored already and may be

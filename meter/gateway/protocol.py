@@ -82,7 +82,13 @@ class GatewayProtocol(DatagramProtocol):
         key = self._keys.get(device_id)
         if key is None:
             metrics.dropped_unknown_device += 1
-            self._drop(peer, len(data), f"no key for claimed device {device_id}")
+            # Two faults with two remedies: a device to add to [fleet], or
+            # a device of [fleet] whose key file the gateway did not load.
+            if self._admission.in_fleet(device_id):
+                detail = f"device {device_id} in [fleet] has no key loaded"
+            else:
+                detail = f"device {device_id} is not in [fleet]"
+            self._drop(peer, len(data), detail)
             return
         if not wire.tag_ok(body, tag, key):
             metrics.dropped_bad_tag += 1
