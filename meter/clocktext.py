@@ -18,6 +18,13 @@ def local_time(seconds: float, tz: datetime.tzinfo | None = None) -> str:
     return _in_zone(seconds, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def utc_time(seconds: float) -> str:
+    """
+    Unix time C{seconds} in UTC, to the second: C{2026-12-01 23:07:13 UTC}.
+    """
+    return local_time(seconds, datetime.timezone.utc)
+
+
 def iso_time(seconds: float, tz: datetime.tzinfo | None = None) -> str:
     """
     Unix time C{seconds} in ISO 8601 with microseconds and the offset of

@@ -110,6 +110,9 @@ def test_a_daily_device_with_an_empty_survey_says_so_and_sends_nothing(suite):
     device.stop()
     gateway.stop()
     assert not gateway.all_matching(r"reported|round \S+ opened")
+    # lines for people: no object reprs, no protocol start and stop lines
+    for daemon in (device, gateway):
+        assert not daemon.all_matching(r"object at 0x|Starting protocol|Stopping protocol"), daemon.tail()
 
 
 # -- a port already in use ------------------------------------------------------

@@ -221,6 +221,19 @@ def test_stopping_while_connecting_says_nothing():
 # -- the protocol: why an attempt ended before it authenticated ---------------
 
 
+def test_connected_names_both_ends_as_host_port_and_ends_the_backoff():
+    clock = task.Clock()
+    protocol, link, events = client(clock, FakeTLSTransport(8001, "meter-cloud"))
+    protocol.log = link.log
+    link.failed("connection refused")
+    link.retry_delay(1)
+    protocol.handshakeCompleted()
+    protocol.dataReceived(wire.encode(wire.Pong(1)) + b"\n")
+    assert events[-1] == "connected to the cloud at 127.0.0.1:8001 from 10.0.0.1:12345 (TLS, certificate CN=meter-cloud)"
+    assert link.failures == 0
+    assert link.retry_delay(1) == 0.75
+
+
 def client(clock, transport=None):
     link, events = quiet_link(clock)
     protocol = CloudClientFactory(FakeUplink(), clock, HEARTBEAT, link).buildProtocol(None)
