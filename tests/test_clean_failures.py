@@ -82,14 +82,14 @@ def test_once_with_a_missing_survey_is_one_line_naming_the_file(suite):
     path = suite.surveys / "device1.txt"
     path.unlink()
     line = only_line(suite.start_device(1))
-    assert line == f"meter-device 1: {path}: cannot read survey: No such file or directory"
+    assert line == f"meter-device 1: cannot read the day's survey: {path}: cannot read survey: No such file or directory"
 
 
 def test_once_with_a_bad_survey_is_one_line_naming_the_file_and_line(suite):
     path = suite.surveys / "device1.txt"
     path.write_text("08:00 - 20 - 30%\nnoon - 21 - 30%\n")
     line = only_line(suite.start_device(1))
-    assert line == f"meter-device 1: {path}:2: time 'noon' is not HH:MM (00:00 to 23:59)"
+    assert line == f"meter-device 1: cannot read the day's survey: {path}:2: time 'noon' is not HH:MM (00:00 to 23:59)"
 
 
 @pytest.mark.parametrize("text", ["", "# the sensor wrote nothing\n\n"], ids=["empty", "comments only"])
@@ -97,14 +97,14 @@ def test_once_with_an_empty_survey_is_refused_not_sent_as_no_readings(suite, tex
     path = suite.surveys / "device1.txt"
     path.write_text(text)
     line = only_line(suite.start_device(1))
-    assert line == f"meter-device 1: {path}: the survey holds no readings (an empty day is not sent)"
+    assert line == f"meter-device 1: cannot read the day's survey: {path}: no readings in it (an empty day is not sent)"
 
 
 def test_a_daily_device_with_an_empty_survey_says_so_and_sends_nothing(suite):
     gateway = suite.start_gateway()
     (suite.surveys / "device1.txt").write_text("")
     device = suite.start("device 1", "meter-device", "--id", "1")
-    device.wait_for(r"device 1: cannot read the day's survey: .*device1\.txt: the survey holds no readings")
+    device.wait_for(r"device 1: cannot read the day's survey: .*device1\.txt: no readings in it \(an empty day is not sent\)")
     device.wait_for(r"device 1: next send at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+")
     assert not device.all_matching(r"sending \d+ readings")
     device.stop()

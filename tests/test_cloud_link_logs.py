@@ -93,13 +93,18 @@ def test_the_same_cause_again_is_counted_not_said_until_repeat_every_passed():
     ), events[1]
 
 
-def test_each_distinct_cause_is_said_at_once():
+def test_each_distinct_cause_is_said_at_once_and_alternating_ones_are_not_repeated():
     link, events = quiet_link(task.Clock())
-    for cause in ["connection refused", "TLS handshake failed: x", "connection refused", "connection refused"]:
+    for cause in ["connection refused", "TLS handshake failed: x", "connection refused", "TLS handshake failed: x",
+                  "no route to the host", "connection refused"]:
         link.failed(cause)
     assert [line.split(": ", 1)[1].split(";")[0] for line in events] == [
-        "connection refused", "TLS handshake failed: x", "connection refused"
+        "connection refused", "TLS handshake failed: x", "no route to the host"
     ]
+    # once a connection authenticated, the next failure is said whatever it is
+    link.authenticated()
+    link.failed("connection refused")
+    assert len(events) == 4
 
 
 def test_the_wait_grows_on_every_failure_until_a_connection_authenticates():
@@ -156,7 +161,7 @@ class FakeUplink:
 def cloud_client(endpoint, clock, uplink=None):
     link, events = quiet_link(clock)
     factory = CloudClientFactory(uplink or FakeUplink(), clock, HEARTBEAT, link)
-    service = CloudClientService(ReportingEndpoint(endpoint, link, 5.0), factory, retryPolicy=link.retry_delay, clock=clock)
+    service = CloudClientService(ReportingEndpoint(endpoint, link, 5.0), factory, link, clock)
     return service, link, events
 
 
@@ -177,6 +182,16 @@ def test_a_refused_tls_handshake_makes_the_wait_grow_though_tcp_connected():
     # one line for six attempts failing the same way
     assert len(events) == 1 and "TLS certificate verification failed" in events[0]
     service.stopService()
+
+
+def test_a_connection_the_stopping_gateway_closes_is_no_failure():
+    clock = task.Clock()
+    endpoint = HandshakeRefusingEndpoint()
+    service, link, events = cloud_client(endpoint, clock)
+    service.startService()
+    service.stopService()  # in the handshake
+    endpoint.protocols[-1].connectionLost(Failure(error.ConnectionDone()))
+    assert events == [] and link.failures == 0
 
 
 @implementer(IStreamClientEndpoint)
@@ -353,3 +368,31 @@ def test_a_plain_tcp_cloud_is_one_line_saying_so(make_suite):
     assert lines and all("a plain-TCP peer where TLS was expected (a cloud with [cloud] tls = false?)" in line for line in lines), lines
     # at most the two ways a plain-TCP cloud ends a TLS hello, each said once
     assert len(lines) <= 2, lines
+
+
+@pytest.mark.e2e
+def test_a_cloud_that_does_not_answer_the_tcp_handshake_is_one_line_naming_the_timeout(make_suite):
+    # A listening socket whose queue of connections is full and never
+    # accepted: Linux drops the next SYNs, as a host behind a firewall
+    # dropping packets would.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        port = silent.getsockname()[1]
+        queued = []
+        try:
+            for _ in range(4):
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                queued.append(s)
+            suite = make_suite(stats_interval=0.5, cloud=None, connect_timeout=1.0)
+            gateway = suite.start_gateway("--cloud", f"127.0.0.1:{port}")
+            attempts_seen(gateway, 2)
+            (line,) = said(gateway, port)
+            assert line.startswith(
+                f"127.0.0.1:{port}: no answer to the TCP connection within 1 s ([gateway] connect_timeout); next attempt in "
+            ), line
+        finally:
+            for s in queued:
+                s.close()

@@ -133,5 +133,5 @@ def load_survey(path: Path, device_id: int, device_ip: str, day: datetime.date) 
         raise SurveyError(f"{path}: cannot read survey: {e}") from None
     readings = parse_survey(text, str(path), device_id, device_ip, day)
     if not readings:
-        raise SurveyError(f"{path}: the survey holds no readings (an empty day is not sent)")
+        raise SurveyError(f"{path}: no readings in it (an empty day is not sent)")
     return readings

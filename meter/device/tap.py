@@ -109,7 +109,7 @@ def refuse_unsendable_survey(options: Options, clock) -> None:
     try:
         load_survey(path, device_id, options.config.fleet[device_id], previous_day(clock.seconds()))
     except SurveyError as e:
-        raise SystemExit(f"meter-device {device_id}: {e}") from None
+        raise SystemExit(f"meter-device {device_id}: cannot read the day's survey: {e}") from None
 
 
 def build(options: Options, reactor) -> MultiService:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 from weakref import WeakKeyDictionary
@@ -34,9 +35,13 @@ from zope.interface import implementer
 
 from meter.clocktext import local_time
 
-#: Said again, with the count of attempts meanwhile, at most this often
-#: while every attempt fails the same way, seconds.
+#: A cause is said again, with the count of attempts meanwhile, at most
+#: this often, seconds.
 REPEAT_EVERY = 600.0
+
+#: Causes remembered at once (the oldest said is forgotten first): a peer
+#: alternating between a few ways to fail is not a new cause each time.
+MAX_CAUSES = 16
 
 #: OpenSSL's words for bytes that are not a TLS record: the peer answered
 #: in plain text.
@@ -74,27 +79,35 @@ class CloudLink:
         self.failures = 0
         #: The wait decided at the last failure, for the retry that follows.
         self._delay: float | None = None
-        self._said: str | None = None
-        self._said_at = 0.0
-        self._unsaid = 0
+        #: Each cause said since the last authenticated connection: when it
+        #: was last said, and how many attempts failed so since, unsaid.
+        self._causes: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._stopped = False
 
     def failed(self, cause: str) -> None:
         """
         An attempt failed (the TCP connection, the TLS handshake, or the
         cloud's first answer): one warning line naming the address and
         C{cause}, unless the same cause was said less than C{repeat_every}
-        seconds ago; then the attempt is counted into the next line.
+        seconds ago; then the attempt is counted into that cause's next line.
         """
+        if self._stopped:
+            # The gateway is stopping and closed the connection itself.
+            return
         self.failures += 1
         self._delay = delay = self._policy(self.failures)
         now = self._clock.seconds()
-        if cause == self._said and now - self._said_at < self._repeat_every:
-            self._unsaid += 1
+        said_at, unsaid = self._causes.pop(cause, (None, 0))
+        if said_at is not None and now - said_at < self._repeat_every:
+            self._causes[cause] = (said_at, unsaid + 1)
             return
         same = ""
-        if cause == self._said and self._unsaid:
+        if unsaid:
             # This attempt and those not said, since the line that was.
-            same = f" (again, {self._unsaid + 1} attempts since {local_time(self._said_at)})"
+            same = f" (again, {unsaid + 1} attempts since {local_time(said_at)})"
+        self._causes[cause] = (now, 0)
+        if len(self._causes) > MAX_CAUSES:
+            self._causes.popitem(last=False)
         self.log.warn(
             "cannot reach the cloud at {address}: {cause}{same}; next attempt in {delay:.1f} s",
             address=self.address,
@@ -103,7 +116,6 @@ class CloudLink:
             delay=delay,
             failures=self.failures,
         )
-        self._said, self._said_at, self._unsaid = cause, now, 0
 
     def authenticated(self) -> None:
         """
@@ -112,7 +124,13 @@ class CloudLink:
         """
         self.failures = 0
         self._delay = None
-        self._said, self._unsaid = None, 0
+        self._causes.clear()
+
+    def stop(self) -> None:
+        """
+        The gateway stops: connections it closes now are no failed attempts.
+        """
+        self._stopped = True
 
     def retry_delay(self, attempt: int) -> float:
         """
@@ -357,7 +375,20 @@ def _without_retry_lines(event: dict) -> None:
 
 class CloudClientService(ClientService):
     """
-    Twisted's reconnecting client, without its own line at each retry.
+    Twisted's reconnecting client to the cloud, retrying when C{link} says
+    (L{CloudLink.retry_delay}), without its own line at each retry.
     """
 
     _log = Logger(namespace="meter.gateway.link.CloudClientService", observer=_without_retry_lines)
+
+    def __init__(self, endpoint, factory, link: CloudLink, clock, retry_policy: Callable[[int], float] | None = None):
+        """
+        @param retry_policy: C{link.retry_delay}, or a wrapper of it (one
+            counting the retries).
+        """
+        super().__init__(endpoint, factory, retryPolicy=retry_policy or link.retry_delay, clock=clock)
+        self._link = link
+
+    def stopService(self):
+        self._link.stop()
+        return super().stopService()

@@ -145,8 +145,9 @@ class GatewayService(MultiService):
         link.CloudClientService(
             link.ReportingEndpoint(endpoint, cloud_link, s["connect_timeout"]),
             gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"], cloud_link, self._expected),
-            retryPolicy=self._counted(cloud_link.retry_delay),
-            clock=self._reactor,
+            cloud_link,
+            self._reactor,
+            retry_policy=self._counted(cloud_link.retry_delay),
         ).setServiceParent(self)
         self.log.info(
             "gateway for {n} devices: UDP {host}:{port}, cloud {cloud_host}:{cloud_port}, deadline {deadline:g} s, "
