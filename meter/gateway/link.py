@@ -79,8 +79,8 @@ class CloudLink:
         self.failures = 0
         #: The wait decided at the last failure, for the retry that follows.
         self._delay: float | None = None
-        #: Each cause said since the last authenticated connection: when it
-        #: was last said, and how many attempts failed so since, unsaid.
+        #: Each cause said since the last authenticated connection: the time
+        #: of its last line, and the attempts failing so since without one.
         self._causes: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._stopped = False
 
@@ -88,8 +88,9 @@ class CloudLink:
         """
         An attempt failed (the TCP connection, the TLS handshake, or the
         cloud's first answer): one warning line naming the address and
-        C{cause}, unless the same cause was said less than C{repeat_every}
-        seconds ago; then the attempt is counted into that cause's next line.
+        C{cause}, unless a line said the same cause less than
+        C{repeat_every} seconds ago; then the attempt is counted into that
+        cause's next line.
         """
         if self._stopped:
             # The gateway is stopping and closed the connection itself.
@@ -103,7 +104,7 @@ class CloudLink:
             return
         same = ""
         if unsaid:
-            # This attempt and those not said, since the line that was.
+            # This attempt and the unsaid ones since the cause's last line.
             same = f" (again, {unsaid + 1} attempts since {local_time(said_at)})"
         self._causes[cause] = (now, 0)
         if len(self._causes) > MAX_CAUSES:
@@ -309,8 +310,8 @@ class Expectation:
 def tls_failure(reason: Failure, handshake_done: bool, transport, expected: Expectation | None, now: float) -> str:
     """
     Why a connection ended before it authenticated, from the C{reason} it
-    was lost with, in an operator's words: what was expected and what was
-    found (at Unix time C{now}) when a certificate was refused.
+    ended with, in an operator's words: when the gateway refused the cloud's
+    certificate, what it expected and what it found (at Unix time C{now}).
     """
     value = reason.value
     if type(value).__name__ == "VerificationError":  # service_identity's: the name does not match
