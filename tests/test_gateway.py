@@ -898,6 +898,10 @@ class ClientHarness:
         self.no_delay: list[bool] = []
         self.transport.setTcpNoDelay = self.no_delay.append
         self.protocol.makeConnection(self.transport)
+        # The link is up once the cloud answered its first ping.
+        assert self.lines() == [wire.Ping(1)]
+        self.transport.clear()
+        self.protocol.dataReceived(wire.encode(wire.Pong(1)) + b"\n")
         self.clock.advance(0)  # the first batch is taken from the spool
 
     def lines(self):

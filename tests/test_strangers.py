@@ -461,9 +461,21 @@ def test_a_refused_gateway_certificate_is_never_called_connected():
     assert uplink.senders == []
 
 
-def test_in_plain_text_the_gateway_is_connected_at_once():
+def test_in_plain_text_the_gateway_is_connected_once_the_cloud_answered_a_ping():
     protocol, transport, uplink, clock, events = gateway_client(tls=False)
+    # A cloud expecting TLS would never answer: nothing else leaves before.
+    assert transport.value() == wire.encode(wire.Ping(1)) + b"\n"
+    assert events.matching("connected") == [] and uplink.senders == []
+    protocol.dataReceived(wire.encode(wire.Pong(1)) + b"\n")
     assert events.matching("(plain text)") and uplink.senders == [protocol]
+
+
+def test_in_plain_text_a_cloud_that_closes_before_answering_is_a_failed_attempt():
+    protocol, transport, uplink, clock, events = gateway_client(tls=False)
+    protocol.connectionLost(Failure(ConnectionLost()))
+    (line,) = events.matching("cannot reach the cloud")
+    assert "a cloud expecting TLS ([gateway] tls = false, [cloud] tls = true?)" in line
+    assert uplink.senders == []
 
 
 # -- end to end ----------------------------------------------------------------

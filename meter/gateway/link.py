@@ -307,12 +307,22 @@ class Expectation:
         )
 
 
-def tls_failure(reason: Failure, handshake_done: bool, transport, expected: Expectation | None, now: float) -> str:
+def tls_failure(
+    reason: Failure, handshake_done: bool, transport, expected: Expectation | None, now: float, tls: bool = True
+) -> str:
     """
     Why a connection ended before it authenticated, from the C{reason} it
     ended with, in an operator's words: when the gateway refused the cloud's
     certificate, what it expected and what it found (at Unix time C{now}).
+    Without C{tls}, the cloud closed before answering the gateway's first
+    ping in plain text.
     """
+    why = reason.getErrorMessage().rstrip(".")
+    if not tls:
+        return (
+            f"the cloud closed the connection before answering in plain text ({why}): "
+            "a cloud expecting TLS ([gateway] tls = false, [cloud] tls = true?)"
+        )
     value = reason.value
     if type(value).__name__ == "VerificationError":  # service_identity's: the name does not match
         found = expected.found(transport, now) if expected is not None else "another name"
@@ -345,10 +355,10 @@ def tls_failure(reason: Failure, handshake_done: bool, transport, expected: Expe
         return f"TLS handshake failed: {text}"
     if not handshake_done:
         return (
-            f"the peer closed the connection during the TLS handshake ({reason.getErrorMessage().rstrip('.')}): "
+            f"the peer closed the connection during the TLS handshake ({why}): "
             "a plain-TCP peer where TLS was expected (a cloud with [cloud] tls = false?)"
         )
-    return f"the cloud closed the connection before answering over TLS ({reason.getErrorMessage().rstrip('.')})"
+    return f"the cloud closed the connection before answering over TLS ({why})"
 
 
 def _openssl_text(value) -> str | None:

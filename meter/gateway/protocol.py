@@ -169,8 +169,9 @@ class CloudClientProtocol(wire.LineProtocol):
     answered a first ping through it: in TLS 1.3 this side's handshake
     completes before the cloud has checked this side's certificate, so only
     an answer shows that both checks passed.  A handshake that does not
-    complete within C{heartbeat} seconds is given up.  In plain text the link
-    is up at once.
+    complete within C{heartbeat} seconds is given up.  In plain text too the
+    link is up once the cloud answered a first ping: a cloud expecting TLS
+    never answers it, and no batch leaves in clear towards it.
 
     A connection lost before the link is up is a failed attempt: C{link}
     is told why (L{meter.gateway.link.tls_failure}), in the words of what
@@ -200,7 +201,7 @@ class CloudClientProtocol(wire.LineProtocol):
         # A TLS transport provides INegotiated; handshakeCompleted follows.
         if not INegotiated.providedBy(self.transport):
             self._handshake_done = True
-            self._link_up()
+            self._ping()
 
     def handshakeCompleted(self):
         self._handshake_done = True
@@ -226,9 +227,10 @@ class CloudClientProtocol(wire.LineProtocol):
         if self._up:
             self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
         else:
+            tls = INegotiated.providedBy(self.transport)
             self._link.failed(
                 self._cause
-                or tls_failure(reason, self._handshake_done, self.transport, self._expected, self._clock.seconds())
+                or tls_failure(reason, self._handshake_done, self.transport, self._expected, self._clock.seconds(), tls)
             )
         self._uplink.disconnected(self)
 
@@ -258,7 +260,7 @@ class CloudClientProtocol(wire.LineProtocol):
             if self._up:
                 self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
             else:
-                self._cause = f"the cloud did not answer over TLS within {self._heartbeat:g} s ([gateway] heartbeat)"
+                self._cause = f"the cloud did not answer a first ping within {self._heartbeat:g} s ([gateway] heartbeat)"
             self._uplink.metrics.heartbeat_failures += 1
             self.abort()
             return
