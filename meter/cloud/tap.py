@@ -215,7 +215,7 @@ def makeService(options: Options) -> CloudService:
         log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=settings["listen"])
     listener = strports.service(settings["listen"], factory)
     listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
-    NamedListener(listener, "meter-cloud", "TCP", f"--listen or [cloud] listen in {options.config.source}").setServiceParent(
-        service
-    )
+    # A port in use ends the start with one line naming the setting.
+    named = NamedListener(listener, "meter-cloud", "TCP", f"--listen or [cloud] listen in {options.config.source}")
+    named.setServiceParent(service)
     return service

@@ -52,6 +52,13 @@ _CERTIFICATE_REFUSED = ("unknown ca", "bad certificate", "certificate unknown", 
                         "certificate required", "certificate expired", "certificate revoked", "decrypt error")
 
 
+def address_text(host: str, port: int) -> str:
+    """
+    HOST:PORT, or [HOST]:PORT for an IPv6 address.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class CloudLink:
     """
     The attempts to reach the cloud at C{address}: the retry policy of the

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from meter import wire
 from meter.gateway.intake import Intake
-from meter.gateway.link import CloudLink, Expectation, tls_failure
+from meter.gateway.link import CloudLink, Expectation, address_text, tls_failure
 from meter.gateway.uplink import Uplink
 from meter.ratelimit import LimitedWarnings, PerSource
 
@@ -319,4 +319,4 @@ def host_port(address) -> str:
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None:
         return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_text(host, port)

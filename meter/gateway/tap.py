@@ -76,9 +76,10 @@ class GatewayService(MultiService):
         expected: link.Expectation | None = None,
     ):
         MultiService.__init__(self)
-        self._expected = expected
         #: Where the settings came from, to name in messages.
         self._source = source
+        #: What the cloud's certificate must be, to say what it was instead.
+        self._expected = expected
         self._settings = settings
         self._fleet = fleet
         self._keys = keys
@@ -140,8 +141,7 @@ class GatewayService(MultiService):
             endpoint = wrapClientTLS(self._tls, endpoint)
         else:
             self.log.warn("connecting to the cloud in PLAIN TEXT ([gateway] tls = false)")
-        address = f"[{cloud_host}]:{cloud_port}" if ":" in cloud_host else f"{cloud_host}:{cloud_port}"
-        cloud_link = link.CloudLink(address, self._reactor, s["max_backoff"])
+        cloud_link = link.CloudLink(link.address_text(cloud_host, cloud_port), self._reactor, s["max_backoff"])
         link.CloudClientService(
             link.ReportingEndpoint(endpoint, cloud_link, s["connect_timeout"]),
             gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"], cloud_link, self._expected),
