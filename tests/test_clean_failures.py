@@ -15,7 +15,6 @@ import pytest
 from twisted.internet.error import CannotListenError
 
 from meter.listening import cannot_listen
-from meter.tools.suite import Suite
 
 pytestmark = pytest.mark.e2e
 

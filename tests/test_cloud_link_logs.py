@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import socket
 from pathlib import Path
 
@@ -25,19 +24,16 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import error, task
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IStreamClientEndpoint
 
-from meter import secrets, wire
+from meter import wire
 from meter.gateway import CloudClientFactory
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.link import CloudClientService, CloudLink, ReportingEndpoint, tls_failure
-from meter.tools.processes import free_port
-from meter.tools.suite import Suite
 
 from test_strangers import FakeTLSTransport
 from test_tls import rogue_folder
