@@ -42,23 +42,25 @@ class MeterOptions(usage.Options):
         #: What the command line overrides, kept for reading the file again
         #: (the gateway's fleet on SIGHUP).
         self.given = given
+        # A value refused (in the file or an option), a secret missing or
+        # unsafe: one line naming the file, key or option, and a non-zero
+        # exit.  Not a UsageError, which twistd prints after its whole usage
+        # text, burying the one line that matters.
         try:
             self.config = config.load(path, given)
         except config.ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"meter-{self.role}: {e}") from None
         # Before any secret is made: settings meant for loopback only.
         refused = loopback.refusal(self.role, self.config)
         if refused is not None:
             raise SystemExit(f"meter-{self.role}: {refused}")
-        # A secret missing or unsafe is no misuse of the command line: one
-        # line naming the file and a non-zero exit, without the usage text.
         security = self.config.security
         try:
             if security["generate"]:
                 for created in secrets.generate(security["dir"], self.config.fleet):
                     self.log.info("created secret {path}", path=str(created.absolute()))
             self._check()
-        except secrets.SecretError as e:
+        except (secrets.SecretError, usage.UsageError) as e:
             raise SystemExit(f"meter-{self.role}: {e}") from None
         except OSError as e:
             raise SystemExit(f"meter-{self.role}: cannot create secrets in {security['dir']}: {e} (none kept)") from None
@@ -67,8 +69,9 @@ class MeterOptions(usage.Options):
 
     def _check(self) -> None:
         """
-        Role-specific checks of the loaded configuration; raise UsageError,
-        or SecretError for what the secrets folder lacks.
+        Role-specific checks of the loaded configuration; raise UsageError
+        (or SecretError for what the secrets folder lacks) naming the key or
+        option: the start ends with its message alone.
         """
 
     def pidfile_name(self) -> str:

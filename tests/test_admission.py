@@ -27,6 +27,7 @@ from twisted.internet.testing import FakeDatagramTransport
 from twisted.logger import Logger, formatEvent
 
 from meter import secrets, wire
+from meter.clocktext import utc_time
 from meter.database import Database
 from meter.gateway import REMEMBER, GatewayProtocol, Intake, day_agrees
 from meter.reading import Reading
@@ -166,7 +167,7 @@ async def test_a_day_that_does_not_agree_with_ts_is_refused(g):
     ack = await g.send(far)
     assert ack.status == "bad"
     assert ack.reason == (
-        f"day: 9999-12-31 does not agree with ts={NOW}: a transfer started then reports a day from "
+        f"day: 9999-12-31 does not agree with ts ({utc_time(NOW)}): a transfer started then reports a day from "
         "2026-02-27 to 2026-03-02"
     )
     assert g.metrics.refused_day == 1
@@ -548,7 +549,7 @@ async def test_every_refusal_of_the_gateway_starts_with_its_code():
             "fleet", "address", "source", "replay", "transfer", "day", "limit", "minute", "conflict", "spool_full",
             "spool",
         ], reasons
-        assert f"minus ts={NOW - 601} is +601 s (positive: the transfer started that long ago)" in reasons[3]
+        assert f"minus ts ({utc_time(NOW - 601)}) is +601 s (positive: the transfer started that long ago)" in reasons[3]
     finally:
         await g.stop()
 
@@ -601,7 +602,7 @@ def test_one_key_sending_empty_transfers_keeps_the_real_gateways_books_bounded(t
         assert {a.reason.partition(":")[0] for a in statuses[24:]} == {"limit"}
         # ... and a chunk of 9999-12-31, refused without touching the others.
         far = send(1, 5000, day=datetime.date(9999, 12, 31))
-        assert far.status == "bad" and far.reason.startswith("day: 9999-12-31 does not agree with ts=")
+        assert far.status == "bad" and far.reason.startswith("day: 9999-12-31 does not agree with ts (")
         # The others' message ids are still known: their retransmissions are
         # duplicates.
         assert send(2, 1, minutes=(480,)).status == "ok"

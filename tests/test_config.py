@@ -11,7 +11,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-from twisted.python import usage
 
 from meter import config
 from meter.config import ConfigError
@@ -271,22 +270,29 @@ def secrets_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("secrets"))
 
 
-def usage_error(options, args) -> str:
-    with pytest.raises(usage.UsageError) as raised:
+def refusal(options, args) -> str:
+    """
+    The message the options end the start with, after the role's name: a
+    SystemExit, which twistd lets through alone, not a UsageError, which it
+    prints after its usage text.
+    """
+    with pytest.raises(SystemExit) as raised:
         options.parseOptions(args)
-    return str(raised.value)
+    prefix = f"meter-{options.role}: "
+    assert str(raised.value.code).startswith(prefix)
+    return str(raised.value.code)[len(prefix):]
 
 
 def test_gateway_option_with_a_bad_deadline_is_refused_naming_it(repo_root, secrets_dir):
     from meter.gateway import tap as gateway_tap
 
-    assert usage_error(gateway_tap.Options(), ["--deadline", "x", "--secrets", secrets_dir]) == (
+    assert refusal(gateway_tap.Options(), ["--deadline", "x", "--secrets", secrets_dir]) == (
         "--deadline: expected a number, got 'x'"
     )
-    assert usage_error(gateway_tap.Options(), ["--deadline", "0", "--secrets", secrets_dir]) == (
+    assert refusal(gateway_tap.Options(), ["--deadline", "0", "--secrets", secrets_dir]) == (
         "--deadline: expected a number above 0, got '0'"
     )
-    assert usage_error(gateway_tap.Options(), ["--listen", "somewhere:1", "--secrets", secrets_dir]).startswith(
+    assert refusal(gateway_tap.Options(), ["--listen", "somewhere:1", "--secrets", secrets_dir]).startswith(
         "--listen: expected an IP address before the port"
     )
 
@@ -305,16 +311,16 @@ def test_gateway_options_override_the_file(repo_root, secrets_dir):
 def test_device_options_need_an_id(repo_root, secrets_dir):
     from meter.device import tap as device_tap
 
-    message = usage_error(device_tap.Options(), ["--secrets", secrets_dir])
+    message = refusal(device_tap.Options(), ["--secrets", secrets_dir])
     assert message == "--id is required (or [device] id in the configuration)"
 
 
 def test_device_options_refuse_an_id_outside_the_fleet(repo_root, secrets_dir):
     from meter.device import tap as device_tap
 
-    message = usage_error(device_tap.Options(), ["--id", "9", "--secrets", secrets_dir])
+    message = refusal(device_tap.Options(), ["--id", "9", "--secrets", secrets_dir])
     assert message == "--id 9: not a device of [fleet] in etc/meter.toml (devices: 1, 2, 3, 4)"
-    message = usage_error(device_tap.Options(), ["--id", "two", "--secrets", secrets_dir])
+    message = refusal(device_tap.Options(), ["--id", "two", "--secrets", secrets_dir])
     assert message == "--id: expected a whole number, got 'two'"
 
 
@@ -330,7 +336,7 @@ def test_device_options_take_a_fleet_id(repo_root, secrets_dir):
 def test_cloud_options_refuse_a_bad_endpoint(repo_root, secrets_dir):
     from meter.cloud import tap as cloud_tap
 
-    message = usage_error(cloud_tap.Options(), ["--listen", "tcp:notaport", "--secrets", secrets_dir])
+    message = refusal(cloud_tap.Options(), ["--listen", "tcp:notaport", "--secrets", secrets_dir])
     assert message.startswith("--listen: expected a Twisted endpoint")
 
 
@@ -338,7 +344,7 @@ def test_options_with_a_missing_config_file_are_refused(tmp_path, secrets_dir):
     from meter.gateway import tap as gateway_tap
 
     missing = tmp_path / "missing.toml"
-    message = usage_error(gateway_tap.Options(), ["--config", str(missing), "--secrets", secrets_dir])
+    message = refusal(gateway_tap.Options(), ["--config", str(missing), "--secrets", secrets_dir])
     assert message == f"{missing}: cannot read: No such file or directory"
 
 

@@ -16,6 +16,7 @@ from twisted.internet.testing import FakeDatagramTransport, MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
 from meter import wire
+from meter.clocktext import iso_time
 from meter.device import DaySender, DeliveryFailed, DeviceMetrics, DeviceProtocol, Retransmission, SurveyDelivery
 from meter.device import tap as device_tap
 from meter.notify import ReadinessService
@@ -430,7 +431,9 @@ def test_a_delivery_sends_the_days_survey_and_fires_with_its_chunks(tmp_path):
     assert d.protocol.metrics.days_delivered == 1
     lines = [formatEvent(event) for event in events]
     assert "device 1 (192.168.1.2) sending 2 readings of 2026-03-01 to 127.0.0.1:10005 in 1 datagrams" in lines[0]
-    assert "send started at=1772400000.000000" in lines[0]
+    # for people, a clock time with its zone; for programs, the number
+    assert lines[0].endswith(f"send started at {iso_time(1772400000.0)}")
+    assert events[0]["at"] == 1772400000.0
     assert lines[-1] == (
         "device 1: gateway acknowledged all 1 datagrams in 0.0 ms after 0 retransmissions; since start "
         "retransmissions=0 busy_answers=0 stray_acks=0 foreign_datagrams=0 refused_datagrams=0 days_delivered=1 "
@@ -551,5 +554,5 @@ def test_once_with_an_unreadable_survey_exits_non_zero_once_the_reactor_runs(rep
     service.startService()
     assert not reactor.hasStopped  # the reactor is not running yet
     # The stop first, then meter.notify's READY=1 (sent only under systemd).
-    assert [hook[0] for hook in reactor.whenRunningHooks][0] == reactor.stop
+    assert [hook[:2] for hook in reactor.whenRunningHooks][0] == (device_tap.stop_reactor, (reactor,))
     assert len(reactor.triggers["after"]["shutdown"]) == 1  # the exit with status 1

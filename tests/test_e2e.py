@@ -37,7 +37,7 @@ def test_six_devices_day_reaches_console_and_database(suite):
     )
     assert sorted(console) == expected_console
     gateway.wait_for(r"round \S+ complete: every expected device reported")
-    cloud.wait_for("acknowledged at=")
+    cloud.wait_for("acknowledged at ")
     assert suite.stored() == suite.expected_rows(day)
     # The gateway logs what the report's console said.
     assert gateway.all_matching(r"device 3 \(127\.0\.0\.1:\d+\) reported \S+ in 1 chunks: [1-6] of 6 devices")

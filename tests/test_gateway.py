@@ -23,6 +23,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from meter import gateway, testing, wire
+from meter.clocktext import utc_time
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.reading import Reading
@@ -314,7 +315,7 @@ def test_replay_window(offset, status):
     assert ack.status == status
     if status == "bad":
         assert ack.reason == (
-            f"replay: the gateway's clock minus ts={int(NOW) + offset} is {-offset:+d} s "
+            f"replay: the gateway's clock minus ts ({utc_time(int(NOW) + offset)}) is {-offset:+d} s "
             "(positive: the transfer started that long ago), outside the replay window of 600 s"
         )
         assert h.added() == 0
@@ -897,6 +898,10 @@ class ClientHarness:
         self.no_delay: list[bool] = []
         self.transport.setTcpNoDelay = self.no_delay.append
         self.protocol.makeConnection(self.transport)
+        # The link is up once the cloud answered its first ping.
+        assert self.lines() == [wire.Ping(1)]
+        self.transport.clear()
+        self.protocol.dataReceived(wire.encode(wire.Pong(1)) + b"\n")
         self.clock.advance(0)  # the first batch is taken from the spool
 
     def lines(self):

@@ -6,11 +6,13 @@ bench); one body of tests runs over both.
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 import pytest
 
-from meter.tools.processes import Daemon, DaemonError, Daemons
+from meter.clocktext import iso_time
+from meter.tools.processes import Daemon, DaemonError, Daemons, stamp
 
 #: A child that prints three lines, then exits, or with "linger" waits to
 #: be stopped.
@@ -116,3 +118,10 @@ def test_json_log_records_give_their_fields_and_their_text(tmp_path, output):
     assert daemon.all_matching(r"^192\.168\.1\.2 - 08:00 - 20 - 30%$")
     assert [e["batch_id"] for e in daemon.new_records("batch")] == ["ab", "cd"]
     assert daemon.new_records("batch") == []
+
+
+@pytest.mark.parametrize("zone", [None, datetime.timezone(datetime.timedelta(hours=-3, minutes=-30))])
+def test_a_logged_time_reads_back_to_the_microsecond(zone):
+    # The demo and the lab time a run from the first device's send to the
+    # cloud's last acknowledgement, as the daemons log them for people.
+    assert stamp(iso_time(1772400000.123456, zone)) == 1772400000.123456

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs, formatEvent
 
 from meter.device import RETRY_AFTER, DailySchedule, DeliveryFailed, next_send, offset_for, previous_day
 
@@ -92,6 +93,21 @@ def test_after_a_delivery_the_next_send_is_at_send_at_plus_the_offset_local_time
     s.sends.succeed()
     assert s.schedule.next_at == berlin(2026, 3, 12, 0, 7)
     assert s.outcomes == []  # only --once reports an outcome
+
+
+def test_the_next_send_is_said_as_a_local_clock_time_with_its_zone():
+    s = Scene(berlin(2026, 12, 1, 14, 30), offset=133)
+    s.schedule.start()
+    with capturedLogs() as events:
+        s.sends.succeed()
+    assert [formatEvent(e) for e in events] == ["device 1: next send at 2026-12-02 00:07:13 CET"]
+    assert events[0]["at"] == berlin(2026, 12, 2, 0, 7, 13)
+    # in summer, the summer zone
+    s = Scene(berlin(2026, 7, 1, 14, 30))
+    s.schedule.start()
+    with capturedLogs() as events:
+        s.sends.fail()
+    assert formatEvent(events[-1]) == "device 1: next send at 2026-07-01 14:35:00 CEST"
 
 
 def test_a_failure_is_retried_five_minutes_later_for_the_same_day():

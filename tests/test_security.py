@@ -24,6 +24,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import wire
+from meter.clocktext import utc_time
 from meter.device import DaySender, DeviceProtocol, Retransmission
 from meter.gateway import GatewayProtocol, Intake
 from meter.testing import MemorySpool, SQLiteCloud, day_chunk, device_key, device_keys
@@ -136,6 +137,24 @@ def test_an_unauthenticated_datagram_is_dropped_unanswered(data, counter):
     assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn][0].startswith(
         f"dropped datagram of {len(data)} bytes from 192.168.1.66:50066"
     )
+
+
+def test_a_device_outside_the_fleet_is_named_as_such():
+    g = Gateway()
+    with capturedLogs() as events:
+        g.receive(sealed(chunk(device_id=9), ATTACKER_KEY), STRANGER)
+    (line,) = [formatEvent(e) for e in events]
+    assert line.endswith("from 192.168.1.66:50066: device 9 is not in [fleet]")
+
+
+def test_a_device_of_the_fleet_without_a_key_is_named_as_such():
+    # Its key file may exist: what matters is that the gateway holds no key.
+    g = Gateway(keys={1: KEYS[1]})
+    with capturedLogs() as events:
+        g.receive(sealed(chunk(device_id=2)), STRANGER)
+    (line,) = [formatEvent(e) for e in events]
+    assert line.endswith("from 192.168.1.66:50066: device 2 in [fleet] has no key loaded")
+    assert g.metrics["dropped_unknown_device"] == 1
 
 
 def test_a_genuine_chunk_is_spooled_and_acknowledged_under_its_devices_key():
@@ -335,7 +354,7 @@ def test_a_day_far_from_the_transfers_start_is_refused(day):
     with capturedLogs() as events:
         g.receive(sealed(chunk(day=day)))
     (answer,) = g.answers()
-    assert answer.status == "bad" and answer.reason.startswith(f"day: {day} does not agree with ts={NOW}")
+    assert answer.status == "bad" and answer.reason.startswith(f"day: {day} does not agree with ts ({utc_time(NOW)})")
     assert g.spooled() == 0 and g.spool.contents.rounds == {}
     assert g.metrics.refused_day == 1
     assert not [e for e in events if "log_failure" in e]

@@ -412,7 +412,9 @@ def gateway_client(tls: bool = True):
     clock = task.Clock()
     uplink = FakeUplink()
     events = Events()
-    protocol = gateway.CloudClientFactory(uplink, clock, HEARTBEAT).buildProtocol(None)
+    factory = gateway.CloudClientFactory(uplink, clock, HEARTBEAT)
+    factory.link.log = Logger(observer=events)
+    protocol = factory.buildProtocol(None)
     protocol.log = Logger(observer=events)
     transport = FakeTLSTransport(8001, "meter-cloud") if tls else StringTransport()
     protocol.makeConnection(transport)
@@ -445,7 +447,7 @@ def test_the_gateway_gives_up_a_handshake_that_does_not_complete():
     assert uplink.metrics.handshake_timeouts == 1
     protocol.connectionLost(Failure(ConnectionLost()))
     assert events.matching("connected to") == []
-    assert events.matching("before the TLS handshake completed")
+    assert events.matching(f"cannot reach the cloud at the cloud: no TLS handshake within {HEARTBEAT:g} s")
     assert clock.getDelayedCalls() == []
 
 
@@ -455,13 +457,25 @@ def test_a_refused_gateway_certificate_is_never_called_connected():
     protocol.handshakeCompleted()
     protocol.connectionLost(Failure(ConnectionLost("tlsv13 alert certificate required")))
     assert events.matching("connected to") == []
-    assert events.matching("before the cloud answered over TLS")
+    assert events.matching("the cloud closed the connection before answering over TLS")
     assert uplink.senders == []
 
 
-def test_in_plain_text_the_gateway_is_connected_at_once():
+def test_in_plain_text_the_gateway_is_connected_once_the_cloud_answered_a_ping():
     protocol, transport, uplink, clock, events = gateway_client(tls=False)
+    # A cloud expecting TLS would never answer: nothing else leaves before.
+    assert transport.value() == wire.encode(wire.Ping(1)) + b"\n"
+    assert events.matching("connected") == [] and uplink.senders == []
+    protocol.dataReceived(wire.encode(wire.Pong(1)) + b"\n")
     assert events.matching("(plain text)") and uplink.senders == [protocol]
+
+
+def test_in_plain_text_a_cloud_that_closes_before_answering_is_a_failed_attempt():
+    protocol, transport, uplink, clock, events = gateway_client(tls=False)
+    protocol.connectionLost(Failure(ConnectionLost()))
+    (line,) = events.matching("cannot reach the cloud")
+    assert "a cloud expecting TLS ([gateway] tls = false, [cloud] tls = true?)" in line
+    assert uplink.senders == []
 
 
 # -- end to end ----------------------------------------------------------------

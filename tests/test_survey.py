@@ -178,6 +178,16 @@ def test_load_survey_of_a_missing_file_names_it(tmp_path):
     assert str(raised.value).startswith(f"{missing}: cannot read survey:")
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# nothing measured\n"])
+def test_load_survey_refuses_a_file_without_readings_naming_it(tmp_path, text):
+    # A survey holds the previous 24 hours: an empty one is not a day to send.
+    path = tmp_path / "device1.txt"
+    path.write_text(text)
+    with pytest.raises(SurveyError) as raised:
+        load_survey(path, 1, "192.168.1.2", DAY)
+    assert str(raised.value) == f"{path}: no readings in it (an empty day is not sent)"
+
+
 def test_load_survey_of_invalid_utf8_names_it(tmp_path):
     path = tmp_path / "device1.txt"
     path.write_bytes(b"08:00 - 20 - 30%\n\xff\xfe\n")

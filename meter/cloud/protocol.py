@@ -317,6 +317,10 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
 
 
 class CloudFactory(Factory):
+    #: No "Starting/Stopping factory <object at 0x...>" lines: an object's
+    #: address says nothing to an operator.
+    noisy = False
+
     def __init__(
         self,
         store: CloudStore,

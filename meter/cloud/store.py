@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meter import wire
+from meter.clocktext import iso_time
 from meter.cloud.console import console_text
 from meter.cloud.interfaces import IReadingStore
 from meter.cloud.metrics import CloudMetrics
@@ -80,7 +81,7 @@ class CloudStore:
             self.metrics.stored(len(new), duplicates)
             self.log.info(
                 "batch {batch_id} from {peer}: {count} readings committed ({new} new, {dup} duplicate) "
-                "in {ms:.1f} ms; acknowledged at={at:.6f}",
+                "in {ms:.1f} ms; acknowledged at {when}",
                 batch_id=batch.batch_id,
                 peer=peer,
                 count=count,
@@ -88,6 +89,7 @@ class CloudStore:
                 dup=duplicates,
                 ms=(self._clock.seconds() - received) * 1000,
                 at=self._clock.seconds(),
+                when=iso_time(self._clock.seconds()),
             )
             return wire.BatchAck(batch.batch_id, "ok", new=len(new), dup=duplicates)
 

@@ -21,6 +21,7 @@ from meter.cloud import exposition
 from meter.cloud.console_file import ConsoleFile, console_path
 from meter.database import connect
 from meter.notify import Notifier, ReadinessService
+from meter.listening import NamedListener
 from meter.options import MeterOptions
 
 log = Logger()
@@ -234,9 +235,11 @@ def makeService(options: Options) -> CloudService:
         log.warn("listening on {listen} in PLAIN TEXT ([cloud] tls = false)", listen=settings["listen"])
     listener = strports.service(settings["listen"], factory)
     listener.endpoint = AcceptFailuresCounted(listener.endpoint, admission.accept_failed)
-    # Last: READY=1 once the database is open and the listener bound.
+    # Last: READY=1 once the database is open and the listener bound; a
+    # port in use ends the start with one line naming the setting.
     readiness = ReadinessService(Notifier.from_environment(), reactor, f"listening on {settings['listen']}")
     listener.endpoint = readiness.watch(listener.endpoint)
-    listener.setServiceParent(service)
+    named = NamedListener(listener, "meter-cloud", "TCP", f"--listen or [cloud] listen in {options.config.source}")
+    named.setServiceParent(service)
     readiness.setServiceParent(service)
     return service

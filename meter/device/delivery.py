@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from meter import wire
+from meter.clocktext import iso_time
 from meter.device.metrics import DeviceMetrics
 from meter.device.protocol import DeviceProtocol
 from meter.device.sender import DaySender, DeliveryFailed, Retransmission
@@ -59,7 +60,7 @@ class SurveyDelivery:
         sender = DaySender(chunks, self._protocol.send, self._clock, self._retransmission, metrics=self.metrics)
         self._protocol.sender = sender
         self.log.info(
-            "device {id} ({ip}) sending {n} readings of {day} to {gateway} in {parts} datagrams; send started at={at:.6f}",
+            "device {id} ({ip}) sending {n} readings of {day} to {gateway} in {parts} datagrams; send started at {when}",
             id=self._id,
             ip=self._address,
             n=len(readings),
@@ -67,6 +68,7 @@ class SurveyDelivery:
             gateway="%s:%d" % self._protocol.gateway,
             parts=len(chunks),
             at=now,
+            when=iso_time(now),
         )
         # The metrics count for the process's life: this day's own
         # retransmissions are the difference.

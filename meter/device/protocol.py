@@ -21,6 +21,9 @@ class DeviceProtocol(DatagramProtocol):
     """
 
     log = Logger()
+    #: No "Starting/Stopping protocol <object at 0x...>" lines: an object's
+    #: address says nothing to an operator.
+    noisy = False
 
     def __init__(self, gateway: tuple[str, int], key: bytes, metrics: DeviceMetrics | None = None):
         #: The gateway's (host, port): the only address answers are taken from.

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from meter.clocktext import local_time
 from meter.device.sender import DeliveryFailed
 
 #: After a failed send, try again this much later (at most until the next
@@ -148,6 +149,10 @@ class DailySchedule:
         at = next_send(now, self._send_at, self._offset, self._tz)
         if retry:
             at = min(at, now + self._retry_after)
-        self.log.info("{name}: next send in {s:.0f} s", name=self._name, s=at - now)
+        # The clock time, in the device's zone, is what an operator checks
+        # against send_at; the seconds to wait are the event's fields.
+        self.log.info(
+            "{name}: next send at {when}", name=self._name, when=local_time(at, self._tz), at=at, s=at - now
+        )
         self.next_at = at
         self._call = self._clock.callLater(at - now, self._send_now)

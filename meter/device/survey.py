@@ -117,8 +117,21 @@ def survey_path(surveys: Path, device_id: int) -> Path:
 
 
 def load_survey(path: Path, device_id: int, device_ip: str, day: datetime.date) -> tuple[Reading, ...]:
+    """
+    The readings of survey file C{path}, stamped with C{day}.
+
+    @raise SurveyError: naming C{path}, if it cannot be read, is not a
+        survey, or holds no reading: a survey file holds the previous 24
+        hours, so an empty one is a sensor or a copy gone wrong, and sending
+        it would report a day without readings as if it were measured.
+    """
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise SurveyError(f"{path}: cannot read survey: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
         raise SurveyError(f"{path}: cannot read survey: {e}") from None
-    return parse_survey(text, str(path), device_id, device_ip, day)
+    readings = parse_survey(text, str(path), device_id, device_ip, day)
+    if not readings:
+        raise SurveyError(f"{path}: no readings in it (an empty day is not sent)")
+    return readings

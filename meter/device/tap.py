@@ -10,15 +10,17 @@ import sys
 
 from twisted.application.internet import UDPServer
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from meter import secrets, wire
 from meter.device.delivery import SurveyDelivery
 from meter.device.metrics import DeviceMetrics
 from meter.device.protocol import DeviceProtocol
-from meter.device.schedule import DailySchedule, offset_for
+from meter.device.schedule import DailySchedule, offset_for, previous_day
 from meter.device.sender import Retransmission
 from meter.notify import Notifier, ReadinessService
+from meter.device.survey import SurveyError, load_survey, survey_path
 from meter.options import MeterOptions
 
 
@@ -90,7 +92,25 @@ def exit_after_shutdown(reactor, message: str, status: int = 1) -> None:
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    if options["once"]:
+        refuse_unsendable_survey(options, reactor)
     return build(options, reactor)
+
+
+def refuse_unsendable_survey(options: Options, clock) -> None:
+    """
+    With C{--once}, the day's survey is read here, before twistd logs or
+    binds anything: one missing, bad or empty ends the start with one line
+    naming the file and a non-zero exit, rather than a run that can only
+    fail.  (The send reads it again: the file may change meanwhile.)
+    """
+    settings = options.config.device
+    device_id = settings["id"]
+    path = survey_path(settings["surveys"], device_id)
+    try:
+        load_survey(path, device_id, options.config.fleet[device_id], previous_day(clock.seconds()))
+    except SurveyError as e:
+        raise SystemExit(f"meter-device {device_id}: cannot read the day's survey: {e}") from None
 
 
 def build(options: Options, reactor) -> MultiService:
@@ -121,7 +141,7 @@ def build(options: Options, reactor) -> MultiService:
         name=f"device {device_id}",
     )
     if options["once"]:
-        schedule.finished.addCallbacks(lambda _: reactor.stop(), _exit_non_zero, errbackArgs=(reactor, device_id))
+        schedule.finished.addCallbacks(lambda _: stop_reactor(reactor), _exit_non_zero, errbackArgs=(reactor, device_id))
     top = MultiService()
     interface = "::" if ":" in settings["gateway"][0] else "0.0.0.0"
     UDPServer(0, protocol, interface=interface, maxPacketSize=wire.MAX_DATAGRAM, reactor=reactor).setServiceParent(top)
@@ -134,4 +154,15 @@ def build(options: Options, reactor) -> MultiService:
 def _exit_non_zero(failure, reactor, device_id: int) -> None:
     exit_after_shutdown(reactor, f"meter-device {device_id}: {failure.getErrorMessage()}")
     # A survey refused at start fails before the reactor runs.
-    reactor.callWhenRunning(reactor.stop)
+    reactor.callWhenRunning(stop_reactor, reactor)
+
+
+def stop_reactor(reactor) -> None:
+    """
+    Stop C{reactor}, unless it is stopping already (a signal came first):
+    a second stop would end the run in a traceback.
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 
 from meter import wire
+from meter.clocktext import utc_time
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import Reassembly
@@ -197,7 +198,7 @@ class Admission:
             # Either a datagram captured earlier and sent again, or a device
             # whose clock is off: neither may be stored.
             return "refused_replay", (
-                f"replay: the gateway's clock minus ts={sent_at} is "
+                f"replay: the gateway's clock minus ts ({utc_time(sent_at)}) is "
                 f"{self._clock.seconds() - sent_at:+.0f} s (positive: the transfer started that long ago), "
                 f"outside the replay window of {self._replay_window:g} s"
             )
@@ -206,10 +207,16 @@ class Admission:
             # from the device's own clock is a device gone wrong (or a key
             # in the wrong hands), not a day to keep.
             return "refused_day", (
-                f"day: {day} does not agree with ts={sent_at}: a transfer started then reports "
+                f"day: {day} does not agree with ts ({utc_time(sent_at)}): a transfer started then reports "
                 f"a day from {day_at(sent_at + DAY_EARLIEST)} to {day_at(sent_at + DAY_LATEST)}"
             )
         return None
+
+    def in_fleet(self, device_id: int) -> bool:
+        """
+        Whether device C{device_id} is one of [fleet].
+        """
+        return device_id in self._fleet
 
     def acknowledged_before(self, device_id: int, xfer: str, part: int, sent_at: int, peer: str, body: bytes) -> bool:
         """

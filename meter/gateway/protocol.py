@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from meter import wire
 from meter.gateway.intake import Intake
+from meter.gateway.link import CloudLink, Expectation, address_text, tls_failure
 from meter.gateway.uplink import Uplink
 from meter.ratelimit import LimitedWarnings, PerSource
 
@@ -31,6 +32,9 @@ class GatewayProtocol(DatagramProtocol):
     """
 
     log = Logger()
+    #: No "Starting/Stopping protocol <object at 0x...>" lines: an object's
+    #: address says nothing to an operator.
+    noisy = False
 
     def __init__(
         self,
@@ -85,7 +89,13 @@ class GatewayProtocol(DatagramProtocol):
         key = self._keys.get(device_id)
         if key is None:
             metrics.dropped_unknown_device += 1
-            self._drop(peer, len(data), f"no key for claimed device {device_id}")
+            # Two faults with two remedies: a device to add to [fleet], or
+            # a device of [fleet] whose key file the gateway did not load.
+            if self._admission.in_fleet(device_id):
+                detail = f"device {device_id} in [fleet] has no key loaded"
+            else:
+                detail = f"device {device_id} is not in [fleet]"
+            self._drop(peer, len(data), detail)
             return
         if not wire.tag_ok(body, tag, key):
             metrics.dropped_bad_tag += 1
@@ -168,22 +178,31 @@ class CloudClientProtocol(wire.LineProtocol):
     answered a first ping through it: in TLS 1.3 this side's handshake
     completes before the cloud has checked this side's certificate, so only
     an answer shows that both checks passed.  A handshake that does not
-    complete within C{heartbeat} seconds is given up.  In plain text the link
-    is up at once.
+    complete within C{heartbeat} seconds is given up.  In plain text too the
+    link is up once the cloud answered a first ping: a cloud expecting TLS
+    never answers it, and no batch leaves in clear towards it.
+
+    A connection lost before the link is up is a failed attempt: C{link}
+    is told why (L{meter.gateway.link.tls_failure}), in the words of what
+    C{expected} the cloud to present.
     """
 
     MAX_LENGTH = 64 * 1024
     log = Logger()
 
-    def __init__(self, uplink: Uplink, clock, heartbeat: float):
+    def __init__(self, uplink: Uplink, clock, heartbeat: float, link: CloudLink, expected: Expectation | None = None):
         self._uplink = uplink
         self._clock = clock
         self._heartbeat = heartbeat
+        self._link = link
+        self._expected = expected
         self._timer = None
         self._pings = 0
         self._handshake_done = False
         self._up = False
         self._how = "plain text"
+        #: Why this side gave the attempt up, if it did.
+        self._cause: str | None = None
 
     def connectionMade(self):
         wire.without_nagle(self.transport)
@@ -191,7 +210,7 @@ class CloudClientProtocol(wire.LineProtocol):
         # A TLS transport provides INegotiated; handshakeCompleted follows.
         if not INegotiated.providedBy(self.transport):
             self._handshake_done = True
-            self._link_up()
+            self._ping()
 
     def handshakeCompleted(self):
         self._handshake_done = True
@@ -202,10 +221,11 @@ class CloudClientProtocol(wire.LineProtocol):
 
     def _link_up(self) -> None:
         self._up = True
+        self._link.authenticated()
         self.log.info(
             "connected to the cloud at {peer} from {local} ({how})",
-            peer=self.transport.getPeer(),
-            local=self.transport.getHost(),
+            peer=host_port(self.transport.getPeer()),
+            local=host_port(self.transport.getHost()),
             how=self._how,
         )
         self._uplink.connected(self)
@@ -216,8 +236,11 @@ class CloudClientProtocol(wire.LineProtocol):
         if self._up:
             self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
         else:
-            stage = "before the cloud answered over TLS" if self._handshake_done else "before the TLS handshake completed"
-            self.log.info("connection to the cloud lost: {why} ({stage})", why=reason.getErrorMessage(), stage=stage)
+            tls = INegotiated.providedBy(self.transport)
+            self._link.failed(
+                self._cause
+                or tls_failure(reason, self._handshake_done, self.transport, self._expected, self._clock.seconds(), tls)
+            )
         self._uplink.disconnected(self)
 
     def send(self, message) -> None:
@@ -235,12 +258,18 @@ class CloudClientProtocol(wire.LineProtocol):
 
     def _silent(self) -> None:
         if not self._handshake_done:
-            self.log.warn("no TLS handshake with the cloud within {t:g} s: reconnecting", t=self._heartbeat)
+            self._cause = (
+                f"no TLS handshake within {self._heartbeat:g} s ([gateway] heartbeat): "
+                "a peer that does not speak TLS, or one too busy to answer"
+            )
             self._uplink.metrics.handshake_timeouts += 1
             self.abort()
             return
         if self._pings >= 1:
-            self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
+            if self._up:
+                self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
+            else:
+                self._cause = f"the cloud did not answer a first ping within {self._heartbeat:g} s ([gateway] heartbeat)"
             self._uplink.metrics.heartbeat_failures += 1
             self.abort()
             return
@@ -275,10 +304,28 @@ class CloudClientProtocol(wire.LineProtocol):
 
 
 class CloudClientFactory(Factory):
-    def __init__(self, uplink: Uplink, clock, heartbeat: float):
+    #: No "Starting/Stopping factory <object at 0x...>" pair at every
+    #: connection attempt.
+    noisy = False
+
+    def __init__(
+        self, uplink: Uplink, clock, heartbeat: float, link: CloudLink | None = None, expected: Expectation | None = None
+    ):
         self._uplink = uplink
         self._clock = clock
         self._heartbeat = heartbeat
+        self.link = link if link is not None else CloudLink("the cloud", clock, 30.0)
+        self._expected = expected
 
     def buildProtocol(self, addr):
-        return CloudClientProtocol(self._uplink, self._clock, self._heartbeat)
+        return CloudClientProtocol(self._uplink, self._clock, self._heartbeat, self.link, self._expected)
+
+
+def host_port(address) -> str:
+    """
+    A Twisted address as HOST:PORT ([HOST]:PORT for IPv6), not its repr.
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return address_text(host, port)

@@ -9,7 +9,7 @@ import gc
 import signal
 from pathlib import Path
 
-from twisted.application.internet import ClientService, UDPServer, backoffPolicy
+from twisted.application.internet import UDPServer
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
@@ -19,8 +19,10 @@ from twisted.logger import Logger
 from meter import config, database, gateway, secrets
 from meter.gateway import exposition
 from meter.database import Database
+from meter.listening import NamedListener
 from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
+from meter.gateway import link
 from meter.gateway.fleet import FleetReload, file_loader
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
@@ -52,7 +54,13 @@ class Options(MeterOptions):
         keys = [secrets.device_key_path(folder, device_id) for device_id in self.config.fleet]
         secrets.require(folder, (secrets.tls_files(folder, "gateway") if tls else []) + keys)
         self.keys = secrets.read_fleet_keys(folder, self.config.fleet)
-        self.tls = secrets.client_tls(folder, self.config.gateway["cloud_name"]) if tls else None
+        self.tls = self.expected = None
+        if tls:
+            # Kept, to say what the cloud presented when it is refused.
+            self.tls = link.PeerCertificates(secrets.client_tls(folder, self.config.gateway["cloud_name"]))
+            self.expected = link.Expectation(
+                self.config.gateway["cloud_name"], (folder / "ca.crt").absolute(), self.tls.presented
+            )
 
 
 class GatewayService(MultiService):
@@ -71,15 +79,22 @@ class GatewayService(MultiService):
     log = Logger()
 
     def __init__(
-        self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor, load_fleet=None,
-        fleet_source: str = "",
+        self, settings: dict, fleet: dict[int, str], keys: dict[int, bytes], tls, reactor, source: str = "the configuration",
+        expected: link.Expectation | None = None, load_fleet=None, fleet_source: str = "",
     ):
         """
+        @param source: where the settings came from, to name in messages.
+        @param expected: what the cloud's certificate must be, to say what
+            it was instead.
         @param load_fleet: reads the fleet and its keys again, on SIGHUP
             (see L{file_loader}); None: no reload.
         @param fleet_source: the file it reads, for the log.
         """
         MultiService.__init__(self)
+        #: Where the settings came from, to name in messages.
+        self._source = source
+        #: What the cloud's certificate must be, to say what it was instead.
+        self._expected = expected
         self._settings = settings
         self._fleet = fleet
         self._keys = keys
@@ -127,7 +142,12 @@ class GatewayService(MultiService):
         protocol = gateway.GatewayProtocol(
             self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"]
         )
-        UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM).setServiceParent(self)
+        NamedListener(
+            UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM),
+            "meter-gateway",
+            "UDP",
+            f"--listen or [gateway] listen in {self._source}",
+        ).setServiceParent(self)
 
         def swap(fleet: dict[int, str], keys: dict[int, bytes]) -> None:
             if not self.running:
@@ -157,11 +177,13 @@ class GatewayService(MultiService):
             endpoint = wrapClientTLS(self._tls, endpoint)
         else:
             self.log.warn("connecting to the cloud in PLAIN TEXT ([gateway] tls = false)")
-        ClientService(
-            endpoint,
-            gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"]),
-            retryPolicy=self._counted(backoffPolicy(initialDelay=0.5, maxDelay=s["max_backoff"])),
-            clock=self._reactor,
+        cloud_link = link.CloudLink(link.address_text(cloud_host, cloud_port), self._reactor, s["max_backoff"])
+        link.CloudClientService(
+            link.ReportingEndpoint(endpoint, cloud_link, s["connect_timeout"]),
+            gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"], cloud_link, self._expected),
+            cloud_link,
+            self._reactor,
+            retry_policy=self._counted(cloud_link.retry_delay),
         ).setServiceParent(self)
         exposition.monitor(self, s["metrics"], self._reactor, exposition.GatewayExposition(
             self.metrics, self.intake, self.uplink, spool, self.database, protocol, s["spool_limit"]
@@ -255,6 +277,7 @@ def makeService(options: Options):
         source = config.DEFAULT_CONFIG.absolute() if config.DEFAULT_CONFIG.exists() else None
     load_fleet = file_loader(source, options.given, options.config.security["dir"].absolute())
     return GatewayService(
-        options.config.gateway, options.config.fleet, options.keys, options.tls, reactor,
-        load_fleet=load_fleet, fleet_source=str(source) if source is not None else "the embedded defaults",
+        options.config.gateway, options.config.fleet, options.keys, options.tls, reactor, options.config.source,
+        options.expected, load_fleet=load_fleet,
+        fleet_source=str(source) if source is not None else "the embedded defaults",
     )

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from meter import config, database, secrets
 from meter.cloud import SQLiteReadingStore
 from meter.wire import device_address
-from meter.tools.processes import CONSOLE_DAY, CONSOLE_LINE, DaemonError, Daemons
+from meter.tools.processes import CONSOLE_DAY, CONSOLE_LINE, DaemonError, Daemons, stamp
 from meter.reading import format_number
 
 DEMO_DIR = Path("var/demo")
@@ -63,7 +63,7 @@ def demo(args: argparse.Namespace) -> int:
                 raise DaemonError(f"{device.name} exited {status}{device.tail()}")
         sent = sum(int(m.group(1)) for d in devices for m in d.all_matching(r"sending (\d+) readings"))
         lines = [m.group(0) for m in cloud.collect(CONSOLE_LINE, sent)]
-        cloud.wait_for(r"acknowledged at=")
+        cloud.wait_for(r"acknowledged at ")
     except DaemonError as e:
         print(f"meter demo: {e}", file=sys.stderr)
         return 1
@@ -77,8 +77,8 @@ def demo(args: argparse.Namespace) -> int:
             print(f"  {line}")
     addresses = {m.group(1) for m in map(CONSOLE_LINE.match, lines)}
     missing = set(settings.fleet.values()) - addresses
-    first_send = min(float(m.group(1)) for d in devices for m in d.all_matching(r"send started at=([0-9.]+)"))
-    last_ack = max(float(m.group(1)) for m in cloud.all_matching(r"acknowledged at=([0-9.]+)"))
+    first_send = min(stamp(m.group(1)) for d in devices for m in d.all_matching(r"send started at (\S+)"))
+    last_ack = max(stamp(m.group(1)) for m in cloud.all_matching(r"acknowledged at (\S+)"))
     print(
         f"\n{len(lines)} readings from {len(addresses)} devices; "
         f"first device send to the cloud's last acknowledgement: {(last_ack - first_send) * 1000:.1f} ms"

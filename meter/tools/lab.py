@@ -39,7 +39,7 @@ from typing import Iterator
 import attrs
 
 from meter import config
-from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, Daemons, twistd
+from meter.tools.processes import CONSOLE_LINE, Daemon, DaemonError, Daemons, stamp, twistd
 from meter.tools.suite import survey_text
 
 #: Every namespace of a lab is named PREFIX + run id + "-" + role.
@@ -441,15 +441,15 @@ class Lab:
         sent = sum(int(m.group(1)) for d in devices.values() for m in d.all_matching(r"sending (\d+) readings"))
         console = [m.group(0) for m in cloud.collect(CONSOLE_LINE, sent, timeout=self._deadline + 30)]
         # Logged right after the last console line, by the same commit.
-        cloud.wait_for(r"acknowledged at=")
+        cloud.wait_for(r"acknowledged at ")
         gateway.wait_for(r"round \S+ complete", timeout=30)
         retransmissions = {
             # The last line's count: each counts since the device started.
             i: max([int(m.group(1)) for m in d.all_matching(r"\bretransmissions=(\d+)")], default=0)
             for i, d in devices.items()
         }
-        first_send = min(float(m.group(1)) for d in devices.values() for m in d.all_matching(r"send started at=([0-9.]+)"))
-        last_ack = max(float(m.group(1)) for m in cloud.all_matching(r"acknowledged at=([0-9.]+)"))
+        first_send = min(stamp(m.group(1)) for d in devices.values() for m in d.all_matching(r"send started at (\S+)"))
+        last_ack = max(stamp(m.group(1)) for m in cloud.all_matching(r"acknowledged at (\S+)"))
         duplicates = len(gateway.all_matching(r"duplicate of device \d+"))
         with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as connection:
             stored = connection.execute("SELECT COUNT(*) FROM readings").fetchone()[0]

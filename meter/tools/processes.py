@@ -7,6 +7,7 @@ bench), which all run the real plugins rather than importing them.
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import re
@@ -39,6 +40,14 @@ UPLINK_CONNECTED = re.compile(r"connected to the cloud")
 METRICS_ON = re.compile(r"metrics on (http://\S+)/metrics$")
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stamp(text: str) -> float:
+    """
+    A time a daemon wrote in a log line (L{meter.clocktext.iso_time}) as
+    Unix time, to time what happened between two lines.
+    """
+    return datetime.datetime.fromisoformat(text).timestamp()
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
