@@ -25,6 +25,7 @@ from pathlib import Path
 
 import attrs
 
+from meter.files import sync_folder
 from meter import secrets
 
 #: How long a certificate (re)issued here is valid, as when first made.
@@ -89,11 +90,7 @@ def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    sync_folder(path.parent)
 
 
 def renew(

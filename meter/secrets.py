@@ -23,6 +23,8 @@ import os
 import stat
 from pathlib import Path
 
+from meter.files import sync_folder
+
 #: The name the cloud's certificate carries and the gateway verifies.
 CLOUD_NAME = "meter-cloud"
 KEY_BYTES = 32
@@ -117,13 +119,13 @@ def read_fleet_keys(folder: Path, fleet) -> dict[int, bytes]:
     return {device_id: read_device_key(folder, device_id) for device_id in fleet}
 
 
-def _write_new(path: Path, data: bytes, mode: int = 0o600, sync_folder: bool = True) -> None:
+def _write_new(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
     """
     Write C{path} only if it does not exist yet, atomically: a reader never
     sees a half-written secret, and an existing file is never replaced.
     The data goes to a temporary file opened with O_EXCL, then link(2)
     gives it its name, which fails with EEXIST like O_EXCL would.  Without
-    C{sync_folder} the caller fsyncs the folder once it wrote them all.
+    C{sync} the caller fsyncs the folder once it wrote them all.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -139,16 +141,8 @@ def _write_new(path: Path, data: bytes, mode: int = 0o600, sync_folder: bool = T
             raise SecretError(f"{path} exists: not replaced") from None
     finally:
         os.unlink(temporary)
-    if sync_folder:
-        _sync_folder(path.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    if sync:
+        sync_folder(path.parent)
 
 
 @contextlib.contextmanager
@@ -233,11 +227,11 @@ def create_device_keys(folder: Path, device_ids) -> tuple[list[Path], list[Path]
                 if os.path.lexists(path):
                     kept.append(path)
                     continue
-                _write_new(path, os.urandom(KEY_BYTES).hex().encode() + b"\n", sync_folder=False)
+                _write_new(path, os.urandom(KEY_BYTES).hex().encode() + b"\n", sync=False)
                 created.append(path)
         finally:
             if created:
-                _sync_folder(created[0].parent)
+                sync_folder(created[0].parent)
     return created, kept
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import attrs
 
+from meter.files import sync_folder
 from meter import database
 from meter.cloud import VERSIONS as CLOUD_VERSIONS
 from meter.gateway.spool import VERSIONS as SPOOL_VERSIONS
@@ -104,14 +105,6 @@ def _checked(connection: sqlite3.Connection, path: Path, schema: database.Schema
     return Copy(path, schema.kind, version, readings, description)
 
 
-def _sync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _copy(source: Path, target: Path) -> Copy:
     """
     Copy the meter file C{source} to a temporary file beside C{target},
@@ -171,7 +164,7 @@ def backup(source: Path, destination: Path) -> Copy:
         raise BackupError(f"{destination} exists: not replaced (name a new file)") from None
     finally:
         temporary.unlink(missing_ok=True)
-    _sync_folder(destination.absolute().parent)
+    sync_folder(destination.absolute().parent)
     return copy
 
 
@@ -235,7 +228,7 @@ def restore(
             os.rename(temporary, destination)
         finally:
             temporary.unlink(missing_ok=True)
-        _sync_folder(destination.absolute().parent)
+        sync_folder(destination.absolute().parent)
     return copy, aside
 
 

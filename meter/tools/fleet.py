@@ -25,6 +25,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from meter.files import sync_folder
 from meter import config, secrets
 from meter.wire import device_address
 
@@ -142,14 +143,6 @@ def with_devices(text: str, source: str, additions: dict[int, str], fleet: dict[
     return "".join(rows[:at] + lines + rows[at:])
 
 
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_config(path: Path, text: str, expected: dict[int, str]) -> None:
     """
     Put C{text} in place of the configuration file C{path}: written to a
@@ -179,7 +172,7 @@ def replace_config(path: Path, text: str, expected: dict[int, str]) -> None:
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
 
 
 def _config_path(args: argparse.Namespace) -> Path:
