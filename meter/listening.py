@@ -45,14 +45,31 @@ def cannot_listen(name: str, kind: str, error: CannotListenError, setting: str) 
     return f"{name}: cannot listen on {kind} {address}: {reason}; choose another with {setting}"
 
 
+class StartRefused(SystemExit, Exception):
+    """
+    A daemon's start ended by what the operator can change (a port in use,
+    a spool that cannot be opened), raised from C{startService} or
+    C{privilegedStartService} with its one line.
+
+    A SystemExit: twistd in the foreground ends with the line alone, no
+    traceback.  An Exception too: a daemonizing twistd (no C{-n}) starts
+    the services in its detached child, which reports to the launching
+    command through a status pipe only what it catches as an Exception.  A
+    bare SystemExit passes that by, and the launching command, which holds
+    the pipe's write end open itself, waits for ever.  Caught, the line's
+    start is printed by the launching command, which exits 1, and the whole
+    line is in the daemon's log file.
+    """
+
+
 class NamedListener(MultiService):
     """
     Runs one listening service, C{listener}; if its port cannot be bound (at
     privileged start or at start, whichever binds it), the start ends with
     the line of L{cannot_listen} and a non-zero exit.
 
-    A SystemExit, which twistd lets through as that one line; any other
-    error keeps its traceback, being no operator's doing.
+    A L{StartRefused}, which twistd lets through as that one line; any
+    other error keeps its traceback, being no operator's doing.
     """
 
     def __init__(self, listener: IService, name: str, kind: str, setting: str):
@@ -67,10 +84,10 @@ class NamedListener(MultiService):
         try:
             MultiService.privilegedStartService(self)
         except CannotListenError as e:
-            raise SystemExit(cannot_listen(self._name, self._kind, e, self._setting)) from None
+            raise StartRefused(cannot_listen(self._name, self._kind, e, self._setting)) from None
 
     def startService(self):
         try:
             MultiService.startService(self)
         except CannotListenError as e:
-            raise SystemExit(cannot_listen(self._name, self._kind, e, self._setting)) from None
+            raise StartRefused(cannot_listen(self._name, self._kind, e, self._setting)) from None

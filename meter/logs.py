@@ -67,9 +67,15 @@ def configure(parent, log_format: str, own_file: str) -> None:
     C{own_file} when it runs as a daemon and no other destination was
     given, and with C{json} an observer writing JSON lines there (an
     explicit C{--logger} wins).
+
+    @raise ValueError: C{json} with twistd's C{--syslog}.
     """
     if parent is None:
         return
+    if log_format == "json" and parent.get("syslog") and not parent.get("logger"):
+        # twistd's --logger replaces its syslog observer: the JSON lines would
+        # have no file to go to.
+        raise ValueError("--log-format json writes to a file or standard output, not with twistd's --syslog")
     nodaemon = bool(parent.get("nodaemon"))
     if not nodaemon and not parent.get("logfile") and not parent.get("syslog"):
         parent["logfile"] = own_file

@@ -65,7 +65,10 @@ class MeterOptions(usage.Options):
         except OSError as e:
             raise SystemExit(f"meter-{self.role}: cannot create secrets in {security['dir']}: {e} (none kept)") from None
         self._no_shared_pidfile()
-        logs.configure(getattr(self, "parent", None), self["log-format"], self.logfile_name())
+        try:
+            logs.configure(getattr(self, "parent", None), self["log-format"], self.logfile_name())
+        except ValueError as e:
+            raise SystemExit(f"meter-{self.role}: {e}") from None
 
     def _check(self) -> None:
         """

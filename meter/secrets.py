@@ -119,18 +119,23 @@ def read_fleet_keys(folder: Path, fleet) -> dict[int, bytes]:
     return {device_id: read_device_key(folder, device_id) for device_id in fleet}
 
 
-def _write_new(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
+def _write_new(
+    path: Path, data: bytes, mode: int = 0o600, sync: bool = True, owner: tuple[int, int] | None = None
+) -> None:
     """
     Write C{path} only if it does not exist yet, atomically: a reader never
     sees a half-written secret, and an existing file is never replaced.
     The data goes to a temporary file opened with O_EXCL, then link(2)
     gives it its name, which fails with EEXIST like O_EXCL would.  Without
     C{sync} the caller fsyncs the folder once it wrote them all.
+    With C{owner} (uid, gid) the file is theirs before it has its name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
@@ -221,18 +226,44 @@ def create_device_keys(folder: Path, device_ids) -> tuple[list[Path], list[Path]
     created: list[Path] = []
     kept: list[Path] = []
     with _locked(folder):
+        # Run as root in the service user's folder: a new key is the user's
+        # like the keys there, or the gateway (mode 0600) could not read it,
+        # on SIGHUP nor at its next start.
+        owner = _keys_owner(folder) if os.geteuid() == 0 else None
         try:
             for device_id in device_ids:
                 path = device_key_path(folder, device_id)
                 if os.path.lexists(path):
                     kept.append(path)
                     continue
-                _write_new(path, os.urandom(KEY_BYTES).hex().encode() + b"\n", sync=False)
+                _write_new(path, os.urandom(KEY_BYTES).hex().encode() + b"\n", sync=False, owner=owner)
                 created.append(path)
         finally:
             if created:
                 sync_folder(created[0].parent)
     return created, kept
+
+
+def _keys_owner(folder: Path) -> tuple[int, int] | None:
+    """
+    The owner and group of the keys C{folder} holds: its gateway's key's,
+    else a device key's; None if it holds neither.
+    """
+    devices = folder / "devices"
+    try:
+        with os.scandir(devices) as entries:
+            device_key = next((Path(e.path) for e in entries if e.name.endswith(".key")), None)
+    except OSError:
+        device_key = None
+    for path in (folder / "gateway.key", device_key):
+        if path is None:
+            continue
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue
+        return status.st_uid, status.st_gid
+    return None
 
 
 def _create(folder: Path, fleet, created: list[Path]) -> None:

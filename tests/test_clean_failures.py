@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import subprocess
 
 import pytest
 from twisted.internet.error import CannotListenError
 
 from meter.listening import cannot_listen
+from meter.tools.processes import twistd
 
 pytestmark = pytest.mark.e2e
 
@@ -147,6 +149,17 @@ def test_the_clouds_tcp_port_in_use_is_one_line_naming_it_and_the_setting(suite)
         f"meter-cloud: cannot listen on TCP 127.0.0.1:{suite.cloud_port}: address already in use (another process "
         f"listens there); choose another with --listen or [cloud] listen in {suite.config}"
     ), cloud.tail()
+
+
+def test_detached_a_port_in_use_is_said_by_the_launching_command_with_a_non_zero_exit(suite):
+    # Without -n, twistd starts the services in its detached child, whose
+    # standard error goes nowhere: the command that launched it must say why
+    # the start failed, and end (a bare SystemExit left it waiting for ever).
+    command = [arg for arg in twistd("meter-gateway", "--config", str(suite.config)) if arg != "-n"]
+    with holding(socket.SOCK_DGRAM, suite.gateway_port):
+        launched = subprocess.run(command, cwd=suite.root, capture_output=True, text=True, timeout=30)
+    assert launched.returncode == 1, launched.stderr
+    assert f"meter-gateway: cannot listen on UDP 127.0.0.1:{suite.gateway_port}" in launched.stderr, launched.stderr
 
 
 def test_a_port_in_use_named_by_the_option_names_the_option_too(suite):

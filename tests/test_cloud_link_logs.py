@@ -245,6 +245,43 @@ def test_connected_names_both_ends_as_host_port_and_ends_the_backoff():
     assert link.retry_delay(1) == 0.75
 
 
+class RecordingUplink(FakeUplink):
+    def __init__(self):
+        super().__init__()
+        self.senders = []
+
+    def connected(self, sender):
+        self.senders.append(sender)
+
+
+@pytest.mark.parametrize(
+    "answer, what",
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n", "a line that is not the meter protocol ("),
+        (wire.encode(wire.BatchAck("0123456789abcdef", "ok", new=1, dup=0)) + b"\n", "a BatchAck before the answer to its first ping"),
+    ],
+    ids=["another protocol", "not a pong"],
+)
+def test_a_peer_answering_the_first_ping_with_anything_but_a_pong_is_a_failed_attempt(answer, what):
+    # A plain-text peer of another protocol answers the gateway's ping with
+    # a line of its own: it is no cloud, so no batch goes to it and the
+    # wait keeps growing, as for any other failed attempt.
+    clock = task.Clock()
+    link, events = quiet_link(clock)
+    uplink = RecordingUplink()
+    link.failed("connection refused")
+    link.retry_delay(1)
+    protocol = CloudClientFactory(uplink, clock, HEARTBEAT, link).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(answer)
+    assert uplink.senders == [] and transport.disconnecting
+    protocol.connectionLost(Failure(error.ConnectionAborted()))
+    assert link.failures == 2
+    assert events[-1].startswith(f"cannot reach the cloud at {ADDRESS}: the peer sent {what}"), events[-1]
+    assert events[-1].endswith("not a meter cloud (is [gateway] cloud right?); next attempt in 1.1 s"), events[-1]
+
+
 def client(clock, transport=None):
     link, events = quiet_link(clock)
     protocol = CloudClientFactory(FakeUplink(), clock, HEARTBEAT, link).buildProtocol(None)

@@ -471,3 +471,16 @@ def test_the_edited_file_keeps_its_owner_and_mode(tmp_path, configured):
     assert fleet_add(tmp_path, "5", "192.168.1.6") == 0
     after = os.stat(configured)
     assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (4321, 4321, 0o640)
+
+
+def test_keys_added_as_root_belong_to_the_owner_of_the_keys_there(tmp_path, configured):
+    # The tests run as root, as an operator's `sudo meter fleet add` does:
+    # the gateway's user must be able to read the new keys (mode 0600), on
+    # SIGHUP and at its next start.
+    folder = tmp_path / "secrets"
+    secrets.create_device_keys(folder, [1])
+    os.chown(secrets.device_key_path(folder, 1), 4321, 4322)
+    assert fleet_add(tmp_path, "5-6", "--first-address", "192.168.1.6") == 0
+    for device_id in (5, 6):
+        status = os.stat(secrets.device_key_path(folder, device_id))
+        assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (4321, 4322, 0o600)

@@ -71,6 +71,14 @@ def test_json_format_sets_twistds_observer(tmp_path, sigusr1):
     assert json.loads(line)["log_text"] == "hello operator"
 
 
+def test_json_format_with_syslog_is_refused():
+    # twistd would call the JSON observer with no file to write to, and end
+    # its detached start in a traceback.
+    parent = {"nodaemon": False, "logfile": None, "syslog": True}
+    with pytest.raises(ValueError, match="--log-format json .* not with twistd's --syslog"):
+        logs.configure(parent, "json", "meter-cloud.log")
+
+
 def test_log_format_refuses_other_values():
     with pytest.raises(ValueError, match="--log-format: expected one of text, json, got 'yaml'"):
         logs.log_format("yaml")

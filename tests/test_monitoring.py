@@ -461,6 +461,9 @@ def test_a_port_in_use_ends_the_start_with_one_line_naming_it_and_the_settings()
                             reactor, "cloud")
         with pytest.raises(SystemExit) as raised:
             service.privilegedStartService()
+    # An Exception too, which a daemonizing twistd reports to the command
+    # that launched it (meter.listening.StartRefused).
+    assert isinstance(raised.value, Exception)
     assert str(raised.value) == (
         f"meter-cloud: cannot serve metrics on 127.0.0.1:{port}: Address already in use "
         '(--metrics or [cloud] metrics chooses the endpoint; "" turns it off)'

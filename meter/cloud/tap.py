@@ -21,7 +21,7 @@ from meter.cloud import exposition
 from meter.cloud.console_file import ConsoleFile, console_path
 from meter.database import connect
 from meter.notify import Notifier, ReadinessService
-from meter.listening import NamedListener
+from meter.listening import NamedListener, StartRefused
 from meter.options import MeterOptions
 
 log = Logger()
@@ -63,7 +63,7 @@ class ReadingsDatabase(Service):
             connection = connect(self._path)
             cloud.open_database(connection)
         except Exception as e:
-            raise SystemExit(f"meter-cloud: cannot open database {self._path}: {e}") from None
+            raise StartRefused(f"meter-cloud: cannot open database {self._path}: {e}") from None
         # Commits on the reactor thread: meter.database says why.
         self._store = cloud.SQLiteReadingStore(connection, self._reactor)
         log.info("readings database {path}", path=self._path)

@@ -285,20 +285,37 @@ class CloudClientProtocol(wire.LineProtocol):
 
     def lineReceived(self, line: bytes):
         self._heard()
-        if not self._up:
-            self._link_up()
         try:
             message = wire.decode(line, max_size=self.MAX_LENGTH)
         except wire.WireError as e:
             self._uplink.metrics.refused_from_cloud += 1
+            if not self._up:
+                self._not_the_cloud(f"a line that is not the meter protocol ({e})")
+                return
             self.log.warn("refused a line from the cloud: {error}", error=str(e))
+            return
+        if not self._up:
+            # Only the answer to the first ping shows a cloud: a peer of
+            # another protocol (an HTTP server answering "400 Bad Request")
+            # is a failed attempt, its backoff kept and no batch sent to it.
+            if not isinstance(message, wire.Pong):
+                self._not_the_cloud(f"a {type(message).__name__} before the answer to its first ping")
+                return
+            self._link_up()
             return
         if isinstance(message, wire.BatchAck):
             self._uplink.ack_received(message)
         elif not isinstance(message, wire.Pong):
             self.log.warn("the cloud sent a {kind}: ignored", kind=type(message).__name__)
 
+    def _not_the_cloud(self, what: str) -> None:
+        self._cause = f"the peer sent {what}: not a meter cloud (is [gateway] cloud right?)"
+        self.abort()
+
     def lineLengthExceeded(self, line):
+        if not self._up:
+            self._not_the_cloud(f"a line over {self.MAX_LENGTH} bytes before the answer to its first ping")
+            return
         self.log.warn("the cloud sent a line over {max} bytes: reconnecting", max=self.MAX_LENGTH)
         self.abort()
 

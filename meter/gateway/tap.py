@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from meter import config, database, gateway, secrets
 from meter.gateway import exposition
 from meter.database import Database
-from meter.listening import NamedListener
+from meter.listening import NamedListener, StartRefused
 from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
 from meter.gateway import link
@@ -109,7 +109,7 @@ class GatewayService(MultiService):
         try:
             connection, recovered = Spool.open(s["spool"])
         except Exception as e:
-            raise SystemExit(f"meter-gateway: cannot open spool {s['spool']}: {e}") from None
+            raise StartRefused(f"meter-gateway: cannot open spool {s['spool']}: {e}") from None
         # Commits on the reactor thread: meter.database says why.
         self.database = Database(connection, self._reactor)
         self.spool = spool = Spool(self.database, recovered.depth)

@@ -26,6 +26,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from meter.listening import StartRefused
+
 log = Logger()
 
 #: Why a daemon is not ready, or None when it is.
@@ -165,7 +167,7 @@ class MonitoringService(Service):
         outcome = []
         listening.addBoth(outcome.append)
         if isinstance(outcome[0], Failure):
-            raise SystemExit(self.refusal(outcome[0].value))
+            raise StartRefused(self.refusal(outcome[0].value))
         self._bound(outcome[0])
 
     def refusal(self, e: Exception) -> str:
