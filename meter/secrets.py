@@ -59,8 +59,15 @@ def present(folder: Path) -> list[Path]:
     return found
 
 
+#: Missing files named in one refusal, at most: a fleet of thousands
+#: provisioned nowhere would otherwise make a line of megabytes.
+MISSING_NAMED = 10
+
+
 def _missing(paths: list[Path]) -> SecretError:
-    names = ", ".join(str(path) for path in paths)
+    names = ", ".join(str(path) for path in paths[:MISSING_NAMED])
+    if len(paths) > MISSING_NAMED:
+        names += f" and {len(paths) - MISSING_NAMED} more files"
     return SecretError(
         f"missing {names}: provision {'them' if len(paths) > 1 else 'it'} from the host where "
         f"`meter certs` made the suite's secrets ([security] generate creates secrets only in a "

@@ -204,6 +204,14 @@ def test_a_reload_applies_and_logs_the_new_fleet():
     assert result_of(h.reload.reload()).summary() == "0 added, 0 removed, 0 changed address"
 
 
+def test_a_fleet_read_after_the_gateway_stopped_is_not_said_to_be_reloaded():
+    h = ReloadHarness(lambda: (WITH_5, device_keys(WITH_5)))
+    h.reload._apply = lambda fleet, keys: False  # the gateway stopped while the files were read
+    assert result_of(h.reload.reload()) is None
+    assert h.logged() == ["fleet read from meter.toml after the gateway stopped: not applied"]
+    assert h.reload.fleet == FLEET
+
+
 def test_a_reload_asked_for_while_reading_reads_again_afterwards():
     fleets = [FLEET, WITH_5]
     h = ReloadHarness(lambda: (fleets[0], device_keys(fleets[0])))

@@ -324,3 +324,12 @@ def test_a_gateway_whose_ca_crt_is_another_cas_refuses_to_start(suite):
         f"meter-gateway: {made}/gateway.crt is not signed by {made}/ca.crt: the folder mixes two CAs, "
         f"and the peer would refuse the handshake"
     ]
+
+
+def test_a_refusal_names_ten_missing_files_and_counts_the_rest(tmp_path):
+    paths = [secrets.device_key_path(tmp_path, device_id) for device_id in range(1, 5001)]
+    with pytest.raises(secrets.SecretError) as refused:
+        secrets.require(tmp_path, paths)
+    message = str(refused.value)
+    assert f"{paths[9]} and 4990 more files: provision them" in message
+    assert str(paths[10]) not in message

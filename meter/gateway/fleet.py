@@ -94,7 +94,8 @@ class FleetReload:
 
     @param load: reads the new fleet and its keys; raises
         L{config.ConfigError} or L{secrets.SecretError} naming the file.
-    @param apply: swaps a fleet and its keys in.
+    @param apply: swaps a fleet and its keys in; returns False when it
+        could not (the gateway stopped while the files were read).
     @param fleet: the fleet in use.
     @param keys: its devices' keys.
     @param source: the file it is read from, for the lines.
@@ -109,7 +110,7 @@ class FleetReload:
     def __init__(
         self,
         load: Callable[[], tuple[dict[int, str], dict[int, bytes]]],
-        apply: Callable[[dict[int, str], dict[int, bytes]], None],
+        apply: Callable[[dict[int, str], dict[int, bytes]], bool | None],
         fleet: dict[int, str],
         keys: dict[int, bytes],
         source: str,
@@ -168,7 +169,9 @@ class FleetReload:
         # On the reactor thread, between two datagrams.
         fleet, keys = loaded
         change = FleetChange.between(self.fleet, self.keys, fleet, keys)
-        self._apply(fleet, keys)
+        if self._apply(fleet, keys) is False:
+            self.log.info("fleet read from {source} after the gateway stopped: not applied", source=self._source)
+            return None
         self.fleet, self.keys = fleet, keys
         self.log.info(
             "fleet reloaded from {source}: {summary}; {n} devices expected",

@@ -110,8 +110,10 @@ class Intake:
 
     def set_fleet(self, fleet: dict[int, str]) -> None:
         """
-        Expect C{fleet} (device id -> address) from the next chunk on,
-        without closing or reopening a round: see L{Rounds.set_fleet}.
+        Expect C{fleet} (device id -> address) from the next chunk on: an
+        open round goes on, now waiting for the devices of C{fleet}, and
+        one left waiting only for removed devices closes as complete (see
+        L{Rounds.set_fleet}).
         """
         self.admission.set_fleet(fleet)
         self.rounds.set_fleet(fleet)

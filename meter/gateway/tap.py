@@ -149,11 +149,12 @@ class GatewayService(MultiService):
             f"--listen or [gateway] listen in {self._source}",
         ).setServiceParent(self)
 
-        def swap(fleet: dict[int, str], keys: dict[int, bytes]) -> None:
+        def swap(fleet: dict[int, str], keys: dict[int, bytes]) -> bool:
             if not self.running:
-                return  # read while the gateway stopped: nothing to serve
+                return False  # read while the gateway stopped: nothing to serve
             self.intake.set_fleet(fleet)
             protocol.set_keys(keys)
+            return True
 
         self.fleet_reload = FleetReload(
             self._load_fleet, swap, self._fleet, self._keys, self._fleet_source,
