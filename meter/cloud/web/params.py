@@ -138,6 +138,10 @@ def cursor(text: str) -> Cursor:
 def time_range(args: dict[str, str]) -> tuple[datetime.datetime | None, datetime.datetime | None]:
     since = moment("from", args["from"], False) if "from" in args else None
     until = moment("to", args["to"], True) if "to" in args else None
-    if since is not None and until is not None and since > until:
-        raise BadParameter("from", f"from {args['from']} is after to {args['to']}")
+    if since is not None and until is not None:
+        # A date alone as to takes in its day: from 2026-03-02 to 2026-03-01
+        # is an empty range by the bounds, and a mistake all the same.
+        to_date = "T" not in args["to"]
+        if since > until or (to_date and since.date() > until.date() - datetime.timedelta(days=1)):
+            raise BadParameter("from", f"from {args['from']} is after to {args['to']}")
     return since, until
