@@ -243,3 +243,38 @@ async def test_the_sqlite_queries_read_on_a_connection_that_cannot_write(tmp_pat
             await queries._run(write)
     finally:
         queries.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sqlite_queries_run_on_threads_of_their_own_and_never_hold_up_ingest(tmp_path):
+    import threading
+
+    path = tmp_path / "cloud.sqlite"
+    connection = connect(path)
+    open_database(connection)
+    store = SQLiteReadingStore(connection, reactor)
+    # One thread, so the transaction below stays open on the connection the
+    # next query uses.
+    queries = SQLiteReadingQueries(path, reactor, threads=1)
+    queries.startService()
+    try:
+        await store.add(columns(A), 1.0)
+        thread = await queries._run(lambda connection: threading.current_thread())
+        assert thread is not threading.main_thread()
+        assert "meter-web-queries" in thread.name
+
+        def begin(connection):
+            # A reader in the middle of a long query: its snapshot is held.
+            connection.execute("BEGIN")
+            return connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+        assert await queries._run(begin) == 1
+        # The writer commits meanwhile, on the reactor thread, without waiting
+        # (its busy timeout is 0: a lock would fail the commit at once).
+        assert await store.add(columns(B, C), 2.0) is None
+        assert await queries._run(lambda connection: connection.execute("SELECT count(*) FROM readings").fetchone()[0]) == 1
+        await queries._run(lambda connection: connection.execute("COMMIT"))
+        assert len(await queries.page(ReadingsQuery(), 10)) == 3
+    finally:
+        queries.stopService()
+        await store.database.stop()
