@@ -617,3 +617,36 @@ def test_no_static_path_leaves_the_folder(static):
     request = Request("/static/../secret.txt", {})
     resource = cloud.site.getResourceFor(request)
     assert not str(getattr(resource, "path", "")).endswith("secret.txt")
+
+
+def test_a_client_gone_while_its_query_runs_gets_no_stream():
+    cloud = Cloud()
+    cloud.add(*day_of(1, "192.168.1.2", "2026-03-02"))
+    waiting = defer.Deferred()
+    store = cloud.store
+
+    class SlowQueries:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def next_cursor(self, query, limit):
+            return waiting
+
+    cloud.site = WebSite(resource_tree(SlowQueries(), STATIC, cloud.clock, UTC))
+    request = cloud.get("/api/v1/readings")
+    request.processingFailed(Exception("connection lost"))
+    waiting.callback(None)
+    assert request.producer is None
+    assert request.writes == []
+
+
+def test_a_client_gone_mid_stream_stops_it():
+    cloud = Cloud(page=10)
+    cloud.add(*day_of(1, "192.168.1.2", "2026-03-02"))
+    request = Request("/api/v1/readings", {})
+    request.full = True
+    cloud.get("/api/v1/readings", request=request)
+    stream = request.producer
+    request.processingFailed(Exception("connection lost"))
+    stream.resumeProducing()
+    assert stream.pages == 1

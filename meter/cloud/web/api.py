@@ -215,6 +215,8 @@ class ReadingsStream:
         self.pages = 0
 
     def start(self) -> None:
+        # The client gone: no further page is read.
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._request.registerProducer(self, True)
         self._request.write(self._format.head())
         self._fetch()
@@ -294,6 +296,9 @@ class ReadingsPage(Resource):
         self._page = page
 
     def render_GET(self, request):
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+
         async def work():
             args = params.arguments(request.args, self.ALLOWED)
             device = params.device(args["device"]) if "device" in args else params.Device(None, None)
@@ -311,6 +316,8 @@ class ReadingsPage(Resource):
             query = ReadingsQuery(device.device_id, device.device_ip, since, until, after)
             following = await self._queries.next_cursor(query, limit)
             next_text = None if following is None else params.cursor_text(following)
+            if gone:
+                return None
             formatter = FORMATTERS[kind]()
             request.setResponseCode(200)
             request.setHeader(b"content-type", formatter.content_type)
