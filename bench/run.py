@@ -786,6 +786,13 @@ def table(results: dict) -> str:
         rows.append((f"{name}: retransmissions; lost; doubled; cloud dups",
                      f"{f['retransmissions']}; {f['db']['lost']}; {f['db']['doubled_rows']}; {f['cloud_duplicates']}",
                      "", ""))
+    api = s.get("api")
+    if api:
+        for name, label in (("day", "one device's day as JSON"), ("series", "a 30-day series, 500 points"),
+                            ("devices", "/api/v1/devices")):
+            figure = api["figures"][name]
+            rows.append((f"api on {api['readings']:,} readings: {label}, p50 / p95",
+                         f"{figure['p50_ms']} / {figure['p95_ms']} ms", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -122,10 +122,12 @@ async def test_the_range_of_an_address(both):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pages_follow_the_cursor_through_one_minute_of_many_devices(both):
+async def test_pages_follow_the_cursor_device_by_device(both):
     await both.add(columns(A, B, B2, C, D), 1.0)
     everything = await both.queries.page(ReadingsQuery(), 100)
-    assert [(r.taken_at.hour, r.device_id) for r in everything] == [(2, 3), (8, 1), (8, 2), (12, 1), (0, 1)]
+    assert [(r.device_id, r.taken_at.day, r.taken_at.hour) for r in everything] == [
+        (1, 1, 8), (1, 1, 12), (1, 2, 0), (2, 1, 8), (3, 1, 2),
+    ]
     seen: list[Reading] = []
     query = ReadingsQuery()
     for _ in range(10):
@@ -133,10 +135,13 @@ async def test_pages_follow_the_cursor_through_one_minute_of_many_devices(both):
         seen.extend(page)
         if len(page) < 2:
             break
-        query = ReadingsQuery(after=Cursor(page[-1].taken_at, page[-1].device_id))
+        query = ReadingsQuery(after=Cursor(page[-1].device_id, page[-1].taken_at))
     assert seen == everything
-    # The cursor between two devices of the same minute.
-    assert [r.device_id for r in await both.queries.page(ReadingsQuery(after=Cursor(at("2026-03-01T08:00"), 1)), 1)] == [2]
+    # After a device's last reading comes the next device's first, whenever.
+    assert await both.queries.page(ReadingsQuery(after=Cursor(1, at("2026-03-02T00:00"))), 1) == everything[3:4]
+    # A range and a cursor together.
+    query = ReadingsQuery(since=at("2026-03-01T08:00"), until=at("2026-03-01T12:00"), after=Cursor(1, at("2026-03-01T08:00")))
+    assert await both.queries.page(query, 10) == everything[3:4]
 
 
 @pytest_twisted.ensureDeferred
@@ -150,10 +155,10 @@ async def test_a_page_of_a_device_in_a_range(both):
 @pytest_twisted.ensureDeferred
 async def test_the_next_cursor_is_the_last_of_the_page_when_more_follow(both):
     await both.add(columns(A, B, B2, C), 1.0)
-    assert await both.queries.next_cursor(ReadingsQuery(), 2) == Cursor(at("2026-03-01T08:00"), 1)
-    assert await both.queries.next_cursor(ReadingsQuery(), 3) == Cursor(at("2026-03-01T08:00"), 2)
+    assert await both.queries.next_cursor(ReadingsQuery(), 2) == Cursor(1, at("2026-03-01T12:00"))
+    assert await both.queries.next_cursor(ReadingsQuery(), 3) == Cursor(2, at("2026-03-01T08:00"))
     assert await both.queries.next_cursor(ReadingsQuery(), 4) is None
-    assert await both.queries.next_cursor(ReadingsQuery(device_id=1), 1) == Cursor(at("2026-03-01T08:00"), 1)
+    assert await both.queries.next_cursor(ReadingsQuery(device_id=1), 1) == Cursor(1, at("2026-03-01T08:00"))
 
 
 @pytest_twisted.ensureDeferred

@@ -244,7 +244,7 @@ class ReadingsStream:
         last = readings[-1]
         self._query = ReadingsQuery(
             self._query.device_id, self._query.device_ip, self._query.since, self._query.until,
-            Cursor(last.taken_at, last.device_id),
+            Cursor(last.device_id, last.taken_at),
         )
         # May pause this producer at once, when the transport's buffer fills.
         self._request.write(chunk)
