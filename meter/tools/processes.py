@@ -38,6 +38,8 @@ UPLINK_CONNECTED = re.compile(r"connected to the cloud")
 
 #: What a daemon logs once its monitoring endpoint listens.
 METRICS_ON = re.compile(r"metrics on (http://\S+)/metrics$")
+#: What the cloud logs once its web service listens.
+WEB_ON = re.compile(r"web on (http://\S+)/$")
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -392,6 +394,16 @@ def monitoring_url(daemon: Daemon, timeout: float = 20.0) -> str:
     """
     seen = daemon.all_matching(METRICS_ON)
     match = seen[-1] if seen else daemon.wait_for(METRICS_ON, timeout)
+    return match.group(1)
+
+
+def web_url(daemon: Daemon, timeout: float = 20.0) -> str:
+    """
+    The base URL of the cloud's web service (C{http://HOST:PORT}), from
+    the line it logs once it listens.
+    """
+    seen = daemon.all_matching(WEB_ON)
+    match = seen[-1] if seen else daemon.wait_for(WEB_ON, timeout)
     return match.group(1)
 
 
