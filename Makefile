@@ -20,8 +20,9 @@ $(STAMP): setup.cfg pyproject.toml $(VENDOR)/.copied
 		--config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
+# DEMO_ARGS passes options, e.g. make demo DEMO_ARGS=--keep (the dashboard stays up).
 demo: $(STAMP)
-	$(BIN)/meter demo
+	$(BIN)/meter demo $(DEMO_ARGS)
 
 test: $(STAMP) lab-tools browser
 	$(BIN)/python -m pytest

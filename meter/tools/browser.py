@@ -34,20 +34,6 @@ FLAGS = (
 #: How long a page's script may take to answer (an async script's timeout).
 SCRIPT_TIMEOUT = 30.0
 
-#: Resolves once the dashboard finished loading its charts C{arguments[0]}
-#: times (app.js counts them in C{window.meterLoads} and dispatches
-#: C{meter:charts} after each): no polling.
-WAIT_FOR_CHARTS = """
-const want = arguments[0], done = arguments[arguments.length - 1];
-const answer = () => ({loads: window.meterLoads || 0, error: window.meterLastError || null,
-                       status: document.getElementById("status").textContent});
-if ((window.meterLoads || 0) >= want) { done(answer()); return; }
-document.addEventListener("meter:charts", function seen() {
-  if ((window.meterLoads || 0) >= want) { document.removeEventListener("meter:charts", seen); done(answer()); }
-});
-"""
-
-
 def missing() -> str | None:
     """
     Why the browser cannot run here, or None.
@@ -96,10 +82,31 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def wait_until(driver, condition: str) -> dict:
+    """
+    Wait until the JavaScript expression C{condition} holds in the
+    dashboard in C{driver}: now, or after one of its chart loads; what the
+    page says then (as L{wait_for_charts}).  The script's timeout bounds it.
+    """
+    script = (
+        "const done = arguments[arguments.length - 1];\n"
+        f"const holds = () => {{ try {{ return Boolean({condition}); }} catch (e) {{ return false; }} }};\n"
+        "const answer = () => ({loads: window.meterLoads || 0, error: window.meterLastError || null,\n"
+        "                       status: document.getElementById('status').textContent});\n"
+        "if (holds()) { done(answer()); return; }\n"
+        "document.addEventListener('meter:charts', function seen() {\n"
+        "  if (holds()) { document.removeEventListener('meter:charts', seen); done(answer()); }\n"
+        "});\n"
+    )
+    return driver.execute_async_script(script)
+
+
 def wait_for_charts(driver, loads: int = 1) -> dict:
     """
-    Wait until the dashboard in C{driver} loaded its charts C{loads} times;
-    what it says then (C{loads}, C{error}: the last load's failure or None,
-    C{status}: its status line).
+    Wait until the dashboard in C{driver} finished loading its charts
+    C{loads} times (app.js counts them in C{window.meterLoads}, and
+    announces each with a C{meter:charts} event): no polling.  What it says
+    then: C{loads}, C{error} (the last load's failure, or None), C{status}
+    (its status line).
     """
-    return driver.execute_async_script(WAIT_FOR_CHARTS, loads)
+    return wait_until(driver, f"(window.meterLoads || 0) >= {int(loads)}")

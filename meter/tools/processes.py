@@ -36,6 +36,9 @@ GATEWAY_LISTENING = re.compile(r"GatewayProtocol starting on")
 #: What the gateway logs once its uplink reached the cloud.
 UPLINK_CONNECTED = re.compile(r"connected to the cloud")
 
+#: What the cloud logs once its dashboard and API listen: the base URL.
+WEB_ON = re.compile(r"dashboard on (http://[^/\s]+)/?")
+
 #: What a daemon logs once its monitoring endpoint listens.
 METRICS_ON = re.compile(r"metrics on (http://\S+)/metrics$")
 

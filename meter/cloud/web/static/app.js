@@ -7,9 +7,9 @@
 "use strict";
 
 (function () {
-  const PAGE_SIZE = 50;
-  // How often the fleet is asked for again: the charts reload only when a
-  // shown device's last reading changed.
+  const PAGE_SIZE = 25;
+  // How often the fleet is asked for again (#refresh=SECONDS changes it):
+  // the charts reload only when a shown device's last reading changed.
   const REFRESH_MS = 15000;
   // Lines one chart can tell apart (Okabe-Ito, readable for most kinds of
   // colour blindness).
@@ -45,6 +45,7 @@
     shownLast: new Map(), // device id -> last_reading the charts were drawn with
     seriesRequest: 0,     // the latest chart load; older answers are dropped
     charts: null,
+    refreshMs: REFRESH_MS,
   };
 
   const $ = (id) => document.getElementById(id);
@@ -104,23 +105,12 @@
     return Array.isArray(body) ? body : body.devices || [];
   }
 
-  // One device's series as columns [seconds, temperature, humidity]: the
-  // mean of each bucket when the server downsampled (docs/api.md).
+  // One device's series (docs/api.md) as columns [seconds, temperature,
+  // humidity]: the mean of each bucket, which is the reading itself when
+  // the range holds no more readings than the points asked for.  The
+  // server's "t" is the stamp read as UTC, as the charts take it.
   function seriesColumns(body) {
-    const rows = Array.isArray(body) ? body : body.points || body.series || body.readings || [];
-    const xs = [], temperature = [], humidity = [];
-    for (const row of rows) {
-      xs.push(stampSeconds(row.taken_at || row.time || row.start));
-      temperature.push(pick(row.temperature_c));
-      humidity.push(pick(row.humidity_pct));
-    }
-    return [xs, temperature, humidity];
-  }
-
-  function pick(value) {
-    if (value === null || value === undefined) return null;
-    if (typeof value === "number") return value;
-    return value.mean !== undefined ? value.mean : null;
+    return [body.t, body.temperature_c.mean, body.humidity_pct.mean];
   }
 
   // ---- the fleet table
@@ -257,6 +247,7 @@
     state.charts = { temperature, humidity };
     // The tests and the benchmark read the charts' own state.
     window.meterCharts = state.charts;
+    window.meterColours = COLOURS;
     let pending = 0;
     const resize = () => {
       cancelAnimationFrame(pending);
@@ -374,7 +365,7 @@
     try {
       devices = deviceList(await getJSON("/api/v1/devices"));
     } catch (e) {
-      setStatus(`Could not load the fleet: ${e.message}. Trying again in ${REFRESH_MS / 1000} s.`, true);
+      setStatus(`Could not load the fleet: ${e.message}. Trying again in ${state.refreshMs / 1000} s.`, true);
       loaded(e.message);
       return;
     }
@@ -389,14 +380,14 @@
       state.shownLast.get(id) !== state.byId.get(id).last_reading);
     if (changed || !state.charts.temperature.data[0].length) await loadCharts();
     const now = new Date();
-    setStatus(`Updated ${now.toLocaleTimeString("en-GB")} · refreshes every ${REFRESH_MS / 1000} s`);
+    setStatus(`Updated ${now.toLocaleTimeString("en-GB")} · refreshes every ${state.refreshMs / 1000} s`);
   }
 
   function schedule() {
     setTimeout(async () => {
       await refresh();
       schedule();
-    }, REFRESH_MS);
+    }, state.refreshMs);
   }
 
   // ---- the address bar keeps the choice: #devices=1,4&range=week
@@ -409,6 +400,8 @@
     if (range in RANGE_DAYS || range === "custom") state.range = range;
     state.customFrom = query.get("from") || "";
     state.customTo = query.get("to") || "";
+    const every = Number(query.get("refresh"));
+    if (Number.isFinite(every) && every >= 1 && every <= 3600) state.refreshMs = every * 1000;
   }
 
   function writeHash() {
@@ -419,6 +412,7 @@
       query.set("from", state.customFrom);
       query.set("to", state.customTo);
     }
+    if (state.refreshMs !== REFRESH_MS) query.set("refresh", String(state.refreshMs / 1000));
     history.replaceState(null, "", `#${query}`);
   }
 
