@@ -21,6 +21,8 @@ Scenarios:
   fleet   N devices x 96 readings end to end (and the scaling table): first
           send to the cloud's last commit, losses and doubles counted
           exactly against the synthetic days
+  dashboard  (only when asked for) the dashboard's first chart in headless
+          Chromium, navigation start to drawn (bench/dashboard.py)
 
 Every load is bounded in count and time; nothing is sent outside 127.0.0.1.
 
@@ -50,6 +52,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import ceilings  # noqa: E402
+import dashboard  # noqa: E402
 import micro  # noqa: E402
 import profiles  # noqa: E402
 from meter import config, wire  # noqa: E402
@@ -694,6 +697,9 @@ def verdicts(results: dict) -> list[dict]:
     if day4:
         out.append(_verdict("4-device day, first send to last cloud ack (median ms)", "< 20", day4["median_ms"],
                             lambda v: v < TARGETS["day4_ms"]))
+    for name, view in scenarios.get("dashboard", {}).get("views", {}).items():
+        out.append(_verdict(f"dashboard ({name}): first chart after navigation start (p50 ms)", "< 1000",
+                            view["p50_ms"], lambda v: v < dashboard.TARGET_MS))
     fleets = [f for f in scenarios.get("fleet", []) if not f["profiled"] and f["readings_per_device"] == 96]
     if fleets:
         big = max(fleets, key=lambda f: f["devices"])
@@ -794,7 +800,8 @@ def verdict_lines(items: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default="ceilings,day4,intake,cloud,fleet",
-                        help="comma-separated subset of ceilings,day4,intake,cloud,fleet (default: all)")
+                        help="comma-separated subset of ceilings,day4,intake,cloud,fleet,dashboard (default: all "
+                        "but dashboard)")
     parser.add_argument("--devices", type=int, default=1000, help="devices of the main fleet scenario (default 1000; "
                         "10000 for the full fleet)")
     parser.add_argument("--scale", default="100,1000", help="also run the fleet scenario at these sizes x 96 readings "
@@ -821,6 +828,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2000,
                         help="readings per batch of the cloud's small-batch run (default 2000)")
     parser.add_argument("--seed", type=int, default=1)
+    dashboard.add_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="also run the main fleet scenario under py-spy and summarise where the time goes")
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
@@ -875,6 +883,8 @@ def main(argv=None) -> int:
                 else:
                     say("profile: py-spy is not installed (pip install -e '.[bench]'): skipped")
             results["scenarios"]["fleet"] = runs
+        if "dashboard" in wanted:
+            results["scenarios"]["dashboard"] = dashboard.scenario(args, scratch)
     finally:
         if args.keep:
             say(f"scratch folder kept: {scratch}")
