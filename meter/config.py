@@ -198,6 +198,15 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "allow_plain_beyond_loopback": (
             boolean, False, "let tls = false stand while listen is beyond loopback (a network closed by other means)",
         ),
+        "web": (
+            optional_server_endpoint, "tcp:8080:interface=127.0.0.1",
+            "Twisted endpoint serving the dashboard at / and the read-only API under /api/v1 (\"\": none)",
+        ),
+        "web_token_file": (
+            optional_path, "",
+            "file holding the token the web API requires (bearer, or basic authentication's password); required "
+            "when web listens beyond loopback (\"\": none)",
+        ),
     },
     "gateway": {
         "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),

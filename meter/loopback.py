@@ -5,6 +5,9 @@ secrets at start (C{[security] generate = true}), while it listens on an
 address other hosts can reach (a device: while its gateway is on another
 host; it would make a key of its own, which its gateway does not hold).  Each has an explicit override key, for a
 network that is closed by other means (the lab's network namespaces).
+The cloud's web service beyond loopback needs a token
+(C{[cloud] web_token_file}), and has no override: its readers are people,
+whom a closed network does not tell apart.
 
 "Beyond loopback": any listen address outside 127.0.0.0/8 and ::1,
 including every address at once (C{0.0.0.0}, C{::}, an endpoint without
@@ -55,6 +58,14 @@ def refusal(role: str, settings: config.Config) -> str | None:
     C{settings}, naming the keys and the override, or None.
     """
     if role == "cloud":
+        web = settings.cloud["web"]
+        web_host = endpoint_host(web) if web else None
+        if web_host is not None and not is_loopback(web_host) and settings.cloud["web_token_file"] is None:
+            return (
+                f"[cloud] web {web} listens on {_where(web_host)}, beyond loopback, without a token: anyone who "
+                f"reaches it would read the fleet's readings; set [cloud] web_token_file to a file holding a token "
+                f"(docs/api.md), or listen on 127.0.0.1"
+            )
         listen = settings.cloud["listen"]
         host = endpoint_host(listen)
         key = "[cloud] listen"

@@ -24,7 +24,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import cloud, wire
-from meter.cloud.interfaces import DeviceSummary, IReadingStore
+from meter.cloud.interfaces import (
+    Bucket, Cursor, DeviceSummary, FleetDevice, IReadingQueries, IReadingStore, ReadingsQuery, Series,
+)
+from meter.cloud.queries import minute_text, series_width
 from meter.gateway.interfaces import ISpool
 from meter.database import connect
 from meter.gateway.spool import Recovered, SpooledBatch, StoredChunk, StoredRound, batch_of, chunk_digest
@@ -268,7 +271,7 @@ class MemorySpool:
 # -- the cloud's reading store (meter.cloud.interfaces.IReadingStore) ----------
 
 
-@implementer(IReadingStore)
+@implementer(IReadingStore, IReadingQueries)
 class MemoryReadingStore:
     """
     Readings in a dict, as L{meter.cloud.sqlite.SQLiteReadingStore} keeps
@@ -328,6 +331,86 @@ class MemoryReadingStore:
         return succeed(
             [DeviceSummary(number, parse(min(own)), parse(max(own)), len(own)) for number, own in sorted(stamps.items())]
         )
+
+    # -- IReadingQueries: as meter.cloud.queries answers them --------------
+
+    def _fleet(self) -> list[FleetDevice]:
+        latest: dict[int, tuple[str, str]] = {}
+        first: dict[int, str] = {}
+        counts: Counter[int] = Counter()
+        for (number, stamp), (ip, _, _, _) in self.rows.items():
+            counts[number] += 1
+            if number not in first or stamp < first[number]:
+                first[number] = stamp
+            if number not in latest or stamp >= latest[number][0]:
+                latest[number] = (stamp, ip)
+        parse = datetime.datetime.fromisoformat
+        return [
+            FleetDevice(number, latest[number][1], parse(first[number]), parse(latest[number][0]), counts[number])
+            for number in sorted(counts)
+        ]
+
+    def fleet(self) -> Deferred:
+        return succeed(self._fleet())
+
+    def device(self, device_id: int) -> Deferred:
+        return succeed(next((d for d in self._fleet() if d.device_id == device_id), None))
+
+    def address_range(self, device_ip: str) -> Deferred:
+        stamps = sorted(stamp for (_, stamp), row in self.rows.items() if row[0] == device_ip)
+        parse = datetime.datetime.fromisoformat
+        return succeed((parse(stamps[0]), parse(stamps[-1])) if stamps else None)
+
+    def _selected(self, query: ReadingsQuery) -> list[Reading]:
+        since = None if query.since is None else minute_text(query.since)
+        until = None if query.until is None else minute_text(query.until)
+        after = None if query.after is None else (query.after.taken_at.isoformat(timespec="minutes"), query.after.device_id)
+        found = []
+        for (number, stamp), (ip, temperature, humidity, _) in self.rows.items():
+            if (
+                (query.device_id is None or number == query.device_id)
+                and (query.device_ip is None or ip == query.device_ip)
+                and (since is None or stamp >= since)
+                and (until is None or stamp < until)
+                and (after is None or (stamp, number) > after)
+            ):
+                found.append((stamp, number, ip, temperature, humidity))
+        found.sort()
+        parse = datetime.datetime.fromisoformat
+        return [Reading.checked(number, ip, parse(stamp), t, h) for stamp, number, ip, t, h in found]
+
+    def page(self, query: ReadingsQuery, limit: int) -> Deferred:
+        return succeed(self._selected(query)[:limit])
+
+    def next_cursor(self, query: ReadingsQuery, limit: int) -> Deferred:
+        found = self._selected(query)
+        if len(found) <= limit:
+            return succeed(None)
+        last = found[limit - 1]
+        return succeed(Cursor(last.taken_at, last.device_id))
+
+    def series(self, device_id, device_ip, since, until, points) -> Deferred:
+        found = self._selected(ReadingsQuery(device_id, device_ip, since, until))
+        if len(found) <= points:
+            return succeed(Series(len(found), None, tuple(
+                Bucket(r.taken_at, 1, (r.temperature_c,) * 3, (r.humidity_pct,) * 3) for r in found
+            )))
+        width = series_width(since, until, points)
+        origin = since.replace(second=0, microsecond=0)
+        groups: dict[int, list[Reading]] = {}
+        for r in found:
+            groups.setdefault(int((r.taken_at - origin).total_seconds()) // width, []).append(r)
+
+        def spread(values: list[float]) -> tuple[float, float, float]:
+            return min(values), sum(values) / len(values), max(values)
+
+        return succeed(Series(len(found), width, tuple(
+            Bucket(
+                origin + datetime.timedelta(seconds=bucket * width), len(group),
+                spread([r.temperature_c for r in group]), spread([r.humidity_pct for r in group]),
+            )
+            for bucket, group in sorted(groups.items())
+        )))
 
 
 # -- a cloud store on SQLite, for the tests of the store and its protocol ----

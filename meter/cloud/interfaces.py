@@ -82,3 +82,128 @@ class IReadingStore(Interface):
 
         @return: a L{Deferred} firing with a list.
         """
+
+
+# -- the read side: what the web API asks --------------------------------------
+
+
+@attrs.frozen
+class FleetDevice:
+    """
+    One device as the API lists it: what the cloud's C{devices} table keeps,
+    updated in the transaction that stores its readings.
+
+    @ivar device_id: the device's number in the fleet.
+    @ivar device_ip: the address of its latest stored reading.
+    @ivar first: when its earliest stored reading was taken (the device's
+        local time, naive).
+    @ivar last: when its latest stored reading was taken.
+    @ivar count: how many of its readings are stored.
+    """
+
+    device_id: int
+    device_ip: str
+    first: datetime.datetime
+    last: datetime.datetime
+    count: int
+
+
+@attrs.frozen
+class Cursor:
+    """
+    Where a page of readings ended: the key of its last reading.  The next
+    page holds the readings after it in the order (time taken, device id).
+    """
+
+    taken_at: datetime.datetime
+    device_id: int
+
+
+@attrs.frozen
+class ReadingsQuery:
+    """
+    Which readings: those of a device (by id, or taken at an address), taken
+    at or after C{since} and before C{until} (naive, the devices' local
+    time), after C{after}; each given or None.
+    """
+
+    device_id: int | None = None
+    device_ip: str | None = None
+    since: datetime.datetime | None = None
+    until: datetime.datetime | None = None
+    after: Cursor | None = None
+
+
+@attrs.frozen
+class Bucket:
+    """
+    The readings of one device taken in [start, start + width): how many,
+    and the least, mean and greatest of each value.  A bucket of one
+    reading has the reading's time as C{start} and its values thrice.
+    """
+
+    start: datetime.datetime
+    count: int
+    temperature: tuple[float, float, float]
+    humidity: tuple[float, float, float]
+
+
+@attrs.frozen
+class Series:
+    """
+    A device's readings over a range, ready for a chart: one L{Bucket} a
+    reading when the range holds at most the points asked for (C{width}
+    None), else buckets of C{width} seconds (empty ones left out).
+    """
+
+    readings: int
+    width: int | None
+    buckets: tuple[Bucket, ...]
+
+
+class IReadingQueries(Interface):
+    """
+    The read side of the cloud's readings, for the web API: queries that
+    never hold up ingest (the SQLite one runs them on read connections of
+    its own, off the reactor thread).  Every method returns a L{Deferred}.
+    """
+
+    def fleet():
+        """
+        A L{FleetDevice} for each device with a stored reading, by id.
+        """
+
+    def device(device_id):
+        """
+        The L{FleetDevice} of device C{device_id}, or None if none of its
+        readings is stored.
+        """
+
+    def address_range(device_ip):
+        """
+        When the first and the last stored reading taken at address
+        C{device_ip} were taken (a pair), or None if there is none.
+        """
+
+    def page(query, limit):
+        """
+        The first C{limit} (at least 1) readings C{query} selects, as
+        L{meter.reading.Reading}s by time taken, then device id: a page, so
+        that a caller streams a long result page after page, each page's
+        last reading the L{Cursor} of the next query.
+        """
+
+    def next_cursor(query, limit):
+        """
+        The L{Cursor} of the C{limit}-th reading C{query} selects if more
+        follow it, else None: where the next request for C{limit} more
+        starts.
+        """
+
+    def series(device_id, device_ip, since, until, points):
+        """
+        The L{Series} of the readings of a device (by id or address) taken
+        in [since, until): one bucket a reading when there are at most
+        C{points}, else at most C{points} buckets of equal width, each with
+        the least, mean and greatest value computed by the store.
+        """

@@ -40,9 +40,36 @@ def _version_1(connection: sqlite3.Connection) -> None:
     execute_script(connection, SCHEMA)
 
 
+#: Version 2: a summary row a device, kept by the transaction that stores
+#: its readings, so the fleet is listed without reading the readings (a
+#: year of a large fleet is tens of millions of rows).  Fixed.
+DEVICES = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id     INTEGER PRIMARY KEY,
+    device_ip     TEXT    NOT NULL,  -- the address of its latest reading
+    first_reading TEXT    NOT NULL,  -- ISO 8601, as readings.taken_at
+    last_reading  TEXT    NOT NULL,
+    readings      INTEGER NOT NULL
+);
+INSERT INTO devices (device_id, device_ip, first_reading, last_reading, readings)
+SELECT device_id,
+       (SELECT latest.device_ip FROM readings AS latest
+        WHERE latest.device_id = r.device_id ORDER BY latest.taken_at DESC LIMIT 1),
+       min(taken_at), max(taken_at), count(*)
+FROM readings AS r GROUP BY device_id;
+"""
+
+
+def _version_2(connection: sqlite3.Connection) -> None:
+    """
+    The C{devices} summary table, filled from the readings stored so far.
+    """
+    execute_script(connection, DEVICES)
+
+
 #: The database's versions (see L{meter.database.Schema}): each step takes
 #: a database from the version before it to the next.
-VERSIONS = Schema(CLOUD_DATABASE, (_version_1,))
+VERSIONS = Schema(CLOUD_DATABASE, (_version_1, _version_2))
 
 
 def open_database(connection: sqlite3.Connection) -> None:
@@ -55,6 +82,39 @@ def open_database(connection: sqlite3.Connection) -> None:
 
 
 _INSERT = RowInsert("INSERT INTO readings", 6, "ON CONFLICT DO NOTHING")
+
+#: A device's summary grown by some new readings of it: the address is the
+#: one of its latest reading, old or new.  (Every right-hand side reads the
+#: row as it was before the update.)
+UPDATE_DEVICES = """
+INSERT INTO devices (device_id, device_ip, first_reading, last_reading, readings) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    device_ip = CASE WHEN excluded.last_reading >= last_reading THEN excluded.device_ip ELSE device_ip END,
+    first_reading = min(first_reading, excluded.first_reading),
+    last_reading = max(last_reading, excluded.last_reading),
+    readings = readings + excluded.readings
+"""
+
+
+def device_summaries(devices, ips, stamps) -> list[tuple[int, str, str, str, int]]:
+    """
+    The rows of L{UPDATE_DEVICES} for some new readings, given as columns
+    (device ids as text or numbers, addresses, ISO minutes): one a device,
+    its address that of its latest reading among them.
+    """
+    summary: dict = {}
+    for device, ip, stamp in zip(devices, ips, stamps):
+        row = summary.get(device)
+        if row is None:
+            summary[device] = [ip, stamp, stamp, 1]
+        else:
+            row[3] += 1
+            if stamp < row[1]:
+                row[1] = stamp
+            elif stamp >= row[2]:
+                row[2] = stamp
+                row[0] = ip
+    return [(int(device), ip, first, last, count) for device, (ip, first, last, count) in summary.items()]
 
 
 def _insert(columns: wire.BatchColumns, stored_at: float):
@@ -79,8 +139,16 @@ def _insert(columns: wire.BatchColumns, stored_at: float):
         # batch was sent again.
         new = insert_telling_new(connection, _INSERT, values)
         if all(new):
-            return None
-        return [index for index, fresh in enumerate(new) if fresh]
+            summaries = device_summaries(columns.devices, columns.ips, columns.stamps)
+            outcome = None
+        else:
+            outcome = [index for index, fresh in enumerate(new) if fresh]
+            picked = columns.pick(outcome)
+            summaries = device_summaries(picked.devices, picked.ips, picked.stamps)
+        # In the same transaction: the summary never disagrees with the
+        # readings a reader sees.
+        connection.executemany(UPDATE_DEVICES, summaries)
+        return outcome
 
     return work
 

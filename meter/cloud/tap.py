@@ -14,10 +14,12 @@ from twisted.internet.defer import succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
 from zope.interface import implementer
 
 from meter import cloud, database, logs, secrets
-from meter.cloud import exposition
+from meter.cloud import exposition, web
+from meter.cloud.queries import SQLiteReadingQueries
 from meter.cloud.console_file import ConsoleFile, console_path
 from meter.database import connect
 from meter.notify import Notifier, ReadinessService
@@ -31,16 +33,22 @@ class Options(MeterOptions):
     role = "cloud"
     synopsis = "[options]"
     longdesc = "The cloud: accepts gateways' batches over TCP, stores each reading once in SQLite and prints it."
-    overrides = {"listen": "listen", "db": "db", "metrics": "metrics"}
+    overrides = {"listen": "listen", "db": "db", "metrics": "metrics", "web": "web"}
     optParameters = MeterOptions.optParameters + [
         ["listen", "l", None, "Twisted endpoint to listen on (config: [cloud] listen)"],
         ["db", "d", None, "SQLite database of readings (config: [cloud] db)"],
         ["metrics", None, None, "Twisted endpoint of /metrics, /healthz, /readyz; \"\" for none (config: [cloud] metrics)"],
+        ["web", None, None, "Twisted endpoint of the dashboard and the API; \"\" for none (config: [cloud] web)"],
     ]
 
 
     def _check(self) -> None:
         self.tls = secrets.server_tls(self.config.security["dir"]) if self.config.cloud["tls"] else None
+        token_file = self.config.cloud["web_token_file"]
+        try:
+            self.web_token = None if token_file is None or not self.config.cloud["web"] else web.read_token(token_file)
+        except web.TokenError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 @implementer(cloud.IReadingStore)
@@ -226,6 +234,13 @@ def makeService(options: Options) -> CloudService:
     )
     admission = factory.admission
     exposition.monitor(service, settings["metrics"], reactor, exposition.CloudExposition(metrics, factory, readings))
+    if settings["web"]:
+        # Its queries on read connections and threads of their own: ingest,
+        # on the reactor thread, never waits for a reader.
+        queries = SQLiteReadingQueries(path, reactor)
+        queries.setServiceParent(service)
+        site = web.WebSite(web.resource_tree(queries, web.STATIC, reactor), options.web_token)
+        web.serve(settings["web"], site, reactor).setServiceParent(service)
     if options.tls is not None:
         # TLS wraps whatever endpoint is configured; the TLS options
         # require a client certificate signed by the suite's CA.

@@ -36,11 +36,10 @@ GATEWAY_LISTENING = re.compile(r"GatewayProtocol starting on")
 #: What the gateway logs once its uplink reached the cloud.
 UPLINK_CONNECTED = re.compile(r"connected to the cloud")
 
-#: What the cloud logs once its dashboard and API listen: the base URL.
-WEB_ON = re.compile(r"dashboard on (http://[^/\s]+)/?")
-
 #: What a daemon logs once its monitoring endpoint listens.
 METRICS_ON = re.compile(r"metrics on (http://\S+)/metrics$")
+#: What the cloud logs once its web service listens.
+WEB_ON = re.compile(r"web on (http://\S+)/$")
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -395,6 +394,16 @@ def monitoring_url(daemon: Daemon, timeout: float = 20.0) -> str:
     """
     seen = daemon.all_matching(METRICS_ON)
     match = seen[-1] if seen else daemon.wait_for(METRICS_ON, timeout)
+    return match.group(1)
+
+
+def web_url(daemon: Daemon, timeout: float = 20.0) -> str:
+    """
+    The base URL of the cloud's web service (C{http://HOST:PORT}), from
+    the line it logs once it listens.
+    """
+    seen = daemon.all_matching(WEB_ON)
+    match = seen[-1] if seen else daemon.wait_for(WEB_ON, timeout)
     return match.group(1)
 
 

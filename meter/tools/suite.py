@@ -124,6 +124,7 @@ class Suite(Daemons):
         settings = {
             "cloud": {
                 "listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": str(self.db), "metrics": ANY_PORT,
+                "web": ANY_PORT,
                 **(cloud or {}),
             },
             "gateway": {

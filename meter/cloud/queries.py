@@ -1,0 +1,232 @@
+"""
+The read side of the cloud's SQLite database (L{IReadingQueries}), for the
+web API.
+
+Why a pool of its own, and connections of its own: ingest commits on the
+reactor thread (L{meter.database}), and must never wait for a reader.  In
+WAL mode readers do not block the writer, so each query runs on a read-only
+connection (C{mode=ro}) of a thread of this small pool, and its result
+comes back to the reactor as a Deferred.  Not the reactor's default pool,
+which name resolution shares, and not adbapi, whose connections would be
+writable and shared with anything else using it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import sqlite3
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+from twisted.application.service import Service
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery, Series
+from meter.reading import Reading
+
+_parse = datetime.datetime.fromisoformat
+
+
+def minute_text(moment: datetime.datetime) -> str:
+    """
+    A bound as the stored text: the first whole minute at or after
+    C{moment} (readings are taken on whole minutes).
+    """
+    if moment.second or moment.microsecond:
+        moment = moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    return moment.isoformat(timespec="minutes")
+
+
+def _where(query: ReadingsQuery) -> tuple[str, list]:
+    conditions: list[str] = []
+    args: list = []
+    if query.device_id is not None:
+        conditions.append("device_id = ?")
+        args.append(query.device_id)
+    if query.device_ip is not None:
+        conditions.append("device_ip = ?")
+        args.append(query.device_ip)
+    if query.since is not None:
+        conditions.append("taken_at >= ?")
+        args.append(minute_text(query.since))
+    if query.until is not None:
+        conditions.append("taken_at < ?")
+        args.append(minute_text(query.until))
+    if query.after is not None:
+        # The first condition lets the index bound the scan; the second
+        # skips the readings of the cursor's minute up to its device.
+        stamp = query.after.taken_at.isoformat(timespec="minutes")
+        conditions.append("taken_at >= ? AND (taken_at > ? OR device_id > ?)")
+        args.extend([stamp, stamp, query.after.device_id])
+    return (" WHERE " + " AND ".join(conditions)) if conditions else "", args
+
+
+_SELECT = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+_ORDER = " ORDER BY taken_at, device_id"
+
+
+def series_width(since: datetime.datetime, until: datetime.datetime, points: int) -> int:
+    """
+    The width in seconds (whole minutes, at least one) of the buckets that
+    cover [since, until) in at most C{points}.
+    """
+    span = (until - since).total_seconds()
+    return max(60, math.ceil(span / points / 60) * 60)
+
+
+@implementer(IReadingQueries)
+class SQLiteReadingQueries(Service):
+    """
+    Queries of the cloud database at C{path}, on C{threads} threads of
+    their own, each with a read-only connection; a service, so its threads
+    start and stop with the cloud.
+
+    @param reactor: where the results are delivered.
+    """
+
+    def __init__(self, path: Path, reactor, threads: int = 2):
+        self._path = Path(path)
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="meter-web-queries")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def startService(self):
+        Service.startService(self)
+        self._pool.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self._pool.stop()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            uri = f"file:{quote(str(self._path.absolute()))}?mode=ro"
+            # check_same_thread off only so that stopService may close it
+            # once its thread has ended; it is used on its own thread alone.
+            connection = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            # A reader never waits long: the writer holds no lock a WAL
+            # reader needs, save for a checkpoint's brief moments.
+            connection.execute("PRAGMA busy_timeout=1000")
+            self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        return connection
+
+    def _run(self, work, *args):
+        def in_thread():
+            return work(self._connection(), *args)
+
+        return deferToThreadPool(self._reactor, self._pool, in_thread)
+
+    # -- IReadingQueries ---------------------------------------------------
+
+    def fleet(self):
+        return self._run(_fleet)
+
+    def device(self, device_id: int):
+        return self._run(_device, device_id)
+
+    def address_range(self, device_ip: str):
+        return self._run(_address_range, device_ip)
+
+    def page(self, query: ReadingsQuery, limit: int):
+        return self._run(_page, query, limit)
+
+    def next_cursor(self, query: ReadingsQuery, limit: int):
+        return self._run(_next_cursor, query, limit)
+
+    def series(self, device_id, device_ip, since, until, points):
+        return self._run(_series, device_id, device_ip, since, until, points)
+
+
+# -- the queries, each on a connection of the pool's -----------------------
+
+
+def _fleet(connection: sqlite3.Connection) -> list[FleetDevice]:
+    return [
+        FleetDevice(device_id, ip, _parse(first), _parse(last), count)
+        for device_id, ip, first, last, count in connection.execute(
+            "SELECT device_id, device_ip, first_reading, last_reading, readings FROM devices ORDER BY device_id"
+        )
+    ]
+
+
+def _device(connection: sqlite3.Connection, device_id: int) -> FleetDevice | None:
+    row = connection.execute(
+        "SELECT device_id, device_ip, first_reading, last_reading, readings FROM devices WHERE device_id = ?",
+        (device_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    device_id, ip, first, last, count = row
+    return FleetDevice(device_id, ip, _parse(first), _parse(last), count)
+
+
+def _address_range(connection: sqlite3.Connection, device_ip: str):
+    # Two ends of the (device_ip, taken_at) index.
+    first = connection.execute(
+        "SELECT taken_at FROM readings WHERE device_ip = ? ORDER BY taken_at LIMIT 1", (device_ip,)
+    ).fetchone()
+    if first is None:
+        return None
+    (last,) = connection.execute(
+        "SELECT taken_at FROM readings WHERE device_ip = ? ORDER BY taken_at DESC LIMIT 1", (device_ip,)
+    ).fetchone()
+    return _parse(first[0]), _parse(last)
+
+
+def _page(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> list[Reading]:
+    where, args = _where(query)
+    rows = connection.execute(_SELECT + where + _ORDER + " LIMIT ?", [*args, limit])
+    # Checked when they were stored.
+    return [Reading.checked(number, ip, _parse(taken), t, h) for number, ip, taken, t, h in rows]
+
+
+def _next_cursor(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> Cursor | None:
+    where, args = _where(query)
+    rows = connection.execute(
+        "SELECT taken_at, device_id FROM readings" + where + _ORDER + " LIMIT 2 OFFSET ?", [*args, limit - 1]
+    ).fetchall()
+    if len(rows) < 2:
+        return None
+    return Cursor(_parse(rows[0][0]), rows[0][1])
+
+
+def _series(connection, device_id, device_ip, since, until, points) -> Series:
+    query = ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until)
+    where, args = _where(query)
+    (count,) = connection.execute("SELECT count(*) FROM readings" + where, args).fetchone()
+    if count <= points:
+        rows = connection.execute(
+            "SELECT taken_at, temperature_c, humidity_pct FROM readings" + where + _ORDER, args
+        )
+        return Series(count, None, tuple(Bucket(_parse(at), 1, (t, t, t), (h, h, h)) for at, t, h in rows))
+    width = series_width(since, until, points)
+    origin = since.replace(second=0, microsecond=0)
+    rows = connection.execute(
+        "SELECT (CAST(strftime('%s', taken_at) AS INTEGER) - ?) / ? AS bucket, count(*),"
+        " min(temperature_c), avg(temperature_c), max(temperature_c),"
+        " min(humidity_pct), avg(humidity_pct), max(humidity_pct)"
+        " FROM readings" + where + " GROUP BY bucket ORDER BY bucket",
+        [int(origin.replace(tzinfo=datetime.timezone.utc).timestamp()), width, *args],
+    )
+    step = datetime.timedelta(seconds=width)
+    return Series(
+        count,
+        width,
+        tuple(
+            Bucket(origin + bucket * step, n, (t_min, t_mean, t_max), (h_min, h_mean, h_max))
+            for bucket, n, t_min, t_mean, t_max, h_min, h_mean, h_max in rows
+        ),
+    )
