@@ -9,7 +9,8 @@ through the real gateway (`meter loadgen`, the device code) to the cloud; or
 with C{--dashboard-db} any cloud database (a copy of it is served).
 
     python bench/run.py --scenarios dashboard
-    python bench/dashboard.py --dashboard-devices 100 --dashboard-days 31
+    python bench/dashboard.py --dashboard-devices 1000
+    python bench/dashboard.py --dashboard-db STORE.sqlite   # e.g. a year of a 1,000-device fleet
 """
 
 from __future__ import annotations
@@ -136,10 +137,11 @@ def scenario(args, scratch: Path) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dashboard-devices", type=int, default=100,
-                        help="devices of the dashboard scenario's store (default 100)")
-    parser.add_argument("--dashboard-days", type=int, default=31,
-                        help="days x 96 readings each device sends for it (default 31)")
+    parser.add_argument("--dashboard-devices", type=int, default=1000,
+                        help="devices of the dashboard scenario's store (default 1,000)")
+    parser.add_argument("--dashboard-days", type=int, choices=(1, 2), default=2,
+                        help="days x 96 readings each device sends for it, ending yesterday (default 2: a gateway "
+                        "takes days back to 62 hours before their send); --dashboard-db for a longer store")
     parser.add_argument("--dashboard-db", help="serve (a copy of) this cloud database instead")
     parser.add_argument("--dashboard-navigations", type=int, default=7,
                         help="navigations to each view of the page; the median counts (default 7)")

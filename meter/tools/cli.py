@@ -128,21 +128,30 @@ def keep_serving(cloud: Daemon, url: str) -> int:
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupted)
-    print(f"\nThe dashboard: {url}\n(the cloud keeps running; Ctrl-C stops it)", flush=True)
+    # Both are handled before the URL is out (whoever reads it may send one
+    # at once), and the URL goes out in one write, never cut mid-line.
+    previous = {signum: signal.signal(signum, interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    status = None
     try:
+        sys.stdout.write(f"\nThe dashboard: {url}\n(the cloud keeps running; Ctrl-C stops it)\n")
+        sys.stdout.flush()
         # Ctrl-C reaches only this process: the cloud runs in a session of
         # its own, and is stopped here, with its database closed cleanly.
         status = cloud.process.wait()
     except KeyboardInterrupt:
-        status = None
+        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         stopped = cloud.stop()
     if status is not None:
         print(f"meter demo: the cloud exited by itself ({status}){cloud.tail()}", file=sys.stderr)
         return 1
-    print(f"meter demo: cloud stopped ({stopped})", flush=True)
+    # twistd ends a clean stop by SIGTERM with that signal's own status.
+    if stopped not in (0, -signal.SIGTERM):
+        print(f"meter demo: the cloud did not stop cleanly ({stopped}){cloud.tail()}", file=sys.stderr)
+        return 1
+    print("meter demo: the cloud stopped", flush=True)
     return 0
 
 

@@ -21,16 +21,18 @@ from meter.tools.processes import WEB_ON
 from meter.tools.suite import ANY_PORT, Suite, loadgen_summary
 
 DEVICES = 12
-DAYS = 7
-#: The last device stops sending this many days before the end: stale.
-SILENT_DAYS = 3
-VIEW = "#devices=1,2,3&range=week"
+#: Yesterday and the day before: a gateway takes days back to 62 hours
+#: before their send.
+DAYS = 2
+#: The last device sends no reading of these last days: stale.
+SILENT_DAYS = 1
+VIEW = "#devices=1,2,3&range=day"
 WINDOW = (1280, 860)
 
 
 def fill(suite: Suite, yesterday: datetime.date) -> int:
     """
-    The week ending C{yesterday} through the suite's gateway: every device
+    The L{DAYS} ending C{yesterday} through the suite's gateway: every device
     every day, but the last one not in the last L{SILENT_DAYS}.  The number
     of readings sent.
     """
