@@ -27,7 +27,7 @@ DAYS = 2
 #: The last device sends no reading of these last days: stale.
 SILENT_DAYS = 1
 VIEW = "#devices=1,2,3&range=day"
-WINDOW = (1280, 860)
+WINDOW = (1280, 1200)
 
 
 def fill(suite: Suite, yesterday: datetime.date) -> int:
