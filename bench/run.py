@@ -777,6 +777,9 @@ def table(results: dict) -> str:
         rows.append((f"{name}: retransmissions; lost; doubled; cloud dups",
                      f"{f['retransmissions']}; {f['db']['lost']}; {f['db']['doubled_rows']}; {f['cloud_duplicates']}",
                      "", ""))
+    for name, view in s.get("dashboard", {}).get("views", {}).items():
+        rows.append((f"dashboard ({name}), navigation start to first chart: p50 (cold first)",
+                     f"{view['p50_ms']} ms ({view['first_ms']} ms)", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
