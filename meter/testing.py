@@ -364,7 +364,7 @@ class MemoryReadingStore:
     def _selected(self, query: ReadingsQuery) -> list[Reading]:
         since = None if query.since is None else minute_text(query.since)
         until = None if query.until is None else minute_text(query.until)
-        after = None if query.after is None else (query.after.taken_at.isoformat(timespec="minutes"), query.after.device_id)
+        after = None if query.after is None else (query.after.device_id, query.after.taken_at.isoformat(timespec="minutes"))
         found = []
         for (number, stamp), (ip, temperature, humidity, _) in self.rows.items():
             if (
@@ -372,12 +372,12 @@ class MemoryReadingStore:
                 and (query.device_ip is None or ip == query.device_ip)
                 and (since is None or stamp >= since)
                 and (until is None or stamp < until)
-                and (after is None or (stamp, number) > after)
+                and (after is None or (number, stamp) > after)
             ):
-                found.append((stamp, number, ip, temperature, humidity))
+                found.append((number, stamp, ip, temperature, humidity))
         found.sort()
         parse = datetime.datetime.fromisoformat
-        return [Reading.checked(number, ip, parse(stamp), t, h) for stamp, number, ip, t, h in found]
+        return [Reading.checked(number, ip, parse(stamp), t, h) for number, stamp, ip, t, h in found]
 
     def page(self, query: ReadingsQuery, limit: int) -> Deferred:
         return succeed(self._selected(query)[:limit])
@@ -387,7 +387,7 @@ class MemoryReadingStore:
         if len(found) <= limit:
             return succeed(None)
         last = found[limit - 1]
-        return succeed(Cursor(last.taken_at, last.device_id))
+        return succeed(Cursor(last.device_id, last.taken_at))
 
     def series(self, device_id, device_ip, since, until, points) -> Deferred:
         found = self._selected(ReadingsQuery(device_id, device_ip, since, until))

@@ -111,3 +111,23 @@ def test_the_daemons_refuse_to_start_in_one_line_before_making_secrets(make_suit
     ]
     assert not (suite.root / "var" / "secrets").exists()
     assert not suite.db.exists() and not suite.spool.exists()
+
+
+@pytest.mark.parametrize(
+    "web, where",
+    [("tcp:8080:interface=0.0.0.0", "every address"), ("tcp:8080", "every address"),
+     ("tcp:8080:interface=10.10.10.2", "10.10.10.2")],
+)
+def test_the_web_service_beyond_loopback_needs_a_token(web, where, tmp_path):
+    refused = loopback.refusal("cloud", settings(cloud={"web": web}))
+    assert refused == (
+        f"[cloud] web {web} listens on {where}, beyond loopback, without a token: anyone who reaches it would read "
+        f"the fleet's readings; set [cloud] web_token_file to a file holding a token (docs/api.md), or listen on "
+        f"127.0.0.1"
+    )
+    token = tmp_path / "token"
+    assert loopback.refusal("cloud", settings(cloud={"web": web, "web_token_file": str(token)})) is None
+    # Off, or on loopback: nothing asked.
+    assert loopback.refusal("cloud", settings(cloud={"web": ""})) is None
+    assert loopback.refusal("cloud", settings(cloud={"web": "tcp:8080:interface=127.0.0.1"})) is None
+    assert loopback.refusal("cloud", settings(cloud={"web": "tcp6:8080:interface=\\:\\:1"})) is None

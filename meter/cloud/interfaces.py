@@ -112,11 +112,11 @@ class FleetDevice:
 class Cursor:
     """
     Where a page of readings ended: the key of its last reading.  The next
-    page holds the readings after it in the order (time taken, device id).
+    page holds the readings after it in the order (device id, time taken).
     """
 
-    taken_at: datetime.datetime
     device_id: int
+    taken_at: datetime.datetime
 
 
 @attrs.frozen
@@ -188,7 +188,10 @@ class IReadingQueries(Interface):
     def page(query, limit):
         """
         The first C{limit} (at least 1) readings C{query} selects, as
-        L{meter.reading.Reading}s by time taken, then device id: a page, so
+        L{meter.reading.Reading}s by device id, then time taken (the order
+        of the table's key, so that each page starts where the one before
+        ended whatever the size of the table, and a device's readings come
+        together, as a chart or an export wants them): a page, so
         that a caller streams a long result page after page, each page's
         last reading the L{Cursor} of the next query.
         """

@@ -57,16 +57,18 @@ def _where(query: ReadingsQuery) -> tuple[str, list]:
         conditions.append("taken_at < ?")
         args.append(minute_text(query.until))
     if query.after is not None:
-        # The first condition lets the index bound the scan; the second
-        # skips the readings of the cursor's minute up to its device.
-        stamp = query.after.taken_at.isoformat(timespec="minutes")
-        conditions.append("taken_at >= ? AND (taken_at > ? OR device_id > ?)")
-        args.extend([stamp, stamp, query.after.device_id])
+        # A row value: the primary key's index starts the scan right after
+        # the cursor.
+        conditions.append("(device_id, taken_at) > (?, ?)")
+        args.extend([query.after.device_id, query.after.taken_at.isoformat(timespec="minutes")])
     return (" WHERE " + " AND ".join(conditions)) if conditions else "", args
 
 
 _SELECT = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
-_ORDER = " ORDER BY taken_at, device_id"
+#: The primary key's order: a page is read from where the last ended, never
+#: sorted (an order by time across devices would sort the whole range for
+#: every page).
+_ORDER = " ORDER BY device_id, taken_at"
 
 
 def series_width(since: datetime.datetime, until: datetime.datetime, points: int) -> int:
@@ -196,11 +198,11 @@ def _page(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> l
 def _next_cursor(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> Cursor | None:
     where, args = _where(query)
     rows = connection.execute(
-        "SELECT taken_at, device_id FROM readings" + where + _ORDER + " LIMIT 2 OFFSET ?", [*args, limit - 1]
+        "SELECT device_id, taken_at FROM readings" + where + _ORDER + " LIMIT 2 OFFSET ?", [*args, limit - 1]
     ).fetchall()
     if len(rows) < 2:
         return None
-    return Cursor(_parse(rows[0][0]), rows[0][1])
+    return Cursor(rows[0][0], _parse(rows[0][1]))
 
 
 def _series(connection, device_id, device_ip, since, until, points) -> Series:
@@ -209,7 +211,7 @@ def _series(connection, device_id, device_ip, since, until, points) -> Series:
     (count,) = connection.execute("SELECT count(*) FROM readings" + where, args).fetchone()
     if count <= points:
         rows = connection.execute(
-            "SELECT taken_at, temperature_c, humidity_pct FROM readings" + where + _ORDER, args
+            "SELECT taken_at, temperature_c, humidity_pct FROM readings" + where + " ORDER BY taken_at", args
         )
         return Series(count, None, tuple(Bucket(_parse(at), 1, (t, t, t), (h, h, h)) for at, t, h in rows))
     width = series_width(since, until, points)

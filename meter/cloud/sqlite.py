@@ -6,6 +6,7 @@ a batch's records, the queries.
 from __future__ import annotations
 
 import datetime
+import itertools
 import sqlite3
 
 from twisted.internet import defer
@@ -101,19 +102,29 @@ def device_summaries(devices, ips, stamps) -> list[tuple[int, str, str, str, int
     The rows of L{UPDATE_DEVICES} for some new readings, given as columns
     (device ids as text or numbers, addresses, ISO minutes): one a device,
     its address that of its latest reading among them.
+
+    A batch holds a device's readings in runs (its chunks): each run is
+    measured with C-level passes (its length, the least and greatest
+    stamp), not a Python step a reading.
     """
     summary: dict = {}
-    for device, ip, stamp in zip(devices, ips, stamps):
+    start = 0
+    for device, run in itertools.groupby(devices):
+        end = start + len(list(run))
+        part = stamps[start:end]
+        first, last = min(part), max(part)
+        ip = ips[start + part.index(last)]
         row = summary.get(device)
         if row is None:
-            summary[device] = [ip, stamp, stamp, 1]
+            summary[device] = [ip, first, last, end - start]
         else:
-            row[3] += 1
-            if stamp < row[1]:
-                row[1] = stamp
-            elif stamp >= row[2]:
-                row[2] = stamp
+            row[3] += end - start
+            if first < row[1]:
+                row[1] = first
+            if last >= row[2]:
+                row[2] = last
                 row[0] = ip
+        start = end
     return [(int(device), ip, first, last, count) for device, (ip, first, last, count) in summary.items()]
 
 

@@ -215,6 +215,8 @@ class ReadingsStream:
         self.pages = 0
 
     def start(self) -> None:
+        # The client gone: no further page is read.
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._request.registerProducer(self, True)
         self._request.write(self._format.head())
         self._fetch()
@@ -242,7 +244,7 @@ class ReadingsStream:
         last = readings[-1]
         self._query = ReadingsQuery(
             self._query.device_id, self._query.device_ip, self._query.since, self._query.until,
-            Cursor(last.taken_at, last.device_id),
+            Cursor(last.device_id, last.taken_at),
         )
         # May pause this producer at once, when the transport's buffer fills.
         self._request.write(chunk)
@@ -294,6 +296,9 @@ class ReadingsPage(Resource):
         self._page = page
 
     def render_GET(self, request):
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+
         async def work():
             args = params.arguments(request.args, self.ALLOWED)
             device = params.device(args["device"]) if "device" in args else params.Device(None, None)
@@ -311,6 +316,8 @@ class ReadingsPage(Resource):
             query = ReadingsQuery(device.device_id, device.device_ip, since, until, after)
             following = await self._queries.next_cursor(query, limit)
             next_text = None if following is None else params.cursor_text(following)
+            if gone:
+                return None
             formatter = FORMATTERS[kind]()
             request.setResponseCode(200)
             request.setHeader(b"content-type", formatter.content_type)

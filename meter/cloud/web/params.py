@@ -37,7 +37,7 @@ FORMATS = ("json", "csv", "senml")
 
 #: A date, maybe a time of day; a zone is refused (the readings have none).
 _MOMENT = re.compile(r"^\d{4}-\d\d-\d\d(?P<time>T\d\d:\d\d(:\d\d)?)?(?P<zone>Z|[+-]\d\d:?\d\d)?$")
-_CURSOR = re.compile(r"^(?P<taken_at>\d{4}-\d\d-\d\dT\d\d:\d\d)_(?P<device_id>[1-9]\d{0,9})$")
+_CURSOR = re.compile(r"^(?P<device_id>[1-9]\d{0,9})_(?P<taken_at>\d{4}-\d\d-\d\dT\d\d:\d\d)$")
 _MOST_DEVICE_ID = 2**31 - 1
 
 
@@ -116,10 +116,10 @@ def whole(name: str, text: str, low: int, high: int) -> int:
 
 def cursor_text(cursor: Cursor) -> str:
     """
-    A cursor as C{after=} takes it: the time and device of the last
-    reading returned (C{2026-03-01T08:00_3}).
+    A cursor as C{after=} takes it: the device and time of the last
+    reading returned (C{3_2026-03-01T08:00}).
     """
-    return f"{cursor.taken_at.isoformat(timespec='minutes')}_{cursor.device_id}"
+    return f"{cursor.device_id}_{cursor.taken_at.isoformat(timespec='minutes')}"
 
 
 def cursor(text: str) -> Cursor:
@@ -130,7 +130,7 @@ def cursor(text: str) -> Cursor:
         device_id = int(shape.group("device_id"))
         if device_id > _MOST_DEVICE_ID:
             raise ValueError
-        return Cursor(datetime.datetime.fromisoformat(shape.group("taken_at")), device_id)
+        return Cursor(device_id, datetime.datetime.fromisoformat(shape.group("taken_at")))
     except ValueError:
         raise BadParameter("after", f"not a cursor of this API (the next of a previous answer): {text!r}") from None
 
@@ -138,6 +138,10 @@ def cursor(text: str) -> Cursor:
 def time_range(args: dict[str, str]) -> tuple[datetime.datetime | None, datetime.datetime | None]:
     since = moment("from", args["from"], False) if "from" in args else None
     until = moment("to", args["to"], True) if "to" in args else None
-    if since is not None and until is not None and since > until:
-        raise BadParameter("from", f"from {args['from']} is after to {args['to']}")
+    if since is not None and until is not None:
+        # A date alone as to takes in its day: from 2026-03-02 to 2026-03-01
+        # is an empty range by the bounds, and a mistake all the same.
+        to_date = "T" not in args["to"]
+        if since > until or (to_date and since.date() > until.date() - datetime.timedelta(days=1)):
+            raise BadParameter("from", f"from {args['from']} is after to {args['to']}")
     return since, until

@@ -1,0 +1,285 @@
+"""
+The contract of meter.cloud.interfaces.IReadingQueries, the read side the web
+API asks: one test body run over the in-memory store of meter.testing and
+over the SQLite queries (meter.cloud.queries, on read-only connections and
+threads of their own) of a database the real SQLite store writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from zope.interface.verify import verifyObject
+
+from meter import wire
+from meter.cloud import SQLiteReadingStore, open_database
+from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery
+from meter.cloud.queries import SQLiteReadingQueries
+from meter.database import connect
+from meter.reading import Reading
+from meter.testing import MemoryReadingStore
+
+
+class Both:
+    """
+    A store to add readings to and the queries that read them.
+    """
+
+    def __init__(self, store, queries):
+        self.add = store.add
+        self.queries = queries
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+async def both(request, tmp_path):
+    if request.param == "memory":
+        store = MemoryReadingStore()
+        verifyObject(IReadingQueries, store)
+        yield Both(store, store)
+    else:
+        path = tmp_path / "cloud.sqlite"
+        connection = connect(path)
+        open_database(connection)
+        store = SQLiteReadingStore(connection, reactor)
+        queries = SQLiteReadingQueries(path, reactor)
+        verifyObject(IReadingQueries, queries)
+        queries.startService()
+        yield Both(store, queries)
+        queries.stopService()
+        await store.database.stop()
+
+
+def columns(*records: str) -> wire.BatchColumns:
+    return wire.BatchColumns.of(";".join(records))
+
+
+def at(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+A = "3,192.168.1.4,2026-03-01T02:00,17,35"
+B = "1,192.168.1.2,2026-03-01T08:00,20,30"
+B2 = "2,192.168.1.3,2026-03-01T08:00,21,31"
+C = "1,192.168.1.2,2026-03-01T12:00,25.5,33.25"
+D = "1,192.168.1.7,2026-03-02T00:00,0.000001,100"  # device 1 moved
+
+
+def day(device_id: int, ip: str, date: str, every: int = 15, temperature=lambda m: 10 + m / 100) -> list[str]:
+    """
+    A device's readings of a day, one every C{every} minutes.
+    """
+    return [
+        f"{device_id},{ip},{date}T{m // 60:02d}:{m % 60:02d},{temperature(m):g},{50 + (m % 7)}"
+        for m in range(0, 1440, every)
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_store_has_no_fleet(both):
+    assert await both.queries.fleet() == []
+    assert await both.queries.device(1) is None
+    assert await both.queries.address_range("192.168.1.2") is None
+    assert await both.queries.page(ReadingsQuery(), 10) == []
+    assert await both.queries.next_cursor(ReadingsQuery(), 10) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fleet_summarizes_each_device_with_its_latest_address(both):
+    await both.add(columns(C, A), 1.0)
+    await both.add(columns(D, B), 2.0)
+    await both.add(columns(A, B), 3.0)  # duplicates: counted once
+    assert await both.queries.fleet() == [
+        FleetDevice(1, "192.168.1.7", at("2026-03-01T08:00"), at("2026-03-02T00:00"), 3),
+        FleetDevice(3, "192.168.1.4", at("2026-03-01T02:00"), at("2026-03-01T02:00"), 1),
+    ]
+    assert await both.queries.device(3) == FleetDevice(3, "192.168.1.4", at("2026-03-01T02:00"), at("2026-03-01T02:00"), 1)
+    assert await both.queries.device(2) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_older_reading_arriving_late_keeps_the_latest_address(both):
+    await both.add(columns(D), 1.0)
+    await both.add(columns(B), 2.0)
+    assert await both.queries.fleet() == [FleetDevice(1, "192.168.1.7", at("2026-03-01T08:00"), at("2026-03-02T00:00"), 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_partly_stored_before_counts_only_the_new(both):
+    await both.add(columns(B), 1.0)
+    await both.add(columns(A, B, C), 2.0)
+    assert [(d.device_id, d.count) for d in await both.queries.fleet()] == [(1, 2), (3, 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_range_of_an_address(both):
+    await both.add(columns(A, B, C, D), 1.0)
+    assert await both.queries.address_range("192.168.1.2") == (at("2026-03-01T08:00"), at("2026-03-01T12:00"))
+    assert await both.queries.address_range("10.0.0.1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_follow_the_cursor_device_by_device(both):
+    await both.add(columns(A, B, B2, C, D), 1.0)
+    everything = await both.queries.page(ReadingsQuery(), 100)
+    assert [(r.device_id, r.taken_at.day, r.taken_at.hour) for r in everything] == [
+        (1, 1, 8), (1, 1, 12), (1, 2, 0), (2, 1, 8), (3, 1, 2),
+    ]
+    seen: list[Reading] = []
+    query = ReadingsQuery()
+    for _ in range(10):
+        page = await both.queries.page(query, 2)
+        seen.extend(page)
+        if len(page) < 2:
+            break
+        query = ReadingsQuery(after=Cursor(page[-1].device_id, page[-1].taken_at))
+    assert seen == everything
+    # After a device's last reading comes the next device's first, whenever.
+    assert await both.queries.page(ReadingsQuery(after=Cursor(1, at("2026-03-02T00:00"))), 1) == everything[3:4]
+    # A range and a cursor together.
+    query = ReadingsQuery(since=at("2026-03-01T08:00"), until=at("2026-03-01T12:00"), after=Cursor(1, at("2026-03-01T08:00")))
+    assert await both.queries.page(query, 10) == everything[3:4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_of_a_device_in_a_range(both):
+    await both.add(columns(A, B, B2, C, D), 1.0)
+    query = ReadingsQuery(device_id=1, since=at("2026-03-01T08:00"), until=at("2026-03-02T00:00"))
+    assert [r.taken_at.hour for r in await both.queries.page(query, 10)] == [8, 12]
+    assert [r.device_id for r in await both.queries.page(ReadingsQuery(device_ip="192.168.1.3"), 10)] == [2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_cursor_is_the_last_of_the_page_when_more_follow(both):
+    await both.add(columns(A, B, B2, C), 1.0)
+    assert await both.queries.next_cursor(ReadingsQuery(), 2) == Cursor(1, at("2026-03-01T12:00"))
+    assert await both.queries.next_cursor(ReadingsQuery(), 3) == Cursor(2, at("2026-03-01T08:00"))
+    assert await both.queries.next_cursor(ReadingsQuery(), 4) is None
+    assert await both.queries.next_cursor(ReadingsQuery(device_id=1), 1) == Cursor(1, at("2026-03-01T08:00"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_series_of_few_readings_is_one_point_a_reading(both):
+    await both.add(columns(A, B, C, D), 1.0)
+    series = await both.queries.series(1, None, at("2026-03-01T00:00"), at("2026-03-03T00:00"), 3)
+    assert series.readings == 3
+    assert series.width is None
+    assert series.buckets == (
+        Bucket(at("2026-03-01T08:00"), 1, (20.0, 20.0, 20.0), (30.0, 30.0, 30.0)),
+        Bucket(at("2026-03-01T12:00"), 1, (25.5, 25.5, 25.5), (33.25, 33.25, 33.25)),
+        Bucket(at("2026-03-02T00:00"), 1, (0.000001, 0.000001, 0.000001), (100.0, 100.0, 100.0)),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_series_of_many_readings_is_downsampled_to_min_mean_max(both):
+    await both.add(columns(*day(5, "10.0.0.5", "2026-03-01")), 1.0)
+    # 96 readings into at most 10 buckets: 144 minutes wide, from 00:00.
+    series = await both.queries.series(5, None, at("2026-03-01T00:00"), at("2026-03-02T00:00"), 10)
+    assert series.readings == 96
+    assert series.width == 144 * 60
+    assert len(series.buckets) == 10
+    first = series.buckets[0]
+    # 00:00 to 02:15 (02:24 excluded): ten readings.
+    assert first.start == at("2026-03-01T00:00")
+    assert first.count == 10
+    assert first.temperature[0] == 10.0
+    assert first.temperature[2] == 11.35
+    assert first.temperature[1] == pytest.approx(sum(10 + m / 100 for m in range(0, 144, 15)) / 10)
+    assert first.humidity == (50.0, pytest.approx(sum(50 + m % 7 for m in range(0, 144, 15)) / 10), 56.0)
+    assert sum(b.count for b in series.buckets) == 96
+    assert [b.start for b in series.buckets] == [at("2026-03-01T00:00") + datetime.timedelta(minutes=144 * i) for i in range(10)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_series_leaves_empty_buckets_out_and_reads_by_address_too(both):
+    await both.add(columns(*day(5, "10.0.0.5", "2026-03-01"), *day(5, "10.0.0.5", "2026-03-03")), 1.0)
+    series = await both.queries.series(None, "10.0.0.5", at("2026-03-01T00:00"), at("2026-03-04T00:00"), 3)
+    assert series.width == 86400
+    assert [(b.start.day, b.count) for b in series.buckets] == [(1, 96), (3, 96)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_summary_of_a_database_from_before_it_is_filled_by_the_upgrade(tmp_path):
+    # A version-1 database holding readings: the upgrade to version 2
+    # fills the devices table from them.
+    from meter.cloud.sqlite import SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(str(path)) as old:
+        old.executescript(SCHEMA)
+        old.executemany(
+            "INSERT INTO readings VALUES (?, ?, ?, ?, ?, 1.0)",
+            [(1, "192.168.1.2", "2026-03-01T08:00", 20, 30), (1, "192.168.1.7", "2026-03-02T00:00", 1, 2),
+             (3, "192.168.1.4", "2026-03-01T02:00", 17, 35)],
+        )
+        old.execute("PRAGMA application_id = 1297376100")
+        old.execute("PRAGMA user_version = 1")
+    connection = connect(path)
+    open_database(connection)
+    connection.close()
+    queries = SQLiteReadingQueries(path, reactor)
+    queries.startService()
+    try:
+        assert await queries.fleet() == [
+            FleetDevice(1, "192.168.1.7", at("2026-03-01T08:00"), at("2026-03-02T00:00"), 2),
+            FleetDevice(3, "192.168.1.4", at("2026-03-01T02:00"), at("2026-03-01T02:00"), 1),
+        ]
+    finally:
+        queries.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sqlite_queries_read_on_a_connection_that_cannot_write(tmp_path):
+    path = tmp_path / "cloud.sqlite"
+    connection = connect(path)
+    open_database(connection)
+    connection.close()
+    queries = SQLiteReadingQueries(path, reactor)
+    queries.startService()
+    try:
+        def write(connection):
+            connection.execute("DELETE FROM readings")
+
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await queries._run(write)
+    finally:
+        queries.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sqlite_queries_run_on_threads_of_their_own_and_never_hold_up_ingest(tmp_path):
+    import threading
+
+    path = tmp_path / "cloud.sqlite"
+    connection = connect(path)
+    open_database(connection)
+    store = SQLiteReadingStore(connection, reactor)
+    # One thread, so the transaction below stays open on the connection the
+    # next query uses.
+    queries = SQLiteReadingQueries(path, reactor, threads=1)
+    queries.startService()
+    try:
+        await store.add(columns(A), 1.0)
+        thread = await queries._run(lambda connection: threading.current_thread())
+        assert thread is not threading.main_thread()
+        assert "meter-web-queries" in thread.name
+
+        def begin(connection):
+            # A reader in the middle of a long query: its snapshot is held.
+            connection.execute("BEGIN")
+            return connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+        assert await queries._run(begin) == 1
+        # The writer commits meanwhile, on the reactor thread, without waiting
+        # (its busy timeout is 0: a lock would fail the commit at once).
+        assert await store.add(columns(B, C), 2.0) is None
+        assert await queries._run(lambda connection: connection.execute("SELECT count(*) FROM readings").fetchone()[0]) == 1
+        await queries._run(lambda connection: connection.execute("COMMIT"))
+        assert len(await queries.page(ReadingsQuery(), 10)) == 3
+    finally:
+        queries.stopService()
+        await store.database.stop()
