@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -69,7 +70,10 @@ def serve(root: Path, db: Path) -> Daemons:
     The cloud alone on a copy of the database C{db}, its web on a free port.
     """
     suite = Suite(root, 1, None, keys=True, logs=True, cloud={"web": ANY_PORT})
-    shutil.copy(db, suite.db)
+    # SQLite's own copy: whole and consistent even while another process
+    # has the database open, its write-ahead log included.
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as source, sqlite3.connect(suite.db) as copy:
+        source.backup(copy)
     suite.start_cloud()
     return suite
 
