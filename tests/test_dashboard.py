@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from meter.cloud.web import dashboard as dashboard_files
 from meter.tools import browser
 from meter.tools.processes import WEB_ON, Daemon
 from meter.tools.suite import ANY_PORT, loadgen_summary
@@ -89,6 +90,21 @@ def test_the_build_copied_the_pinned_chart_library_into_the_package():
     library = (STATIC / "vendor" / "uPlot.iife.min.js").read_text()
     assert "uPlot" in library
     assert (STATIC / "vendor" / "uPlot.min.css").read_text().startswith(".uplot")
+
+
+def test_a_dashboard_without_the_chart_library_says_what_is_missing_and_how_to_build_it(tmp_path):
+    for name in dashboard_files.PAGE:
+        (tmp_path / name).write_text("")
+    why = dashboard_files.missing(tmp_path)
+    assert why == (
+        f"the dashboard cannot draw its charts: vendor/uPlot.iife.min.js, vendor/uPlot.min.css missing from "
+        f"{tmp_path} (make vendor copies uPlot there from node_modules, after npm ci)"
+    )
+    (tmp_path / "vendor").mkdir()
+    for name in dashboard_files.VENDOR:
+        (tmp_path / name).write_text("")
+    assert dashboard_files.missing(tmp_path) is None
+    assert dashboard_files.missing(STATIC) is None
 
 
 @pytest.fixture
@@ -172,6 +188,9 @@ def test_the_dashboard_shows_the_fleet_and_plots_each_device(make_suite, chromiu
         assert {i: s["times"] for i, s in zip((1, 2, 3, 4), series)} == expected
         assert all(s["drawn"] > 100 for s in series), [s["drawn"] for s in series]
     assert chromium.execute_script("return performance.getEntriesByName('meter:first-chart').length") == 1
+    # Nothing refused by the Content-Security-Policy, no file missing, no
+    # script error.
+    assert [entry for entry in chromium.get_log("browser") if entry["level"] == "SEVERE"] == []
 
     shot = tmp_path / "dashboard.png"
     chromium.save_screenshot(str(shot))
