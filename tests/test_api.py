@@ -649,3 +649,52 @@ def test_a_client_gone_mid_stream_stops_it():
     request.processingFailed(Exception("connection lost"))
     stream.resumeProducing()
     assert stream.pages == 1
+
+
+# -- over twisted.web's real request and channel --------------------------------------
+
+
+def over_http(site: WebSite, raw: bytes) -> bytes:
+    """
+    C{raw} request bytes through a real HTTPChannel of C{site} on a
+    StringTransport; what it answered.
+    """
+    from twisted.internet.testing import StringTransport
+
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(raw)
+    return transport.value()
+
+
+def test_a_fault_of_the_code_is_a_json_500_without_a_traceback(logged):
+    from twisted.web.resource import Resource
+
+    class Broken(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            raise ZeroDivisionError("a bug")
+
+    root = Resource()
+    root.putChild(b"broken", Broken())
+    answer = over_http(WebSite(root), b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body) == {"error": "internal error; see the cloud's log"}
+    assert b"ZeroDivisionError" not in answer and b"Traceback" not in answer
+    assert len([e for e in logged if "log_failure" in e]) == 1
+
+
+def test_head_and_a_stream_over_the_real_channel(cloud):
+    answer = over_http(cloud.site, b"HEAD /api/v1/readings?device=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == b""
+    answer = over_http(cloud.site, b"GET /api/v1/readings?device=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body.endswith(b"0\r\n\r\n")
+    assert body.count(b'"taken_at"') == 96

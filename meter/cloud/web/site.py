@@ -15,7 +15,7 @@ from pathlib import Path
 from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from meter.cloud.web.api import Api, JsonError, PAGE_READINGS
@@ -87,6 +87,31 @@ class Root(Resource):
         return notFound()
 
 
+class WebRequest(Request):
+    """
+    A request whose unforeseen failure (a fault of the code, not of the
+    request) is logged once and answered with a JSON 500, never with
+    twisted.web's HTML page.
+    """
+
+    def processingFailed(self, reason):
+        log.failure("answering {method} {uri} failed", reason, method=self.method.decode("latin-1"),
+                    uri=self.uri.decode("latin-1"))
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            # The status line is gone: only a cut connection tells the client.
+            self.loseConnection()
+            return reason
+        body = b'{"error":"internal error; see the cloud\'s log"}\n'
+        self.setResponseCode(500)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
+
+
 class WebSite(Site):
     """
     The site, with the rules of the module applied to every request.
@@ -97,6 +122,7 @@ class WebSite(Site):
 
     displayTracebacks = False
     noisy = False
+    requestFactory = WebRequest
 
     def __init__(self, root: Resource, token: bytes | None = None):
         Site.__init__(self, root)
