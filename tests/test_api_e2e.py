@@ -22,7 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from meter.device.schedule import previous_day
-from meter.tools.processes import web_url
+from meter.tools.processes import WEB_ON, web_url
 from meter.tools.suite import Suite, loadgen_summary
 
 pytestmark = pytest.mark.e2e
@@ -184,3 +184,11 @@ def test_a_web_port_in_use_ends_the_start_in_one_line(make_suite):
     lines = cloud.all_matching(rf"meter-cloud: cannot serve the web API on 127\.0\.0\.1:{port}: .*--web or \[cloud\] web")
     assert len(lines) == 1, cloud.tail()
     assert "Traceback" not in "\n".join(cloud.lines)
+
+
+def test_an_empty_web_endpoint_serves_nothing(make_suite):
+    suite = make_suite(1)
+    cloud = suite.start_cloud("--web", "")
+    assert cloud.all_matching(r"metrics on http://")
+    assert not cloud.all_matching(WEB_ON)
+    assert not cloud.all_matching(r"meter-web-queries|Traceback")
