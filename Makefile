@@ -6,19 +6,54 @@ BIN    := $(VENV)/bin
 # keeps twisted/plugins visible to twistd while the code stays editable.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean bench bench-profile lab lab-tools
+.PHONY: demo test clean bench bench-profile lab lab-tools vendor browser screenshot
 
-$(STAMP): setup.cfg pyproject.toml
+# The dashboard's chart library, uPlot, from the npm registry at the version
+# and integrity hash of package-lock.json, copied into the package (which
+# ships and serves it): built here, never committed.
+VENDOR := meter/cloud/web/static/vendor
+UPLOT  := node_modules/uplot/dist
+
+$(STAMP): setup.cfg pyproject.toml $(VENDOR)/.copied
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check \
 		--config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
+# DEMO_ARGS passes options, e.g. make demo DEMO_ARGS=--keep (the dashboard stays up).
 demo: $(STAMP)
-	$(BIN)/meter demo
+	$(BIN)/meter demo $(DEMO_ARGS)
 
-test: $(STAMP) lab-tools
+test: $(STAMP) lab-tools browser
 	$(BIN)/python -m pytest
+
+vendor: $(VENDOR)/.copied
+
+$(VENDOR)/.copied: package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is needed to install the dashboard's chart library (Debian: apt-get install npm)" >&2; exit 1; }
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	mkdir -p $(VENDOR)
+	cp $(UPLOT)/uPlot.iife.min.js $(UPLOT)/uPlot.min.css $(VENDOR)/
+	touch $@
+
+# The dashboard's browser test (tests/test_dashboard.py) needs Chromium and
+# its driver: installed here when running as root (as CI does) and missing;
+# otherwise that test skips.
+browser:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium and chromium-driver for the dashboard's browser test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+		else \
+			echo "no apt-get here: install chromium and chromium-driver for the browser test" >&2; \
+		fi; \
+	fi
+
+# docs/dashboard.png, the README's picture: the demo's day in the dashboard,
+# drawn by headless Chromium.
+screenshot: $(STAMP) browser
+	$(BIN)/python -m meter.tools.screenshot docs/dashboard.png
 
 # The lab (docs/lab.md): the report's two subnets in network namespaces.
 # Run as root; LAB_ARGS passes options, e.g. make lab LAB_ARGS='--devices 20 --loss 20'.
@@ -50,4 +85,4 @@ bench-profile: $(STAMP)
 	$(BIN)/python bench/run.py --profile $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) var build *.egg-info twisted/plugins/dropin.cache node_modules $(VENDOR)

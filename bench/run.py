@@ -21,6 +21,8 @@ Scenarios:
   fleet   N devices x 96 readings end to end (and the scaling table): first
           send to the cloud's last commit, losses and doubles counted
           exactly against the synthetic days
+  dashboard  (only when asked for) the dashboard's first chart in headless
+          Chromium, navigation start to drawn (bench/dashboard.py)
   api     the web API over HTTP on a dataset of bench/dataset.py (a year of
           1,000 devices: 35 million readings): one device's day, a 30-day
           series, the fleet (bench/api_figures.py).  Not in the default run:
@@ -55,6 +57,7 @@ sys.path.insert(0, str(HERE))
 
 import api_figures  # noqa: E402
 import ceilings  # noqa: E402
+import dashboard  # noqa: E402
 import micro  # noqa: E402
 import profiles  # noqa: E402
 from meter import config, wire  # noqa: E402
@@ -699,6 +702,9 @@ def verdicts(results: dict) -> list[dict]:
     if day4:
         out.append(_verdict("4-device day, first send to last cloud ack (median ms)", "< 20", day4["median_ms"],
                             lambda v: v < TARGETS["day4_ms"]))
+    for name, view in scenarios.get("dashboard", {}).get("views", {}).items():
+        out.append(_verdict(f"dashboard ({name}): first chart after navigation start (p50 ms)", "< 1000",
+                            view["p50_ms"], lambda v: v < dashboard.TARGET_MS))
     fleets = [f for f in scenarios.get("fleet", []) if not f["profiled"] and f["readings_per_device"] == 96]
     if fleets:
         big = max(fleets, key=lambda f: f["devices"])
@@ -786,6 +792,9 @@ def table(results: dict) -> str:
         rows.append((f"{name}: retransmissions; lost; doubled; cloud dups",
                      f"{f['retransmissions']}; {f['db']['lost']}; {f['db']['doubled_rows']}; {f['cloud_duplicates']}",
                      "", ""))
+    for name, view in s.get("dashboard", {}).get("views", {}).items():
+        rows.append((f"dashboard ({name}), navigation start to first chart: p50 (cold first)",
+                     f"{view['p50_ms']} ms ({view['first_ms']} ms)", "", ""))
     api = s.get("api")
     if api:
         for name, label in (("day", "one device's day as JSON"), ("series", "a 30-day series, 500 points"),
@@ -816,7 +825,8 @@ def verdict_lines(items: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default="ceilings,day4,intake,cloud,fleet",
-                        help="comma-separated subset of ceilings,day4,intake,cloud,fleet,api (default: all but api)")
+                        help="comma-separated subset of ceilings,day4,intake,cloud,fleet,api,dashboard "
+                        "(default: all but api and dashboard)")
     parser.add_argument("--devices", type=int, default=1000, help="devices of the main fleet scenario (default 1000; "
                         "10000 for the full fleet)")
     parser.add_argument("--scale", default="100,1000", help="also run the fleet scenario at these sizes x 96 readings "
@@ -843,6 +853,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2000,
                         help="readings per batch of the cloud's small-batch run (default 2000)")
     parser.add_argument("--seed", type=int, default=1)
+    dashboard.add_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="also run the main fleet scenario under py-spy and summarise where the time goes")
     parser.add_argument("--api-devices", type=int, default=1000, help="devices of the api scenario's dataset (default 1000)")
@@ -857,7 +868,8 @@ def main(argv=None) -> int:
         parser.error("--cloud-runs must be at least 1")
     wanted = set(args.scenarios.split(","))
     if args.json is None:
-        args.json = RESULTS / ("api.json" if wanted == {"api"} else "latest.json")
+        alone = {frozenset({"api"}): "api.json", frozenset({"dashboard"}): "dashboard.json"}
+        args.json = RESULTS / alone.get(frozenset(wanted), "latest.json")
 
     results = {
         "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]) if argv is None else "bench/run.py " + " ".join(argv),
@@ -904,6 +916,8 @@ def main(argv=None) -> int:
                 else:
                     say("profile: py-spy is not installed (pip install -e '.[bench]'): skipped")
             results["scenarios"]["fleet"] = runs
+        if "dashboard" in wanted:
+            results["scenarios"]["dashboard"] = dashboard.scenario(args, scratch)
         if "api" in wanted:
             results["scenarios"]["api"] = api_figures.scenario_api(args, scratch, say)
     finally:

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from meter import cloud, database, logs, secrets
 from meter.cloud import exposition, web
+from meter.cloud.web import dashboard as dashboard_files
 from meter.cloud.queries import SQLiteReadingQueries
 from meter.cloud.console_file import ConsoleFile, console_path
 from meter.database import connect
@@ -241,6 +242,9 @@ def makeService(options: Options) -> CloudService:
         queries.setServiceParent(service)
         site = web.WebSite(web.resource_tree(queries, web.STATIC, reactor), options.web_token)
         web.serve(settings["web"], site, reactor).setServiceParent(service)
+        absent = dashboard_files.missing(web.STATIC)
+        if absent is not None:
+            log.warn("{why}", why=absent)
     if options.tls is not None:
         # TLS wraps whatever endpoint is configured; the TLS options
         # require a client certificate signed by the suite's CA.

@@ -1,7 +1,7 @@
 """
 The `meter` command for users:
 
-    meter demo                      the report's day, end to end, on loopback
+    meter demo [--keep]             the report's day, end to end, on loopback (--keep: then the dashboard)
     meter readings                  what the cloud stored (its [cloud] db, or --db PATH)
     meter fleet add ID ADDRESS      a device's key and its [fleet] line (or a range of them)
     meter lab                       the report's two subnets in network namespaces (root)
@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ from twisted.python.failure import Failure
 from meter import config, database, secrets
 from meter.cloud import SQLiteReadingStore
 from meter.wire import device_address
-from meter.tools.processes import CONSOLE_DAY, CONSOLE_LINE, DaemonError, Daemons, stamp
+from meter.tools.processes import (
+    CLOUD_LISTENING, CONSOLE_DAY, CONSOLE_LINE, WEB_ON, Daemon, DaemonError, Daemons, stamp,
+)
 from meter.reading import format_number
 
 DEMO_DIR = Path("var/demo")
@@ -53,6 +56,7 @@ def demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True)
     db = work / "cloud.sqlite"
     daemons = Daemons(Path(args.config) if args.config else None)
+    kept = False
     try:
         cloud = daemons.start_cloud("--db", str(db))
         daemons.start_gateway("--spool", str(work / "gateway-spool.sqlite"), "--deadline", "30", connected=True)
@@ -64,11 +68,19 @@ def demo(args: argparse.Namespace) -> int:
         sent = sum(int(m.group(1)) for d in devices for m in d.all_matching(r"sending (\d+) readings"))
         lines = [m.group(0) for m in cloud.collect(CONSOLE_LINE, sent)]
         cloud.wait_for(r"acknowledged at ")
+        if args.keep:
+            # The cloud stays; the gateway and the devices have done their day.
+            for daemon in daemons:
+                if daemon is not cloud:
+                    daemon.stop()
+            dashboard = dashboard_url(cloud)
+            kept = True
     except DaemonError as e:
         print(f"meter demo: {e}", file=sys.stderr)
         return 1
     finally:
-        daemons.stop()
+        if not kept:
+            daemons.stop()
 
     print("The cloud's console:")
     # Its lines and the day headers among them, as the cloud printed them.
@@ -86,7 +98,60 @@ def demo(args: argparse.Namespace) -> int:
     print(f"Stored in {db}: see them with  meter readings --db {db}")
     if missing:
         print(f"meter demo: no reading of {', '.join(sorted(missing))} on the console", file=sys.stderr)
+    if kept:
+        status = keep_serving(cloud, dashboard)
+        return 1 if missing else status
+    return 1 if missing else 0
+
+
+def dashboard_url(cloud: Daemon) -> str:
+    """
+    The running cloud's dashboard, as it logged it (its port may be one the
+    kernel chose); a L{DaemonError} if the cloud serves none.
+    """
+    seen = cloud.all_matching(WEB_ON)
+    if seen:
+        return seen[-1].group(1) + "/"
+    if not cloud.all_matching(CLOUD_LISTENING):
+        raise DaemonError(f"{cloud.name} is not running{cloud.tail()}")
+    raise DaemonError(
+        "the cloud serves no dashboard: --keep needs [cloud] web, a Twisted endpoint such as "
+        "\"tcp:8080:interface=127.0.0.1\""
+    )
+
+
+def keep_serving(cloud: Daemon, url: str) -> int:
+    """
+    Leave the demo's cloud and its dashboard running until Ctrl-C (SIGINT)
+    or SIGTERM, then stop it cleanly; 0, or 1 if the cloud ended by itself.
+    """
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # Both are handled before the URL is out (whoever reads it may send one
+    # at once), and the URL goes out in one write, never cut mid-line.
+    previous = {signum: signal.signal(signum, interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    status = None
+    try:
+        sys.stdout.write(f"\nThe dashboard: {url}\n(the cloud keeps running; Ctrl-C stops it)\n")
+        sys.stdout.flush()
+        # Ctrl-C reaches only this process: the cloud runs in a session of
+        # its own, and is stopped here, with its database closed cleanly.
+        status = cloud.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        stopped = cloud.stop()
+    if status is not None:
+        print(f"meter demo: the cloud exited by itself ({status}){cloud.tail()}", file=sys.stderr)
         return 1
+    # twistd ends a clean stop by SIGTERM with that signal's own status.
+    if stopped not in (0, -signal.SIGTERM):
+        print(f"meter demo: the cloud did not stop cleanly ({stopped}){cloud.tail()}", file=sys.stderr)
+        return 1
+    print("meter demo: the cloud stopped", flush=True)
     return 0
 
 
@@ -243,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="run the report's day end to end on loopback and show the cloud's console")
     p.add_argument("--config", help="configuration file (default: etc/meter.toml, else the embedded defaults)")
     p.add_argument("--dir", default=str(DEMO_DIR), help=f"folder for the demo's fresh database and spool (default {DEMO_DIR})")
+    p.add_argument("--keep", action="store_true",
+                   help="after the day, leave the cloud and its dashboard running ([cloud] web) until Ctrl-C")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("certs", help="create a CA, TLS certificates and device keys for the fleet")
