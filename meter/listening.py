@@ -9,8 +9,14 @@ from __future__ import annotations
 import errno
 import os
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
 
 #: What an operator can do about the common causes.
 _HINTS = {
@@ -91,3 +97,99 @@ class NamedListener(MultiService):
             MultiService.startService(self)
         except CannotListenError as e:
             raise StartRefused(cannot_listen(self._name, self._kind, e, self._setting)) from None
+
+
+
+def url(address, path: str) -> str:
+    """
+    Where C{path} is served on a listening port's C{address}.
+    """
+    if isinstance(address, IPv6Address):
+        return f"http://[{address.host}]:{address.port}{path}"
+    if isinstance(address, IPv4Address):
+        return f"http://{address.host}:{address.port}{path}"
+    return f"{address}{path}"
+
+
+class SiteService(Service):
+    """
+    Serves the web C{site} on the endpoint C{description} from the daemon's
+    start to its stop: the monitoring pages, the cloud's web API.  A port
+    that cannot be bound ends the start with one line naming the address,
+    the cause and the settings that change it (a L{StartRefused}); once
+    bound it logs C{"<label> on <url>"}, where a port the kernel chose
+    becomes known.
+
+    @param name: the daemon, as its lines start (C{"meter-cloud"}).
+    @param served: what the site serves, for the refusal (C{"metrics"}).
+    @param setting: the option and key that choose the endpoint.
+    @param label: the first word of the line once bound (C{"metrics"}).
+    @param path: the path that line's URL shows (C{"/metrics"}).
+    """
+
+    def __init__(self, description: str, site, reactor, name: str, served: str, setting: str, label: str, path: str):
+        self._description = description
+        self._site = site
+        self._reactor = reactor
+        self._name = name
+        self._served = served
+        self._setting = setting
+        self._label = label
+        self._path = path
+        #: The listening port, while there is one.
+        self.port = None
+        self._listening = False
+
+    def privilegedStartService(self):
+        # Bound where the daemon's other listeners are bound: before twistd
+        # drops privileges.
+        Service.privilegedStartService(self)
+        self._listen()
+
+    def startService(self):
+        if not self._listening:
+            self._listen()
+        Service.startService(self)
+
+    def _listen(self) -> None:
+        self._listening = True
+        listening = serverFromString(self._reactor, self._description).listen(self._site)
+        if not listening.called:
+            # An endpoint that binds later (none of the usual ones does):
+            # its outcome is logged when it comes.
+            listening.addCallbacks(self._bound, self._failed_later)
+            return
+        outcome: list = []
+        listening.addBoth(outcome.append)
+        if isinstance(outcome[0], Failure):
+            raise StartRefused(self.refusal(outcome[0].value))
+        self._bound(outcome[0])
+
+    def refusal(self, e: Exception) -> str:
+        """
+        The one line a daemon ends with when this site's port cannot be
+        bound.
+        """
+        if isinstance(e, CannotListenError):
+            address = f"{e.interface or '*'}:{e.port}"
+            cause = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        else:
+            address, cause = self._description, str(e)
+        return (
+            f"{self._name}: cannot serve {self._served} on {address}: {cause} "
+            f"({self._setting} chooses the endpoint; \"\" turns it off)"
+        )
+
+    def _bound(self, port) -> None:
+        self.port = port
+        log.info("{label} on {url}", label=self._label, url=url(port.getHost(), self._path), description=self._description)
+
+    def _failed_later(self, failure: Failure) -> None:
+        log.error("{refusal}", refusal=self.refusal(failure.value))
+
+    def stopService(self):
+        Service.stopService(self)
+        port, self.port = self.port, None
+        self._listening = False
+        if port is not None:
+            return port.stopListening()

@@ -16,17 +16,12 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client.exposition import choose_encoder
-from twisted.application.service import Service
-from twisted.internet import error
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from meter.listening import StartRefused
+from meter.listening import SiteService
 
 log = Logger()
 
@@ -128,94 +123,14 @@ class MonitoringSite(Site):
         return "monitoring"
 
 
-class MonitoringService(Service):
-    """
-    Serves C{site} on the endpoint C{description} from the daemon's start to
-    its stop.  A port that cannot be bound ends the start with one line
-    naming the address, the cause and the settings that change it.
-    """
-
-    def __init__(self, description: str, site: Site, reactor, role: str):
-        self._description = description
-        self._site = site
-        self._reactor = reactor
-        self._role = role
-        #: The listening port, while there is one.
-        self.port = None
-        self._listening = False
-
-    def privilegedStartService(self):
-        # Bound here where the daemon's other listeners are bound: before
-        # twistd drops privileges.
-        Service.privilegedStartService(self)
-        self._listen()
-
-    def startService(self):
-        if not self._listening:
-            self._listen()
-        Service.startService(self)
-
-    def _listen(self) -> None:
-        self._listening = True
-        endpoint = serverFromString(self._reactor, self._description)
-        listening = endpoint.listen(self._site)
-        if not listening.called:
-            # An endpoint that binds later (none of the usual ones does):
-            # its outcome is logged when it comes.
-            listening.addCallbacks(self._bound, self._failed_later)
-            return
-        outcome = []
-        listening.addBoth(outcome.append)
-        if isinstance(outcome[0], Failure):
-            raise StartRefused(self.refusal(outcome[0].value))
-        self._bound(outcome[0])
-
-    def refusal(self, e: Exception) -> str:
-        """
-        The one line a daemon ends with when its monitoring port cannot be
-        bound.
-        """
-        if isinstance(e, error.CannotListenError):
-            address = f"{e.interface or '*'}:{e.port}"
-            cause = getattr(e.socketError, "strerror", None) or str(e.socketError)
-        else:
-            address, cause = self._description, str(e)
-        return (
-            f"meter-{self._role}: cannot serve metrics on {address}: {cause} "
-            f"(--metrics or [{self._role}] metrics chooses the endpoint; \"\" turns it off)"
-        )
-
-    def _bound(self, port) -> None:
-        self.port = port
-        log.info("metrics on {url}", url=url(port.getHost(), "/metrics"), description=self._description)
-
-    def _failed_later(self, failure: Failure) -> None:
-        log.error("{refusal}", refusal=self.refusal(failure.value))
-
-    def stopService(self):
-        Service.stopService(self)
-        port, self.port = self.port, None
-        self._listening = False
-        if port is not None:
-            return port.stopListening()
-
-
-def url(address, path: str) -> str:
-    """
-    Where C{path} is served on a listening port's C{address}.
-    """
-    if isinstance(address, IPv6Address):
-        return f"http://[{address.host}]:{address.port}{path}"
-    if isinstance(address, IPv4Address):
-        return f"http://{address.host}:{address.port}{path}"
-    return f"{address}{path}"
-
-
-def serve(description: str, registry, ready: Readiness, reactor, role: str) -> MonitoringService | None:
+def serve(description: str, registry, ready: Readiness, reactor, role: str) -> SiteService | None:
     """
     The monitoring service of a daemon of C{role} on the endpoint
     C{description}, or None when C{description} is empty (turned off).
     """
     if not description:
         return None
-    return MonitoringService(description, MonitoringSite(registry, ready), reactor, role)
+    return SiteService(
+        description, MonitoringSite(registry, ready), reactor, f"meter-{role}", "metrics",
+        f"--metrics or [{role}] metrics", "metrics", "/metrics",
+    )

@@ -10,10 +10,10 @@ makes the service the tap starts.
 
 from pathlib import Path
 
-from meter.cloud.web.service import WebService, serve
+from meter.cloud.web.service import serve
 from meter.cloud.web.site import TokenError, WebSite, authorized, read_token, resource_tree
 
 #: The dashboard's files, served under /static/ (its index.html at /).
 STATIC = Path(__file__).resolve().parent / "static"
 
-__all__ = ["STATIC", "TokenError", "WebService", "WebSite", "authorized", "read_token", "resource_tree", "serve"]
+__all__ = ["STATIC", "TokenError", "WebSite", "authorized", "read_token", "resource_tree", "serve"]
