@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +34,10 @@ from meter.retry import Backoff
 
 #: Seconds between two log lines about the same outage after its first.
 LOG_EVERY = 60.0
+#: Seconds between two checks of an idle connection: a server restarted
+#: while no work came is noticed (and /readyz says so) without a piece of
+#: work failing first.
+CHECK_EVERY = 10.0
 
 
 class Unreachable(ConnectionError):
@@ -118,6 +123,10 @@ class ConnectionRunner:
         self.connect_failures = 0
         self.commit_seconds = Histogram(COMMIT_SECONDS)
         self._waiting: list[Deferred] = []
+        #: Pieces of work given and not yet done.
+        self._outstanding = 0
+        self._checks = task.LoopingCall(self._check_idle)
+        self._checks.clock = reactor
         # The outage being logged: (failures, when the first happened, when last logged)
         self._outage: tuple[int, float, float] | None = None
 
@@ -148,6 +157,7 @@ class ConnectionRunner:
         self._thread = threading.Thread(target=self._serve, name=f"meter-postgres-{self._name}", daemon=True)
         self._thread.start()
         self._jobs.put((self._connect, None))
+        self._checks.start(CHECK_EVERY, now=False)
 
     def run(self, work: Callable[[Any], Any]) -> Deferred:
         """
@@ -159,8 +169,14 @@ class ConnectionRunner:
         if self._thread is None or self._stopping:
             d.errback(Unreachable(f"the connection to the {self._name} is closed"))
             return d
+        self._outstanding += 1
         self._jobs.put((work, d))
         return d
+
+    def _check_idle(self) -> None:
+        if self.connected and not self._outstanding:
+            # Its failure is the runner's to log (_disconnected): dropped here.
+            self.run(_check).addErrback(lambda _: None)
 
     def stop(self) -> Deferred:
         """
@@ -171,6 +187,8 @@ class ConnectionRunner:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._checks.running:
+            self._checks.stop()
         if self._thread is None or self._stopping:
             d.callback(None)
             return d
@@ -252,8 +270,8 @@ class ConnectionRunner:
         self._thread = None
         d.callback(None)
 
-    @staticmethod
-    def _fire(d: Deferred, outcome) -> None:
+    def _fire(self, d: Deferred, outcome) -> None:
+        self._outstanding -= 1
         if isinstance(outcome, Failure):
             d.errback(outcome)
         else:
@@ -321,6 +339,10 @@ class ConnectionRunner:
                 connection.close()
             except Exception:
                 pass
+
+
+def _check(connection) -> None:
+    connection.execute("SELECT 1")
 
 
 def _lost(connection) -> bool:
