@@ -197,3 +197,26 @@ async def test_work_given_after_stop_fails_and_stop_waits_for_work_given_before(
     assert added.called and await added is None
     with pytest.raises(Unreachable):
         await store.add(columns(*day_of(2, "2026-03-05")), 1.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_given_together_share_a_transaction_and_fail_alone(stores, postgres_database):
+    store = stores()
+    await connected(store)
+    await store.add(columns(*day_of(1, "2026-03-06")), 1.0)
+    commits = store.runner.commit_seconds.count
+    given = [
+        store.add(columns(*day_of(2, "2026-03-06")), 2.0),
+        store.add(columns(*day_of(1, "2026-03-06", 2), *day_of(3, "2026-03-06", 2)), 2.0),
+        store.add(columns("x,10.0.0.9,2026-03-06T00:00,1,1"), 2.0),
+        store.add(columns(*day_of(2, "2026-03-06")), 2.0),
+        store.add(columns(*day_of(4, "2027-01-06", 1)), 2.0),
+    ]
+    outcomes = await defer.DeferredList(given, consumeErrors=True)
+    assert [ok for ok, _ in outcomes] == [True, True, False, True, True]
+    assert outcomes[2][1].check(ValueError)
+    assert [value for ok, value in outcomes if ok] == [None, [2, 3], [], None]
+    # Given while another was under way, they shared transactions.
+    assert store.runner.commit_seconds.count - commits < len(given)
+    assert len(rows(postgres_database)) == 24 + 24 + 2 + 1
+    assert rows(postgres_database, "SELECT device_id, readings FROM devices ORDER BY 1") == [(1, 24), (2, 24), (3, 2), (4, 1)]

@@ -76,8 +76,8 @@ class ConnectionRunner:
     @ivar connected: whether a connection is open now.
     @ivar losses: connections lost after they were made.
     @ivar connect_failures: attempts to connect that failed.
-    @ivar commit_seconds: how long each piece of work took on the thread,
-        its commit included.
+    @ivar commit_seconds: how long each piece of work given with
+        C{timed} took on the thread, its commit included.
     """
 
     log = Logger()
@@ -156,21 +156,24 @@ class ConnectionRunner:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name=f"meter-postgres-{self._name}", daemon=True)
         self._thread.start()
-        self._jobs.put((self._connect, None))
+        self._jobs.put((self._connect, None, False))
         self._checks.start(CHECK_EVERY, now=False)
 
-    def run(self, work: Callable[[Any], Any]) -> Deferred:
+    def run(self, work: Callable[[Any], Any], timed: bool = False) -> Deferred:
         """
         Run C{work(connection)} on the thread, after the work given before
         it; the Deferred fires with its result on the reactor thread, or
         fails with its exception (L{Unreachable} if there is no connection).
+
+        @param timed: observe how long it took in L{commit_seconds} (the
+            writes' transactions, not the reads).
         """
         d = Deferred()
         if self._thread is None or self._stopping:
             d.errback(Unreachable(f"the connection to the {self._name} is closed"))
             return d
         self._outstanding += 1
-        self._jobs.put((work, d))
+        self._jobs.put((work, d, timed))
         return d
 
     def _check_idle(self) -> None:
@@ -193,7 +196,7 @@ class ConnectionRunner:
             d.callback(None)
             return d
         self._stopping = True
-        self._jobs.put((None, d))
+        self._jobs.put((None, d, False))
         return d
 
     def _connected(self) -> None:
@@ -249,13 +252,13 @@ class ConnectionRunner:
     def _reconnect(self) -> None:
         self._retry = None
         if not self._stopping:
-            self._jobs.put((self._connect, None))
+            self._jobs.put((self._connect, None, False))
 
     # -- on the connection's thread --------------------------------------------
 
     def _serve(self) -> None:
         while True:
-            work, d = self._jobs.get()
+            work, d, timed = self._jobs.get()
             if work is None:
                 self._close()
                 self._reactor.callFromThread(self._ended, d)
@@ -263,7 +266,7 @@ class ConnectionRunner:
             if d is None:
                 work()
                 continue
-            self._reactor.callFromThread(self._fire, d, self._attempt(work))
+            self._reactor.callFromThread(self._fire, d, self._attempt(work, timed))
 
     def _ended(self, d: Deferred) -> None:
         self.connected = False
@@ -277,7 +280,7 @@ class ConnectionRunner:
         else:
             d.callback(outcome)
 
-    def _attempt(self, work):
+    def _attempt(self, work, timed: bool):
         import psycopg
 
         connection = self._connection
@@ -301,7 +304,8 @@ class ConnectionRunner:
             elif not self._autocommit and not connection.closed:
                 connection.rollback()
             return failure
-        self._reactor.callFromThread(self.commit_seconds.observe, self._timer() - started)
+        if timed:
+            self._reactor.callFromThread(self.commit_seconds.observe, self._timer() - started)
         return result
 
     def _connect(self) -> None:
