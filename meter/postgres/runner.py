@@ -264,7 +264,11 @@ class ConnectionRunner:
                 self._reactor.callFromThread(self._ended, d)
                 return
             if d is None:
-                work()
+                try:
+                    work()
+                except Exception:
+                    # A fault in the code: the thread must go on serving.
+                    self._reactor.callFromThread(self.log.failure, "connecting failed", Failure())
                 continue
             self._reactor.callFromThread(self._fire, d, self._attempt(work, timed))
 
