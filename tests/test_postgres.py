@@ -15,11 +15,12 @@ import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
 
 from meter import config, wire
 from meter.cloud import postgres
 from meter.cloud.postgres import PostgresReadingStore
-from meter.postgres import PostgresLocation, Unreachable
+from meter.postgres import ConnectionRunner, PostgresLocation, Unreachable
 from meter.retry import Backoff
 from meter.tools import pgcluster
 
@@ -220,3 +221,29 @@ async def test_batches_given_together_share_a_transaction_and_fail_alone(stores,
     assert store.runner.commit_seconds.count - commits < len(given)
     assert len(rows(postgres_database)) == 24 + 24 + 2 + 1
     assert rows(postgres_database, "SELECT device_id, readings FROM devices ORDER BY 1") == [(1, 24), (2, 24), (3, 2), (4, 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_restarted_while_idle_is_reconnected_to_before_the_next_batch(postgres_database, postgres_cluster):
+    runner = ConnectionRunner(PostgresLocation.parse(postgres_database), reactor, check_every=0.05,
+                              backoff=Backoff(0.05, 0.5))
+    lost = defer.Deferred()
+
+    def observe(event):
+        if event.get("log_format", "").startswith("lost the connection") and not lost.called:
+            lost.callback(event["cause"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        runner.start()
+        await runner.when_connected().addTimeout(CONNECT_BOUND, reactor)
+        postgres_cluster.restart("fast")
+        # No work given: the idle check finds the connection gone...
+        await lost.addTimeout(CONNECT_BOUND, reactor)
+        assert runner.losses == 1
+        # ...and the runner connects again, so the next work succeeds.
+        await runner.when_connected().addTimeout(CONNECT_BOUND, reactor)
+        assert await runner.run(lambda connection: connection.execute("SELECT 7").fetchone()) == (7,)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await runner.stop()

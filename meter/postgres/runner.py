@@ -91,6 +91,7 @@ class ConnectionRunner:
         prepare: Callable[[Any], None] | None = None,
         backoff: Backoff | None = None,
         connect_timeout: float = 5.0,
+        check_every: float = CHECK_EVERY,
         autocommit: bool = True,
         timer: Callable[[], float] = time.perf_counter,
     ):
@@ -99,6 +100,7 @@ class ConnectionRunner:
         @param prepare: called on the thread with each new connection before
             any work (set the session, check the schema); if it raises, the
             connection counts as failed and is tried again later.
+        @param check_every: seconds between checks of an idle connection.
         @param autocommit: the connection's mode; work opens its own
             transactions (C{with connection.transaction():}).
         """
@@ -125,6 +127,7 @@ class ConnectionRunner:
         self._waiting: list[Deferred] = []
         #: Pieces of work given and not yet done.
         self._outstanding = 0
+        self._check_every = check_every
         self._checks = task.LoopingCall(self._check_idle)
         self._checks.clock = reactor
         # The outage being logged: (failures, when the first happened, when last logged)
@@ -157,7 +160,7 @@ class ConnectionRunner:
         self._thread = threading.Thread(target=self._serve, name=f"meter-postgres-{self._name}", daemon=True)
         self._thread.start()
         self._jobs.put((self._connect, None, False))
-        self._checks.start(CHECK_EVERY, now=False)
+        self._checks.start(self._check_every, now=False)
 
     def run(self, work: Callable[[Any], Any], timed: bool = False) -> Deferred:
         """
