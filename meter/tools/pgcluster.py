@@ -167,7 +167,13 @@ class Cluster:
         A new empty database C{name}; its URI.  A copy of C{template0}'s
         files: a few milliseconds.
         """
-        self.sql(f'CREATE DATABASE "{name}" TEMPLATE template0 STRATEGY file_copy')
+        import psycopg
+
+        try:
+            self.sql(f'CREATE DATABASE "{name}" TEMPLATE template0 STRATEGY file_copy')
+        except psycopg.errors.SyntaxError:
+            # Before PostgreSQL 15, a copy of the files is the only way.
+            self.sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
         return self.uri(name)
 
     def destroy(self) -> None:
