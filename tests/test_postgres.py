@@ -10,6 +10,7 @@ over it in tests/contracts/test_reading_store.py.
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -85,7 +86,7 @@ def test_a_bad_uri_is_refused_without_its_password():
 
 
 def test_cloud_db_is_a_path_or_a_postgresql_uri():
-    assert config.from_raw({"cloud": {"db": "var/c.sqlite"}}, "t").cloud["db"] == pgcluster.Path("var/c.sqlite")
+    assert config.from_raw({"cloud": {"db": "var/c.sqlite"}}, "t").cloud["db"] == Path("var/c.sqlite")
     uri = "postgresql://postgres@/meter?host=/tmp/s"
     assert config.from_raw({"cloud": {"db": uri}}, "t").cloud["db"] == PostgresLocation(uri)
 
