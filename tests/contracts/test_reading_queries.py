@@ -1,8 +1,10 @@
 """
 The contract of meter.cloud.interfaces.IReadingQueries, the read side the web
-API asks: one test body run over the in-memory store of meter.testing and
-over the SQLite queries (meter.cloud.queries, on read-only connections and
-threads of their own) of a database the real SQLite store writes.
+API asks: one test body run over the in-memory store of meter.testing, over
+the SQLite queries (meter.cloud.queries, on read-only connections and
+threads of their own) of a database the real SQLite store writes, and over
+the PostgreSQL queries (meter.cloud.pgqueries) of a database of a real
+server (the session's throwaway cluster) the PostgreSQL store writes.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from zope.interface.verify import verifyObject
 from meter import wire
 from meter.cloud import SQLiteReadingStore, open_database
 from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery
+from meter.cloud.pgqueries import PostgresReadingQueries
+from meter.cloud.postgres import PostgresReadingStore
 from meter.cloud.queries import SQLiteReadingQueries
 from meter.database import connect
+from meter.postgres import PostgresLocation
 from meter.reading import Reading
 from meter.testing import MemoryReadingStore
 
@@ -34,9 +39,19 @@ class Both:
         self.queries = queries
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgresql"])
 async def both(request, tmp_path):
-    if request.param == "memory":
+    if request.param == "postgresql":
+        location = PostgresLocation.parse(request.getfixturevalue("postgres_database"))
+        store = PostgresReadingStore(location, reactor)
+        store.start()
+        queries = PostgresReadingQueries(location, reactor)
+        verifyObject(IReadingQueries, queries)
+        queries.startService()
+        yield Both(store, queries)
+        await queries.stopService()
+        await store.stop()
+    elif request.param == "memory":
         store = MemoryReadingStore()
         verifyObject(IReadingQueries, store)
         yield Both(store, store)
