@@ -45,6 +45,8 @@ async def both(request, tmp_path):
         location = PostgresLocation.parse(request.getfixturevalue("postgres_database"))
         store = PostgresReadingStore(location, reactor)
         store.start()
+        # The schema made (the store's first connection makes it).
+        await store.devices()
         queries = PostgresReadingQueries(location, reactor)
         verifyObject(IReadingQueries, queries)
         queries.startService()
@@ -298,3 +300,59 @@ async def test_the_sqlite_queries_run_on_threads_of_their_own_and_never_hold_up_
     finally:
         queries.stopService()
         await store.database.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def postgres_pair(postgres_database):
+    """
+    A PostgreSQL store and queries of one connection over its database.
+    """
+    location = PostgresLocation.parse(postgres_database)
+    store = PostgresReadingStore(location, reactor)
+    store.start()
+    await store.devices()
+    queries = PostgresReadingQueries(location, reactor, connections=1)
+    queries.startService()
+    yield store, queries
+    await queries.stopService()
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_postgresql_queries_read_on_a_connection_that_cannot_write(postgres_pair):
+    import psycopg
+
+    store, queries = postgres_pair
+    await store.add(columns(A), 1.0)
+
+    def write(connection):
+        connection.execute("DELETE FROM readings")
+
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        await queries._run(write)
+    assert len(await queries.page(ReadingsQuery(), 10)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_postgresql_queries_run_on_a_thread_of_their_own_and_never_hold_up_ingest(postgres_pair):
+    import threading
+
+    store, queries = postgres_pair
+    await store.add(columns(A), 1.0)
+    thread = await queries._run(lambda connection: threading.current_thread())
+    assert thread is not threading.main_thread()
+    assert thread is not await store.runner.run(lambda connection: threading.current_thread())
+
+    def begin(connection):
+        # A reader in the middle of a long query: its snapshot and its
+        # locks on the tables are held.
+        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        return connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    assert await queries._run(begin) == 1
+    # The store commits meanwhile, on its own connection, without waiting.
+    assert await store.add(columns(B, C), 2.0) is None
+    assert await queries._run(lambda connection: connection.execute("SELECT count(*) FROM readings").fetchone()[0]) == 1
+    await queries._run(lambda connection: connection.execute("COMMIT"))
+    assert len(await queries.page(ReadingsQuery(), 10)) == 3
+    assert [d.count for d in await queries.fleet()] == [2, 1]
