@@ -17,13 +17,14 @@ from __future__ import annotations
 import datetime
 from typing import Any, Callable
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from zope.interface import implementer
 
 from meter import wire
 from meter.cloud.interfaces import DeviceSummary, IReadingStore
 from meter.cloud.sqlite import minute_bound
-from meter.postgres import ConnectionRunner, PostgresLocation
+from meter.postgres import ConnectionRunner, PostgresLocation, Unusable
 from meter.reading import Reading
 
 #: The key of the session-level advisory lock held while the schema is
@@ -64,7 +65,7 @@ STEPS: tuple[str, ...] = (VERSION_1,)
 VERSION = len(STEPS)
 
 
-class SchemaError(Exception):
+class SchemaError(Unusable):
     """
     The database holds a schema this code cannot work with.
     """
@@ -220,13 +221,15 @@ def batch_months(columns: wire.BatchColumns) -> set[datetime.date]:
 
 
 @implementer(IReadingStore)
-class PostgresReadingStore:
+class PostgresReadingStore(Service):
     """
     Readings in a PostgreSQL database at L{VERSION}, written through one
     L{ConnectionRunner} (its thread); see the module's docstring.
 
-    L{start} connects (again and again while the database cannot be
-    reached); L{stop} finishes the work given and closes.
+    L{start} (or the service's start) connects, again and again while the
+    database cannot be reached, bringing its schema to L{VERSION} at each
+    connection; L{stop} finishes the work given and closes.  Started after
+    twistd forks: a thread does not survive a fork.
     """
 
     def __init__(self, location: PostgresLocation, reactor, today: Callable[[], datetime.date] | None = None):
@@ -251,6 +254,14 @@ class PostgresReadingStore:
 
     def stop(self) -> defer.Deferred:
         return self.runner.stop()
+
+    def startService(self):
+        Service.startService(self)
+        self.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.stop()
 
     def _prepare(self, connection) -> None:
         # Acknowledgements mean durable, whatever the server's default.

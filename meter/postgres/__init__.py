@@ -6,6 +6,6 @@ read side; nothing here knows a table.
 """
 
 from meter.postgres.location import PostgresLocation, is_postgres_uri
-from meter.postgres.runner import ConnectionRunner, Unreachable
+from meter.postgres.runner import ConnectionRunner, Unreachable, Unusable
 
-__all__ = ["ConnectionRunner", "PostgresLocation", "Unreachable", "is_postgres_uri"]
+__all__ = ["ConnectionRunner", "PostgresLocation", "Unreachable", "Unusable", "is_postgres_uri"]

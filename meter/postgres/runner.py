@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,11 +42,20 @@ class Unreachable(Exception):
     """
 
 
+class Unusable(Exception):
+    """
+    Raised by a runner's C{prepare} for a database it cannot work with (a
+    schema of a newer version): its message says all, no traceback.
+    """
+
+
 def describe(error: BaseException) -> str:
     """
     An exception as one line: its class and its first line of message.
     """
     message = " ".join(str(error).split()) or type(error).__name__
+    if len(message) > 300:
+        message = message[:299] + "…"
     return message if isinstance(error, Unreachable) else f"{type(error).__name__}: {message}"
 
 
@@ -61,8 +70,8 @@ class ConnectionRunner:
     @ivar connected: whether a connection is open now.
     @ivar losses: connections lost after they were made.
     @ivar connect_failures: attempts to connect that failed.
-    @ivar transaction_seconds: how long each piece of work took on the
-        thread, its commit included.
+    @ivar commit_seconds: how long each piece of work took on the thread,
+        its commit included.
     """
 
     log = Logger()
@@ -97,16 +106,36 @@ class ConnectionRunner:
         self._timer = timer
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._connection = None  # used on the thread only
+        # Used on the thread only: the connection, and why there is none.
+        self._connection = None
+        self._cause = "not connected yet"
         self._retry = None
         self._stopping = False
         self.connected = False
         self.failing: str | None = "not connected yet"
         self.losses = 0
         self.connect_failures = 0
-        self.transaction_seconds = Histogram(COMMIT_SECONDS)
+        self.commit_seconds = Histogram(COMMIT_SECONDS)
+        self._waiting: list[Deferred] = []
         # The outage being logged: (failures, when the first happened, when last logged)
         self._outage: tuple[int, float, float] | None = None
+
+    @property
+    def unreachable(self) -> str | None:
+        """
+        Why there is no connection now, or None while connected.
+        """
+        return None if self.connected else self.failing
+
+    def when_connected(self) -> Deferred:
+        """
+        A Deferred that fires once a connection is open: at once if one is.
+        """
+        if self.connected:
+            return succeed(None)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
 
     # -- on the reactor thread -------------------------------------------------
 
@@ -161,6 +190,9 @@ class ConnectionRunner:
         self._backoff.reset()
         self.connected = True
         self.failing = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     def _disconnected(self, cause: str, lost: bool) -> None:
         """
@@ -231,7 +263,7 @@ class ConnectionRunner:
 
         connection = self._connection
         if connection is None:
-            return Failure(Unreachable(f"cannot reach the {self._name} at {self.location.where}: {self.failing}"))
+            return Failure(Unreachable(f"cannot reach the {self._name} at {self.location.where}: {self._cause}"))
         started = self._timer()
         try:
             result = work(connection)
@@ -239,11 +271,12 @@ class ConnectionRunner:
             failure = Failure()
             if connection.broken or connection.closed or isinstance(e, psycopg.OperationalError) and _lost(connection):
                 self._close()
-                self._reactor.callFromThread(self._disconnected, describe(e), True)
+                self._cause = describe(e)
+                self._reactor.callFromThread(self._disconnected, self._cause, True)
             elif not self._autocommit and not connection.closed:
                 connection.rollback()
             return failure
-        self._reactor.callFromThread(self.transaction_seconds.observe, self._timer() - started)
+        self._reactor.callFromThread(self.commit_seconds.observe, self._timer() - started)
         return result
 
     def _connect(self) -> None:
@@ -255,7 +288,8 @@ class ConnectionRunner:
                 self.location.uri, autocommit=self._autocommit, connect_timeout=max(1, round(self._connect_timeout))
             )
         except Exception as e:
-            self._reactor.callFromThread(self._disconnected, describe(e), False)
+            self._cause = describe(e)
+            self._reactor.callFromThread(self._disconnected, self._cause, False)
             return
         try:
             if self._prepare is not None:
@@ -263,10 +297,13 @@ class ConnectionRunner:
         except Exception as e:
             connection.close()
             failure = Failure()
-            if not isinstance(e, psycopg.OperationalError):
+            if not isinstance(e, (psycopg.OperationalError, Unusable)):
+                # A fault in the code: its traceback.
                 self._reactor.callFromThread(self.log.failure, "preparing a connection failed", failure)
-            self._reactor.callFromThread(self._disconnected, describe(e), False)
+            self._cause = str(e) if isinstance(e, Unusable) else describe(e)
+            self._reactor.callFromThread(self._disconnected, self._cause, False)
             return
+        self._cause = None
         self._connection = connection
         self._reactor.callFromThread(self._connected)
 
