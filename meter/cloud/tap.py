@@ -270,11 +270,10 @@ def makeService(options: Options) -> CloudService:
     )
     admission = factory.admission
     exposition.monitor(service, settings["metrics"], reactor, exposition.CloudExposition(metrics, factory, readings))
-    if settings["web"] and isinstance(path, PostgresLocation):
-        log.warn("the web API reads an SQLite database only: not served over PostgreSQL yet ([cloud] web)")
-    elif settings["web"]:
-        # Its queries on read connections and threads of their own: ingest,
-        # on the reactor thread, never waits for a reader.
+    if settings["web"]:
+        # Its queries on read connections and threads of their own: ingest
+        # (on the reactor thread for SQLite, on the store's connection for
+        # PostgreSQL) never waits for a reader.
         queries = read_side(settings, reactor)
         queries.setServiceParent(service)
         site = web.WebSite(web.resource_tree(queries, web.STATIC, reactor), options.web_token)
