@@ -71,7 +71,8 @@ def _stored(uri: str) -> dict:
         (size,) = connection.execute(
             "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('readings')"
         ).fetchone()
-    return {"stored": count, "doubled_rows": count - distinct, "bytes": int(size or 0),
+    size = int(size or 0)  # a numeric sum: a Decimal
+    return {"stored": count, "doubled_rows": count - distinct, "bytes": size,
             "bytes_per_reading": round(size / count, 1) if count else None}
 
 
@@ -187,7 +188,7 @@ def scenario(args, scratch: Path, readings: list, workspace_of, say) -> dict:
 
         # One node and two, in turns, on the same server.
         pairs = []
-        for number in range(max(1, args.cloud_runs // 2)):
+        for number in range(args.cloud_runs):
             single = _cloud_run(workspace_of, scratch, f"pg-one-{number}", cluster.create_database(f"one_{number}"),
                                 lines, window, len(readings))
             double = _cloud_run(workspace_of, scratch, f"pg-two-{number}", cluster.create_database(f"two_{number}"),
