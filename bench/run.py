@@ -27,6 +27,9 @@ Scenarios:
           1,000 devices: 35 million readings): one device's day, a 30-day
           series, the fleet (bench/api_figures.py).  Not in the default run:
           making the dataset takes minutes (--api-db keeps and reuses it)
+  --store postgresql  the cloud scenario alone, on a throwaway PostgreSQL
+          server: the cloud against the raw COPY + INSERT ceiling in the same
+          run, one node against two (bench/pg_bench.py)
 
 Every load is bounded in count and time; nothing is sent outside 127.0.0.1.
 
