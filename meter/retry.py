@@ -8,6 +8,7 @@ alone a traceback) for each would fill what room is left.
 from __future__ import annotations
 
 import sqlite3
+import sys
 
 from twisted.python.failure import Failure
 
@@ -17,6 +18,18 @@ from meter.ratelimit import PerSource
 #: read-only file): logged as one line with their cause.  Anything else is a
 #: fault in the code, whose traceback is logged the first time.
 EXPECTED = (sqlite3.Error, OSError)
+
+
+def expected(kind: type) -> bool:
+    """
+    Whether a failure of type C{kind} is one of L{EXPECTED}, or an error
+    the PostgreSQL server reported (its driver loaded only by a cloud that
+    stores there).
+    """
+    if issubclass(kind, EXPECTED):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and issubclass(kind, psycopg.Error)
 
 
 class Backoff:
@@ -89,7 +102,7 @@ class Failures:
             if suppressed:
                 line += " ({suppressed} similar failures left out of the log)"
             cause = f"{failure.type.__name__}: {failure.getErrorMessage()}"
-            if not issubclass(failure.type, EXPECTED) and (step, failure.type) not in self._traced:
+            if not expected(failure.type) and (step, failure.type) not in self._traced:
                 # A fault in the code: its traceback once, then its message.
                 self._traced.add((step, failure.type))
                 self._owner.log.failure(line, failure, cause=cause, delay=delay, suppressed=suppressed, **fields)

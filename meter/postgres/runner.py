@@ -35,10 +35,11 @@ from meter.retry import Backoff
 LOG_EVERY = 60.0
 
 
-class Unreachable(Exception):
+class Unreachable(ConnectionError):
     """
-    The database cannot be reached now; the message says why.  The runner
-    is connecting again meanwhile.
+    The database cannot be reached now, or the connection was lost during
+    the work; the message says why.  The runner is connecting again
+    meanwhile.
     """
 
 
@@ -273,6 +274,12 @@ class ConnectionRunner:
                 self._close()
                 self._cause = describe(e)
                 self._reactor.callFromThread(self._disconnected, self._cause, True)
+                # Whether a COMMIT under way took effect is unknown: the
+                # caller must treat the work as not done (a refused batch is
+                # sent again, and found stored if it was).
+                lost = Unreachable(f"lost the connection to the {self._name} at {self.location.where}: {self._cause}")
+                lost.__cause__ = e
+                return Failure(lost)
             elif not self._autocommit and not connection.closed:
                 connection.rollback()
             return failure
