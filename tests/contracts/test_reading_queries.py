@@ -356,3 +356,23 @@ async def test_the_postgresql_queries_run_on_a_thread_of_their_own_and_never_hol
     await queries._run(lambda connection: connection.execute("COMMIT"))
     assert len(await queries.page(ReadingsQuery(), 10)) == 3
     assert [d.count for d in await queries.fleet()] == [2, 1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_postgresql_queries_connect_again_after_a_restart(postgres_pair, postgres_cluster):
+    import psycopg
+
+    from meter.postgres import Unreachable
+
+    store, queries = postgres_pair
+    await store.add(columns(A, B), 1.0)
+    assert len(await queries.fleet()) == 2
+    postgres_cluster.restart("immediate")
+    # The query that finds the connection gone fails (the API answers 503)...
+    with pytest.raises((psycopg.OperationalError, Unreachable)):
+        await queries.fleet()
+    # ...and the queries' connection comes back by itself, no restart of
+    # the cloud needed.
+    (runner,) = queries._runners
+    await runner.when_connected()
+    assert [d.device_id for d in await queries.fleet()] == [1, 3]
