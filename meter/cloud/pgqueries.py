@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import threading
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery, Series
 from meter.cloud.queries import series_width
 from meter.reading import Reading
+
+log = Logger()
 
 
 def _where(query: ReadingsQuery) -> tuple[str, list]:
@@ -169,6 +173,25 @@ def read_only(connection) -> None:
     connection.execute("SET default_transaction_read_only = on")
 
 
+def _cancel(connection) -> None:
+    """
+    Ask the server to cancel what C{connection} runs (from any thread): a
+    request on a connection of its own, a few milliseconds on loopback.
+    """
+    import psycopg
+
+    if connection.closed:
+        return
+    try:
+        # cancel_safe (psycopg 3.2) is bounded and never blocks on the
+        # connection's own lock; cancel is what 3.1 has.
+        cancel = getattr(connection, "cancel_safe", None)
+        cancel(timeout=5.0) if cancel is not None else connection.cancel()
+    except psycopg.Error as e:
+        # Gone already, or the server unreachable: nothing runs there then.
+        log.info("could not cancel a query at stop: {cause}", cause=e)
+
+
 @implementer(IReadingQueries)
 class PostgresReadingQueries(Service):
     """
@@ -187,10 +210,18 @@ class PostgresReadingQueries(Service):
 
         self.location = location
         self._runners = [
-            ConnectionRunner(location, reactor, name=f"read database ({index + 1})", prepare=read_only)
+            ConnectionRunner(location, reactor, name=f"read database ({index + 1})", prepare=self._prepare)
             for index in range(connections)
         ]
         self._turns = itertools.cycle(self._runners)
+        # The open connections, so that a stop can cancel what they run.
+        self._connections: list = []
+        self._lock = threading.Lock()
+
+    def _prepare(self, connection) -> None:
+        read_only(connection)
+        with self._lock:
+            self._connections = [c for c in self._connections if not c.closed] + [connection]
 
     def startService(self):
         Service.startService(self)
@@ -199,6 +230,12 @@ class PostgresReadingQueries(Service):
 
     def stopService(self):
         Service.stopService(self)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        # A long query (the whole fleet over a year) ends at once, failing,
+        # rather than hold up the cloud's stop while its runner finishes it.
+        for connection in connections:
+            _cancel(connection)
         return defer.gatherResults([runner.stop() for runner in self._runners], consumeErrors=True)
 
     def _run(self, work, *args):

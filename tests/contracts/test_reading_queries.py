@@ -376,3 +376,29 @@ async def test_the_postgresql_queries_connect_again_after_a_restart(postgres_pai
     (runner,) = queries._runners
     await runner.when_connected()
     assert [d.device_id for d in await queries.fleet()] == [1, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_postgresql_query_is_cancelled_at_stop(postgres_pair, postgres_database):
+    import psycopg
+    from twisted.internet.task import deferLater
+
+    store, queries = postgres_pair
+    # A query as long as a year's export: pg_sleep, which a stop that waited
+    # for it would let finish (and succeed) 20 s later.
+    long = queries._run(lambda connection: connection.execute("SELECT pg_sleep(20)").fetchone())
+    outcome: list = []
+    long.addBoth(outcome.append)
+    # Wait until the server runs it (asked on a connection of the test's).
+    with psycopg.connect(postgres_database, autocommit=True) as watcher:
+        for _ in range(500):
+            (running,) = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'"
+            ).fetchone()
+            if running:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+    assert running == 1 and not outcome
+    await queries.stopService()
+    (failure,) = outcome
+    assert failure.check(psycopg.errors.QueryCanceled)
