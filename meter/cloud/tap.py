@@ -193,7 +193,6 @@ def read_side(settings, reactor):
     of C{[cloud] db}, PostgreSQL or SQLite as it is.
     """
     from meter.cloud.pgqueries import PostgresReadingQueries
-    from meter.postgres import PostgresLocation
 
     db, read_db = settings["db"], settings["read_db"]
     if read_db is not None:
