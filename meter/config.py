@@ -217,7 +217,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "console": (
             optional_path, "",
             "file the console lines are appended to (\"-\": standard output; \"\": standard output in the "
-            "foreground, <db>-console.log beside the database when run as a daemon)",
+            "foreground, <db>-console.log beside the database when run as a daemon, cloud-console.log in the folder it "
+            "runs in for a PostgreSQL database)",
         ),
         "idle_timeout": (positive, 120.0, "seconds a gateway connection may stay silent between lines"),
         "tls": (boolean, True, "require TLS with a client certificate signed by the suite's CA"),

@@ -24,6 +24,15 @@ from meter.retry import Backoff
 from meter.tools import pgcluster
 
 
+#: The longest a test waits for a store to connect: a bound, so that a
+#: store that never connects fails the test instead of hanging it.
+CONNECT_BOUND = 30.0
+
+
+def connected(*nodes: PostgresReadingStore) -> defer.Deferred:
+    return defer.gatherResults([node.runner.when_connected().addTimeout(CONNECT_BOUND, reactor) for node in nodes])
+
+
 def columns(*records: str) -> wire.BatchColumns:
     return wire.BatchColumns.of(";".join(records))
 
@@ -86,7 +95,7 @@ def test_cloud_db_is_a_path_or_a_postgresql_uri():
 @pytest_twisted.ensureDeferred
 async def test_nodes_starting_together_make_the_schema_once(stores, postgres_database):
     nodes = [stores() for _ in range(4)]
-    await defer.gatherResults([node.runner.when_connected() for node in nodes])
+    await connected(*nodes)
     assert rows(postgres_database, "SELECT version FROM meter_schema") == [(postgres.VERSION,)]
     results = await defer.gatherResults([node.add(columns(*day_of(n + 1, "2026-03-01")), 1.0) for n, node in enumerate(nodes)])
     assert results == [None] * 4
@@ -96,7 +105,7 @@ async def test_nodes_starting_together_make_the_schema_once(stores, postgres_dat
 @pytest_twisted.ensureDeferred
 async def test_partitions_are_made_ahead_and_for_any_month(stores, postgres_database):
     store = stores()
-    await store.runner.when_connected()
+    await connected(store)
     today = datetime.date.today()
     made = {name for (name,) in rows(postgres_database, "SELECT relname FROM pg_class WHERE relname ~ '^readings_[0-9]'")}
     assert postgres.partition_name(today) in made
@@ -153,7 +162,7 @@ async def test_a_restarted_server_is_reconnected_to(stores, postgres_database, p
     with pytest.raises((psycopg.OperationalError, Unreachable)):
         await store.add(columns(*day_of(2, "2026-03-03")), 2.0)
     # ...and the store connects again by itself.
-    await store.runner.when_connected()
+    await connected(store)
     assert store.runner.losses == 1
     assert await store.add(columns(*day_of(2, "2026-03-03"), *day_of(1, "2026-03-03")), 3.0) == list(range(24))
     assert len(rows(postgres_database)) == 48
@@ -171,7 +180,7 @@ async def test_a_server_not_up_yet_is_waited_for(stores):
             await store.add(columns(*day_of(1, "2026-03-04")), 1.0)
         assert store.runner.unreachable is not None and not store.runner.connected
         cluster.start()
-        await store.runner.when_connected()
+        await connected(store)
         assert store.runner.unreachable is None and store.runner.connect_failures >= 1
         assert await store.add(columns(*day_of(1, "2026-03-04")), 2.0) is None
         assert len(rows(uri)) == 24
@@ -188,3 +197,26 @@ async def test_work_given_after_stop_fails_and_stop_waits_for_work_given_before(
     assert added.called and await added is None
     with pytest.raises(Unreachable):
         await store.add(columns(*day_of(2, "2026-03-05")), 1.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_given_together_share_a_transaction_and_fail_alone(stores, postgres_database):
+    store = stores()
+    await connected(store)
+    await store.add(columns(*day_of(1, "2026-03-06")), 1.0)
+    commits = store.runner.commit_seconds.count
+    given = [
+        store.add(columns(*day_of(2, "2026-03-06")), 2.0),
+        store.add(columns(*day_of(1, "2026-03-06", 2), *day_of(3, "2026-03-06", 2)), 2.0),
+        store.add(columns("x,10.0.0.9,2026-03-06T00:00,1,1"), 2.0),
+        store.add(columns(*day_of(2, "2026-03-06")), 2.0),
+        store.add(columns(*day_of(4, "2027-01-06", 1)), 2.0),
+    ]
+    outcomes = await defer.DeferredList(given, consumeErrors=True)
+    assert [ok for ok, _ in outcomes] == [True, True, False, True, True]
+    assert outcomes[2][1].check(ValueError)
+    assert [value for ok, value in outcomes if ok] == [None, [2, 3], [], None]
+    # Given while another was under way, they shared transactions.
+    assert store.runner.commit_seconds.count - commits < len(given)
+    assert len(rows(postgres_database)) == 24 + 24 + 2 + 1
+    assert rows(postgres_database, "SELECT device_id, readings FROM devices ORDER BY 1") == [(1, 24), (2, 24), (3, 2), (4, 1)]

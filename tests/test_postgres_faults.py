@@ -71,7 +71,9 @@ def test_postgresql_restarted_in_the_middle_of_forwarding(make_suite, postgres_c
     """
     # A device's day is one chunk, and a batch holds whole chunks: a batch
     # a device, a hundred batches.
-    suite = make_suite(100, 48, batch_readings=48, stats_interval=1.0, postgres=postgres_database)
+    # With a password (the test cluster trusts any), which no line repeats.
+    uri = postgres_database.replace("postgres@", "postgres:s3cret-word@")
+    suite = make_suite(100, 48, batch_readings=48, stats_interval=1.0, postgres=uri)
     cloud = suite.start_cloud()
     cloud.wait_for("connected to the database at")
     gateway = suite.start_gateway(connected=True)
@@ -90,6 +92,7 @@ def test_postgresql_restarted_in_the_middle_of_forwarding(make_suite, postgres_c
     lines = printed(cloud)
     assert len(lines) == len(set(lines)) and set(lines) <= set(expected_console(suite.expected_rows(DAY)))
     assert len(cloud.all_matching(r"Traceback")) == 0
+    assert not cloud.all_matching("s3cret-word") and not gateway.all_matching("s3cret-word")
 
 
 def test_postgresql_down_when_the_cloud_starts(make_suite, postgres_cluster, postgres_database):

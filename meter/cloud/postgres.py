@@ -17,8 +17,10 @@ from __future__ import annotations
 import datetime
 from typing import Any, Callable
 
+import psycopg
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import wire
@@ -220,6 +222,48 @@ def batch_months(columns: wire.BatchColumns) -> set[datetime.date]:
     return {datetime.date(int(prefix[:4]), int(prefix[5:7]), 1) for prefix in {stamp[:7] for stamp in columns.stamps}}
 
 
+_COPY = "COPY staging (position, device_id, device_ip, taken_at, temperature_c, humidity_pct) FROM STDIN"
+
+
+def _store_group(connection, batches: list[tuple[wire.BatchColumns, float]], partitions: set[str]) -> list:
+    """
+    Work for the runner: store C{batches} in one transaction, each in a
+    savepoint of its own (a batch that fails fails alone); for each, C{(True,
+    None or the positions of its new readings)} or C{(False, Failure)}.
+    Raises, with nothing committed, if the transaction itself fails.
+    """
+    results: list = [None] * len(batches)
+    texts: list = [None] * len(batches)
+    months: set[datetime.date] = set()
+    for index, (columns, _) in enumerate(batches):
+        try:
+            texts[index] = _copy_text(columns)
+        except Exception:
+            results[index] = (False, Failure())
+        else:
+            months |= batch_months(columns)
+    ensure_partitions(connection, months, partitions)
+    with connection.transaction(), connection.cursor() as cursor:
+        for index, (columns, stored_at) in enumerate(batches):
+            if results[index] is not None:
+                continue
+            try:
+                with connection.transaction():
+                    with cursor.copy(_COPY) as copy:
+                        copy.write(texts[index])
+                    cursor.execute(INSERT, {"stored_at": stored_at, "count": len(columns)})
+                    new, positions = cursor.fetchone()
+                    # Empty for the next batch of the group (a commit empties it too).
+                    cursor.execute("DELETE FROM staging")
+            except psycopg.Error:
+                if connection.broken or connection.closed:
+                    raise
+                results[index] = (False, Failure())
+            else:
+                results[index] = (True, None if new == len(columns) else positions or [])
+    return results
+
+
 @implementer(IReadingStore)
 class PostgresReadingStore(Service):
     """
@@ -243,6 +287,9 @@ class PostgresReadingStore(Service):
         #: The partitions known to exist: read at each connection, grown by
         #: the batches.  Touched on the runner's thread only.
         self._partitions: set[str] = set()
+        #: Batches for the next transaction: (columns, stored_at, Deferred).
+        self._pending: list[tuple[wire.BatchColumns, float, defer.Deferred]] = []
+        self._committing = False
         self.runner = ConnectionRunner(location, reactor, name="database", prepare=self._prepare)
 
     @property
@@ -274,23 +321,40 @@ class PostgresReadingStore(Service):
     def add(self, columns: wire.BatchColumns, stored_at: float) -> defer.Deferred:
         if not len(columns):
             return defer.succeed(None)
+        d = defer.Deferred()
+        self._pending.append((columns, stored_at, d))
+        if not self._committing:
+            self._commit_next()
+        return d
 
-        def work(connection) -> list[int] | None:
-            text = _copy_text(columns)
-            ensure_partitions(connection, batch_months(columns), self._partitions)
-            with connection.transaction():
-                with connection.cursor() as cursor:
-                    with cursor.copy(
-                        "COPY staging (position, device_id, device_ip, taken_at, temperature_c, humidity_pct) FROM STDIN"
-                    ) as copy:
-                        copy.write(text)
-                    cursor.execute(INSERT, {"stored_at": stored_at, "count": len(columns)})
-                    new, positions = cursor.fetchone()
-            if new == len(columns):
-                return None
-            return positions or []
+    def _commit_next(self) -> None:
+        """
+        One transaction for every batch given while the one before was
+        under way: under load one COMMIT (and the server's fsync) serves
+        many batches, and an idle cloud commits each batch at once.
+        """
+        group, self._pending = self._pending, []
+        self._committing = True
+        batches = [(columns, stored_at) for columns, stored_at, _ in group]
+        self.runner.run(lambda connection: _store_group(connection, batches, self._partitions), timed=True).addBoth(
+            self._committed, [d for _, _, d in group]
+        )
 
-        return self.runner.run(work)
+    def _committed(self, outcome, deferreds: list[defer.Deferred]) -> None:
+        if isinstance(outcome, Failure):
+            # Nothing of the group committed (the connection lost, the
+            # COMMIT refused): every batch fails, and is sent again.
+            for d in deferreds:
+                d.errback(outcome)
+        else:
+            for d, (ok, value) in zip(deferreds, outcome):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        self._committing = False
+        if self._pending:
+            self._commit_next()
 
     def readings(self, device_id=None, device_ip=None, since=None, until=None, limit=None) -> defer.Deferred:
         conditions: list[str] = []

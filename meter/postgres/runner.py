@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +34,10 @@ from meter.retry import Backoff
 
 #: Seconds between two log lines about the same outage after its first.
 LOG_EVERY = 60.0
+#: Seconds between two checks of an idle connection: a server restarted
+#: while no work came is noticed (and /readyz says so) without a piece of
+#: work failing first.
+CHECK_EVERY = 10.0
 
 
 class Unreachable(ConnectionError):
@@ -71,8 +76,8 @@ class ConnectionRunner:
     @ivar connected: whether a connection is open now.
     @ivar losses: connections lost after they were made.
     @ivar connect_failures: attempts to connect that failed.
-    @ivar commit_seconds: how long each piece of work took on the thread,
-        its commit included.
+    @ivar commit_seconds: how long each piece of work given with
+        C{timed} took on the thread, its commit included.
     """
 
     log = Logger()
@@ -118,6 +123,10 @@ class ConnectionRunner:
         self.connect_failures = 0
         self.commit_seconds = Histogram(COMMIT_SECONDS)
         self._waiting: list[Deferred] = []
+        #: Pieces of work given and not yet done.
+        self._outstanding = 0
+        self._checks = task.LoopingCall(self._check_idle)
+        self._checks.clock = reactor
         # The outage being logged: (failures, when the first happened, when last logged)
         self._outage: tuple[int, float, float] | None = None
 
@@ -147,20 +156,30 @@ class ConnectionRunner:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name=f"meter-postgres-{self._name}", daemon=True)
         self._thread.start()
-        self._jobs.put((self._connect, None))
+        self._jobs.put((self._connect, None, False))
+        self._checks.start(CHECK_EVERY, now=False)
 
-    def run(self, work: Callable[[Any], Any]) -> Deferred:
+    def run(self, work: Callable[[Any], Any], timed: bool = False) -> Deferred:
         """
         Run C{work(connection)} on the thread, after the work given before
         it; the Deferred fires with its result on the reactor thread, or
         fails with its exception (L{Unreachable} if there is no connection).
+
+        @param timed: observe how long it took in L{commit_seconds} (the
+            writes' transactions, not the reads).
         """
         d = Deferred()
         if self._thread is None or self._stopping:
             d.errback(Unreachable(f"the connection to the {self._name} is closed"))
             return d
-        self._jobs.put((work, d))
+        self._outstanding += 1
+        self._jobs.put((work, d, timed))
         return d
+
+    def _check_idle(self) -> None:
+        if self.connected and not self._outstanding:
+            # Its failure is the runner's to log (_disconnected): dropped here.
+            self.run(_check).addErrback(lambda _: None)
 
     def stop(self) -> Deferred:
         """
@@ -171,11 +190,13 @@ class ConnectionRunner:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._checks.running:
+            self._checks.stop()
         if self._thread is None or self._stopping:
             d.callback(None)
             return d
         self._stopping = True
-        self._jobs.put((None, d))
+        self._jobs.put((None, d, False))
         return d
 
     def _connected(self) -> None:
@@ -231,13 +252,13 @@ class ConnectionRunner:
     def _reconnect(self) -> None:
         self._retry = None
         if not self._stopping:
-            self._jobs.put((self._connect, None))
+            self._jobs.put((self._connect, None, False))
 
     # -- on the connection's thread --------------------------------------------
 
     def _serve(self) -> None:
         while True:
-            work, d = self._jobs.get()
+            work, d, timed = self._jobs.get()
             if work is None:
                 self._close()
                 self._reactor.callFromThread(self._ended, d)
@@ -245,21 +266,21 @@ class ConnectionRunner:
             if d is None:
                 work()
                 continue
-            self._reactor.callFromThread(self._fire, d, self._attempt(work))
+            self._reactor.callFromThread(self._fire, d, self._attempt(work, timed))
 
     def _ended(self, d: Deferred) -> None:
         self.connected = False
         self._thread = None
         d.callback(None)
 
-    @staticmethod
-    def _fire(d: Deferred, outcome) -> None:
+    def _fire(self, d: Deferred, outcome) -> None:
+        self._outstanding -= 1
         if isinstance(outcome, Failure):
             d.errback(outcome)
         else:
             d.callback(outcome)
 
-    def _attempt(self, work):
+    def _attempt(self, work, timed: bool):
         import psycopg
 
         connection = self._connection
@@ -283,7 +304,8 @@ class ConnectionRunner:
             elif not self._autocommit and not connection.closed:
                 connection.rollback()
             return failure
-        self._reactor.callFromThread(self.commit_seconds.observe, self._timer() - started)
+        if timed:
+            self._reactor.callFromThread(self.commit_seconds.observe, self._timer() - started)
         return result
 
     def _connect(self) -> None:
@@ -321,6 +343,10 @@ class ConnectionRunner:
                 connection.close()
             except Exception:
                 pass
+
+
+def _check(connection) -> None:
+    connection.execute("SELECT 1")
 
 
 def _lost(connection) -> bool:
