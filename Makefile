@@ -91,7 +91,9 @@ lab-tools:
 # on 127.0.0.1 driven by `meter loadgen`, against raw UDP and SQLite ceilings;
 # a few minutes at most.  BENCH_ARGS passes options, e.g.
 # make bench BENCH_ARGS='--devices 10000'; bench-profile adds py-spy.
-bench: $(STAMP)
+# postgres: BENCH_ARGS='--store postgresql' starts a throwaway server of
+# Debian's binaries (installed here when root and missing).
+bench: $(STAMP) postgres
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-profile: $(STAMP)

@@ -27,12 +27,16 @@ Scenarios:
           1,000 devices: 35 million readings): one device's day, a 30-day
           series, the fleet (bench/api_figures.py).  Not in the default run:
           making the dataset takes minutes (--api-db keeps and reuses it)
+  --store postgresql  the cloud scenario alone, on a throwaway PostgreSQL
+          server: the cloud against the raw COPY + INSERT ceiling in the same
+          run, one node against two (bench/pg_bench.py)
 
 Every load is bounded in count and time; nothing is sent outside 127.0.0.1.
 
     python bench/run.py                      # the default run (~1 min)
     python bench/run.py --devices 10000      # the full fleet
     python bench/run.py --profile            # also py-spy the daemons under load
+    python bench/run.py --store postgresql   # the cloud scenario on PostgreSQL (bench/pg_bench.py)
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ import api_figures  # noqa: E402
 import ceilings  # noqa: E402
 import dashboard  # noqa: E402
 import micro  # noqa: E402
+import pg_bench  # noqa: E402
 import profiles  # noqa: E402
 from meter import config, wire  # noqa: E402
 from meter.tools.loadgen import synthetic_day  # noqa: E402
@@ -698,6 +703,12 @@ def verdicts(results: dict) -> list[dict]:
                             lambda v: v >= TARGETS["cloud_ratio"]))
         out.append(_verdict("cloud ingest / raw executemany (per CPU second)", ">= 0.6", cloud["cpu_ratio_to_raw"],
                             lambda v: v >= TARGETS["cloud_ratio"]))
+    pg = scenarios.get("cloud_postgresql")
+    if pg:
+        out.append(_verdict("cloud ingest into PostgreSQL / raw COPY + INSERT ON CONFLICT (readings/s)", ">= 0.6",
+                            pg["ratio_to_raw"], lambda v: v >= pg_bench.TARGET_RATIO))
+        out.append(_verdict("cloud ingest into PostgreSQL: lost + doubled readings", "0", 0 if pg["exact"] else "not exact",
+                            lambda v: v == 0))
     day4 = scenarios.get("day4")
     if day4:
         out.append(_verdict("4-device day, first send to last cloud ack (median ms)", "< 20", day4["median_ms"],
@@ -771,6 +782,19 @@ def table(results: dict) -> str:
             one = k[name]
             rows.append((f"cloud ingest, readings/s committed (batches of {one['batch']:,}, 1 in flight)",
                          f"{one['readings_per_s']:,.0f}", "", _ratio(one["readings_per_s"] / c["sqlite"]["rows_per_s"])))
+    pg = s.get("cloud_postgresql")
+    if pg:
+        main = pg["as_gateway_sends"]
+        rows.append((f"cloud ingest into PostgreSQL {pg['server']}, readings/s committed (batches of {main['batch']:,}, "
+                     f"{main['in_flight_per_node']} in flight, median of {main['runs']})",
+                     f"{main['readings_per_s']:,.0f}", f"{pg['ceiling']['rows_per_s']:,.0f} raw COPY + INSERT (median)",
+                     _ratio(pg["ratio_to_raw"])))
+        rows.append(("the same, readings per cloud CPU second", f"{main['cloud_capacity_per_s']:,.0f}", "", ""))
+        rows.append(("bytes a reading on disk (table + key + address index)", f"{main['db']['bytes_per_reading']}", "", ""))
+        rows.append((f"one cloud node / two in front of the same database (2 cores), readings/s, median of "
+                     f"{pg['one_node']['runs']}",
+                     f"{pg['one_node']['readings_per_s']:,.0f} / {pg['two_nodes']['readings_per_s']:,.0f}", "",
+                     _ratio(pg["two_over_one"])))
     if "day4" in s:
         rows.append(("4-device day, first send to last cloud ack (median)", f"{s['day4']['median_ms']} ms", "", ""))
     for f in s.get("fleet", []):
@@ -824,9 +848,11 @@ def verdict_lines(items: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default="ceilings,day4,intake,cloud,fleet",
-                        help="comma-separated subset of ceilings,day4,intake,cloud,fleet,api,dashboard "
-                        "(default: all but api and dashboard)")
+    parser.add_argument("--scenarios", help="comma-separated subset of ceilings,day4,intake,cloud,fleet,api,dashboard "
+                        "(default: all but api and dashboard; cloud alone with --store postgresql)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the cloud's database: sqlite (default), or postgresql: a throwaway server started here, "
+                        "the cloud's ingest against the raw COPY + INSERT ceiling, and one node against two")
     parser.add_argument("--devices", type=int, default=1000, help="devices of the main fleet scenario (default 1000; "
                         "10000 for the full fleet)")
     parser.add_argument("--scale", default="100,1000", help="also run the fleet scenario at these sizes x 96 readings "
@@ -866,7 +892,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cloud_runs < 1:
         parser.error("--cloud-runs must be at least 1")
+    if args.scenarios is None:
+        args.scenarios = "cloud" if args.store == "postgresql" else "ceilings,day4,intake,cloud,fleet"
     wanted = set(args.scenarios.split(","))
+    if args.store == "postgresql" and wanted != {"cloud"}:
+        parser.error("--store postgresql measures the cloud scenario alone: leave --scenarios out, or give cloud")
+    if args.store == "postgresql" and args.json is None:
+        args.json = RESULTS / "postgresql.json"
     if args.json is None:
         alone = {frozenset({"api"}): "api.json", frozenset({"dashboard"}): "dashboard.json"}
         args.json = RESULTS / alone.get(frozenset(wanted), "latest.json")
@@ -892,13 +924,15 @@ def main(argv=None) -> int:
                   for r in synthetic_day(d, label_address(d), yesterday, 96, args.seed)][:args.cloud_readings]
         if "ceilings" in wanted or "intake" in wanted:
             results["ceilings"]["udp"] = ceiling_udp(args)
-        if "ceilings" in wanted or "cloud" in wanted:
+        if args.store == "postgresql":
+            results["scenarios"]["cloud_postgresql"] = pg_bench.scenario(args, scratch, sample, workspace_of, say)
+        elif "ceilings" in wanted or "cloud" in wanted:
             results["ceilings"]["sqlite"] = ceiling_sqlite(args, cloud_rows(sample), scratch)
         if "day4" in wanted:
             results["scenarios"]["day4"] = scenario_day4(args, scratch)
         if "intake" in wanted:
             results["scenarios"]["intake"] = scenario_intake(args, scratch, results["ceilings"]["udp"])
-        if "cloud" in wanted:
+        if "cloud" in wanted and args.store == "sqlite":
             results["scenarios"]["cloud"] = scenario_cloud(args, scratch, sample, results["ceilings"]["sqlite"])
         if "fleet" in wanted:
             runs = []

@@ -189,6 +189,19 @@ def optional_server_endpoint(value: Any) -> str:
     return server_endpoint(value)
 
 
+def read_database(value: Any):
+    """
+    Where the web API reads: C{None} for C{""} (the cloud's C{db}), else a
+    PostgreSQL URI (a read replica of C{db}, as a
+    L{meter.postgres.PostgresLocation}).
+    """
+    if value == "":
+        return None
+    from meter.postgres import PostgresLocation
+
+    return PostgresLocation.parse(text(value))
+
+
 # -- the schema -------------------------------------------------------------
 
 #: section -> key -> (parser, default, help).  etc/meter.toml repeats these
@@ -229,6 +242,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
             optional_path, "",
             "file holding the token the web API requires (bearer, or basic authentication's password); required "
             "when web listens beyond loopback (\"\": none)",
+        ),
+        "read_db": (
+            read_database, "",
+            "PostgreSQL URI the web API's queries read, e.g. a streaming replica (\"\": db)",
         ),
     },
     "gateway": {

@@ -147,3 +147,67 @@ def test_a_reader_that_goes_away_ends_it_quietly(tmp_path):
     process.stdout.close()
     assert process.stderr.read() == b""
     assert process.wait(60) == 141
+
+
+# -- a PostgreSQL database -------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_cloud(postgres_database) -> str:
+    """
+    The URI of a PostgreSQL database holding L{ROWS}, its schema made by
+    the cloud's own upgrade.
+    """
+    import datetime
+
+    import psycopg
+
+    from meter.cloud import postgres
+
+    with psycopg.connect(postgres_database, autocommit=True) as connection:
+        postgres.upgrade(connection)
+        known: set = set()
+        postgres.ensure_partitions(connection, [datetime.date(2026, 11, 1), datetime.date(2026, 12, 1)], known)
+        with connection.cursor() as cursor:
+            cursor.executemany("INSERT INTO readings VALUES (%s, %s, %s, %s, %s, 1.0)", ROWS)
+    return postgres_database
+
+
+def test_a_postgresql_database_by_uri(postgres_cloud, capsys):
+    assert csv_rows(capsys, "--db", postgres_cloud) == [
+        "1,192.168.1.2,2026-11-29T23:00,10,30",
+        "1,192.168.1.2,2026-11-30T08:00,11,31",
+        "2,192.168.1.3,2026-11-30T08:00,12,32",
+        "2,192.168.1.3,2026-11-30T12:00,13,33",
+        "1,192.168.1.2,2026-12-01T00:00,14,34",
+    ]
+    assert csv_rows(capsys, "--db", postgres_cloud, "--device", "192.168.1.3", "--to", "2026-11-30T12:00") == [
+        "2,192.168.1.3,2026-11-30T08:00,12,32",
+    ]
+    assert cli.main(["readings", "--db", postgres_cloud, "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "(2 readings; more beyond --limit)"
+    assert "2026-11-30T08:00" in out and "2026-12-01" not in out
+
+
+def test_a_postgresql_database_from_the_configuration(postgres_cloud, tmp_path, capsys):
+    settings = tmp_path / "meter.toml"
+    settings.write_text(config.render({"cloud": {"db": postgres_cloud}}, config.DEFAULT_FLEET))
+    assert len(csv_rows(capsys, "--config", str(settings))) == 5
+
+
+def test_a_postgresql_database_that_is_not_the_clouds_or_is_not_there_is_named(postgres_database, postgres_cluster, capsys):
+    assert cli.main(["readings", "--db", postgres_database]) == 2
+    name = postgres_database.split("/")[3].split("?")[0]
+    assert capsys.readouterr().err == (
+        f"meter readings: postgresql {postgres_cluster.socket_dir}/{name} holds no meter cloud database "
+        "(no meter_schema table) (--db)\n"
+    )
+    missing = postgres_cluster.uri("nowhere")
+    assert cli.main(["readings", "--db", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meter readings: cannot read postgresql {postgres_cluster.socket_dir}/nowhere: ")
+    assert 'database "nowhere" does not exist' in err
+    assert cli.main(["readings", "--db", "postgresql://u:secret@/x?host=/nonexistent-meter-dir&connect_timeout=1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read postgresql /nonexistent-meter-dir/x" in err and "secret" not in err

@@ -187,6 +187,25 @@ class AcceptFailuresCounted:
             self._forward(event)
 
 
+def read_side(settings, reactor):
+    """
+    The web API's queries: of C{[cloud] read_db} if set (a replica), else
+    of C{[cloud] db}, PostgreSQL or SQLite as it is.
+    """
+    from meter.cloud.pgqueries import PostgresReadingQueries
+
+    db, read_db = settings["db"], settings["read_db"]
+    if read_db is not None:
+        if not isinstance(db, PostgresLocation):
+            raise SystemExit("meter-cloud: [cloud] read_db is set, but db is an SQLite file: a replica to read is "
+                             "for a PostgreSQL db (set read_db = \"\")")
+        log.info("the web API reads {where}", where=str(read_db))
+        return PostgresReadingQueries(read_db, reactor)
+    if isinstance(db, PostgresLocation):
+        return PostgresReadingQueries(db, reactor)
+    return SQLiteReadingQueries(db, reactor)
+
+
 def makeService(options: Options) -> CloudService:
     """
     The cloud's service tree: the readings database, then the listener of
@@ -250,12 +269,11 @@ def makeService(options: Options) -> CloudService:
     )
     admission = factory.admission
     exposition.monitor(service, settings["metrics"], reactor, exposition.CloudExposition(metrics, factory, readings))
-    if settings["web"] and isinstance(path, PostgresLocation):
-        log.warn("the web API reads an SQLite database only: not served over PostgreSQL yet ([cloud] web)")
-    elif settings["web"]:
-        # Its queries on read connections and threads of their own: ingest,
-        # on the reactor thread, never waits for a reader.
-        queries = SQLiteReadingQueries(path, reactor)
+    if settings["web"]:
+        # Its queries on read connections and threads of their own: ingest
+        # (on the reactor thread for SQLite, on the store's connection for
+        # PostgreSQL) never waits for a reader.
+        queries = read_side(settings, reactor)
         queries.setServiceParent(service)
         site = web.WebSite(web.resource_tree(queries, web.STATIC, reactor), options.web_token)
         web.serve(settings["web"], site, reactor).setServiceParent(service)

@@ -2,7 +2,7 @@
 The `meter` command for users:
 
     meter demo [--keep]             the report's day, end to end, on loopback (--keep: then the dashboard)
-    meter readings                  what the cloud stored (its [cloud] db, or --db PATH)
+    meter readings                  what the cloud stored (its [cloud] db, or --db PATH|URI)
     meter fleet add ID ADDRESS      a device's key and its [fleet] line (or a range of them)
     meter lab                       the report's two subnets in network namespaces (root)
     meter backup SOURCE DEST        copy a spool or database while its daemon runs
@@ -192,13 +192,16 @@ def _moment(text: str, end: bool) -> datetime.datetime:
     return moment
 
 
-def _database_path(args: argparse.Namespace) -> tuple[Path, str]:
+def _database_path(args: argparse.Namespace):
     """
-    The cloud's database: --db, else [cloud] db of the configuration; and
-    where the path came from, for a message.
+    The cloud's database (an SQLite file's path, or a PostgreSQL database's
+    L{meter.postgres.PostgresLocation}): --db, else [cloud] db of the
+    configuration; and where it came from, for a message.
     """
     if args.db:
-        return Path(args.db), "--db"
+        from meter.postgres import PostgresLocation, is_postgres_uri
+
+        return (PostgresLocation.parse(args.db) if is_postgres_uri(args.db) else Path(args.db)), "--db"
     settings = config.load(Path(args.config) if args.config else None)
     return settings.cloud["db"], f"[cloud] db of {settings.source}"
 
@@ -206,7 +209,7 @@ def _database_path(args: argparse.Namespace) -> tuple[Path, str]:
 def readings(args: argparse.Namespace) -> int:
     try:
         path, source = _database_path(args)
-    except config.ConfigError as e:
+    except (config.ConfigError, ValueError) as e:
         print(f"meter readings: {e}", file=sys.stderr)
         return 2
     query: dict = {}
@@ -224,6 +227,15 @@ def readings(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         print(f"meter readings: --limit: expected 0 or more, got {args.limit}", file=sys.stderr)
         return 2
+    if not isinstance(path, Path):
+        from meter.tools.pgreadings import postgres_readings
+
+        try:
+            found, more = postgres_readings(path, query, args.limit)
+        except ValueError as e:
+            print(f"meter readings: {e} ({source})", file=sys.stderr)
+            return 2
+        return _print_readings(args, found, more)
     if not path.is_file():
         hint = "" if args.db else " (run where the cloud runs, or give --db PATH or --config FILE)"
         print(f"meter readings: no database at {path} ({source}){hint}", file=sys.stderr)
@@ -243,13 +255,17 @@ def readings(args: argparse.Namespace) -> int:
         if isinstance(found, Failure):
             found.raiseException()
         more = limit is not None and len(found) == limit
-        rows = [
-            (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
-            for r in found[:args.limit]
-        ]
     except sqlite3.DatabaseError as e:
         print(f"meter readings: {path} is not a meter cloud database ({source}): {e}", file=sys.stderr)
         return 2
+    return _print_readings(args, found[:args.limit], more)
+
+
+def _print_readings(args: argparse.Namespace, found: list, more: bool) -> int:
+    rows = [
+        (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
+        for r in found
+    ]
     out = sys.stdout
     if args.format == "csv":
         writer = csv.writer(out, lineterminator="\n")
@@ -343,7 +359,8 @@ def parser() -> argparse.ArgumentParser:
         description="The readings the cloud stored, by time taken, then device id.  Times are the devices' local "
         "times, as their surveys and the cloud's console give them (no zone).",
     )
-    p.add_argument("--db", help="the cloud's SQLite database (default: [cloud] db of the configuration)")
+    p.add_argument("--db", help="the cloud's database: an SQLite file, or a PostgreSQL URI postgresql://user@host/dbname "
+                   "(default: [cloud] db of the configuration)")
     p.add_argument("--config", help="configuration file naming the database (default: etc/meter.toml, else the "
                    "embedded defaults)")
     p.add_argument("--device", metavar="ID|ADDRESS", help="only this device's readings, by id (3) or address (192.168.1.4)")

@@ -1,8 +1,10 @@
 """
 The contract of meter.cloud.interfaces.IReadingQueries, the read side the web
-API asks: one test body run over the in-memory store of meter.testing and
-over the SQLite queries (meter.cloud.queries, on read-only connections and
-threads of their own) of a database the real SQLite store writes.
+API asks: one test body run over the in-memory store of meter.testing, over
+the SQLite queries (meter.cloud.queries, on read-only connections and
+threads of their own) of a database the real SQLite store writes, and over
+the PostgreSQL queries (meter.cloud.pgqueries) of a database of a real
+server (the session's throwaway cluster) the PostgreSQL store writes.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from zope.interface.verify import verifyObject
 from meter import wire
 from meter.cloud import SQLiteReadingStore, open_database
 from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery
+from meter.cloud.pgqueries import PostgresReadingQueries
+from meter.cloud.postgres import PostgresReadingStore
 from meter.cloud.queries import SQLiteReadingQueries
 from meter.database import connect
+from meter.postgres import PostgresLocation
 from meter.reading import Reading
 from meter.testing import MemoryReadingStore
 
@@ -34,9 +39,21 @@ class Both:
         self.queries = queries
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgresql"])
 async def both(request, tmp_path):
-    if request.param == "memory":
+    if request.param == "postgresql":
+        location = PostgresLocation.parse(request.getfixturevalue("postgres_database"))
+        store = PostgresReadingStore(location, reactor)
+        store.start()
+        # The schema made (the store's first connection makes it).
+        await store.devices()
+        queries = PostgresReadingQueries(location, reactor)
+        verifyObject(IReadingQueries, queries)
+        queries.startService()
+        yield Both(store, queries)
+        await queries.stopService()
+        await store.stop()
+    elif request.param == "memory":
         store = MemoryReadingStore()
         verifyObject(IReadingQueries, store)
         yield Both(store, store)
@@ -283,3 +300,105 @@ async def test_the_sqlite_queries_run_on_threads_of_their_own_and_never_hold_up_
     finally:
         queries.stopService()
         await store.database.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def postgres_pair(postgres_database):
+    """
+    A PostgreSQL store and queries of one connection over its database.
+    """
+    location = PostgresLocation.parse(postgres_database)
+    store = PostgresReadingStore(location, reactor)
+    store.start()
+    await store.devices()
+    queries = PostgresReadingQueries(location, reactor, connections=1)
+    queries.startService()
+    yield store, queries
+    await queries.stopService()
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_postgresql_queries_read_on_a_connection_that_cannot_write(postgres_pair):
+    import psycopg
+
+    store, queries = postgres_pair
+    await store.add(columns(A), 1.0)
+
+    def write(connection):
+        connection.execute("DELETE FROM readings")
+
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        await queries._run(write)
+    assert len(await queries.page(ReadingsQuery(), 10)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_postgresql_queries_run_on_a_thread_of_their_own_and_never_hold_up_ingest(postgres_pair):
+    import threading
+
+    store, queries = postgres_pair
+    await store.add(columns(A), 1.0)
+    thread = await queries._run(lambda connection: threading.current_thread())
+    assert thread is not threading.main_thread()
+    assert thread is not await store.runner.run(lambda connection: threading.current_thread())
+
+    def begin(connection):
+        # A reader in the middle of a long query: its snapshot and its
+        # locks on the tables are held.
+        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        return connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    assert await queries._run(begin) == 1
+    # The store commits meanwhile, on its own connection, without waiting.
+    assert await store.add(columns(B, C), 2.0) is None
+    assert await queries._run(lambda connection: connection.execute("SELECT count(*) FROM readings").fetchone()[0]) == 1
+    await queries._run(lambda connection: connection.execute("COMMIT"))
+    assert len(await queries.page(ReadingsQuery(), 10)) == 3
+    assert [d.count for d in await queries.fleet()] == [2, 1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_postgresql_queries_connect_again_after_a_restart(postgres_pair, postgres_cluster):
+    import psycopg
+
+    from meter.postgres import Unreachable
+
+    store, queries = postgres_pair
+    await store.add(columns(A, B), 1.0)
+    assert len(await queries.fleet()) == 2
+    postgres_cluster.restart("immediate")
+    # The query that finds the connection gone fails (the API answers 503)...
+    with pytest.raises((psycopg.OperationalError, Unreachable)):
+        await queries.fleet()
+    # ...and the queries' connection comes back by itself, no restart of
+    # the cloud needed.
+    (runner,) = queries._runners
+    await runner.when_connected()
+    assert [d.device_id for d in await queries.fleet()] == [1, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_postgresql_query_is_cancelled_at_stop(postgres_pair, postgres_database):
+    import psycopg
+    from twisted.internet.task import deferLater
+
+    store, queries = postgres_pair
+    # A query as long as a year's export: pg_sleep, which a stop that waited
+    # for it would let finish (and succeed) 20 s later.
+    long = queries._run(lambda connection: connection.execute("SELECT pg_sleep(20)").fetchone())
+    outcome: list = []
+    long.addBoth(outcome.append)
+    # Wait until the server runs it (asked on a connection of the test's).
+    with psycopg.connect(postgres_database, autocommit=True) as watcher:
+        for _ in range(500):
+            (running,) = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'"
+            ).fetchone()
+            if running:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+    assert running == 1 and not outcome
+    await queries.stopService()
+    (failure,) = outcome
+    assert failure.check(psycopg.errors.QueryCanceled)

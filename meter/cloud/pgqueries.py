@@ -1,0 +1,262 @@
+"""
+The read side of the cloud's PostgreSQL database (L{IReadingQueries}), for
+the web API: the same answers as L{meter.cloud.queries} gives of SQLite
+(tests/contracts/test_reading_queries.py runs one body over both).
+
+Why connections of its own: the store's connections commit batches, and a
+reader must never wait for them nor make them wait.  Each query runs on a
+connection of this service's own runners (L{meter.cloud.pgrunner}: one
+thread a connection, reconnected with backoff), read-only
+(C{default_transaction_read_only}), so the web API can neither write nor
+hold a lock a batch's insert needs.  It may be another server than the
+store's: C{[cloud] read_db}, a streaming replica, takes the dashboards' load
+off the primary (docs/cloud-tier.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import threading
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery, Series
+from meter.cloud.queries import series_width
+from meter.reading import Reading
+
+log = Logger()
+
+
+def _where(query: ReadingsQuery) -> tuple[str, list]:
+    """
+    The conditions of C{query} and their parameters.  Readings are taken on
+    whole minutes, so a bound with seconds compares as the next whole
+    minute does (as L{meter.cloud.queries.minute_text} rounds it).
+    """
+    conditions: list[str] = []
+    args: list = []
+    if query.device_id is not None:
+        conditions.append("device_id = %s")
+        args.append(query.device_id)
+    if query.device_ip is not None:
+        conditions.append("device_ip = %s")
+        args.append(query.device_ip)
+    if query.since is not None:
+        conditions.append("taken_at >= %s")
+        args.append(query.since)
+    if query.until is not None:
+        conditions.append("taken_at < %s")
+        args.append(query.until)
+    if query.after is not None:
+        # A row comparison: the primary key's index of each month's
+        # partition starts its scan right after the cursor.
+        conditions.append("(device_id, taken_at) > (%s, %s)")
+        args.extend([query.after.device_id, query.after.taken_at])
+    return (" WHERE " + " AND ".join(conditions)) if conditions else "", args
+
+
+_SELECT = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+#: The primary key's order: each partition's index is read in order and the
+#: partitions merged, never sorted.
+_ORDER = " ORDER BY device_id, taken_at"
+_SUMMARY = "SELECT device_id, device_ip, first_reading, last_reading, readings FROM devices"
+
+
+def fleet(connection) -> list[FleetDevice]:
+    return [FleetDevice(*row) for row in connection.execute(_SUMMARY + " ORDER BY device_id")]
+
+
+def device(connection, device_id: int) -> FleetDevice | None:
+    row = connection.execute(_SUMMARY + " WHERE device_id = %s", (device_id,)).fetchone()
+    return None if row is None else FleetDevice(*row)
+
+
+def address_range(connection, device_ip: str):
+    # Two ends of the (device_ip, taken_at) index.
+    first = connection.execute(
+        "SELECT taken_at FROM readings WHERE device_ip = %s ORDER BY taken_at LIMIT 1", (device_ip,)
+    ).fetchone()
+    if first is None:
+        return None
+    (last,) = connection.execute(
+        "SELECT taken_at FROM readings WHERE device_ip = %s ORDER BY taken_at DESC LIMIT 1", (device_ip,)
+    ).fetchone()
+    return first[0], last
+
+
+def page(connection, query: ReadingsQuery, limit: int) -> list[Reading]:
+    where, args = _where(query)
+    rows = connection.execute(_SELECT + where + _ORDER + " LIMIT %s", [*args, limit])
+    # Checked when they were stored.
+    return [Reading.checked(*row) for row in rows]
+
+
+def next_cursor(connection, query: ReadingsQuery, limit: int) -> Cursor | None:
+    where, args = _where(query)
+    rows = connection.execute(
+        "SELECT device_id, taken_at FROM readings" + where + _ORDER + " LIMIT 2 OFFSET %s", [*args, limit - 1]
+    ).fetchall()
+    if len(rows) < 2:
+        return None
+    return Cursor(*rows[0])
+
+
+def series(connection, device_id, device_ip, since, until, points) -> Series:
+    where, args = _where(ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until))
+    # One snapshot for the count and the buckets: a batch committed between
+    # them would make the buckets disagree with the count.
+    with connection.transaction():
+        connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        (count,) = connection.execute("SELECT count(*) FROM readings" + where, args).fetchone()
+        if count <= points:
+            rows = connection.execute(
+                "SELECT taken_at, temperature_c, humidity_pct FROM readings" + where + " ORDER BY taken_at", args
+            )
+            return Series(count, None, tuple(Bucket(at, 1, (t, t, t), (h, h, h)) for at, t, h in rows))
+        width = series_width(since, until, points)
+        origin = since.replace(second=0, microsecond=0)
+        # date_bin: the start of the bucket of C{width} seconds from
+        # C{origin} each reading falls in, computed by the server, so only
+        # the buckets cross the wire.
+        rows = connection.execute(
+            "SELECT date_bin(make_interval(secs => %s), taken_at, %s) AS bucket, count(*),"
+            " min(temperature_c), avg(temperature_c), max(temperature_c),"
+            " min(humidity_pct), avg(humidity_pct), max(humidity_pct)"
+            " FROM readings" + where + " GROUP BY bucket ORDER BY bucket",
+            [width, origin, *args],
+        )
+        return Series(
+            count,
+            width,
+            tuple(
+                Bucket(start, n, (t_min, t_mean, t_max), (h_min, h_mean, h_max))
+                for start, n, t_min, t_mean, t_max, h_min, h_mean, h_max in rows
+            ),
+        )
+
+
+def readings(connection, device_id=None, device_ip=None, since=None, until=None, limit=None) -> list[Reading]:
+    """
+    The readings as L{meter.cloud.interfaces.IReadingStore.readings} lists
+    them (by time taken, then device id), read on C{connection} at once:
+    for C{meter readings}, which blocks as it reads.
+    """
+    where, args = _where(ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until))
+    sql = _SELECT + where + " ORDER BY taken_at, device_id"
+    if limit is not None:
+        sql += " LIMIT %s"
+        args.append(limit)
+    return [Reading.checked(*row) for row in connection.execute(sql, args)]
+
+
+def schema_version(connection) -> int | None:
+    """
+    The version of the cloud's schema in the database on C{connection}, or
+    None if it holds none (not a meter cloud database, or one never
+    started).
+    """
+    row = connection.execute("SELECT to_regclass('meter_schema') IS NOT NULL").fetchone()
+    if not row[0]:
+        return None
+    return connection.execute("SELECT max(version) FROM meter_schema").fetchone()[0]
+
+
+def read_only(connection) -> None:
+    """
+    A new connection of the queries: every transaction read-only, so the
+    web API can never write, whatever a query says.
+    """
+    connection.execute("SET default_transaction_read_only = on")
+
+
+def _cancel(connection) -> None:
+    """
+    Ask the server to cancel what C{connection} runs (from any thread): a
+    request on a connection of its own, a few milliseconds on loopback.
+    """
+    import psycopg
+
+    if connection.closed:
+        return
+    try:
+        # cancel_safe (psycopg 3.2) is bounded and never blocks on the
+        # connection's own lock; cancel is what 3.1 has.
+        cancel = getattr(connection, "cancel_safe", None)
+        cancel(timeout=5.0) if cancel is not None else connection.cancel()
+    except psycopg.Error as e:
+        # Gone already, or the server unreachable: nothing runs there then.
+        log.info("could not cancel a query at stop: {cause}", cause=e)
+
+
+@implementer(IReadingQueries)
+class PostgresReadingQueries(Service):
+    """
+    Queries of the cloud's PostgreSQL database at C{location}, on
+    C{connections} connections of their own, each with its thread
+    (L{meter.postgres.ConnectionRunner}); a service, so they open and close
+    with the cloud.  A query goes to the next connection in turn: a long
+    one (a year's export) holds up only the queries queued behind it on
+    that connection, never ingest.
+
+    @param reactor: where the results are delivered.
+    """
+
+    def __init__(self, location, reactor, connections: int = 2):
+        from meter.postgres import ConnectionRunner
+
+        self.location = location
+        self._runners = [
+            ConnectionRunner(location, reactor, name=f"read database ({index + 1})", prepare=self._prepare)
+            for index in range(connections)
+        ]
+        self._turns = itertools.cycle(self._runners)
+        # The open connections, so that a stop can cancel what they run.
+        self._connections: list = []
+        self._lock = threading.Lock()
+
+    def _prepare(self, connection) -> None:
+        read_only(connection)
+        with self._lock:
+            self._connections = [c for c in self._connections if not c.closed] + [connection]
+
+    def startService(self):
+        Service.startService(self)
+        for runner in self._runners:
+            runner.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        # A long query (the whole fleet over a year) ends at once, failing,
+        # rather than hold up the cloud's stop while its runner finishes it.
+        for connection in connections:
+            _cancel(connection)
+        return defer.gatherResults([runner.stop() for runner in self._runners], consumeErrors=True)
+
+    def _run(self, work, *args):
+        return next(self._turns).run(lambda connection: work(connection, *args))
+
+    # -- IReadingQueries ---------------------------------------------------
+
+    def fleet(self):
+        return self._run(fleet)
+
+    def device(self, device_id: int):
+        return self._run(device, device_id)
+
+    def address_range(self, device_ip: str):
+        return self._run(address_range, device_ip)
+
+    def page(self, query: ReadingsQuery, limit: int):
+        return self._run(page, query, limit)
+
+    def next_cursor(self, query: ReadingsQuery, limit: int):
+        return self._run(next_cursor, query, limit)
+
+    def series(self, device_id, device_ip, since, until, points):
+        return self._run(series, device_id, device_ip, since, until, points)
