@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # keeps twisted/plugins visible to twistd while the code stays editable.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean bench bench-profile lab lab-tools vendor browser screenshot
+.PHONY: demo test clean bench bench-profile lab lab-tools vendor browser screenshot postgres
 
 # The dashboard's chart library, uPlot, from the npm registry at the version
 # and integrity hash of package-lock.json, copied into the package (which
@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml $(VENDOR)/.copied
 demo: $(STAMP)
 	$(BIN)/meter demo $(DEMO_ARGS)
 
-test: $(STAMP) lab-tools browser
+test: $(STAMP) lab-tools browser postgres
 	$(BIN)/python -m pytest
 
 vendor: $(VENDOR)/.copied
@@ -47,6 +47,20 @@ browser:
 				apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
 		else \
 			echo "no apt-get here: install chromium and chromium-driver for the browser test" >&2; \
+		fi; \
+	fi
+
+# The PostgreSQL tests (the cloud's store, its faults) start throwaway
+# clusters of Debian's server binaries (meter/tools/pgcluster.py): installed
+# here when running as root (as CI does) and missing; otherwise they skip.
+postgres:
+	@if [ "$$(id -u)" = 0 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			echo "installing postgresql for the cloud's PostgreSQL tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends postgresql; \
+		else \
+			echo "no apt-get here: install postgresql for the PostgreSQL tests" >&2; \
 		fi; \
 	fi
 

@@ -13,11 +13,14 @@ import datetime
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from meter.wire import device_address
+
+if TYPE_CHECKING:  # the parser imports it when a URI is given
+    from meter.postgres import PostgresLocation
 
 #: Where the daemons look for their configuration when no --config is given.
 DEFAULT_CONFIG = Path("etc/meter.toml")
@@ -136,6 +139,21 @@ def host_ports(value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(addresses)
 
 
+def database(value: Any) -> "Path | PostgresLocation":
+    """
+    The cloud's database: a PostgreSQL connection URI
+    (C{postgresql://user@host:port/dbname}, C{?host=/socket/dir} for a Unix
+    socket), or else the path of an SQLite file.  A URI's password is never
+    repeated in a message.
+    """
+    from meter.postgres import PostgresLocation, is_postgres_uri
+
+    raw = text(value)
+    if is_postgres_uri(raw):
+        return PostgresLocation.parse(raw)
+    return Path(raw)
+
+
 def ip(value: Any) -> str:
     raw = text(value)
     try:
@@ -201,7 +219,11 @@ def optional_server_endpoint(value: Any) -> str:
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     "cloud": {
         "listen": (server_endpoint, "tcp:8001:interface=127.0.0.1", "Twisted endpoint the cloud listens on"),
-        "db": (path, "var/cloud.sqlite", "SQLite database of stored readings"),
+        "db": (
+            database, "var/cloud.sqlite",
+            "database of stored readings: an SQLite file, or a PostgreSQL URI postgresql://user@host:port/dbname "
+            "(?host=/socket/dir for a Unix socket)",
+        ),
         "console": (
             optional_path, "",
             "file the console lines are appended to (\"-\": standard output; \"\": standard output in the "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from meter.tools import pgcluster
 from meter.tools.suite import Suite
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +41,37 @@ def make_suite(tmp_path):
     yield make
     for suite in suites:
         suite.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """
+    A throwaway PostgreSQL cluster for the test session
+    (L{meter.tools.pgcluster.Cluster}), on a Unix socket of its own; the
+    test skips where none can be started (no server binaries).  Always
+    torn down.  A test that stops or restarts it starts it again.
+    """
+    reason = pgcluster.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = pgcluster.Cluster.create()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def postgres_database(postgres_cluster, request):
+    """
+    The URI of a new empty database on the session's cluster, for this
+    test alone (the server started again if a test before left it stopped).
+    """
+    if not postgres_cluster.running():
+        postgres_cluster.start()
+    postgres_database.count += 1
+    return postgres_cluster.create_database(f"test_{postgres_database.count}")
+
+
+postgres_database.count = 0

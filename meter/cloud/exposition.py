@@ -39,6 +39,10 @@ class CloudExposition:
         database = self._readings.database
         if database is None:
             return "store not open"
+        # A database server (PostgreSQL) the cloud is reconnecting to.
+        unreachable = getattr(database, "unreachable", None)
+        if unreachable is not None:
+            return f"store unreachable: {unreachable}"
         if database.failing is not None:
             return f"store failing: {database.failing}"
         if not self._factory.numPorts:
@@ -108,6 +112,15 @@ class CloudExposition:
             m.accept_failures,
         )
         database = self._readings.database
+        # A database server's (PostgreSQL's); an SQLite file has none.
+        yield families.counters(
+            "meter_cloud_database_connection_failures_total",
+            "Connections to the database server that failed: lost (the server restarted or went away while "
+            "connected) or refused (an attempt to connect that failed); each is retried with backoff. Always 0 "
+            "on SQLite.",
+            "kind",
+            {"lost": getattr(database, "losses", 0), "refused": getattr(database, "connect_failures", 0)},
+        )
         if database is not None:
             yield families.histogram(
                 "meter_cloud_commit_seconds", "Seconds each database transaction took to commit, its fsync included.",

@@ -22,10 +22,12 @@ from meter.cloud import exposition, web
 from meter.cloud.web import dashboard as dashboard_files
 from meter.cloud.queries import SQLiteReadingQueries
 from meter.cloud.console_file import ConsoleFile, console_path
+from meter.cloud.postgres import PostgresReadingStore
 from meter.database import connect
 from meter.notify import Notifier, ReadinessService
 from meter.listening import NamedListener, StartRefused
 from meter.options import MeterOptions
+from meter.postgres import PostgresLocation
 
 log = Logger()
 
@@ -33,11 +35,13 @@ log = Logger()
 class Options(MeterOptions):
     role = "cloud"
     synopsis = "[options]"
-    longdesc = "The cloud: accepts gateways' batches over TCP, stores each reading once in SQLite and prints it."
+    longdesc = (
+        "The cloud: accepts gateways' batches over TCP, stores each reading once in SQLite or PostgreSQL and prints it."
+    )
     overrides = {"listen": "listen", "db": "db", "metrics": "metrics", "web": "web"}
     optParameters = MeterOptions.optParameters + [
         ["listen", "l", None, "Twisted endpoint to listen on (config: [cloud] listen)"],
-        ["db", "d", None, "SQLite database of readings (config: [cloud] db)"],
+        ["db", "d", None, "database of readings: an SQLite file or a postgresql:// URI (config: [cloud] db)"],
         ["metrics", None, None, "Twisted endpoint of /metrics, /healthz, /readyz; \"\" for none (config: [cloud] metrics)"],
         ["web", None, None, "Twisted endpoint of the dashboard and the API; \"\" for none (config: [cloud] web)"],
     ]
@@ -191,21 +195,32 @@ def makeService(options: Options) -> CloudService:
     from twisted.internet import reactor
 
     settings = options.config.cloud
-    # Here, before twistd logs, forks or binds anything: a database that
-    # cannot work, or that a running cloud holds, ends the start with one
-    # line naming it and the cause.
     path = settings["db"]
-    try:
-        database.claim(path, cloud.VERSIONS)
-    except database.Unusable as e:
-        raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-
     metrics = cloud.CloudMetrics()
     service = CloudService(metrics)
-    readings = ReadingsDatabase(path, reactor)
+    if isinstance(path, PostgresLocation):
+        # A database server: any number of clouds share it, and it may be
+        # down now.  The cloud starts anyway, connects with backoff (saying
+        # why it cannot), and refuses batches until it is connected: the
+        # gateways keep them meanwhile.
+        readings = PostgresReadingStore(path, reactor)
+        log.info("readings database {where}", where=str(path))
+        # No file beside the database for a daemon's console lines: one in
+        # the folder the cloud runs in.
+        console_beside = Path("cloud.sqlite")
+    else:
+        # Here, before twistd logs, forks or binds anything: a database that
+        # cannot work, or that a running cloud holds, ends the start with one
+        # line naming it and the cause.
+        try:
+            database.claim(path, cloud.VERSIONS)
+        except database.Unusable as e:
+            raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
+        readings = ReadingsDatabase(path, reactor)
+        console_beside = path
     readings.setServiceParent(service)
     # A daemon's standard output goes nowhere: its console lines go to a file.
-    console_file = console_path(settings["console"], path, logs.daemonized(options))
+    console_file = console_path(settings["console"], console_beside, logs.daemonized(options))
     try:
         console = cloud.write_console if console_file is None else ConsoleFile(console_file).write
     except OSError as e:
@@ -235,7 +250,9 @@ def makeService(options: Options) -> CloudService:
     )
     admission = factory.admission
     exposition.monitor(service, settings["metrics"], reactor, exposition.CloudExposition(metrics, factory, readings))
-    if settings["web"]:
+    if settings["web"] and isinstance(path, PostgresLocation):
+        log.warn("the web API reads an SQLite database only: not served over PostgreSQL yet ([cloud] web)")
+    elif settings["web"]:
         # Its queries on read connections and threads of their own: ingest,
         # on the reactor thread, never waits for a reader.
         queries = SQLiteReadingQueries(path, reactor)

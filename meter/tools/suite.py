@@ -99,12 +99,14 @@ class Suite(Daemons):
     place of L{QUICK_DEVICE}; C{{}} for the configuration's defaults) and
     C{cloud} settings are laid over the suite's own.  With C{logs} each
     daemon's output goes to <name>.log in C{root} rather than a pipe.
+    With C{postgres} (a C{postgresql://} URI) the cloud stores into that
+    database rather than an SQLite file.
     """
 
     def __init__(
         self, root: Path, devices: int, readings: int | None = 4, *, addresses: Callable[[int], str] = lan_address,
         keys: bool = False, logs: bool = False, deadline: float = 30.0, device: Mapping = QUICK_DEVICE,
-        cloud: Mapping | None = None, **gateway,
+        cloud: Mapping | None = None, postgres: str | None = None, **gateway,
     ):
         root.mkdir(parents=True, exist_ok=True)
         super().__init__(root / "meter.toml", cwd=root, logs=logs)
@@ -114,6 +116,7 @@ class Suite(Daemons):
         self.cloud_port = free_port(socket.SOCK_STREAM)
         self.gateway_port = free_port(socket.SOCK_DGRAM)
         self.db = root / "cloud.sqlite"
+        self.postgres = postgres
         self.spool = root / "spool.sqlite"
         self.surveys = root / "surveys"
         if readings is not None:
@@ -123,7 +126,7 @@ class Suite(Daemons):
         self.secrets = root / "secrets"
         settings = {
             "cloud": {
-                "listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": str(self.db), "metrics": ANY_PORT,
+                "listen": f"tcp:{self.cloud_port}:interface=127.0.0.1", "db": postgres or str(self.db), "metrics": ANY_PORT,
                 "web": ANY_PORT,
                 **(cloud or {}),
             },
@@ -183,15 +186,29 @@ class Suite(Daemons):
         Every row of the cloud's database: (device_id, device_ip, taken_at,
         temperature, humidity), in key order.
         """
+        sql = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings ORDER BY device_id, taken_at"
+        if self.postgres is not None:
+            return [
+                (device, ip, taken_at.isoformat(timespec="minutes"), temperature, humidity)
+                for device, ip, taken_at, temperature, humidity in self._postgres_rows(sql)
+            ]
         with sqlite3.connect(self.db) as connection:
-            return connection.execute(
-                "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
-                " ORDER BY device_id, taken_at"
-            ).fetchall()
+            return connection.execute(sql).fetchall()
 
     def count_stored(self) -> int:
+        if self.postgres is not None:
+            return self._postgres_rows("SELECT count(*) FROM readings")[0][0]
         with sqlite3.connect(self.db) as connection:
             return connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    def _postgres_rows(self, sql: str) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.postgres, connect_timeout=5) as connection:
+            if connection.execute("SELECT to_regclass('readings')").fetchone()[0] is None:
+                # Not made yet: the cloud has not connected.
+                return [(0,)] if sql.startswith("SELECT count") else []
+            return connection.execute(sql).fetchall()
 
     def expected_rows(self, day: datetime.date, devices=None) -> list[tuple]:
         """
@@ -214,7 +231,7 @@ class Suite(Daemons):
         """
         deadline = time.monotonic() + timeout
         while True:
-            have = self.count_stored() if self.db.exists() else 0
+            have = self.count_stored() if self.postgres is not None or self.db.exists() else 0
             if have >= count:
                 return
             remaining = deadline - time.monotonic()

@@ -19,15 +19,23 @@ from zope.interface.verify import verifyObject
 
 from meter import wire
 from meter.cloud import DeviceSummary, IReadingStore, SQLiteReadingStore, open_database
+from meter.cloud.postgres import PostgresReadingStore
 from meter.cloud.tap import ReadingsDatabase
 from meter.database import connect
+from meter.postgres import PostgresLocation
 from meter.reading import Reading
 from meter.testing import MemoryReadingStore
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "daemon"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "daemon", "postgresql"])
 async def store(request, tmp_path):
-    if request.param == "memory":
+    if request.param == "postgresql":
+        instance = PostgresReadingStore(PostgresLocation.parse(request.getfixturevalue("postgres_database")), reactor)
+        instance.start()
+        verifyObject(IReadingStore, instance)
+        yield instance
+        await instance.stop()
+    elif request.param == "memory":
         instance = MemoryReadingStore()
         verifyObject(IReadingStore, instance)
         yield instance

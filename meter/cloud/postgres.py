@@ -1,0 +1,327 @@
+"""
+The cloud's readings in PostgreSQL: the schema and its versions, the
+monthly partitions of the readings, and the store of batches behind
+L{IReadingStore}, for any number of cloud nodes in front of one database.
+
+A batch is staged with COPY into a temporary table and moved with one
+C{INSERT ... SELECT ... ON CONFLICT (device_id, taken_at) DO NOTHING
+RETURNING}: the rows it returns are the readings new to the database,
+whichever node stored the others, so each is printed once across the
+nodes.  The devices' summaries are updated by the same statement, in the
+same transaction; the Deferred fires after its COMMIT, with
+C{synchronous_commit} on.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from zope.interface import implementer
+
+from meter import wire
+from meter.cloud.interfaces import DeviceSummary, IReadingStore
+from meter.cloud.sqlite import minute_bound
+from meter.postgres import ConnectionRunner, PostgresLocation, Unusable
+from meter.reading import Reading
+
+#: The key of the session-level advisory lock held while the schema is
+#: checked and upgraded: nodes starting together upgrade one at a time,
+#: the others then find it done.  ("meter" in ASCII.)
+SCHEMA_LOCK = 0x6D65746572
+#: The key of the transaction-level advisory lock held while partitions are
+#: made: two nodes never make the same one at once.
+PARTITION_LOCK = SCHEMA_LOCK + 1
+
+#: Version 1.  Fixed: a later change is a step of its own after it.
+#: Times are the devices' local time, naive (C{timestamp}), as on the wire.
+#: The key (device_id, taken_at) serves the queries by device and time; the
+#: index on address and time those by address.  Partitions are made by
+#: L{ensure_partitions}, one a month of the time taken.
+VERSION_1 = """
+CREATE TABLE readings (
+    device_id     integer          NOT NULL,
+    device_ip     text             NOT NULL,
+    taken_at      timestamp        NOT NULL,
+    temperature_c double precision NOT NULL,
+    humidity_pct  double precision NOT NULL,
+    stored_at     double precision NOT NULL,  -- Unix seconds the batch was received
+    PRIMARY KEY (device_id, taken_at)
+) PARTITION BY RANGE (taken_at);
+CREATE INDEX readings_by_ip ON readings (device_ip, taken_at);
+CREATE TABLE devices (
+    device_id     integer   PRIMARY KEY,
+    device_ip     text      NOT NULL,  -- the address of its latest reading
+    first_reading timestamp NOT NULL,
+    last_reading  timestamp NOT NULL,
+    readings      bigint    NOT NULL
+);
+"""
+
+#: The steps: C{STEPS[n]} takes the schema from version C{n} to C{n + 1}.
+STEPS: tuple[str, ...] = (VERSION_1,)
+VERSION = len(STEPS)
+
+
+class SchemaError(Unusable):
+    """
+    The database holds a schema this code cannot work with.
+    """
+
+
+def upgrade(connection) -> int:
+    """
+    Bring the database on C{connection} (autocommit) to L{VERSION} under
+    L{SCHEMA_LOCK}: each missing step in a transaction of its own that
+    records its version.  Returns the version found.
+    """
+    connection.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+    try:
+        with connection.transaction():
+            connection.execute("CREATE TABLE IF NOT EXISTS meter_schema (version integer NOT NULL)")
+            row = connection.execute("SELECT max(version) FROM meter_schema").fetchone()
+        found = row[0] or 0
+        if found > VERSION:
+            raise SchemaError(f"the database's schema is version {found}, newer than this meter's ({VERSION})")
+        for version in range(found, VERSION):
+            with connection.transaction():
+                connection.execute(STEPS[version])
+                connection.execute("INSERT INTO meter_schema (version) VALUES (%s)", (version + 1,))
+        return found
+    finally:
+        connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+
+
+def month_start(moment: datetime.date) -> datetime.date:
+    return datetime.date(moment.year, moment.month, 1)
+
+
+def next_month(month: datetime.date) -> datetime.date:
+    return datetime.date(month.year + (month.month == 12), month.month % 12 + 1, 1)
+
+
+def partition_name(month: datetime.date) -> str:
+    return f"readings_{month.year:04d}_{month.month:02d}"
+
+
+def existing_partitions(connection) -> set[str]:
+    rows = connection.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'readings'::regclass"
+    ).fetchall()
+    return {name for (name,) in rows}
+
+
+def ensure_partitions(connection, months, known: set[str]) -> None:
+    """
+    Make the partitions of C{months} (first days of months) missing from
+    C{known} (the partitions seen so far, grown here), in a transaction of
+    their own under L{PARTITION_LOCK}: another node may be making the
+    same, and C{IF NOT EXISTS} alone races.
+    """
+    missing = sorted(month for month in months if partition_name(month) not in known)
+    if not missing:
+        return
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+        present = existing_partitions(connection)
+        for month in missing:
+            name = partition_name(month)
+            if name not in present:
+                connection.execute(
+                    f"CREATE TABLE {name} PARTITION OF readings FOR VALUES FROM ('{month.isoformat()}') "
+                    f"TO ('{next_month(month).isoformat()}')"
+                )
+                present.add(name)
+    known.update(present)
+
+
+#: Months of partitions made ahead of the current one, and kept behind it.
+MONTHS_AHEAD = 3
+MONTHS_BEHIND = 1
+
+
+def months_around(today: datetime.date, behind: int = MONTHS_BEHIND, ahead: int = MONTHS_AHEAD) -> list[datetime.date]:
+    month = month_start(today)
+    for _ in range(behind):
+        month = month_start(month - datetime.timedelta(days=1))
+    months = []
+    for _ in range(behind + 1 + ahead):
+        months.append(month)
+        month = next_month(month)
+    return months
+
+
+#: The batch, staged: a temporary table of the session, emptied at each
+#: commit (or rollback).
+STAGING = """
+CREATE TEMPORARY TABLE IF NOT EXISTS staging (
+    position      integer          NOT NULL,
+    device_id     integer          NOT NULL,
+    device_ip     text             NOT NULL,
+    taken_at      timestamp        NOT NULL,
+    temperature_c double precision NOT NULL,
+    humidity_pct  double precision NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+#: The staged readings new to the database inserted, the first of a key
+#: when the batch holds it twice, in the key's order (so that two nodes
+#: inserting overlapping batches take the keys' locks in the same order and
+#: wait for each other rather than deadlock); the summaries of their devices
+#: updated (the address of a device is that of its latest reading, old or
+#: new); how many were new, and, when not all, their positions.
+INSERT = """
+WITH inserted AS (
+    INSERT INTO readings (device_id, device_ip, taken_at, temperature_c, humidity_pct, stored_at)
+    SELECT DISTINCT ON (device_id, taken_at) device_id, device_ip, taken_at, temperature_c, humidity_pct, %(stored_at)s
+    FROM staging ORDER BY device_id, taken_at, position
+    ON CONFLICT (device_id, taken_at) DO NOTHING
+    RETURNING device_id, device_ip, taken_at
+), summaries AS (
+    INSERT INTO devices AS d (device_id, device_ip, first_reading, last_reading, readings)
+    SELECT device_id, (array_agg(device_ip ORDER BY taken_at DESC))[1], min(taken_at), max(taken_at), count(*)
+    FROM inserted GROUP BY device_id ORDER BY device_id
+    ON CONFLICT (device_id) DO UPDATE SET
+        device_ip = CASE WHEN excluded.last_reading >= d.last_reading THEN excluded.device_ip ELSE d.device_ip END,
+        first_reading = least(d.first_reading, excluded.first_reading),
+        last_reading = greatest(d.last_reading, excluded.last_reading),
+        readings = d.readings + excluded.readings
+)
+SELECT count(*),
+       CASE WHEN count(*) = %(count)s THEN NULL ELSE
+           (SELECT array_agg(s.position ORDER BY s.position) FROM staging AS s
+            JOIN (SELECT DISTINCT device_id, taken_at FROM inserted) AS i USING (device_id, taken_at)
+            WHERE NOT EXISTS (SELECT 1 FROM staging AS e WHERE e.device_id = s.device_id
+                              AND e.taken_at = s.taken_at AND e.position < s.position))
+       END
+FROM inserted
+"""
+
+
+def _copy_text(columns: wire.BatchColumns) -> str:
+    """
+    The batch as COPY's text format, checked as Python reads it: a record
+    the decoder would not have passed fails here with L{ValueError}, before
+    anything reaches the database.
+    """
+    devices = [str(int(device)) for device in columns.devices]
+    temperatures = [repr(float(value)) for value in columns.temperatures]
+    humidities = [repr(float(value)) for value in columns.humidities]
+    for stamp in columns.stamps:
+        datetime.datetime.fromisoformat(stamp)
+    lines = map("\t".join, zip(map(str, range(len(devices))), devices, columns.ips, columns.stamps, temperatures, humidities))
+    return "\n".join(lines) + "\n"
+
+
+def batch_months(columns: wire.BatchColumns) -> set[datetime.date]:
+    return {datetime.date(int(prefix[:4]), int(prefix[5:7]), 1) for prefix in {stamp[:7] for stamp in columns.stamps}}
+
+
+@implementer(IReadingStore)
+class PostgresReadingStore(Service):
+    """
+    Readings in a PostgreSQL database at L{VERSION}, written through one
+    L{ConnectionRunner} (its thread); see the module's docstring.
+
+    L{start} (or the service's start) connects, again and again while the
+    database cannot be reached, bringing its schema to L{VERSION} at each
+    connection; L{stop} finishes the work given and closes.  Started after
+    twistd forks: a thread does not survive a fork.
+    """
+
+    def __init__(self, location: PostgresLocation, reactor, today: Callable[[], datetime.date] | None = None):
+        """
+        @param today: the current date, for the partitions made ahead (the
+            reactor's clock in local time if not given).
+        """
+        self.location = location
+        self._reactor = reactor
+        self._today = today or (lambda: datetime.datetime.fromtimestamp(reactor.seconds()).date())
+        #: The partitions known to exist: read at each connection, grown by
+        #: the batches.  Touched on the runner's thread only.
+        self._partitions: set[str] = set()
+        self.runner = ConnectionRunner(location, reactor, name="database", prepare=self._prepare)
+
+    @property
+    def database(self) -> ConnectionRunner:
+        return self.runner
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def stop(self) -> defer.Deferred:
+        return self.runner.stop()
+
+    def startService(self):
+        Service.startService(self)
+        self.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.stop()
+
+    def _prepare(self, connection) -> None:
+        # Acknowledgements mean durable, whatever the server's default.
+        connection.execute("SET synchronous_commit = on")
+        upgrade(connection)
+        connection.execute(STAGING)
+        self._partitions = existing_partitions(connection)
+        ensure_partitions(connection, months_around(self._today()), self._partitions)
+
+    def add(self, columns: wire.BatchColumns, stored_at: float) -> defer.Deferred:
+        if not len(columns):
+            return defer.succeed(None)
+
+        def work(connection) -> list[int] | None:
+            text = _copy_text(columns)
+            ensure_partitions(connection, batch_months(columns), self._partitions)
+            with connection.transaction():
+                with connection.cursor() as cursor:
+                    with cursor.copy(
+                        "COPY staging (position, device_id, device_ip, taken_at, temperature_c, humidity_pct) FROM STDIN"
+                    ) as copy:
+                        copy.write(text)
+                    cursor.execute(INSERT, {"stored_at": stored_at, "count": len(columns)})
+                    new, positions = cursor.fetchone()
+            if new == len(columns):
+                return None
+            return positions or []
+
+        return self.runner.run(work)
+
+    def readings(self, device_id=None, device_ip=None, since=None, until=None, limit=None) -> defer.Deferred:
+        conditions: list[str] = []
+        args: list[Any] = []
+        for condition, value in (
+            ("device_id = %s", device_id),
+            ("device_ip = %s", device_ip),
+            ("taken_at >= %s", None if since is None else minute_bound(since)),
+            ("taken_at < %s", None if until is None else minute_bound(until)),
+        ):
+            if value is not None:
+                conditions.append(condition)
+                args.append(value)
+        sql = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+        if conditions:
+            sql += " WHERE " + " AND ".join(conditions)
+        sql += " ORDER BY taken_at, device_id"
+        if limit is not None:
+            sql += " LIMIT %s"
+            args.append(limit)
+
+        def work(connection):
+            # Checked when they were stored.
+            return [Reading.checked(*row) for row in connection.execute(sql, args).fetchall()]
+
+        return self.runner.run(work)
+
+    def devices(self) -> defer.Deferred:
+        sql = "SELECT device_id, first_reading, last_reading, readings FROM devices ORDER BY device_id"
+
+        def work(connection):
+            return [DeviceSummary(*row) for row in connection.execute(sql).fetchall()]
+
+        return self.runner.run(work)

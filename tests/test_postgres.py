@@ -1,0 +1,190 @@
+"""
+The cloud's PostgreSQL store against a real server (the session's
+throwaway cluster, tests/conftest.py): its schema made once by nodes
+starting together, its partitions made for any month, a batch sent to two
+nodes at once stored once, and its connection lost and regained with the
+server restarted, stopped or not up yet.  The IReadingStore contract runs
+over it in tests/contracts/test_reading_store.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import psycopg
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from meter import config, wire
+from meter.cloud import postgres
+from meter.cloud.postgres import PostgresReadingStore
+from meter.postgres import PostgresLocation, Unreachable
+from meter.retry import Backoff
+from meter.tools import pgcluster
+
+
+def columns(*records: str) -> wire.BatchColumns:
+    return wire.BatchColumns.of(";".join(records))
+
+
+def day_of(device: int, day: str, count: int = 24) -> list[str]:
+    return [f"{device},10.0.0.{device},{day}T{hour:02d}:00,{hour}.5,{50 + hour}" for hour in range(count)]
+
+
+def rows(uri: str, sql: str = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings "
+                              "ORDER BY device_id, taken_at") -> list[tuple]:
+    with psycopg.connect(uri) as connection:
+        return connection.execute(sql).fetchall()
+
+
+@pytest.fixture
+def stores(postgres_database):
+    """
+    Make stores on the test's database (quick to retry: the tests wait for
+    reconnections); all stopped at the end.
+    """
+    made: list[PostgresReadingStore] = []
+
+    def make(uri: str = postgres_database) -> PostgresReadingStore:
+        store = PostgresReadingStore(PostgresLocation.parse(uri), reactor)
+        store.runner._backoff = Backoff(0.05, 0.5)
+        store.start()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        pytest_twisted.blockon(store.stop())
+
+
+# -- where the database is -----------------------------------------------------
+
+
+def test_a_uri_is_told_without_its_password():
+    location = PostgresLocation.parse("postgresql://meter:s3cret@db.example:5433/readings")
+    assert location.where == "db.example:5433/readings"
+    assert "s3cret" not in str(location) and "s3cret" not in repr(location)
+    assert PostgresLocation.parse("postgresql://postgres@/meter?host=/run/pg").where == "/run/pg/meter"
+
+
+def test_a_bad_uri_is_refused_without_its_password():
+    with pytest.raises(config.ConfigError) as refused:
+        config.from_raw({"cloud": {"db": "postgresql://meter:s3cret@db.example:notaport/x?nosuch=1"}}, "meter.toml")
+    assert "[cloud] db" in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+def test_cloud_db_is_a_path_or_a_postgresql_uri():
+    assert config.from_raw({"cloud": {"db": "var/c.sqlite"}}, "t").cloud["db"] == pgcluster.Path("var/c.sqlite")
+    uri = "postgresql://postgres@/meter?host=/tmp/s"
+    assert config.from_raw({"cloud": {"db": uri}}, "t").cloud["db"] == PostgresLocation(uri)
+
+
+# -- schema and partitions -----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_starting_together_make_the_schema_once(stores, postgres_database):
+    nodes = [stores() for _ in range(4)]
+    await defer.gatherResults([node.runner.when_connected() for node in nodes])
+    assert rows(postgres_database, "SELECT version FROM meter_schema") == [(postgres.VERSION,)]
+    results = await defer.gatherResults([node.add(columns(*day_of(n + 1, "2026-03-01")), 1.0) for n, node in enumerate(nodes)])
+    assert results == [None] * 4
+    assert len(rows(postgres_database)) == 4 * 24
+
+
+@pytest_twisted.ensureDeferred
+async def test_partitions_are_made_ahead_and_for_any_month(stores, postgres_database):
+    store = stores()
+    await store.runner.when_connected()
+    today = datetime.date.today()
+    made = {name for (name,) in rows(postgres_database, "SELECT relname FROM pg_class WHERE relname ~ '^readings_[0-9]'")}
+    assert postgres.partition_name(today) in made
+    assert postgres.partition_name(postgres.next_month(today)) in made
+    # A batch of a month long gone and one far ahead, from two nodes at once.
+    other = stores()
+    old, ahead = day_of(1, "2019-01-31", 3), day_of(2, "2031-12-01", 3)
+    assert await defer.gatherResults([store.add(columns(*old, *ahead), 1.0), other.add(columns(*ahead, *old), 1.0)]) in (
+        [None, []],
+        [[], None],
+    )
+    placed = rows(postgres_database, "SELECT tableoid::regclass::text, count(*) FROM readings GROUP BY 1 ORDER BY 1")
+    assert placed == [("readings_2019_01", 3), ("readings_2031_12", 3)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_schema_is_refused(stores, postgres_database):
+    with psycopg.connect(postgres_database, autocommit=True) as connection:
+        connection.execute("CREATE TABLE meter_schema (version integer NOT NULL)")
+        connection.execute("INSERT INTO meter_schema VALUES (99)")
+    store = stores()
+    with pytest.raises(Unreachable, match="newer than this meter's"):
+        await store.add(columns(*day_of(1, "2026-03-01", 1)), 1.0)
+    assert not store.runner.connected
+
+
+# -- several nodes -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_batches_sent_to_two_nodes_are_stored_and_new_once(stores, postgres_database):
+    one, two = stores(), stores()
+    batches = [columns(*day_of(device, "2026-03-02"), *day_of(device + 1, "2026-03-02")) for device in range(1, 20)]
+    outcomes = await defer.gatherResults([node.add(batch, 1.0) for batch in batches for node in (one, two)])
+    new = 0
+    for batch, outcome in zip([b for b in batches for _ in (one, two)], outcomes):
+        new += len(batch) if outcome is None else len(outcome)
+    assert new == 20 * 24
+    assert len(rows(postgres_database)) == 20 * 24
+    # The summaries agree with the readings.
+    assert rows(postgres_database, "SELECT device_id, readings FROM devices ORDER BY 1") == [(d, 24) for d in range(1, 21)]
+
+
+# -- the connection lost and regained ----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_server_is_reconnected_to(stores, postgres_database, postgres_cluster, mode):
+    store = stores()
+    assert await store.add(columns(*day_of(1, "2026-03-03")), 1.0) is None
+    postgres_cluster.restart(mode)
+    # The batch that finds the connection gone fails, nothing of it stored...
+    with pytest.raises((psycopg.OperationalError, Unreachable)):
+        await store.add(columns(*day_of(2, "2026-03-03")), 2.0)
+    # ...and the store connects again by itself.
+    await store.runner.when_connected()
+    assert store.runner.losses == 1
+    assert await store.add(columns(*day_of(2, "2026-03-03"), *day_of(1, "2026-03-03")), 3.0) == list(range(24))
+    assert len(rows(postgres_database)) == 48
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_not_up_yet_is_waited_for(stores):
+    cluster = pgcluster.Cluster.create()
+    try:
+        cluster.start()
+        uri = cluster.create_database("late")
+        cluster.stop()
+        store = stores(uri)
+        with pytest.raises(Unreachable, match=r"cannot reach the database at .*/late: "):
+            await store.add(columns(*day_of(1, "2026-03-04")), 1.0)
+        assert store.runner.unreachable is not None and not store.runner.connected
+        cluster.start()
+        await store.runner.when_connected()
+        assert store.runner.unreachable is None and store.runner.connect_failures >= 1
+        assert await store.add(columns(*day_of(1, "2026-03-04")), 2.0) is None
+        assert len(rows(uri)) == 24
+        await store.stop()
+    finally:
+        cluster.destroy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_given_after_stop_fails_and_stop_waits_for_work_given_before(stores, postgres_database):
+    store = stores()
+    added = store.add(columns(*day_of(1, "2026-03-05")), 1.0)
+    await store.stop()
+    assert added.called and await added is None
+    with pytest.raises(Unreachable):
+        await store.add(columns(*day_of(2, "2026-03-05")), 1.0)
