@@ -15,6 +15,7 @@ starts, so the whole day goes to the second.
 from __future__ import annotations
 
 import random
+import signal
 import re
 import sqlite3
 import time
@@ -186,3 +187,40 @@ def test_a_node_killed_mid_forwarding_the_gateway_fails_over_and_every_reading_i
         print(f"{node.name}: {len(committed)} batches, {sum(int(m.group(1)) for m in committed)} new, "
               f"{sum(int(m.group(2)) for m in committed)} duplicate readings")
     assert len(lines) == len(set(lines))
+
+
+def test_a_node_frozen_mid_forwarding_is_left_for_the_next_after_the_ack_timeout(make_suite, shared_database):
+    """
+    Node A is frozen (SIGSTOP) in the middle of forwarding: it stops
+    acknowledging without closing anything.  The gateway gives its batch
+    up after ack_timeout, fails over to B and finishes the day there while
+    A stays frozen; every reading is stored once.  A is then thawed and
+    nothing breaks.
+    """
+    suite = make_suite(100, 96, batch_readings=10, ack_timeout=2.0, stats_interval=1.0, postgres=shared_database)
+    port_a, port_b = suite.cloud_port, free_port()
+    a = suite.start_cloud()
+    b = start_node(suite, "cloud B", port_b)
+    gateway = suite.start_gateway("--cloud", f"127.0.0.1:{port_a},127.0.0.1:{port_b}")
+    connected_to(gateway, port_a, 1)
+    summary = loadgen_summary(suite.start_fleet(DAY, "1-100"))
+    assert summary["delivered"] == 100, summary
+    a.collect(r"readings committed", 20, timeout=30)
+    a.process.send_signal(signal.SIGSTOP)
+    try:
+        gateway.wait_for(
+            rf"failing over from 127\.0\.0\.1:{port_a} to 127\.0\.0\.1:{port_b} \(node 2 of 2\): batch \w+ not "
+            r"acknowledged within 2 s \(\[gateway\] ack_timeout\)", 30
+        )
+        connected_to(gateway, port_b, 2)
+        suite.wait_stored(100 * 96, b, timeout=90)
+        assert suite.stored() == suite.expected_rows(DAY)
+        drained(suite, gateway)
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    # Thawed, A finds its connection gone; B's rows stand.
+    assert a.process.poll() is None
+    assert suite.stored() == suite.expected_rows(DAY)
+    gateway.stop()
+    stats = gateway_stats(gateway)
+    assert stats["cloud_failovers"] == 1 and stats["ack_timeouts"] >= 1 and stats["spool_depth"] == 0, stats
