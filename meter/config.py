@@ -116,6 +116,29 @@ def host_port(value: Any) -> tuple[str, int]:
     return host, whole(1, 65535)(port)
 
 
+def host_ports(value: Any) -> tuple[tuple[str, int], ...]:
+    """
+    One or more C{HOST:PORT} (L{host_port}): a TOML array of them, or one
+    string of them separated by commas (C{--cloud A,B}); in their order,
+    none twice.
+    """
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"expected HOST:PORT or a list of them, got {value!r}")
+    if not items:
+        raise ValueError("expected at least one HOST:PORT, got an empty list")
+    addresses: list[tuple[str, int]] = []
+    for item in items:
+        address = host_port(item)
+        if address in addresses:
+            raise ValueError(f"{item!r} is listed twice in {value!r}")
+        addresses.append(address)
+    return tuple(addresses)
+
+
 def database(value: Any) -> "Path | PostgresLocation":
     """
     The cloud's database: a PostgreSQL connection URI
@@ -250,7 +273,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
     },
     "gateway": {
         "listen": (host_port, "127.0.0.1:10005", "UDP HOST:PORT the devices send to"),
-        "cloud": (host_port, "127.0.0.1:8001", "TCP HOST:PORT of the cloud"),
+        "cloud": (
+            host_ports, "127.0.0.1:8001",
+            "TCP HOST:PORT of the cloud, or a list of its nodes' (the gateway connects to one and fails over to the next)",
+        ),
         "deadline": (positive, 60.0, "seconds after a day's first report before it is forwarded anyway"),
         "spool": (path, "var/gateway-spool.sqlite", "SQLite spool holding readings until the cloud acknowledges"),
         "batch_readings": (whole(1, 5000), 5000, "most readings in one batch to the cloud; a batch holds whole chunks, and a chunk of more readings goes alone"),
@@ -401,6 +427,8 @@ def from_raw(raw: dict[str, Any], source: str, overrides: dict[str, dict[str, An
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -49,7 +49,7 @@ def test_shipped_file_repeats_every_key(repo_root):
 def test_embedded_defaults():
     defaults = config.from_raw({}, "x")
     assert defaults.gateway["listen"] == ("127.0.0.1", 10005)
-    assert defaults.gateway["cloud"] == ("127.0.0.1", 8001)
+    assert defaults.gateway["cloud"] == (("127.0.0.1", 8001),)
     assert defaults.gateway["deadline"] == 60.0
     assert defaults.gateway["spool"] == Path("var/gateway-spool.sqlite")
     assert defaults.gateway["batch_readings"] == 5000
@@ -134,6 +134,11 @@ def test_section_that_is_not_a_table_is_refused():
         ("gateway", "listen", "127.0.0.1:http", "expected a whole number, got 'http'"),
         ("gateway", "listen", 10005, "expected a non-empty string, got 10005"),
         ("gateway", "spool", "", "expected a non-empty string, got ''"),
+        ("gateway", "cloud", [], "expected at least one HOST:PORT, got an empty list"),
+        ("gateway", "cloud", ["127.0.0.1:8001", "127.0.0.1:8001"], "'127.0.0.1:8001' is listed twice in ['127.0.0.1:8001', '127.0.0.1:8001']"),
+        ("gateway", "cloud", ["127.0.0.1:8001", "cloud-b:8001"], "expected an IP address before the port, got 'cloud-b' in 'cloud-b:8001'"),
+        ("gateway", "cloud", "127.0.0.1:8001,", "expected a non-empty string, got ''"),
+        ("gateway", "cloud", 8001, "expected HOST:PORT or a list of them, got 8001"),
         ("cloud", "idle_timeout", -3, "expected a number above 0, got -3"),
         ("device", "id", 0, "expected a whole number from 1 to 2147483647, got 0"),
         ("device", "send_at", "25:00", "expected a time of day HH:MM, got '25:00'"),
@@ -158,7 +163,7 @@ def test_bad_endpoint_is_refused_naming_the_key():
     [
         ("gateway", "listen", "[::1]:10005", ("::1", 10005)),
         ("gateway", "listen", "[0:0::1]:7", ("::1", 7)),
-        ("gateway", "cloud", "10.0.0.5:8001", ("10.0.0.5", 8001)),
+        ("gateway", "cloud", "10.0.0.5:8001", (("10.0.0.5", 8001),)),
         ("gateway", "deadline", "12.5", 12.5),
         ("gateway", "deadline", 30, 30.0),
         ("gateway", "batch_readings", "17", 17),
@@ -297,6 +302,17 @@ def test_gateway_option_with_a_bad_deadline_is_refused_naming_it(repo_root, secr
     )
 
 
+def test_the_cloud_is_one_address_or_a_list_of_nodes_in_their_order():
+    assert config.from_raw({"gateway": {"cloud": "10.0.0.9:8001"}}, "f.toml").gateway["cloud"] == (("10.0.0.9", 8001),)
+    nodes = config.from_raw({"gateway": {"cloud": ["10.0.0.9:8001", "[::1]:8002", "10.0.0.8:8001"]}}, "f.toml")
+    assert nodes.gateway["cloud"] == (("10.0.0.9", 8001), ("::1", 8002), ("10.0.0.8", 8001))
+    # --cloud A,B: the same list, and what config.render writes reads back
+    given = config.from_raw({}, "x", {"gateway": {"cloud": "10.0.0.9:8001, [::1]:8002"}})
+    assert given.gateway["cloud"] == (("10.0.0.9", 8001), ("::1", 8002))
+    text = config.render({"gateway": {"cloud": ["10.0.0.9:8001", "[::1]:8002"]}}, {1: "192.168.1.2"})
+    assert tomllib.loads(text)["gateway"]["cloud"] == ["10.0.0.9:8001", "[::1]:8002"]
+
+
 def test_gateway_options_override_the_file(repo_root, secrets_dir):
     from meter.gateway import tap as gateway_tap
 
@@ -304,7 +320,7 @@ def test_gateway_options_override_the_file(repo_root, secrets_dir):
     options.parseOptions(["--deadline", "12.5", "--listen", "127.0.0.1:20005", "--secrets", secrets_dir])
     assert options.config.gateway["deadline"] == 12.5
     assert options.config.gateway["listen"] == ("127.0.0.1", 20005)
-    assert options.config.gateway["cloud"] == ("127.0.0.1", 8001)  # from the file
+    assert options.config.gateway["cloud"] == (("127.0.0.1", 8001),)  # from the file
     assert options.config.source == "etc/meter.toml"
 
 

@@ -524,7 +524,7 @@ class FakeSender:
     def send(self, message) -> None:
         self.sent.append(message)
 
-    def abort(self) -> None:
+    def abort(self, cause=None) -> None:
         self.aborted += 1
 
 

@@ -34,6 +34,7 @@ from meter.cloud.exposition import CloudExposition
 from meter.database import Database, connect
 from meter.gateway import Intake, Uplink
 from meter.gateway.exposition import GatewayExposition
+from meter.gateway.failover import CloudNodes
 from meter.gateway.metrics import GatewayMetrics
 from meter.monitoring import exposition, udp, web
 from meter.monitoring.histogram import COMMIT_SECONDS, Histogram
@@ -140,7 +141,7 @@ class FakeSender:
     def send(self, message) -> None:
         self.sent.append(message)
 
-    def abort(self) -> None:
+    def abort(self, cause=None) -> None:
         pass
 
 
@@ -189,9 +190,10 @@ class GatewayParts:
         self.database = FakeDatabase()
         self.port = FakePort()
         self.inodes: list[int] = []
+        self.nodes = CloudNodes(["127.0.0.1:8001", "127.0.0.1:8002"])
         self.exposition = GatewayExposition(
             self.metrics, self.intake, self.uplink, self.spool, self.database, self.port, spool_limit,
-            drops=lambda inode: self.inodes.append(inode) or 7,
+            drops=lambda inode: self.inodes.append(inode) or 7, nodes=self.nodes,
         )
 
     def report(self, device_id: int) -> wire.DayAck:
@@ -510,6 +512,21 @@ def exposed(collector) -> set[str]:
     for family in collector.collect():
         names.add(family.name + ("_total" if family.type == "counter" else ""))
     return names
+
+
+def test_the_gateway_names_the_cloud_node_it_uses_and_counts_its_failovers(parts):
+    def node_series(scrape):
+        return {key: value for key, value in scrape.items() if key[0] == "meter_gateway_cloud_node"}
+
+    before = scraped(parts.exposition)
+    assert node_series(before) == {("meter_gateway_cloud_node", (("node", "127.0.0.1:8001"), ("position", "1"))): 1}
+    assert before[("meter_gateway_cloud_nodes", ())] == 2
+    assert before[("meter_gateway_cloud_failovers_total", ())] == 0
+    parts.nodes.advance()
+    parts.metrics.cloud_failovers += 1
+    after = scraped(parts.exposition)
+    assert node_series(after) == {("meter_gateway_cloud_node", (("node", "127.0.0.1:8002"), ("position", "2"))): 1}
+    assert after[("meter_gateway_cloud_failovers_total", ())] == 1
 
 
 def test_every_metric_of_both_daemons_is_documented(parts):

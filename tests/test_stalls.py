@@ -75,7 +75,7 @@ class Sender:
     def send(self, message) -> None:
         self.sent.append(message)
 
-    def abort(self) -> None:
+    def abort(self, cause=None) -> None:
         self.aborted += 1
 
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from prometheus_client.core import GaugeMetricFamily
+
+from meter.gateway.failover import CloudNodes
 from meter.gateway.metrics import GatewayMetrics
 from meter.monitoring import exposition as families, udp, web
 
@@ -61,11 +64,12 @@ class GatewayExposition:
     @param protocol: the UDP port's protocol: listening while C{numPorts},
         and its C{transport} is the port whose kernel drops are read.
     @param drops: the kernel's drops at a socket's inode (L{udp.receive_drops}).
+    @param nodes: the cloud's nodes, and the one connected to or tried next.
     """
 
     def __init__(
         self, metrics: GatewayMetrics, intake, uplink, spool, database, protocol, spool_limit: int,
-        drops: Callable[[int], int | None] = udp.receive_drops,
+        drops: Callable[[int], int | None] = udp.receive_drops, nodes: CloudNodes | None = None,
     ):
         self._metrics = metrics
         self._intake = intake
@@ -75,6 +79,7 @@ class GatewayExposition:
         self._protocol = protocol
         self._spool_limit = spool_limit
         self._drops = drops
+        self._nodes = nodes
 
     def ready(self) -> str | None:
         """
@@ -183,6 +188,19 @@ class GatewayExposition:
                                "Transfers given up while missing chunks.", m.expired_reassemblies)
         yield families.gauge("meter_gateway_uplink_up", "1 while the gateway is connected to the cloud, else 0.",
                              link["uplink_up"])
+        if self._nodes is not None:
+            node = GaugeMetricFamily(
+                "meter_gateway_cloud_node",
+                "The cloud node the gateway is connected to (or tries next): 1, labelled with its address and its "
+                "position in [gateway] cloud.",
+                labels=["node", "position"],
+            )
+            node.add_metric([self._nodes.current, str(self._nodes.position + 1)], 1)
+            yield node
+            yield families.gauge("meter_gateway_cloud_nodes", "Cloud nodes in [gateway] cloud.", len(self._nodes))
+        yield families.counter("meter_gateway_cloud_failovers_total",
+                               "Moves to the next cloud node of [gateway] cloud (a failed attempt, a lost connection, "
+                               "a batch or a ping not answered), with several nodes.", m.cloud_failovers)
         yield families.gauge("meter_gateway_batches_in_flight", "Batches sent to the cloud, not yet acknowledged.",
                              link["batches_in_flight"])
         yield families.counter("meter_gateway_batches_sent_total", "Batches sent to the cloud.", m.batches_sent)

@@ -18,7 +18,7 @@ import hashlib
 import random
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 from weakref import WeakKeyDictionary
 
 from cryptography import x509
@@ -34,6 +34,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter.clocktext import local_time
+from meter.gateway.failover import CloudNodes
+from meter.gateway.metrics import GatewayMetrics
 
 #: A cause is said again, with the count of attempts meanwhile, at most
 #: this often, seconds.
@@ -61,41 +63,63 @@ def address_text(host: str, port: int) -> str:
 
 class CloudLink:
     """
-    The attempts to reach the cloud at C{address}: the retry policy of the
-    gateway's ClientService (L{retry_delay}), told of each failed attempt
-    with its cause (L{failed}) and of each authenticated connection
-    (L{authenticated}).
+    The attempts to reach the cloud at C{address} (one C{HOST:PORT} text,
+    or the list of the cloud's nodes: L{meter.gateway.failover}): the retry
+    policy of the gateway's ClientService (L{retry_delay}), told of each
+    failed attempt with its cause (L{failed}), of each authenticated
+    connection (L{authenticated}) and of the loss of one (L{lost}).  With
+    several nodes, each failed attempt and each loss moves to the next
+    node, and the wait grows once a whole round of the list failed.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         clock,
         max_delay: float,
         initial_delay: float = 0.5,
         jitter: Callable[[], float] = random.random,
         repeat_every: float = REPEAT_EVERY,
+        metrics: GatewayMetrics | None = None,
     ):
-        self.address = address
+        self.nodes = CloudNodes((address,) if isinstance(address, str) else address)
         self._clock = clock
         self._policy = backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay, jitter=jitter)
         self._repeat_every = repeat_every
+        self._metrics = metrics if metrics is not None else GatewayMetrics()
         #: Attempts failed in a row since the last authenticated connection.
         self.failures = 0
         #: The wait decided at the last failure, for the retry that follows.
         self._delay: float | None = None
-        #: Each cause said since the last authenticated connection: the time
-        #: of its last line, and the attempts failing so since without one.
-        self._causes: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        #: Each cause said since the last authenticated connection (with
+        #: several nodes, each node's), keyed by node and cause: the time of
+        #: its last line, and the attempts failing so since without one.
+        self._causes: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
         self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """
+        The address of the node connected to, or tried next.
+        """
+        return self.nodes.current
+
+    @property
+    def node(self) -> str:
+        """
+        The node connected to, or tried next, for a log line: its address
+        and, with several nodes, which of them it is.
+        """
+        return self.nodes.describe()
 
     def failed(self, cause: str) -> None:
         """
         An attempt failed (the TCP connection, the TLS handshake, or the
         cloud's first answer): one warning line naming the address and
-        C{cause}, unless a line said the same cause less than
+        C{cause} (with several nodes, the node failed over to), unless a
+        line said the same cause of the same node less than
         C{repeat_every} seconds ago; then the attempt is counted into that
         cause's next line.
         """
@@ -103,27 +127,61 @@ class CloudLink:
             # The gateway is stopping and closed the connection itself.
             return
         self.failures += 1
-        self._delay = delay = self._policy(self.failures)
+        self._delay = delay = self._policy(self.nodes.rounds(self.failures))
+        address = self.address
+        moved_to = self._move_on()
         now = self._clock.seconds()
-        said_at, unsaid = self._causes.pop(cause, (None, 0))
+        said_at, unsaid = self._causes.pop((address, cause), (None, 0))
         if said_at is not None and now - said_at < self._repeat_every:
-            self._causes[cause] = (said_at, unsaid + 1)
+            self._causes[(address, cause)] = (said_at, unsaid + 1)
             return
         same = ""
         if unsaid:
             # This attempt and the unsaid ones since the cause's last line.
             same = f" (again, {unsaid + 1} attempts since {local_time(said_at)})"
-        self._causes[cause] = (now, 0)
-        if len(self._causes) > MAX_CAUSES:
+        self._causes[(address, cause)] = (now, 0)
+        if len(self._causes) > MAX_CAUSES * len(self.nodes):
             self._causes.popitem(last=False)
-        self.log.warn(
-            "cannot reach the cloud at {address}: {cause}{same}; next attempt in {delay:.1f} s",
-            address=self.address,
-            cause=cause,
-            same=same,
-            delay=delay,
-            failures=self.failures,
-        )
+        if moved_to is None:
+            self.log.warn(
+                "cannot reach the cloud at {address}: {cause}{same}; next attempt in {delay:.1f} s",
+                address=address, cause=cause, same=same, delay=delay, failures=self.failures,
+            )
+        else:
+            self.log.warn(
+                "failing over from {address} to {node}: {cause}{same}; next attempt in {delay:.1f} s",
+                address=address, node=moved_to, cause=cause, same=same, delay=delay, failures=self.failures,
+            )
+
+    def lost(self, cause: str) -> None:
+        """
+        An authenticated connection ended (lost, or closed by this side for
+        C{cause}: a batch not acknowledged, a ping not answered).  With one
+        node it is retried after the shortest wait (the protocol said the
+        loss); with several, the next node is, and one line says so.
+        """
+        if self._stopped:
+            return
+        self.failures += 1
+        self._delay = delay = self._policy(self.nodes.rounds(self.failures))
+        address = self.address
+        moved_to = self._move_on()
+        if moved_to is not None:
+            self.log.warn(
+                "failing over from {address} to {node}: {cause}; next attempt in {delay:.1f} s",
+                address=address, node=moved_to, cause=cause, delay=delay, failures=self.failures,
+            )
+
+    def _move_on(self) -> str | None:
+        """
+        With several nodes, move to the next and count a failover: the next
+        node, described; C{None} with one node.
+        """
+        if len(self.nodes) == 1:
+            return None
+        self.nodes.advance()
+        self._metrics.cloud_failovers += 1
+        return self.nodes.describe()
 
     def authenticated(self) -> None:
         """
@@ -142,15 +200,15 @@ class CloudLink:
 
     def retry_delay(self, attempt: int) -> float:
         """
-        The ClientService's retry policy: the wait decided by L{failed}, or,
-        after the loss of an authenticated connection, the first of the
-        backoff.  (ClientService's own C{attempt} restarts at every TCP
-        connection: unused.)
+        The ClientService's retry policy: the wait decided by L{failed} or
+        L{lost}, or, after a loss no one reported, the backoff's next.
+        (ClientService's own C{attempt} restarts at every TCP connection:
+        unused.)
         """
         delay, self._delay = self._delay, None
         if delay is None:
             self.failures += 1
-            delay = self._policy(self.failures)
+            delay = self._policy(self.nodes.rounds(self.failures))
         return delay
 
 

@@ -112,6 +112,9 @@ class GatewayMetrics:
     ack_timeouts: int = 0
     #: Connections to the cloud scheduled again (after a failure or a loss).
     cloud_retries: int = 0
+    #: Moves to the next of several cloud nodes (after a failed attempt, a
+    #: lost connection, a batch or a ping not answered).
+    cloud_failovers: int = 0
     #: TLS handshakes with the cloud that did not complete in time.
     handshake_timeouts: int = 0
     #: Pings the cloud did not answer in time.

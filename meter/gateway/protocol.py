@@ -223,8 +223,9 @@ class CloudClientProtocol(wire.LineProtocol):
         self._up = True
         self._link.authenticated()
         self.log.info(
-            "connected to the cloud at {peer} from {local} ({how})",
+            "connected to the cloud at {peer}{position} from {local} ({how})",
             peer=host_port(self.transport.getPeer()),
+            position=self._link.nodes.which(),
             local=host_port(self.transport.getHost()),
             how=self._how,
         )
@@ -234,7 +235,9 @@ class CloudClientProtocol(wire.LineProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._up:
-            self.log.info("connection to the cloud lost: {why}", why=reason.getErrorMessage())
+            why = reason.getErrorMessage()
+            self.log.info("connection to the cloud lost: {why}", why=why)
+            self._link.lost(self._cause or f"connection lost ({why.rstrip('.')})")
         else:
             tls = INegotiated.providedBy(self.transport)
             self._link.failed(
@@ -246,7 +249,13 @@ class CloudClientProtocol(wire.LineProtocol):
     def send(self, message) -> None:
         self.sendLine(wire.encode(message))
 
-    def abort(self) -> None:
+    def abort(self, cause: str | None = None) -> None:
+        """
+        Close the connection now; C{cause}, why (said when failing over).
+        """
+        # The first cause: two batches may time out at once.
+        if cause is not None and self._cause is None:
+            self._cause = cause
         self.transport.abortConnection()
 
     def _heard(self) -> None:
@@ -268,6 +277,7 @@ class CloudClientProtocol(wire.LineProtocol):
         if self._pings >= 1:
             if self._up:
                 self.log.warn("the cloud did not answer a ping within {t:g} s: reconnecting", t=self._heartbeat)
+                self._cause = f"the cloud did not answer a ping within {self._heartbeat:g} s ([gateway] heartbeat)"
             else:
                 self._cause = f"the cloud did not answer a first ping within {self._heartbeat:g} s ([gateway] heartbeat)"
             self._uplink.metrics.heartbeat_failures += 1
@@ -317,7 +327,7 @@ class CloudClientProtocol(wire.LineProtocol):
             self._not_the_cloud(f"a line over {self.MAX_LENGTH} bytes before the answer to its first ping")
             return
         self.log.warn("the cloud sent a line over {max} bytes: reconnecting", max=self.MAX_LENGTH)
-        self.abort()
+        self.abort(f"the cloud sent a line over {self.MAX_LENGTH} bytes")
 
 
 class CloudClientFactory(Factory):

@@ -23,6 +23,7 @@ from meter.listening import NamedListener, StartRefused
 from meter.notify import Notifier, ReadinessService
 from meter.options import MeterOptions
 from meter.gateway import link
+from meter.gateway.failover import NodeEndpoint
 from meter.gateway.fleet import FleetReload, file_loader
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
@@ -39,7 +40,7 @@ class Options(MeterOptions):
     overrides = {"listen": "listen", "cloud": "cloud", "deadline": "deadline", "spool": "spool", "metrics": "metrics"}
     optParameters = MeterOptions.optParameters + [
         ["listen", "l", None, "UDP HOST:PORT to take devices' datagrams on (config: [gateway] listen)"],
-        ["cloud", None, None, "TCP HOST:PORT of the cloud (config: [gateway] cloud)"],
+        ["cloud", None, None, "TCP HOST:PORT of the cloud, or its nodes' separated by commas (config: [gateway] cloud)"],
         ["deadline", None, None, "seconds after a day's first report to forward it anyway (config: [gateway] deadline)"],
         ["spool", None, None, "SQLite spool file (config: [gateway] spool)"],
         ["metrics", None, None, "Twisted endpoint of /metrics, /healthz, /readyz; \"\" for none (config: [gateway] metrics)"],
@@ -167,36 +168,44 @@ class GatewayService(MultiService):
             self._hangup_before = signal.signal(
                 signal.SIGHUP, lambda signum, frame: self._reactor.callFromThread(self.fleet_reload.reload)
             )
-        cloud_host, cloud_port = s["cloud"]
-        endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint
+        # One endpoint per cloud node, tried in the order of [gateway] cloud
+        # (meter.gateway.failover).
+        endpoints = []
         # On a gateway with an interface on each side, connect from the cloud's side.
         bind = (s["cloud_source"], 0) if s["cloud_source"] else None
-        endpoint = endpoint_type(
-            self._reactor, cloud_host, cloud_port, timeout=s["connect_timeout"], bindAddress=bind
-        )
-        if self._tls is not None:
-            endpoint = wrapClientTLS(self._tls, endpoint)
-        else:
+        for cloud_host, cloud_port in s["cloud"]:
+            endpoint_type = TCP6ClientEndpoint if ":" in cloud_host else TCP4ClientEndpoint
+            endpoint = endpoint_type(
+                self._reactor, cloud_host, cloud_port, timeout=s["connect_timeout"], bindAddress=bind
+            )
+            if self._tls is not None:
+                # One name for every node: they share the cloud's certificate.
+                endpoint = wrapClientTLS(self._tls, endpoint)
+            endpoints.append(endpoint)
+        if self._tls is None:
             self.log.warn("connecting to the cloud in PLAIN TEXT ([gateway] tls = false)")
-        cloud_link = link.CloudLink(link.address_text(cloud_host, cloud_port), self._reactor, s["max_backoff"])
+        self.cloud_link = cloud_link = link.CloudLink(
+            [link.address_text(host, port) for host, port in s["cloud"]], self._reactor, s["max_backoff"],
+            metrics=self.metrics,
+        )
         link.CloudClientService(
-            link.ReportingEndpoint(endpoint, cloud_link, s["connect_timeout"]),
+            link.ReportingEndpoint(NodeEndpoint(cloud_link.nodes, endpoints), cloud_link, s["connect_timeout"]),
             gateway.CloudClientFactory(self.uplink, self._reactor, s["heartbeat"], cloud_link, self._expected),
             cloud_link,
             self._reactor,
             retry_policy=self._counted(cloud_link.retry_delay),
         ).setServiceParent(self)
         exposition.monitor(self, s["metrics"], self._reactor, exposition.GatewayExposition(
-            self.metrics, self.intake, self.uplink, spool, self.database, protocol, s["spool_limit"]
+            self.metrics, self.intake, self.uplink, spool, self.database, protocol, s["spool_limit"],
+            nodes=cloud_link.nodes,
         ))
         self.log.info(
-            "gateway for {n} devices: UDP {host}:{port}, cloud {cloud_host}:{cloud_port}, deadline {deadline:g} s, "
+            "gateway for {n} devices: UDP {host}:{port}, cloud {cloud}, deadline {deadline:g} s, "
             "spool {spool}",
             n=len(self._fleet),
             host=host,
             port=port,
-            cloud_host=cloud_host,
-            cloud_port=cloud_port,
+            cloud=", ".join(cloud_link.nodes.addresses),
             deadline=s["deadline"],
             spool=s["spool"],
         )

@@ -40,7 +40,7 @@ class BatchSender(Protocol):
 
     def send(self, message) -> None: ...
 
-    def abort(self) -> None: ...
+    def abort(self, cause: str | None = None) -> None: ...
 
 
 class Uplink:
@@ -355,7 +355,9 @@ class Uplink:
             t=self._ack_timeout,
         )
         if self._sender is not None:
-            self._sender.abort()
+            self._sender.abort(
+                f"batch {flight.batch.batch_id} not acknowledged within {self._ack_timeout:g} s ([gateway] ack_timeout)"
+            )
 
     @staticmethod
     def _cancel(flight: _InFlight) -> None:
