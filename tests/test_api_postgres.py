@@ -62,7 +62,7 @@ def test_the_api_reads_the_postgresql_database_the_cloud_stores_into(tmp_path, p
         assert series["readings"] == READINGS and series["bucket_seconds"] is not None
         assert sum(series["count"]) == READINGS and len(series["count"]) <= 10
         # Pages by the cursor: the whole fleet's readings 50 at a time.
-        seen, link, pages = [], f"/api/v1/readings?limit=50&format=csv", 0
+        seen, link, pages = [], "/api/v1/readings?limit=50&format=csv", 0
         while link and pages < 10:
             status, headers, body = get(url + link)
             assert status == 200, body

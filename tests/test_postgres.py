@@ -12,10 +12,12 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+import threading
+
 import psycopg
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher
 
 from meter import config, wire
@@ -149,6 +151,45 @@ async def test_the_same_batches_sent_to_two_nodes_are_stored_and_new_once(stores
     assert len(rows(postgres_database)) == 20 * 24
     # The summaries agree with the readings.
     assert rows(postgres_database, "SELECT device_id, readings FROM devices ORDER BY 1") == [(d, 24) for d in range(1, 21)]
+
+
+async def test_a_node_frozen_inside_its_transaction_holds_the_batch_only_until_the_server_ends_its_session(
+    stores, postgres_database
+):
+    # Node one takes a batch's rows and freezes before COMMIT (a SIGSTOP, a
+    # paused VM); the gateway sends that batch to node two, whose insert
+    # waits on one's locks until the server ends one's session.
+    one = PostgresReadingStore(PostgresLocation.parse(postgres_database), reactor)
+    one.frozen_session_timeout = "1s"
+    one.start()
+    two = stores()
+    inserted, thawed = threading.Event(), threading.Event()
+    day = datetime.date.today().isoformat()  # a month whose partition the store made ahead
+
+    def freeze(connection):
+        with connection.transaction():
+            connection.execute(
+                "INSERT INTO readings (device_id, device_ip, taken_at, temperature_c, humidity_pct, stored_at) "
+                "VALUES (1, '10.0.0.1', %s, 0.5, 50, 1.0)",
+                (f"{day}T00:00",),
+            )
+            inserted.set()
+            thawed.wait(CONNECT_BOUND)
+
+    try:
+        await connected(one, two)
+        frozen = one.runner.run(freeze)
+        frozen.addErrback(lambda failure: None)  # its session is ended under it
+        assert await threads.deferToThread(inserted.wait, CONNECT_BOUND)
+        try:
+            outcome = await two.add(columns(*day_of(1, day)), 2.0).addTimeout(CONNECT_BOUND, reactor)
+        finally:
+            thawed.set()
+        assert outcome is None  # every reading new at node two: one's insert never committed
+        assert len(rows(postgres_database)) == 24
+    finally:
+        thawed.set()
+        await one.stop()
 
 
 # -- the connection lost and regained ----------------------------------------------

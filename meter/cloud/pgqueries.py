@@ -15,7 +15,6 @@ off the primary (docs/cloud-tier.md).
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import threading
 

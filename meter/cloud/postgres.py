@@ -276,6 +276,10 @@ class PostgresReadingStore(Service):
     twistd forks: a thread does not survive a fork.
     """
 
+    #: How long the server lets this store's session sit inside a
+    #: transaction without a word before ending it (see L{_prepare}).
+    frozen_session_timeout = "30s"
+
     def __init__(self, location: PostgresLocation, reactor, today: Callable[[], datetime.date] | None = None):
         """
         @param today: the current date, for the partitions made ahead (the
@@ -313,6 +317,11 @@ class PostgresReadingStore(Service):
     def _prepare(self, connection) -> None:
         # Acknowledgements mean durable, whatever the server's default.
         connection.execute("SET synchronous_commit = on")
+        # A node frozen inside a transaction (SIGSTOP, a paused VM) keeps the
+        # rows of its batch locked; the gateway sends that batch to another
+        # node, whose insert waits on those locks until the server ends the
+        # frozen session.
+        connection.execute(f"SET idle_in_transaction_session_timeout = '{self.frozen_session_timeout}'")
         upgrade(connection)
         connection.execute(STAGING)
         self._partitions = existing_partitions(connection)
