@@ -25,40 +25,12 @@ from zope.interface import implementer
 
 from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery, Series
 from meter.cloud.queries import series_width
+from meter.cloud.sql import POSTGRESQL, SELECT_READINGS, readings_by_time, where
 from meter.reading import Reading
 
 log = Logger()
 
 
-def _where(query: ReadingsQuery) -> tuple[str, list]:
-    """
-    The conditions of C{query} and their parameters.  Readings are taken on
-    whole minutes, so a bound with seconds compares as the next whole
-    minute does (as L{meter.cloud.queries.minute_text} rounds it).
-    """
-    conditions: list[str] = []
-    args: list = []
-    if query.device_id is not None:
-        conditions.append("device_id = %s")
-        args.append(query.device_id)
-    if query.device_ip is not None:
-        conditions.append("device_ip = %s")
-        args.append(query.device_ip)
-    if query.since is not None:
-        conditions.append("taken_at >= %s")
-        args.append(query.since)
-    if query.until is not None:
-        conditions.append("taken_at < %s")
-        args.append(query.until)
-    if query.after is not None:
-        # A row comparison: the primary key's index of each month's
-        # partition starts its scan right after the cursor.
-        conditions.append("(device_id, taken_at) > (%s, %s)")
-        args.extend([query.after.device_id, query.after.taken_at])
-    return (" WHERE " + " AND ".join(conditions)) if conditions else "", args
-
-
-_SELECT = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
 #: The primary key's order: each partition's index is read in order and the
 #: partitions merged, never sorted.
 _ORDER = " ORDER BY device_id, taken_at"
@@ -88,16 +60,16 @@ def address_range(connection, device_ip: str):
 
 
 def page(connection, query: ReadingsQuery, limit: int) -> list[Reading]:
-    where, args = _where(query)
-    rows = connection.execute(_SELECT + where + _ORDER + " LIMIT %s", [*args, limit])
+    clause, args = where(POSTGRESQL, query)
+    rows = connection.execute(SELECT_READINGS + clause + _ORDER + " LIMIT %s", [*args, limit])
     # Checked when they were stored.
     return [Reading.checked(*row) for row in rows]
 
 
 def next_cursor(connection, query: ReadingsQuery, limit: int) -> Cursor | None:
-    where, args = _where(query)
+    clause, args = where(POSTGRESQL, query)
     rows = connection.execute(
-        "SELECT device_id, taken_at FROM readings" + where + _ORDER + " LIMIT 2 OFFSET %s", [*args, limit - 1]
+        "SELECT device_id, taken_at FROM readings" + clause + _ORDER + " LIMIT 2 OFFSET %s", [*args, limit - 1]
     ).fetchall()
     if len(rows) < 2:
         return None
@@ -105,15 +77,15 @@ def next_cursor(connection, query: ReadingsQuery, limit: int) -> Cursor | None:
 
 
 def series(connection, device_id, device_ip, since, until, points) -> Series:
-    where, args = _where(ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until))
+    clause, args = where(POSTGRESQL, ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until))
     # One snapshot for the count and the buckets: a batch committed between
     # them would make the buckets disagree with the count.
     with connection.transaction():
         connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        (count,) = connection.execute("SELECT count(*) FROM readings" + where, args).fetchone()
+        (count,) = connection.execute("SELECT count(*) FROM readings" + clause, args).fetchone()
         if count <= points:
             rows = connection.execute(
-                "SELECT taken_at, temperature_c, humidity_pct FROM readings" + where + " ORDER BY taken_at", args
+                "SELECT taken_at, temperature_c, humidity_pct FROM readings" + clause + " ORDER BY taken_at", args
             )
             return Series(count, None, tuple(Bucket(at, 1, (t, t, t), (h, h, h)) for at, t, h in rows))
         width = series_width(since, until, points)
@@ -125,7 +97,7 @@ def series(connection, device_id, device_ip, since, until, points) -> Series:
             "SELECT date_bin(make_interval(secs => %s), taken_at, %s) AS bucket, count(*),"
             " min(temperature_c), avg(temperature_c), max(temperature_c),"
             " min(humidity_pct), avg(humidity_pct), max(humidity_pct)"
-            " FROM readings" + where + " GROUP BY bucket ORDER BY bucket",
+            " FROM readings" + clause + " GROUP BY bucket ORDER BY bucket",
             [width, origin, *args],
         )
         return Series(
@@ -144,11 +116,7 @@ def readings(connection, device_id=None, device_ip=None, since=None, until=None,
     them (by time taken, then device id), read on C{connection} at once:
     for C{meter readings}, which blocks as it reads.
     """
-    where, args = _where(ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until))
-    sql = _SELECT + where + " ORDER BY taken_at, device_id"
-    if limit is not None:
-        sql += " LIMIT %s"
-        args.append(limit)
+    sql, args = readings_by_time(POSTGRESQL, ReadingsQuery(device_id, device_ip, since, until), limit)
     return [Reading.checked(*row) for row in connection.execute(sql, args)]
 
 

@@ -15,7 +15,7 @@ C{synchronous_commit} on.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable
+from typing import Callable
 
 import psycopg
 from twisted.application.service import Service
@@ -24,8 +24,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meter import wire
-from meter.cloud.interfaces import DeviceSummary, IReadingStore
-from meter.cloud.sqlite import minute_bound
+from meter.cloud.interfaces import DeviceSummary, IReadingStore, ReadingsQuery
+from meter.cloud.sql import POSTGRESQL, readings_by_time
 from meter.postgres import ConnectionRunner, PostgresLocation, Unusable
 from meter.reading import Reading
 
@@ -366,24 +366,7 @@ class PostgresReadingStore(Service):
             self._commit_next()
 
     def readings(self, device_id=None, device_ip=None, since=None, until=None, limit=None) -> defer.Deferred:
-        conditions: list[str] = []
-        args: list[Any] = []
-        for condition, value in (
-            ("device_id = %s", device_id),
-            ("device_ip = %s", device_ip),
-            ("taken_at >= %s", None if since is None else minute_bound(since)),
-            ("taken_at < %s", None if until is None else minute_bound(until)),
-        ):
-            if value is not None:
-                conditions.append(condition)
-                args.append(value)
-        sql = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
-        if conditions:
-            sql += " WHERE " + " AND ".join(conditions)
-        sql += " ORDER BY taken_at, device_id"
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(limit)
+        sql, args = readings_by_time(POSTGRESQL, ReadingsQuery(device_id, device_ip, since, until), limit)
 
         def work(connection):
             # Checked when they were stored.

@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries, ReadingsQuery, Series
+from meter.cloud.sql import SQLITE, SELECT_READINGS, minute_bound, where
 from meter.reading import Reading
 
 _parse = datetime.datetime.fromisoformat
@@ -36,35 +37,9 @@ def minute_text(moment: datetime.datetime) -> str:
     A bound as the stored text: the first whole minute at or after
     C{moment} (readings are taken on whole minutes).
     """
-    if moment.second or moment.microsecond:
-        moment = moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
-    return moment.isoformat(timespec="minutes")
+    return SQLITE.moment(minute_bound(moment))
 
 
-def _where(query: ReadingsQuery) -> tuple[str, list]:
-    conditions: list[str] = []
-    args: list = []
-    if query.device_id is not None:
-        conditions.append("device_id = ?")
-        args.append(query.device_id)
-    if query.device_ip is not None:
-        conditions.append("device_ip = ?")
-        args.append(query.device_ip)
-    if query.since is not None:
-        conditions.append("taken_at >= ?")
-        args.append(minute_text(query.since))
-    if query.until is not None:
-        conditions.append("taken_at < ?")
-        args.append(minute_text(query.until))
-    if query.after is not None:
-        # A row value: the primary key's index starts the scan right after
-        # the cursor.
-        conditions.append("(device_id, taken_at) > (?, ?)")
-        args.extend([query.after.device_id, query.after.taken_at.isoformat(timespec="minutes")])
-    return (" WHERE " + " AND ".join(conditions)) if conditions else "", args
-
-
-_SELECT = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
 #: The primary key's order: a page is read from where the last ended, never
 #: sorted (an order by time across devices would sort the whole range for
 #: every page).
@@ -194,16 +169,16 @@ def _address_range(connection: sqlite3.Connection, device_ip: str):
 
 
 def _page(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> list[Reading]:
-    where, args = _where(query)
-    rows = connection.execute(_SELECT + where + _ORDER + " LIMIT ?", [*args, limit])
+    clause, args = where(SQLITE, query)
+    rows = connection.execute(SELECT_READINGS + clause + _ORDER + " LIMIT ?", [*args, limit])
     # Checked when they were stored.
     return [Reading.checked(number, ip, _parse(taken), t, h) for number, ip, taken, t, h in rows]
 
 
 def _next_cursor(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> Cursor | None:
-    where, args = _where(query)
+    clause, args = where(SQLITE, query)
     rows = connection.execute(
-        "SELECT device_id, taken_at FROM readings" + where + _ORDER + " LIMIT 2 OFFSET ?", [*args, limit - 1]
+        "SELECT device_id, taken_at FROM readings" + clause + _ORDER + " LIMIT 2 OFFSET ?", [*args, limit - 1]
     ).fetchall()
     if len(rows) < 2:
         return None
@@ -212,11 +187,11 @@ def _next_cursor(connection: sqlite3.Connection, query: ReadingsQuery, limit: in
 
 def _series(connection, device_id, device_ip, since, until, points) -> Series:
     query = ReadingsQuery(device_id=device_id, device_ip=device_ip, since=since, until=until)
-    where, args = _where(query)
-    (count,) = connection.execute("SELECT count(*) FROM readings" + where, args).fetchone()
+    clause, args = where(SQLITE, query)
+    (count,) = connection.execute("SELECT count(*) FROM readings" + clause, args).fetchone()
     if count <= points:
         rows = connection.execute(
-            "SELECT taken_at, temperature_c, humidity_pct FROM readings" + where + " ORDER BY taken_at", args
+            "SELECT taken_at, temperature_c, humidity_pct FROM readings" + clause + " ORDER BY taken_at", args
         )
         return Series(count, None, tuple(Bucket(_parse(at), 1, (t, t, t), (h, h, h)) for at, t, h in rows))
     width = series_width(since, until, points)
@@ -225,7 +200,7 @@ def _series(connection, device_id, device_ip, since, until, points) -> Series:
         "SELECT (CAST(strftime('%s', taken_at) AS INTEGER) - ?) / ? AS bucket, count(*),"
         " min(temperature_c), avg(temperature_c), max(temperature_c),"
         " min(humidity_pct), avg(humidity_pct), max(humidity_pct)"
-        " FROM readings" + where + " GROUP BY bucket ORDER BY bucket",
+        " FROM readings" + clause + " GROUP BY bucket ORDER BY bucket",
         [int(origin.replace(tzinfo=datetime.timezone.utc).timestamp()), width, *args],
     )
     step = datetime.timedelta(seconds=width)

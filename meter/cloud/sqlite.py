@@ -13,7 +13,8 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from meter import wire
-from meter.cloud.interfaces import DeviceSummary, IReadingStore
+from meter.cloud.interfaces import DeviceSummary, IReadingStore, ReadingsQuery
+from meter.cloud.sql import SQLITE, readings_by_time
 from meter.database import CLOUD_DATABASE, Database, RowInsert, Schema, execute_script, insert_telling_new, upgrade
 from meter.reading import Reading
 
@@ -164,17 +165,6 @@ def _insert(columns: wire.BatchColumns, stored_at: float):
     return work
 
 
-def minute_bound(moment: datetime.datetime) -> datetime.datetime:
-    """
-    The first whole minute at or after C{moment}.  Readings are taken on
-    whole minutes, so a reading is at or after C{moment} exactly when it is
-    at or after this minute: a bound as a stored timestamp's text.
-    """
-    if moment.second or moment.microsecond:
-        return moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
-    return moment
-
-
 @implementer(IReadingStore)
 class SQLiteReadingStore:
     """
@@ -207,24 +197,7 @@ class SQLiteReadingStore:
         until: datetime.datetime | None = None,
         limit: int | None = None,
     ) -> defer.Deferred:
-        conditions: list[str] = []
-        args: list = []
-        for condition, value in (
-            ("device_id = ?", device_id),
-            ("device_ip = ?", device_ip),
-            ("taken_at >= ?", None if since is None else minute_bound(since).isoformat(timespec="minutes")),
-            ("taken_at < ?", None if until is None else minute_bound(until).isoformat(timespec="minutes")),
-        ):
-            if value is not None:
-                conditions.append(condition)
-                args.append(value)
-        sql = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
-        if conditions:
-            sql += " WHERE " + " AND ".join(conditions)
-        sql += " ORDER BY taken_at, device_id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
+        sql, args = readings_by_time(SQLITE, ReadingsQuery(device_id, device_ip, since, until), limit)
         parse = datetime.datetime.fromisoformat
         return defer.execute(
             lambda: [

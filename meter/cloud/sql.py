@@ -1,0 +1,82 @@
+"""
+The SQL the cloud's two databases share: which readings a query selects,
+written once for SQLite and PostgreSQL, which differ only in how a
+parameter is marked and how a time is passed.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+import attrs
+
+from meter.cloud.interfaces import ReadingsQuery
+
+SELECT_READINGS = "SELECT device_id, device_ip, taken_at, temperature_c, humidity_pct FROM readings"
+
+
+@attrs.frozen
+class Dialect:
+    """
+    @ivar placeholder: how a parameter is marked in a statement.
+    @ivar moment: a time as the database compares it with C{taken_at}.
+    """
+
+    placeholder: str
+    moment: Callable[[datetime.datetime], Any]
+
+
+#: Times stored as ISO text to the minute, which sorts as the times do.
+SQLITE = Dialect("?", lambda moment: moment.isoformat(timespec="minutes"))
+#: Times stored as timestamps.
+POSTGRESQL = Dialect("%s", lambda moment: moment)
+
+
+def minute_bound(moment: datetime.datetime) -> datetime.datetime:
+    """
+    The first whole minute at or after C{moment}.  Readings are taken on
+    whole minutes, so a reading is at or after C{moment} exactly when it is
+    at or after this minute.
+    """
+    if moment.second or moment.microsecond:
+        return moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    return moment
+
+
+def where(dialect: Dialect, query: ReadingsQuery) -> tuple[str, list]:
+    """
+    The C{WHERE} clause selecting C{query}'s readings (empty for all of
+    them) and its parameters.
+    """
+    mark = dialect.placeholder
+    conditions: list[str] = []
+    args: list = []
+    for condition, value in (
+        (f"device_id = {mark}", query.device_id),
+        (f"device_ip = {mark}", query.device_ip),
+        (f"taken_at >= {mark}", None if query.since is None else dialect.moment(minute_bound(query.since))),
+        (f"taken_at < {mark}", None if query.until is None else dialect.moment(minute_bound(query.until))),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            args.append(value)
+    if query.after is not None:
+        # A row value: the primary key's index (each partition's, in
+        # PostgreSQL) starts its scan right after the cursor.
+        conditions.append(f"(device_id, taken_at) > ({mark}, {mark})")
+        args.extend([query.after.device_id, dialect.moment(query.after.taken_at)])
+    return (" WHERE " + " AND ".join(conditions)) if conditions else "", args
+
+
+def readings_by_time(dialect: Dialect, query: ReadingsQuery, limit: int | None) -> tuple[str, list]:
+    """
+    The statement of L{meter.cloud.interfaces.IReadingStore.readings}:
+    C{query}'s readings by time taken, then device id, at most C{limit}.
+    """
+    clause, args = where(dialect, query)
+    sql = SELECT_READINGS + clause + " ORDER BY taken_at, device_id"
+    if limit is not None:
+        sql += f" LIMIT {dialect.placeholder}"
+        args.append(limit)
+    return sql, args
