@@ -223,4 +223,8 @@ def test_a_node_frozen_mid_forwarding_is_left_for_the_next_after_the_ack_timeout
     assert suite.stored() == suite.expected_rows(DAY)
     gateway.stop()
     stats = gateway_stats(gateway)
-    assert stats["cloud_failovers"] == 1 and stats["ack_timeouts"] >= 1 and stats["spool_depth"] == 0, stats
+    # Frozen inside its transaction, A holds its batch's rows until the
+    # server ends its session (10 s); B's insert of them waits as long, so
+    # with this test's 2-s ack timeout the gateway may leave B meanwhile and
+    # come back to it.
+    assert stats["cloud_failovers"] >= 1 and stats["ack_timeouts"] >= 1 and stats["spool_depth"] == 0, stats

@@ -277,8 +277,11 @@ class PostgresReadingStore(Service):
     """
 
     #: How long the server lets this store's session sit inside a
-    #: transaction without a word before ending it (see L{_prepare}).
-    frozen_session_timeout = "30s"
+    #: transaction without a word before ending it (see L{_prepare}): the
+    #: store's own transactions never pause, and under the gateway's
+    #: default ack timeout (30 s), so another node's insert of a frozen
+    #: node's batch is acknowledged before the gateway gives up on it too.
+    frozen_session_timeout = "10s"
 
     def __init__(self, location: PostgresLocation, reactor, today: Callable[[], datetime.date] | None = None):
         """
