@@ -262,6 +262,10 @@ def _store_group(connection, batches: list[tuple[wire.BatchColumns, float]], par
                 if connection.broken or connection.closed:
                     raise
                 results[index] = (False, Failure())
+                # Its partition may have been dropped since it was seen (an
+                # operator's retention): looked for again when it is sent
+                # again, rather than failing it until the next reconnection.
+                partitions.difference_update(partition_name(month) for month in batch_months(columns))
             else:
                 results[index] = (True, None if new == len(columns) else positions or [])
     return results
