@@ -289,3 +289,36 @@ async def test_a_server_restarted_while_idle_is_reconnected_to_before_the_next_b
     finally:
         globalLogPublisher.removeObserver(observe)
         await runner.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_readings_of_the_last_month_of_year_9999_are_stored_without_failing_their_group(stores, postgres_database):
+    store = stores()
+    await connected(store)
+    given = [
+        store.add(columns(*day_of(1, "2026-03-06", 2)), 1.0),
+        store.add(columns("2,10.0.0.2,9999-12-31T23:59,1.5,50"), 1.0),
+        store.add(columns(*day_of(3, "2026-03-06", 2)), 1.0),
+    ]
+    outcomes = await defer.DeferredList(given, consumeErrors=True)
+    assert outcomes == [(True, None), (True, None), (True, None)]
+    assert rows(postgres_database, "SELECT device_id, taken_at::text FROM readings WHERE device_id = 2") == [
+        (2, "9999-12-31 23:59:00")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_partition_dropped_by_retention_is_made_again_for_a_late_batch(stores, postgres_database):
+    store = stores()
+    await connected(store)
+    await store.add(columns(*day_of(1, "2025-01-06", 2)), 1.0)
+    with psycopg.connect(postgres_database, autocommit=True) as connection:
+        connection.execute("ALTER TABLE readings DETACH PARTITION readings_2025_01")
+        connection.execute("DROP TABLE readings_2025_01")
+    late = columns(*day_of(2, "2025-01-07", 2))
+    # The first sending may fail (the node still knew the partition); the
+    # gateway sends it again, and that one is stored.
+    first = await defer.DeferredList([store.add(late, 2.0)], consumeErrors=True)
+    if not first[0][0]:
+        assert await store.add(late, 3.0) is None
+    assert rows(postgres_database, "SELECT device_id, count(*) FROM readings GROUP BY 1 ORDER BY 1") == [(2, 2)]

@@ -132,9 +132,11 @@ def ensure_partitions(connection, months, known: set[str]) -> None:
         for month in missing:
             name = partition_name(month)
             if name not in present:
+                # December 9999 has no next month in Python; its readings are
+                # valid on the wire all the same.
+                until = "(MAXVALUE)" if month.year == 9999 and month.month == 12 else f"('{next_month(month).isoformat()}')"
                 connection.execute(
-                    f"CREATE TABLE {name} PARTITION OF readings FOR VALUES FROM ('{month.isoformat()}') "
-                    f"TO ('{next_month(month).isoformat()}')"
+                    f"CREATE TABLE {name} PARTITION OF readings FOR VALUES FROM ('{month.isoformat()}') TO {until}"
                 )
                 present.add(name)
     known.update(present)
@@ -234,15 +236,16 @@ def _store_group(connection, batches: list[tuple[wire.BatchColumns, float]], par
     """
     results: list = [None] * len(batches)
     texts: list = [None] * len(batches)
-    months: set[datetime.date] = set()
     for index, (columns, _) in enumerate(batches):
         try:
             texts[index] = _copy_text(columns)
+            # Per batch: a partition one batch cannot have fails that batch
+            # alone, not the others of the group.
+            ensure_partitions(connection, batch_months(columns), partitions)
         except Exception:
+            if connection.broken or connection.closed:
+                raise
             results[index] = (False, Failure())
-        else:
-            months |= batch_months(columns)
-    ensure_partitions(connection, months, partitions)
     with connection.transaction(), connection.cursor() as cursor:
         for index, (columns, stored_at) in enumerate(batches):
             if results[index] is not None:
@@ -259,6 +262,10 @@ def _store_group(connection, batches: list[tuple[wire.BatchColumns, float]], par
                 if connection.broken or connection.closed:
                     raise
                 results[index] = (False, Failure())
+                # Its partition may have been dropped since it was seen (an
+                # operator's retention): looked for again when it is sent
+                # again, rather than failing it until the next reconnection.
+                partitions.difference_update(partition_name(month) for month in batch_months(columns))
             else:
                 results[index] = (True, None if new == len(columns) else positions or [])
     return results
