@@ -36,7 +36,9 @@ class Controller:
         self.clock.advance(1_000_000)
         self.metrics = GatewayMetrics()
         self.events: list[dict] = []
-        self.shedding = Shedding(self.metrics, log=Logger(observer=self.events.append), **kw)
+        #: The process's CPU seconds, as the controller reads them.
+        self.cpu = 0.0
+        self.shedding = Shedding(self.metrics, log=Logger(observer=self.events.append), cpu=lambda: self.cpu, **kw)
 
     def datagrams(self, seconds: float, sojourn: float, every: float = 0.001) -> None:
         """
@@ -115,23 +117,26 @@ def test_hints_stop_at_the_longest():
     assert max(hints) == 2000
 
 
-def test_the_rate_is_measured_from_the_chunks_committed_while_the_queue_stands():
+def test_the_rate_is_measured_in_chunks_committed_a_cpu_second():
     c = Controller()
     for _ in range(30):
-        c.metrics.chunks += 300  # 300 chunks a tenth of a second: 3,000 a second
-        c.datagrams(0.1, 0.010)
-    assert c.shedding.rate == pytest.approx(3000, rel=0.01)
-    # Not while the queue is short: the gateway was not saturated then.
-    for _ in range(30):
-        c.metrics.chunks += 10
+        c.metrics.chunks += 150  # 150 chunks in 0.05 CPU seconds: 3,000 a CPU second
+        c.cpu += 0.05
         c.datagrams(0.1, 0.001)
     assert c.shedding.rate == pytest.approx(3000, rel=0.01)
-    # Down slowly: an interval spent shedding commits few chunks without
-    # the gateway being slower.
-    for _ in range(2):
-        c.metrics.chunks += 100
-        c.datagrams(0.1, 0.010)
-    assert 2800 < c.shedding.rate < 2990
+    # Whether the gateway was saturated or not, and whatever it let in:
+    # what a chunk costs it is what it can take.
+    for _ in range(30):
+        c.metrics.chunks += 40
+        c.cpu += 0.01
+        c.datagrams(0.1, 0.050)
+    assert c.shedding.rate == pytest.approx(4000, rel=0.01)
+    # Too few chunks in an interval measure nothing.
+    for _ in range(30):
+        c.metrics.chunks += 5
+        c.cpu += 0.05
+        c.datagrams(0.1, 0.050)
+    assert c.shedding.rate == pytest.approx(4000, rel=0.01)
 
 
 def test_a_device_back_at_its_slot_is_let_in_while_shedding_goes_on():

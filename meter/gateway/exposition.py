@@ -167,7 +167,7 @@ class GatewayExposition:
         )
         yield families.gauge(
             "meter_gateway_shed_rate_chunks",
-            "Chunks a second the gateway commits while its queue stands, as measured: what hints are sized by.",
+            "Chunks the gateway commits a CPU second, as measured: the rate the hints space the devices sent away at.",
             shed.get("rate", 0.0),
         )
         yield families.gauge(

@@ -16,7 +16,7 @@ sheds.  docs/performance.md says why this signal and what it costs.
 
 The hint is a slot on a calendar: each chunk answered busy reserves the
 time the gateway takes for one chunk at the rate it was measured to commit
-chunks while saturated, so the devices it sends away come back spread at
+chunks (per CPU second), so the devices it sends away come back spread at
 that rate, not all at once, and a device back at its slot is let in even
 while the gateway still sheds.  The device adds its own jitter.
 
@@ -30,6 +30,8 @@ import errno
 import math
 import socket
 import struct
+import time
+from typing import Callable
 
 from twisted.application.internet import UDPServer
 from twisted.internet import udp
@@ -42,18 +44,15 @@ from meter.gateway.metrics import GatewayMetrics
 #: controller does not draw its chunks back at once.
 MIN_HINT = 0.5
 #: The rate (chunks a second) hints are sized by until the gateway has
-#: measured its own while saturated: low, so the first hints err long.
-INITIAL_RATE = 500.0
+#: measured its own.
+INITIAL_RATE = 1000.0
 #: The lowest rate hints are sized by: a gateway measured nearly stalled
-#: (its spool's disk stuck) must not promise slots it cannot keep.
+#: must not promise slots it cannot keep.
 MIN_RATE = 50.0
-#: The weights of the latest saturated interval in the measured rate, when
-#: it measured more and when less: the rate follows a faster gateway at
-#: once and a slower one slowly, since an interval spent mostly on shedding
-#: commits few chunks without the gateway being any slower, and a rate
-#: too low would leave it idle while the devices it sent away wait.
-RATE_UP = 0.5
-RATE_DOWN = 0.05
+#: The weight of the latest interval in the measured rate.
+RATE_WEIGHT = 0.3
+#: The fewest chunks committed in an interval for it to measure the rate.
+MIN_CHUNKS = 10
 #: Seconds without shedding that end an overload period (one log line at
 #: its start and one at its end, however often the controller flaps).
 QUIET = 5.0
@@ -66,8 +65,9 @@ class Shedding:
     @ivar shedding: whether new transfers are answered busy now.
     @ivar queue_delay: the least sojourn of the last full interval, seconds:
         the standing queue (0 while the queue empties).
-    @ivar rate: the chunks a second the gateway commits while saturated, as
-        measured (L{INITIAL_RATE} until it has been).
+    @ivar rate: the chunks the gateway commits a CPU second, as measured
+        (L{INITIAL_RATE} until it has been): what it can take a second
+        with a core of its own.
     """
 
     log = Logger()
@@ -80,13 +80,17 @@ class Shedding:
         max_hint: float = 60.0,
         log: Logger | None = None,
         enabled: bool = True,
+        cpu: Callable[[], float] = time.process_time,
     ):
         """
         @param enabled: whether the gateway sheds at all; if not, it only
             measures its queue, and its backstop answers busy without a
             hint, as before shedding existed.
+        @param cpu: the process's CPU seconds so far, read once an interval:
+            the rate is the chunks committed per CPU second.
         """
         self._metrics = metrics
+        self._cpu = cpu
         self.enabled = enabled
         self.target = target
         self.interval = interval
@@ -107,6 +111,7 @@ class Shedding:
         self._interval_start = 0.0
         self._least = math.inf
         self._chunks_before = 0
+        self._cpu_before = 0.0
         #: The next free slot of the calendar (see the module's doc).
         self._next_slot = 0.0
         #: When each device sent away may come back, by device id.
@@ -230,10 +235,18 @@ class Shedding:
     def _next_interval(self, now: float) -> None:
         """
         Close the interval being measured: its least sojourn is the queue
-        delay, and if the queue stood all along, the chunks committed in it
+        delay, and the chunks committed in it against the CPU time spent
         measure the gateway's rate.
+
+        Per CPU second, not per second: the chunks committed a second
+        measure the rate only while the gateway is saturated, and while it
+        sheds, what it commits is what it let in, not what it could take; a
+        rate measured low would leave it idle while the devices it sent
+        away wait for their slots.  The CPU time also covers the shed
+        datagrams and the forwarding, so it errs low by their share.
         """
         chunks = self._metrics.chunks
+        cpu = self._cpu()
         if self._interval_end is not None:
             if self._least == math.inf:
                 # Not a datagram in the interval: no queue.
@@ -244,14 +257,15 @@ class Shedding:
                     self._stopped_at = now
             else:
                 self.queue_delay = self._least
-            elapsed = now - self._interval_start
-            if self.target <= self._least < math.inf and elapsed > 0:
-                measured = max(MIN_RATE, (chunks - self._chunks_before) / elapsed)
-                self.rate += (RATE_UP if measured > self.rate else RATE_DOWN) * (measured - self.rate)
+            committed, spent = chunks - self._chunks_before, cpu - self._cpu_before
+            if committed >= MIN_CHUNKS and spent > 0:
+                measured = max(MIN_RATE, committed / spent)
+                self.rate += RATE_WEIGHT * (measured - self.rate)
         self._interval_start = now
         self._interval_end = now + self.interval
         self._least = math.inf
         self._chunks_before = chunks
+        self._cpu_before = cpu
         if not self.shedding:
             if self._due and now >= self._next_slot:
                 # Every slot given has passed: whoever did not come back
@@ -266,13 +280,23 @@ class Shedding:
         shed_before, returned_before = self._period_counts
         self.log.info(
             "stopped shedding load after {seconds:.1f} s: {shed} chunks answered busy with a hint, "
-            "{returned} let in back at their slot; the gateway commits {rate:.0f} chunks/s saturated",
+            "{returned} let in back at their slot; the gateway commits {rate:.0f} chunks a CPU second",
             seconds=self._stopped_at - self._period_start,
             shed=self._metrics.shed - shed_before,
             returned=self._metrics.shed_returned - returned_before,
             rate=self.rate,
         )
         self._period_start = None
+
+    def stats_gauges(self) -> dict[str, int]:
+        """
+        What the stats line shows of the controller, as whole numbers.
+        """
+        return {
+            "shedding": int(self.shedding),
+            "queue_delay_ms": round(self.queue_delay * 1000),
+            "shed_rate": round(self.rate),
+        }
 
     def gauges(self, now: float) -> dict[str, float]:
         """

@@ -142,7 +142,7 @@ class GatewayService(MultiService):
         shedder = shedding.Shedding(
             self.metrics, s["shed_target"], s["shed_interval"], s["shed_max_hint"], enabled=s["shed"]
         )
-        protocol = gateway.GatewayProtocol(
+        self.protocol = protocol = gateway.GatewayProtocol(
             self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"],
             shedding=shedder,
         )
@@ -244,7 +244,7 @@ class GatewayService(MultiService):
         first, then reassemblies, duplicates, failures, forwarding retries
         and the rest (see L{meter.gateway.metrics}).
         """
-        gauges = self.intake.gauges()
+        gauges = {**self.intake.gauges(), **self.protocol.shedding.stats_gauges()}
         # The text for a person; the gauges and counts, as numbers, for a
         # program reading the log's events.
         self.log.info("gateway stats: {stats}", stats=render(gauges, self.metrics), gauges=gauges, counts=self.metrics.counts())
