@@ -75,7 +75,7 @@ class Shedding:
     def __init__(
         self,
         metrics: GatewayMetrics,
-        target: float = 0.005,
+        target: float = 0.05,
         interval: float = 0.1,
         max_hint: float = 60.0,
         log: Logger | None = None,
