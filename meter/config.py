@@ -301,7 +301,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "check_source": (boolean, False, "refuse a datagram whose source address is not its device's [fleet] address"),
         "log_datagrams": (boolean, False, "log every datagram and its answer, not only each device's completed day"),
         "shed": (boolean, True, "answer new transfers busy with a retry-after hint while the receive queue stands"),
-        "shed_target": (positive, 0.05, "seconds a datagram may wait in the receive queue before the queue counts as standing"),
+        "shed_target": (positive, 0.1, "seconds a datagram may wait in the receive queue before the queue counts as standing"),
         "shed_interval": (positive, 0.1, "seconds the queue must stand over shed_target before the gateway sheds"),
         "shed_max_hint": (positive, 60.0, "longest retry-after hint, seconds"),
         "metrics": (

@@ -1216,7 +1216,7 @@ class SheddingHarness(ProtocolHarness):
     def send(self, chunk, waited: float = 0.0) -> None:
         self.waited(waited, wire.seal(wire.encode(chunk), KEYS[chunk.device_id]), (FLEET[chunk.device_id], 5000))
 
-    def stand(self, seconds: float, waited: float = 0.060) -> None:
+    def stand(self, seconds: float, waited: float = 0.150) -> None:
         """
         A queue standing for C{seconds}: datagrams (without a tag, dropped
         unanswered) each having waited C{waited}.
@@ -1243,7 +1243,7 @@ def test_a_standing_queue_answers_a_new_transfer_busy_with_a_hint_before_decodin
     h = SheddingHarness()
     h.stand(0.2)
     assert h.protocol.shedding.shedding
-    h.send(day_chunk(2, part=1, parts=2), waited=0.060)
+    h.send(day_chunk(2, part=1, parts=2), waited=0.150)
     ack = h.answer(2)
     assert (ack.status, ack.reason) == ("busy", "shed: the gateway takes no new transfer now")
     assert ack.retry_after_ms >= 500
@@ -1258,9 +1258,9 @@ def test_a_transfer_under_way_goes_on_while_new_ones_are_shed():
     h.send(first)
     assert h.answer(1) == ok(first)
     h.stand(0.2)
-    h.send(second, waited=0.060)
+    h.send(second, waited=0.150)
     assert h.answer(1) == ok(second)
-    h.send(day_chunk(2, part=1, parts=2), waited=0.060)
+    h.send(day_chunk(2, part=1, parts=2), waited=0.150)
     assert h.answer(2).status == "busy"
     assert h.intake.added() == 2
 
@@ -1270,10 +1270,10 @@ def test_a_transfer_whose_first_chunk_is_still_committing_goes_on():
     h.intake.spool.hold()
     first, second = day_chunk(1, part=1, parts=2), day_chunk(1, part=2, parts=2)
     h.stand(0.05)  # the queue stands, but not for an interval yet
-    h.send(first, waited=0.060)
+    h.send(first, waited=0.150)
     h.stand(0.1)
     assert h.protocol.shedding.shedding
-    h.send(second, waited=0.060)
+    h.send(second, waited=0.150)
     h.intake.spool.release()
     assert [ack for ack, _ in h.answers()] == [ok(first), ok(second)]
 
@@ -1282,12 +1282,12 @@ def test_a_device_sent_away_is_let_in_when_it_comes_back_at_its_slot():
     h = SheddingHarness()
     h.stand(0.2)
     first = day_chunk(2, part=1, parts=2)
-    h.send(first, waited=0.060)
+    h.send(first, waited=0.150)
     hint = h.answer(2).retry_after_ms / 1000
     h.stand(hint)
     assert h.protocol.shedding.shedding
-    h.send(first, waited=0.060)
-    h.send(day_chunk(2, part=2, parts=2), waited=0.060)
+    h.send(first, waited=0.150)
+    h.send(day_chunk(2, part=2, parts=2), waited=0.150)
     assert [ack.status for ack in h.answers_to(2)] == ["busy", "ok", "ok"]
     assert h.intake.intake.metrics.shed_returned == 1
 
@@ -1305,7 +1305,7 @@ def test_a_gateway_that_does_not_shed_answers_as_before():
     h = SheddingHarness(shedding=Shedding(GatewayMetrics(), enabled=False))
     h.stand(1.0)
     chunk = day_chunk(2)
-    h.send(chunk, waited=0.060)
+    h.send(chunk, waited=0.150)
     assert h.answer(2) == ok(chunk)
 
 
@@ -1314,7 +1314,7 @@ def test_retransmissions_of_stored_chunks_are_acknowledged_while_shedding():
     chunk = day_chunk(2)
     h.send(chunk)
     h.stand(0.2)
-    h.send(chunk, waited=0.060)
+    h.send(chunk, waited=0.150)
     assert h.answers_to(2) == [ok(chunk), ok(chunk)]
 
 

@@ -288,12 +288,12 @@ def test_the_gateway_collector_shows_the_shedding(parts):
     assert (quiet[("meter_gateway_shedding", ())], quiet[("meter_gateway_shed_episodes_total", ())]) == (0, 0)
     for _ in range(30):
         parts.clock.advance(0.01)
-        parts.shedding.observe(parts.clock.seconds(), 0.060)
-    parts.shedding.shed(parts.clock.seconds(), 1, 0.060)
-    parts.shedding.shed(parts.clock.seconds(), 2, 0.060)
+        parts.shedding.observe(parts.clock.seconds(), 0.150)
+    parts.shedding.shed(parts.clock.seconds(), 1, 0.150)
+    parts.shedding.shed(parts.clock.seconds(), 2, 0.150)
     s = scraped(parts.exposition)
     assert (s[("meter_gateway_shedding", ())], s[("meter_gateway_shed_episodes_total", ())]) == (1, 1)
-    assert s[("meter_gateway_queue_delay_seconds", ())] == pytest.approx(0.060)
+    assert s[("meter_gateway_queue_delay_seconds", ())] == pytest.approx(0.150)
     assert s[("meter_gateway_shed_hint_seconds", ())] > 0.5
     assert s[("meter_gateway_shed_devices_waiting", ())] == 2
     assert s[("meter_gateway_shed_total", (("result", "busy"),))] == 2

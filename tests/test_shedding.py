@@ -142,19 +142,19 @@ def test_the_rate_is_measured_in_chunks_committed_a_cpu_second():
 
 def test_a_device_back_at_its_slot_is_let_in_while_shedding_goes_on():
     c = Controller()
-    c.datagrams(0.2, 0.010)
-    hint = c.shedding.shed(c.clock.seconds(), 7, 0.010)
-    c.datagrams(hint / 1000 - 0.01, 0.010)
+    c.datagrams(0.2, 0.008)
+    hint = c.shedding.shed(c.clock.seconds(), 7, 0.008)
+    c.datagrams(hint / 1000 - 0.01, 0.008)
     # Too early: sent away again, further.
-    assert c.shedding.shed(c.clock.seconds(), 7, 0.010) is not None
-    c.datagrams(2.0, 0.010)
-    assert c.shedding.shed(c.clock.seconds(), 7, 0.010) is None
+    assert c.shedding.shed(c.clock.seconds(), 7, 0.008) is not None
+    c.datagrams(2.0, 0.008)
+    assert c.shedding.shed(c.clock.seconds(), 7, 0.008) is None
     assert c.metrics.shed_returned == 1
     # Once: its next new transfer is a new one.
-    assert c.shedding.shed(c.clock.seconds(), 7, 0.010) is not None
+    assert c.shedding.shed(c.clock.seconds(), 7, 0.008) is not None
 
 
-def test_a_device_back_at_its_slot_waits_again_if_the_queue_is_an_interval_long():
+def test_a_device_back_at_its_slot_waits_again_if_the_queue_is_twice_the_target():
     c = Controller()
     c.datagrams(0.2, 0.010)
     c.shedding.shed(c.clock.seconds(), 7, 0.010)
@@ -300,7 +300,7 @@ def test_a_gateway_stopped_while_a_fleet_sends_sheds_and_stores_every_day_once(m
     summary = loadgen_summary(fleet, 160)
     assert summary["delivered"] == devices, summary
     assert summary["busy_answers"] > 0, summary
-    gateway.wait_for(r"SHEDDING LOAD: datagrams waited over 50 ms in the receive queue", 5)
+    gateway.wait_for(r"SHEDDING LOAD: datagrams waited over 100 ms in the receive queue", 5)
     suite.wait_stored(devices * 96, cloud, 60)
     gateway.wait_for(r"stopped shedding load after [\d.]+ s: \d+ chunks answered busy with a hint", 20)
     gateway.stop()

@@ -30,6 +30,7 @@ import errno
 import math
 import socket
 import struct
+import sys
 import time
 from typing import Callable
 
@@ -75,7 +76,7 @@ class Shedding:
     def __init__(
         self,
         metrics: GatewayMetrics,
-        target: float = 0.05,
+        target: float = 0.1,
         interval: float = 0.1,
         max_hint: float = 60.0,
         log: Logger | None = None,
@@ -192,10 +193,10 @@ class Shedding:
         A chunk of a new transfer of C{device_id} arrived while shedding:
         the hint to answer it busy with, in whole milliseconds, or None if
         it is let in (its device is back at the slot it was given, and the
-        queue is not past an interval long).
+        queue is not twice the target long).
         """
         due = self._due.get(device_id)
-        if due is not None and due <= now and sojourn < self.interval:
+        if due is not None and due <= now and sojourn < 2 * self.target:
             del self._due[device_id]
             self._metrics.shed_returned += 1
             return None
@@ -387,6 +388,4 @@ def stamps_available(reactor) -> bool:
     """
     Whether a L{StampedPort} can run on C{reactor}.
     """
-    import sys
-
     return sys.platform == "linux" and hasattr(reactor, "addReader") and hasattr(socket.socket, "recvmsg")
