@@ -21,7 +21,8 @@ that rate, not all at once, and a device back at its slot is let in even
 while the gateway still sheds.  The device adds its own jitter.
 
 Everything here takes the time as an argument: the controller is a pure
-function of the datagrams' times (tests drive it with made-up times).
+function of the datagrams' times and the CPU time it is given (tests drive
+it with made-up ones).
 """
 
 from __future__ import annotations
