@@ -23,6 +23,9 @@ Scenarios:
           exactly against the synthetic days
   dashboard  (only when asked for) the dashboard's first chart in headless
           Chromium, navigation start to drawn (bench/dashboard.py)
+  overload  (only when asked for) several times the gateway's capacity at
+          once: accepted chunks/s over time, busy answers, every day stored
+          once (bench/overload.py)
   api     the web API over HTTP on a dataset of bench/dataset.py (a year of
           1,000 devices: 35 million readings): one device's day, a 30-day
           series, the fleet (bench/api_figures.py).  Not in the default run:
@@ -63,6 +66,7 @@ import api_figures  # noqa: E402
 import ceilings  # noqa: E402
 import dashboard  # noqa: E402
 import micro  # noqa: E402
+import overload  # noqa: E402
 import pg_bench  # noqa: E402
 import profiles  # noqa: E402
 from meter import config, wire  # noqa: E402
@@ -848,8 +852,8 @@ def verdict_lines(items: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", help="comma-separated subset of ceilings,day4,intake,cloud,fleet,api,dashboard "
-                        "(default: all but api and dashboard; cloud alone with --store postgresql)")
+    parser.add_argument("--scenarios", help="comma-separated subset of ceilings,day4,intake,cloud,fleet,api,dashboard,"
+                        "overload (default: all but api, dashboard and overload; cloud alone with --store postgresql)")
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
                         help="the cloud's database: sqlite (default), or postgresql: a throwaway server started here, "
                         "the cloud's ingest against the raw COPY + INSERT ceiling, and one node against two")
@@ -880,6 +884,7 @@ def main(argv=None) -> int:
                         help="readings per batch of the cloud's small-batch run (default 2000)")
     parser.add_argument("--seed", type=int, default=1)
     dashboard.add_arguments(parser)
+    overload.add_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="also run the main fleet scenario under py-spy and summarise where the time goes")
     parser.add_argument("--api-devices", type=int, default=1000, help="devices of the api scenario's dataset (default 1000)")
@@ -950,6 +955,8 @@ def main(argv=None) -> int:
                 else:
                     say("profile: py-spy is not installed (pip install -e '.[bench]'): skipped")
             results["scenarios"]["fleet"] = runs
+        if "overload" in wanted:
+            results["scenarios"]["overload"] = overload.scenario(args, scratch, sys.modules[__name__])
         if "dashboard" in wanted:
             results["scenarios"]["dashboard"] = dashboard.scenario(args, scratch)
         if "api" in wanted:
@@ -964,6 +971,8 @@ def main(argv=None) -> int:
     results["targets"] = verdicts(results)
     say("")
     say(table(results))
+    if "overload" in results["scenarios"]:
+        say("\n".join(overload.table_rows(results["scenarios"]["overload"])))
     say("")
     say("targets (issues #6 and #18):")
     say(verdict_lines(results["targets"]))

@@ -300,6 +300,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "cloud_source": (optional_ip, "", "local IP address to connect to the cloud from (\"\": the kernel's choice)"),
         "check_source": (boolean, False, "refuse a datagram whose source address is not its device's [fleet] address"),
         "log_datagrams": (boolean, False, "log every datagram and its answer, not only each device's completed day"),
+        "shed": (boolean, True, "answer new transfers busy with a retry-after hint while the receive queue stands"),
+        "shed_target": (positive, 0.1, "seconds a datagram may wait in the receive queue before the queue counts as standing"),
+        "shed_interval": (positive, 0.1, "seconds the queue must stand over shed_target before the gateway sheds"),
+        "shed_max_hint": (positive, 60.0, "longest retry-after hint, seconds"),
         "metrics": (
             optional_server_endpoint, "tcp:9182:interface=127.0.0.1",
             "Twisted endpoint serving /metrics, /healthz and /readyz over HTTP (\"\": none)",
@@ -315,6 +319,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "ack_timeout": (positive, 2.0, "first retransmission timeout, seconds (CoAP ACK_TIMEOUT)"),
         "ack_random_factor": (_number, 1.5, "first timeout is ack_timeout times 1..this (CoAP)"),
         "max_retransmit": (whole(0, 20), 4, "retransmissions before giving up (CoAP MAX_RETRANSMIT)"),
+        "max_busy_wait": (positive, 300.0, "most seconds one attempt at a day waits on the gateway's retry-after hints"),
     },
     "security": {
         "dir": (path, "var/secrets", "folder of the CA, the TLS certificates and devices/device<N>.key"),

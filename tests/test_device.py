@@ -206,6 +206,114 @@ def test_giving_up_after_busy_answers_says_the_gateway_was_busy():
     assert str(h.failure()) == "gateway busy (spool full) for part 1/1 after 5 transmissions"
 
 
+# -- the gateway's retry-after hint --------------------------------------------
+
+
+def hinted(h: Harness, part: int, after_ms: int, reason: str = "shed: the gateway takes no new transfer now") -> None:
+    h.sender.ack_received(wire.DayAck(XFER, part, "busy", reason, after_ms))
+
+
+def test_a_hinted_busy_pauses_the_whole_window_for_the_hint_and_some_jitter():
+    h = Harness(parts=3)
+    assert h.parts_sent() == [1, 2, 3]
+    h.clock.advance(0.1)
+    hinted(h, 1, 10_000)
+    # The whole window waits: no timer of any chunk fires meanwhile.
+    (resume,) = h.clock.getDelayedCalls()
+    assert 10.1 <= resume.getTime() <= 10.1 + 10 * 0.2
+    h.clock.advance(resume.getTime() - h.clock.seconds() - 0.001)
+    assert h.parts_sent() == [1, 2, 3]
+    h.clock.advance(0.001)
+    # Then every chunk not acknowledged goes again, on fresh first timers:
+    # the gateway answered, so no retransmission is spent.
+    assert h.parts_sent() == [1, 2, 3, 1, 2, 3]
+    assert (h.sender.metrics.retransmissions, h.sender.metrics.resent_after_busy) == (0, 3)
+    assert (h.sender.metrics.busy_answers, h.sender.metrics.busy_hints) == (1, 1)
+    for part in (1, 2, 3):
+        h.ack(part)
+    assert h.results == [3]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_pause_draws_its_length_between_the_hint_and_a_fifth_more():
+    lengths = []
+    for seed in range(50):
+        h = Harness(seed=seed)
+        hinted(h, 1, 1000)
+        (resume,) = h.clock.getDelayedCalls()
+        lengths.append(resume.getTime())
+    assert all(1.0 <= length <= 1.2 for length in lengths)
+    assert max(lengths) - min(lengths) > 0.1  # drawn, not one value for all
+
+
+def test_acks_during_a_pause_count_and_the_rest_waits_for_its_end():
+    h = Harness(parts=3, window=2)
+    hinted(h, 1, 2000)
+    h.ack(2)
+    # Acknowledged during the pause; part 3 does not start before its end.
+    assert h.parts_sent() == [1, 2]
+    h.clock.advance(2.4)
+    assert h.parts_sent() == [1, 2, 1, 3]
+
+
+def test_the_latest_hint_of_a_window_holds_and_a_shorter_one_does_not_shorten_it():
+    h = Harness(parts=2)
+    hinted(h, 1, 1000)
+    hinted(h, 2, 5000)
+    hinted(h, 1, 500)
+    (resume,) = h.clock.getDelayedCalls()
+    assert 5.0 <= resume.getTime() <= 6.0
+
+
+def test_a_day_acknowledged_during_a_pause_is_done_at_once():
+    h = Harness(parts=2)
+    hinted(h, 1, 3000)
+    h.ack(2)
+    h.ack(1)  # its answer was late, not lost
+    assert h.results == [2]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_hinted_busy_answers_do_not_spend_the_retransmissions():
+    h = Harness(retransmission=Retransmission(max_retransmit=1))
+    for _ in range(5):
+        hinted(h, 1, 1000)
+        h.clock.advance(1.2)
+    assert h.results == []
+    assert h.sender.metrics.retransmissions == 0
+    assert len(h.sent) == 6
+    h.ack(1)
+    assert h.results == [1]
+
+
+def test_hints_that_would_hold_the_day_past_max_busy_wait_fail_it():
+    h = Harness(retransmission=Retransmission(max_busy_wait=30.0))
+    hinted(h, 1, 20_000)
+    h.clock.advance(24)
+    assert h.results == []
+    hinted(h, 1, 20_000)
+    assert str(h.failure()).startswith(
+        "gateway busy (shed: the gateway takes no new transfer now) for part 1/1: its hints would hold the day "
+    )
+    assert str(h.failure()).endswith("s, more than max_busy_wait (30 s)")
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_hint_of_a_millisecond_pauses_a_tenth_of_a_second_at_least():
+    h = Harness()
+    hinted(h, 1, 1)
+    (resume,) = h.clock.getDelayedCalls()
+    assert 0.1 <= resume.getTime() <= 0.12
+
+
+def test_a_bad_answer_during_a_pause_fails_the_day_and_cancels_the_pause():
+    h = Harness(parts=2)
+    hinted(h, 1, 1000)
+    h.ack(2, "bad", "limit: too many")
+    assert "limit: too many" in str(h.failure())
+    assert h.clock.getDelayedCalls() == []
+
+
 def test_bad_fails_the_day_with_the_reason():
     h = Harness(parts=2)
     h.ack(2, "bad", "device 1 is 192.168.1.2, not 10.0.0.9")
@@ -338,6 +446,32 @@ def test_protocol_refuses_unauthenticated_or_malformed_datagrams(data):
     assert protocol.metrics.refused_datagrams == 1
 
 
+def test_protocol_hands_a_hinted_busy_to_the_sender():
+    protocol, _ = connected_protocol()
+    ack = wire.DayAck(XFER, 1, "busy", "", 1500)
+    protocol.datagramReceived(wire.seal(wire.encode(ack), KEY), GATEWAY)
+    assert protocol.sender.acks == [ack]
+
+
+def test_an_answer_with_a_field_the_device_does_not_know_is_no_answer():
+    # What a device of before the retry-after hint does with one (its
+    # decoder refuses any field it does not know, as this one refuses a
+    # field newer than itself): the answer is counted as refused and the
+    # chunk goes again on its CoAP timer.
+    clock = task.Clock()
+    protocol, transport = connected_protocol()
+    sender = DaySender(make_chunks(), protocol.send, clock, rng=random.Random(7), metrics=protocol.metrics)
+    protocol.sender = sender
+    sender.start()
+    answer = wire.encode(wire.DayAck(XFER, 1, "busy")) + b" later=1500"
+    protocol.datagramReceived(wire.seal(answer, KEY), GATEWAY)
+    assert protocol.metrics.refused_datagrams == 1
+    assert protocol.metrics.busy_answers == 0
+    clock.advance(first_timeout(7))
+    assert len(transport.written) == 2
+    assert sender.metrics.retransmissions == 1
+
+
 def test_protocol_ignores_other_messages_and_acks_without_a_sender():
     protocol, _ = connected_protocol()
     protocol.datagramReceived(wire.seal(wire.encode(wire.Ping(1)), KEY), GATEWAY)
@@ -368,7 +502,7 @@ def test_metrics_render_as_logfmt_in_field_order():
     metrics = DeviceMetrics(retransmissions=4, busy_answers=1)
     assert metrics.logfmt() == (
         "retransmissions=4 busy_answers=1 stray_acks=0 foreign_datagrams=0 refused_datagrams=0 "
-        "days_delivered=0 days_failed=0"
+        "days_delivered=0 days_failed=0 busy_hints=0 resent_after_busy=0"
     )
 
 
@@ -437,7 +571,7 @@ def test_a_delivery_sends_the_days_survey_and_fires_with_its_chunks(tmp_path):
     assert lines[-1] == (
         "device 1: gateway acknowledged all 1 datagrams in 0.0 ms after 0 retransmissions; since start "
         "retransmissions=0 busy_answers=0 stray_acks=0 foreign_datagrams=0 refused_datagrams=0 days_delivered=1 "
-        "days_failed=0"
+        "days_failed=0 busy_hints=0 resent_after_busy=0"
     )
 
 

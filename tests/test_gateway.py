@@ -26,6 +26,8 @@ from meter import gateway, testing, wire
 from meter.clocktext import utc_time
 from meter.database import Database
 from meter.gateway import Intake, Uplink
+from meter.gateway.metrics import GatewayMetrics
+from meter.gateway.shedding import Shedding
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, StoredChunk, StoredRound
 from meter.testing import MemorySpool, device_keys
@@ -1185,11 +1187,149 @@ def test_an_overloaded_gateway_answers_busy_before_decoding():
     chunks = [day_chunk(1, part=part, parts=3) for part in (1, 2, 3)]
     for chunk in chunks:
         h.receive(wire.seal(wire.encode(chunk), KEYS[1]), DEVICE_ADDR)
-    assert h.answers() == [(wire.DayAck(chunks[2].xfer, 3, "busy", "overloaded: too many chunks wait for the spool"), DEVICE_ADDR)]
+    # With the shortest retry-after hint: nothing was shed, the calendar is empty.
+    assert h.answers() == [
+        (wire.DayAck(chunks[2].xfer, 3, "busy", "overloaded: too many chunks wait for the spool", 500), DEVICE_ADDR)
+    ]
     assert h.intake.added() == 2
     assert h.intake.intake.metrics.refused_overloaded == 1
     h.intake.spool.release()
     assert [answer for answer, _ in h.answers()[1:]] == [ok(chunks[0]), ok(chunks[1])]
+
+
+# -- shedding load ------------------------------------------------------------------
+
+
+class SheddingHarness(ProtocolHarness):
+    """
+    A gateway protocol handed datagrams with the time each waited in the
+    kernel's queue, as a L{meter.gateway.shedding.StampedPort} hands them.
+    """
+
+    def waited(self, seconds: float, data: bytes, addr=DEVICE_ADDR) -> None:
+        self.protocol.arrived = self.intake.clock.seconds() - seconds
+        try:
+            self.receive(data, addr)
+        finally:
+            self.protocol.arrived = None
+
+    def send(self, chunk, waited: float = 0.0) -> None:
+        self.waited(waited, wire.seal(wire.encode(chunk), KEYS[chunk.device_id]), (FLEET[chunk.device_id], 5000))
+
+    def stand(self, seconds: float, waited: float = 0.150) -> None:
+        """
+        A queue standing for C{seconds}: datagrams (without a tag, dropped
+        unanswered) each having waited C{waited}.
+        """
+        for _ in range(round(seconds / 0.005)):
+            self.intake.clock.advance(0.005)
+            self.waited(waited, b"noise", ("10.0.0.1", 5000))
+
+    def answers_to(self, device_id: int) -> list[wire.DayAck]:
+        return [
+            wire.decode(wire.unseal(data, KEYS[device_id]))
+            for data, addr in self.transport.written
+            if addr[0] == FLEET[device_id]
+        ]
+
+    def answer(self, device_id: int) -> wire.DayAck:
+        return self.answers_to(device_id)[-1]
+
+    def ticks(self) -> list:
+        return [call for call in self.intake.clock.getDelayedCalls() if "LoopingCall" in repr(call)]
+
+
+def test_a_standing_queue_answers_a_new_transfer_busy_with_a_hint_before_decoding():
+    h = SheddingHarness()
+    h.stand(0.2)
+    assert h.protocol.shedding.shedding
+    h.send(day_chunk(2, part=1, parts=2), waited=0.150)
+    ack = h.answer(2)
+    assert (ack.status, ack.reason) == ("busy", "shed: the gateway takes no new transfer now")
+    assert ack.retry_after_ms >= 500
+    assert h.intake.added() == 0
+    assert h.intake.intake.metrics.shed == 1
+    assert h.intake.intake.metrics.decoder_refused == {}
+
+
+def test_a_transfer_under_way_goes_on_while_new_ones_are_shed():
+    h = SheddingHarness()
+    first, second = day_chunk(1, part=1, parts=2), day_chunk(1, part=2, parts=2)
+    h.send(first)
+    assert h.answer(1) == ok(first)
+    h.stand(0.2)
+    h.send(second, waited=0.150)
+    assert h.answer(1) == ok(second)
+    h.send(day_chunk(2, part=1, parts=2), waited=0.150)
+    assert h.answer(2).status == "busy"
+    assert h.intake.added() == 2
+
+
+def test_a_transfer_whose_first_chunk_is_still_committing_goes_on():
+    h = SheddingHarness()
+    h.intake.spool.hold()
+    first, second = day_chunk(1, part=1, parts=2), day_chunk(1, part=2, parts=2)
+    h.stand(0.05)  # the queue stands, but not for an interval yet
+    h.send(first, waited=0.150)
+    h.stand(0.1)
+    assert h.protocol.shedding.shedding
+    h.send(second, waited=0.150)
+    h.intake.spool.release()
+    assert [ack for ack, _ in h.answers()] == [ok(first), ok(second)]
+
+
+def test_a_device_sent_away_is_let_in_when_it_comes_back_at_its_slot():
+    h = SheddingHarness()
+    h.stand(0.2)
+    first = day_chunk(2, part=1, parts=2)
+    h.send(first, waited=0.150)
+    hint = h.answer(2).retry_after_ms / 1000
+    h.stand(hint)
+    assert h.protocol.shedding.shedding
+    h.send(first, waited=0.150)
+    h.send(day_chunk(2, part=2, parts=2), waited=0.150)
+    assert [ack.status for ack in h.answers_to(2)] == ["busy", "ok", "ok"]
+    assert h.intake.intake.metrics.shed_returned == 1
+
+
+def test_a_short_queue_stops_the_shedding():
+    h = SheddingHarness()
+    h.stand(0.2)
+    h.stand(0.005, waited=0.001)
+    chunk = day_chunk(2)
+    h.send(chunk, waited=0.001)
+    assert h.answer(2) == ok(chunk)
+
+
+def test_a_gateway_that_does_not_shed_answers_as_before():
+    h = SheddingHarness(shedding=Shedding(GatewayMetrics(), enabled=False))
+    h.stand(1.0)
+    chunk = day_chunk(2)
+    h.send(chunk, waited=0.150)
+    assert h.answer(2) == ok(chunk)
+
+
+def test_retransmissions_of_stored_chunks_are_acknowledged_while_shedding():
+    h = SheddingHarness()
+    chunk = day_chunk(2)
+    h.send(chunk)
+    h.stand(0.2)
+    h.send(chunk, waited=0.150)
+    assert h.answers_to(2) == [ok(chunk), ok(chunk)]
+
+
+def test_shedding_follows_the_time_between_datagrams_only_while_alert():
+    h = SheddingHarness()
+    h.send(day_chunk(2))
+    assert h.ticks() == []
+    h.stand(0.2)
+    assert len(h.ticks()) == 1
+    h.intake.clock.advance(2)  # no datagram: the queue is empty
+    assert not h.protocol.shedding.shedding
+    for _ in range(10):
+        h.intake.clock.advance(1)
+    assert h.ticks() == []
+    assert h.protocol.shedding.alert is False
 
 
 def test_uplink_keeps_up_to_its_window_of_batches_in_flight():

@@ -36,6 +36,7 @@ from meter.gateway import Intake, Uplink
 from meter.gateway.exposition import GatewayExposition
 from meter.gateway.failover import CloudNodes
 from meter.gateway.metrics import GatewayMetrics
+from meter.gateway.shedding import Shedding
 from meter.monitoring import exposition, udp, web
 from meter.monitoring.histogram import COMMIT_SECONDS, Histogram
 from meter.testing import MemorySpool
@@ -191,9 +192,11 @@ class GatewayParts:
         self.port = FakePort()
         self.inodes: list[int] = []
         self.nodes = CloudNodes(["127.0.0.1:8001", "127.0.0.1:8002"])
+        self.shedding = Shedding(self.metrics)
         self.exposition = GatewayExposition(
             self.metrics, self.intake, self.uplink, self.spool, self.database, self.port, spool_limit,
-            drops=lambda inode: self.inodes.append(inode) or 7, nodes=self.nodes,
+            drops=lambda inode: self.inodes.append(inode) or 7, nodes=self.nodes, shedding=self.shedding,
+            clock=self.clock,
         )
 
     def report(self, device_id: int) -> wire.DayAck:
@@ -278,6 +281,24 @@ def test_the_gateway_collector_sorts_each_datagram_count_by_its_result_and_code(
     steps = {labels[0][1]: v for (name, labels), v in s.items() if name == "meter_gateway_transaction_failures_total"}
     assert sum(steps.values()) == m.transaction_failures
     assert (steps["close_round"], steps["take_batch"], steps["spool_chunk"]) == (2, 1, 1)
+
+
+def test_the_gateway_collector_shows_the_shedding(parts):
+    quiet = scraped(parts.exposition)
+    assert (quiet[("meter_gateway_shedding", ())], quiet[("meter_gateway_shed_episodes_total", ())]) == (0, 0)
+    for _ in range(30):
+        parts.clock.advance(0.01)
+        parts.shedding.observe(parts.clock.seconds(), 0.150)
+    parts.shedding.shed(parts.clock.seconds(), 1, 0.150)
+    parts.shedding.shed(parts.clock.seconds(), 2, 0.150)
+    s = scraped(parts.exposition)
+    assert (s[("meter_gateway_shedding", ())], s[("meter_gateway_shed_episodes_total", ())]) == (1, 1)
+    assert s[("meter_gateway_queue_delay_seconds", ())] == pytest.approx(0.150)
+    assert s[("meter_gateway_shed_hint_seconds", ())] > 0.5
+    assert s[("meter_gateway_shed_devices_waiting", ())] == 2
+    assert s[("meter_gateway_shed_total", (("result", "busy"),))] == 2
+    assert s[("meter_gateway_datagrams_total", (("result", "busy"),))] == 2
+    assert s[("meter_gateway_refusals_total", (("code", "shed"),))] == 2
 
 
 def test_the_gateway_is_ready_until_its_spool_is_full_and_again_once_it_drains(parts):

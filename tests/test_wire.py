@@ -89,6 +89,13 @@ def test_dayack_bytes():
     assert encode(DayAck(XFER, 1, "busy", "spool full")) == (
         b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy why=spool%20full"
     )
+    # The retry-after hint, in whole milliseconds, last.
+    assert encode(DayAck(XFER, 1, "busy", "shed: wait", 1500)) == (
+        b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy why=shed%3A%20wait after=1500"
+    )
+    assert encode(DayAck(XFER, 1, "busy", retry_after_ms=4294967295)) == (
+        b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=4294967295"
+    )
 
 
 def test_batch_bytes_carry_a_crc32_of_the_records():
@@ -116,6 +123,8 @@ ROUND_TRIP = [
     chunk(readings=(reading(wire.MAX_DEVICE_ID, "10.0.0.1", "00:00", 85, 0),), device_id=wire.MAX_DEVICE_ID, ip="10.0.0.1"),
     DayAck(XFER, 1, "ok"),
     DayAck(XFER, 1440, "busy", "spool full"),
+    DayAck(XFER, 2, "busy", "shed: wait", 1),
+    DayAck(XFER, 2, "busy", "", 60_000),
     DayAck(XFER, 3, "bad", "range: temperature 86 outside -40..85 °C; 50% = a/b"),
     Batch(BATCH_ID, ()),
     Batch(
@@ -184,6 +193,10 @@ def test_round_trip_property(minutes, temperature, humidity, device_id):
         DayAck(XFER, 1, "ok", "but why"),
         DayAck(XFER, 1, "bad"),
         DayAck(XFER, 1, "maybe", "x"),
+        DayAck(XFER, 1, "ok", "", 1000),
+        DayAck(XFER, 1, "bad", "fleet: no", 1000),
+        DayAck(XFER, 1, "busy", "", 0),
+        DayAck(XFER, 1, "busy", "", 2**32),
         BatchAck(BATCH_ID, "busy", "x"),
         BatchAck(BATCH_ID, "bad"),
     ],
@@ -322,6 +335,15 @@ MALFORMED = [
     ("dayack reason invalid utf-8", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=%FF", "value"),
     ("dayack empty reason", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=", "value"),
     ("dayack reason before status", b"meter/1 DAYACK xfer=0123456789abcdef part=1 why=x st=bad", "field"),
+    ("dayack hint with ok", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=ok after=100", "value"),
+    ("dayack hint with bad", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=bad why=x after=100", "value"),
+    ("dayack hint of zero", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=0", "value"),
+    ("dayack hint leading zero", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=0100", "value"),
+    ("dayack hint not a number", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=1.5", "value"),
+    ("dayack hint past 32 bits", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=4294967296", "value"),
+    ("dayack empty hint", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=", "value"),
+    ("dayack hint before reason", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=100 why=x", "field"),
+    ("dayack hint twice", b"meter/1 DAYACK xfer=0123456789abcdef part=1 st=busy after=100 after=100", "field"),
     ("batchack missing dup", b"meter/1 BATCHACK id=fedcba9876543210 st=ok new=1", "field"),
     ("batchack busy", b"meter/1 BATCHACK id=fedcba9876543210 st=busy new=0 dup=0 why=x", "value"),
     ("batchack negative count", b"meter/1 BATCHACK id=fedcba9876543210 st=ok new=-1 dup=0", "value"),

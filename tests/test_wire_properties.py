@@ -115,7 +115,8 @@ def acks(draw, kind):
     status = draw(st.sampled_from(wire.STATUSES[kind]))
     reason = "" if status == "ok" else draw(reasons) if status == "bad" else draw(st.one_of(st.just(""), reasons))
     if kind is DayAck:
-        return DayAck(draw(hex16), draw(st.integers(0, wire.MAX_READINGS)), status, reason)
+        hint = draw(st.one_of(st.none(), st.integers(1, 2**32 - 1))) if status == "busy" else None
+        return DayAck(draw(hex16), draw(st.integers(0, wire.MAX_READINGS)), status, reason, hint)
     return BatchAck(draw(hex16), status, reason, draw(uint32), draw(uint32))
 
 

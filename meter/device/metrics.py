@@ -21,7 +21,8 @@ class DeviceMetrics:
     #: Chunks sent again because their acknowledgement did not come in time.
     retransmissions: int = 0
     #: Acknowledgements saying the gateway is alive but cannot take the
-    #: chunk now (its spool is full): the chunk waits for its next timer.
+    #: chunk now (its spool is full, it is overloaded): the chunk waits for
+    #: its next timer, or the whole day for the gateway's hint.
     busy_answers: int = 0
     #: Acknowledgements matching no chunk in flight (another transfer, a
     #: part already acknowledged or never sent).
@@ -36,6 +37,12 @@ class DeviceMetrics:
     #: Attempts to send a day that failed (refused, unanswered, or an
     #: unreadable survey).
     days_failed: int = 0
+    #: Busy answers carrying the gateway's retry-after hint: each paused
+    #: the day's sending (counted in C{busy_answers} too).
+    busy_hints: int = 0
+    #: Chunks sent again when a pause on a hint ended: not retransmissions,
+    #: they do not count against C{max_retransmit}.
+    resent_after_busy: int = 0
 
     def logfmt(self) -> str:
         """

@@ -122,7 +122,9 @@ def build(options: Options, reactor) -> MultiService:
     settings = options.config.device
     device_id = settings["id"]
     protocol = DeviceProtocol(settings["gateway"], options.key, DeviceMetrics())
-    retransmission = Retransmission(settings["ack_timeout"], settings["ack_random_factor"], settings["max_retransmit"])
+    retransmission = Retransmission(
+        settings["ack_timeout"], settings["ack_random_factor"], settings["max_retransmit"], settings["max_busy_wait"]
+    )
     delivery = SurveyDelivery(
         protocol,
         reactor,

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from meter.gateway.failover import CloudNodes
 from meter.gateway.metrics import GatewayMetrics
+from meter.gateway.shedding import Shedding
 from meter.monitoring import exposition as families, udp, web
 
 #: The admission's refusals (each answered C{bad}, or C{busy} for the last
@@ -35,10 +36,11 @@ ADMISSION_CODES = {
     "refused_conflict": "conflict",
     "refused_spool_full": "spool_full",
     "refused_overloaded": "overloaded",
+    "shed": "shed",
 }
 
 #: The admission's refusals answered C{busy} (the device retries them).
-BUSY = ("refused_spool_full", "refused_overloaded", "spool_failures")
+BUSY = ("refused_spool_full", "refused_overloaded", "spool_failures", "shed")
 
 #: The spool steps whose failures are counted, by their counter.
 STEPS = {
@@ -65,12 +67,17 @@ class GatewayExposition:
         and its C{transport} is the port whose kernel drops are read.
     @param drops: the kernel's drops at a socket's inode (L{udp.receive_drops}).
     @param nodes: the cloud's nodes, and the one connected to or tried next.
+    @param shedding: the load shedding controller, and C{clock}, the time
+        its gauges are read at (None: its gauges read 0).
     """
 
     def __init__(
         self, metrics: GatewayMetrics, intake, uplink, spool, database, protocol, spool_limit: int,
         drops: Callable[[int], int | None] = udp.receive_drops, nodes: CloudNodes | None = None,
+        shedding: Shedding | None = None, clock=None,
     ):
+        self._shedding = shedding
+        self._clock = clock
         self._metrics = metrics
         self._intake = intake
         self._uplink = uplink
@@ -140,6 +147,43 @@ class GatewayExposition:
             "Chunks answered bad or busy, by the code the answer starts with (docs/protocol.md).",
             "code",
             codes,
+        )
+        shed = self._shedding.gauges(self._clock.seconds()) if self._shedding is not None else {}
+        yield families.gauge(
+            "meter_gateway_shedding",
+            "1 while the gateway sheds load (new transfers answered busy with a retry-after hint), else 0.",
+            shed.get("shedding", 0),
+        )
+        yield families.gauge(
+            "meter_gateway_queue_delay_seconds",
+            "The least time a datagram waited in the kernel's receive queue over the last shed_interval: the "
+            "standing queue shedding is decided by.",
+            shed.get("queue_delay_seconds", 0.0),
+        )
+        yield families.gauge(
+            "meter_gateway_shed_hint_seconds",
+            "While shedding, the retry-after hint the next new transfer gets, seconds; else 0.",
+            shed.get("hint_seconds", 0.0),
+        )
+        yield families.gauge(
+            "meter_gateway_shed_rate_chunks",
+            "Chunks the gateway commits a CPU second, as measured: the rate the hints space the devices sent away at.",
+            shed.get("rate", 0.0),
+        )
+        yield families.gauge(
+            "meter_gateway_shed_devices_waiting",
+            "Devices sent away with a hint whose slot has not come or who have not come back yet.",
+            shed.get("devices_sent_away", 0),
+        )
+        yield families.counters(
+            "meter_gateway_shed_total",
+            "Chunks of new transfers while shedding: busy (answered busy with a retry-after hint, before decoding), "
+            "returned (the device came back at its slot and was let in).",
+            "result",
+            {"busy": m.shed, "returned": m.shed_returned},
+        )
+        yield families.counter(
+            "meter_gateway_shed_episodes_total", "Times the gateway started shedding load.", m.shed_episodes
         )
         yield families.counter(
             "meter_gateway_readings_acknowledged_total",

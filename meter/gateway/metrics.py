@@ -76,6 +76,17 @@ class GatewayMetrics:
     #: (C{overloaded}, busy).
     refused_overloaded: int = 0
 
+    # -- load shedding (meter.gateway.shedding) --------------------------------
+
+    #: Chunks of new transfers answered busy with a retry-after hint while
+    #: the gateway shed load (C{shed}, busy).
+    shed: int = 0
+    #: Chunks of devices sent away that came back at their slot and were
+    #: let in while the gateway still shed load.
+    shed_returned: int = 0
+    #: Times the gateway started shedding load.
+    shed_episodes: int = 0
+
     # -- rounds and reassembly ------------------------------------------------
 
     #: Rounds closed, complete or at their deadline.

@@ -10,14 +10,23 @@ import socket
 
 from twisted.internet.interfaces import IHandshakeListener, INegotiated
 from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from meter import wire
 from meter.gateway.intake import Intake
+from meter.gateway.shedding import Shedding
 from meter.gateway.link import CloudLink, Expectation, address_text, tls_failure
 from meter.gateway.uplink import Uplink
 from meter.ratelimit import LimitedWarnings, PerSource
+
+
+#: The reasons of the busy answers to an overloaded gateway's chunks:
+#: shed (a new transfer while the queue stands), and overloaded (the
+#: backstop, whatever the transfer).
+SHED_REASON = "shed: the gateway takes no new transfer now"
+OVERLOADED_REASON = "overloaded: too many chunks wait for the spool"
 
 
 class GatewayProtocol(DatagramProtocol):
@@ -45,8 +54,10 @@ class GatewayProtocol(DatagramProtocol):
         source_burst: float = 400.0,
         receive_buffer: int = 4 << 20,
         log_datagrams: bool = False,
+        shedding: Shedding | None = None,
     ):
         self._intake = intake
+        self._clock = clock
         self._admission = intake.admission
         self._metrics = intake.metrics
         self._log_datagrams = log_datagrams
@@ -57,6 +68,11 @@ class GatewayProtocol(DatagramProtocol):
         self._per_source = PerSource(clock, source_rate, source_burst)
         # Warnings about bad input: a few a minute per source, then a count.
         self._warnings = LimitedWarnings(self.log, clock)
+        self.shedding = shedding if shedding is not None else Shedding(self._metrics)
+        #: The kernel's receive time of the datagram being handled, set by a
+        #: L{meter.gateway.shedding.StampedPort} (None: not known).
+        self.arrived: float | None = None
+        self._tick = None
 
     def set_keys(self, keys: dict[int, bytes]) -> None:
         """
@@ -71,10 +87,41 @@ class GatewayProtocol(DatagramProtocol):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
 
+    def stopProtocol(self):
+        if self._tick is not None and self._tick.running:
+            self._tick.stop()
+        self._tick = None
+
+    def _follow(self) -> None:
+        """
+        While the shedding controller is alert, let it follow the time
+        between datagrams too, so it ends an overload period (and logs it)
+        when the datagrams stop; nothing is scheduled otherwise.
+        """
+        if self._tick is None:
+            self._tick = LoopingCall(self._ticked)
+            self._tick.clock = self._clock
+            self._tick.start(1.0, now=False)
+
+    def _ticked(self) -> None:
+        self.shedding.tick(self._clock.seconds())
+        if not self.shedding.alert:
+            self._tick.stop()
+            self._tick = None
+
     def datagramReceived(self, data: bytes, addr):
         peer = f"{addr[0]}:{addr[1]}"
         metrics = self._metrics
         metrics.datagrams += 1
+        # Every datagram's wait in the kernel's queue, before anything else:
+        # the signal the gateway sheds load by (meter.gateway.shedding).
+        now = self._clock.seconds()
+        arrived = self.arrived
+        sojourn = now - arrived if arrived is not None else 0.0
+        shedding = self.shedding
+        shedding.observe(now, sojourn)
+        if shedding.alert and self._tick is None:
+            self._follow()
         if not self._per_source.allow(addr[0]):
             metrics.dropped_flood += 1
             self._warnings.warn(addr[0], "dropping datagrams from {peer}: over its limit of {rate:g} a second", peer=peer, rate=self._per_source.rate)
@@ -109,16 +156,26 @@ class GatewayProtocol(DatagramProtocol):
                 # late): answer again without decoding it a second time.
                 self._reply(wire.DayAck(xfer, part, "ok"), key, addr)
                 return
+            if shedding.shedding:
+                transfer = (device_id, xfer)
+                if transfer not in self._intake.reassembly.transfers and not shedding.under_way(transfer):
+                    # A new transfer while the queue stands: answered
+                    # before it is decoded, with the time to come back.
+                    hint = shedding.shed(now, device_id, sojourn)
+                    if hint is not None:
+                        self._reply(wire.DayAck(xfer, part, "busy", SHED_REASON, hint), key, addr)
+                        return
             if self._admission.overloaded():
-                # More chunks wait for their commit than the spool can
-                # take in a device's first timeout: refuse new work now,
-                # cheaply, rather than acknowledge late and draw every
-                # device's retransmissions.  The device keeps the chunk.
+                # The backstop: more chunks wait for their commit than the
+                # spool can take in a device's first timeout: refuse new
+                # work now, cheaply, rather than acknowledge late and draw
+                # every device's retransmissions.  The device keeps the
+                # chunk.
                 metrics.refused_overloaded += 1
-                self._reply(
-                    wire.DayAck(xfer, part, "busy", "overloaded: too many chunks wait for the spool"), key, addr
-                )
+                self._reply(wire.DayAck(xfer, part, "busy", OVERLOADED_REASON, shedding.hint(now)), key, addr)
                 return
+            if shedding.alert:
+                shedding.opened(now, device_id, xfer)
         try:
             message = wire.decode(body, max_size=wire.MAX_DATAGRAM)
         except wire.WireError as e:

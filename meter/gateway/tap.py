@@ -9,7 +9,6 @@ import gc
 import signal
 from pathlib import Path
 
-from twisted.application.internet import UDPServer
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
@@ -17,7 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from meter import config, database, gateway, secrets
-from meter.gateway import exposition
+from meter.gateway import exposition, shedding
 from meter.database import Database
 from meter.listening import NamedListener, StartRefused
 from meter.notify import Notifier, ReadinessService
@@ -140,11 +139,16 @@ class GatewayService(MultiService):
         self.intake.recover(recovered)
 
         host, port = s["listen"]
-        protocol = gateway.GatewayProtocol(
-            self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"]
+        shedder = shedding.Shedding(
+            self.metrics, s["shed_target"], s["shed_interval"], s["shed_max_hint"], enabled=s["shed"]
+        )
+        self.protocol = protocol = gateway.GatewayProtocol(
+            self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"],
+            shedding=shedder,
         )
         NamedListener(
-            UDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM),
+            # Its kernel receive timestamps measure the queue shedding reads.
+            shedding.StampedUDPServer(port, protocol, interface=host, maxPacketSize=MAX_DATAGRAM, reactor=self._reactor),
             "meter-gateway",
             "UDP",
             f"--listen or [gateway] listen in {self._source}",
@@ -197,7 +201,7 @@ class GatewayService(MultiService):
         ).setServiceParent(self)
         exposition.monitor(self, s["metrics"], self._reactor, exposition.GatewayExposition(
             self.metrics, self.intake, self.uplink, spool, self.database, protocol, s["spool_limit"],
-            nodes=cloud_link.nodes,
+            nodes=cloud_link.nodes, shedding=shedder, clock=self._reactor,
         ))
         self.log.info(
             "gateway for {n} devices: UDP {host}:{port}, cloud {cloud}, deadline {deadline:g} s, "
@@ -240,7 +244,7 @@ class GatewayService(MultiService):
         first, then reassemblies, duplicates, failures, forwarding retries
         and the rest (see L{meter.gateway.metrics}).
         """
-        gauges = self.intake.gauges()
+        gauges = {**self.intake.gauges(), **self.protocol.shedding.stats_gauges()}
         # The text for a person; the gauges and counts, as numbers, for a
         # program reading the log's events.
         self.log.info("gateway stats: {stats}", stats=render(gauges, self.metrics), gauges=gauges, counts=self.metrics.counts())

@@ -205,6 +205,21 @@ def _status_of(statuses: tuple[str, ...]):
     return rule
 
 
+def _hint_with_busy(ack: DayAck):
+    """
+    The rule of a retry-after hint: only a busy answer carries one, and it
+    is a wait (a hint of 0 would let a device resend at once, without end).
+    """
+    after = ack.retry_after_ms
+    if after is None:
+        return None
+    if ack.status != "busy":
+        return "value", f"after={after} with status {ack.status} (only busy has a hint)"
+    if not 1 <= after <= values.MAX_UINT32:
+        return "value", f"after={after} outside 1 ... {values.MAX_UINT32}"
+    return None
+
+
 def _check_day(read: dict) -> None:
     check_day_records(read["r"], read["n"], read["dev"], read["ip"], read["day"])
 
@@ -258,8 +273,12 @@ KINDS = (
             Field("part", _uint("part", MAX_READINGS), ("part",)),
             Field("st", _text, ("status",)),
             _REASON,
+            # The retry-after hint, milliseconds: new in issue 20, at the
+            # end of the list, so a device that does not know it refuses the
+            # answer as a whole (code field) and retries on its own timers.
+            Field("after", _uint("after"), ("retry_after_ms",), optional=True, default=None),
         ),
-        rules=(_status_of(STATUSES[DayAck]),),
+        rules=(_status_of(STATUSES[DayAck]), _hint_with_busy),
     ),
     Kind(
         "BATCH",

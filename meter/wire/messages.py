@@ -100,12 +100,16 @@ class DayAck:
     @ivar status: C{ok} (the chunk is durable at the gateway), C{busy} (the
         gateway cannot take it now; retry later) or C{bad} (it will never be
         accepted; C{reason} says why).
+    @ivar retry_after_ms: with C{busy} only, the gateway's hint: how many
+        milliseconds the device should wait before it sends again (C{None}:
+        no hint, the device retries on its own timers).
     """
 
     xfer: str
     part: int
     status: str
     reason: str = ""
+    retry_after_ms: int | None = None
 
 
 def _batch_records_text(value) -> str:

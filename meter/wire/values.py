@@ -271,7 +271,16 @@ def quote_reason(reason: str) -> str:
     The text of a reason: its UTF-8, every byte but letters, digits and
     C{_.-~} percent-encoded, so it holds no space or C{=}.
     """
-    return quote(reason, safe="")
+    # The fixed reasons of an overloaded gateway's busy answers go out by
+    # the thousand a second: their text is made once.
+    quoted = QUOTED_REASONS.entries.get(reason)
+    if quoted is None:
+        quoted = QUOTED_REASONS.remember(reason, quote(reason, safe=""))
+    return quoted
+
+
+#: Reasons already quoted, by their text.
+QUOTED_REASONS = BoundedCache(256)
 
 
 def record_count(records: str) -> int:
