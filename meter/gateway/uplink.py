@@ -1,7 +1,8 @@
 """
-The uplink: moves the readings of closed rounds from the spool to the cloud,
-a window of batches at a time, and removes each batch from the spool once
-the cloud acknowledged it.
+The uplink: moves the ready readings (those of closed rounds, and with
+C{[gateway] forward = "device"} those of each device whose transfer is
+complete) from the spool to the cloud, a window of batches at a time, and
+removes each batch from the spool once the cloud acknowledged it.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ class Uplink:
     seconds; an acknowledged batch stays in the window until its removal
     succeeds.
 
-    Readings of chunks that arrive after their round closed (see
-    L{late_arrived}) linger: for C{late_linger} seconds from the first of
-    them a batch goes only if it is full, so a late day arriving chunk by
-    chunk leaves in a few full batches rather than one batch a chunk.
+    Readings of chunks that arrive after their round closed, and devices'
+    days ready before their round closes (see L{late_arrived}), linger: for
+    C{late_linger} seconds from the first of them a batch goes only if it
+    is full, so days arriving one by one leave in full batches rather than
+    one batch a chunk or a device.
     """
 
     log = Logger()
@@ -156,9 +158,10 @@ class Uplink:
 
     def late_arrived(self, count: int) -> None:
         """
-        A chunk of C{count} readings arrived after its round closed: it is
-        spooled and ready.  It goes with the batch that fills, or when the
-        linger it starts (or joins) ends.
+        C{count} readings became ready on their own, not with their round:
+        a chunk arrived after its round closed, or a device's day is
+        complete (C{[gateway] forward = "device"}).  They go with the batch
+        that fills, or when the linger they start (or join) ends.
         """
         if self._late_linger <= 0:
             self.send_next()
@@ -206,19 +209,19 @@ class Uplink:
 
     def _next_start(self) -> int:
         """
-        Where the next batch starts in the spool: after the newest batch
-        still waiting for its acknowledgement.  An acknowledged batch needs
+        Where the next batch starts in the spool's ready order: after the
+        newest batch still waiting for its acknowledgement.  An acknowledged batch needs
         no skipping: its removal was queued in the spool's database before
         any later fetch, which therefore no longer sees its readings; if
         that removal fails, no fetch starts until it is made again, and a
         fetch taken in its transaction is dropped (see L{_send}).  After
         a reconnection nothing waits, so the batches that lost their
-        acknowledgement are sent again first.  Readings of a round that
-        closed while batches were in flight, behind them in the spool, wait
-        until the window drains, which it does whenever the cloud has caught
-        up.
+        acknowledgement are sent again first.  A chunk made ready later is
+        placed after every ready one (L{ISpool.take_batch}), so it is never
+        behind the window; only a chunk a batch left out (it repeated a
+        device and minute of the batch) waits for the window to drain.
         """
-        return max((f.seqs[-1] for f in self._in_flight.values() if not f.acknowledged), default=0)
+        return max((f.last for f in self._in_flight.values() if not f.acknowledged), default=0)
 
     def _send(self, spooled: SpooledBatch, after: int) -> None:
         self._fetching = False
@@ -245,7 +248,7 @@ class Uplink:
             return
         self._late_readings = max(0, self._late_readings - spooled.count)
         batch = wire.Batch(self._new_batch_id(), spooled.records)
-        flight = _InFlight(batch, spooled.seqs, self._clock.seconds())
+        flight = _InFlight(batch, spooled.seqs, spooled.last, self._clock.seconds())
         flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
         self._in_flight[batch.batch_id] = flight
         self.metrics.batches_sent += 1
@@ -255,7 +258,10 @@ class Uplink:
             count=spooled.count,
         )
         self._sender.send(batch)
-        self.send_next()
+        if spooled.more:
+            # Otherwise nothing more was ready: what becomes ready says so
+            # (a round closing, late_arrived, an acknowledgement).
+            self.send_next()
 
     def ack_received(self, ack: wire.BatchAck) -> None:
         flight = self._in_flight.get(ack.batch_id)
@@ -370,6 +376,8 @@ class Uplink:
 class _InFlight:
     batch: wire.Batch
     seqs: tuple[int, ...]
+    #: Its last chunk's place in the spool's ready order.
+    last: int
     sent_at: float
     timer: object = None
     acknowledged: bool = False
