@@ -51,7 +51,9 @@ class Gateway:
     them, connected to a fake cloud; each step lets the spool commit.
     """
 
-    def __init__(self, forward="device", spool=None, clock=None, batch_readings=100, late_linger=1.0, deadline=60.0):
+    def __init__(
+        self, forward="device", spool=None, clock=None, batch_readings=100, late_linger=1.0, deadline=60.0, window=4,
+    ):
         self.clock = clock or task.Clock()
         if clock is None:
             self.clock.advance(NOW)
@@ -59,7 +61,7 @@ class Gateway:
         self.events: list[dict] = []
         log = Logger(observer=self.events.append)
         self.uplink = Uplink(
-            self.spool, self.clock, batch_readings, 30.0, lambda count: None, window=4, late_linger=late_linger, log=log,
+            self.spool, self.clock, batch_readings, 30.0, lambda count: None, window=window, late_linger=late_linger, log=log,
         )
         self.intake = Intake(
             FLEET, self.spool, self.clock, deadline, self.uplink.send_next, on_late=self.uplink.late_arrived,
@@ -75,9 +77,9 @@ class Gateway:
         self.clock.advance(0)  # the devices made ready commit in the next turn
         assert d.result.status == "ok", d.result
 
-    def report(self, *device_ids: int) -> None:
+    def report(self, *device_ids: int, minutes=(480,)) -> None:
         for device_id in device_ids:
-            self.send(day_chunk(device_id))
+            self.send(day_chunk(device_id, minutes=minutes))
 
     def ack_all(self) -> None:
         for batch in self.cloud.sent:
@@ -114,6 +116,26 @@ def test_full_batches_go_at_once():
     g.clock.advance(1.0)
     assert g.cloud.devices() == [1, 2, 3]
     assert g.round_open()
+
+
+def test_a_batch_no_further_chunk_fits_in_is_full_and_goes_at_once():
+    # Days of 2 readings, batches of at most 3: a batch holds one day, and
+    # it is full when the next day waits behind it, whatever the linger.
+    g = Gateway(batch_readings=3, window=1)
+    g.report(1, 2, 3, minutes=(480, 481))
+    assert g.cloud.devices() == [1, 1]  # the window is full
+    g.clock.advance(1.0)  # the linger ends, with days still waiting
+    g.clock.advance(0.5)
+    g.report(4, minutes=(480, 481))  # a new linger
+    g.ack_all()
+    assert g.cloud.devices() == [1, 1, 2, 2]
+    g.ack_all()
+    assert g.cloud.devices() == [1, 1, 2, 2, 3, 3]
+    g.ack_all()
+    # The last day alone is not full: it waits for the linger.
+    assert g.cloud.devices() == [1, 1, 2, 2, 3, 3]
+    g.clock.advance(1.0)
+    assert g.cloud.devices() == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
 def test_the_round_still_closes_naming_the_missing_devices_and_sends_the_rest():

@@ -238,13 +238,12 @@ class Uplink:
             return
         if self._sender is None or len(self._in_flight) >= self._window:
             return
-        if (
-            self._linger is not None
-            and spooled.count < self._batch_readings
-            and self._late_readings < self._batch_readings
-        ):
-            # Late chunks are still arriving: wait for the batch to fill, at
-            # most until the linger ends (which calls send_next).
+        if self._linger is not None and not spooled.more and self._late_readings < self._batch_readings:
+            # Days ready on their own are still arriving, and this batch
+            # has room for more: wait for it to fill, at most until the
+            # linger ends (which calls send_next).  A batch the next chunk
+            # did not fit in (more) is full, though it may hold fewer than
+            # batch_readings.
             return
         self._late_readings = max(0, self._late_readings - spooled.count)
         batch = wire.Batch(self._new_batch_id(), spooled.records)
