@@ -246,6 +246,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
             "database of stored readings: an SQLite file, or a PostgreSQL URI postgresql://user@host:port/dbname "
             "(?host=/socket/dir for a Unix socket)",
         ),
+        "cache_mb": (
+            positive, 64.0,
+            "SQLite page cache of the readings database, in megabytes: it holds the interior pages of a fleet's "
+            "readings, which every insert reads",
+        ),
         "console": (
             optional_path, "",
             "file the console lines are appended to (\"-\": standard output; \"\": standard output in the "
