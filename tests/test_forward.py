@@ -118,6 +118,17 @@ def test_full_batches_go_at_once():
     assert g.round_open()
 
 
+def test_a_full_batch_sent_leaves_the_rest_lingering_without_taking_it():
+    # What lingers is less than a batch: taking it would only drop it.
+    g = Gateway(batch_readings=2)
+    taken = g.spool.submitted["take_batch"]
+    g.report(1, 2, 3)
+    assert g.cloud.devices() == [1, 2]
+    assert g.spool.submitted["take_batch"] == taken + 1
+    g.clock.advance(1.0)
+    assert g.cloud.devices() == [1, 2, 3]
+
+
 def test_a_batch_no_further_chunk_fits_in_is_full_and_goes_at_once():
     # Days of 2 readings, batches of at most 3: a batch holds one day, and
     # it is full when the next day waits behind it, whatever the linger.

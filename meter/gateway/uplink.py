@@ -257,9 +257,11 @@ class Uplink:
             count=spooled.count,
         )
         self._sender.send(batch)
-        if spooled.more:
-            # Otherwise nothing more was ready: what becomes ready says so
-            # (a round closing, late_arrived, an acknowledgement).
+        if spooled.more and (self._linger is None or self._late_readings >= self._batch_readings):
+            # Otherwise nothing more was ready, or only less than a batch
+            # of days still lingering: what becomes ready says so (a round
+            # closing, late_arrived, the linger's end, an acknowledgement),
+            # rather than a fetch that would take a batch only to drop it.
             self.send_next()
 
     def ack_received(self, ack: wire.BatchAck) -> None:
