@@ -247,9 +247,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
             "(?host=/socket/dir for a Unix socket)",
         ),
         "cache_mb": (
-            positive, 64.0,
-            "SQLite page cache of the readings database, in megabytes: it holds the interior pages of a fleet's "
-            "readings, which every insert reads",
+            positive, 16.0,
+            "SQLite page cache of the readings database, in megabytes: room for a batch's pages and the readings' "
+            "interior pages without spilling to the log mid-transaction",
         ),
         "console": (
             optional_path, "",
