@@ -596,7 +596,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
     """
     tag = f"{devices}x{readings}{'-profiled' if profile else ''}"
     say(f"fleet: {devices:,} devices x {readings} readings, spread {spread:g} s{' (profiled)' if profile else ''}")
-    workspace = workspace_of(scratch / f"fleet-{tag}", devices)
+    workspace = workspace_of(scratch / f"fleet-{tag}", devices, forward=args.forward)
     fleet = workspace.fleet
     spies = []
     try:
@@ -867,6 +867,8 @@ def main(argv=None) -> int:
                         "10,000 devices within 10 s)")
     parser.add_argument("--spread", type=float, help="a fixed start window for the fleet scenarios instead")
     parser.add_argument("--fleet-timeout", type=float, default=180.0)
+    parser.add_argument("--forward", choices=("round", "device"), default="round",
+                        help="the fleet scenarios' gateway [gateway] forward (default round)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of the 4-device day (default 5)")
     parser.add_argument("--intake-devices", type=int, default=300,
                         help="devices x 1,440 readings loadgen sends in the intake test (default 300)")

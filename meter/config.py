@@ -84,6 +84,15 @@ def text(value: Any) -> str:
     return value
 
 
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    return parse
+
+
 def path(value: Any) -> Path:
     return Path(text(value))
 
@@ -237,6 +246,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
             "database of stored readings: an SQLite file, or a PostgreSQL URI postgresql://user@host:port/dbname "
             "(?host=/socket/dir for a Unix socket)",
         ),
+        "cache_mb": (
+            positive, 16.0,
+            "SQLite page cache of the readings database, in megabytes: room for a batch's pages and the readings' "
+            "interior pages without spilling to the log mid-transaction",
+        ),
         "console": (
             optional_path, "",
             "file the console lines are appended to (\"-\": standard output; \"\": standard output in the "
@@ -285,7 +299,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "ack_timeout": (positive, 30.0, "seconds to wait for the cloud to acknowledge a batch"),
         "heartbeat": (positive, 15.0, "seconds of silence before the gateway pings the cloud"),
         "max_backoff": (positive, 30.0, "longest wait between reconnection attempts, and between retries of a failed spool transaction, in seconds"),
-        "late_linger": (non_negative, 1.0, "seconds readings arriving after their round closed wait for more to fill a batch (0: none)"),
+        "late_linger": (non_negative, 1.0, "seconds readings ready on their own (late, or forward = \"device\") wait for more to fill a batch (0: none)"),
+        "forward": (
+            one_of("round", "device"), "round",
+            "when a day's readings leave for the cloud: \"round\", when its round closes; \"device\", each device's as soon as its transfer is complete",
+        ),
         "spool_limit": (whole(1, 10**9), 5_000_000, "most readings the spool holds; devices are answered busy beyond"),
         "reassembly_timeout": (positive, 600.0, "seconds a day's transfer may stay incomplete before it is forgotten"),
         "max_reassemblies": (whole(1, 10**7), 10_000, "most incomplete transfers tracked at once (oldest forgotten)"),

@@ -44,10 +44,15 @@ Work = Callable[[sqlite3.Connection], Any]
 ManyWork = Callable[[sqlite3.Connection, list], list]
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, cache_mb: float | None = None) -> sqlite3.Connection:
     """
     A connection tuned for a durable write-ahead log: WAL with synchronous
     FULL survives power loss, not only a process crash.
+
+    @param cache_mb: the connection's page cache in megabytes (SQLite's
+        default, 2 MB, if None): a large table's inserts read its B-tree's
+        interior pages every time, from the operating system's cache when
+        they do not fit here.
     """
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +64,8 @@ def connect(path: Path) -> sqlite3.Connection:
     # meanwhile.  A locked database fails the transaction at once; devices
     # are answered busy and retry, and the daemons retry their own steps.
     connection.execute("PRAGMA busy_timeout=0")
+    if cache_mb is not None:
+        connection.execute(f"PRAGMA cache_size=-{int(cache_mb * 1024)}")
     return connection
 
 

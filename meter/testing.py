@@ -54,11 +54,28 @@ class SpoolContents:
     #: the order they were set aside (a seq may stand twice: it is used
     #: again once the spool has drained)
     refused: list[tuple] = attrs.Factory(list)
+    #: seq -> its place in the order chunks became ready, for the ready ones
+    ready: dict[int, int] = attrs.Factory(dict)
 
     def copy(self) -> SpoolContents:
         return SpoolContents(
-            dict(self.chunks), dict(self.parts), {day: list(row) for day, row in self.rounds.items()}, list(self.refused)
+            dict(self.chunks), dict(self.parts), {day: list(row) for day, row in self.rounds.items()}, list(self.refused),
+            dict(self.ready),
         )
+
+    def make_ready(self, seqs) -> int:
+        """
+        Place the chunks C{seqs} not ready yet after every ready one, as
+        the SQLite spool does (its C{ready} column); how many readings
+        became ready.
+        """
+        start = max(self.ready.values(), default=0)
+        count = 0
+        for seq in seqs:
+            if seq in self.chunks and seq not in self.ready:
+                self.ready[seq] = start + seq
+                count += self.chunks[seq][5]
+        return count
 
 
 #: What a failed commit of a L{MemorySpool} fails with unless told otherwise:
@@ -150,7 +167,7 @@ class MemorySpool:
         row = (day, chunk.device_id, chunk.device_ip, chunk.records, chunk.count)
 
         def change(contents: SpoolContents) -> tuple[int, int]:
-            contents.rounds.setdefault(day, [now, now if round_closed else None])
+            round_row = contents.rounds.setdefault(day, [now, now if round_closed else None])
             key = (part.device_id, part.xfer, part.part)
             if key in contents.parts:
                 return 0, 0
@@ -160,6 +177,8 @@ class MemorySpool:
                 # highest in the table.
                 seq = max(contents.chunks, default=0) + 1
                 contents.chunks[seq] = (seq, *row)
+                if round_row[1] is not None:
+                    contents.make_ready([seq])
             return row[4], row[4]
 
         return self._submit("add_chunk", change)
@@ -169,15 +188,25 @@ class MemorySpool:
             row = contents.rounds.setdefault(day.isoformat(), [now, now])
             if row[1] is None:
                 row[1] = now
+            contents.make_ready(seq for seq in sorted(contents.chunks) if contents.chunks[seq][1] == day.isoformat())
             return None, 0
 
         return self._submit("close_round", change)
 
+    def devices_ready(self, devices) -> Deferred:
+        wanted = {(device_id, day.isoformat()) for device_id, day in devices}
+
+        def change(contents: SpoolContents) -> tuple[int, int]:
+            return contents.make_ready(
+                seq for seq in sorted(contents.chunks) if (contents.chunks[seq][2], contents.chunks[seq][1]) in wanted
+            ), 0
+
+        return self._submit("devices_ready", change)
+
     def take_batch(self, limit: int, after: int = 0) -> Deferred:
         def change(contents: SpoolContents) -> tuple[SpooledBatch, int]:
-            closed = {day for day, (_, closed_at) in contents.rounds.items() if closed_at is not None}
-            rows = [contents.chunks[seq] for seq in sorted(contents.chunks) if seq > after]
-            return batch_of([row for row in rows if row[1] in closed], limit), 0
+            places = sorted((place, seq) for seq, place in contents.ready.items() if place > after)
+            return batch_of([(*contents.chunks[seq], place) for place, seq in places], limit), 0
 
         return self._submit("take_batch", change)
 
@@ -186,6 +215,8 @@ class MemorySpool:
 
         def change(contents: SpoolContents) -> tuple[int, int]:
             count = sum(contents.chunks.pop(seq)[5] for seq in unique if seq in contents.chunks)
+            for seq in unique:
+                contents.ready.pop(seq, None)
             return count, -count
 
         return self._submit("remove", change)
@@ -197,6 +228,7 @@ class MemorySpool:
             count = 0
             for seq in unique:
                 row = contents.chunks.pop(seq, None)
+                contents.ready.pop(seq, None)
                 if row is not None:
                     contents.refused.append((*row, reason, now))
                     count += row[5]

@@ -133,7 +133,7 @@ def test_spool_backed_up_while_the_gateway_runs_is_forwarded_from_its_restored_c
     made = meter("backup", str(suite.spool), str(tmp_path / "spool-backup.sqlite"))
     assert made.returncode == 0, made.stderr
     assert made.stdout.endswith(
-        "gateway spool, schema version 3, 4 readings not yet acknowledged by the cloud\n"
+        "gateway spool, schema version 4, 4 readings not yet acknowledged by the cloud\n"
     ), made.stdout
     assert identity(tmp_path / "spool-backup.sqlite")[:2] == (database.GATEWAY_SPOOL, SPOOL_VERSIONS.version)
 

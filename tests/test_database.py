@@ -354,3 +354,22 @@ def test_insert_telling_new_of_all_new_rows_says_so_in_one_pass(tmp_path):
     connection.set_trace_callback(statements.append)
     assert insert_telling_new(connection, ROWS, flat([(1, 1.0), (2, 2.0), (3, 3.0)])) == [True] * 3
     assert [s.split(" VALUES")[0] for s in statements if s.startswith("INSERT")] == ["INSERT INTO pairs"] * 2
+
+
+def test_a_connection_has_the_page_cache_it_is_given(tmp_path):
+    # [cloud] cache_mb: the readings' interior pages stay in the cache.
+    assert connect(tmp_path / "given.sqlite", cache_mb=16).execute("PRAGMA cache_size").fetchone() == (-16 * 1024,)
+    assert connect(tmp_path / "default.sqlite").execute("PRAGMA cache_size").fetchone() == (-2000,)
+
+
+def test_the_clouds_readings_database_opens_with_its_configured_cache(tmp_path):
+    from twisted.internet import reactor
+
+    from meter.cloud.tap import ReadingsDatabase
+
+    service = ReadingsDatabase(tmp_path / "cloud.sqlite", reactor, cache_mb=48)
+    service.startService()
+    try:
+        assert service._store._connection.execute("PRAGMA cache_size").fetchone() == (-48 * 1024,)
+    finally:
+        service.database._connection.close()

@@ -63,9 +63,14 @@ class ReadingsDatabase(Service):
     service runs; at stop, its pending commits finish and it is closed.
     """
 
-    def __init__(self, path: Path, reactor):
+    def __init__(self, path: Path, reactor, cache_mb: float | None = None):
+        """
+        @param cache_mb: the SQLite page cache, in megabytes (C{[cloud]
+            cache_mb}; SQLite's default if None).
+        """
         self._path = path
         self._reactor = reactor
+        self._cache_mb = cache_mb
         self._store: cloud.SQLiteReadingStore | None = None
 
     def startService(self):
@@ -73,7 +78,7 @@ class ReadingsDatabase(Service):
         # the two, and an SQLite connection must not be carried across a
         # fork (the child holds none of the parent's POSIX locks).
         try:
-            connection = connect(self._path)
+            connection = connect(self._path, self._cache_mb)
             cloud.open_database(connection)
         except Exception as e:
             raise StartRefused(f"meter-cloud: cannot open database {self._path}: {e}") from None
@@ -235,7 +240,7 @@ def makeService(options: Options) -> CloudService:
             database.claim(path, cloud.VERSIONS)
         except database.Unusable as e:
             raise SystemExit(f"meter-cloud: cannot open database {path}: {e}") from None
-        readings = ReadingsDatabase(path, reactor)
+        readings = ReadingsDatabase(path, reactor, settings["cache_mb"])
         console_beside = path
     readings.setServiceParent(service)
     # A daemon's standard output goes nowhere: its console lines go to a file.

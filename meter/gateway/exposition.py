@@ -49,6 +49,7 @@ STEPS = {
     "forget_failures": "forget_ids",
     "take_failures": "take_batch",
     "remove_failures": "remove_batch",
+    "ready_failures": "ready_devices",
 }
 
 

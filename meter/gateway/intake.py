@@ -46,6 +46,9 @@ class Intake:
     @param log: where the intake's lines go (by default its own logger).
     @param metrics: what the intake counts into (the role's, shared with the
         uplink and the protocols; by default its own).
+    @param forward: when a day's readings may leave (L{Rounds}): C{"round"}
+        or C{"device"} (C{on_late} is then called as each device's day is
+        ready).
     """
 
     log = Logger()
@@ -70,6 +73,7 @@ class Intake:
         remember: float = REMEMBER,
         log: Logger | None = None,
         metrics: GatewayMetrics | None = None,
+        forward: str = "round",
     ):
         if log is not None:
             self.log = log
@@ -101,6 +105,7 @@ class Intake:
             on_closed=self._forget_old,
             report=self._report,
             max_retry_delay=max_retry_delay,
+            forward=forward,
         )
         #: The rounds by day, looked up for every chunk.
         self._rounds = self.rounds.rounds

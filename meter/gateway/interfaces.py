@@ -46,12 +46,22 @@ class ISpool(Interface):
         added closed.  Fires with None.
         """
 
+    def devices_ready(devices):
+        """
+        Make ready the chunks spooled for each C{(device_id, day)} of
+        C{devices} (a device's transfer is complete: with C{[gateway]
+        forward = "device"} its day need not wait for its round).  Fires
+        with how many readings became ready.
+        """
+
     def take_batch(limit, after=0):
         """
-        Fires with the L{meter.gateway.spool.SpooledBatch} readings of the oldest
-        chunks of closed rounds whose sequence numbers are above C{after}:
-        whole chunks up to C{limit} readings (a larger chunk goes alone), a
-        device and minute at most once.  They stay in the spool.
+        Fires with the L{meter.gateway.spool.SpooledBatch} readings of the
+        ready chunks (those of closed rounds, and those made ready by
+        L{devices_ready}) placed after C{after} in the order they became
+        ready (a batch's C{last} is its own last place): whole chunks up to
+        C{limit} readings (a larger chunk goes alone), a device and minute
+        at most once.  They stay in the spool.
         """
 
     def remove(seqs):

@@ -147,6 +147,9 @@ class GatewayMetrics:
     take_failures: int = 0
     #: Removals of a delivered batch that failed (retried).
     remove_failures: int = 0
+    #: Devices' days not made ready before their round closed (forward =
+    #: "device"): they leave when the round closes.
+    ready_failures: int = 0
 
     # -- for meter.retry.Failures, which counts a step's failures by name -------
 

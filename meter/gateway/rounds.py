@@ -1,7 +1,9 @@
 """
 Each day's round: open from the day's first report until every expected
 device has reported or its deadline passes; then closed, in memory and in
-the spool, and its readings may leave for the cloud.
+the spool, and its readings may leave for the cloud.  With C{[gateway]
+forward = "device"} a device's day may leave before that, as soon as its
+transfer is complete; the round still closes and names the missing devices.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Rounds:
         then forgets what is old).
     @param report: logs a line about what a device sends again, rate-limited
         per device.
+    @param forward: C{"round"}: a day's readings leave when its round
+        closes; C{"device"}: each device's as soon as its transfer is
+        complete (made ready in the spool, then L{on_late} is called with
+        their number), and the rest when the round closes.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class Rounds:
         on_closed: Callable[[], None],
         report: Callable[..., None],
         max_retry_delay: float = 30.0,
+        forward: str = "round",
     ):
         self._fleet = fleet
         self._spool = spool
@@ -74,6 +81,7 @@ class Rounds:
         self._on_late = on_late
         self._on_closed = on_closed
         self._report = report
+        self._each_device = forward == "device"
         self.rounds: dict[datetime.date, Round] = {}
         #: Rounds closed in memory whose close the spool has not taken yet:
         #: day -> the timer of the next attempt.
@@ -122,6 +130,8 @@ class Rounds:
             )
             self._on_late(chunk.count)
             return
+        if self._each_device:
+            self._ready([(chunk.device_id, chunk.day)])
         if chunk.device_id in round_.reported:
             self._report(chunk.device_id, "device {device} ({peer}) reported {day} again in {parts} chunks", **reported)
             return
@@ -161,10 +171,18 @@ class Rounds:
             self.rounds[round_.day] = Round(
                 round_.day, round_.opened_at, closed=round_.closed_at is not None, closed_at=round_.closed_at
             )
+        ready = []
         for device_id, day in complete:
             round_ = self.rounds.get(day)
             if round_ is not None:
                 round_.reported.add(device_id)
+                if not round_.closed:
+                    ready.append((device_id, day))
+        if self._each_device and ready:
+            # Made ready already unless the gateway stopped between a
+            # transfer's last chunk and the spool's taking that: once more
+            # is a no-op for the others.
+            self._ready(ready)
         # A copy: closing a round forgets old rounds.
         for round_ in list(self.rounds.values()):
             if not round_.closed:
@@ -210,6 +228,26 @@ class Rounds:
             if retry.active():
                 retry.cancel()
         self._closing.clear()
+
+    def _ready(self, devices: list[tuple[int, datetime.date]]) -> None:
+        """
+        Make the days of C{devices} ready in the spool, then have them sent.
+        A failure only delays them: they leave when their round closes,
+        which makes every chunk of its day ready, and a restart makes the
+        complete transfers ready again.
+        """
+        self._spool.devices_ready(devices).addCallbacks(self._made_ready, self._ready_failed)
+
+    def _made_ready(self, count: int) -> None:
+        self._failures.succeeded("making a device's day ready")
+        if count:
+            self._on_late(count)
+
+    def _ready_failed(self, failure) -> None:
+        self._failures.failed(
+            "making a device's day ready", "ready_failures", failure,
+            "a device's day not made ready in the spool: it leaves when its round closes", retried=False,
+        )
 
     def _everyone_reported(self, round_: Round) -> bool:
         # Counting first: comparing the sets costs as much as the fleet is

@@ -115,6 +115,12 @@ class SpooledBatch:
     seqs: tuple[int, ...]
     records: str
     count: int
+    #: The place of its last chunk in the order chunks became ready (see
+    #: L{Spool.take_batch}): the next batch starts after it.
+    last: int = 0
+    #: Whether ready chunks were left behind it (it was full): nothing more
+    #: is ready now if not.
+    more: bool = False
 
     @property
     def readings(self) -> tuple[Reading, ...]:
@@ -199,9 +205,46 @@ def _version_3(connection: sqlite3.Connection) -> None:
     )
 
 
+def _version_4(connection: sqlite3.Connection) -> None:
+    """
+    Each chunk's place in the order chunks became ready to leave (C{ready},
+    NULL while it waits), indexed both ways, so taking the next batch and
+    making a round's or a device's chunks ready are index look-ups, not a
+    scan of the spool, however much it holds.  The chunks of rounds closed
+    already are ready, in their order.
+    """
+    connection.execute("ALTER TABLE chunks ADD COLUMN ready INTEGER")
+    connection.execute("CREATE INDEX chunks_ready ON chunks (ready) WHERE ready IS NOT NULL")
+    connection.execute("CREATE INDEX chunks_waiting ON chunks (day, device_id) WHERE ready IS NULL")
+    connection.execute("UPDATE chunks SET ready = seq WHERE day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)")
+
+
 #: The spool's versions (see L{meter.database.Schema}): each step takes a
 #: spool from the version before it to the next.
-VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2, _version_3))
+VERSIONS = Schema(GATEWAY_SPOOL, (_version_1, _version_2, _version_3, _version_4))
+
+
+def _next_ready(connection: sqlite3.Connection) -> int:
+    """
+    Where the chunks made ready now start in the ready order: C{ready} is
+    this plus each chunk's C{seq}, above every chunk ready already (so a
+    batch in flight never has a chunk made ready after it placed before
+    its end), and in C{seq} order among those made ready together.
+    """
+    (last,) = connection.execute("SELECT max(ready) FROM chunks WHERE ready IS NOT NULL").fetchone()
+    return last or 0
+
+
+def _ready_if_round_closed(connection: sqlite3.Connection, after_seq: int) -> None:
+    """
+    Make ready the chunks added above C{after_seq} whose day's round the
+    spool holds closed: a late chunk leaves without waiting for anything.
+    """
+    connection.execute(
+        "UPDATE chunks SET ready = ? + seq WHERE seq > ? AND ready IS NULL"
+        " AND day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)",
+        (_next_ready(connection), after_seq),
+    )
 
 
 _ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
@@ -225,7 +268,9 @@ def _add_chunks(connection: sqlite3.Connection, items: list[tuple]) -> list[int]
     new = insert_telling_new(connection, _ADD_PART, [value for _, part, _ in items for value in part])
     chunks = [row for (_, _, row), fresh in zip(items, new) if fresh and row[4]]
     if chunks:
+        (last_seq,) = connection.execute("SELECT coalesce(max(seq), 0) FROM chunks").fetchone()
         connection.executemany(_ADD_CHUNK, chunks)
+        _ready_if_round_closed(connection, last_seq)
     return [row[4] if fresh else 0 for (_, _, row), fresh in zip(items, new)]
 
 
@@ -246,10 +291,10 @@ def _recovered(connection: sqlite3.Connection) -> Recovered:
     return Recovered(rounds, parts, depth)
 
 
-def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) -> SpooledBatch:
+def batch_of(rows: Iterable[tuple[int, str, int, str, str, int, int]], limit: int) -> SpooledBatch:
     """
-    The next batch for the cloud from the chunks C{rows} (C{seq, day,
-    device_id, device_ip, records, n}, oldest first, of closed rounds):
+    The next batch for the cloud from the ready chunks C{rows} (C{seq, day,
+    device_id, device_ip, records, n, ready}, in their ready order):
     whole chunks up to C{limit} readings (a chunk of more than C{limit}
     readings goes alone).
 
@@ -263,8 +308,11 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
     #: The times already in the batch, by device and day.
     times: dict[tuple[int, str], set[str]] = {}
     count = 0
-    for seq, day, device_id, device_ip, records, n in rows:
+    last = 0
+    more = False
+    for seq, day, device_id, device_ip, records, n, ready in rows:
         if count and count + n > limit:
+            more = True
             break
         chunk_records = records.split(";")
         chunk_times = {record[:5] for record in chunk_records}
@@ -286,11 +334,13 @@ def batch_of(rows: Iterable[tuple[int, str, int, str, str, int]], limit: int) ->
             taken |= chunk_times
         seqs.append(seq)
         parts.append(wire.batch_records_of_day(records, day, device_id, device_ip))
+        last = ready
         count += n
         if count >= limit:
+            more = True
             break
     batch = ";".join(parts)
-    return SpooledBatch(tuple(seqs), batch, wire.record_count(batch))
+    return SpooledBatch(tuple(seqs), batch, wire.record_count(batch), last, more)
 
 
 @implementer(ISpool)
@@ -355,33 +405,57 @@ class Spool:
 
     def close_round(self, day: datetime.date, now: float):
         """
-        Close C{day}'s round: its readings may leave.  A round the spool
-        does not hold yet (every write of its chunks failed so far) is added
-        closed, so a chunk of it spooled later is forwarded.
+        Close C{day}'s round: its readings may leave (every chunk of the
+        day not ready yet becomes ready).  A round the spool does not hold
+        yet (every write of its chunks failed so far) is added closed, so a
+        chunk of it spooled later is forwarded.
         """
+        text = day.isoformat()
 
         def work(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO rounds VALUES (?, ?, ?) ON CONFLICT (day) DO UPDATE SET closed_at = ?"
                 " WHERE closed_at IS NULL",
-                (day.isoformat(), now, now, now),
+                (text, now, now, now),
             )
+            connection.execute(
+                "UPDATE chunks SET ready = ? + seq WHERE day = ? AND ready IS NULL", (_next_ready(connection), text)
+            )
+
+        return self._database.run(work)
+
+    def devices_ready(self, devices):
+        """
+        Make ready the chunks spooled for each device and day of C{devices}
+        (C{(device_id, day)} pairs: their transfers are complete), before
+        their round closes; fires with how many readings became ready.
+        """
+        rows = [(device_id, day.isoformat()) for device_id, day in devices]
+
+        def work(connection: sqlite3.Connection) -> int:
+            start = _next_ready(connection)
+            ready = 0
+            for device_id, day in rows:
+                for (n,) in connection.execute(
+                    "UPDATE chunks SET ready = ? + seq WHERE day = ? AND device_id = ? AND ready IS NULL RETURNING n",
+                    (start, day, device_id),
+                ):
+                    ready += n
+            return ready
 
         return self._database.run(work)
 
     def take_batch(self, limit: int, after: int = 0):
         """
-        Fires with the L{SpooledBatch} readings of the oldest chunks of closed
-        rounds whose sequence numbers are above C{after} (see L{batch_of}):
+        Fires with the L{SpooledBatch} readings of the ready chunks placed
+        after C{after} in the order they became ready (see L{batch_of}):
         the next batch for the cloud.  They stay in the spool.  With nothing
-        ready, C{count} is 0.
+        ready, C{count} is 0.  An index look-up, whatever the spool holds.
         """
 
         def work(connection: sqlite3.Connection) -> SpooledBatch:
             cursor = connection.execute(
-                "SELECT seq, day, device_id, device_ip, records, n FROM chunks"
-                " WHERE seq > ? AND day IN (SELECT day FROM rounds WHERE closed_at IS NOT NULL)"
-                " ORDER BY seq",
+                "SELECT seq, day, device_id, device_ip, records, n, ready FROM chunks WHERE ready > ? ORDER BY ready",
                 (after,),
             )
             try:

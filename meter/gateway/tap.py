@@ -135,6 +135,7 @@ class GatewayService(MultiService):
             max_transfers_per_day=s["max_transfers_per_day"],
             max_parts_per_day=s["max_parts_per_day"],
             metrics=self.metrics,
+            forward=s["forward"],
         )
         self.intake.recover(recovered)
 

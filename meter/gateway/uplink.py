@@ -1,7 +1,8 @@
 """
-The uplink: moves the readings of closed rounds from the spool to the cloud,
-a window of batches at a time, and removes each batch from the spool once
-the cloud acknowledged it.
+The uplink: moves the ready readings (those of closed rounds, and with
+C{[gateway] forward = "device"} those of each device whose transfer is
+complete) from the spool to the cloud, a window of batches at a time, and
+removes each batch from the spool once the cloud acknowledged it.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ class Uplink:
     seconds; an acknowledged batch stays in the window until its removal
     succeeds.
 
-    Readings of chunks that arrive after their round closed (see
-    L{late_arrived}) linger: for C{late_linger} seconds from the first of
-    them a batch goes only if it is full, so a late day arriving chunk by
-    chunk leaves in a few full batches rather than one batch a chunk.
+    Readings of chunks that arrive after their round closed, and devices'
+    days ready before their round closes (see L{late_arrived}), linger: for
+    C{late_linger} seconds from the first of them a batch goes only if it
+    is full, so days arriving one by one leave in full batches rather than
+    one batch a chunk or a device.
     """
 
     log = Logger()
@@ -156,9 +158,10 @@ class Uplink:
 
     def late_arrived(self, count: int) -> None:
         """
-        A chunk of C{count} readings arrived after its round closed: it is
-        spooled and ready.  It goes with the batch that fills, or when the
-        linger it starts (or joins) ends.
+        C{count} readings became ready on their own, not with their round:
+        a chunk arrived after its round closed, or a device's day is
+        complete (C{[gateway] forward = "device"}).  They go with the batch
+        that fills, or when the linger they start (or join) ends.
         """
         if self._late_linger <= 0:
             self.send_next()
@@ -206,19 +209,19 @@ class Uplink:
 
     def _next_start(self) -> int:
         """
-        Where the next batch starts in the spool: after the newest batch
-        still waiting for its acknowledgement.  An acknowledged batch needs
+        Where the next batch starts in the spool's ready order: after the
+        newest batch still waiting for its acknowledgement.  An acknowledged batch needs
         no skipping: its removal was queued in the spool's database before
         any later fetch, which therefore no longer sees its readings; if
         that removal fails, no fetch starts until it is made again, and a
         fetch taken in its transaction is dropped (see L{_send}).  After
         a reconnection nothing waits, so the batches that lost their
-        acknowledgement are sent again first.  Readings of a round that
-        closed while batches were in flight, behind them in the spool, wait
-        until the window drains, which it does whenever the cloud has caught
-        up.
+        acknowledgement are sent again first.  A chunk made ready later is
+        placed after every ready one (L{ISpool.take_batch}), so it is never
+        behind the window; only a chunk a batch left out (it repeated a
+        device and minute of the batch) waits for the window to drain.
         """
-        return max((f.seqs[-1] for f in self._in_flight.values() if not f.acknowledged), default=0)
+        return max((f.last for f in self._in_flight.values() if not f.acknowledged), default=0)
 
     def _send(self, spooled: SpooledBatch, after: int) -> None:
         self._fetching = False
@@ -235,17 +238,16 @@ class Uplink:
             return
         if self._sender is None or len(self._in_flight) >= self._window:
             return
-        if (
-            self._linger is not None
-            and spooled.count < self._batch_readings
-            and self._late_readings < self._batch_readings
-        ):
-            # Late chunks are still arriving: wait for the batch to fill, at
-            # most until the linger ends (which calls send_next).
+        if self._linger is not None and not spooled.more and self._late_readings < self._batch_readings:
+            # Days ready on their own are still arriving, and this batch
+            # has room for more: wait for it to fill, at most until the
+            # linger ends (which calls send_next).  A batch the next chunk
+            # did not fit in (more) is full, though it may hold fewer than
+            # batch_readings.
             return
         self._late_readings = max(0, self._late_readings - spooled.count)
         batch = wire.Batch(self._new_batch_id(), spooled.records)
-        flight = _InFlight(batch, spooled.seqs, self._clock.seconds())
+        flight = _InFlight(batch, spooled.seqs, spooled.last, self._clock.seconds())
         flight.timer = self._clock.callLater(self._ack_timeout, self._ack_timed_out, flight)
         self._in_flight[batch.batch_id] = flight
         self.metrics.batches_sent += 1
@@ -255,7 +257,12 @@ class Uplink:
             count=spooled.count,
         )
         self._sender.send(batch)
-        self.send_next()
+        if spooled.more and (self._linger is None or self._late_readings >= self._batch_readings):
+            # Otherwise nothing more was ready, or only less than a batch
+            # of days still lingering: what becomes ready says so (a round
+            # closing, late_arrived, the linger's end, an acknowledgement),
+            # rather than a fetch that would take a batch only to drop it.
+            self.send_next()
 
     def ack_received(self, ack: wire.BatchAck) -> None:
         flight = self._in_flight.get(ack.batch_id)
@@ -370,6 +377,8 @@ class Uplink:
 class _InFlight:
     batch: wire.Batch
     seqs: tuple[int, ...]
+    #: Its last chunk's place in the spool's ready order.
+    last: int
     sent_at: float
     timer: object = None
     acknowledged: bool = False

@@ -239,9 +239,49 @@ def test_batches_are_whole_chunks_oldest_first(backend):
     assert list(batch.readings) == list(three.readings) and batch.count == 3
     assert take(backend, limit=2) == batch  # taking does not remove
     assert list(take(backend, limit=4).readings) == list(three.readings) + list(chunk(3).readings)
-    rest = take(backend, limit=100, after=batch.seqs[-1])
+    rest = take(backend, limit=100, after=batch.last)
     assert list(rest.readings) == list(chunk(3).readings)
-    assert take(backend, after=rest.seqs[-1]).count == 0
+    assert take(backend, after=rest.last).count == 0
+
+
+def test_a_devices_day_made_ready_leaves_before_its_round_closes(backend):
+    # forward = "device": the intake makes a device's day ready once its
+    # transfer is complete; the others wait for their round.
+    backend.commit(backend.spool.add_chunk(chunk(1, part=1, parts=2), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(2, part=1, parts=2), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(1, part=2, parts=2, minutes=(481,)), NOW))
+    assert take(backend).count == 0
+    assert backend.commit(backend.spool.devices_ready([(1, DAY)])) == 2
+    assert [(r.device_id, r.taken_at.minute) for r in take(backend).readings] == [(1, 0), (1, 1)]
+    # Ready once: again is a no-op, and a device with nothing spooled too.
+    assert backend.commit(backend.spool.devices_ready([(1, DAY), (3, DAY)])) == 0
+    # Readiness is committed with the rest: a restart keeps it.
+    backend.reopen()
+    assert [r.device_id for r in take(backend).readings] == [1, 1]
+    backend.commit(backend.spool.close_round(DAY, NOW + 60))
+    assert [r.device_id for r in take(backend).readings] == [1, 1, 2]
+    assert backend.commit(backend.spool.devices_ready([(2, DAY)])) == 0
+
+
+def test_chunks_made_ready_later_come_after_the_batches_taken(backend):
+    # Readiness, not arrival, orders the batches: a batch in flight marks
+    # where the next starts, and a chunk spooled before it but made ready
+    # after it must not be passed over.
+    backend.commit(backend.spool.add_chunk(chunk(1, part=1, parts=2), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(2), NOW))
+    backend.commit(backend.spool.devices_ready([(2, DAY)]))
+    first = take(backend)
+    assert [r.device_id for r in first.readings] == [2]
+    backend.commit(backend.spool.add_chunk(chunk(1, part=2, parts=2, minutes=(481,)), NOW))
+    backend.commit(backend.spool.devices_ready([(1, DAY)]))
+    later = take(backend, after=first.last)
+    assert [r.device_id for r in later.readings] == [1, 1]
+    assert take(backend, after=later.last).count == 0
+    # A late chunk of a closed round is ready as it is spooled, after them.
+    other = DAY - datetime.timedelta(days=1)
+    backend.commit(backend.spool.close_round(other, NOW))
+    backend.commit(backend.spool.add_chunk(chunk(3, day=other), NOW, round_closed=True))
+    assert [r.device_id for r in take(backend, after=later.last).readings] == [3]
 
 
 def test_a_batch_holds_a_device_and_minute_once(backend):
@@ -350,7 +390,7 @@ def test_a_restart_finds_what_was_committed(backend):
     assert [r.device_id for r in take(backend).readings] == [1, 2]
 
 
-@pytest.mark.parametrize("operation", ["add_chunk", "close_round", "remove"])
+@pytest.mark.parametrize("operation", ["add_chunk", "close_round", "remove", "devices_ready"])
 def test_a_failed_commit_changes_nothing(backend, operation):
     backend.commit(backend.spool.add_chunk(chunk(1), NOW))
     backend.commit(backend.spool.close_round(DAY + datetime.timedelta(days=1), NOW))
@@ -359,11 +399,12 @@ def test_a_failed_commit_changes_nothing(backend, operation):
         "add_chunk": lambda: backend.spool.add_chunk(chunk(2), NOW),
         "close_round": lambda: backend.spool.close_round(DAY, NOW),
         "remove": lambda: backend.spool.remove(seqs),
+        "devices_ready": lambda: backend.spool.devices_ready([(1, DAY)]),
     }
-    before = recovered(backend)
+    before = recovered(backend), take(backend)
     backend.fail_next_commit(operation)
     assert isinstance(backend.commit(calls[operation]()), Failure)
-    assert recovered(backend) == before
-    assert backend.spool.depth == before.depth
+    assert (recovered(backend), take(backend)) == before
+    assert backend.spool.depth == before[0].depth
     assert not isinstance(backend.commit(calls[operation]()), Failure)
-    assert recovered(backend) != before
+    assert (recovered(backend), take(backend)) != before
