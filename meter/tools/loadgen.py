@@ -310,9 +310,9 @@ class SimDevice:
         self.protocol = device.DeviceProtocol(run.target, key, run.metrics)
         self.sender: device.DaySender | None = None
         self.xfer = ""
-        self.first_sent: dict[int, float] = {}
-        #: Parts acknowledged ok, in any attempt.
-        self.acked: set[int] | None = None
+        self.first_sent: dict[int, float] | None = None
+        #: Parts acknowledged ok, in any attempt: bit C{part} set.
+        self.acked = 0
         self.datagrams = 0
         self.outcome: str | None = None
         self.reason = ""
@@ -334,15 +334,14 @@ class SimDevice:
         self.attempts += 1
         if self.attempts == 1:
             self.started_at = now
-            self.acked = set()
             run.started += 1
         else:
             run.on_stop(self)
             run.retries += 1
-            # A new transfer, as a device's next attempt is: its chunks are
-            # timed afresh, but a chunk acknowledged in an attempt before
-            # counts once (its readings are the same).
-            self.first_sent = {}
+        # A new transfer, as a device's next attempt is: its chunks are
+        # timed afresh, but a chunk acknowledged in an attempt before counts
+        # once (its readings are the same).
+        self.first_sent = {}
         self.xfer = device_xfer(run.seed, self.id, f"{run.attempt_salt}/{self.attempts}")
         chunks = wire.day_chunks(self.id, self.address, run.day, self.chunk_records, self.xfer, int(now))
         run.chunks += len(chunks)
@@ -368,12 +367,12 @@ class SimDevice:
         self.protocol.send(datagram)
 
     def acknowledged(self, ack: wire.DayAck) -> None:
-        if ack.status != "ok" or ack.xfer != self.xfer or ack.part in self.acked:
+        if ack.status != "ok" or ack.xfer != self.xfer or self.acked >> ack.part & 1 or self.first_sent is None:
             return
         sent = self.first_sent.get(ack.part)
         if sent is None:
             return
-        self.acked.add(ack.part)
+        self.acked |= 1 << ack.part
         run = self.run
         handled = time.time()
         run.handled_latencies.append(handled - sent)
@@ -389,7 +388,7 @@ class SimDevice:
         # What only a sending device needs goes: its sender, timers, tap.
         self.sender = None
         self.protocol.sender = None
-        self.first_sent = {}
+        self.first_sent = None
 
     def _delivered(self, chunks: int) -> None:
         self.outcome = "delivered"
@@ -629,6 +628,10 @@ class LoadRun:
         self._limit = None
         self._next_device = 0
         self._stopped = False
+        #: This process's CPU time when the run started, and from then to
+        #: its end: the cost of sending, apart from preparing.
+        self.cpu_at_start = 0.0
+        self.sending_cpu_s = 0.0
 
     # -- preparation
 
@@ -696,6 +699,7 @@ class LoadRun:
 
     def start(self) -> None:
         self.run_started = time.monotonic()
+        self.cpu_at_start = time.process_time()
         self._next_device = 0
         self._start_due()
         self._limit = self.reactor.callLater(self.args.timeout, self._time_limit)
@@ -746,6 +750,7 @@ class LoadRun:
 
     def _stop(self) -> None:
         self._stopped = True
+        self.sending_cpu_s = time.process_time() - self.cpu_at_start
         if self._limit is not None and self._limit.active():
             self._limit.cancel()
         if self._progress is not None and self._progress.running:
@@ -825,6 +830,7 @@ class LoadRun:
             "ack_latency_handled_ms": latency_summary(sorted(self.handled_latencies)),
             "prepare_s": round(self.prepare_s, 3),
             "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "loadgen_sending_cpu_s": round(self.sending_cpu_s, 3),
             "loadgen_max_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "processes": 1,
             "day_shapes": self.library.shapes if self.args.surveys is None else None,
@@ -931,8 +937,10 @@ def format_summary(s: dict) -> str:
         lines.append(
             f"  (to when loadgen handled the ok: p50 {handled['p50']:.2f} ms, p99 {handled['p99']:.2f} ms)"
         )
+    per_datagram = s["loadgen_sending_cpu_s"] / s["datagrams_sent"] * 1e6 if s["datagrams_sent"] else 0.0
     lines.append(f"  loadgen: {s['processes']} process{'es' if s['processes'] > 1 else ''}, prepared in "
-                 f"{s['prepare_s']:.2f} s, {s['loadgen_cpu_s']:.2f} CPU s, peak RSS {s['loadgen_max_rss_mb']:.0f} MB"
+                 f"{s['prepare_s']:.2f} s, {s['loadgen_cpu_s']:.2f} CPU s of which sending {s['loadgen_sending_cpu_s']:.2f} s "
+                 f"({per_datagram:.0f} µs a datagram), peak RSS {s['loadgen_max_rss_mb']:.0f} MB"
                  f"{' (the largest process)' if s['processes'] > 1 else ''}")
     for failed in s["failed_devices"][:5]:
         lines.append(f"  device {failed['id']} failed: {failed['reason']}")
@@ -1192,7 +1200,7 @@ def run_processes(args: argparse.Namespace, settings: config.Config, ids: list[i
 #: Summary counts that add up over processes.
 _SUMMED = ("devices", "sockets", "started", "delivered", "failed", "incomplete", "readings_sent", "readings_acked",
            "chunks", "chunks_acked", "datagrams_sent", "retransmissions", "busy_answers", "stray_acks", "attempts",
-           "gave_up", "retries", "retried_devices", "loadgen_cpu_s")
+           "gave_up", "retries", "retried_devices", "loadgen_cpu_s", "loadgen_sending_cpu_s")
 
 
 def merge_summaries(parts: list[dict], latencies: list[float], handled: list[float]) -> dict:
@@ -1223,6 +1231,7 @@ def merge_summaries(parts: list[dict], latencies: list[float], handled: list[flo
     merged["loadgen_max_rss_mb"] = max(part["loadgen_max_rss_mb"] for part in parts)
     merged["processes"] = len(parts)
     merged["per_process"] = [{key: part[key] for key in ("devices", "delivered", "datagrams_sent", "loadgen_cpu_s",
+                                                         "loadgen_sending_cpu_s",
                                                          "loadgen_max_rss_mb", "prepare_s")} for part in parts]
     relays = [part["relay"] for part in parts if part["relay"]]
     if relays:
