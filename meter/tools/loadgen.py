@@ -1,6 +1,7 @@
 """
-meter loadgen: a fleet of simulated devices in one process, for measuring a
-gateway (see bench/ and docs/performance.md).
+meter loadgen: a fleet of simulated devices in one process (or several,
+C{--processes}), for measuring a gateway (see bench/ and
+docs/performance.md).
 
 Each simulated device is the real device code, wired as meter-device wires
 it: a L{meter.device.DeviceProtocol} holding the device's own key from
@@ -11,12 +12,17 @@ socket; when the file-descriptor limit is too low for that (or with
 C{--sockets K}), devices share a pool of K sockets and acknowledgements are
 routed to their device by transfer id.
 
-The day each device sends is synthetic but plausible (L{synthetic_day}): a
+The day each device sends is synthetic but plausible (L{DayLibrary}): a
 diurnal soil temperature curve and a humidity curve that falls as the soil
-warms, with smooth noise and now and then an irrigation, all drawn from a
-generator seeded by C{--seed} and the device id, so the same command sends
-the same readings.  C{--surveys} sends survey files instead (the report's
-day).
+warms, with smooth noise and now and then an irrigation; a fleet draws its
+days from a library of C{--day-shapes} of them seeded by C{--seed}, device
+by device id, so the same command sends the same readings.  C{--surveys}
+sends survey files instead (the report's day).
+
+With C{--processes P} the devices are split between P processes forked
+before any reactor exists (device k in process k mod P); they start
+together once all are prepared, and their summaries and latencies make
+one.
 
 The devices start evenly over C{--spread} seconds.  The run records, per
 chunk, the time from its first transmission to its C{ok} acknowledgement:
