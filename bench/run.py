@@ -18,9 +18,11 @@ Scenarios:
           by loadgen
   cloud   cloud ingest: a TLS client sending BATCH lines straight to the
           cloud, readings committed per second, against raw executemany
-  fleet   N devices x 96 readings end to end (and the scaling table): first
-          send to the cloud's last commit, losses and doubles counted
-          exactly against the synthetic days
+  fleet   N devices x 96 readings end to end (and the scaling table, and the
+          CPU a datagram and a reading by N), starting within min(60 s,
+          N x R / 96,000 s), devices that give up trying again (meter-device's
+          300 s / 60): first send to the cloud's last commit, every device-day
+          checked stored exactly once against the synthetic days
   dashboard  (only when asked for) the dashboard's first chart in headless
           Chromium, navigation start to drawn (bench/dashboard.py)
   api     the web API over HTTP on a dataset of bench/dataset.py (a year of
@@ -35,6 +37,7 @@ Every load is bounded in count and time; nothing is sent outside 127.0.0.1.
 
     python bench/run.py                      # the default run (~1 min)
     python bench/run.py --devices 10000      # the full fleet
+    python bench/run.py --devices 100000     # issue 20: 100,000 x 96 and 10,000 x 1,440 within 60 s
     python bench/run.py --profile            # also py-spy the daemons under load
     python bench/run.py --store postgresql   # the cloud scenario on PostgreSQL (bench/pg_bench.py)
 """
