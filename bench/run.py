@@ -1214,6 +1214,7 @@ def main(argv=None) -> int:
                 else:
                     say("profile: py-spy is not installed (pip install -e '.[bench]'): skipped")
             results["scenarios"]["fleet"] = runs
+            results["fleet_costs"] = [run["costs"] for run in runs if not run["profiled"]]
         if "dashboard" in wanted:
             results["scenarios"]["dashboard"] = dashboard.scenario(args, scratch)
         if "api" in wanted:

@@ -357,3 +357,29 @@ def test_a_device_whose_sender_gave_up_tries_its_day_again(make_suite):
     assert summary["readings_acked"] == 3 * 96
     suite.wait_stored(3 * 96, cloud)
     assert len(suite.stored()) == 3 * 96
+
+
+def test_a_device_that_gave_up_tries_later_but_a_fault_of_its_code_fails_it():
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from meter import device
+    from meter.tools.loadgen import SimDevice
+
+    finished = []
+    clock = Clock()
+    run = SimpleNamespace(target=("127.0.0.1", 9), metrics=device.DeviceMetrics(), gave_up=0, attempts=3,
+                          retry_after=300.0, reactor=clock, finished=finished.append)
+    gave_up = SimDevice(run, 1, IP, b"k" * 32, ["00:00,1,2"], (1,), 0.0)
+    gave_up.attempts = 1
+    gave_up._not_delivered(Failure(device.DeliveryFailed("no acknowledgement for part 1/1")))
+    assert gave_up.outcome is None and finished == [] and run.gave_up == 1
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [300.0]
+
+    broken = SimDevice(run, 2, IP, b"k" * 32, ["00:00,1,2"], (1,), 0.0)
+    broken.attempts = 1
+    broken._not_delivered(Failure(ZeroDivisionError("division by zero")))
+    assert broken.outcome == "failed" and "division by zero" in broken.reason and finished == [broken]
+    assert run.gave_up == 1 and len(clock.getDelayedCalls()) == 1

@@ -402,11 +402,18 @@ class SimDevice:
         self.run.finished(self)
 
     def _not_delivered(self, failure) -> None:
-        failure.trap(device.DeliveryFailed)
         run = self.run
+        self._done()
+        if not failure.check(device.DeliveryFailed):
+            # A fault of the device code, not the gateway's answer: the
+            # device fails, saying so, rather than trying forever.
+            self.outcome = "failed"
+            self.reason = f"error in the device code: {failure.getErrorMessage() or failure.type.__name__}"
+            failure.printTraceback(file=sys.stderr)
+            run.finished(self)
+            return
         run.gave_up += 1
         self.reason = failure.getErrorMessage()
-        self._done()
         if self.attempts < run.attempts:
             # As meter-device does: the day is tried again, whole, later.
             run.reactor.callLater(run.retry_after, self.start)
