@@ -779,6 +779,8 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         "devices": devices,
         "readings_per_device": readings,
         "spread_s": spread,
+        "start_window_s": round(sent["last_start"] - sent["first_start"], 3)
+        if sent.get("first_start") and sent.get("last_start") else None,
         "profiled": profile,
         "readings_sent": sent["readings_sent"],
         "delivered_devices": sent["delivered"],
@@ -976,7 +978,8 @@ def fleet_verdicts(f: dict, full: int, seconds: float) -> list[dict]:
     name = f"{f['devices']:,} devices x {f['readings_per_device']:,}"
     days = f["db"].get("device_days", {})
     return [
-        _verdict(f"{name}: devices start within (s)", f"<= {FLEET_TARGETS['spread_s']:g}", f["spread_s"],
+        _verdict(f"{name}: devices started within (s, first to last start)", f"<= {FLEET_TARGETS['spread_s']:g}",
+                 f.get("start_window_s"),
                  lambda v: v <= FLEET_TARGETS["spread_s"], measured_only=small, why=why),
         _verdict(f"{name}: first send to last cloud commit (s)", f"<= {seconds:g}", f["end_to_end_s"],
                  lambda v: v <= seconds, measured_only=small, why=why),

@@ -115,10 +115,10 @@ def _part(**counts):
 def test_the_summaries_of_several_processes_make_one():
     parts = [
         _part(devices=3, delivered=3, readings_acked=288, chunks_acked=6, first_id=1, first_send=100.0, last_ack=110.0,
-              loadgen_cpu_s=1.5, loadgen_max_rss_mb=50.0),
+              loadgen_cpu_s=1.5, loadgen_max_rss_mb=50.0, first_start=100.0, last_start=104.0),
         _part(devices=2, delivered=1, failed=1, readings_acked=96, chunks_acked=2, first_id=2, first_send=100.5,
               last_ack=112.0, loadgen_cpu_s=1.0, loadgen_max_rss_mb=60.0, failed_devices=[{"id": 4, "reason": "no"}],
-              timed_out=True),
+              timed_out=True, first_start=100.5, last_start=104.5),
     ]
     merged = merge_summaries(parts, [i / 1000 for i in range(1, 51)], [i / 1000 for i in range(51, 101)])
     assert merged["devices"] == 5 and merged["delivered"] == 4 and merged["failed"] == 1
@@ -127,6 +127,7 @@ def test_the_summaries_of_several_processes_make_one():
     assert merged["failed_devices"] == [{"id": 4, "reason": "no"}]
     assert merged["first_send"] == 100.0 and merged["last_ack"] == 112.0 and merged["duration_s"] == 12.0
     assert merged["readings_per_s"] == 32.0
+    assert (merged["first_start"], merged["last_start"]) == (100.0, 104.5)
     # Percentiles of every process's latencies together, not of one.
     assert merged["ack_latency_ms"]["count"] == 50 and merged["ack_latency_ms"]["max"] == 50.0
     assert merged["ack_latency_handled_ms"]["p50"] == 75.0

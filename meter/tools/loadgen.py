@@ -853,6 +853,10 @@ class LoadRun:
             "relay": dict(sorted(self.relay.counters.items())) if self.relay is not None else None,
             "first_send": self.first_send,
             "last_ack": self.last_ack,
+            # When the first and the last device started: the start window
+            # as it was, not as asked.
+            "first_start": min((sim.started_at for sim in self.devices if sim.attempts), default=None),
+            "last_start": max((sim.started_at for sim in self.devices if sim.attempts), default=None),
             "duration_s": round(duration, 6),
             "readings_per_s": round(self.readings_acked / duration, 1) if duration > 0 else None,
             "chunks_per_s": round(self.chunks_acked / duration, 1) if duration > 0 else None,
@@ -1249,6 +1253,9 @@ def merge_summaries(parts: list[dict], latencies: list[float], handled: list[flo
     merged["incomplete_devices"] = sorted(d for part in parts for d in part["incomplete_devices"])[:50]
     firsts = [part["first_send"] for part in parts if part["first_send"]]
     lasts = [part["last_ack"] for part in parts if part["last_ack"]]
+    starts = [part[key] for part in parts for key in ("first_start", "last_start") if part.get(key)]
+    merged["first_start"] = min(starts) if starts else None
+    merged["last_start"] = max(starts) if starts else None
     merged["first_send"] = min(firsts) if firsts else None
     merged["last_ack"] = max(lasts) if lasts else None
     duration = merged["last_ack"] - merged["first_send"] if firsts and lasts else 0.0
