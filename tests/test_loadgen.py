@@ -12,8 +12,8 @@ import pytest
 import pytest_twisted
 
 from meter import wire
-from meter.tools.loadgen import collector_paused, latency_summary, synthetic_day
-from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, format_number
+from meter.tools.loadgen import DayLibrary, collector_paused, latency_summary, merge_summaries, synthetic_day
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 
 DAY = datetime.date(2026, 3, 1)
 IP = "10.0.0.7"
@@ -72,11 +72,66 @@ def test_the_day_goes_on_the_wire(count):
     assert tuple(r for chunk in decoded for r in chunk.readings) == day
 
 
+@pytest.mark.parametrize("count", [96, 1440])
+@pytest.mark.parametrize("widest", [(7, IP), (99_999, "10.1.134.159"), (4_000_000_000, "fd00:1234:5678:9abc:def0:1234:5678:9abc")])
+def test_the_library_cuts_a_day_as_the_wire_does(count, widest):
+    # Formatted from tables, the texts must be what the device's own code
+    # makes of the same readings, for the longest header of the fleet.
+    library = DayLibrary(count, seed=5)
+    for device_id in (1, 2, 3, 50):
+        # The device's day, as the device with the widest header would send it.
+        day = [Reading(widest[0], widest[1], r.taken_at, r.temperature_c, r.humidity_pct)
+               for r in library.readings_of(device_id, IP, DAY)]
+        texts = library.chunk_records(device_id, widest, DAY)
+        assert texts == wire.day_chunk_records(widest[0], widest[1], DAY, tuple(day))
+
+
+def test_devices_of_one_library_day_share_its_texts():
+    library = DayLibrary(96, seed=1, shapes=3)
+    by_shape = {}
+    for device_id in range(1, 40):
+        texts = library.chunk_records(device_id, (99, IP), DAY)
+        assert by_shape.setdefault(library.shape_of(device_id), texts) is texts
+    assert len(by_shape) == 3
+
+
 def test_readings_out_of_bounds_are_refused():
     with pytest.raises(ValueError):
         synthetic_day(1, IP, DAY, 0)
     with pytest.raises(ValueError):
         synthetic_day(1, IP, DAY, 1441)
+
+
+def _part(**counts):
+    summary = {key: 0 for key in ("devices", "sockets", "started", "delivered", "failed", "incomplete", "readings_sent",
+                                  "readings_acked", "chunks", "chunks_acked", "datagrams_sent", "retransmissions",
+                                  "busy_answers", "stray_acks", "attempts", "gave_up", "retries", "retried_devices",
+                                  "loadgen_cpu_s", "loadgen_sending_cpu_s", "loadgen_max_rss_mb", "prepare_s")}
+    summary.update({"first_id": 1, "pooled_sockets": False, "timed_out": False, "failed_devices": [],
+                    "incomplete_devices": [], "first_send": None, "last_ack": None, "relay": None}, **counts)
+    return summary
+
+
+def test_the_summaries_of_several_processes_make_one():
+    parts = [
+        _part(devices=3, delivered=3, readings_acked=288, chunks_acked=6, first_id=1, first_send=100.0, last_ack=110.0,
+              loadgen_cpu_s=1.5, loadgen_max_rss_mb=50.0, first_start=100.0, last_start=104.0),
+        _part(devices=2, delivered=1, failed=1, readings_acked=96, chunks_acked=2, first_id=2, first_send=100.5,
+              last_ack=112.0, loadgen_cpu_s=1.0, loadgen_max_rss_mb=60.0, failed_devices=[{"id": 4, "reason": "no"}],
+              timed_out=True, first_start=100.5, last_start=104.5),
+    ]
+    merged = merge_summaries(parts, [i / 1000 for i in range(1, 51)], [i / 1000 for i in range(51, 101)])
+    assert merged["devices"] == 5 and merged["delivered"] == 4 and merged["failed"] == 1
+    assert merged["readings_acked"] == 384 and merged["loadgen_cpu_s"] == 2.5
+    assert merged["first_id"] == 1 and merged["timed_out"] is True
+    assert merged["failed_devices"] == [{"id": 4, "reason": "no"}]
+    assert merged["first_send"] == 100.0 and merged["last_ack"] == 112.0 and merged["duration_s"] == 12.0
+    assert merged["readings_per_s"] == 32.0
+    assert (merged["first_start"], merged["last_start"]) == (100.0, 104.5)
+    # Percentiles of every process's latencies together, not of one.
+    assert merged["ack_latency_ms"]["count"] == 50 and merged["ack_latency_ms"]["max"] == 50.0
+    assert merged["ack_latency_handled_ms"]["p50"] == 75.0
+    assert merged["loadgen_max_rss_mb"] == 60.0 and merged["processes"] == 2
 
 
 def test_latency_summary_nearest_rank():
@@ -256,3 +311,76 @@ def test_the_relays_choices_follow_its_seed():
         reactor.clock.advance(0.05)
         runs.append(reactor.upstreams[0].transport.written)
     assert runs[0] == runs[1]
+
+
+@pytest.mark.e2e
+def test_two_loadgen_processes_deliver_one_fleet_with_one_summary(make_suite):
+    from meter.tools.suite import loadgen_summary
+
+    suite = make_suite(6, None)
+    cloud = suite.start_cloud()
+    suite.start_gateway(connected=True)
+    loadgen = suite.run("loadgen", suite.loadgen_command(suite.root / "loadgen.json", "--devices", "6", "--spread", "0.5",
+                                                         "--processes", "2", "--timeout", "30"))
+    summary = loadgen_summary(loadgen)
+    assert loadgen.process.returncode == 0, loadgen.tail()
+    assert summary["processes"] == 2 and [p["devices"] for p in summary["per_process"]] == [3, 3]
+    assert summary["delivered"] == 6 and summary["readings_acked"] == 6 * 96
+    assert summary["ack_latency_ms"]["count"] == summary["chunks_acked"] == summary["chunks"]
+    suite.wait_stored(6 * 96, cloud)
+    day = datetime.date.fromisoformat(summary["day"])
+    expected = sorted(
+        (r.device_id, r.device_ip, r.taken_at.isoformat(timespec="minutes"), r.temperature_c, r.humidity_pct)
+        for device_id, address in suite.fleet.items()
+        for r in synthetic_day(device_id, address, day, 96, seed=1)
+    )
+    assert suite.stored() == expected
+
+
+@pytest.mark.e2e
+def test_a_device_whose_sender_gave_up_tries_its_day_again(make_suite):
+    # No gateway yet: every device's first attempt runs out of
+    # retransmissions; the gateway then starts, and the next attempts
+    # deliver every day, stored once.
+    from meter.tools.suite import loadgen_summary
+
+    suite = make_suite(3, None)
+    cloud = suite.start_cloud()
+    loadgen = suite.run("loadgen", suite.loadgen_command(
+        suite.root / "loadgen.json", "--devices", "3", "--spread", "0", "--ack-timeout", "0.1", "--max-retransmit", "1",
+        "--attempts", "50", "--retry-after", "0.2", "--timeout", "30"))
+    loadgen.wait_for("retransmitting", 10)
+    suite.start_gateway(connected=True)
+    summary = loadgen_summary(loadgen)
+    assert loadgen.process.returncode == 0, loadgen.tail()
+    assert summary["delivered"] == 3 and summary["failed"] == 0
+    assert summary["retried_devices"] == 3 and summary["attempts"] > 3 and summary["gave_up"] == summary["attempts"] - 3
+    assert summary["readings_acked"] == 3 * 96
+    suite.wait_stored(3 * 96, cloud)
+    assert len(suite.stored()) == 3 * 96
+
+
+def test_a_device_that_gave_up_tries_later_but_a_fault_of_its_code_fails_it():
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from meter import device
+    from meter.tools.loadgen import SimDevice
+
+    finished = []
+    clock = Clock()
+    run = SimpleNamespace(target=("127.0.0.1", 9), metrics=device.DeviceMetrics(), gave_up=0, attempts=3,
+                          retry_after=300.0, reactor=clock, finished=finished.append)
+    gave_up = SimDevice(run, 1, IP, b"k" * 32, ["00:00,1,2"], (1,), 0.0)
+    gave_up.attempts = 1
+    gave_up._not_delivered(Failure(device.DeliveryFailed("no acknowledgement for part 1/1")))
+    assert gave_up.outcome is None and finished == [] and run.gave_up == 1
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [300.0]
+
+    broken = SimDevice(run, 2, IP, b"k" * 32, ["00:00,1,2"], (1,), 0.0)
+    broken.attempts = 1
+    broken._not_delivered(Failure(ZeroDivisionError("division by zero")))
+    assert broken.outcome == "failed" and "division by zero" in broken.reason and finished == [broken]
+    assert run.gave_up == 1 and len(clock.getDelayedCalls()) == 1

@@ -1,6 +1,7 @@
 """
-meter loadgen: a fleet of simulated devices in one process, for measuring a
-gateway (see bench/ and docs/performance.md).
+meter loadgen: a fleet of simulated devices in one process (or several,
+C{--processes}), for measuring a gateway (see bench/ and
+docs/performance.md).
 
 Each simulated device is the real device code, wired as meter-device wires
 it: a L{meter.device.DeviceProtocol} holding the device's own key from
@@ -11,12 +12,17 @@ socket; when the file-descriptor limit is too low for that (or with
 C{--sockets K}), devices share a pool of K sockets and acknowledgements are
 routed to their device by transfer id.
 
-The day each device sends is synthetic but plausible (L{synthetic_day}): a
+The day each device sends is synthetic but plausible (L{DayLibrary}): a
 diurnal soil temperature curve and a humidity curve that falls as the soil
-warms, with smooth noise and now and then an irrigation, all drawn from a
-generator seeded by C{--seed} and the device id, so the same command sends
-the same readings.  C{--surveys} sends survey files instead (the report's
-day).
+warms, with smooth noise and now and then an irrigation; a fleet draws its
+days from a library of C{--day-shapes} of them seeded by C{--seed}, device
+by device id, so the same command sends the same readings.  C{--surveys}
+sends survey files instead (the report's day).
+
+With C{--processes P} the devices are split between P processes forked
+before any reactor exists (device k in process k mod P); they start
+together once all are prepared, and their summaries and latencies make
+one.
 
 The devices start evenly over C{--spread} seconds.  The run records, per
 chunk, the time from its first transmission to its C{ok} acknowledgement:
@@ -43,10 +49,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
+import hashlib
 import ipaddress
 import json
 import math
+import os
 import random
 import resource
 import socket
@@ -60,7 +69,8 @@ from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, secrets, wire
 from meter.device.survey import load_survey, survey_path
-from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading
+from meter.wire.values import MAX_UINT32
+from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 
 #: File descriptors kept free for the reactor, logs and the JSON file.
 SPARE_FDS = 64
@@ -73,51 +83,207 @@ _TIMESPEC = struct.Struct("@ll")
 
 # -- the synthetic day --------------------------------------------------------
 
+#: Distinct synthetic days a fleet draws from (L{DayLibrary}).
+DAY_SHAPES = 4096
+
+#: Length of the shared noise series the days of a library read from.
+_NOISE_LENGTH = 1 << 15
+
+
+class DayLibrary:
+    """
+    The synthetic days of a fleet: C{shapes} distinct days of C{readings}
+    readings each, made on first use, and which of them each device sends.
+
+    Soil temperature follows a daily cosine peaking in mid-afternoon around
+    a day-specific mean; humidity falls as the soil warms and jumps after an
+    irrigation on some days; both carry smooth (autocorrelated) noise.
+    Values are in tenths, within the sensor's ranges.  A device sends day
+    L{shape_of}(its id), so the same C{seed} always gives the same days.
+
+    Why a library rather than a day per device: formatting 9.6 million
+    readings took a minute of CPU and most of a gigabyte before the clock
+    started; a library of 4,096 days costs a fraction of a second and a few
+    megabytes, and a device's chunks hold no more of its own than their
+    header, which is built per device anyway.  Neither the gateway nor the
+    cloud keeps anything keyed by a chunk's record text (they check values
+    one distinct value at a time), so devices sharing a day cost them what
+    distinct days would.
+    """
+
+    def __init__(self, readings: int = 96, seed: int = 1, shapes: int = DAY_SHAPES,
+                 chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES):
+        if not 1 <= readings <= wire.MAX_READINGS:
+            raise ValueError(f"readings {readings}: expected 1 to {wire.MAX_READINGS}")
+        if shapes < 1:
+            raise ValueError(f"shapes {shapes}: expected at least 1")
+        self.readings = readings
+        self.seed = seed
+        self.shapes = shapes
+        self.chunk_bytes = chunk_bytes
+        self.minutes = [i * wire.MAX_READINGS // readings for i in range(readings)]
+        self._values: dict[int, tuple[list[int], list[int]]] = {}
+        self._chunk_records: dict[int, list[str]] = {}
+        self._noise: tuple[list[float], list[float]] | None = None
+        self._room: int | None = None
+        self._cos: list[float] | None = None
+        self._sin: list[float] = []
+        self._times: list[str] = []
+
+    def shape_of(self, device_id: int) -> int:
+        """
+        The library day device C{device_id} sends.
+        """
+        digest = hashlib.blake2b(f"{self.seed}/{device_id}".encode("ascii"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.shapes
+
+    def values(self, shape: int) -> tuple[list[int], list[int]]:
+        """
+        Day C{shape}'s temperatures and humidities, in tenths, one a reading.
+        """
+        made = self._values.get(shape)
+        if made is None:
+            made = self._values[shape] = self._make(shape)
+        return made
+
+    def readings_of(self, device_id: int, device_ip: str, day: datetime.date) -> tuple[Reading, ...]:
+        """
+        The readings device C{device_id} sends for C{day}.
+        """
+        temperatures, humidities = self.values(self.shape_of(device_id))
+        return tuple(
+            Reading(device_id, device_ip, datetime.datetime(day.year, day.month, day.day, minute // 60, minute % 60),
+                    t / 10, h / 10)
+            for minute, t, h in zip(self.minutes, temperatures, humidities)
+        )
+
+    def chunk_records(self, device_id: int, widest: tuple[int, str], day: datetime.date) -> list[str]:
+        """
+        Device C{device_id}'s day cut into chunk record texts as
+        L{wire.day_chunk_records} cuts it, for a device with the header of
+        C{widest} (the fleet's longest id and address), so that every
+        device's chunks fit and devices sharing a day share its texts.
+        """
+        shape = self.shape_of(device_id)
+        texts = self._chunk_records.get(shape)
+        if texts is None:
+            texts = self._chunk_records[shape] = self._cut(shape, widest, day)
+        return texts
+
+    def _cut(self, shape: int, widest: tuple[int, str], day: datetime.date) -> list[str]:
+        # wire.day_chunk_records' cut, on records formatted from tables:
+        # making a Reading of each value and formatting it cost ten times
+        # more (tests/test_loadgen.py compares the two).
+        if self._room is None:
+            header = len(wire.encode(wire.DayChunk(widest[0], widest[1], day, "0" * 16, wire.MAX_READINGS,
+                                                   wire.MAX_READINGS, MAX_UINT32, "")))
+            self._room = self.chunk_bytes - header - wire.TAG_LENGTH
+            self._times = [f"{minute // 60:02d}:{minute % 60:02d}" for minute in self.minutes]
+        room = self._room
+        text = _tenths_text()
+        temperatures, humidities = self.values(shape)
+        groups: list[list[str]] = [[]]
+        used = 0
+        for record in [f"{hhmm},{text[t]},{text[h]}" for hhmm, t, h in zip(self._times, temperatures, humidities)]:
+            size = len(record) + (1 if groups[-1] else 0)
+            if used + size > room:
+                if not groups[-1]:
+                    raise ValueError(f"chunk size {self.chunk_bytes} cannot hold one reading")
+                groups.append([])
+                size = len(record)
+                used = 0
+            groups[-1].append(record)
+            used += size
+        return [";".join(group) for group in groups]
+
+    def _shared_noise(self) -> tuple[list[float], list[float]]:
+        # AR(1) noise whose correlation time is an hour whatever the
+        # sampling, drawn once: each day reads its own stretch of it.
+        if self._noise is None:
+            rng = random.Random(f"meter-loadgen/noise/{self.seed}/{self.readings}")
+            step = wire.MAX_READINGS / self.readings
+            rho = math.exp(-step / 60.0)
+            spread = math.sqrt(1.0 - rho * rho)
+            series = []
+            for sigma in (0.3, 0.6):
+                value = rng.gauss(0.0, sigma)
+                out = []
+                for _ in range(_NOISE_LENGTH + self.readings):
+                    value = rho * value + spread * rng.gauss(0.0, sigma)
+                    out.append(value)
+                series.append(out)
+            self._noise = (series[0], series[1])
+        return self._noise
+
+    def _make(self, shape: int) -> tuple[list[int], list[int]]:
+        rng = random.Random(f"meter-loadgen/{self.seed}/{self.readings}/{shape}")
+        mean = rng.uniform(6.0, 24.0)
+        amplitude = rng.uniform(1.5, 6.0)
+        warmest = rng.uniform(14.0, 17.0)
+        moisture = rng.uniform(18.0, 48.0)
+        drying = rng.uniform(0.4, 1.2)
+        irrigation_at = rng.uniform(4.0, 20.0) if rng.random() < 0.35 else None
+        irrigation = rng.uniform(5.0, 20.0)
+        noise_t, noise_h = self._shared_noise()
+        at_t = rng.randrange(_NOISE_LENGTH)
+        at_h = rng.randrange(_NOISE_LENGTH)
+        t_low, t_high = round(TEMPERATURE_RANGE[0] * 10), round(TEMPERATURE_RANGE[1] * 10)
+        h_low, h_high = round(HUMIDITY_RANGE[0] * 10), round(HUMIDITY_RANGE[1] * 10)
+        # cos(x - w) = cos x cos w + sin x sin w: the day's curve from the
+        # library's tables of cos x and sin x.
+        if self._cos is None:
+            angles = [2 * math.pi * minute / (60.0 * 24.0) for minute in self.minutes]
+            self._cos = [math.cos(x) for x in angles]
+            self._sin = [math.sin(x) for x in angles]
+        phase = 2 * math.pi * warmest / 24.0
+        a = amplitude * math.cos(phase)
+        b = amplitude * math.sin(phase)
+        warm = [mean + a * c + b * s + n for c, s, n in zip(self._cos, self._sin, noise_t[at_t:at_t + self.readings])]
+        wet = [moisture - drying * (t - mean) + n for t, n in zip(warm, noise_h[at_h:at_h + self.readings])]
+        if irrigation_at is not None:
+            for index, minute in enumerate(self.minutes):
+                hours = minute / 60.0
+                if hours >= irrigation_at:
+                    wet[index] += irrigation * math.exp(-(hours - irrigation_at) / 3.0)
+        floor = math.floor
+        temperatures = [min(max(floor(t * 10 + 0.5), t_low), t_high) for t in warm]
+        humidities = [min(max(floor(h * 10 + 0.5), h_low), h_high) for h in wet]
+        return temperatures, humidities
+
+
+_TENTHS: dict[int, str] = {}
+
+
+def _tenths_text() -> dict[int, str]:
+    """
+    The record text of every value the sensors give, by its tenths.
+    """
+    if not _TENTHS:
+        low = min(TEMPERATURE_RANGE[0], HUMIDITY_RANGE[0])
+        high = max(TEMPERATURE_RANGE[1], HUMIDITY_RANGE[1])
+        for tenths in range(round(low * 10), round(high * 10) + 1):
+            _TENTHS[tenths] = format_number(tenths / 10)
+    return _TENTHS
+
 
 def synthetic_day(
-    device_id: int, device_ip: str, day: datetime.date, readings: int = 96, seed: int = 1
+    device_id: int, device_ip: str, day: datetime.date, readings: int = 96, seed: int = 1, shapes: int = DAY_SHAPES
 ) -> tuple[Reading, ...]:
     """
-    C{readings} readings of C{day} (evenly spaced minutes from 00:00: 96 is
-    every 15 minutes, 1,440 every minute) for one device.
-
-    Soil temperature follows a daily cosine peaking in mid-afternoon around a
-    device-specific mean; humidity falls as the soil warms and jumps after an
-    irrigation on some days; both carry smooth (autocorrelated) noise.
-    Values are rounded to 0.1 and clipped to the sensor's ranges.  The same
-    C{device_id} and C{seed} always give the same day.
+    The C{readings} readings of C{day} (evenly spaced minutes from 00:00: 96
+    is every 15 minutes, 1,440 every minute) device C{device_id} sends: its
+    day of the L{DayLibrary} of C{seed}.
     """
-    if not 1 <= readings <= wire.MAX_READINGS:
-        raise ValueError(f"readings {readings}: expected 1 to {wire.MAX_READINGS}")
-    rng = random.Random(f"meter-loadgen/{seed}/{device_id}")
-    mean = rng.uniform(6.0, 24.0)
-    amplitude = rng.uniform(1.5, 6.0)
-    warmest = rng.uniform(14.0, 17.0)
-    moisture = rng.uniform(18.0, 48.0)
-    drying = rng.uniform(0.4, 1.2)
-    irrigation_at = rng.uniform(4.0, 20.0) if rng.random() < 0.35 else None
-    irrigation = rng.uniform(5.0, 20.0)
-    step = wire.MAX_READINGS / readings
-    # AR(1) noise whose correlation time is an hour whatever the sampling.
-    rho = math.exp(-step / 60.0)
-    spread = math.sqrt(1.0 - rho * rho)
-    noise_t = rng.gauss(0.0, 0.3)
-    noise_h = rng.gauss(0.0, 0.6)
-    out = []
-    for i in range(readings):
-        minute = i * wire.MAX_READINGS // readings
-        hours = minute / 60.0
-        noise_t = rho * noise_t + spread * rng.gauss(0.0, 0.3)
-        noise_h = rho * noise_h + spread * rng.gauss(0.0, 0.6)
-        temperature = mean + amplitude * math.cos(2 * math.pi * (hours - warmest) / 24.0) + noise_t
-        humidity = moisture - drying * (temperature - mean) + noise_h
-        if irrigation_at is not None and hours >= irrigation_at:
-            humidity += irrigation * math.exp(-(hours - irrigation_at) / 3.0)
-        temperature = round(min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]), 1) + 0.0
-        humidity = round(min(max(humidity, HUMIDITY_RANGE[0]), HUMIDITY_RANGE[1]), 1) + 0.0
-        taken_at = datetime.datetime(day.year, day.month, day.day, minute // 60, minute % 60)
-        out.append(Reading(device_id, device_ip, taken_at, temperature, humidity))
-    return tuple(out)
+    return day_library(readings, seed, shapes).readings_of(device_id, device_ip, day)
+
+
+@functools.lru_cache(maxsize=8)
+def day_library(readings: int = 96, seed: int = 1, shapes: int = DAY_SHAPES) -> DayLibrary:
+    """
+    The L{DayLibrary} of these settings, made once a process: what the
+    bench checks a run's database against, day by day.
+    """
+    return DayLibrary(readings, seed, shapes)
 
 
 # -- one simulated device -----------------------------------------------------
@@ -128,29 +294,45 @@ class SimDevice:
     One device of the fleet: its protocol (socket, key), its day, and the
     timing of each of its chunks.
 
-    The day comes already cut into chunk record texts (L{wire.day_chunk_records}):
-    formatting thousands of days while sending would take the CPU the
-    gateway under test needs, so it is done before the clock starts.
+    The day comes already cut into chunk record texts (shared with the
+    devices sending the same library day): formatting thousands of days
+    while sending would take the CPU the gateway under test needs, so it is
+    done before the clock starts.  What a device holds between its
+    attempts is kept small (slots, no sender once it is done): a hundred
+    thousand of them live in one process.
     """
 
-    def __init__(self, run: LoadRun, device_id: int, address: str, key: bytes, chunk_records: list[str]):
+    __slots__ = ("run", "id", "address", "chunk_records", "chunk_counts", "protocol", "sender", "xfer", "first_sent",
+                 "acked", "datagrams", "outcome", "reason", "started_at", "attempts", "offset")
+
+    def __init__(self, run: LoadRun, device_id: int, address: str, key: bytes, chunk_records: list[str],
+                 chunk_counts: tuple[int, ...], offset: float):
         self.run = run
         self.id = device_id
         self.address = address
         self.chunk_records = chunk_records
-        #: How many readings the day holds, for the summary.
-        self.reading_count = sum(map(wire.record_count, chunk_records))
+        #: How many readings each chunk holds, by part - 1.
+        self.chunk_counts = chunk_counts
         self.protocol = device.DeviceProtocol(run.target, key, run.metrics)
         self.sender: device.DaySender | None = None
         self.xfer = ""
-        self.chunk_readings: dict[int, int] = {}
-        self.first_sent: dict[int, float] = {}
-        self.acked: set[int] = set()
+        self.first_sent: dict[int, float] | None = None
+        #: Parts acknowledged ok, in any attempt: bit C{part} set.
+        self.acked = 0
         self.datagrams = 0
         self.outcome: str | None = None
         self.reason = ""
         self.started_at = 0.0
         self.attempts = 0
+        #: When the device starts, in seconds after the run does.
+        self.offset = offset
+
+    @property
+    def reading_count(self) -> int:
+        """
+        How many readings the day holds, for the summary.
+        """
+        return sum(self.chunk_counts)
 
     def start(self) -> None:
         run = self.run
@@ -161,24 +343,16 @@ class SimDevice:
             run.started += 1
         else:
             run.on_stop(self)
-            # A new transfer, as a device's next attempt is: its chunks are
-            # timed afresh, but a chunk acknowledged in an attempt before
-            # counts once (its readings are the same).
-            self.first_sent = {}
+            run.retries += 1
+        # A new transfer, as a device's next attempt is: its chunks are
+        # timed afresh, but a chunk acknowledged in an attempt before counts
+        # once (its readings are the same).
+        self.first_sent = {}
         self.xfer = device_xfer(run.seed, self.id, f"{run.attempt_salt}/{self.attempts}")
         chunks = wire.day_chunks(self.id, self.address, run.day, self.chunk_records, self.xfer, int(now))
-        self.chunk_readings = {chunk.part: chunk.count for chunk in chunks}
         run.chunks += len(chunks)
         run.on_start(self)
-        sender = device.DaySender(
-            chunks,
-            self._send,
-            run.reactor,
-            run.retransmission,
-            random.Random(run.seed * 1000003 + self.id),
-            run.window,
-            run.metrics,
-        )
+        sender = device.DaySender(chunks, self._send, run.reactor, run.retransmission, run.rng, run.window, run.metrics)
         self.sender = sender
         self.protocol.sender = _AckTap(self, sender)
         sender.start().addCallbacks(self._delivered, self._not_delivered)
@@ -186,24 +360,25 @@ class SimDevice:
     def _send(self, datagram: bytes) -> None:
         seen = wire.peek_day_id(datagram)
         part = seen[1] if seen is not None else 0
+        run = self.run
         if part not in self.first_sent:
             now = self.first_sent[part] = time.time()
-            self.run.first_sends += 1
-            if self.run.first_send is None:
-                self.run.first_send = now
-        elif not self.run.retransmitting:
-            self.run.first_retransmission(self)
+            run.first_sends += 1
+            if run.first_send is None:
+                run.first_send = now
+        elif not run.retransmitting:
+            run.first_retransmission(self)
         self.datagrams += 1
-        self.run.datagrams += 1
+        run.datagrams += 1
         self.protocol.send(datagram)
 
     def acknowledged(self, ack: wire.DayAck) -> None:
-        if ack.status != "ok" or ack.xfer != self.xfer or ack.part in self.acked:
+        if ack.status != "ok" or ack.xfer != self.xfer or self.acked >> ack.part & 1 or self.first_sent is None:
             return
         sent = self.first_sent.get(ack.part)
         if sent is None:
             return
-        self.acked.add(ack.part)
+        self.acked |= 1 << ack.part
         run = self.run
         handled = time.time()
         run.handled_latencies.append(handled - sent)
@@ -212,22 +387,38 @@ class SimDevice:
         # devices, took to get to it.
         run.latencies.append((run.arrived_at or handled) - sent)
         run.chunks_acked += 1
-        run.readings_acked += self.chunk_readings.get(ack.part, 0)
+        run.readings_acked += self.chunk_counts[ack.part - 1] if 0 < ack.part <= len(self.chunk_counts) else 0
         run.last_ack = handled
+
+    def _done(self) -> None:
+        # What only a sending device needs goes: its sender, timers, tap.
+        self.sender = None
+        self.protocol.sender = None
+        self.first_sent = None
 
     def _delivered(self, chunks: int) -> None:
         self.outcome = "delivered"
+        self._done()
         self.run.finished(self)
 
     def _not_delivered(self, failure) -> None:
-        failure.trap(device.DeliveryFailed)
         run = self.run
+        self._done()
+        if not failure.check(device.DeliveryFailed):
+            # A fault of the device code, not the gateway's answer: the
+            # device fails, saying so, rather than trying forever.
+            self.outcome = "failed"
+            self.reason = f"error in the device code: {failure.getErrorMessage() or failure.type.__name__}"
+            failure.printTraceback(file=sys.stderr)
+            run.finished(self)
+            return
         run.gave_up += 1
+        self.reason = failure.getErrorMessage()
         if self.attempts < run.attempts:
+            # As meter-device does: the day is tried again, whole, later.
             run.reactor.callLater(run.retry_after, self.start)
             return
         self.outcome = "failed"
-        self.reason = failure.getErrorMessage()
         run.finished(self)
 
 
@@ -251,7 +442,7 @@ def device_xfer(seed: int, device_id: int, salt: str) -> str:
     A transfer id for one device's run: fresh for every run (C{salt}), as
     a real device's is for every day it sends.
     """
-    return random.Random(f"xfer/{salt}/{seed}/{device_id}").getrandbits(64).to_bytes(8, "big").hex()
+    return hashlib.blake2b(f"xfer/{salt}/{seed}/{device_id}".encode("ascii"), digest_size=8).hexdigest()
 
 
 def _stamped_port_class():
@@ -272,6 +463,23 @@ def _stamped_port_class():
             super().__init__(port, protocol, interface, maxPacketSize, reactor)
             self._run = run
             self._ancillary = socket.CMSG_SPACE(_TIMESPEC.size)
+            #: The address a datagram went to through udp.Port.write.
+            self._checked: tuple[str, int] | None = None
+
+        def write(self, datagram: bytes, addr=None):
+            # Every datagram goes to one address (the gateway's, or the
+            # relay's): udp.Port.write checks it once, then datagrams go
+            # straight to sendto.  Its checks parse the address text four
+            # times a datagram, the largest share of a send's Python.  An
+            # error goes through udp.Port.write, which handles it.
+            if addr is not None and addr == self._checked:
+                try:
+                    return self.socket.sendto(datagram, addr)
+                except OSError:
+                    pass
+            written = super().write(datagram, addr)
+            self._checked = addr
+            return written
 
         def createInternetSocket(self):
             sock = super().createInternetSocket()
@@ -414,6 +622,10 @@ class LoadRun:
         )
         #: What every simulated device counts, together.
         self.metrics = device.DeviceMetrics()
+        #: The senders' retransmission timers' jitter, one generator for all
+        #: (a generator each would hold 2.5 kB a device).
+        self.rng = random.Random(self.seed)
+        self.library = DayLibrary(args.readings, self.seed, args.day_shapes, self.chunk_bytes)
         self.devices: list[SimDevice] = []
         self.by_xfer: dict[str, SimDevice] = {}
         self.pooled = False
@@ -436,16 +648,28 @@ class LoadRun:
         self.failed = 0
         #: Senders that gave up, the last attempt's or not.
         self.gave_up = 0
+        #: Attempts after a device's first.
+        self.retries = 0
         self.retransmitting = False
         self.timed_out = False
         self.prepare_s = 0.0
         self.run_started = 0.0
         self._progress = None
         self._limit = None
+        self._next_device = 0
+        self._stopped = False
+        #: This process's CPU time when the run started, and from then to
+        #: its end: the cost of sending, apart from preparing.
+        self.cpu_at_start = 0.0
+        self.sending_cpu_s = 0.0
 
     # -- preparation
 
-    def prepare(self, settings: config.Config, ids: list[int]) -> None:
+    def prepare(self, settings: config.Config, ids: list[int], offsets: list[float]) -> None:
+        """
+        Make the devices C{ids}, each to start C{offsets} (the same order)
+        seconds after the run does: their keys, days and sockets.
+        """
         began = time.monotonic()
         keys = load_keys(settings, ids)
         args = self.args
@@ -453,14 +677,21 @@ class LoadRun:
             self.relay = LossyRelay(self.reactor, self.gateway, args.loss, args.dup, args.delay, random.Random(self.seed))
             port = self.reactor.listenUDP(0, self.relay, interface="127.0.0.1", maxPacketSize=wire.MAX_DATAGRAM)
             self.target = ("127.0.0.1", port.getHost().port)
-        for device_id in ids:
+        # The fleet's longest header: every device's chunks are cut to fit it.
+        widest = max(ids, key=lambda i: (len(str(i)) + len(settings.fleet[i]), i))
+        widest_header = (widest, settings.fleet[widest])
+        counts_of: dict[int, tuple[int, ...]] = {}
+        for device_id, offset in zip(ids, offsets):
             address = settings.fleet[device_id]
             if self.args.surveys is not None:
                 readings = load_survey(survey_path(self.args.surveys, device_id), device_id, address, self.day)
+                records = wire.day_chunk_records(device_id, address, self.day, readings, self.chunk_bytes)
             else:
-                readings = synthetic_day(device_id, address, self.day, self.args.readings, self.seed)
-            records = wire.day_chunk_records(device_id, address, self.day, readings, self.chunk_bytes)
-            self.devices.append(SimDevice(self, device_id, address, keys[device_id], records))
+                records = self.library.chunk_records(device_id, widest_header, self.day)
+            counts = counts_of.get(id(records))
+            if counts is None:
+                counts = counts_of[id(records)] = tuple(map(wire.record_count, records))
+            self.devices.append(SimDevice(self, device_id, address, keys[device_id], records, counts, offset))
         self._open_sockets()
         self.prepare_s = time.monotonic() - began
 
@@ -498,10 +729,9 @@ class LoadRun:
 
     def start(self) -> None:
         self.run_started = time.monotonic()
-        count = len(self.devices)
-        spread = self.args.spread
-        for index, sim in enumerate(self.devices):
-            self.reactor.callLater(spread * index / count if spread > 0 else 0, sim.start)
+        self.cpu_at_start = time.process_time()
+        self._next_device = 0
+        self._start_due()
         self._limit = self.reactor.callLater(self.args.timeout, self._time_limit)
         if self.args.progress:
             from twisted.internet.task import LoopingCall
@@ -509,6 +739,18 @@ class LoadRun:
             self._progress = LoopingCall(self.show_progress)
             self._progress.clock = self.reactor
             self._progress.start(0.25, now=False)
+
+    def _start_due(self) -> None:
+        # One timer walking the devices in order of their offsets, rather
+        # than a timer each: 100,000 pending timers would cost memory and
+        # every other timer's heap operations.
+        elapsed = time.monotonic() - self.run_started
+        devices = self.devices
+        while self._next_device < len(devices) and devices[self._next_device].offset <= elapsed:
+            devices[self._next_device].start()
+            self._next_device += 1
+        if self._next_device < len(devices) and not self._stopped:
+            self.reactor.callLater(max(0.0, devices[self._next_device].offset - elapsed), self._start_due)
 
     def on_start(self, sim: SimDevice) -> None:
         if self.pooled:
@@ -537,6 +779,8 @@ class LoadRun:
         self._stop()
 
     def _stop(self) -> None:
+        self._stopped = True
+        self.sending_cpu_s = time.process_time() - self.cpu_at_start
         if self._limit is not None and self._limit.active():
             self._limit.cancel()
         if self._progress is not None and self._progress.running:
@@ -571,7 +815,7 @@ class LoadRun:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         failed = [sim for sim in self.devices if sim.outcome == "failed"]
         incomplete = [sim for sim in self.devices if sim.outcome is None]
-        readings_sent = sum(sim.reading_count for sim in self.devices if sim.sender is not None)
+        readings_sent = sum(sim.reading_count for sim in self.devices if sim.attempts)
         return {
             "devices": len(self.devices),
             "first_id": self.devices[0].id if self.devices else None,
@@ -601,10 +845,18 @@ class LoadRun:
             "busy_answers": self.metrics.busy_answers,
             "stray_acks": self.metrics.stray_acks,
             "attempts": sum(sim.attempts for sim in self.devices),
+            "max_attempts": self.attempts,
+            "retry_after_s": self.retry_after,
             "gave_up": self.gave_up,
+            "retries": self.retries,
+            "retried_devices": sum(1 for sim in self.devices if sim.attempts > 1),
             "relay": dict(sorted(self.relay.counters.items())) if self.relay is not None else None,
             "first_send": self.first_send,
             "last_ack": self.last_ack,
+            # When the first and the last device started: the start window
+            # as it was, not as asked.
+            "first_start": min((sim.started_at for sim in self.devices if sim.attempts), default=None),
+            "last_start": max((sim.started_at for sim in self.devices if sim.attempts), default=None),
             "duration_s": round(duration, 6),
             "readings_per_s": round(self.readings_acked / duration, 1) if duration > 0 else None,
             "chunks_per_s": round(self.chunks_acked / duration, 1) if duration > 0 else None,
@@ -612,7 +864,10 @@ class LoadRun:
             "ack_latency_handled_ms": latency_summary(sorted(self.handled_latencies)),
             "prepare_s": round(self.prepare_s, 3),
             "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "loadgen_sending_cpu_s": round(self.sending_cpu_s, 3),
             "loadgen_max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "processes": 1,
+            "day_shapes": self.library.shapes if self.args.surveys is None else None,
         }
 
 
@@ -698,7 +953,8 @@ def format_summary(s: dict) -> str:
         f"day {s['day']}, spread {s['spread_s']:g} s, window {s['window']}, {s['sockets']} sockets"
         f"{' (pooled)' if s['pooled_sockets'] else ''} -> {s['gateway']}",
         f"  delivered {s['delivered']}, failed {s['failed']}, incomplete {s['incomplete']}"
-        f"{' (timed out)' if s['timed_out'] else ''}",
+        f"{' (timed out)' if s['timed_out'] else ''}; attempts {s['attempts']:,} ({s['retried_devices']:,} devices "
+        f"tried again, at most {s['max_attempts']} attempts, {s['retry_after_s']:g} s after a sender gave up)",
         f"  readings acknowledged {s['readings_acked']:,} of {s['readings_sent']:,}; chunks {s['chunks_acked']:,} of "
         f"{s['chunks']:,}; datagrams sent {s['datagrams_sent']:,}; retransmissions {s['retransmissions']:,}; "
         f"busy answers {s['busy_answers']:,}",
@@ -715,8 +971,11 @@ def format_summary(s: dict) -> str:
         lines.append(
             f"  (to when loadgen handled the ok: p50 {handled['p50']:.2f} ms, p99 {handled['p99']:.2f} ms)"
         )
-    lines.append(f"  loadgen: prepared in {s['prepare_s']:.2f} s, {s['loadgen_cpu_s']:.2f} CPU s, "
-                 f"peak RSS {s['loadgen_max_rss_mb']:.0f} MB")
+    per_datagram = s["loadgen_sending_cpu_s"] / s["datagrams_sent"] * 1e6 if s["datagrams_sent"] else 0.0
+    lines.append(f"  loadgen: {s['processes']} process{'es' if s['processes'] > 1 else ''}, prepared in "
+                 f"{s['prepare_s']:.2f} s, {s['loadgen_cpu_s']:.2f} CPU s of which sending {s['loadgen_sending_cpu_s']:.2f} s "
+                 f"({per_datagram:.0f} µs a datagram), peak RSS {s['loadgen_max_rss_mb']:.0f} MB"
+                 f"{' (the largest process)' if s['processes'] > 1 else ''}")
     for failed in s["failed_devices"][:5]:
         lines.append(f"  device {failed['id']} failed: {failed['reason']}")
     if s["incomplete_devices"]:
@@ -775,7 +1034,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attempts", type=int, default=1, metavar="N",
                    help="deliveries a device tries, each a fresh transfer after its sender gave up (default 1)")
     p.add_argument("--retry-after", type=float, default=0.5, metavar="SECONDS",
-                   help="wait before a device's next attempt (default 0.5)")
+                   help="wait before a device's next attempt (default 0.5; meter-device waits 300)")
+    p.add_argument("--processes", type=int, default=1, metavar="P",
+                   help="split the devices between P processes (device k in process k mod P), one summary (default 1)")
+    p.add_argument("--day-shapes", type=int, default=DAY_SHAPES, metavar="K",
+                   help=f"distinct synthetic days the fleet draws from (default {DAY_SHAPES:,})")
     p.add_argument("--loss", type=float, default=0.0, metavar="P",
                    help="send through a relay on 127.0.0.1 that drops each datagram with this probability, each way")
     p.add_argument("--dup", type=float, default=0.0, metavar="P", help="... and sends a second copy with this one")
@@ -800,8 +1063,8 @@ def run(args: argparse.Namespace) -> int:
     if args.devices < 1:
         print("meter loadgen: --devices must be at least 1", file=sys.stderr)
         return 2
-    if args.window < 1 or args.attempts < 1:
-        print("meter loadgen: --window and --attempts must be at least 1", file=sys.stderr)
+    if args.window < 1 or args.attempts < 1 or args.processes < 1 or args.day_shapes < 1:
+        print("meter loadgen: --window, --attempts, --processes and --day-shapes must be at least 1", file=sys.stderr)
         return 2
     target = args.gateway or settings.device["gateway"]
     if not ipaddress.ip_address(target[0]).is_loopback and not args.non_loopback:
@@ -818,7 +1081,40 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+    offsets = start_offsets(len(ids), args.spread)
+    if args.processes > 1:
+        return run_processes(args, settings, ids, offsets)
+    outcome = run_one(args, settings, ids, offsets)
+    if isinstance(outcome, int):
+        return outcome
+    summary = outcome.summary()
+    return report(args, summary)
 
+
+def start_offsets(count: int, spread: float) -> list[float]:
+    """
+    When each of C{count} devices starts, in seconds after the first:
+    evenly over C{spread}.
+    """
+    return [spread * index / count if spread > 0 else 0.0 for index in range(count)]
+
+
+def report(args: argparse.Namespace, summary: dict) -> int:
+    print(format_summary(summary), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0 if summary["delivered"] == summary["devices"] else 1
+
+
+def run_one(args: argparse.Namespace, settings: config.Config, ids: list[int], offsets: list[float],
+            ready=None) -> "LoadRun | int":
+    """
+    Devices C{ids} in this process, until they are done or the time limit:
+    the finished run, or an exit status if it could not start.  With
+    C{ready} (called once the devices are prepared, it returns the Unix
+    time to start at), the run starts when the other processes' do.
+    """
     from twisted.internet import reactor
     from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
@@ -829,19 +1125,155 @@ def run(args: argparse.Namespace) -> int:
     )
     load = LoadRun(args, settings, reactor)
     try:
-        load.prepare(settings, ids)
+        load.prepare(settings, ids, offsets)
     except (secrets.SecretError, ValueError, OSError) as e:
         print(f"meter loadgen: {e}", file=sys.stderr)
         return 2
-    reactor.callWhenRunning(load.start)
+    if ready is None:
+        reactor.callWhenRunning(load.start)
+    else:
+        start_at = ready()
+        reactor.callWhenRunning(lambda: reactor.callLater(max(0.0, start_at - time.time()), load.start))
     with collector_paused():
         reactor.run()
-    summary = load.summary()
-    print(format_summary(summary), flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-    return 0 if summary["delivered"] == summary["devices"] else 1
+    return load
+
+
+def run_processes(args: argparse.Namespace, settings: config.Config, ids: list[int], offsets: list[float]) -> int:
+    """
+    The fleet split between C{args.processes} processes (forked here, before
+    any reactor exists), device k to process k mod P so each process's
+    starts are spread over the whole window; they start together once all
+    are prepared, and their summaries and latencies make one summary.
+
+    Why: one process is one core at most; a fleet of 100,000 devices
+    offers more datagrams a second than one process of device code sends
+    and verifies with room to spare.
+    """
+    import tempfile
+
+    try:
+        # The fleet's keys, made once here if they are to be made, not by
+        # each process at once.
+        load_keys(settings, ids[:1])
+    except (secrets.SecretError, OSError) as e:
+        print(f"meter loadgen: {e}", file=sys.stderr)
+        return 2
+    count = args.processes
+    scratch = Path(tempfile.mkdtemp(prefix="meter-loadgen-"))
+    children = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for k in range(count):
+        ready_read, ready_write = os.pipe()
+        go_read, go_write = os.pipe()
+        out = scratch / f"process-{k}.json"
+        pid = os.fork()
+        if pid == 0:  # the child
+            status = 3
+            try:
+                os.close(ready_read)
+                os.close(go_write)
+                args.progress = False
+                args.json = None
+
+                def ready() -> float:
+                    os.write(ready_write, b"ready\n")
+                    return float(os.read(go_read, 64).decode("ascii"))
+
+                outcome = run_one(args, settings, ids[k::count], offsets[k::count], ready)
+                if isinstance(outcome, int):
+                    status = outcome
+                else:
+                    out.write_text(json.dumps({"summary": outcome.summary(), "latencies": list(outcome.latencies),
+                                               "handled": list(outcome.handled_latencies)}))
+                    status = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(ready_write)
+        os.close(go_read)
+        children.append((pid, ready_read, go_write, out))
+    # Start together once every process is prepared (or has failed).
+    for _, ready_read, _, _ in children:
+        os.read(ready_read, 64)
+        os.close(ready_read)
+    start_at = time.time() + 0.1
+    for _, _, go_write, _ in children:
+        try:
+            os.write(go_write, f"{start_at!r}\n".encode("ascii"))
+        except BrokenPipeError:
+            pass
+        os.close(go_write)
+    parts = []
+    latencies: list[float] = []
+    handled: list[float] = []
+    status = 0
+    for pid, _, _, out in children:
+        _, code = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(code) != 0 or not out.exists():
+            status = 2
+            continue
+        data = json.loads(out.read_text())
+        parts.append(data["summary"])
+        latencies.extend(data["latencies"])
+        handled.extend(data["handled"])
+        out.unlink()
+    scratch.rmdir()
+    if status:
+        print("meter loadgen: a loadgen process failed (see above)", file=sys.stderr)
+        return status
+    return report(args, merge_summaries(parts, latencies, handled))
+
+
+#: Summary counts that add up over processes.
+_SUMMED = ("devices", "sockets", "started", "delivered", "failed", "incomplete", "readings_sent", "readings_acked",
+           "chunks", "chunks_acked", "datagrams_sent", "retransmissions", "busy_answers", "stray_acks", "attempts",
+           "gave_up", "retries", "retried_devices", "loadgen_cpu_s", "loadgen_sending_cpu_s")
+
+
+def merge_summaries(parts: list[dict], latencies: list[float], handled: list[float]) -> dict:
+    """
+    One summary of a fleet sent by several processes: their counts added,
+    the first send and last acknowledgement of all, and the percentiles of
+    all their latencies together.
+    """
+    merged = dict(parts[0])
+    for key in _SUMMED:
+        merged[key] = round(sum(part[key] for part in parts), 3)
+    merged["first_id"] = min(part["first_id"] for part in parts)
+    merged["pooled_sockets"] = any(part["pooled_sockets"] for part in parts)
+    merged["timed_out"] = any(part["timed_out"] for part in parts)
+    merged["failed_devices"] = sorted((d for part in parts for d in part["failed_devices"]), key=lambda d: d["id"])[:50]
+    merged["incomplete_devices"] = sorted(d for part in parts for d in part["incomplete_devices"])[:50]
+    firsts = [part["first_send"] for part in parts if part["first_send"]]
+    lasts = [part["last_ack"] for part in parts if part["last_ack"]]
+    starts = [part[key] for part in parts for key in ("first_start", "last_start") if part.get(key)]
+    merged["first_start"] = min(starts) if starts else None
+    merged["last_start"] = max(starts) if starts else None
+    merged["first_send"] = min(firsts) if firsts else None
+    merged["last_ack"] = max(lasts) if lasts else None
+    duration = merged["last_ack"] - merged["first_send"] if firsts and lasts else 0.0
+    merged["duration_s"] = round(duration, 6)
+    merged["readings_per_s"] = round(merged["readings_acked"] / duration, 1) if duration > 0 else None
+    merged["chunks_per_s"] = round(merged["chunks_acked"] / duration, 1) if duration > 0 else None
+    merged["ack_latency_ms"] = latency_summary(sorted(latencies))
+    merged["ack_latency_handled_ms"] = latency_summary(sorted(handled))
+    merged["prepare_s"] = max(part["prepare_s"] for part in parts)
+    merged["loadgen_max_rss_mb"] = max(part["loadgen_max_rss_mb"] for part in parts)
+    merged["processes"] = len(parts)
+    merged["per_process"] = [{key: part[key] for key in ("devices", "delivered", "datagrams_sent", "loadgen_cpu_s",
+                                                         "loadgen_sending_cpu_s",
+                                                         "loadgen_max_rss_mb", "prepare_s")} for part in parts]
+    relays = [part["relay"] for part in parts if part["relay"]]
+    if relays:
+        merged["relay"] = dict(sorted(sum((Counter(relay) for relay in relays), Counter()).items()))
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
