@@ -23,6 +23,9 @@ Scenarios:
           exactly against the synthetic days
   dashboard  (only when asked for) the dashboard's first chart in headless
           Chromium, navigation start to drawn (bench/dashboard.py)
+  overhead  (only when asked for) the fleet three ways at --devices: plain,
+          observed (metrics scraped, the dashboard open), on PostgreSQL;
+          the CPU seconds of each side against plain (bench/overhead.py)
   api     the web API over HTTP on a dataset of bench/dataset.py (a year of
           1,000 devices: 35 million readings): one device's day, a 30-day
           series, the fleet (bench/api_figures.py).  Not in the default run:
@@ -63,6 +66,7 @@ import api_figures  # noqa: E402
 import ceilings  # noqa: E402
 import dashboard  # noqa: E402
 import micro  # noqa: E402
+import overhead  # noqa: E402
 import pg_bench  # noqa: E402
 import profiles  # noqa: E402
 from meter import config, wire  # noqa: E402
@@ -880,6 +884,7 @@ def main(argv=None) -> int:
                         help="readings per batch of the cloud's small-batch run (default 2000)")
     parser.add_argument("--seed", type=int, default=1)
     dashboard.add_arguments(parser)
+    overhead.add_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="also run the main fleet scenario under py-spy and summarise where the time goes")
     parser.add_argument("--api-devices", type=int, default=1000, help="devices of the api scenario's dataset (default 1000)")
@@ -900,7 +905,8 @@ def main(argv=None) -> int:
     if args.store == "postgresql" and args.json is None:
         args.json = RESULTS / "postgresql.json"
     if args.json is None:
-        alone = {frozenset({"api"}): "api.json", frozenset({"dashboard"}): "dashboard.json"}
+        alone = {frozenset({"api"}): "api.json", frozenset({"dashboard"}): "dashboard.json",
+                 frozenset({"overhead"}): "overhead.json"}
         args.json = RESULTS / alone.get(frozenset(wanted), "latest.json")
 
     results = {
@@ -954,6 +960,8 @@ def main(argv=None) -> int:
             results["scenarios"]["dashboard"] = dashboard.scenario(args, scratch)
         if "api" in wanted:
             results["scenarios"]["api"] = api_figures.scenario_api(args, scratch, say)
+        if "overhead" in wanted:
+            results["scenarios"]["overhead"] = overhead.scenario(args, scratch)
     finally:
         if args.keep:
             say(f"scratch folder kept: {scratch}")
