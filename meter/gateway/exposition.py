@@ -63,13 +63,14 @@ class GatewayExposition:
         times, and the cause of its failing transactions.
     @param protocol: the UDP port's protocol: listening while C{numPorts},
         and its C{transport} is the port whose kernel drops are read.
-    @param drops: the kernel's drops at a socket's inode (L{udp.receive_drops}).
+    @param drops: the kernel's drops at a socket, given its descriptor
+        (L{udp.socket_drops}).
     @param nodes: the cloud's nodes, and the one connected to or tried next.
     """
 
     def __init__(
         self, metrics: GatewayMetrics, intake, uplink, spool, database, protocol, spool_limit: int,
-        drops: Callable[[int], int | None] = udp.receive_drops, nodes: CloudNodes | None = None,
+        drops: Callable[[int], int | None] = udp.socket_drops, nodes: CloudNodes | None = None,
     ):
         self._metrics = metrics
         self._intake = intake
@@ -99,7 +100,7 @@ class GatewayExposition:
         if port is None:
             return None
         try:
-            return self._drops(udp.socket_inode(port.fileno()))
+            return self._drops(port.fileno())
         except (OSError, ValueError):
             return None
 
