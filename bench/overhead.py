@@ -240,6 +240,7 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
     suite = Suite(root, args.devices, None, addresses=label_address, keys=True, logs=True, device={}, deadline=60.0,
                   cloud=endpoints, postgres=uri, **({} if observed else {"metrics": ""}))
     scraper = page = None
+    spies: list = []
     result: dict = {"mode": mode}
     try:
         cloud = suite.start_cloud()
@@ -254,6 +255,13 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
             scraper = Scraper({"gateway": monitoring_url(gateway) + "/metrics",
                                "cloud": monitoring_url(cloud) + "/metrics"}, args.overhead_scrape)
             page = Dashboard(web_url(cloud), args.overhead_refresh)
+        if args.overhead_profile:
+            import profiles
+
+            args.overhead_profile.mkdir(parents=True, exist_ok=True)
+            spies = [profiles.Spy(daemon.pid, args.overhead_profile / f"{root.name}-{daemon.name}.txt")
+                     for daemon in (gateway, cloud)]
+            time.sleep(0.5)
         before = {"gateway": gateway.stats()["cpu_s"], "cloud": cloud.stats()["cpu_s"]}
         if server is not None:
             before["postgresql"] = tree_cpu(server)
@@ -284,6 +292,8 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
             page = None
         result["peak_rss_mb"] = {"gateway": gateway.stats()["peak_rss_mb"], "cloud": cloud.stats()["peak_rss_mb"]}
     finally:
+        for spy in spies:
+            spy.stop()
         if scraper is not None:
             scraper.stop()
         if page is not None:
@@ -376,6 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the overhead scenario's runs, in order (default {','.join(MODES)})")
     parser.add_argument("--overhead-rounds", type=int, default=1,
                         help="rounds of the runs, in turns; each mode's median counts (default 1)")
+    parser.add_argument("--overhead-profile", type=Path,
+                        help="also sample the gateway and the cloud of each run with py-spy into this folder")
     parser.add_argument("--overhead-scrape", type=float, default=5.0,
                         help="seconds between scrapes of each daemon's /metrics in the observed run (default 5)")
     parser.add_argument("--overhead-refresh", type=float, default=None,
