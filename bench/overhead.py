@@ -32,7 +32,9 @@ import argparse
 import contextlib
 import datetime
 import http.client
+import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -270,13 +272,11 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
         summary = root / "loadgen.json"
         command = suite.loadgen_command(summary, "--devices", str(args.devices), "--readings", "96", "--spread",
                                         str(args.spread), "--seed", str(args.seed), "--timeout",
-                                        str(args.fleet_timeout))
+                                        str(args.fleet_timeout), *shlex.split(args.overhead_loadgen))
         completed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=args.fleet_timeout + 120)
         (root / "loadgen.out").write_text(completed.stdout + completed.stderr)
         if not summary.exists():
             raise RuntimeError(f"loadgen wrote no summary (exit {completed.returncode}): {completed.stderr[-2000:]}")
-        import json
-
         sent = json.loads(summary.read_text())
         totals = _wait_committed(cloud, sent["readings_acked"], args.fleet_timeout)
         after = {"gateway": gateway.stats()["cpu_s"], "cloud": cloud.stats()["cpu_s"]}
@@ -386,6 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the overhead scenario's runs, in order (default {','.join(MODES)})")
     parser.add_argument("--overhead-rounds", type=int, default=1,
                         help="rounds of the runs, in turns; each mode's median counts (default 1)")
+    parser.add_argument("--overhead-loadgen", default="",
+                        help="more arguments for loadgen in each run, e.g. \"--processes 2\" (one string)")
     parser.add_argument("--overhead-profile", type=Path,
                         help="also sample the gateway and the cloud of each run with py-spy into this folder")
     parser.add_argument("--overhead-scrape", type=float, default=5.0,
