@@ -28,6 +28,9 @@ Scenarios:
   overload  (only when asked for) several times the gateway's capacity at
           once: accepted chunks/s over time, busy answers, every day stored
           once (bench/overload.py)
+  overhead  (only when asked for) the fleet three ways at --devices: plain,
+          observed (metrics scraped, the dashboard open), on PostgreSQL;
+          the CPU seconds of each side against plain (bench/overhead.py)
   api     the web API over HTTP on a dataset of bench/dataset.py (a year of
           1,000 devices: 35 million readings): one device's day, a 30-day
           series, the fleet (bench/api_figures.py).  Not in the default run:
@@ -70,6 +73,7 @@ import ceilings  # noqa: E402
 import dashboard  # noqa: E402
 import micro  # noqa: E402
 import overload  # noqa: E402
+import overhead  # noqa: E402
 import pg_bench  # noqa: E402
 import profiles  # noqa: E402
 from meter import config, device, wire  # noqa: E402
@@ -1151,6 +1155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     dashboard.add_arguments(parser)
     overload.add_arguments(parser)
+    overhead.add_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="also run the main fleet scenario under py-spy and summarise where the time goes")
     parser.add_argument("--api-devices", type=int, default=1000, help="devices of the api scenario's dataset (default 1000)")
@@ -1171,7 +1176,8 @@ def main(argv=None) -> int:
     if args.store == "postgresql" and args.json is None:
         args.json = RESULTS / "postgresql.json"
     if args.json is None:
-        alone = {frozenset({"api"}): "api.json", frozenset({"dashboard"}): "dashboard.json"}
+        alone = {frozenset({"api"}): "api.json", frozenset({"dashboard"}): "dashboard.json",
+                 frozenset({"overhead"}): "overhead.json"}
         args.json = RESULTS / alone.get(frozenset(wanted), "latest.json")
 
     results = {
@@ -1232,6 +1238,8 @@ def main(argv=None) -> int:
             results["scenarios"]["dashboard"] = dashboard.scenario(args, scratch)
         if "api" in wanted:
             results["scenarios"]["api"] = api_figures.scenario_api(args, scratch, say)
+        if "overhead" in wanted:
+            results["scenarios"]["overhead"] = overhead.scenario(args, scratch)
     finally:
         if args.keep:
             say(f"scratch folder kept: {scratch}")

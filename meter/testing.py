@@ -10,6 +10,7 @@ of the chunks of a day.
 from __future__ import annotations
 
 import datetime
+import json
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -384,6 +385,11 @@ class MemoryReadingStore:
 
     def fleet(self) -> Deferred:
         return succeed(self._fleet())
+
+    def fleet_json(self, stale_before: datetime.date) -> Deferred:
+        from meter.cloud.web.api import device_json
+
+        return succeed(json.dumps([device_json(d, stale_before) for d in self._fleet()], separators=(",", ":")))
 
     def device(self, device_id: int) -> Deferred:
         return succeed(next((d for d in self._fleet() if d.device_id == device_id), None))

@@ -102,6 +102,52 @@ def test_receive_drops_of_a_real_socket_are_found():
         assert udp.receive_drops(udp.socket_inode(s.fileno())) == 0
 
 
+def overflowed(family: int, host: str) -> socket.socket:
+    """
+    A bound UDP socket whose receive buffer overflowed: the kernel dropped
+    some of 100 datagrams sent to it and never read.
+    """
+    full = socket.socket(family, socket.SOCK_DGRAM)
+    full.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    full.bind((host, 0))
+    with socket.socket(family, socket.SOCK_DGRAM) as sender:
+        for _ in range(100):
+            sender.sendto(b"x" * 1000, full.getsockname()[:2])
+    return full
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_the_kernels_monitoring_interface_tells_a_sockets_drops_as_proc_does(family, host):
+    if not udp.TABLES[0].exists():
+        pytest.skip("no /proc/net/udp to compare with")
+    # Sockets of other ports around it, which the answer must leave out.
+    others = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(50)]
+    try:
+        for other in others:
+            other.bind((host, 0))
+        with overflowed(family, host) as full:
+            inode = udp.socket_inode(full.fileno())
+            told = udp.diag_drops(family, full.getsockname()[1], inode)
+            assert told == udp.receive_drops(inode) > 0
+            assert udp.socket_drops(full.fileno()) == told
+            # Another socket's inode on that port: not this one's answer.
+            assert udp.diag_drops(family, full.getsockname()[1], udp.socket_inode(others[0].fileno())) is None
+    finally:
+        for other in others:
+            other.close()
+
+
+def test_the_drops_are_read_from_proc_where_the_monitoring_interface_cannot_be_used(tmp_path):
+    def refused(family, port, inode):
+        raise PermissionError("not permitted")
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        line = UDP_TABLE.splitlines()[2].replace("520792", str(udp.socket_inode(s.fileno())))
+        (tmp_path / "udp").write_text(UDP_TABLE.splitlines()[0] + "\n" + line + "\n")
+        assert udp.socket_drops(s.fileno(), (tmp_path / "udp",), ask=refused) == 1312
+
+
 # -- the database's commit times and failures -------------------------------------
 
 
@@ -190,12 +236,12 @@ class GatewayParts:
         )
         self.database = FakeDatabase()
         self.port = FakePort()
-        self.inodes: list[int] = []
+        self.descriptors: list[int] = []
         self.nodes = CloudNodes(["127.0.0.1:8001", "127.0.0.1:8002"])
         self.shedding = Shedding(self.metrics)
         self.exposition = GatewayExposition(
             self.metrics, self.intake, self.uplink, self.spool, self.database, self.port, spool_limit,
-            drops=lambda inode: self.inodes.append(inode) or 7, nodes=self.nodes, shedding=self.shedding,
+            drops=lambda descriptor: self.descriptors.append(descriptor) or 7, nodes=self.nodes, shedding=self.shedding,
             clock=self.clock,
         )
 
@@ -252,7 +298,7 @@ def test_the_gateway_collector_reads_what_a_run_counted(parts):
     assert after[("meter_gateway_batch_ack_seconds_count", ())] == 1
     assert after[("meter_gateway_batch_ack_seconds_sum", ())] == pytest.approx(0.3)
     assert after[("meter_gateway_receive_buffer_drops_total", ())] == 7
-    assert parts.inodes[-1] == udp.socket_inode(parts.port.fileno())
+    assert parts.descriptors[-1] == parts.port.fileno()
     assert after[("meter_build_info", (("version", exposition.version()),))] == 1
     assert ("process_cpu_seconds_total", ()) in after
 

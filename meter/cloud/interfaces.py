@@ -173,6 +173,18 @@ class IReadingQueries(Interface):
         A L{FleetDevice} for each device with a stored reading, by id.
         """
 
+    def fleet_json(stale_before):
+        """
+        The fleet as C{/api/v1/devices} lists it, as the text of a JSON
+        array: for each device with a stored reading, by id, an object of
+        its C{device_id}, C{device_ip}, C{first_reading} and C{last_reading}
+        (in whole minutes, C{YYYY-MM-DDTHH:MM}), C{readings} and C{stale}
+        (its last reading taken before the date C{stale_before}).  Made by
+        the database, off the reactor thread: a fleet of 100,000 devices is
+        14 MB of JSON, which Python objects a device took ~0.5 s of CPU to
+        make, on the reactor thread, at every refresh of a dashboard.
+        """
+
     def device(device_id):
         """
         The L{FleetDevice} of device C{device_id}, or None if none of its

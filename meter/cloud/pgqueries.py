@@ -41,6 +41,19 @@ def fleet(connection) -> list[FleetDevice]:
     return [FleetDevice(*row) for row in connection.execute(_SUMMARY + " ORDER BY device_id")]
 
 
+#: One device's object of /api/v1/devices, made by the server.
+_FLEET_JSON = (
+    "SELECT json_build_object('device_id', device_id, 'device_ip', device_ip,"
+    " 'first_reading', to_char(first_reading, 'YYYY-MM-DD\"T\"HH24:MI'),"
+    " 'last_reading', to_char(last_reading, 'YYYY-MM-DD\"T\"HH24:MI'), 'readings', readings,"
+    " 'stale', last_reading < %s)::text FROM devices ORDER BY device_id"
+)
+
+
+def fleet_json(connection, stale_before) -> str:
+    return "[" + ",".join(text for (text,) in connection.execute(_FLEET_JSON, (stale_before,))) + "]"
+
+
 def device(connection, device_id: int) -> FleetDevice | None:
     row = connection.execute(_SUMMARY + " WHERE device_id = %s", (device_id,)).fetchone()
     return None if row is None else FleetDevice(*row)
@@ -212,6 +225,9 @@ class PostgresReadingQueries(Service):
 
     def fleet(self):
         return self._run(fleet)
+
+    def fleet_json(self, stale_before):
+        return self._run(fleet_json, stale_before)
 
     def device(self, device_id: int):
         return self._run(device, device_id)

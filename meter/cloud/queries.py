@@ -116,6 +116,9 @@ class SQLiteReadingQueries(Service):
     def fleet(self):
         return self._run(_fleet)
 
+    def fleet_json(self, stale_before: datetime.date):
+        return self._run(_fleet_json, stale_before)
+
     def device(self, device_id: int):
         return self._run(_device, device_id)
 
@@ -142,6 +145,20 @@ def _fleet(connection: sqlite3.Connection) -> list[FleetDevice]:
             "SELECT device_id, device_ip, first_reading, last_reading, readings FROM devices ORDER BY device_id"
         )
     ]
+
+
+#: One device's object of /api/v1/devices, made by SQLite: the times are
+#: stored as the API shows them (whole minutes), so compared as text.
+_FLEET_JSON = (
+    "SELECT json_object('device_id', device_id, 'device_ip', device_ip, 'first_reading', first_reading,"
+    " 'last_reading', last_reading, 'readings', readings,"
+    " 'stale', json(CASE WHEN last_reading < ? THEN 'true' ELSE 'false' END))"
+    " FROM devices ORDER BY device_id"
+)
+
+
+def _fleet_json(connection: sqlite3.Connection, stale_before: datetime.date) -> str:
+    return "[" + ",".join(text for (text,) in connection.execute(_FLEET_JSON, (stale_before.isoformat(),))) + "]"
 
 
 def _device(connection: sqlite3.Connection, device_id: int) -> FleetDevice | None:

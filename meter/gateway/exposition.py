@@ -66,7 +66,8 @@ class GatewayExposition:
         times, and the cause of its failing transactions.
     @param protocol: the UDP port's protocol: listening while C{numPorts},
         and its C{transport} is the port whose kernel drops are read.
-    @param drops: the kernel's drops at a socket's inode (L{udp.receive_drops}).
+    @param drops: the kernel's drops at a socket, given its descriptor
+        (L{udp.socket_drops}).
     @param nodes: the cloud's nodes, and the one connected to or tried next.
     @param shedding: the load shedding controller, and C{clock}, the time
         its gauges are read at (None: its gauges read 0).
@@ -74,7 +75,7 @@ class GatewayExposition:
 
     def __init__(
         self, metrics: GatewayMetrics, intake, uplink, spool, database, protocol, spool_limit: int,
-        drops: Callable[[int], int | None] = udp.receive_drops, nodes: CloudNodes | None = None,
+        drops: Callable[[int], int | None] = udp.socket_drops, nodes: CloudNodes | None = None,
         shedding: Shedding | None = None, clock=None,
     ):
         self._shedding = shedding
@@ -107,7 +108,7 @@ class GatewayExposition:
         if port is None:
             return None
         try:
-            return self._drops(udp.socket_inode(port.fileno()))
+            return self._drops(port.fileno())
         except (OSError, ValueError):
             return None
 

@@ -10,6 +10,7 @@ server (the session's throwaway cluster) the PostgreSQL store writes.
 from __future__ import annotations
 
 import datetime
+import json
 import sqlite3
 
 import pytest
@@ -23,6 +24,7 @@ from meter.cloud.interfaces import Bucket, Cursor, FleetDevice, IReadingQueries,
 from meter.cloud.pgqueries import PostgresReadingQueries
 from meter.cloud.postgres import PostgresReadingStore
 from meter.cloud.queries import SQLiteReadingQueries
+from meter.cloud.web.api import device_json
 from meter.database import connect
 from meter.postgres import PostgresLocation
 from meter.reading import Reading
@@ -115,6 +117,23 @@ async def test_the_fleet_summarizes_each_device_with_its_latest_address(both):
     ]
     assert await both.queries.device(3) == FleetDevice(3, "192.168.1.4", at("2026-03-01T02:00"), at("2026-03-01T02:00"), 1)
     assert await both.queries.device(2) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fleets_json_made_by_the_database_says_what_the_summary_does(both):
+    assert json.loads(await both.queries.fleet_json(datetime.date(2026, 3, 2))) == []
+    await both.add(columns(C, A, B2), 1.0)
+    await both.add(columns(D, B, "4,fd00::5,2026-03-01T23:59,1,2"), 2.0)
+    stale_before = datetime.date(2026, 3, 2)
+    fleet = json.loads(await both.queries.fleet_json(stale_before))
+    assert fleet == [device_json(device, stale_before) for device in await both.queries.fleet()]
+    assert [(d["device_id"], d["last_reading"], d["stale"]) for d in fleet] == [
+        (1, "2026-03-02T00:00", False), (2, "2026-03-01T08:00", True), (3, "2026-03-01T02:00", True),
+        (4, "2026-03-01T23:59", True),
+    ]
+    assert fleet[0] == {"device_id": 1, "device_ip": "192.168.1.7", "first_reading": "2026-03-01T08:00",
+                        "last_reading": "2026-03-02T00:00", "readings": 3, "stale": False}
+    assert fleet[3]["device_ip"] == "fd00::5"
 
 
 @pytest_twisted.ensureDeferred

@@ -164,12 +164,13 @@ class DevicesPage(Resource):
     def render_GET(self, request):
         async def work():
             params.arguments(request.args, ())
-            fleet = await self._queries.fleet()
             last_day = last_complete_day(self._clock, self._zone)
-            return send_json(
-                request, 200,
-                {"last_complete_day": last_day.isoformat(), "devices": [device_json(d, last_day) for d in fleet]},
-            )
+            # The devices' array is the database's text, put in place as it is.
+            fleet = await self._queries.fleet_json(last_day)
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", API_CACHE)
+            return b'{"last_complete_day":"%s","devices":%s}\n' % (last_day.isoformat().encode(), fleet.encode("utf-8"))
 
         return _answer(request, work)
 
