@@ -181,6 +181,28 @@ def test_a_device_reporting_twice_is_counted_once():
     ]
 
 
+def test_a_fleet_reporting_at_once_logs_a_bounded_number_of_device_lines():
+    # A line a device, until a fleet reports faster than the lines' rate: the
+    # rest are counted into the next line that goes, and every device is
+    # still counted in the round.
+    from meter.gateway.rounds import REPORTED_LINES_BURST
+
+    size = REPORTED_LINES_BURST + 50
+    fleet = {d: f"10.0.{d >> 8}.{d & 255}" for d in range(1, size + 2)}
+    h = IntakeHarness(fleet=fleet)
+    h.report(*range(1, size + 1), fleet=fleet)
+    lines = [line for line in h.logged() if " reported " in line]
+    assert len(lines) == REPORTED_LINES_BURST
+    assert lines[-1].endswith(f": {REPORTED_LINES_BURST} of {size + 1} devices")
+    h.clock.advance(1.0)  # time for REPORTED_LINES_RATE more lines
+    h.report(size + 1, fleet=fleet)
+    assert h.logged()[-2:] == [
+        f"device {size + 1} (10.0.{(size + 1) >> 8}.{(size + 1) & 255}:5000) reported 2026-03-01 in 1 chunks: "
+        f"{size + 1} of {size + 1} devices (50 lines of devices reporting left out)",
+        "round 2026-03-01 complete: every expected device reported",
+    ]
+
+
 def test_rounds_of_different_days_are_separate():
     h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
     other = DAY + datetime.timedelta(days=1)
