@@ -13,6 +13,7 @@ import functools
 import gc
 import random
 import sqlite3
+import sys
 
 import pytest
 import pytest_twisted
@@ -468,6 +469,52 @@ def test_the_books_of_a_devices_day_are_not_scanned_by_full_garbage_collections(
     assert len(books) == 5
     assert [book for book in books if gc.is_tracked(book)] == []
     assert [key for key in h.intake.admission.acknowledged if gc.is_tracked(key)] == []
+
+
+def work_to_take(h: IntakeHarness, chunks) -> int:
+    """
+    The lines of Python run and the functions called (C ones included) while
+    the intake takes C{chunks} and commits them: a count of work, not a time.
+    A loop counts a line each time round.
+    """
+    steps = 0
+
+    def line(frame, event, arg):
+        nonlocal steps
+        steps += 1
+        return line
+
+    def call(frame, event, arg):
+        nonlocal steps
+        if event == "c_call":
+            steps += 1
+
+    sys.settrace(line)
+    sys.setprofile(call)
+    try:
+        for chunk in chunks:
+            h.receive(chunk)
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    return steps
+
+
+def test_a_devices_day_costs_the_same_work_in_a_fleet_of_any_size():
+    # No step of a datagram's way may grow with the fleet (a scan of the
+    # devices, of the round, of the transfers in reassembly): the chunks of
+    # one device's day take as many steps after 400 devices as after 4,000.
+    work = []
+    for size in (400, 4000):
+        fleet = {d: f"10.0.{d >> 8}.{d & 255}" for d in range(1, size + 3)}
+        h = IntakeHarness(fleet=fleet, reassembly_timeout=600.0, max_reassemblies=10000)
+        for device_id in range(1, size + 1):
+            for part in (1, 2):
+                h.receive(day_chunk(device_id, part=part, parts=2, fleet=fleet))
+        chunks = [day_chunk(size + 1, part=part, parts=2, fleet=fleet) for part in (1, 2)]
+        work.append(work_to_take(h, chunks))
+        assert h.intake.metrics.chunks == 2 * size + 2
+    assert work[0] == work[1]
 
 
 def test_stop_cancels_the_deadlines():
