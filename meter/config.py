@@ -61,6 +61,20 @@ def non_negative(value: Any) -> float:
     return number
 
 
+def seconds_up_to(high: float) -> Callable[[Any], float]:
+    """
+    A number of seconds from 0 to C{high}.
+    """
+
+    def parse(value: Any) -> float:
+        number = non_negative(value)
+        if number > high:
+            raise ValueError(f"expected a number from 0 to {high:g}, got {value!r}")
+        return number
+
+    return parse
+
+
 def whole(low: int, high: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool):
@@ -293,6 +307,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         ),
         "deadline": (positive, 60.0, "seconds after a day's first report before it is forwarded anyway"),
         "spool": (path, "var/gateway-spool.sqlite", "SQLite spool holding readings until the cloud acknowledges"),
+        "commit_interval": (
+            seconds_up_to(0.1), 0.002,
+            "least seconds between the starts of two spool commits: chunks arriving meanwhile share the next one (0: each reactor turn)",
+        ),
         "batch_readings": (whole(1, 5000), 5000, "most readings in one batch to the cloud; a batch holds whole chunks, and a chunk of more readings goes alone"),
         "batches_in_flight": (whole(1, 64), 4, "batches sent to the cloud and not yet acknowledged, at most"),
         "connect_timeout": (positive, 5.0, "seconds to wait for the cloud's TCP handshake"),

@@ -5,7 +5,14 @@ Both the gateway's spool and the cloud's store write through this.  Work
 submitted before the reactor's next turn, or while a commit is under way,
 goes into the next transaction together with everything else that arrived
 meanwhile, so one fsync serves many acknowledgements under load, and an idle
-system still commits each piece of work at once.  A piece of work's Deferred
+system still commits each piece of work at once.  With a commit interval,
+transactions also begin at most once an interval: work arriving sooner
+after the last one began waits out the rest of the interval, with all that
+arrives meanwhile.  A turn of the reactor holds only the datagrams that
+arrived since the last, a few at a few thousand a second, so without the
+interval nearly every datagram had an fsync'd commit of its own; with
+it, the fsyncs a second are bounded whatever the load, at the price of at
+most one interval more before an acknowledgement.  A piece of work's Deferred
 fires only after the transaction holding it is committed: callers
 acknowledge from there, so an acknowledgement always means the data is on
 disk.
@@ -457,21 +464,37 @@ class Database:
     """
     Runs work against one connection, many pieces per transaction, one
     transaction at a time, on the reactor thread in the reactor turn after
-    the work was submitted.
+    the work was submitted, or, within C{commit_interval} of the last
+    transaction's start, once the interval is over.
 
     Each piece runs inside its own savepoint: a piece that raises rolls back
     only its own changes and fails only its own Deferred.  Items given to
     L{run_many} one after another make one piece together.
     """
 
-    def __init__(self, connection: sqlite3.Connection, reactor, timer: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        reactor,
+        timer: Callable[[], float] = time.perf_counter,
+        commit_interval: float = 0.0,
+    ):
         """
         @param timer: the clock the transactions are timed with, in
             seconds (a fake one in tests).
+        @param commit_interval: the least time, in seconds on the reactor's
+            clock, from the start of one transaction to the start of the
+            next (0: the reactor's next turn, whenever the last ended).
         """
+        if commit_interval < 0:
+            raise ValueError(f"commit_interval must be 0 or more, not {commit_interval!r}")
         self._connection = connection
         self._reactor = reactor
         self._timer = timer
+        self._commit_interval = commit_interval
+        #: When the last transaction began, on the reactor's clock (None:
+        #: none yet), from which the next waits out the commit interval.
+        self._last_began: float | None = None
         #: Pieces for the next transaction, each (work, [Deferred, ...],
         #: [item, ...] for L{run_many} or None for L{run}).
         self._pending: list[tuple[Callable, list[Deferred], list | None]] = []
@@ -541,10 +564,15 @@ class Database:
         self._committing = True
         # Not at once: the rest of this turn's work (the other datagrams of
         # one read from the socket, the other batches of one read) joins the
-        # same transaction.
-        self._reactor.callLater(0, self._commit)
+        # same transaction, and, within the commit interval of the last
+        # transaction's start, what the next turns bring too.
+        delay = 0.0
+        if self._commit_interval and self._last_began is not None:
+            delay = max(0.0, self._last_began + self._commit_interval - self._reactor.seconds())
+        self._reactor.callLater(delay, self._commit)
 
     def _commit(self) -> None:
+        self._last_began = self._reactor.seconds()
         pieces, deferreds = self._take_group()
         started = self._timer()
         try:

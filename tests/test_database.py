@@ -118,6 +118,70 @@ def test_work_submitted_during_a_commit_shares_the_next_transaction(turns):
     assert (db.commits, db.pieces) == (2, 21)
 
 
+def test_with_a_commit_interval_work_waits_for_it_and_shares_one_transaction(tmp_path):
+    # A fleet reporting at once brings a chunk or two a reactor turn: within
+    # the interval after a transaction began, the turns' chunks wait for the
+    # next one together, so the fsyncs a second are bounded by the interval.
+    connection = connect(tmp_path / "t.sqlite")
+    connection.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+    clock = task.Clock()
+    clock.advance(100.0)
+    database = Database(connection, clock, commit_interval=0.002)
+    # Idle, the first piece goes at the next turn: no wait.
+    first = database.run(insert(0))
+    clock.advance(0)
+    assert result(first) == 0
+    assert database.commits == 1
+    # One piece a turn, each 0.5 ms after the last: none is committed
+    # before the interval after the last transaction's start is over.
+    deferreds = []
+    for x in range(1, 4):
+        clock.advance(0.0005)
+        deferreds.append(database.run(insert(x)))
+        clock.advance(0)
+        assert not any(d.called for d in deferreds)
+    assert database.commits == 1
+    clock.advance(0.0005)
+    assert [result(d) for d in deferreds] == [1, 2, 3]
+    assert (database.commits, database.pieces) == (2, 4)
+    assert rows(tmp_path / "t.sqlite") == [0, 1, 2, 3]
+    # Once an interval has passed since the last began, a piece goes at the
+    # next turn again.
+    clock.advance(0.002)
+    last = database.run(insert(4))
+    clock.advance(0)
+    assert result(last) == 4
+    assert database.commits == 3
+    stopped = database.stop()
+    assert stopped.called
+
+
+def test_a_stop_waits_out_the_commit_interval_and_commits(tmp_path):
+    connection = connect(tmp_path / "t.sqlite")
+    connection.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+    clock = task.Clock()
+    database = Database(connection, clock, commit_interval=0.01)
+    database.run(insert(0))
+    clock.advance(0)
+    waiting = database.run(insert(1))
+    stopped = database.stop()
+    clock.advance(0.005)
+    assert not stopped.called
+    clock.advance(0.005)
+    assert result(waiting) == 1
+    assert stopped.called
+    assert rows(tmp_path / "t.sqlite") == [0, 1]
+
+
+def test_a_negative_commit_interval_is_refused(tmp_path):
+    connection = connect(tmp_path / "t.sqlite")
+    try:
+        with pytest.raises(ValueError, match="commit_interval"):
+            Database(connection, task.Clock(), commit_interval=-0.001)
+    finally:
+        connection.close()
+
+
 def test_a_failing_piece_rolls_back_only_itself(turns):
     db = turns.database
 

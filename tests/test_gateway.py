@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import random
 import sqlite3
+import sys
 
 import pytest
 import pytest_twisted
@@ -179,6 +181,28 @@ def test_a_device_reporting_twice_is_counted_once():
     assert h.closed() == [(DAY, NOW)]
     assert h.logged()[-2:] == [
         "device 2 (192.168.1.3:5000) reported 2026-03-01 in 1 chunks: 2 of 2 devices",
+        "round 2026-03-01 complete: every expected device reported",
+    ]
+
+
+def test_a_fleet_reporting_at_once_logs_a_bounded_number_of_device_lines():
+    # A line a device, until a fleet reports faster than the lines' rate: the
+    # rest are counted into the next line that goes, and every device is
+    # still counted in the round.
+    from meter.gateway.rounds import REPORTED_LINES_BURST
+
+    size = REPORTED_LINES_BURST + 50
+    fleet = {d: f"10.0.{d >> 8}.{d & 255}" for d in range(1, size + 2)}
+    h = IntakeHarness(fleet=fleet)
+    h.report(*range(1, size + 1), fleet=fleet)
+    lines = [line for line in h.logged() if " reported " in line]
+    assert len(lines) == REPORTED_LINES_BURST
+    assert lines[-1].endswith(f": {REPORTED_LINES_BURST} of {size + 1} devices")
+    h.clock.advance(1.0)  # time for REPORTED_LINES_RATE more lines
+    h.report(size + 1, fleet=fleet)
+    assert h.logged()[-2:] == [
+        f"device {size + 1} (10.0.{(size + 1) >> 8}.{(size + 1) & 255}:5000) reported 2026-03-01 in 1 chunks: "
+        f"{size + 1} of {size + 1} devices (50 lines of devices reporting left out)",
         "round 2026-03-01 complete: every expected device reported",
     ]
 
@@ -414,6 +438,85 @@ def test_closing_a_round_forgets_what_is_two_days_old_on_the_gateways_clock():
     h.receive(old_chunk)
     assert h.added() == 3
     assert h.spool.depth == 3
+
+
+def test_forgetting_a_day_forgets_every_part_of_each_of_its_transfers():
+    h = IntakeHarness(fleet={1: FLEET[1], 2: FLEET[2]})
+    for part in (1, 2, 3):
+        h.receive(day_chunk(1, part=part, parts=3))
+    h.receive(day_chunk(1, xfer=1, part=2, parts=2))
+    h.receive(day_chunk(2))
+    assert h.intake.gauges()["message_ids"] == 5
+    h.clock.advance(gateway.REMEMBER + 1)
+    later = DAY + datetime.timedelta(days=2)
+    h.report(1, 2, xfer=2, day=later, sent_at=int(h.clock.seconds()))
+    assert h.intake.gauges()["message_ids"] == 2
+    assert h.intake.gauges()["device_days"] == 2
+
+
+def test_the_books_of_a_devices_day_are_not_scanned_by_full_garbage_collections():
+    # One set of books a device: were they objects the cyclic collector
+    # tracks, each of its full passes, which stall the reactor, would take
+    # longer the larger the fleet (docs/performance.md).
+    h = IntakeHarness()
+    h.report(1)
+    h.receive(day_chunk(2, part=1, parts=2))
+    h.receive(day_chunk(2, xfer=1, part=1, parts=2))
+    # A pass untracks a tuple whose items are untracked by then, so tuples
+    # in tuples may take a pass a level (in a running gateway, the young
+    # generations' passes, before the books reach the old one).
+    for _ in range(3):
+        gc.collect()
+    books = [*h.intake.admission.days.values(), *h.intake.reassembly.transfers.values()]
+    assert len(books) == 5
+    assert [book for book in books if gc.is_tracked(book)] == []
+    assert [key for key in h.intake.admission.acknowledged if gc.is_tracked(key)] == []
+
+
+def work_to_take(h: IntakeHarness, chunks) -> int:
+    """
+    The lines of Python run and the functions called (C ones included) while
+    the intake takes C{chunks} and commits them: a count of work, not a time.
+    A loop counts a line each time round.
+    """
+    steps = 0
+
+    def line(frame, event, arg):
+        nonlocal steps
+        steps += 1
+        return line
+
+    def call(frame, event, arg):
+        nonlocal steps
+        if event == "c_call":
+            steps += 1
+
+    sys.settrace(line)
+    sys.setprofile(call)
+    try:
+        for chunk in chunks:
+            h.receive(chunk)
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    return steps
+
+
+def test_a_devices_day_costs_the_same_work_in_a_fleet_of_any_size():
+    # No step of a datagram's way may grow with the fleet (a scan of the
+    # devices, of the round, of the transfers in reassembly): the chunks of
+    # one device's day take as many steps after 400 devices as after 4,000.
+    work = []
+    for size in (400, 4000):
+        fleet = {d: f"10.0.{d >> 8}.{d & 255}" for d in range(1, size + 3)}
+        h = IntakeHarness(fleet=fleet, reassembly_timeout=600.0, max_reassemblies=10000)
+        for device_id in range(1, size + 1):
+            for part in (1, 2):
+                h.receive(day_chunk(device_id, part=part, parts=2, fleet=fleet))
+        chunks = [day_chunk(size + 1, part=part, parts=2, fleet=fleet) for part in (1, 2)]
+        work.append(work_to_take(h, chunks))
+        assert h.intake.metrics.chunks == 2 * size + 2
+    assert work[0] == work[1]
 
 
 def test_stop_cancels_the_deadlines():

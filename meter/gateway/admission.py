@@ -16,7 +16,6 @@ import datetime
 import ipaddress
 from typing import Callable
 
-import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 
@@ -24,7 +23,7 @@ from meter import wire
 from meter.clocktext import utc_time
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
-from meter.gateway.reassembly import Reassembly
+from meter.gateway.reassembly import DAY, PARTS, Reassembly
 from meter.gateway.spool import StoredChunk, content_digest
 from meter.ratelimit import LimitedLines, LimitedWarnings
 
@@ -92,18 +91,44 @@ def peer_host(peer: str) -> str:
     return str(mapped or address)
 
 
-@attrs.define
-class DeviceDay:
-    """
-    What one device sent of one day, kept until it is forgotten by its age
-    (see L{Admission.forget_before}): the message ids admitted (being
-    committed or acknowledged), so a device's day is bounded in transfers
-    and chunks however many it sends.
-    """
+#: What one device sent of one day, kept until it is forgotten by its age
+#: (see L{Admission.forget_before}): the message ids admitted (being
+#: committed or acknowledged), so a device's day is bounded in transfers and
+#: chunks however many it sends.  A plain tuple C{(transfers, chunks,
+#: last_seen)}: C{(xfer, parts)} for each transfer with a chunk admitted,
+#: the parts one bit each; how many chunks were admitted in all; when the
+#: last was, on the gateway's clock.  Replaced rather than changed, and
+#: tuples all the way down, for the reason L{meter.gateway.reassembly.Transfer}
+#: gives (a tuple holding a dict stays tracked).
+DeviceDay = tuple
 
-    xfers: set[str] = attrs.Factory(set)
-    ids: list[tuple[int, str, int]] = attrs.Factory(list)
-    last_seen: float = 0.0
+
+def _parts_of(transfers: tuple[tuple[str, int], ...], xfer: str) -> int:
+    """
+    The parts admitted of transfer C{xfer}, one bit each (0: none).
+    """
+    for known, parts in transfers:
+        if known == xfer:
+            return parts
+    return 0
+
+
+def _with_parts(transfers: tuple[tuple[str, int], ...], xfer: str, parts: int) -> tuple[tuple[str, int], ...]:
+    """
+    C{transfers} with transfer C{xfer}'s parts now C{parts} (none: gone).
+    """
+    others = tuple(pair for pair in transfers if pair[0] != xfer)
+    return (*others, (xfer, parts)) if parts else others
+
+
+def _part_numbers(bits: int):
+    """
+    The part numbers of a transfer's bits in a L{DeviceDay}, one bit each.
+    """
+    while bits:
+        lowest = bits & -bits
+        yield lowest.bit_length() - 1
+        bits ^= lowest
 
 
 class Admission:
@@ -282,12 +307,12 @@ class Admission:
             self._committing[key].append(waiter)
             return waiter
         transfer = self._reassembly.transfers.get((chunk.device_id, chunk.xfer))
-        if transfer is not None and (transfer.parts != chunk.parts or transfer.day != chunk.day):
+        if transfer is not None and (transfer[PARTS] != chunk.parts or transfer[DAY] != chunk.day):
             self._metrics.inconsistent_chunks += 1
             return succeed(
                 self._refuse(
                     chunk,
-                    f"transfer: transfer {chunk.xfer} was {transfer.parts} chunks of {transfer.day}, "
+                    f"transfer: transfer {chunk.xfer} was {transfer[PARTS]} chunks of {transfer[DAY]}, "
                     f"now {chunk.parts} chunks of {chunk.day}",
                     peer,
                 )
@@ -320,10 +345,13 @@ class Admission:
         self._committing_content[key] = (digest, minutes)
         self._incoming += count
         if device_day is None:
-            device_day = self.days[(chunk.device_id, chunk.day)] = DeviceDay()
-        device_day.xfers.add(chunk.xfer)
-        device_day.ids.append(key)
-        device_day.last_seen = self._clock.seconds()
+            self.days[(chunk.device_id, chunk.day)] = (((chunk.xfer, 1 << chunk.part),), 1, self._clock.seconds())
+        else:
+            transfers, chunks, _ = device_day
+            parts = _parts_of(transfers, chunk.xfer) | 1 << chunk.part
+            self.days[(chunk.device_id, chunk.day)] = (
+                _with_parts(transfers, chunk.xfer, parts), chunks + 1, self._clock.seconds()
+            )
         if minutes:
             self._minutes[transfer_key] = self._minutes.get(transfer_key, 0) | minutes
         return None
@@ -338,14 +366,15 @@ class Admission:
         """
         if device_day is None:
             return None
-        if chunk.xfer not in device_day.xfers and len(device_day.xfers) >= self._max_transfers_per_day:
+        transfers, chunks, _ = device_day
+        if len(transfers) >= self._max_transfers_per_day and not _parts_of(transfers, chunk.xfer):
             return (
-                f"limit: device {chunk.device_id} sent {len(device_day.xfers)} transfers of {chunk.day} already, "
+                f"limit: device {chunk.device_id} sent {len(transfers)} transfers of {chunk.day} already, "
                 f"the most a device's day may have"
             )
-        if len(device_day.ids) >= self._max_parts_per_day:
+        if chunks >= self._max_parts_per_day:
             return (
-                f"limit: device {chunk.device_id} sent {len(device_day.ids)} chunks of {chunk.day} already, "
+                f"limit: device {chunk.device_id} sent {chunks} chunks of {chunk.day} already, "
                 f"the most a device's day may have"
             )
         return None
@@ -406,13 +435,15 @@ class Admission:
         key = chunk.message_id
         _, minutes = self._committing_content.pop(key, (None, 0))
         device_day = self.days.get((chunk.device_id, chunk.day))
-        if device_day is not None and key in device_day.ids:
-            device_day.ids.remove(key)
+        bit = 1 << chunk.part
+        if device_day is not None and _parts_of(device_day[0], chunk.xfer) & bit:
+            transfers, chunks, last_seen = device_day
             # A transfer none of whose chunks was taken is not one of the
-            # day's: a device whose chunks met a failing spool gives up and
-            # sends its day again in a new transfer, as often as it takes.
-            if not any(xfer == chunk.xfer for _, xfer, _ in device_day.ids):
-                device_day.xfers.discard(chunk.xfer)
+            # day's (its parts left are none): a device whose chunks met a
+            # failing spool gives up and sends its day again in a new
+            # transfer, as often as it takes.
+            left = _parts_of(transfers, chunk.xfer) & ~bit
+            self.days[(chunk.device_id, chunk.day)] = (_with_parts(transfers, chunk.xfer, left), chunks - 1, last_seen)
         transfer_key = (chunk.device_id, chunk.xfer)
         if minutes and transfer_key in self._minutes:
             self._minutes[transfer_key] &= ~minutes
@@ -433,10 +464,11 @@ class Admission:
         for stored in chunks:
             message_id = (stored.device_id, stored.xfer, stored.part)
             self.acknowledged[message_id] = stored.digest
-            device_day = self.days.setdefault((stored.device_id, stored.day), DeviceDay())
-            device_day.xfers.add(stored.xfer)
-            device_day.ids.append(message_id)
-            device_day.last_seen = max(device_day.last_seen, stored.received_at)
+            transfers, chunks, last_seen = self.days.get((stored.device_id, stored.day), ((), 0, stored.received_at))
+            parts = _parts_of(transfers, stored.xfer) | 1 << stored.part
+            self.days[(stored.device_id, stored.day)] = (
+                _with_parts(transfers, stored.xfer, parts), chunks + 1, max(last_seen, stored.received_at)
+            )
 
     def forget_before(self, cutoff: float) -> list[tuple[int, str]]:
         """
@@ -446,12 +478,13 @@ class Admission:
         """
         forgotten = []
         for (device_id, day), device_day in list(self.days.items()):
-            if device_day.last_seen >= cutoff:
+            transfers, _, last_seen = device_day
+            if last_seen >= cutoff:
                 continue
             del self.days[(device_id, day)]
-            for message_id in device_day.ids:
-                self.acknowledged.pop(message_id, None)
-            for xfer in device_day.xfers:
+            for xfer, parts in transfers:
+                for part in _part_numbers(parts):
+                    self.acknowledged.pop((device_id, xfer, part), None)
                 self._minutes.pop((device_id, xfer), None)
                 forgotten.append((device_id, xfer))
         return forgotten

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 from typing import Iterator
 
-import attrs
 from twisted.logger import Logger
 
 from meter import wire
@@ -18,16 +17,27 @@ from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.spool import StoredChunk
 
 
-@attrs.define
-class Transfer:
-    """
-    The reassembly of one device's day: which chunks have arrived.
-    """
+#: The reassembly of one device's day, which chunks have arrived: a plain
+#: tuple C{(day, parts, received, count, first_seen)}, C{received} the parts
+#: arrived as one bit each and C{count} how many, replaced rather than
+#: changed.  Why not an object: the gateway holds one a device, and the
+#: cyclic garbage collector stops tracking a plain tuple of numbers and
+#: dates (never an instance of a class, not even of a named tuple), so its
+#: full passes, which stall the reactor, do not grow with the fleet.
+Transfer = tuple
+#: The fields of a L{Transfer}, by position.
+DAY, PARTS, RECEIVED, COUNT, FIRST_SEEN = range(5)
 
-    day: datetime.date
-    parts: int
-    received: set[int] = attrs.Factory(set)
-    first_seen: float = 0.0
+
+def with_part(transfer: Transfer, part: int) -> Transfer:
+    """
+    C{transfer} with part C{part} arrived too.
+    """
+    day, parts, received, count, first_seen = transfer
+    bit = 1 << part
+    if received & bit:
+        return transfer
+    return (day, parts, received | bit, count + 1, first_seen)
 
 
 class Reassembly:
@@ -61,9 +71,11 @@ class Reassembly:
         key = (chunk.device_id, chunk.xfer)
         transfer = self.transfers.get(key)
         if transfer is None:
-            transfer = self.transfers[key] = Transfer(chunk.day, chunk.parts, first_seen=self._clock.seconds())
-        transfer.received.add(chunk.part)
-        if len(transfer.received) < transfer.parts:
+            transfer = (chunk.day, chunk.parts, 1 << chunk.part, 1, self._clock.seconds())
+        else:
+            transfer = with_part(transfer, chunk.part)
+        self.transfers[key] = transfer
+        if transfer[COUNT] < transfer[PARTS]:
             if key not in self.incomplete:
                 self.incomplete[key] = None
                 self._bound()
@@ -77,13 +89,15 @@ class Reassembly:
         missing chunks expire as if the gateway had not stopped.
         """
         for stored in chunks:
-            transfer = self.transfers.setdefault(
-                (stored.device_id, stored.xfer), Transfer(stored.day, stored.parts, first_seen=stored.received_at)
-            )
-            transfer.received.add(stored.part)
-            transfer.first_seen = min(transfer.first_seen, stored.received_at)
-        for key, transfer in sorted(self.transfers.items(), key=lambda item: item[1].first_seen):
-            if len(transfer.received) < transfer.parts:
+            key = (stored.device_id, stored.xfer)
+            transfer = self.transfers.get(key)
+            if transfer is None:
+                transfer = (stored.day, stored.parts, 0, 0, stored.received_at)
+            elif stored.received_at < transfer[FIRST_SEEN]:
+                transfer = (*transfer[:FIRST_SEEN], stored.received_at)
+            self.transfers[key] = with_part(transfer, stored.part)
+        for key, transfer in sorted(self.transfers.items(), key=lambda item: item[1][FIRST_SEEN]):
+            if transfer[COUNT] < transfer[PARTS]:
                 self.incomplete[key] = None
         self._bound()
 
@@ -92,8 +106,8 @@ class Reassembly:
         The device and day of every complete transfer.
         """
         for (device_id, _), transfer in self.transfers.items():
-            if len(transfer.received) == transfer.parts:
-                yield device_id, transfer.day
+            if transfer[COUNT] == transfer[PARTS]:
+                yield device_id, transfer[DAY]
 
     def forget(self, key: tuple[int, str]) -> None:
         """
@@ -126,7 +140,7 @@ class Reassembly:
         if self._expiry is not None and self._expiry.active():
             return
         oldest = self.transfers[next(iter(self.incomplete))]
-        delay = max(0.0, oldest.first_seen + self._timeout - self._clock.seconds())
+        delay = max(0.0, oldest[FIRST_SEEN] + self._timeout - self._clock.seconds())
         self._expiry = self._clock.callLater(delay, self._expire_old)
 
     def _expire_old(self) -> None:
@@ -134,7 +148,7 @@ class Reassembly:
         cutoff = self._clock.seconds() - self._timeout
         while self.incomplete:
             key = next(iter(self.incomplete))
-            if self.transfers[key].first_seen > cutoff:
+            if self.transfers[key][FIRST_SEEN] > cutoff:
                 break
             self._expire(key, f"incomplete after {self._timeout:g} s")
         self._arm()
@@ -160,8 +174,8 @@ class Reassembly:
             "the chunks received stay spooled and are forwarded",
             device=device_id,
             xfer=xfer,
-            day=transfer.day,
+            day=transfer[DAY],
             why=why,
-            n=len(transfer.received),
-            parts=transfer.parts,
+            n=transfer[COUNT],
+            parts=transfer[PARTS],
         )

@@ -111,7 +111,7 @@ class GatewayService(MultiService):
         except Exception as e:
             raise StartRefused(f"meter-gateway: cannot open spool {s['spool']}: {e}") from None
         # Commits on the reactor thread: meter.database says why.
-        self.database = Database(connection, self._reactor)
+        self.database = Database(connection, self._reactor, commit_interval=s["commit_interval"])
         self.spool = spool = Spool(self.database, recovered.depth)
         self.metrics = GatewayMetrics()
         self.uplink = gateway.Uplink(
