@@ -46,7 +46,7 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
 
     from meter import wire
     from meter.database import Database
-    from meter.gateway.intake import Intake
+    from meter.gateway.intake import Intake, settle_collector
     from meter.gateway.protocol import GatewayProtocol
     from meter.gateway.spool import Spool
     from meter.logs import json_lines
@@ -81,9 +81,8 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
                 transactions[0] += time.process_time() - started
 
         database._transaction = timed
-        # As the daemon does once started: what exists now lives for good.
-        gc.collect()
-        gc.freeze()
+        # As the daemon does once started.
+        settle_collector()
         pauses: list[float] = []
         began = [0.0]
 

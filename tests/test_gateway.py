@@ -519,6 +519,19 @@ def test_a_devices_day_costs_the_same_work_in_a_fleet_of_any_size():
     assert work[0] == work[1]
 
 
+def test_a_started_gateway_makes_full_collections_rare():
+    # Each full pass scans the gateway's large dicts whole, stalling the
+    # reactor: they come every FULL_COLLECTION_EVERY middle passes, not 10.
+    before = gc.get_threshold()
+    try:
+        gateway.intake.settle_collector()
+        assert gc.get_threshold() == (before[0], before[1], gateway.intake.FULL_COLLECTION_EVERY)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def test_stop_cancels_the_deadlines():
     h = IntakeHarness(reassembly_timeout=30.0)
     h.receive(day_chunk(1, part=1, parts=2))

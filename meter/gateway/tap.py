@@ -5,7 +5,6 @@ and the uplink behind a reconnecting TCP client.
 
 from __future__ import annotations
 
-import gc
 import signal
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from meter.options import MeterOptions
 from meter.gateway import link
 from meter.gateway.failover import NodeEndpoint
 from meter.gateway.fleet import FleetReload, file_loader
+from meter.gateway.intake import settle_collector
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
@@ -221,8 +221,7 @@ class GatewayService(MultiService):
         # lives as long as the process: out of the collector's full passes,
         # which otherwise scan it all and stall the reactor, and so every
         # device's acknowledgement, while they run (docs/performance.md).
-        gc.collect()
-        gc.freeze()
+        settle_collector()
         # Last: READY=1 once the spool is open and the UDP port bound.
         ReadinessService(Notifier.from_environment(), self._reactor, f"UDP {host}:{port}").setServiceParent(self)
         MultiService.startService(self)
