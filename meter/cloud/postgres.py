@@ -263,7 +263,15 @@ def _checked(columns: wire.BatchColumns) -> tuple[list[str], list[str], list[str
     The batch's numbers as COPY's text format takes them, checked as Python
     reads them (and its times): a record the decoder would not have passed
     fails here with L{ValueError}, before anything reaches the database.
+
+    Columns the decoder checked (L{wire.batch_columns}) are taken as they
+    are: each field is its value's canonical text (a decimal integer, a
+    shortest decimal number, C{YYYY-MM-DDTHH:MM}), which the server reads
+    as the value Python reads, and checking them again was ~0.8 µs of the
+    cloud's CPU a reading.
     """
+    if columns.checked:
+        return columns.devices, columns.temperatures, columns.humidities
     devices = [str(int(device)) for device in columns.devices]
     temperatures = [repr(float(value)) for value in columns.temperatures]
     humidities = [repr(float(value)) for value in columns.humidities]
