@@ -14,9 +14,11 @@ RETURNING}: the rows it returns are the readings new to the database,
 whichever node stored the others, so each is printed once across the
 nodes.  Why two ways: COPY inserts a page of rows at a time and checks no
 conflict row by row; the staged insert took the server 6.5 µs of CPU a
-reading, the COPY 3.5 µs (bench/overhead.py's batches alone).  The devices' summaries are updated by the same statement, in the
-same transaction; the Deferred fires after its COMMIT, with
-C{synchronous_commit} on.
+reading, the COPY 3.5 µs (bench/overhead.py's batches alone), 2.1 µs
+without an index by address (schema version 2).  The devices' summaries,
+and the addresses each device's readings were stored with
+(C{device_addresses}), are updated in the same transaction; the Deferred
+fires after its COMMIT, with C{synchronous_commit} on.
 """
 
 from __future__ import annotations
@@ -267,7 +269,7 @@ def _checked(columns: wire.BatchColumns) -> tuple[list[str], list[str], list[str
     Columns the decoder checked (L{wire.batch_columns}) are taken as they
     are: each field is its value's canonical text (a decimal integer, a
     shortest decimal number, C{YYYY-MM-DDTHH:MM}), which the server reads
-    as the value Python reads, and checking them again was ~0.8 µs of the
+    as the value Python reads, and checking them again was ~1.3 µs of the
     cloud's CPU a reading.
     """
     if columns.checked:

@@ -1,7 +1,8 @@
 """
 The SQL the cloud's two databases share: which readings a query selects,
 written once for SQLite and PostgreSQL, which differ only in how a
-parameter is marked and how a time is passed.
+parameter is marked, how a time is passed and how the readings of an
+address are found.
 """
 
 from __future__ import annotations
