@@ -84,6 +84,7 @@ def test_the_api_reads_read_db_and_ingest_writes_db(tmp_path, postgres_database,
         postgres.ensure_partitions(connection, [datetime.date(2026, 3, 1)], set())
         connection.execute("INSERT INTO readings VALUES (9, '10.9.9.9', '2026-03-01T08:00', 20.5, 40, 1.0)")
         connection.execute("INSERT INTO devices VALUES (9, '10.9.9.9', '2026-03-01T08:00', '2026-03-01T08:00', 1)")
+        connection.execute("INSERT INTO device_addresses VALUES ('10.9.9.9', 9)")
     suite = Suite(tmp_path / "suite", 1, READINGS, deadline=1.0, postgres=postgres_database, cloud={"read_db": replica})
     try:
         cloud = suite.start_cloud()

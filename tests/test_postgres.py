@@ -100,10 +100,41 @@ def test_cloud_db_is_a_path_or_a_postgresql_uri():
 async def test_nodes_starting_together_make_the_schema_once(stores, postgres_database):
     nodes = [stores() for _ in range(4)]
     await connected(*nodes)
-    assert rows(postgres_database, "SELECT version FROM meter_schema") == [(postgres.VERSION,)]
+    assert rows(postgres_database, "SELECT version FROM meter_schema ORDER BY version") == [
+        (version,) for version in range(1, postgres.VERSION + 1)
+    ]
     results = await defer.gatherResults([node.add(columns(*day_of(n + 1, "2026-03-01")), 1.0) for n, node in enumerate(nodes)])
     assert results == [None] * 4
     assert len(rows(postgres_database)) == 4 * 24
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_of_version_1_is_upgraded_and_found_by_address(stores, postgres_database):
+    # Version 1 as a node of that version left it: readings with their
+    # address index, device 1 moved from 10.0.0.1 to 10.0.0.9.
+    with psycopg.connect(postgres_database, autocommit=True) as connection:
+        with connection.transaction():
+            connection.execute("CREATE TABLE meter_schema (version integer NOT NULL)")
+            connection.execute(postgres.VERSION_1)
+            connection.execute("INSERT INTO meter_schema (version) VALUES (1)")
+        postgres.ensure_partitions(connection, [datetime.date(2026, 3, 1)], set())
+        connection.execute(
+            "INSERT INTO readings VALUES (1, '10.0.0.1', '2026-03-01T08:00', 1, 1, 1), (1, '10.0.0.9', '2026-03-01T09:00', 2, 2, 1),"
+            " (2, '10.0.0.2', '2026-03-01T08:00', 3, 3, 1)"
+        )
+    store = stores()
+    await connected(store)
+    assert rows(postgres_database, "SELECT max(version) FROM meter_schema") == [(postgres.VERSION,)]
+    assert rows(postgres_database, "SELECT device_ip, device_id FROM device_addresses ORDER BY 1, 2") == [
+        ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.9", 1),
+    ]
+    assert rows(postgres_database, "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'readings%by_ip%'") == []
+    # Readings stored after the upgrade, by both ways, found by address too.
+    await store.add(columns("1,10.0.0.1,2026-03-01T10:00,4,4"), 2.0)
+    await store.add(columns("1,10.0.0.1,2026-03-01T10:00,4,4", "2,10.0.0.9,2026-03-01T10:00,5,5"), 3.0)
+    assert [(r.device_id, r.taken_at.hour) for r in await store.readings(device_ip="10.0.0.1")] == [(1, 8), (1, 10)]
+    assert [(r.device_id, r.taken_at.hour) for r in await store.readings(device_ip="10.0.0.9")] == [(1, 9), (2, 10)]
+    assert [(r.device_id, r.taken_at.hour) for r in await store.readings(device_ip="10.0.0.2")] == [(2, 8)]
 
 
 @pytest_twisted.ensureDeferred

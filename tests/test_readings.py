@@ -170,6 +170,8 @@ def postgres_cloud(postgres_database) -> str:
         postgres.ensure_partitions(connection, [datetime.date(2026, 11, 1), datetime.date(2026, 12, 1)], known)
         with connection.cursor() as cursor:
             cursor.executemany("INSERT INTO readings VALUES (%s, %s, %s, %s, %s, 1.0)", ROWS)
+            # Each address a device's readings were stored with, as the store keeps them.
+            cursor.execute("INSERT INTO device_addresses SELECT DISTINCT device_ip, device_id FROM readings")
     return postgres_database
 
 

@@ -21,7 +21,6 @@ import datetime
 import ipaddress
 import re
 
-import attrs
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -501,7 +500,8 @@ def _batch_verdict(text, count):
         # the fields split are the records' own
         columns = wire_batch.batch_columns(text, count)
         records = [tuple(r.split(",")) for r in text.split(";")] if text else []
-        assert list(zip(*attrs.astuple(columns, recurse=False))) == records
+        assert list(zip(*columns.fields())) == records
+        assert columns.checked
     return verdict
 
 

@@ -60,16 +60,21 @@ def device(connection, device_id: int) -> FleetDevice | None:
 
 
 def address_range(connection, device_ip: str):
-    # Two ends of the (device_ip, taken_at) index.
-    first = connection.execute(
-        "SELECT taken_at FROM readings WHERE device_ip = %s ORDER BY taken_at LIMIT 1", (device_ip,)
-    ).fetchone()
-    if first is None:
-        return None
-    (last,) = connection.execute(
-        "SELECT taken_at FROM readings WHERE device_ip = %s ORDER BY taken_at DESC LIMIT 1", (device_ip,)
-    ).fetchone()
-    return first[0], last
+    # The readings have no index by address: each device that ever had it,
+    # its readings in the key's order from either end, the first stored
+    # with the address.
+    ends = []
+    for direction in ("", " DESC"):
+        (end,) = connection.execute(
+            f"SELECT {'min' if not direction else 'max'}(r.taken_at) FROM device_addresses AS a,"
+            " LATERAL (SELECT taken_at FROM readings WHERE device_id = a.device_id AND device_ip = a.device_ip"
+            f" ORDER BY taken_at{direction} LIMIT 1) AS r WHERE a.device_ip = %s",
+            (device_ip,),
+        ).fetchone()
+        if end is None:
+            return None
+        ends.append(end)
+    return ends[0], ends[1]
 
 
 def page(connection, query: ReadingsQuery, limit: int) -> list[Reading]:

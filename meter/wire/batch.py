@@ -36,6 +36,9 @@ class BatchColumns:
     stamps: list[str]
     temperatures: list[str]
     humidities: list[str]
+    #: Whether every field is known canonical and valid (L{batch_columns}
+    #: made them), so that a store may take the texts as they are.
+    checked: bool = attrs.field(default=False, eq=False, kw_only=True)
 
     @classmethod
     def of(cls, text: str) -> BatchColumns:
@@ -52,7 +55,12 @@ class BatchColumns:
         """
         The records at C{indexes}, in that order.
         """
-        return BatchColumns(*([column[index] for index in indexes] for column in attrs.astuple(self, recurse=False)))
+        return BatchColumns(
+            *([column[index] for index in indexes] for column in self.fields()), checked=self.checked
+        )
+
+    def fields(self) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+        return self.devices, self.ips, self.stamps, self.temperatures, self.humidities
 
 
 def batch_records(readings) -> str:
@@ -133,9 +141,9 @@ def batch_columns(text: str, count: int) -> BatchColumns:
             # Exactly five fields a record, each made of field characters.
             columns = BatchColumns.of(text)
             if _columns_ok(columns, count):
-                return columns
+                return attrs.evolve(columns, checked=True)
     decode_batch_records(text, count)
-    return BatchColumns.of(text)
+    return attrs.evolve(BatchColumns.of(text), checked=True)
 
 
 def _columns_ok(columns: BatchColumns, count: int) -> bool:

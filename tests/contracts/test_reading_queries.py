@@ -421,3 +421,29 @@ async def test_a_long_postgresql_query_is_cancelled_at_stop(postgres_pair, postg
     await queries.stopService()
     (failure,) = outcome
     assert failure.check(psycopg.errors.QueryCanceled)
+
+
+@pytest_twisted.ensureDeferred
+async def test_readings_keep_the_address_they_were_stored_with(both):
+    # Device 1 moves to the address device 2 had, device 2 to another; the
+    # second batch holds a reading stored already (PostgreSQL's staged way).
+    await both.add(columns("1,10.0.0.1,2026-03-01T08:00,1,1", "2,10.0.0.2,2026-03-01T08:00,2,2"), 1.0)
+    await both.add(columns("1,10.0.0.1,2026-03-01T08:00,1,1", "1,10.0.0.2,2026-03-01T12:00,3,3",
+                           "2,10.0.0.3,2026-03-01T13:00,4,4"), 2.0)
+    # A batch all new (PostgreSQL's COPY): device 1 back at its first address.
+    await both.add(columns("1,10.0.0.1,2026-03-02T08:00,5,5"), 3.0)
+
+    async def stored_with(ip):
+        return [(r.device_id, r.taken_at.day, r.taken_at.hour) for r in await both.queries.page(ReadingsQuery(device_ip=ip), 10)]
+
+    assert await stored_with("10.0.0.1") == [(1, 1, 8), (1, 2, 8)]
+    assert await stored_with("10.0.0.2") == [(1, 1, 12), (2, 1, 8)]
+    assert await stored_with("10.0.0.3") == [(2, 1, 13)]
+    assert await stored_with("10.0.0.4") == []
+    assert await both.queries.address_range("10.0.0.2") == (at("2026-03-01T08:00"), at("2026-03-01T12:00"))
+    assert await both.queries.address_range("10.0.0.1") == (at("2026-03-01T08:00"), at("2026-03-02T08:00"))
+    assert await both.queries.next_cursor(ReadingsQuery(device_ip="10.0.0.2"), 1) == Cursor(1, at("2026-03-01T12:00"))
+    query = ReadingsQuery(device_id=1, device_ip="10.0.0.2")
+    assert [r.taken_at.hour for r in await both.queries.page(query, 10)] == [12]
+    series = await both.queries.series(None, "10.0.0.1", at("2026-03-01T00:00"), at("2026-03-03T00:00"), 2)
+    assert series.readings == 2

@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
 from meter import wire
+from meter.wire import batch as wire_batch
 from meter.cloud import DeviceSummary, IReadingStore, SQLiteReadingStore, open_database
 from meter.cloud.postgres import PostgresReadingStore
 from meter.cloud.tap import ReadingsDatabase
@@ -210,3 +211,20 @@ async def test_a_limit_gives_the_first_readings_in_order(store):
     assert await store.readings(device_id=1, limit=1) == [READING_B]
     assert await store.readings(since=at("2026-03-01T09:00"), limit=5) == [READING_C, READING_D]
     assert await store.readings(limit=0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_columns_the_decoder_checked_are_stored_as_the_decoder_read_them(store):
+    # The PostgreSQL store takes checked columns' texts as they are: the
+    # server must read each as the decoder did.
+    text = ";".join([
+        "2147483647,fd00::5,2026-03-01T23:59,-0.5,0.000001",
+        "1,192.168.1.2,2026-03-01T00:00,-39.999999,99.5",
+        "10,10.0.0.10,2026-12-31T23:59,0.1,33.333333",
+    ])
+    checked = wire_batch.batch_columns(text, 3)
+    assert checked.checked and not wire.BatchColumns.of(text).checked
+    assert checked.pick([2, 0]).checked
+    assert await store.add(checked, 1.0) is None
+    stored = await store.readings()
+    assert stored == sorted(wire_batch.decode_batch_records(text, 3), key=lambda r: (r.taken_at, r.device_id))
