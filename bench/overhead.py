@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import http.client
 import json
 import os
@@ -50,7 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from meter.tools import browser, pgcluster  # noqa: E402
-from meter.tools.processes import CLOCK_TICKS, monitoring_url, proc_stats, web_url  # noqa: E402
+from meter.tools.processes import CLOCK_TICKS, monitoring_url, web_url  # noqa: E402
 from meter.tools.suite import Suite, label_address  # noqa: E402
 
 MODES = ("plain", "observed", "postgresql")
