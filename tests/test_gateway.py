@@ -1319,7 +1319,7 @@ def test_an_overloaded_gateway_answers_busy_before_decoding():
 class SheddingHarness(ProtocolHarness):
     """
     A gateway protocol handed datagrams with the time each waited in the
-    kernel's queue, as a L{meter.gateway.shedding.StampedPort} hands them.
+    kernel's queue, as a L{meter.stamps.StampedPort} hands them.
     """
 
     def waited(self, seconds: float, data: bytes, addr=DEVICE_ADDR) -> None:

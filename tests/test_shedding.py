@@ -22,7 +22,8 @@ from twisted.logger import Logger, formatEvent
 
 from meter.device import previous_day
 from meter.gateway.metrics import GatewayMetrics
-from meter.gateway.shedding import MIN_HINT, QUIET, Shedding, StampedPort, stamps_available
+from meter.gateway.shedding import MIN_HINT, QUIET, Shedding
+from meter.stamps import StampedPort, stamps_available
 from meter.tools.suite import label_address, loadgen_summary
 
 

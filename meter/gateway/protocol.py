@@ -70,7 +70,7 @@ class GatewayProtocol(DatagramProtocol):
         self._warnings = LimitedWarnings(self.log, clock)
         self.shedding = shedding if shedding is not None else Shedding(self._metrics)
         #: The kernel's receive time of the datagram being handled, set by a
-        #: L{meter.gateway.shedding.StampedPort} (None: not known).
+        #: L{meter.stamps.StampedPort} (None: not known).
         self.arrived: float | None = None
         self._tick = None
 

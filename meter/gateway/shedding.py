@@ -7,7 +7,7 @@ near its capacity instead of collapsing under retransmissions.
 
 The signal is the time each datagram waited in the kernel's receive queue
 (its sojourn), from the kernel's receive timestamp (C{SO_TIMESTAMPNS},
-read with C{recvmsg} by L{StampedPort}), controlled as CoDel controls a
+read with C{recvmsg} by L{meter.stamps.StampedPort}), controlled as CoDel controls a
 router's queue (Nichols and Jacobson, RFC 8289): a queue whose sojourn
 stays above C{target} for a whole C{interval} is a standing queue, the
 gateway is over its capacity, and it sheds until a datagram's sojourn falls
@@ -27,20 +27,15 @@ it with made-up ones).
 
 from __future__ import annotations
 
-import errno
 import math
-import socket
-import struct
-import sys
 import time
 from typing import Callable
 
 from twisted.application.internet import UDPServer
-from twisted.internet import udp
 from twisted.logger import Logger
-from twisted.python import log as legacy_log
 
 from meter.gateway.metrics import GatewayMetrics
+from meter.stamps import StampedPort, stamps_available
 
 #: The shortest hint: a device sent away comes back no sooner, so a flapping
 #: controller does not draw its chunks back at once.
@@ -315,56 +310,6 @@ class Shedding:
 
 # -- the kernel's receive timestamps ---------------------------------------------
 
-#: Linux's socket option and control message for a datagram's kernel receive
-#: time (a struct timespec); the socket module does not name them.
-SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@ll")
-_AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR}
-
-
-class StampedPort(udp.Port):
-    """
-    A UDP port that gives its protocol each datagram's kernel receive time:
-    the protocol's C{arrived} is set while its C{datagramReceived} runs
-    (Unix seconds, or None where the kernel gave none).  C{recvmsg} with the
-    timestamp costs about a microsecond more a datagram than C{recvfrom}
-    (docs/performance.md).
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._ancillary = socket.CMSG_SPACE(_TIMESPEC.size)
-
-    def createInternetSocket(self):
-        sock = super().createInternetSocket()
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        return sock
-
-    def doRead(self):
-        # udp.Port.doRead, with recvmsg for the timestamp.
-        protocol = self.protocol
-        read = 0
-        while read < self.maxThroughput:
-            try:
-                data, ancillary, _, addr = self.socket.recvmsg(self.maxPacketSize, self._ancillary)
-            except OSError as e:
-                if e.args[0] in _AGAIN or e.args[0] == errno.ECONNREFUSED:
-                    return
-                raise
-            read += len(data)
-            arrived = None
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
-                    seconds, nanoseconds = _TIMESPEC.unpack_from(value)
-                    arrived = seconds + nanoseconds * 1e-9
-            protocol.arrived = arrived
-            try:
-                protocol.datagramReceived(data, addr[:2])
-            except BaseException:
-                legacy_log.err()
-            finally:
-                protocol.arrived = None
-
 
 class StampedUDPServer(UDPServer):
     """
@@ -384,9 +329,3 @@ class StampedUDPServer(UDPServer):
         listening.startListening()
         return listening
 
-
-def stamps_available(reactor) -> bool:
-    """
-    Whether a L{StampedPort} can run on C{reactor}.
-    """
-    return sys.platform == "linux" and hasattr(reactor, "addReader") and hasattr(socket.socket, "recvmsg")

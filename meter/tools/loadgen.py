@@ -59,7 +59,6 @@ import os
 import random
 import resource
 import socket
-import struct
 import sys
 import time
 from collections import Counter
@@ -69,16 +68,10 @@ from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, secrets, wire
 from meter.device.survey import load_survey, survey_path
-from meter.wire.values import MAX_UINT32
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 
 #: File descriptors kept free for the reactor, logs and the JSON file.
 SPARE_FDS = 64
-
-#: Linux's socket option and control message for a datagram's kernel
-#: receive time (struct timespec); the socket module does not name them.
-SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@ll")
 
 
 # -- the synthetic day --------------------------------------------------------
@@ -175,26 +168,12 @@ class DayLibrary:
         # making a Reading of each value and formatting it cost ten times
         # more (tests/test_loadgen.py compares the two).
         if self._room is None:
-            header = len(wire.encode(wire.DayChunk(widest[0], widest[1], day, "0" * 16, wire.MAX_READINGS,
-                                                   wire.MAX_READINGS, MAX_UINT32, "")))
-            self._room = self.chunk_bytes - header - wire.TAG_LENGTH
+            self._room = wire.chunk_room(widest[0], widest[1], day, self.chunk_bytes)
             self._times = [f"{minute // 60:02d}:{minute % 60:02d}" for minute in self.minutes]
-        room = self._room
         text = _tenths_text()
         temperatures, humidities = self.values(shape)
-        groups: list[list[str]] = [[]]
-        used = 0
-        for record in [f"{hhmm},{text[t]},{text[h]}" for hhmm, t, h in zip(self._times, temperatures, humidities)]:
-            size = len(record) + (1 if groups[-1] else 0)
-            if used + size > room:
-                if not groups[-1]:
-                    raise ValueError(f"chunk size {self.chunk_bytes} cannot hold one reading")
-                groups.append([])
-                size = len(record)
-                used = 0
-            groups[-1].append(record)
-            used += size
-        return [";".join(group) for group in groups]
+        records = [f"{hhmm},{text[t]},{text[h]}" for hhmm, t, h in zip(self._times, temperatures, humidities)]
+        return wire.pack_records(records, self._room, self.chunk_bytes)
 
     def _shared_noise(self) -> tuple[list[float], list[float]]:
         # AR(1) noise whose correlation time is an hour whatever the
@@ -451,20 +430,17 @@ def _stamped_port_class():
     kernel received it (C{SO_TIMESTAMPNS}), in C{run.arrived_at} while the
     datagram is handled.
     """
-    import errno
+    from meter.stamps import StampedPort
 
-    from twisted.internet import udp
-    from twisted.python import log
-
-    again = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED}
-
-    class StampedPort(udp.Port):
+    class LoadgenPort(StampedPort):
         def __init__(self, run: "LoadRun", port: int, protocol, interface: str, maxPacketSize: int, reactor):
             super().__init__(port, protocol, interface, maxPacketSize, reactor)
             self._run = run
-            self._ancillary = socket.CMSG_SPACE(_TIMESPEC.size)
             #: The address a datagram went to through udp.Port.write.
             self._checked: tuple[str, int] | None = None
+
+        def arrival(self, arrived: float | None) -> None:
+            self._run.arrived_at = arrived
 
         def write(self, datagram: bytes, addr=None):
             # Every datagram goes to one address (the gateway's, or the
@@ -481,34 +457,7 @@ def _stamped_port_class():
             self._checked = addr
             return written
 
-        def createInternetSocket(self):
-            sock = super().createInternetSocket()
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            return sock
-
-        def doRead(self):
-            # udp.Port.doRead, with recvmsg for the timestamp.
-            read = 0
-            while read < self.maxThroughput:
-                try:
-                    data, ancillary, _, addr = self.socket.recvmsg(self.maxPacketSize, self._ancillary)
-                except OSError as e:
-                    if e.args[0] in again:
-                        return
-                    raise
-                read += len(data)
-                for level, kind, value in ancillary:
-                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
-                        seconds, nanoseconds = _TIMESPEC.unpack_from(value)
-                        self._run.arrived_at = seconds + nanoseconds / 1e9
-                try:
-                    self.protocol.datagramReceived(data, addr[:2])
-                except BaseException:
-                    log.err()
-                finally:
-                    self._run.arrived_at = None
-
-    return StampedPort
+    return LoadgenPort
 
 
 def _pool_protocol():

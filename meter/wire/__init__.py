@@ -39,7 +39,7 @@ from meter.wire.messages import (
     new_id,
 )
 from meter.wire.sealing import TAG_LENGTH, claimed_device, peek_ack_id, peek_day_id, seal, split_tag, tag_ok, unseal
-from meter.wire.split import day_chunks, day_chunk_records, split_day
+from meter.wire.split import chunk_room, day_chunks, day_chunk_records, pack_records, split_day
 from meter.wire.values import MAX_DEVICE_ID, WireError, device_address, record_count
 
 __all__ = [
@@ -66,12 +66,14 @@ __all__ = [
     "WireError",
     "batch_records_of_day",
     "claimed_device",
+    "chunk_room",
     "day_chunks",
     "day_chunk_records",
     "decode",
     "device_address",
     "encode",
     "new_id",
+    "pack_records",
     "peek_ack_id",
     "peek_day_id",
     "record_count",

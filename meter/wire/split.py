@@ -6,6 +6,7 @@ datagrams fit a size.
 from __future__ import annotations
 
 import datetime
+from typing import Iterable
 
 from meter.reading import Reading
 from meter.wire.codec import encode
@@ -65,15 +66,32 @@ def day_chunk_records(
         C{max_bytes} cannot hold one reading.
     """
     check_belong(readings, device_id, device_ip, day)
-    # The header's length depends on the part numbers and the start time
-    # only through their digits; reserve the widest forms so every chunk's
-    # header fits.
+    return pack_records(map(day_record, readings), chunk_room(device_id, device_ip, day, max_bytes), max_bytes)
+
+
+def chunk_room(device_id: int, device_ip: str, day: datetime.date, max_bytes: int) -> int:
+    """
+    The bytes of record text a chunk of C{max_bytes} of this device and day
+    holds: the header's length depends on the part numbers and the start
+    time only through their digits, so the widest forms are reserved and
+    every chunk's header fits.
+    """
     widest = MAX_READINGS
     header = len(encode(DayChunk(device_id, device_ip, day, "0" * 16, widest, widest, MAX_UINT32, "")))
-    room = max_bytes - header - TAG_LENGTH
+    return max_bytes - header - TAG_LENGTH
+
+
+def pack_records(records: Iterable[str], room: int, max_bytes: int) -> list[str]:
+    """
+    C{records} (day record texts, in order) joined by C{;} into as few
+    chunk texts of at most C{room} bytes as they fit in, in order.
+
+    @raise ValueError: if one record does not fit in C{room} (C{max_bytes}
+        is the chunk size named in the error).
+    """
     groups: list[list[str]] = [[]]
     used = 0
-    for record in map(day_record, readings):
+    for record in records:
         size = len(record) + (1 if groups[-1] else 0)
         if used + size > room:
             if not groups[-1]:
