@@ -531,6 +531,24 @@ def test_every_chunk_fits_max_bytes(max_bytes, t, h, ip, device_id):
     assert joined(chunks) == readings
 
 
+@pytest.mark.parametrize(
+    "device_id, ip", [(1, "192.168.1.2"), (wire.MAX_DEVICE_ID, "2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff")]
+)
+def test_a_chunk_of_the_widest_header_filling_its_room_seals_to_max_bytes(device_id, ip):
+    # The widest header a chunk can have: part MAX_READINGS/MAX_READINGS,
+    # the latest start time, and MAX_READINGS readings (n= of four digits).
+    # Its records take exactly the room chunk_room leaves, so the header and
+    # tag chunk_room reserves must be all of the rest: not a byte more.
+    readings = minutes_of_day(wire.MAX_READINGS, ip=ip, device_id=device_id)
+    widest = DayChunk(device_id, ip, DAY, XFER, wire.MAX_READINGS, wire.MAX_READINGS, 4294967295, readings)
+    reserved = 1200 - wire.chunk_room(device_id, ip, DAY, 1200)
+    max_bytes = reserved + len(widest.records)
+    assert wire.chunk_room(device_id, ip, DAY, max_bytes) == len(widest.records)
+    sealed = seal(encode(widest), KEY)
+    assert len(sealed) == max_bytes
+    assert decode(wire.unseal(sealed, KEY), max_size=wire.MAX_DATAGRAM) == widest
+
+
 def test_a_small_day_is_one_chunk():
     readings = minutes_of_day(4)
     assert split_day(1, "192.168.1.2", DAY, readings, XFER, 7) == [

@@ -72,12 +72,16 @@ def day_chunk_records(
 def chunk_room(device_id: int, device_ip: str, day: datetime.date, max_bytes: int) -> int:
     """
     The bytes of record text a chunk of C{max_bytes} of this device and day
-    holds: the header's length depends on the part numbers and the start
-    time only through their digits, so the widest forms are reserved and
-    every chunk's header fits.
+    holds: the header's length depends on the part numbers, the start time
+    and the reading count only through their digits, so the widest forms
+    are reserved and every chunk's header fits.
     """
-    widest = MAX_READINGS
-    header = len(encode(DayChunk(device_id, device_ip, day, "0" * 16, widest, widest, MAX_UINT32, "")))
+    # The count (n=) is not a field of its own: the encoder counts the
+    # records.  So the widest count is written by giving it records that
+    # are all separators, MAX_READINGS empty ones, whose bytes come off again.
+    widest_records = ";" * (MAX_READINGS - 1)
+    widest = DayChunk(device_id, device_ip, day, "0" * 16, MAX_READINGS, MAX_READINGS, MAX_UINT32, widest_records)
+    header = len(encode(widest)) - len(widest_records)
     return max_bytes - header - TAG_LENGTH
 
 
