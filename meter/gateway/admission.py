@@ -95,30 +95,48 @@ def peer_host(peer: str) -> str:
 #: (see L{Admission.forget_before}): the message ids admitted (being
 #: committed or acknowledged), so a device's day is bounded in transfers and
 #: chunks however many it sends.  A plain tuple C{(transfers, chunks,
-#: last_seen)}: C{(xfer, parts)} for each transfer with a chunk admitted,
-#: the parts one bit each; how many chunks were admitted in all; when the
-#: last was, on the gateway's clock.  Replaced rather than changed, and
-#: tuples all the way down, for the reason L{meter.gateway.reassembly.Transfer}
-#: gives (a tuple holding a dict stays tracked).
+#: last_seen)}: C{transfers} is C{(xfer, parts, xfer, parts, ...)} for each
+#: transfer with a chunk admitted, the parts one bit each; how many chunks
+#: were admitted in all; when the last was, on the gateway's clock.
+#: Replaced rather than changed, and tuples of plain values, for the reason
+#: L{meter.gateway.reassembly.Transfer} gives (a tuple holding a dict stays
+#: tracked).  Flat, not pairs in a tuple: the collector's pass untracks a
+#: tuple only if what it holds is untracked already, one level of nesting a
+#: pass, so the books of pairs reached the old generation still tracked,
+#: 60,000 of them at 100,000 devices, for a full pass to scan.
 DeviceDay = tuple
+Transfers = tuple
 
 
-def _parts_of(transfers: tuple[tuple[str, int], ...], xfer: str) -> int:
+def _parts_of(transfers: Transfers, xfer: str) -> int:
     """
     The parts admitted of transfer C{xfer}, one bit each (0: none).
     """
-    for known, parts in transfers:
-        if known == xfer:
-            return parts
-    return 0
+    # Ids are strings and parts numbers, so only an id can equal xfer.
+    try:
+        return transfers[transfers.index(xfer) + 1]
+    except ValueError:
+        return 0
 
 
-def _with_parts(transfers: tuple[tuple[str, int], ...], xfer: str, parts: int) -> tuple[tuple[str, int], ...]:
+def _with_parts(transfers: Transfers, xfer: str, parts: int) -> Transfers:
     """
     C{transfers} with transfer C{xfer}'s parts now C{parts} (none: gone).
     """
-    others = tuple(pair for pair in transfers if pair[0] != xfer)
-    return (*others, (xfer, parts)) if parts else others
+    try:
+        at = transfers.index(xfer)
+    except ValueError:
+        return (*transfers, xfer, parts) if parts else transfers
+    if parts:
+        return (*transfers[: at + 1], parts, *transfers[at + 2 :])
+    return transfers[:at] + transfers[at + 2 :]
+
+
+def _transfer_parts(transfers: Transfers):
+    """
+    Each C{(xfer, parts)} of C{transfers}.
+    """
+    return zip(transfers[::2], transfers[1::2])
 
 
 def _part_numbers(bits: int):
@@ -345,7 +363,7 @@ class Admission:
         self._committing_content[key] = (digest, minutes)
         self._incoming += count
         if device_day is None:
-            self.days[(chunk.device_id, chunk.day)] = (((chunk.xfer, 1 << chunk.part),), 1, self._clock.seconds())
+            self.days[(chunk.device_id, chunk.day)] = ((chunk.xfer, 1 << chunk.part), 1, self._clock.seconds())
         else:
             transfers, chunks, _ = device_day
             parts = _parts_of(transfers, chunk.xfer) | 1 << chunk.part
@@ -367,9 +385,9 @@ class Admission:
         if device_day is None:
             return None
         transfers, chunks, _ = device_day
-        if len(transfers) >= self._max_transfers_per_day and not _parts_of(transfers, chunk.xfer):
+        if len(transfers) // 2 >= self._max_transfers_per_day and not _parts_of(transfers, chunk.xfer):
             return (
-                f"limit: device {chunk.device_id} sent {len(transfers)} transfers of {chunk.day} already, "
+                f"limit: device {chunk.device_id} sent {len(transfers) // 2} transfers of {chunk.day} already, "
                 f"the most a device's day may have"
             )
         if chunks >= self._max_parts_per_day:
@@ -482,7 +500,7 @@ class Admission:
             if last_seen >= cutoff:
                 continue
             del self.days[(device_id, day)]
-            for xfer, parts in transfers:
+            for xfer, parts in _transfer_parts(transfers):
                 for part in _part_numbers(parts):
                     self.acknowledged.pop((device_id, xfer, part), None)
                 self._minutes.pop((device_id, xfer), None)
