@@ -7,12 +7,14 @@ bench); one body of tests runs over both.
 from __future__ import annotations
 
 import datetime
+import resource
+import socket
 import sys
 
 import pytest
 
 from meter.clocktext import iso_time
-from meter.tools.processes import Daemon, DaemonError, Daemons, stamp
+from meter.tools.processes import Daemon, DaemonError, Daemons, _ephemeral_floor, free_port, stamp
 
 #: A child that prints three lines, then exits, or with "linger" waits to
 #: be stopped.
@@ -125,3 +127,44 @@ def test_a_logged_time_reads_back_to_the_microsecond(zone):
     # The demo and the lab time a run from the first device's send to the
     # cloud's last acknowledgement, as the daemons log them for people.
     assert stamp(iso_time(1772400000.123456, zone)) == 1772400000.123456
+
+
+def test_a_free_port_is_never_one_a_bind_to_port_zero_can_take():
+    # The suite asks for the cloud's port, then the cloud binds its web port
+    # to port 0 before its own: a port in the kernel's ephemeral range could
+    # be handed to the web port in between.
+    floor = _ephemeral_floor()
+    taken = []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as ephemeral:
+        ephemeral.bind(("127.0.0.1", 0))
+        assert ephemeral.getsockname()[1] >= floor
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM) * 50:
+            port = free_port(kind)
+            assert 1024 <= port < floor
+            taken.append(port)
+    assert len(set(taken)) == len(taken)
+
+
+def test_a_port_in_use_is_not_handed_out():
+    floor = _ephemeral_floor()
+    # Hold most of the range free_port draws from, as far as the descriptor
+    # limit lets: what it returns is still bindable.
+    room = min(11000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200)
+    held = []
+    try:
+        for port in range(max(1024, floor - 12000), floor):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) >= room:
+                break
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+    finally:
+        for s in held:
+            s.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -52,14 +53,47 @@ def stamp(text: str) -> float:
     return datetime.datetime.fromisoformat(text).timestamp()
 
 
+#: The ports free_port handed out in this process, never handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    """
+    The lowest port the kernel picks for a bind to port 0 (its
+    C{ip_local_port_range}); 32768 where that cannot be read.
+    """
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """
     A port on 127.0.0.1 free at the time of asking, for TCP or UDP: where
     the tests and the bench start their daemons.
+
+    It is taken below the kernel's ephemeral range, so that nothing bound to
+    port 0 in the meantime (a daemon's web or metrics port on C{tcp:0}, a
+    client's source port) can take it before the daemon binds it; and it is
+    never handed out twice by one process.
     """
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    floor = _ephemeral_floor()
+    low = max(1024, floor - 12000)
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, floor)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise OSError(f"no free port on 127.0.0.1 between {low} and {floor}")
 
 
 def twistd(plugin: str, *args: str, records: bool = False) -> list[str]:
