@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
@@ -229,7 +230,7 @@ def _wait_committed(cloud, expected: int, timeout: float) -> dict:
     return totals
 
 
-def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> dict:
+def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None, retries: Sequence[str] = ()) -> dict:
     """
     The fleet's day in one C{mode} on a fresh gateway and cloud: CPU seconds
     of each side from just before loadgen starts to the cloud's last commit.
@@ -238,8 +239,10 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
     uri = cluster.create_database(f"overhead_{root.name.replace('-', '_')}") if mode == "postgresql" else None
     # "" turns an endpoint off; Suite's own choice (a free port) keeps it on.
     endpoints = {} if observed else {"metrics": "", "web": ""}
+    # The fleet scenario's gateway and devices (bench/run.py): days
+    # forwarded as they complete, and a device that gives up trying again.
     suite = Suite(root, args.devices, None, addresses=label_address, keys=True, logs=True, device={}, deadline=60.0,
-                  cloud=endpoints, postgres=uri, **({} if observed else {"metrics": ""}))
+                  cloud=endpoints, postgres=uri, forward="device", **({} if observed else {"metrics": ""}))
     scraper = page = None
     spies: list = []
     result: dict = {"mode": mode}
@@ -271,7 +274,8 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
         summary = root / "loadgen.json"
         command = suite.loadgen_command(summary, "--devices", str(args.devices), "--readings", "96", "--spread",
                                         str(args.spread), "--seed", str(args.seed), "--timeout",
-                                        str(args.fleet_timeout), *shlex.split(args.overhead_loadgen))
+                                        str(args.fleet_timeout), *retries,
+                                        *shlex.split(args.overhead_loadgen))
         completed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=args.fleet_timeout + 120)
         (root / "loadgen.out").write_text(completed.stdout + completed.stderr)
         if not summary.exists():
@@ -318,7 +322,7 @@ def run_once(args, root: Path, mode: str, cluster: pgcluster.Cluster | None) -> 
     return result
 
 
-def scenario(args, scratch: Path) -> dict:
+def scenario(args, scratch: Path, retries: Sequence[str] = ()) -> dict:
     """
     The three runs (C{args.overhead_modes}, in that order) and the ratios of
     each to the plain run.
@@ -345,7 +349,7 @@ def scenario(args, scratch: Path) -> dict:
         for round_number in range(args.overhead_rounds):
             for mode in modes:
                 name = f"overhead-{round_number + 1}-{mode}"
-                run = run_once(args, scratch / name, mode, cluster if mode == "postgresql" else None)
+                run = run_once(args, scratch / name, mode, cluster if mode == "postgresql" else None, retries)
                 runs[mode].append(run)
                 cpu = run["cpu_s"]
                 extra = "".join(f", {k} {cpu[k]} s" for k in ("postgresql", "chromium") if k in cpu)

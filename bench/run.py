@@ -155,6 +155,18 @@ def fleet_gateway_settings(forward: str = "device") -> dict:
     return {"forward": forward}
 
 
+def fleet_retries(timeout: float) -> tuple[float, int]:
+    """
+    The fleet scenarios' devices' retries: a device that gives up tries its
+    day again after meter-device's wait scaled down, until the run's
+    C{timeout}, as meter-device does forever; the gateway takes at most
+    max_transfers_per_day transfers of a device's day.  (seconds, attempts)
+    """
+    retry_after = device.RETRY_AFTER / RETRY_SCALE
+    attempts = max(1, min(int(timeout / retry_after) + 1, config.SCHEMA["gateway"]["max_transfers_per_day"][1]))
+    return retry_after, attempts
+
+
 def fleet_spread(devices: int, readings: int, rate: float) -> float:
     """
     The start window of a fleet of C{devices} x C{readings}: its readings
@@ -728,12 +740,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
     """
     tag = f"{devices}x{readings}{'-profiled' if profile else ''}"
     processes = fleet_loadgen_processes(devices, args.loadgen_processes)
-    retry_after = device.RETRY_AFTER / RETRY_SCALE
-    # A device tries its day again until the run's time limit, as
-    # meter-device does forever; the gateway takes at most
-    # max_transfers_per_day transfers of a device's day.
-    attempts = max(1, min(int(args.fleet_timeout / retry_after) + 1,
-                          config.SCHEMA["gateway"]["max_transfers_per_day"][1]))
+    retry_after, attempts = fleet_retries(args.fleet_timeout)
     say(f"fleet: {devices:,} devices x {readings} readings, spread {spread:g} s, {processes} loadgen "
         f"process{'es' if processes > 1 else ''}, a device that gives up tries again after {retry_after:g} s "
         f"(meter-device's {device.RETRY_AFTER:g} s / {RETRY_SCALE:g}), up to {attempts} attempts"
@@ -1239,7 +1246,10 @@ def main(argv=None) -> int:
         if "api" in wanted:
             results["scenarios"]["api"] = api_figures.scenario_api(args, scratch, say)
         if "overhead" in wanted:
-            results["scenarios"]["overhead"] = overhead.scenario(args, scratch)
+            retry_after, attempts = fleet_retries(args.fleet_timeout)
+            results["scenarios"]["overhead"] = overhead.scenario(
+                args, scratch, ("--attempts", str(attempts), "--retry-after", str(retry_after))
+            )
     finally:
         if args.keep:
             say(f"scratch folder kept: {scratch}")
