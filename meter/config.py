@@ -339,7 +339,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "shed": (boolean, True, "answer new transfers busy with a retry-after hint while the receive queue stands"),
         "shed_target": (positive, 0.1, "seconds a datagram may wait in the receive queue before the queue counts as standing"),
         "shed_interval": (positive, 0.1, "seconds the queue must stand over shed_target before the gateway sheds"),
-        "shed_max_hint": (positive, 60.0, "longest retry-after hint, seconds"),
+        "shed_max_hint": (positive, 60.0, "longest retry-after hint, seconds, when shedding or when the spool is full"),
         "metrics": (
             optional_server_endpoint, "tcp:9182:interface=127.0.0.1",
             "Twisted endpoint serving /metrics, /healthz and /readyz over HTTP (\"\": none)",

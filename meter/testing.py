@@ -111,6 +111,7 @@ class MemorySpool:
         self._clock = clock
         self.contents = contents if contents is not None else SpoolContents()
         self.depth = sum(row[5] for row in self.contents.chunks.values())
+        self.removed = 0
         self.submitted: Counter[str] = Counter()
         #: Work for the next commit: (operation, its change, its Deferred, the error it fails with or None).
         self._pending: list[tuple[str, Callable[[SpoolContents], tuple[Any, int]], Deferred, Exception | None]] = []
@@ -204,6 +205,15 @@ class MemorySpool:
 
         return self._submit("devices_ready", change)
 
+    def days_ready(self, days, most: int | None = None) -> Deferred:
+        wanted = {day.isoformat() for day in days}
+
+        def change(contents: SpoolContents) -> tuple[int, int]:
+            waiting = [seq for seq in sorted(contents.chunks) if contents.chunks[seq][1] in wanted and seq not in contents.ready]
+            return contents.make_ready(waiting[:most]), 0
+
+        return self._submit("days_ready", change)
+
     def take_batch(self, limit: int, after: int = 0) -> Deferred:
         def change(contents: SpoolContents) -> tuple[SpooledBatch, int]:
             places = sorted((place, seq) for seq, place in contents.ready.items() if place > after)
@@ -294,6 +304,7 @@ class MemorySpool:
             else:
                 result, grown = outcome
                 self.depth += grown
+                self.removed -= min(grown, 0)
                 d.callback(result)
         self._committing = False
         if self._pending:

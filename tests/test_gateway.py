@@ -295,16 +295,61 @@ def test_a_full_spool_says_busy_until_readings_are_delivered():
     assert h.spool.depth == 4
     two = tuple(Reading(2, FLEET[2], datetime.datetime(2026, 3, 1, hour, 0), 20, 30) for hour in range(2))
     chunk = day_chunk(2, readings=two)
-    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool_full: the spool is at its limit of 5 readings")
+    # With a hint (meter.gateway.room): the shortest, as nothing was
+    # measured leaving yet.
+    assert h.receive(chunk) == wire.DayAck(
+        chunk.xfer, 1, "busy", "spool_full: the spool is at its limit of 5 readings", 500
+    )
     assert h.added() == 1
     assert h.intake.metrics.refused_spool_full == 1
-    h.clock.advance(60)  # the round closes: its readings may leave
-    batch = h.spool.take_batch(100)
+    # The round is open, and its readings may leave all the same, to make room.
+    assert not h.intake.rounds.rounds[DAY].closed
+    assert h.ready == [NOW]  # the uplink is told
+    assert h.intake.metrics.rounds_released == 1
+    assert (
+        "spool full: forwarding 4 readings it holds of the open rounds (2026-03-01) before they close, "
+        "to make room" in h.logged()
+    )
+    d = h.spool.take_batch(100)
     h.clock.advance(0)
-    h.spool.remove(result_of(batch).seqs)
+    batch = result_of(d)
+    assert batch.count == 4
+    h.spool.remove(batch.seqs)
     h.clock.advance(0)
     assert h.spool.depth == 0
     assert h.receive(chunk) == ok(chunk)
+
+
+def test_a_full_spool_releases_the_open_rounds_once_a_second_and_retries_a_failure():
+    h = IntakeHarness(spool_limit=2)
+    h.report(1, 2)
+    refused = day_chunk(3)
+    h.spool.fail_next("days_ready")
+    assert h.receive(refused).status == "busy"
+    assert h.intake.metrics.ready_failures == 1
+    assert any("the open rounds' readings not made ready in the spool" in line for line in h.logged())
+    # Refused again within the second: no other transaction is asked for.
+    assert h.receive(refused).status == "busy"
+    assert h.spool.submitted["days_ready"] == 1
+    h.clock.advance(1)
+    assert h.receive(refused).status == "busy"
+    assert h.spool.submitted["days_ready"] == 2
+    assert h.intake.metrics.rounds_released == 1
+    assert h.ready == [NOW + 1]
+    # Nothing more to release: no line, and the round closes as it would.
+    h.clock.advance(1)
+    h.receive(refused)
+    assert h.intake.metrics.rounds_released == 1
+    h.clock.advance(58)
+    assert h.closed() == [(DAY, NOW + 60)]
+
+
+def test_without_hints_a_full_spool_answers_plain_busy():
+    # [gateway] shed = false: no hint in any answer, for devices older than hints.
+    h = IntakeHarness(spool_limit=1, max_hint=None)
+    h.report(1)
+    chunk = day_chunk(2)
+    assert h.receive(chunk) == wire.DayAck(chunk.xfer, 1, "busy", "spool_full: the spool is at its limit of 1 readings")
 
 
 def test_a_transfer_changing_its_shape_is_refused():
@@ -613,6 +658,24 @@ def test_recover_leaves_closed_rounds_closed():
     assert h.spool.submitted["close_round"] == 0  # it stays closed: no new deadline
     assert h.closed() == [(DAY, NOW)]  # as the chunk brought it to the spool
     assert h.clock.getDelayedCalls() == []
+
+
+def test_devices_reporting_late_by_the_thousand_log_a_bounded_number_of_lines():
+    from meter.gateway.rounds import REPORTED_LINES_BURST
+
+    fleet = {device_id: f"10.0.{device_id // 250}.{device_id % 250 + 2}" for device_id in range(1, 401)}
+    h = IntakeHarness(fleet=fleet)
+    assert h.receive(testing.day_chunk(1, day=DAY, sent_at=NOW, fleet=fleet)).status == "ok"
+    h.clock.advance(60)
+    h.events.clear()
+    for device_id in range(2, 401):
+        assert h.receive(testing.day_chunk(device_id, day=DAY, sent_at=NOW, fleet=fleet)).status == "ok"
+    late = [line for line in h.logged() if line.startswith("late device")]
+    assert len(late) == REPORTED_LINES_BURST
+    assert h.intake.metrics.late_devices == 399
+    h.clock.advance(1)
+    h.receive(testing.day_chunk(2, xfer=1, day=DAY, sent_at=NOW + 61, fleet=fleet))
+    assert len([line for line in h.logged() if line.startswith("late device")]) == REPORTED_LINES_BURST + 1
 
 
 def test_recover_remembers_acknowledged_message_ids():

@@ -57,7 +57,9 @@ def test_a_burst_of_chunks_cannot_overshoot_the_spool_limit(tmp_path):
     # readings being committed count against the limit already.
     gateway, spool, clock, _ = intake(tmp_path, spool_limit=10)
     answers = [gateway.chunk_received(chunk(device_id, minutes=range(60, 64)), "127.0.0.1:1") for device_id in (1, 2, 3)]
-    assert fired(answers[2]) == wire.DayAck(f"{3:08x}{0:08x}", 1, "busy", "spool_full: the spool is at its limit of 10 readings")
+    assert fired(answers[2]) == wire.DayAck(
+        f"{3:08x}{0:08x}", 1, "busy", "spool_full: the spool is at its limit of 10 readings", 500
+    )
     assert not answers[0].called
     clock.advance(0)  # the commit
     assert [fired(d).status for d in answers[:2]] == ["ok", "ok"]

@@ -24,6 +24,7 @@ from meter.clocktext import utc_time
 from meter.gateway.interfaces import ISpool
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.reassembly import DAY, PARTS, Reassembly
+from meter.gateway.room import RoomCalendar
 from meter.gateway.spool import StoredChunk, content_digest
 from meter.ratelimit import LimitedLines, LimitedWarnings
 
@@ -175,6 +176,8 @@ class Admission:
         max_committing: int = 2000,
         max_transfers_per_day: int = 24,
         max_parts_per_day: int = 4096,
+        on_spool_full: Callable[[], None] = lambda: None,
+        max_hint: float | None = 60.0,
     ):
         self._fleet = fleet
         self._spool = spool
@@ -211,6 +214,9 @@ class Admission:
         self._incoming = 0
         self._warnings = LimitedWarnings(log, clock)
         self._spool_full_lines = LimitedLines(log, clock, 1 / 6, 5, LogLevel.error, "similar lines left out")
+        self._on_spool_full = on_spool_full
+        #: The hints of the devices a full spool refuses (None: no hints).
+        self.room = RoomCalendar(max_hint) if max_hint is not None else None
 
     def set_fleet(self, fleet: dict[int, str]) -> None:
         """
@@ -409,7 +415,13 @@ class Admission:
             device=chunk.device_id,
         )
         reason = f"spool_full: the spool is at its limit of {self._spool_limit} readings"
-        return wire.DayAck(chunk.xfer, chunk.part, "busy", reason)
+        # Room is made as the cloud takes readings: the device comes back
+        # when there should be room for its day (meter.gateway.room).
+        hint = None
+        if self.room is not None:
+            hint = self.room.hint(self._clock.seconds(), self._spool.removed, chunk.count * chunk.parts)
+        self._on_spool_full()
+        return wire.DayAck(chunk.xfer, chunk.part, "busy", reason, hint)
 
     def _refuse(self, chunk: wire.DayChunk, reason: str, peer: str) -> wire.DayAck:
         self._warnings.warn(peer_host(peer), "refused chunk from {peer}: {reason}", peer=peer, reason=reason)

@@ -230,6 +230,9 @@ class GatewayExposition:
                                "Rounds closed at their deadline with devices missing.", m.rounds_incomplete)
         yield families.counter("meter_gateway_late_devices_total",
                                "Devices whose whole day arrived after its round closed.", m.late_devices)
+        yield families.counter("meter_gateway_rounds_released_total",
+                               "Times a full spool forwarded the open rounds' readings before they closed.",
+                               m.rounds_released)
         yield families.counter("meter_gateway_reassemblies_expired_total",
                                "Transfers given up while missing chunks.", m.expired_reassemblies)
         yield families.gauge("meter_gateway_uplink_up", "1 while the gateway is connected to the cloud, else 0.",

@@ -97,7 +97,12 @@ class Intake:
         log: Logger | None = None,
         metrics: GatewayMetrics | None = None,
         forward: str = "round",
+        max_hint: float | None = 60.0,
     ):
+        """
+        @param max_hint: the longest retry-after hint a full spool gives,
+            in seconds (None: it gives none).
+        """
         if log is not None:
             self.log = log
         self._spool = spool
@@ -120,6 +125,9 @@ class Intake:
             max_committing=max_committing,
             max_transfers_per_day=max_transfers_per_day,
             max_parts_per_day=max_parts_per_day,
+            # Rounds is made next; a full spool is only met later.
+            on_spool_full=lambda: self.rounds.spool_full(),
+            max_hint=max_hint,
         )
         self.rounds = Rounds(
             fleet, spool, clock, deadline, self.metrics, self.log,

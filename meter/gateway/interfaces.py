@@ -27,6 +27,11 @@ class ISpool(Interface):
         "what the gateway's spool limit is measured against."
     )
 
+    removed = Attribute(
+        "The number of readings that have left the spool since it was opened (removed as stored by the cloud, "
+        "or set aside): the rate room is made at, for the hints given while the spool is full."
+    )
+
     def add_chunk(chunk, now, round_closed=False, digest=None):
         """
         Record C{chunk}'s (a L{meter.wire.DayChunk}) message id with its
@@ -52,6 +57,16 @@ class ISpool(Interface):
         C{devices} (a device's transfer is complete: with C{[gateway]
         forward = "device"} its day need not wait for its round).  Fires
         with how many readings became ready.
+        """
+
+    def days_ready(days, most=None):
+        """
+        Make ready the chunks spooled for the days C{days} (dates) not
+        ready yet, their rounds open or not: a full spool forwards what
+        it holds rather than refuse every device until the rounds close.
+        Every one, or the C{most} spooled first (in the order of their
+        C{seq}, whatever their day).  Fires with how many readings became
+        ready.
         """
 
     def take_batch(limit, after=0):

@@ -95,6 +95,9 @@ class GatewayMetrics:
     rounds_incomplete: int = 0
     #: Devices whose whole day arrived after its round closed.
     late_devices: int = 0
+    #: Times a full spool forwarded the open rounds' readings before they
+    #: closed.
+    rounds_released: int = 0
     #: Transfers given up while missing chunks (timeout, bound, or forgotten).
     expired_reassemblies: int = 0
 

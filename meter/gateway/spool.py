@@ -356,6 +356,7 @@ class Spool:
     def __init__(self, database: Database, depth: int = 0):
         self._database = database
         self.depth = depth
+        self.removed = 0
 
     @staticmethod
     def open(path: Path) -> tuple[sqlite3.Connection, Recovered]:
@@ -398,6 +399,7 @@ class Spool:
 
     def _left(self, count: int) -> int:
         self.depth -= count
+        self.removed += count
         return count
 
     def recover(self):
@@ -442,6 +444,25 @@ class Spool:
                 ):
                     ready += n
             return ready
+
+        return self._database.run(work)
+
+    def days_ready(self, days, most: int | None = None):
+        """
+        Make ready the chunks of C{days} not ready yet, their rounds open
+        or not (a full spool forwards what it holds): every one, or the
+        C{most} spooled first; fires with how many readings became ready.
+        """
+        texts = json.dumps(sorted({day.isoformat() for day in days}))
+
+        def work(connection: sqlite3.Connection) -> int:
+            rows = connection.execute(
+                "UPDATE chunks SET ready = ? + seq WHERE seq IN"
+                " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?))"
+                " ORDER BY seq LIMIT ?) RETURNING n",
+                (_next_ready(connection), texts, -1 if most is None else most),
+            ).fetchall()
+            return sum(n for (n,) in rows)
 
         return self._database.run(work)
 

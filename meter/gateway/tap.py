@@ -136,6 +136,9 @@ class GatewayService(MultiService):
             max_parts_per_day=s["max_parts_per_day"],
             metrics=self.metrics,
             forward=s["forward"],
+            # Old devices take a hinted answer for none: shed = false is
+            # the way to answer them without hints (docs/protocol.md).
+            max_hint=s["shed_max_hint"] if s["shed"] else None,
         )
         self.intake.recover(recovered)
 

@@ -263,6 +263,42 @@ def test_a_devices_day_made_ready_leaves_before_its_round_closes(backend):
     assert backend.commit(backend.spool.devices_ready([(2, DAY)])) == 0
 
 
+def test_a_days_chunks_made_ready_leave_with_its_round_open(backend):
+    # A full spool forwards what it holds of the open rounds: every chunk
+    # of the day, of complete transfers or not; other days wait.
+    other = DAY + datetime.timedelta(days=1)
+    backend.commit(backend.spool.add_chunk(chunk(1), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(2, part=1, parts=2), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(3, day=other), NOW))
+    assert backend.commit(backend.spool.days_ready([DAY])) == 2
+    assert [r.device_id for r in take(backend).readings] == [1, 2]
+    assert [(r.day, r.closed_at) for r in recovered(backend).rounds] == [(DAY, None), (other, None)]
+    # Ready once; a chunk spooled later waits for the next call, or the close.
+    assert backend.commit(backend.spool.days_ready([DAY])) == 0
+    backend.commit(backend.spool.add_chunk(chunk(2, part=2, parts=2, minutes=(481,)), NOW))
+    first = take(backend)
+    assert take(backend, after=first.last).count == 0
+    backend.reopen()
+    assert backend.commit(backend.spool.days_ready([DAY, other], most=1)) == 1
+    assert [r.device_id for r in take(backend, after=first.last).readings] == [3]  # the first spooled
+    assert backend.commit(backend.spool.days_ready([DAY, other], most=5)) == 1
+    assert [r.device_id for r in take(backend, after=first.last).readings] == [3, 2]
+
+
+def test_the_readings_that_left_are_counted(backend):
+    for device_id in (1, 2, 3):
+        backend.commit(backend.spool.add_chunk(chunk(device_id, minutes=(480, 481)), NOW))
+    backend.commit(backend.spool.close_round(DAY, NOW))
+    assert backend.spool.removed == 0
+    seqs = take(backend, limit=2).seqs
+    assert backend.commit(backend.spool.remove(seqs)) == 2
+    assert backend.commit(backend.spool.remove(seqs)) == 0
+    assert backend.spool.removed == 2
+    rest = take(backend).seqs
+    assert backend.commit(backend.spool.set_aside(rest[:1], "bad", NOW)) == 2
+    assert (backend.spool.removed, backend.spool.depth) == (4, 2)
+
+
 def test_chunks_made_ready_later_come_after_the_batches_taken(backend):
     # Readiness, not arrival, orders the batches: a batch in flight marks
     # where the next starts, and a chunk spooled before it but made ready
@@ -390,7 +426,7 @@ def test_a_restart_finds_what_was_committed(backend):
     assert [r.device_id for r in take(backend).readings] == [1, 2]
 
 
-@pytest.mark.parametrize("operation", ["add_chunk", "close_round", "remove", "devices_ready"])
+@pytest.mark.parametrize("operation", ["add_chunk", "close_round", "remove", "devices_ready", "days_ready"])
 def test_a_failed_commit_changes_nothing(backend, operation):
     backend.commit(backend.spool.add_chunk(chunk(1), NOW))
     backend.commit(backend.spool.close_round(DAY + datetime.timedelta(days=1), NOW))
@@ -400,6 +436,7 @@ def test_a_failed_commit_changes_nothing(backend, operation):
         "close_round": lambda: backend.spool.close_round(DAY, NOW),
         "remove": lambda: backend.spool.remove(seqs),
         "devices_ready": lambda: backend.spool.devices_ready([(1, DAY)]),
+        "days_ready": lambda: backend.spool.days_ready([DAY]),
     }
     before = recovered(backend), take(backend)
     backend.fail_next_commit(operation)
