@@ -64,6 +64,12 @@ class SpoolContents:
             dict(self.ready),
         )
 
+    def waiting(self, days: set[str]) -> list[int]:
+        """
+        The chunks of C{days} (ISO dates) not ready yet, in the order spooled.
+        """
+        return [seq for seq in sorted(self.chunks) if self.chunks[seq][1] in days and seq not in self.ready]
+
     def make_ready(self, seqs) -> int:
         """
         Place the chunks C{seqs} not ready yet after every ready one, as
@@ -190,7 +196,7 @@ class MemorySpool:
             row = contents.rounds.setdefault(day.isoformat(), [now, now])
             if row[1] is None:
                 row[1] = now
-            contents.make_ready(seq for seq in sorted(contents.chunks) if contents.chunks[seq][1] == day.isoformat())
+            contents.make_ready(contents.waiting({day.isoformat()}))
             return None, 0
 
         return self._submit("close_round", change)
@@ -209,8 +215,7 @@ class MemorySpool:
         wanted = {day.isoformat() for day in days}
 
         def change(contents: SpoolContents) -> tuple[int, int]:
-            waiting = [seq for seq in sorted(contents.chunks) if contents.chunks[seq][1] in wanted and seq not in contents.ready]
-            return contents.make_ready(waiting[:most]), 0
+            return contents.make_ready(contents.waiting(wanted)[:most]), 0
 
         return self._submit("days_ready", change)
 

@@ -247,6 +247,20 @@ def _ready_if_round_closed(connection: sqlite3.Connection, after_seq: int) -> No
     )
 
 
+def _ready_days(connection: sqlite3.Connection, days: list[str], most: int | None = None) -> int:
+    """
+    Make ready the chunks of C{days} (ISO dates) not ready yet, every one
+    or the C{most} spooled first; how many readings became ready.
+    """
+    rows = connection.execute(
+        "UPDATE chunks SET ready = ? + seq WHERE seq IN"
+        " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?))"
+        " ORDER BY seq LIMIT ?) RETURNING n",
+        (_next_ready(connection), json.dumps(days), -1 if most is None else most),
+    ).fetchall()
+    return sum(n for (n,) in rows)
+
+
 _ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
 # OR IGNORE: a chunk spooled again (its message id no longer in the
 # gateway's memory, as after a forget the spool failed) is a no-op, not an
@@ -420,9 +434,7 @@ class Spool:
                 " WHERE closed_at IS NULL",
                 (text, now, now, now),
             )
-            connection.execute(
-                "UPDATE chunks SET ready = ? + seq WHERE day = ? AND ready IS NULL", (_next_ready(connection), text)
-            )
+            _ready_days(connection, [text])
 
         return self._database.run(work)
 
@@ -453,18 +465,8 @@ class Spool:
         or not (a full spool forwards what it holds): every one, or the
         C{most} spooled first; fires with how many readings became ready.
         """
-        texts = json.dumps(sorted({day.isoformat() for day in days}))
-
-        def work(connection: sqlite3.Connection) -> int:
-            rows = connection.execute(
-                "UPDATE chunks SET ready = ? + seq WHERE seq IN"
-                " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?))"
-                " ORDER BY seq LIMIT ?) RETURNING n",
-                (_next_ready(connection), texts, -1 if most is None else most),
-            ).fetchall()
-            return sum(n for (n,) in rows)
-
-        return self._database.run(work)
+        texts = sorted({day.isoformat() for day in days})
+        return self._database.run(lambda connection: _ready_days(connection, texts, most))
 
     def take_batch(self, limit: int, after: int = 0):
         """
