@@ -52,7 +52,7 @@ def test_backup_of_a_cloud_database_is_a_checked_single_file(tmp_path):
     source = tmp_path / "cloud.sqlite"
     cloud_database(source, 3)
     copy = backup(source, tmp_path / "backups" / "cloud-1.sqlite")
-    assert copy.summary() == f"{tmp_path}/backups/cloud-1.sqlite: cloud database, schema version 2, 3 readings"
+    assert copy.summary() == f"{tmp_path}/backups/cloud-1.sqlite: cloud database, schema version {CLOUD_VERSIONS.version}, 3 readings"
     assert identity(tmp_path / "backups" / "cloud-1.sqlite") == (database.CLOUD_DATABASE, CLOUD_VERSIONS.version, "delete")
     assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == ["cloud-1.sqlite"]
 

@@ -137,6 +137,8 @@ def _readings_database(path) -> None:
             "INSERT INTO readings VALUES (?, ?, ?, ?, ?, 0)",
             [(3, "192.168.1.4", "2026-03-01T02:00", 17.0, 35.0), (5, "192.168.1.4", "2026-03-02T02:00", -3.5, 0.25)],
         )
+        # Each address a device's readings were stored with, as the store keeps them.
+        connection.execute("INSERT INTO device_addresses SELECT DISTINCT device_ip, device_id FROM readings")
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,8 @@ def cloud_database(path: Path, rows=ROWS) -> Path:
     open_database(connection)
     with connection:
         connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?, 1.0)", rows)
+        # Each address a device's readings were stored with, as the store keeps them.
+        connection.execute("INSERT INTO device_addresses SELECT DISTINCT device_ip, device_id FROM readings")
     connection.close()
     return path
 

@@ -287,7 +287,7 @@ def test_the_gateway_refuses_a_cloud_database_before_writing_to_it(tmp_path, ver
         Spool.open(path)
     assert stat_of(path) == before
     # A versioned cloud database has its devices summary (version 2).
-    assert tables(path) == (["devices", "readings"] if versioned else ["readings"])
+    assert tables(path) == (["device_addresses", "devices", "readings"] if versioned else ["readings"])
 
 
 @pytest.mark.parametrize("versioned", [True, False], ids=["versioned", "unversioned"])

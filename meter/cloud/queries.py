@@ -173,16 +173,22 @@ def _device(connection: sqlite3.Connection, device_id: int) -> FleetDevice | Non
 
 
 def _address_range(connection: sqlite3.Connection, device_ip: str):
-    # Two ends of the (device_ip, taken_at) index.
-    first = connection.execute(
-        "SELECT taken_at FROM readings WHERE device_ip = ? ORDER BY taken_at LIMIT 1", (device_ip,)
-    ).fetchone()
-    if first is None:
-        return None
-    (last,) = connection.execute(
-        "SELECT taken_at FROM readings WHERE device_ip = ? ORDER BY taken_at DESC LIMIT 1", (device_ip,)
-    ).fetchone()
-    return _parse(first[0]), _parse(last)
+    # The readings have no index by address: each device that ever had it,
+    # its readings in the key's order from either end, the first stored
+    # with the address.
+    ends = []
+    for least in (True, False):
+        (end,) = connection.execute(
+            f"SELECT {'min' if least else 'max'}((SELECT taken_at FROM readings AS r"
+            " WHERE r.device_id = a.device_id AND r.device_ip = a.device_ip"
+            f" ORDER BY taken_at{'' if least else ' DESC'} LIMIT 1))"
+            " FROM device_addresses AS a WHERE a.device_ip = ?",
+            (device_ip,),
+        ).fetchone()
+        if end is None:
+            return None
+        ends.append(_parse(end))
+    return ends[0], ends[1]
 
 
 def _page(connection: sqlite3.Connection, query: ReadingsQuery, limit: int) -> list[Reading]:

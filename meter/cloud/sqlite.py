@@ -69,9 +69,35 @@ def _version_2(connection: sqlite3.Connection) -> None:
     execute_script(connection, DEVICES)
 
 
+#: Version 3: the readings lose their index on address and time, whose
+#: upkeep was two fifths of the insert's CPU a reading (a second B-tree,
+#: its leaves random in a large fleet); every address a device's readings
+#: were stored with is kept once instead, in C{device_addresses}, written by
+#: the transaction that stores the readings, and a query by address reads
+#: the readings of the devices that ever had it by the key
+#: (L{meter.cloud.sql.SQLITE}), as on PostgreSQL.  Fixed.
+DEVICE_ADDRESSES = """
+CREATE TABLE IF NOT EXISTS device_addresses (
+    device_ip TEXT    NOT NULL,
+    device_id INTEGER NOT NULL,
+    PRIMARY KEY (device_ip, device_id)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO device_addresses (device_ip, device_id) SELECT DISTINCT device_ip, device_id FROM readings;
+DROP INDEX IF EXISTS readings_by_ip;
+"""
+
+
+def _version_3(connection: sqlite3.Connection) -> None:
+    """
+    The C{device_addresses} table, filled from the readings stored so far,
+    in place of the readings' index by address.
+    """
+    execute_script(connection, DEVICE_ADDRESSES)
+
+
 #: The database's versions (see L{meter.database.Schema}): each step takes
 #: a database from the version before it to the next.
-VERSIONS = Schema(CLOUD_DATABASE, (_version_1, _version_2))
+VERSIONS = Schema(CLOUD_DATABASE, (_version_1, _version_2, _version_3))
 
 
 def open_database(connection: sqlite3.Connection) -> None:
@@ -129,6 +155,35 @@ def device_summaries(devices, ips, stamps) -> list[tuple[int, str, str, str, int
     return [(int(device), ip, first, last, count) for device, (ip, first, last, count) in summary.items()]
 
 
+_ADD_ADDRESSES = RowInsert("INSERT OR IGNORE INTO device_addresses", 2)
+
+
+def address_pairs(devices, ips) -> list:
+    """
+    The values of L{_ADD_ADDRESSES} for some new readings, given as columns
+    (device ids as text or numbers, addresses): each pair of address and
+    device once, row after row.
+
+    A device's run of readings (its chunks) nearly always has one address:
+    a C-level count tells, not a Python step a reading.
+    """
+    pairs: dict = {}
+    start = 0
+    for device, run in itertools.groupby(devices):
+        end = start + len(list(run))
+        ip = ips[start]
+        if ips[start:end].count(ip) == end - start:
+            pairs[(ip, device)] = None
+        else:
+            pairs.update(dict.fromkeys(zip(ips[start:end], devices[start:end])))
+        start = end
+    values: list = []
+    for ip, device in pairs:
+        values.append(ip)
+        values.append(int(device))
+    return values
+
+
 def _insert(columns: wire.BatchColumns, stored_at: float):
     """
     Work for the database: insert the records C{columns} (a batch's records
@@ -151,15 +206,14 @@ def _insert(columns: wire.BatchColumns, stored_at: float):
         # batch was sent again.
         new = insert_telling_new(connection, _INSERT, values)
         if all(new):
-            summaries = device_summaries(columns.devices, columns.ips, columns.stamps)
-            outcome = None
+            fresh, outcome = columns, None
         else:
             outcome = [index for index, fresh in enumerate(new) if fresh]
-            picked = columns.pick(outcome)
-            summaries = device_summaries(picked.devices, picked.ips, picked.stamps)
-        # In the same transaction: the summary never disagrees with the
-        # readings a reader sees.
-        connection.executemany(UPDATE_DEVICES, summaries)
+            fresh = columns.pick(outcome)
+        # In the same transaction: the summary and the addresses never
+        # disagree with the readings a reader sees.
+        connection.executemany(UPDATE_DEVICES, device_summaries(fresh.devices, fresh.ips, fresh.stamps))
+        _ADD_ADDRESSES.run(connection, address_pairs(fresh.devices, fresh.ips))
         return outcome
 
     return work

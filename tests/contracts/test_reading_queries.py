@@ -269,6 +269,44 @@ async def test_the_summary_of_a_database_from_before_it_is_filled_by_the_upgrade
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_database_from_before_the_addresses_finds_its_readings_by_address_after_the_upgrade(tmp_path):
+    # A version-2 database, its readings indexed by address: the upgrade to
+    # version 3 keeps each address a device's readings were stored with in
+    # device_addresses, and drops the index.
+    from meter.cloud.sqlite import VERSIONS
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(str(path)) as old:
+        for step in VERSIONS.steps[:2]:
+            step(old)
+        old.executemany(
+            "INSERT INTO readings VALUES (?, ?, ?, ?, ?, 1.0)",
+            [(1, "192.168.1.2", "2026-03-01T08:00", 20, 30), (1, "192.168.1.7", "2026-03-02T00:00", 1, 2),
+             (3, "192.168.1.2", "2026-03-03T02:00", 17, 35)],
+        )
+        old.execute("PRAGMA application_id = 1297376100")
+        old.execute("PRAGMA user_version = 2")
+    connection = connect(path)
+    open_database(connection)
+    assert connection.execute("SELECT name FROM sqlite_master WHERE name = 'readings_by_ip'").fetchall() == []
+    assert connection.execute("SELECT device_ip, device_id FROM device_addresses ORDER BY 1, 2").fetchall() == [
+        ("192.168.1.2", 1), ("192.168.1.2", 3), ("192.168.1.7", 1),
+    ]
+    connection.close()
+    queries = SQLiteReadingQueries(path, reactor)
+    queries.startService()
+    try:
+        assert [(r.device_id, r.taken_at.day) for r in await queries.page(ReadingsQuery(device_ip="192.168.1.2"), 10)] == [
+            (1, 1), (3, 3),
+        ]
+        assert await queries.address_range("192.168.1.2") == (at("2026-03-01T08:00"), at("2026-03-03T02:00"))
+        assert await queries.address_range("192.168.1.7") == (at("2026-03-02T00:00"), at("2026-03-02T00:00"))
+        assert await queries.address_range("192.168.1.9") is None
+    finally:
+        queries.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_sqlite_queries_read_on_a_connection_that_cannot_write(tmp_path):
     path = tmp_path / "cloud.sqlite"
     connection = connect(path)

@@ -161,6 +161,26 @@ async def test_readings_of_one_device_by_id_by_address_or_both(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_device_that_moved_within_one_run_of_a_batch_is_found_at_each_address(store):
+    # Device 1's readings side by side in the batch, at two addresses.
+    moved = "1,192.168.1.7,2026-03-01T10:00,21,31"
+    await store.add(columns(B, moved, C, A), 1.0)
+    assert await store.readings(device_ip="192.168.1.2") == [READING_B, READING_C]
+    assert [(r.device_id, r.taken_at.hour) for r in await store.readings(device_ip="192.168.1.7")] == [(1, 10)]
+    assert await store.readings(device_ip="192.168.1.4") == [READING_A]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reading_sent_again_from_another_address_is_not_found_there(store):
+    # A_AGAIN is A's key from another address: a duplicate, not stored, so
+    # nothing is stored with that address.
+    await store.add(columns(A), 1.0)
+    assert await store.add(columns(A_AGAIN, B), 2.0) == [1]
+    assert await store.readings(device_ip="192.168.1.9") == []
+    assert await store.readings(device_ip="192.168.1.4") == [READING_A]
+
+
+@pytest_twisted.ensureDeferred
 async def test_since_is_inclusive_and_until_exclusive(store):
     await store.add(columns(A, B, C, D), 1.0)
     assert await store.readings(since=at("2026-03-01T08:00")) == [READING_B, READING_C, READING_D]
