@@ -1,0 +1,88 @@
+"""
+The cloud's SQLite store alone: the CPU a reading its insert work and
+commit cost for a fleet's day, in the batches and the order the gateway
+forwards them with C{forward = "device"} (each device's two chunks side by
+side, the devices in a random order), with no network, TLS or decoding.
+
+    python bench/cloud_store.py [--devices 30000] [--batch 5000]
+
+What it measures is the B-trees' upkeep, which grows with what the table
+holds: the figure for a day of 30,000 devices (2.88 million readings) into
+an empty database is the one docs/performance.md quotes.  The batches are
+made before the clock starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from meter import wire  # noqa: E402
+from meter.cloud.sqlite import VERSIONS, _insert, open_database  # noqa: E402
+from meter.database import connect  # noqa: E402
+
+READINGS = 96
+
+
+def day_batches(devices: int, batch: int, seed: int) -> list[wire.BatchColumns]:
+    """
+    A day of C{devices} devices × 96 readings as the gateway forwards it:
+    each device's day in two chunks of 48, the devices in a random order,
+    whole chunks to a batch of at least C{batch} readings.
+    """
+    rng = random.Random(seed)
+    order = list(range(1, devices + 1))
+    rng.shuffle(order)
+    batches: list[str] = []
+    records: list[str] = []
+    for device in order:
+        ip = f"10.{device >> 16}.{(device >> 8) & 255}.{device & 255}"
+        for minute in range(0, 1440, 1440 // READINGS):
+            records.append(f"{device},{ip},2026-12-01T{minute // 60:02d}:{minute % 60:02d},"
+                           f"{rng.randint(-100, 400) / 10},{rng.randint(0, 1000) / 10}")
+            if len(records) >= batch and len(records) % (READINGS // 2) == 0:
+                batches.append(";".join(records))
+                records = []
+    if records:
+        batches.append(";".join(records))
+    return [wire.BatchColumns.of(text) for text in batches]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=30_000)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cache-mb", type=float, default=16.0, help="the page cache, as [cloud] cache_mb (default 16)")
+    args = parser.parse_args(argv)
+    batches = day_batches(args.devices, args.batch, args.seed)
+    readings = args.devices * READINGS
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "cloud.sqlite"
+        connection = connect(path, args.cache_mb)
+        open_database(connection)
+        cpu, wall, commit = time.process_time(), time.perf_counter(), 0.0
+        for columns in batches:
+            connection.execute("BEGIN IMMEDIATE")
+            _insert(columns, 1.0)(connection)
+            started = time.perf_counter()
+            connection.execute("COMMIT")
+            commit += time.perf_counter() - started
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        size = path.stat().st_size + path.with_name(path.name + "-wal").stat().st_size
+        connection.close()
+    print(f"cloud store, schema version {VERSIONS.version}: {readings:,} readings in {len(batches):,} batches: "
+          f"{cpu:.2f} CPU s ({cpu / readings * 1e6:.2f} µs a reading), {wall:.2f} s, of which COMMIT {commit:.2f} s; "
+          f"file and log {size / 2**20:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
