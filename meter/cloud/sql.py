@@ -22,16 +22,17 @@ class Dialect:
     """
     @ivar placeholder: how a parameter is marked in a statement.
     @ivar moment: a time as the database compares it with C{taken_at}.
-    @ivar address: the condition selecting the readings stored with an
-        address, each of its parameters that address.
     """
 
     placeholder: str
     moment: Callable[[datetime.datetime], Any]
-    address: str
 
     def address_condition(self, device_ip: str) -> tuple[str, list]:
-        condition = self.address.format(mark=self.placeholder)
+        """
+        The condition selecting the readings stored with C{device_ip}
+        (L{BY_ADDRESS}) and its parameters.
+        """
+        condition = BY_ADDRESS.format(mark=self.placeholder)
         return condition, [device_ip] * condition.count(self.placeholder)
 
 
@@ -41,9 +42,9 @@ class Dialect:
 #: by the key, and of theirs the readings stored with it.
 BY_ADDRESS = "device_id IN (SELECT device_id FROM device_addresses WHERE device_ip = {mark}) AND device_ip = {mark}"
 #: Times stored as ISO text to the minute, which sorts as the times do.
-SQLITE = Dialect("?", lambda moment: moment.isoformat(timespec="minutes"), BY_ADDRESS)
+SQLITE = Dialect("?", lambda moment: moment.isoformat(timespec="minutes"))
 #: Times stored as timestamps.
-POSTGRESQL = Dialect("%s", lambda moment: moment, BY_ADDRESS)
+POSTGRESQL = Dialect("%s", lambda moment: moment)
 
 
 def minute_bound(moment: datetime.datetime) -> datetime.datetime:

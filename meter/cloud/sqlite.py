@@ -206,14 +206,14 @@ def _insert(columns: wire.BatchColumns, stored_at: float):
         # batch was sent again.
         new = insert_telling_new(connection, _INSERT, values)
         if all(new):
-            fresh, outcome = columns, None
+            stored, outcome = columns, None
         else:
             outcome = [index for index, fresh in enumerate(new) if fresh]
-            fresh = columns.pick(outcome)
+            stored = columns.pick(outcome)
         # In the same transaction: the summary and the addresses never
         # disagree with the readings a reader sees.
-        connection.executemany(UPDATE_DEVICES, device_summaries(fresh.devices, fresh.ips, fresh.stamps))
-        _ADD_ADDRESSES.run(connection, address_pairs(fresh.devices, fresh.ips))
+        connection.executemany(UPDATE_DEVICES, device_summaries(stored.devices, stored.ips, stored.stamps))
+        _ADD_ADDRESSES.run(connection, address_pairs(stored.devices, stored.ips))
         return outcome
 
     return work
