@@ -238,22 +238,31 @@ async def test_a_series_leaves_empty_buckets_out_and_reads_by_address_too(both):
     assert [(b.start.day, b.count) for b in series.buckets] == [(1, 96), (3, 96)]
 
 
+def old_database(path, version: int, rows: list[tuple]):
+    """
+    A cloud database at schema C{version} (its steps alone) holding
+    C{rows} (device, address, minute, temperature, humidity) as readings.
+    """
+    from meter.cloud.sqlite import VERSIONS
+
+    with sqlite3.connect(str(path)) as old:
+        for step in VERSIONS.steps[:version]:
+            step(old)
+        old.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?, 1.0)", rows)
+        old.execute(f"PRAGMA application_id = {VERSIONS.application_id:d}")
+        old.execute(f"PRAGMA user_version = {version:d}")
+    return path
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_summary_of_a_database_from_before_it_is_filled_by_the_upgrade(tmp_path):
     # A version-1 database holding readings: the upgrade to version 2
     # fills the devices table from them.
-    from meter.cloud.sqlite import SCHEMA
-
-    path = tmp_path / "old.sqlite"
-    with sqlite3.connect(str(path)) as old:
-        old.executescript(SCHEMA)
-        old.executemany(
-            "INSERT INTO readings VALUES (?, ?, ?, ?, ?, 1.0)",
-            [(1, "192.168.1.2", "2026-03-01T08:00", 20, 30), (1, "192.168.1.7", "2026-03-02T00:00", 1, 2),
-             (3, "192.168.1.4", "2026-03-01T02:00", 17, 35)],
-        )
-        old.execute("PRAGMA application_id = 1297376100")
-        old.execute("PRAGMA user_version = 1")
+    path = old_database(
+        tmp_path / "old.sqlite", 1,
+        [(1, "192.168.1.2", "2026-03-01T08:00", 20, 30), (1, "192.168.1.7", "2026-03-02T00:00", 1, 2),
+         (3, "192.168.1.4", "2026-03-01T02:00", 17, 35)],
+    )
     connection = connect(path)
     open_database(connection)
     connection.close()
@@ -273,19 +282,11 @@ async def test_a_database_from_before_the_addresses_finds_its_readings_by_addres
     # A version-2 database, its readings indexed by address: the upgrade to
     # version 3 keeps each address a device's readings were stored with in
     # device_addresses, and drops the index.
-    from meter.cloud.sqlite import VERSIONS
-
-    path = tmp_path / "old.sqlite"
-    with sqlite3.connect(str(path)) as old:
-        for step in VERSIONS.steps[:2]:
-            step(old)
-        old.executemany(
-            "INSERT INTO readings VALUES (?, ?, ?, ?, ?, 1.0)",
-            [(1, "192.168.1.2", "2026-03-01T08:00", 20, 30), (1, "192.168.1.7", "2026-03-02T00:00", 1, 2),
-             (3, "192.168.1.2", "2026-03-03T02:00", 17, 35)],
-        )
-        old.execute("PRAGMA application_id = 1297376100")
-        old.execute("PRAGMA user_version = 2")
+    path = old_database(
+        tmp_path / "old.sqlite", 2,
+        [(1, "192.168.1.2", "2026-03-01T08:00", 20, 30), (1, "192.168.1.7", "2026-03-02T00:00", 1, 2),
+         (3, "192.168.1.2", "2026-03-03T02:00", 17, 35)],
+    )
     connection = connect(path)
     open_database(connection)
     assert connection.execute("SELECT name FROM sqlite_master WHERE name = 'readings_by_ip'").fetchall() == []
