@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.application.service import Service
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -319,6 +319,34 @@ async def test_no_ack_is_written_to_a_lost_connection(c):
     assert c.count() == 2  # stored all the same: the gateway's retry is a duplicate
 
 
+class UnansweringStore:
+    """
+    A store whose answer to every batch fails: a fault of the cloud's own
+    after the store's work, which the store's own handling did not catch.
+    """
+
+    def __init__(self):
+        self.metrics = cloud.CloudMetrics()
+
+    def store(self, batch, peer):
+        return fail(RuntimeError("the acknowledgement could not be made"))
+
+
+def test_a_batch_whose_answer_fails_is_logged_counted_and_its_connection_closed_for_the_gateway_to_resend(c):
+    store = UnansweringStore()
+    protocol = cloud.CloudFactory(store, IDLE, c.clock).buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+    protocol.makeConnection(transport)
+    with capturedLogs() as events:
+        protocol.dataReceived(line(BATCH))
+    assert store.metrics.answer_failures == 1
+    assert transport.value() == b""
+    assert transport.disconnecting
+    [event] = [e for e in events if e.get("log_failure") is not None]
+    assert f"batch {BATCH_ID} not acknowledged" in formatEvent(event)
+    assert event["log_failure"].getErrorMessage() == "the acknowledgement could not be made"
+
+
 def test_console_text_from_record_text_reads_as_each_reading_prints_itself():
     # The cloud prints from the batch's text; Reading.console_line is the
     # format's other writer, and the two must not drift apart.
@@ -341,7 +369,7 @@ def test_the_metrics_render_as_logfmt_every_field_in_order():
     metrics.refused["auth"] += 2
     metrics.handshake_timeouts += 3
     assert metrics.logfmt() == (
-        "batches=1 readings_new=2 readings_duplicate=1 transaction_failures=0 store_failures=0 console_failures=0 "
+        "batches=1 readings_new=2 readings_duplicate=1 transaction_failures=0 store_failures=0 console_failures=0 answer_failures=0 "
         "refused_auth=2 refused_checksum=1 unexpected=0 idle_timeouts=0 handshake_timeouts=3 "
         "unauthenticated_evicted=0 unauthenticated_failed=0 connections_refused=0 accept_failures=0"
     )

@@ -84,6 +84,10 @@ class CloudExposition:
             "meter_cloud_console_failures_total", "Committed batches whose console lines could not be written.",
             m.console_failures,
         )
+        yield families.counter(
+            "meter_cloud_answer_failures_total", "Batches whose acknowledgement could not be made or written: the "
+            "connection is closed and the gateway sends them again.", m.answer_failures,
+        )
         yield families.gauge(
             "meter_cloud_gateways_connected", "Gateway connections authenticated and open.",
             connections["gateways_connected"],

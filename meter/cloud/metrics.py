@@ -31,6 +31,11 @@ class CloudMetrics:
     store_failures: int = 0
     #: Batches committed whose console lines could not be written.
     console_failures: int = 0
+    #: Batches whose acknowledgement could not be made or written, a fault
+    #: of the cloud's own after the store answered: the connection is
+    #: closed, so the gateway sends the batch again, and its readings are
+    #: counted as duplicates if they were stored.
+    answer_failures: int = 0
 
     #: Lines refused, by the code of the refusal (L{meter.wire.WireError}'s
     #: C{code}; C{size} also for a line over the length limit).

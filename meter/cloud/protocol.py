@@ -276,7 +276,7 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
         if isinstance(message, wire.Batch):
             if not self._authenticated:
                 self._authenticate("plain text: a valid first line")
-            self._store.store(message, self._peer).addCallback(self._answer)
+            self._store.store(message, self._peer).addCallback(self._answer).addErrback(self._unanswered, message.batch_id)
         elif isinstance(message, wire.Ping):
             if not self._authenticated:
                 self._authenticate("plain text: a valid first line")
@@ -299,6 +299,19 @@ class CloudProtocol(wire.LineProtocol, TimeoutMixin):
     def _answer(self, message) -> None:
         if self.transport.connected:
             self.sendLine(wire.encode(message))
+
+    def _unanswered(self, failure, batch_id: str) -> None:
+        # The store answers every batch, stored or refused; this is a fault
+        # of the cloud's own.  Silence would leave the gateway waiting out
+        # its acknowledgement timeout with the batch in flight: closing
+        # makes it send again at once, and the store keeps the readings once.
+        self._metrics.answer_failures += 1
+        self.log.failure(
+            "gateway {peer}: batch {batch_id} not acknowledged: closing the connection, the gateway sends it again",
+            failure, peer=self._peer, batch_id=batch_id,
+        )
+        if self.transport.connected:
+            self.transport.abortConnection()
 
     def _refuse(self, line: bytes, error: wire.WireError) -> None:
         self._metrics.refused[error.code] += 1
