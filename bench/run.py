@@ -221,14 +221,19 @@ def wait_committed(cloud, expected: int, timeout: float, totals: dict | None = N
 class Sampler:
     """
     CPU time and resident memory of some processes, every C{interval}
-    seconds on a thread, for the timeline of a scenario.
+    seconds on a thread, for the timeline of a scenario; and every
+    C{speed_every} samples, the machine's speed (L{python_speed}, a few
+    milliseconds of CPU each time), which changes during a run.
     """
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.25):
+    def __init__(self, pids: dict[str, int], interval: float = 0.25, speed_every: int = 8):
         import threading
 
         self._pids = pids
         self._interval = interval
+        self._speed_every = speed_every
+        #: (when, nanoseconds a step of Python) through the run.
+        self.speeds: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self.samples: list[tuple[float, dict]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -243,6 +248,8 @@ class Sampler:
                 except OSError:
                     pass
             self.samples.append((time.time(), point))
+            if len(self.samples) % self._speed_every == 1:
+                self.speeds.append((time.time(), python_speed(runs=1, steps=10_000)["best_ns"]))
             self._stop.wait(self._interval)
 
     def stop(self) -> None:
@@ -253,7 +260,9 @@ class Sampler:
         """
         Per phase (intake: first send to the last device acknowledgement;
         forward: then to the last commit), each process's share of one core
-        and its largest resident memory.
+        and its largest resident memory, and the machine's speed over the
+        phase (the median and the range of the nanoseconds a step of
+        Python took, measured every few seconds).
         """
         phases = {"intake": (first_send, last_device_ack), "forward": (last_device_ack, last_commit)}
         out = {}
@@ -272,6 +281,11 @@ class Sampler:
                 for name in self._pids
                 if name in p0 and name in p1
             }
+            speeds = sorted(ns for t, ns in self.speeds if start <= t <= end)
+            if speeds:
+                out[phase]["python_step_ns"] = {
+                    "median": speeds[len(speeds) // 2], "min": speeds[0], "max": speeds[-1], "samples": len(speeds),
+                }
         return out
 
 
@@ -437,7 +451,33 @@ def machine() -> dict:
         "sqlite": sqlite3.sqlite_version,
         "rmem_max": _read_int("/proc/sys/net/core/rmem_max"),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "python_speed_start": python_speed(),
     }
+
+
+def python_speed(runs: int = 7, steps: int = 100_000) -> dict:
+    """
+    The CPU time one step of a fixed pure-Python workload takes (string,
+    dict and tuple work, as the daemons' own), in nanoseconds: the best and
+    the median of C{runs}.  The machine's speed differs from day to day
+    (the same code's CPU seconds have differed by two times), so a run's
+    CPU figures are read against it; measured at the start and the end of
+    a run.
+    """
+    def workload() -> float:
+        table: dict[str, tuple[int, str]] = {}
+        # The thread's own CPU time: the bench's sampler runs it beside
+        # the thread waiting for loadgen.
+        started = time.thread_time()
+        for step in range(steps):
+            key = f"{step & 4095:04x}"
+            table[key] = (step, key.upper())
+            if len(table[key][1]) != 4:
+                raise AssertionError("unreachable")
+        return time.thread_time() - started
+
+    times = sorted(workload() for _ in range(runs))
+    return {"best_ns": round(times[0] / steps * 1e9, 1), "median_ns": round(times[len(times) // 2] / steps * 1e9, 1)}
 
 
 def _read_int(path: str) -> int | None:
@@ -1090,6 +1130,10 @@ def table(results: dict) -> str:
                      f"{days.get('exactly_once', 0):,} of {days.get('expected', 0):,}", "", ""))
         rows.append((f"{name}: kernel receive-buffer drops; loadgen CPU s ({f['loadgen']['processes']} proc.)",
                      f"{f['kernel_udp_receive_buffer_drops']}; {f['loadgen']['cpu_s']} s", "", ""))
+        speed = f.get("timeline", {}).get("intake", {}).get("python_step_ns")
+        if speed:
+            rows.append((f"{name}: the machine's speed in the intake, ns a step of Python (median; range)",
+                         f"{speed['median']:g} ({speed['min']:g}-{speed['max']:g}, {speed['samples']} samples)", "", ""))
     for name, view in s.get("dashboard", {}).get("views", {}).items():
         rows.append((f"dashboard ({name}), navigation start to first chart: p50 (cold first)",
                      f"{view['p50_ms']} ms ({view['first_ms']} ms)", "", ""))
@@ -1196,7 +1240,9 @@ def main(argv=None) -> int:
     }
     say(f"meter bench: {results['machine']['nproc']} cores ({results['machine']['cpu']}), Python "
         f"{results['machine']['python']}, SQLite {results['machine']['sqlite']}, load average "
-        f"{results['machine']['loadavg_start']}")
+        f"{results['machine']['loadavg_start']}, a step of Python "
+        f"{results['machine']['python_speed_start']['best_ns']:g} ns (best; median "
+        f"{results['machine']['python_speed_start']['median_ns']:g})")
     if results["machine"]["loadavg_start"][0] > 1.0:
         say("  (the machine is not idle: other processes compete for the 2 cores; wall-clock figures suffer, "
             "CPU-second figures much less)")
@@ -1257,6 +1303,7 @@ def main(argv=None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - began, 1)
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["machine"]["python_speed_end"] = python_speed()
     results["targets"] = verdicts(results)
     say("")
     say(table(results))
@@ -1270,6 +1317,10 @@ def main(argv=None) -> int:
     say("")
     say("targets (issues #6, #18 and #20):")
     say(verdict_lines(results["targets"]))
+    speeds = results["machine"]["python_speed_start"], results["machine"]["python_speed_end"]
+    say(f"\nthe machine's speed, a step of Python (best / median of 7, ns): {speeds[0]['best_ns']:g} / "
+        f"{speeds[0]['median_ns']:g} at the start, {speeds[1]['best_ns']:g} / {speeds[1]['median_ns']:g} at the end; "
+        f"load average {results['machine']['loadavg_end']} at the end")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     say(f"\nwritten {args.json} ({results['seconds']} s)")

@@ -1,6 +1,6 @@
 """
 bench/run.py's check of a fleet run's database: every device-day stored
-exactly once, told device-day by device-day.
+exactly once, told device-day by device-day; its reading of the machine's speed.
 """
 
 from __future__ import annotations
@@ -81,3 +81,8 @@ def test_a_doubled_day_is_told(bench, tmp_path):
     check = bench.verify_cloud(tmp_path / "cloud.sqlite", FLEET, list(FLEET), DAY, 96, 3)
     assert check["doubled_rows"] == 4 and check["device_days"]["first"] == {"doubled": [3]}
     assert check["device_days"]["exactly_once"] == len(FLEET) - 1 and not check["exact"]
+
+
+def test_the_machine_speed_is_a_best_and_a_median_of_cpu_time_a_step(bench):
+    speed = bench.python_speed(runs=3, steps=2000)
+    assert 0 < speed["best_ns"] <= speed["median_ns"]
