@@ -75,6 +75,20 @@ def seconds_up_to(high: float) -> Callable[[Any], float]:
     return parse
 
 
+def positive_up_to(high: float) -> Callable[[Any], float]:
+    """
+    A number above 0 and at most C{high}.
+    """
+
+    def parse(value: Any) -> float:
+        number = positive(value)
+        if number > high:
+            raise ValueError(f"expected a number above 0 and at most {high:g}, got {value!r}")
+        return number
+
+    return parse
+
+
 def whole(low: int, high: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool):
@@ -340,6 +354,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "shed_target": (positive, 0.1, "seconds a datagram may wait in the receive queue before the queue counts as standing"),
         "shed_interval": (positive, 0.1, "seconds the queue must stand over shed_target before the gateway sheds"),
         "shed_max_hint": (positive, 60.0, "longest retry-after hint, seconds, when shedding or when the spool is full"),
+        "receive_buffer_mb": (
+            positive_up_to(1024), 16.0,
+            "the UDP socket's receive buffer, in MiB: the datagrams arriving while the gateway is busy wait there "
+            "(beyond net.core.rmem_max only with CAP_NET_ADMIN; the gateway logs what it got)",
+        ),
         "metrics": (
             optional_server_endpoint, "tcp:9182:interface=127.0.0.1",
             "Twisted endpoint serving /metrics, /healthz and /readyz over HTTP (\"\": none)",

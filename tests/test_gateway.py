@@ -12,6 +12,7 @@ import datetime
 import functools
 import gc
 import random
+import socket
 import sqlite3
 import sys
 
@@ -29,6 +30,7 @@ from meter.clocktext import utc_time
 from meter.database import Database
 from meter.gateway import Intake, Uplink
 from meter.gateway.metrics import GatewayMetrics
+from meter.gateway.protocol import size_receive_buffer
 from meter.gateway.shedding import Shedding
 from meter.reading import Reading
 from meter.gateway.spool import Recovered, Spool, StoredChunk, StoredRound
@@ -1561,3 +1563,67 @@ def test_uplink_looks_again_from_the_start_when_its_window_drained_during_an_emp
     # ...so the uplink looks again from the start, and the first batch's
     # readings are sent again instead of staying in the spool.
     assert [b.readings for b in again.sent] == [h.readings(1, 2)]
+
+
+# -- the receive buffer ---------------------------------------------------------
+
+
+class CappedSocket:
+    """
+    A socket as Linux treats an unprivileged process's: C{SO_RCVBUFFORCE}
+    refused, C{SO_RCVBUF} capped at C{cap} and reported doubled.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.size = 0
+
+    def setsockopt(self, level, option, value):
+        if option == socket.SO_RCVBUF:
+            self.size = 2 * min(value, self.cap)
+        else:
+            raise PermissionError(1, "Operation not permitted")
+
+    def getsockopt(self, level, option):
+        assert option == socket.SO_RCVBUF
+        return self.size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_RCVBUFFORCE is Linux's")
+def test_the_receive_buffer_is_forced_beyond_the_kernels_cap_where_permitted():
+    # The tests run as root, which has CAP_NET_ADMIN.
+    cap = int(open("/proc/sys/net/core/rmem_max").read())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert size_receive_buffer(sock, 2 * cap) == 2 * cap
+
+
+def test_without_the_capability_the_receive_buffer_is_capped_and_the_size_granted_is_told():
+    assert size_receive_buffer(CappedSocket(4 << 20), 16 << 20) == 4 << 20
+    assert size_receive_buffer(CappedSocket(4 << 20), 1 << 20) == 1 << 20
+
+
+class SocketTransport(FakeDatagramTransport):
+    def __init__(self, sock):
+        super().__init__()
+        self.socket = sock
+
+
+def test_the_gateway_warns_when_it_got_a_smaller_receive_buffer_than_it_asked():
+    h = IntakeHarness()
+
+    def started(receive_buffer: int, cap: int) -> list[dict]:
+        events: list[dict] = []
+        protocol = gateway.GatewayProtocol(h.intake, KEYS, h.clock, receive_buffer=receive_buffer)
+        protocol.log = Logger(observer=events.append)
+        protocol.makeConnection(SocketTransport(CappedSocket(cap)))
+        return events
+
+    [capped] = started(16 << 20, 208 << 10)
+    assert capped["log_level"].name == "warn"
+    assert formatEvent(capped).startswith(
+        "receive buffer 0.203125 MiB, not the 16 MiB of [gateway] receive_buffer_mb: the kernel caps it at "
+        "net.core.rmem_max"
+    )
+    [sized] = started(1 << 20, 4 << 20)
+    assert sized["log_level"].name == "info" and formatEvent(sized) == "receive buffer 1 MiB"
+    assert sized["receive_buffer"] == 1 << 20

@@ -6,7 +6,9 @@ into calls on the L{meter.gateway.uplink.Uplink}.
 
 from __future__ import annotations
 
+import platform
 import socket
+import sys
 
 from twisted.internet.interfaces import IHandshakeListener, INegotiated
 from twisted.internet.protocol import DatagramProtocol, Factory
@@ -27,6 +29,35 @@ from meter.ratelimit import LimitedWarnings, PerSource
 #: backstop, whatever the transfer).
 SHED_REASON = "shed: the gateway takes no new transfer now"
 OVERLOADED_REASON = "overloaded: too many chunks wait for the spool"
+
+
+#: Linux's SO_RCVBUFFORCE (Python names only SO_RCVBUF): 33 on the
+#: architectures of asm-generic/socket.h, another number on these.
+_RCVBUFFORCE = (
+    33 if sys.platform.startswith("linux") and not platform.machine().startswith(("mips", "parisc", "sparc", "alpha"))
+    else None
+)
+
+
+def size_receive_buffer(sock, wanted: int) -> int:
+    """
+    Ask for a receive buffer of C{wanted} bytes on C{sock}: beyond the
+    kernel's cap (C{net.core.rmem_max}) if the process may
+    (C{SO_RCVBUFFORCE}, CAP_NET_ADMIN), else up to the cap.  Returns the
+    size granted, in the same terms (Linux reports double the size asked,
+    the rest being its bookkeeping).
+    """
+    forced = False
+    if _RCVBUFFORCE is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _RCVBUFFORCE, wanted)
+            forced = True
+        except OSError:
+            pass  # not permitted: the capped size below
+    if not forced:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return granted // 2 if sys.platform.startswith("linux") else granted
 
 
 class GatewayProtocol(DatagramProtocol):
@@ -52,7 +83,7 @@ class GatewayProtocol(DatagramProtocol):
         clock,
         source_rate: float = 200.0,
         source_burst: float = 400.0,
-        receive_buffer: int = 4 << 20,
+        receive_buffer: int = 16 << 20,
         log_datagrams: bool = False,
         shedding: Shedding | None = None,
     ):
@@ -84,8 +115,21 @@ class GatewayProtocol(DatagramProtocol):
     def startProtocol(self):
         # A fleet reporting at once must not overflow the kernel's queue.
         sock = getattr(self.transport, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+        if sock is None:
+            return
+        got = size_receive_buffer(sock, self._receive_buffer)
+        mib = 1 << 20
+        if got < self._receive_buffer:
+            # The kernel caps the size silently: say so, or a gateway that
+            # drops datagrams under load would look sized when it is not.
+            self.log.warn(
+                "receive buffer {got:g} MiB, not the {wanted:g} MiB of [gateway] receive_buffer_mb: the kernel caps "
+                "it at net.core.rmem_max without CAP_NET_ADMIN; raise the cap (etc/sysctl.d/60-meter-gateway.conf) "
+                "or the gateway drops datagrams sooner under load",
+                got=got / mib, wanted=self._receive_buffer / mib, receive_buffer=got,
+            )
+        else:
+            self.log.info("receive buffer {got:g} MiB", got=got / mib, receive_buffer=got)
 
     def stopProtocol(self):
         if self._tick is not None and self._tick.running:

@@ -148,7 +148,7 @@ class GatewayService(MultiService):
         )
         self.protocol = protocol = gateway.GatewayProtocol(
             self.intake, self._keys, self._reactor, s["source_rate"], s["source_burst"], log_datagrams=s["log_datagrams"],
-            shedding=shedder,
+            shedding=shedder, receive_buffer=round(s["receive_buffer_mb"] * (1 << 20)),
         )
         NamedListener(
             # Its kernel receive timestamps measure the queue shedding reads.
