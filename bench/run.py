@@ -221,19 +221,14 @@ def wait_committed(cloud, expected: int, timeout: float, totals: dict | None = N
 class Sampler:
     """
     CPU time and resident memory of some processes, every C{interval}
-    seconds on a thread, for the timeline of a scenario; and every
-    C{speed_every} samples, the machine's speed (L{python_speed}, a few
-    milliseconds of CPU each time), which changes during a run.
+    seconds on a thread, for the timeline of a scenario.
     """
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.25, speed_every: int = 8):
+    def __init__(self, pids: dict[str, int], interval: float = 0.25):
         import threading
 
         self._pids = pids
         self._interval = interval
-        self._speed_every = speed_every
-        #: (when, nanoseconds a step of Python) through the run.
-        self.speeds: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self.samples: list[tuple[float, dict]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -248,8 +243,6 @@ class Sampler:
                 except OSError:
                     pass
             self.samples.append((time.time(), point))
-            if len(self.samples) % self._speed_every == 1:
-                self.speeds.append((time.time(), python_speed(runs=1, steps=10_000)["best_ns"]))
             self._stop.wait(self._interval)
 
     def stop(self) -> None:
@@ -260,9 +253,7 @@ class Sampler:
         """
         Per phase (intake: first send to the last device acknowledgement;
         forward: then to the last commit), each process's share of one core
-        and its largest resident memory, and the machine's speed over the
-        phase (the median and the range of the nanoseconds a step of
-        Python took, measured every few seconds).
+        and its largest resident memory.
         """
         phases = {"intake": (first_send, last_device_ack), "forward": (last_device_ack, last_commit)}
         out = {}
@@ -281,11 +272,6 @@ class Sampler:
                 for name in self._pids
                 if name in p0 and name in p1
             }
-            speeds = sorted(ns for t, ns in self.speeds if start <= t <= end)
-            if speeds:
-                out[phase]["python_step_ns"] = {
-                    "median": speeds[len(speeds) // 2], "min": speeds[0], "max": speeds[-1], "samples": len(speeds),
-                }
         return out
 
 
@@ -462,19 +448,19 @@ def python_speed(runs: int = 7, steps: int = 100_000) -> dict:
     the median of C{runs}.  The machine's speed differs from day to day
     (the same code's CPU seconds have differed by two times), so a run's
     CPU figures are read against it; measured at the start and the end of
-    a run.
+    a run, with the machine otherwise idle: beside a fleet's daemons it
+    would measure their contention for the cores' caches as much as the
+    machine.
     """
     def workload() -> float:
         table: dict[str, tuple[int, str]] = {}
-        # The thread's own CPU time: the bench's sampler runs it beside
-        # the thread waiting for loadgen.
-        started = time.thread_time()
+        started = time.process_time()
         for step in range(steps):
             key = f"{step & 4095:04x}"
             table[key] = (step, key.upper())
             if len(table[key][1]) != 4:
                 raise AssertionError("unreachable")
-        return time.thread_time() - started
+        return time.process_time() - started
 
     times = sorted(workload() for _ in range(runs))
     return {"best_ns": round(times[0] / steps * 1e9, 1), "median_ns": round(times[len(times) // 2] / steps * 1e9, 1)}
@@ -1130,10 +1116,6 @@ def table(results: dict) -> str:
                      f"{days.get('exactly_once', 0):,} of {days.get('expected', 0):,}", "", ""))
         rows.append((f"{name}: kernel receive-buffer drops; loadgen CPU s ({f['loadgen']['processes']} proc.)",
                      f"{f['kernel_udp_receive_buffer_drops']}; {f['loadgen']['cpu_s']} s", "", ""))
-        speed = f.get("timeline", {}).get("intake", {}).get("python_step_ns")
-        if speed:
-            rows.append((f"{name}: the machine's speed in the intake, ns a step of Python (median; range)",
-                         f"{speed['median']:g} ({speed['min']:g}-{speed['max']:g}, {speed['samples']} samples)", "", ""))
     for name, view in s.get("dashboard", {}).get("views", {}).items():
         rows.append((f"dashboard ({name}), navigation start to first chart: p50 (cold first)",
                      f"{view['p50_ms']} ms ({view['first_ms']} ms)", "", ""))
