@@ -9,6 +9,7 @@ StringTransport.
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import gc
 import random
@@ -22,7 +23,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import FakeDatagramTransport, StringTransport
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from meter import gateway, testing, wire
@@ -1627,3 +1628,44 @@ def test_the_gateway_warns_when_it_got_a_smaller_receive_buffer_than_it_asked():
     [sized] = started(1 << 20, 4 << 20)
     assert sized["log_level"].name == "info" and formatEvent(sized) == "receive buffer 1 MiB"
     assert sized["receive_buffer"] == 1 << 20
+
+
+class FailingWrites(FakeDatagramTransport):
+    """
+    A UDP port whose next C{failing} writes raise, as a real one does when
+    the kernel has no buffer for the datagram (ENOBUFS).
+    """
+
+    def __init__(self, failing: int):
+        super().__init__()
+        self.failing = failing
+
+    def write(self, packet, addr=None):
+        if self.failing:
+            self.failing -= 1
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return super().write(packet, addr)
+
+
+def test_a_chunk_whose_answer_fails_is_counted_logged_and_answered_when_the_device_sends_it_again():
+    h = ProtocolHarness()
+    h.protocol.log = Logger()
+    h.protocol.transport = h.transport = FailingWrites(failing=2)
+    first, second = day_chunk(1), day_chunk(2)
+    with capturedLogs() as events:
+        h.receive(wire.seal(wire.encode(first), KEYS[1]), DEVICE_ADDR)
+        h.receive(wire.seal(wire.encode(second), KEYS[2]), ("192.168.1.3", 5000))
+    assert h.protocol._metrics.answer_failures == 2
+    assert h.transport.written == []
+    # The traceback of the fault once, then a line without it.
+    traced, line = [e for e in events if "not answered" in formatEvent(e)]
+    assert formatEvent(traced) == "device 1 (192.168.1.2:5000): chunk 1/1 not answered; the device sends it again"
+    assert traced["log_failure"].check(OSError)
+    assert formatEvent(line) == (
+        "device 2 (192.168.1.3:5000): chunk 1/1 not answered: OSError: [Errno 105] No buffer space available; "
+        "the device sends it again"
+    )
+    # Stored all the same: the retransmission is answered ok, and not stored twice.
+    h.receive(wire.seal(wire.encode(first), KEYS[1]), DEVICE_ADDR)
+    assert h.answers() == [(ok(first), DEVICE_ADDR)]
+    assert h.intake.added() == 2

@@ -140,6 +140,11 @@ class GatewayExposition:
                 "dropped_bad_tag": m.dropped_bad_tag,
             },
         )
+        yield families.counter(
+            "meter_gateway_answer_failures_total",
+            "Chunks whose answer could not be made or sent, a fault of the gateway's own: the device sends them again.",
+            m.answer_failures,
+        )
         codes = {code: getattr(m, name) for name, code in ADMISSION_CODES.items()}
         codes["spool"] = m.spool_failures
         for code, count in m.decoder_refused.items():

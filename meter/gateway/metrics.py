@@ -49,6 +49,10 @@ class GatewayMetrics:
     chunks: int = 0
     #: Readings new to the spool in the chunks committed.
     readings: int = 0
+    #: Chunks whose answer could not be made or sent, a fault of the
+    #: gateway's own after the intake took them: the device sends the chunk
+    #: again, and is answered from the admission's record if it was stored.
+    answer_failures: int = 0
 
     # -- the admission's refusals (each answered "bad" or "busy") ------------
 

@@ -99,6 +99,8 @@ class GatewayProtocol(DatagramProtocol):
         self._per_source = PerSource(clock, source_rate, source_burst)
         # Warnings about bad input: a few a minute per source, then a count.
         self._warnings = LimitedWarnings(self.log, clock)
+        #: The kinds of fault whose traceback was logged (see _unanswered).
+        self._traced: set[type] = set()
         self.shedding = shedding if shedding is not None else Shedding(self._metrics)
         #: The kernel's receive time of the datagram being handled, set by a
         #: L{meter.stamps.StampedPort} (None: not known).
@@ -234,7 +236,27 @@ class GatewayProtocol(DatagramProtocol):
             metrics.unexpected += 1
             self.log.warn("{peer} sent a {kind}, which a gateway never takes", peer=peer, kind=type(message).__name__)
             return
-        self._intake.chunk_received(message, peer, body).addCallback(self._answer, message, key, addr, peer, len(data))
+        self._intake.chunk_received(message, peer, body).addCallback(
+            self._answer, message, key, addr, peer, len(data)
+        ).addErrback(self._unanswered, message, addr, peer)
+
+    def _unanswered(self, failure, chunk: wire.DayChunk, addr, peer: str) -> None:
+        # The intake answers every chunk, stored or not; this is a fault of
+        # the gateway's own.  The device retransmits without an answer, so
+        # nothing is lost: count it, and log the traceback of each kind of
+        # fault once, then rate-limited lines by source.
+        self._metrics.answer_failures += 1
+        fields = dict(device=chunk.device_id, peer=peer, part=chunk.part, parts=chunk.parts)
+        if failure.type not in self._traced:
+            self._traced.add(failure.type)
+            self.log.failure(
+                "device {device} ({peer}): chunk {part}/{parts} not answered; the device sends it again", failure, **fields
+            )
+        else:
+            self._warnings.warn(
+                addr[0], "device {device} ({peer}): chunk {part}/{parts} not answered: {error}; the device sends it again",
+                error=f"{failure.type.__name__}: {failure.getErrorMessage()}", **fields,
+            )
 
     def _drop(self, peer: str, size: int, detail: str) -> None:
         self._warnings.warn(peer.rpartition(":")[0], "dropped datagram of {size} bytes from {peer}: {detail}", size=size, peer=peer, detail=detail)
