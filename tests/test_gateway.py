@@ -1655,7 +1655,7 @@ def test_a_chunk_whose_answer_fails_is_counted_logged_and_answered_when_the_devi
     with capturedLogs() as events:
         h.receive(wire.seal(wire.encode(first), KEYS[1]), DEVICE_ADDR)
         h.receive(wire.seal(wire.encode(second), KEYS[2]), ("192.168.1.3", 5000))
-    assert h.protocol._metrics.answer_failures == 2
+    assert h.intake.intake.metrics.answer_failures == 2
     assert h.transport.written == []
     # The traceback of the fault once, then a line without it.
     traced, line = [e for e in events if "not answered" in formatEvent(e)]
