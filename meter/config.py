@@ -61,32 +61,32 @@ def non_negative(value: Any) -> float:
     return number
 
 
+def _at_most(first: Callable[[Any], float], high: float, expected: str) -> Callable[[Any], float]:
+    """
+    C{first}'s number, refused above C{high} as not C{expected}.
+    """
+
+    def parse(value: Any) -> float:
+        number = first(value)
+        if number > high:
+            raise ValueError(f"expected {expected}, got {value!r}")
+        return number
+
+    return parse
+
+
 def seconds_up_to(high: float) -> Callable[[Any], float]:
     """
     A number of seconds from 0 to C{high}.
     """
-
-    def parse(value: Any) -> float:
-        number = non_negative(value)
-        if number > high:
-            raise ValueError(f"expected a number from 0 to {high:g}, got {value!r}")
-        return number
-
-    return parse
+    return _at_most(non_negative, high, f"a number from 0 to {high:g}")
 
 
 def positive_up_to(high: float) -> Callable[[Any], float]:
     """
     A number above 0 and at most C{high}.
     """
-
-    def parse(value: Any) -> float:
-        number = positive(value)
-        if number > high:
-            raise ValueError(f"expected a number above 0 and at most {high:g}, got {value!r}")
-        return number
-
-    return parse
+    return _at_most(positive, high, f"a number above 0 and at most {high:g}")
 
 
 def whole(low: int, high: int) -> Callable[[Any], int]:
