@@ -295,6 +295,13 @@ class GatewayExposition:
             "meter_gateway_spool_commit_seconds", "Seconds each spool transaction took to commit, its fsync included.",
             self._database.commit_seconds,
         )
+        if self._protocol.receive_buffer is not None:
+            yield families.gauge(
+                "meter_gateway_receive_buffer_bytes",
+                "The UDP socket's receive buffer the kernel granted, bytes ([gateway] receive_buffer_mb, or less where "
+                "net.core.rmem_max capped it).",
+                self._protocol.receive_buffer,
+            )
         drops = self.receive_drops()
         if drops is not None:
             yield families.counter(

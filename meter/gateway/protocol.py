@@ -94,6 +94,9 @@ class GatewayProtocol(DatagramProtocol):
         self._log_datagrams = log_datagrams
         self._keys = keys
         self._receive_buffer = receive_buffer
+        #: The receive buffer the kernel granted, in bytes (None before the
+        #: port listens, or on a port without a socket).
+        self.receive_buffer: int | None = None
         # A flood from one address is cut off before any work is spent on
         # it, so the other devices keep being served.
         self._per_source = PerSource(clock, source_rate, source_burst)
@@ -119,7 +122,7 @@ class GatewayProtocol(DatagramProtocol):
         sock = getattr(self.transport, "socket", None)
         if sock is None:
             return
-        got = size_receive_buffer(sock, self._receive_buffer)
+        self.receive_buffer = got = size_receive_buffer(sock, self._receive_buffer)
         mib = 1 << 20
         if got < self._receive_buffer:
             # The kernel caps the size silently: say so, or a gateway that
