@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Callable, Hashable
 
-#: Datagrams the raw loop's receive buffer can queue (as the gateway sets).
+#: The raw loop's receive buffer, asked for without forcing (the kernel caps
+#: it at net.core.rmem_max).  The drivers keep at most a window of
+#: datagrams in flight, so its size does not bound the rates measured.
 RECEIVE_BUFFER = 4 << 20
 
 

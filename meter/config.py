@@ -355,7 +355,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any, str]]] = {
         "shed_interval": (positive, 0.1, "seconds the queue must stand over shed_target before the gateway sheds"),
         "shed_max_hint": (positive, 60.0, "longest retry-after hint, seconds, when shedding or when the spool is full"),
         "receive_buffer_mb": (
-            positive_up_to(1024), 16.0,
+            positive_up_to(1000), 16.0,
             "the UDP socket's receive buffer, in MiB: the datagrams arriving while the gateway is busy wait there "
             "(beyond net.core.rmem_max only with CAP_NET_ADMIN; the gateway logs what it got)",
         ),

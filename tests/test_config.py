@@ -142,7 +142,7 @@ def test_section_that_is_not_a_table_is_refused():
         ("gateway", "commit_interval", -0.001, "expected a number of 0 or more, got -0.001"),
         ("gateway", "commit_interval", 0.5, "expected a number from 0 to 0.1, got 0.5"),
         ("gateway", "receive_buffer_mb", 0, "expected a number above 0, got 0"),
-        ("gateway", "receive_buffer_mb", 2048, "expected a number above 0 and at most 1024, got 2048"),
+        ("gateway", "receive_buffer_mb", 1024, "expected a number above 0 and at most 1000, got 1024"),
         ("cloud", "idle_timeout", -3, "expected a number above 0, got -3"),
         ("device", "id", 0, "expected a whole number from 1 to 2147483647, got 0"),
         ("device", "send_at", "25:00", "expected a time of day HH:MM, got '25:00'"),

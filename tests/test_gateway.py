@@ -1590,14 +1590,33 @@ class CappedSocket:
         return self.size
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_RCVBUFFORCE is Linux's")
-def test_the_receive_buffer_is_forced_beyond_the_kernels_cap_where_permitted():
-    # The tests run as root, which has CAP_NET_ADMIN.
-    cap = int(open("/proc/sys/net/core/rmem_max").read())
+def may_force_receive_buffers() -> bool:
+    """
+    Whether this process may go past net.core.rmem_max (CAP_NET_ADMIN in
+    the initial user namespace: root outside a container that drops it).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        assert size_receive_buffer(sock, 2 * cap) == 2 * cap
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)  # SO_RCVBUFFORCE
+        except PermissionError:
+            return False
+    return True
 
 
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's receive buffers")
+
+
+@linux_only
+def test_the_receive_buffer_is_forced_beyond_the_kernels_cap_where_permitted():
+    if not may_force_receive_buffers():
+        pytest.skip("this process may not go past net.core.rmem_max (no CAP_NET_ADMIN)")
+    cap = int(open("/proc/sys/net/core/rmem_max").read())
+    wanted = min(2 * cap, 256 << 20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert size_receive_buffer(sock, wanted) == wanted
+
+
+@linux_only
 def test_without_the_capability_the_receive_buffer_is_capped_and_the_size_granted_is_told():
     assert size_receive_buffer(CappedSocket(4 << 20), 16 << 20) == 4 << 20
     assert size_receive_buffer(CappedSocket(4 << 20), 1 << 20) == 1 << 20
@@ -1609,6 +1628,7 @@ class SocketTransport(FakeDatagramTransport):
         self.socket = sock
 
 
+@linux_only
 def test_the_gateway_warns_when_it_got_a_smaller_receive_buffer_than_it_asked():
     h = IntakeHarness()
 
@@ -1662,8 +1682,8 @@ def test_a_chunk_whose_answer_fails_is_counted_logged_and_answered_when_the_devi
     assert formatEvent(traced) == "device 1 (192.168.1.2:5000): chunk 1/1 not answered; the device sends it again"
     assert traced["log_failure"].check(OSError)
     assert formatEvent(line) == (
-        "device 2 (192.168.1.3:5000): chunk 1/1 not answered: OSError: [Errno 105] No buffer space available; "
-        "the device sends it again"
+        f"device 2 (192.168.1.3:5000): chunk 1/1 not answered: OSError: [Errno {errno.ENOBUFS}] No buffer space "
+        "available; the device sends it again"
     )
     # Stored all the same: the retransmission is answered ok, and not stored twice.
     h.receive(wire.seal(wire.encode(first), KEYS[1]), DEVICE_ADDR)

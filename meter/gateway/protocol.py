@@ -13,7 +13,7 @@ import sys
 from twisted.internet.interfaces import IHandshakeListener, INegotiated
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from meter import wire
@@ -21,7 +21,7 @@ from meter.gateway.intake import Intake
 from meter.gateway.shedding import Shedding
 from meter.gateway.link import CloudLink, Expectation, address_text, tls_failure
 from meter.gateway.uplink import Uplink
-from meter.ratelimit import LimitedWarnings, PerSource
+from meter.ratelimit import LimitedLines, LimitedWarnings, PerSource
 
 
 #: The reasons of the busy answers to an overloaded gateway's chunks:
@@ -31,10 +31,10 @@ SHED_REASON = "shed: the gateway takes no new transfer now"
 OVERLOADED_REASON = "overloaded: too many chunks wait for the spool"
 
 
-#: Linux's SO_RCVBUFFORCE (Python names only SO_RCVBUF): 33 on the
-#: architectures of asm-generic/socket.h, another number on these.
+#: Linux's SO_RCVBUFFORCE (Python names only SO_RCVBUF): 33 on most
+#: architectures (asm-generic/socket.h, and MIPS), another number on these.
 _RCVBUFFORCE = (
-    33 if sys.platform.startswith("linux") and not platform.machine().startswith(("mips", "parisc", "sparc", "alpha"))
+    33 if sys.platform.startswith("linux") and not platform.machine().startswith(("parisc", "sparc", "alpha"))
     else None
 )
 
@@ -102,8 +102,11 @@ class GatewayProtocol(DatagramProtocol):
         self._per_source = PerSource(clock, source_rate, source_burst)
         # Warnings about bad input: a few a minute per source, then a count.
         self._warnings = LimitedWarnings(self.log, clock)
-        #: The kinds of fault whose traceback was logged (see _unanswered).
+        #: The kinds of fault whose traceback was logged, and the lines of
+        #: the rest: a few a minute in all, not per source, since one fault
+        #: (the port refusing writes) may hit every device at once.
         self._traced: set[type] = set()
+        self._unanswered_lines = LimitedLines(self.log, clock, 1 / 6, 5, LogLevel.warn, "similar lines left out")
         self.shedding = shedding if shedding is not None else Shedding(self._metrics)
         #: The kernel's receive time of the datagram being handled, set by a
         #: L{meter.stamps.StampedPort} (None: not known).
@@ -241,13 +244,13 @@ class GatewayProtocol(DatagramProtocol):
             return
         self._intake.chunk_received(message, peer, body).addCallback(
             self._answer, message, key, addr, peer, len(data)
-        ).addErrback(self._unanswered, message, addr, peer)
+        ).addErrback(self._unanswered, message, peer)
 
-    def _unanswered(self, failure, chunk: wire.DayChunk, addr, peer: str) -> None:
+    def _unanswered(self, failure, chunk: wire.DayChunk, peer: str) -> None:
         # The intake answers every chunk, stored or not; this is a fault of
         # the gateway's own.  The device retransmits without an answer, so
         # nothing is lost: count it, and log the traceback of each kind of
-        # fault once, then rate-limited lines by source.
+        # fault once, then a few lines a minute.
         self._metrics.answer_failures += 1
         fields = dict(device=chunk.device_id, peer=peer, part=chunk.part, parts=chunk.parts)
         if failure.type not in self._traced:
@@ -256,8 +259,8 @@ class GatewayProtocol(DatagramProtocol):
                 "device {device} ({peer}): chunk {part}/{parts} not answered; the device sends it again", failure, **fields
             )
         else:
-            self._warnings.warn(
-                addr[0], "device {device} ({peer}): chunk {part}/{parts} not answered: {error}; the device sends it again",
+            self._unanswered_lines.line(
+                "unanswered", "device {device} ({peer}): chunk {part}/{parts} not answered: {error}; the device sends it again",
                 error=f"{failure.type.__name__}: {failure.getErrorMessage()}", **fields,
             )
 
