@@ -260,6 +260,33 @@ def test_a_failed_spool_write_is_busy_and_the_retry_is_spooled():
     assert h.added() == 2
 
 
+def test_a_fault_after_the_commit_still_answers_the_waiters_and_frees_what_the_chunk_held():
+    # on_late is the uplink's (late_arrived): a fault there, after the
+    # chunk is durable, must not strand the duplicates waiting for its
+    # commit, nor keep the chunk counted as waiting for its commit (the
+    # backstop) or its readings as coming (the spool's room).
+    faults = [RuntimeError("the uplink failed")]
+
+    def late(count):
+        if faults:
+            raise faults.pop()
+
+    fleet = {1: FLEET[1], 2: FLEET[2], 3: FLEET[3]}
+    h = IntakeHarness(fleet=fleet, on_late=late, spool_limit=3, max_committing=1)
+    h.report(1)
+    h.clock.advance(60)  # the round closes without devices 2 and 3
+    chunk = day_chunk(2)
+    first = h.intake.chunk_received(chunk, "192.168.1.3:5000")
+    waiting = h.intake.chunk_received(chunk, "192.168.1.3:5000")
+    h.clock.advance(0)  # the commit
+    assert result_of(waiting) == ok(chunk)
+    assert result_of(first).check(RuntimeError)  # the protocol counts and logs it
+    assert not h.intake.admission.overloaded()
+    # Room for one more reading: the spool holds 2 of 3.
+    assert h.receive(day_chunk(3)) == ok(day_chunk(3))
+    assert h.spool.depth == 3
+
+
 def test_waiters_of_a_failed_commit_are_told_busy():
     h = IntakeHarness()
     h.spool.fail_next("add_chunk")

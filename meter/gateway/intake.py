@@ -229,15 +229,25 @@ class Intake:
         return d.addCallbacks(self._committed, self._not_committed, callbackArgs=(chunk, peer), errbackArgs=(chunk,))
 
     def _committed(self, new: int, chunk: wire.DayChunk, peer: str) -> wire.DayAck:
-        self._failures.succeeded("spooling a chunk")
-        self.admission.acknowledge(chunk)
-        self.metrics.chunks += 1
-        self.metrics.readings += new
-        complete = self.reassembly.chunk_arrived(chunk)
-        if complete and chunk.parts > 1:
-            self.admission.transfer_complete(chunk.device_id, chunk.xfer)
-        self.rounds.chunk_arrived(chunk, peer, complete)
-        return self.admission.answer(chunk, wire.DayAck(chunk.xfer, chunk.part, "ok"))
+        ack = wire.DayAck(chunk.xfer, chunk.part, "ok")
+        try:
+            self._failures.succeeded("spooling a chunk")
+            self.admission.acknowledge(chunk)
+            self.metrics.chunks += 1
+            self.metrics.readings += new
+            complete = self.reassembly.chunk_arrived(chunk)
+            if complete and chunk.parts > 1:
+                self.admission.transfer_complete(chunk.device_id, chunk.xfer)
+            self.rounds.chunk_arrived(chunk, peer, complete)
+        except BaseException:
+            # The chunk is durable, whatever failed after: the duplicates
+            # waiting for its commit are answered ok, and it stops counting
+            # as being committed.  The fault itself goes on to the caller
+            # (the protocol counts and logs it; the device sends the chunk
+            # again and is answered from the admission's record).
+            self.admission.answer(chunk, ack)
+            raise
+        return self.admission.answer(chunk, ack)
 
     def _not_committed(self, failure, chunk: wire.DayChunk) -> wire.DayAck:
         # Before the answer is made: the chunk gives back what it took of
