@@ -31,12 +31,10 @@ SHED_REASON = "shed: the gateway takes no new transfer now"
 OVERLOADED_REASON = "overloaded: too many chunks wait for the spool"
 
 
+_LINUX = sys.platform.startswith("linux")
 #: Linux's SO_RCVBUFFORCE (Python names only SO_RCVBUF): 33 on most
 #: architectures (asm-generic/socket.h, and MIPS), another number on these.
-_RCVBUFFORCE = (
-    33 if sys.platform.startswith("linux") and not platform.machine().startswith(("parisc", "sparc", "alpha"))
-    else None
-)
+_RCVBUFFORCE = 33 if _LINUX and not platform.machine().startswith(("parisc", "sparc", "alpha")) else None
 
 
 def size_receive_buffer(sock, wanted: int) -> int:
@@ -57,7 +55,7 @@ def size_receive_buffer(sock, wanted: int) -> int:
     if not forced:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
     granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    return granted // 2 if sys.platform.startswith("linux") else granted
+    return granted // 2 if _LINUX else granted
 
 
 class GatewayProtocol(DatagramProtocol):
