@@ -46,7 +46,8 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
 
     from meter import wire
     from meter.database import Database
-    from meter.gateway.intake import Intake, settle_collector
+    from meter.gateway.collector import Collector
+    from meter.gateway.intake import Intake
     from meter.gateway.protocol import GatewayProtocol
     from meter.gateway.spool import Spool
     from meter.logs import json_lines
@@ -82,7 +83,8 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
 
         database._transaction = timed
         # As the daemon does once started.
-        settle_collector()
+        collector = Collector()
+        collector.settle()
         pauses: list[float] = []
         began = [0.0]
 
@@ -102,6 +104,9 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
         clock.advance(1.0)
         cpu = time.process_time() - started
         gc.callbacks.remove(collected)
+        # Everything the collector tracks, the frozen included: the
+        # per-device books must not be among it.
+        collector.release()
         answered = len(protocol.transport.written)
         stored = intake.metrics.chunks
         tracked = len(gc.get_objects())
