@@ -844,6 +844,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         "busy_answers": sent["busy_answers"],
         "ack_latency_ms": sent["ack_latency_ms"],
         "ack_latency_handled_ms": sent.get("ack_latency_handled_ms"),
+        "ack_tail": sent.get("ack_tail"),
         "cloud_batches": totals["batches"],
         "cloud_duplicates": totals["dup"],
         "gateway_datagrams_received": counters.get("datagrams"),
@@ -883,6 +884,8 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         f"cloud saw {totals['dup']} duplicates; kernel receive-buffer drops {result['kernel_udp_receive_buffer_drops']}; "
         f"uplink cycle {result['forwarding']['interval_between_acks_ms_p50']} ms a batch; phases {result['timeline']}; gateway CPU {result['gateway']['cpu_s']} s, peak RSS "
         f"{result['gateway']['peak_rss_mb']} MB; cloud CPU {result['cloud']['cpu_s']} s")
+    if sent.get("ack_tail"):
+        say(f"  {loadgen.tail_text(sent['ack_tail'])}")
     return result
 
 
@@ -1105,6 +1108,11 @@ def table(results: dict) -> str:
         handled = f.get("ack_latency_handled_ms") or {}
         rows.append((f"{name}: the same, read by the busy loadgen", f"{handled.get('p50')} / {handled.get('p99')} ms",
                      "", ""))
+        tail = f.get("ack_tail") or {}
+        if tail.get("count"):
+            rows.append((f"{name}: chunks acked after > {tail['over_ms']:g} ms; seconds with >= 1 % of theirs",
+                         f"{tail['chunks_over']:,} ({tail['share_over'] * 100:.2f} %); "
+                         f"{tail['seconds_over_p99']} of {tail['seconds']}", "", ""))
         rows.append((f"{name}: gateway CPU s / peak RSS", f"{f['gateway']['cpu_s']} s / {f['gateway']['peak_rss_mb']} MB",
                      "", ""))
         rows.append((f"{name}: cloud CPU s / peak RSS", f"{f['cloud']['cpu_s']} s / {f['cloud']['peak_rss_mb']} MB", "", ""))

@@ -12,7 +12,15 @@ import pytest
 import pytest_twisted
 
 from meter import wire
-from meter.tools.loadgen import DayLibrary, collector_paused, latency_summary, merge_summaries, synthetic_day
+from meter.tools.loadgen import (
+    DayLibrary,
+    collector_paused,
+    latency_summary,
+    latency_tail,
+    merge_summaries,
+    synthetic_day,
+    tail_text,
+)
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 
 DAY = datetime.date(2026, 3, 1)
@@ -120,7 +128,8 @@ def test_the_summaries_of_several_processes_make_one():
               last_ack=112.0, loadgen_cpu_s=1.0, loadgen_max_rss_mb=60.0, failed_devices=[{"id": 4, "reason": "no"}],
               timed_out=True, first_start=100.5, last_start=104.5),
     ]
-    merged = merge_summaries(parts, [i / 1000 for i in range(1, 51)], [i / 1000 for i in range(51, 101)])
+    merged = merge_summaries(parts, [i / 1000 for i in range(1, 51)], [i / 1000 for i in range(51, 101)],
+                             [100.0 + i / 10 for i in range(50)])
     assert merged["devices"] == 5 and merged["delivered"] == 4 and merged["failed"] == 1
     assert merged["readings_acked"] == 384 and merged["loadgen_cpu_s"] == 2.5
     assert merged["first_id"] == 1 and merged["timed_out"] is True
@@ -131,7 +140,32 @@ def test_the_summaries_of_several_processes_make_one():
     # Percentiles of every process's latencies together, not of one.
     assert merged["ack_latency_ms"]["count"] == 50 and merged["ack_latency_ms"]["max"] == 50.0
     assert merged["ack_latency_handled_ms"]["p50"] == 75.0
+    # the tail of them all too: 11..50 ms are over 10, sent from 1.0 s on
+    assert merged["ack_tail"]["chunks_over"] == 40 and merged["ack_tail"]["seconds"] == 5
     assert merged["loadgen_max_rss_mb"] == 60.0 and merged["processes"] == 2
+
+
+def test_the_tail_says_in_which_seconds_the_slow_acknowledgements_were_sent():
+    # Three seconds of 100 chunks each: second 0 all fast, second 1 one
+    # slow (a hundredth), second 2 thirty slow (a stall).
+    sent_at, seconds = [], []
+    for second, slow in ((0, 0), (1, 1), (2, 30)):
+        for i in range(100):
+            sent_at.append(1000.0 + second + i / 100)
+            seconds.append(0.050 if i < slow else 0.002)
+    tail = latency_tail(sent_at, seconds)
+    assert tail["count"] == 300 and tail["chunks_over"] == 31 and tail["share_over"] == round(31 / 300, 5)
+    assert tail["seconds"] == 3 and tail["seconds_with_any_over"] == 2 and tail["seconds_over_p99"] == 2
+    assert tail["worst_seconds"] == [{"second": 2, "chunks": 100, "over": 30}, {"second": 1, "chunks": 100, "over": 1}]
+    assert tail["worst_share"] == 1.0
+    assert latency_tail(sent_at, seconds, over_ms=40.0, worst=1)["worst_share"] == round(30 / 31, 3)
+    # exactly at the bound is not over it
+    assert latency_tail([1.0], [0.010])["chunks_over"] == 0
+    assert latency_tail([], []) == {"over_ms": 10.0, "count": 0}
+    line = tail_text(tail)
+    assert line.startswith("chunks acknowledged after over 10 ms: 31 of 300 (10.33 %), sent in 2 of 3 seconds; ")
+    assert line.endswith("second 2: 30 of 100, second 1: 1 of 100")
+    assert tail_text({"count": 0}) == "no chunks acknowledged"
 
 
 def test_latency_summary_nearest_rank():

@@ -365,6 +365,7 @@ class SimDevice:
         # own would see, not the time this process, busy with thousands of
         # devices, took to get to it.
         run.latencies.append((run.arrived_at or handled) - sent)
+        run.sent_at.append(sent)
         run.chunks_acked += 1
         run.readings_acked += self.chunk_counts[ack.part - 1] if 0 < ack.part <= len(self.chunk_counts) else 0
         run.last_ack = handled
@@ -581,6 +582,8 @@ class LoadRun:
         self.sockets = 0
         #: Per chunk, first send to the kernel's receipt of its ok.
         self.latencies: list[float] = []
+        #: Per chunk, in the same order, when it was first sent.
+        self.sent_at: list[float] = []
         #: The same, to when this process handled the ok.
         self.handled_latencies: list[float] = []
         #: The kernel receive time of the datagram being handled, if known.
@@ -811,6 +814,7 @@ class LoadRun:
             "chunks_per_s": round(self.chunks_acked / duration, 1) if duration > 0 else None,
             "ack_latency_ms": latency_summary(latencies),
             "ack_latency_handled_ms": latency_summary(sorted(self.handled_latencies)),
+            "ack_tail": latency_tail(self.sent_at, self.latencies),
             "prepare_s": round(self.prepare_s, 3),
             "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
             "loadgen_sending_cpu_s": round(self.sending_cpu_s, 3),
@@ -818,6 +822,21 @@ class LoadRun:
             "processes": 1,
             "day_shapes": self.library.shapes if self.args.surveys is None else None,
         }
+
+
+def tail_text(tail: dict) -> str:
+    """
+    One line of L{latency_tail}'s figures.
+    """
+    if not tail.get("count"):
+        return "no chunks acknowledged"
+    worst = ", ".join(f"second {w['second']}: {w['over']:,} of {w['chunks']:,}" for w in tail["worst_seconds"])
+    return (
+        f"chunks acknowledged after over {tail['over_ms']:g} ms: {tail['chunks_over']:,} of {tail['count']:,} "
+        f"({tail['share_over'] * 100:.2f} %), sent in {tail['seconds_with_any_over']} of {tail['seconds']} seconds; "
+        f"a hundredth or more of a second's chunks in {tail['seconds_over_p99']}"
+        + (f"; the worst ({tail['worst_share'] * 100:.0f} % of them): {worst}" if worst else "")
+    )
 
 
 def latency_summary(sorted_seconds: list[float]) -> dict:
@@ -838,6 +857,49 @@ def latency_summary(sorted_seconds: list[float]) -> dict:
         "p99": rank(99),
         "max": round(sorted_seconds[-1] * 1000, 3),
         "mean": round(sum(sorted_seconds) / len(sorted_seconds) * 1000, 3),
+    }
+
+
+#: The acknowledgement time a chunk's device should not wait beyond (ms):
+#: the tail L{latency_tail} describes is the chunks over it.
+TAIL_MS = 10.0
+
+
+def latency_tail(sent_at: list[float], seconds: list[float], over_ms: float = TAIL_MS, worst: int = 3) -> dict:
+    """
+    Where the chunks acknowledged after more than C{over_ms} were sent:
+    how many, and in which seconds of the run, by when they were first sent
+    (C{sent_at}, epoch seconds, each chunk's latency in C{seconds} at the
+    same place).  A tail spread over every second is the gateway's steady
+    queueing; one packed into a few seconds is stalls, of the gateway or of
+    the machine.
+    """
+    if not seconds:
+        return {"over_ms": over_ms, "count": 0}
+    start = min(sent_at)
+    limit = over_ms / 1000
+    chunks: Counter = Counter()
+    over: Counter = Counter()
+    for sent, latency in zip(sent_at, seconds):
+        second = int(sent - start)
+        chunks[second] += 1
+        if latency > limit:
+            over[second] += 1
+    total_over = sum(over.values())
+    return {
+        "over_ms": over_ms,
+        "count": len(seconds),
+        "chunks_over": total_over,
+        "share_over": round(total_over / len(seconds), 5),
+        "seconds": max(chunks) + 1,
+        "seconds_with_any_over": len(over),
+        # The seconds where a hundredth or more of the chunks were over.
+        "seconds_over_p99": sum(1 for second, n in over.items() if n * 100 >= chunks[second]),
+        "worst_seconds": [
+            {"second": second, "chunks": chunks[second], "over": n}
+            for second, n in sorted(over.items(), key=lambda item: (-item[1], item[0]))[:worst]
+        ],
+        "worst_share": round(sum(n for _, n in over.most_common(worst)) / total_over, 3) if total_over else 0.0,
     }
 
 
@@ -920,6 +982,7 @@ def format_summary(s: dict) -> str:
         lines.append(
             f"  (to when loadgen handled the ok: p50 {handled['p50']:.2f} ms, p99 {handled['p99']:.2f} ms)"
         )
+        lines.append("  " + tail_text(s["ack_tail"]))
     per_datagram = s["loadgen_sending_cpu_s"] / s["datagrams_sent"] * 1e6 if s["datagrams_sent"] else 0.0
     lines.append(f"  loadgen: {s['processes']} process{'es' if s['processes'] > 1 else ''}, prepared in "
                  f"{s['prepare_s']:.2f} s, {s['loadgen_cpu_s']:.2f} CPU s of which sending {s['loadgen_sending_cpu_s']:.2f} s "
@@ -1135,6 +1198,7 @@ def run_processes(args: argparse.Namespace, settings: config.Config, ids: list[i
                     status = outcome
                 else:
                     out.write_text(json.dumps({"summary": outcome.summary(), "latencies": list(outcome.latencies),
+                                               "sent_at": list(outcome.sent_at),
                                                "handled": list(outcome.handled_latencies)}))
                     status = 0
             except BaseException:
@@ -1161,6 +1225,7 @@ def run_processes(args: argparse.Namespace, settings: config.Config, ids: list[i
         os.close(go_write)
     parts = []
     latencies: list[float] = []
+    sent_at: list[float] = []
     handled: list[float] = []
     status = 0
     for pid, _, _, out in children:
@@ -1171,13 +1236,14 @@ def run_processes(args: argparse.Namespace, settings: config.Config, ids: list[i
         data = json.loads(out.read_text())
         parts.append(data["summary"])
         latencies.extend(data["latencies"])
+        sent_at.extend(data["sent_at"])
         handled.extend(data["handled"])
         out.unlink()
     scratch.rmdir()
     if status:
         print("meter loadgen: a loadgen process failed (see above)", file=sys.stderr)
         return status
-    return report(args, merge_summaries(parts, latencies, handled))
+    return report(args, merge_summaries(parts, latencies, handled, sent_at))
 
 
 #: Summary counts that add up over processes.
@@ -1186,11 +1252,12 @@ _SUMMED = ("devices", "sockets", "started", "delivered", "failed", "incomplete",
            "gave_up", "retries", "retried_devices", "loadgen_cpu_s", "loadgen_sending_cpu_s")
 
 
-def merge_summaries(parts: list[dict], latencies: list[float], handled: list[float]) -> dict:
+def merge_summaries(parts: list[dict], latencies: list[float], handled: list[float], sent_at: list[float]) -> dict:
     """
     One summary of a fleet sent by several processes: their counts added,
-    the first send and last acknowledgement of all, and the percentiles of
-    all their latencies together.
+    the first send and last acknowledgement of all, and the percentiles and
+    the tail of all their latencies together (C{sent_at}: when each chunk
+    of C{latencies} was first sent).
     """
     merged = dict(parts[0])
     for key in _SUMMED:
@@ -1213,6 +1280,7 @@ def merge_summaries(parts: list[dict], latencies: list[float], handled: list[flo
     merged["chunks_per_s"] = round(merged["chunks_acked"] / duration, 1) if duration > 0 else None
     merged["ack_latency_ms"] = latency_summary(sorted(latencies))
     merged["ack_latency_handled_ms"] = latency_summary(sorted(handled))
+    merged["ack_tail"] = latency_tail(sent_at, latencies)
     merged["prepare_s"] = max(part["prepare_s"] for part in parts)
     merged["loadgen_max_rss_mb"] = max(part["loadgen_max_rss_mb"] for part in parts)
     merged["processes"] = len(parts)
