@@ -46,8 +46,7 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
 
     from meter import wire
     from meter.database import Database
-    from meter.gateway.collector import Collector
-    from meter.gateway.intake import Intake
+    from meter.gateway.intake import Intake, settle_collector
     from meter.gateway.protocol import GatewayProtocol
     from meter.gateway.spool import Spool
     from meter.logs import json_lines
@@ -83,8 +82,7 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
 
         database._transaction = timed
         # As the daemon does once started.
-        collector = Collector()
-        collector.settle()
+        settle_collector()
         pauses: list[float] = []
         began = [0.0]
 
@@ -104,9 +102,6 @@ def measure(devices: int, readings: int, rate: float, commit_interval: float) ->
         clock.advance(1.0)
         cpu = time.process_time() - started
         gc.callbacks.remove(collected)
-        # Everything the collector tracks, the frozen included: the
-        # per-device books must not be among it.
-        collector.release()
         answered = len(protocol.transport.written)
         stored = intake.metrics.chunks
         tracked = len(gc.get_objects())

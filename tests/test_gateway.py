@@ -16,7 +16,6 @@ import random
 import socket
 import sqlite3
 import sys
-import weakref
 
 import pytest
 import pytest_twisted
@@ -31,7 +30,6 @@ from meter import gateway, testing, wire
 from meter.clocktext import utc_time
 from meter.database import Database
 from meter.gateway import Intake, Uplink
-from meter.gateway.collector import FULL_COLLECTION_EVERY, Collector
 from meter.gateway.metrics import GatewayMetrics
 from meter.gateway.protocol import size_receive_buffer
 from meter.gateway.shedding import Shedding
@@ -597,86 +595,17 @@ def test_a_devices_day_costs_the_same_work_in_a_fleet_of_any_size():
     assert work[0] == work[1]
 
 
-class Cyclic:
-    """An object in a reference cycle: only the cyclic collector frees it."""
-
-    def __init__(self):
-        self.me = self
-
-
-def test_a_settled_collector_makes_full_passes_rare_and_freezes_what_they_leave():
-    # Each full pass scans every tracked object not frozen, stalling the
-    # reactor: they come every FULL_COLLECTION_EVERY middle passes, not 10,
-    # and find next to nothing, as what survives a middle pass is frozen
-    # instead of joining the old generation.
-    collector = Collector()
+def test_a_started_gateway_makes_full_collections_rare():
+    # Each full pass scans the gateway's large dicts whole, stalling the
+    # reactor: they come every FULL_COLLECTION_EVERY middle passes, not 10.
     before = gc.get_threshold()
-    collector.settle()
     try:
-        assert gc.get_threshold() == (before[0], before[1], FULL_COLLECTION_EVERY)
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        kept = [Cyclic() for _ in range(100)]
-        gc.collect(1)
-        assert gc.get_freeze_count() >= frozen + len(kept)
-        assert gc.get_objects(generation=2) == [], "the old generation gained what the middle pass left"
-        after_middle = gc.get_freeze_count()
-        kept.append(Cyclic())
-        gc.collect()
-        assert gc.get_freeze_count() > after_middle
-        young = [Cyclic() for _ in range(10)]
-        count = gc.get_freeze_count()
-        gc.collect(0)
-        assert gc.get_freeze_count() == count, "a young pass froze what it left"
-        assert len(young) == 10
-    finally:
-        collector.release()
-    assert gc.get_threshold() == before
-    assert gc.get_freeze_count() == 0
-    assert collector._after_pass not in gc.callbacks
-
-
-def test_a_sweep_collects_the_cyclic_garbage_a_full_pass_froze():
-    collector = Collector(timer=iter([10.0, 10.25]).__next__)
-    collector.settle()
-    try:
-        garbage = Cyclic()
-        alive = weakref.ref(garbage)
-        gc.collect(1)
-        del garbage
-        gc.collect()
-        assert alive() is not None, "a full pass scanned what the last one froze"
-        with capturedLogs() as events:
-            collector.sweep()
-        assert alive() is None
+        gateway.intake.settle_collector()
+        assert gc.get_threshold() == (before[0], before[1], gateway.intake.FULL_COLLECTION_EVERY)
         assert gc.get_freeze_count() > 0
-        [line] = [formatEvent(event) for event in events]
-        assert line.startswith("collector: a full pass after forgetting old days took 250.0 ms, ")
     finally:
-        collector.release()
-
-
-def test_an_unsettled_collector_changes_nothing():
-    collector = Collector()
-    before = gc.get_threshold()
-    collector.sweep()
-    collector.release()
-    assert gc.get_threshold() == before
-    assert gc.get_freeze_count() == 0
-
-
-def test_the_intake_says_when_the_old_days_have_left_its_memory():
-    # The gateway sweeps the collector then: what was forgotten may be
-    # frozen cyclic garbage.
-    message_ids = []
-    h = IntakeHarness(fleet={1: FLEET[1]}, on_forgotten=lambda: message_ids.append(h.intake.gauges()["message_ids"]))
-    h.receive(day_chunk(1))
-    assert message_ids == [1]
-    h.clock.advance(gateway.REMEMBER + 1)
-    later = DAY + datetime.timedelta(days=2)
-    h.report(1, xfer=1, day=later, sent_at=int(h.clock.seconds()))
-    # the old day's id was gone (2 would be both days') when it was called
-    assert message_ids == [1, 1]
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_stop_cancels_the_deadlines():

@@ -10,6 +10,7 @@ restart, and forgets with them what is old.
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -33,6 +34,28 @@ from meter.retry import Failures
 REMEMBER = 2 * 86400.0
 
 
+#: Passes of the cyclic collector's middle generation between two full
+#: passes (CPython's default is 10; a middle pass comes every 10 young ones).  A full pass stalls the reactor for as long as
+#: it scans, and the gateway's large dicts (its message ids, the devices'
+#: books) are scanned whole by each, tens of milliseconds at 100,000 devices;
+#: the intake makes no cyclic garbage of its own, so full passes are made
+#: rare, not stopped: what does become cyclic garbage is still collected.
+FULL_COLLECTION_EVERY = 100
+
+
+def settle_collector() -> None:
+    """
+    Set the cyclic garbage collector for a gateway that has started: what
+    exists now (the modules, the state recovered from the spool) lives as
+    long as the process, so it leaves the collector's passes (C{gc.freeze}),
+    and full passes come every L{FULL_COLLECTION_EVERY} young ones.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+
+
 class Intake:
     """
     Decides what each device chunk gets, and when a day's round closes.
@@ -49,9 +72,6 @@ class Intake:
     @param forward: when a day's readings may leave (L{Rounds}): C{"round"}
         or C{"device"} (C{on_late} is then called as each device's day is
         ready).
-    @param on_forgotten: called once the days last heard from more than
-        C{remember} seconds ago are dropped from memory, as each round
-        closes (the gateway sweeps the collector then).
     """
 
     log = Logger()
@@ -78,7 +98,6 @@ class Intake:
         metrics: GatewayMetrics | None = None,
         forward: str = "round",
         max_hint: float | None = 60.0,
-        on_forgotten: Callable[[], None] = lambda: None,
     ):
         """
         @param max_hint: the longest retry-after hint a full spool gives,
@@ -91,7 +110,6 @@ class Intake:
         self._remember = remember
         self._replay_window = replay_window
         self._on_ready = on_ready
-        self._on_forgotten = on_forgotten
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         #: Lines about what devices send again: a few a device, then one a
         #: minute with a count (see L{_report}).
@@ -265,7 +283,6 @@ class Intake:
         self.rounds.forget_before(now, cutoff, admissible_from(now, self._replay_window))
         for key in self.admission.forget_before(cutoff):
             self.reassembly.forget(key)
-        self._on_forgotten()
         self._spool.forget_before(cutoff).addCallbacks(self._forgotten, self._not_forgotten)
 
     def _forgotten(self, _) -> None:

@@ -23,7 +23,7 @@ from meter.options import MeterOptions
 from meter.gateway import link
 from meter.gateway.failover import NodeEndpoint
 from meter.gateway.fleet import FleetReload, file_loader
-from meter.gateway.collector import Collector
+from meter.gateway.intake import settle_collector
 from meter.gateway.metrics import GatewayMetrics, render
 from meter.gateway.spool import VERSIONS, Spool
 from meter.wire import MAX_DATAGRAM
@@ -114,7 +114,6 @@ class GatewayService(MultiService):
         self.database = Database(connection, self._reactor, commit_interval=s["commit_interval"])
         self.spool = spool = Spool(self.database, recovered.depth)
         self.metrics = GatewayMetrics()
-        self.collector = Collector()
         self.uplink = gateway.Uplink(
             spool,
             self._reactor,
@@ -140,7 +139,6 @@ class GatewayService(MultiService):
             # Old devices take a hinted answer for none: shed = false is
             # the way to answer them without hints (docs/protocol.md).
             max_hint=s["shed_max_hint"] if s["shed"] else None,
-            on_forgotten=self.collector.sweep,
         )
         self.intake.recover(recovered)
 
@@ -225,8 +223,8 @@ class GatewayService(MultiService):
         # What exists now (the modules, the state recovered from the spool)
         # lives as long as the process: out of the collector's full passes,
         # which otherwise scan it all and stall the reactor, and so every
-        # device's acknowledgement, while they run (meter/gateway/collector.py).
-        self.collector.settle()
+        # device's acknowledgement, while they run (docs/performance.md).
+        settle_collector()
         # Last: READY=1 once the spool is open and the UDP port bound.
         ReadinessService(Notifier.from_environment(), self._reactor, f"UDP {host}:{port}").setServiceParent(self)
         MultiService.startService(self)
@@ -269,7 +267,6 @@ class GatewayService(MultiService):
             self.log_stats()
             self.intake.stop()
             self.uplink.stop()
-            self.collector.release()
             return self.database.stop()
 
         d.addCallback(stopped)
