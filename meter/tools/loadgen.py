@@ -865,41 +865,42 @@ def latency_summary(sorted_seconds: list[float]) -> dict:
 TAIL_MS = 10.0
 
 
-def latency_tail(sent_at: list[float], seconds: list[float], over_ms: float = TAIL_MS, worst: int = 3) -> dict:
+def latency_tail(sent_at: list[float], latencies: list[float], over_ms: float = TAIL_MS, worst: int = 3) -> dict:
     """
     Where the chunks acknowledged after more than C{over_ms} were sent:
     how many, and in which seconds of the run, by when they were first sent
-    (C{sent_at}, epoch seconds, each chunk's latency in C{seconds} at the
-    same place).  A tail spread over every second is the gateway's steady
-    queueing; one packed into a few seconds is stalls, of the gateway or of
-    the machine.
+    (C{sent_at}, epoch seconds, each chunk's latency in seconds in
+    C{latencies} at the same place).  A tail spread over every second is
+    the gateway's steady queueing; one packed into a few seconds is stalls,
+    of the gateway or of the machine.
     """
-    if not seconds:
+    if not latencies:
         return {"over_ms": over_ms, "count": 0}
     start = min(sent_at)
     limit = over_ms / 1000
     chunks: Counter = Counter()
     over: Counter = Counter()
-    for sent, latency in zip(sent_at, seconds):
+    for sent, latency in zip(sent_at, latencies):
         second = int(sent - start)
         chunks[second] += 1
         if latency > limit:
             over[second] += 1
     total_over = sum(over.values())
+    worst_seconds = [
+        {"second": second, "chunks": chunks[second], "over": n}
+        for second, n in sorted(over.items(), key=lambda item: (-item[1], item[0]))[:worst]
+    ]
     return {
         "over_ms": over_ms,
-        "count": len(seconds),
+        "count": len(latencies),
         "chunks_over": total_over,
-        "share_over": round(total_over / len(seconds), 5),
+        "share_over": round(total_over / len(latencies), 5),
         "seconds": max(chunks) + 1,
         "seconds_with_any_over": len(over),
         # The seconds where a hundredth or more of the chunks were over.
         "seconds_over_p99": sum(1 for second, n in over.items() if n * 100 >= chunks[second]),
-        "worst_seconds": [
-            {"second": second, "chunks": chunks[second], "over": n}
-            for second, n in sorted(over.items(), key=lambda item: (-item[1], item[0]))[:worst]
-        ],
-        "worst_share": round(sum(n for _, n in over.most_common(worst)) / total_over, 3) if total_over else 0.0,
+        "worst_seconds": worst_seconds,
+        "worst_share": round(sum(w["over"] for w in worst_seconds) / total_over, 3) if total_over else 0.0,
     }
 
 
