@@ -191,13 +191,13 @@ class MemorySpool:
 
         return self._submit("add_chunk", change)
 
-    def close_round(self, day: datetime.date, now: float) -> Deferred:
-        def change(contents: SpoolContents) -> tuple[None, int]:
+    def close_round(self, day: datetime.date, now: float, most: int | None = None) -> Deferred:
+        def change(contents: SpoolContents) -> tuple[int, int]:
             row = contents.rounds.setdefault(day.isoformat(), [now, now])
             if row[1] is None:
                 row[1] = now
-            contents.make_ready(contents.waiting({day.isoformat()}))
-            return None, 0
+            waiting = sorted(contents.waiting({day.isoformat()}), key=lambda seq: (contents.chunks[seq][2], seq))
+            return contents.make_ready(waiting[:most]), 0
 
         return self._submit("close_round", change)
 

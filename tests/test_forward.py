@@ -213,6 +213,84 @@ def restarted(before: Gateway) -> Gateway:
     return after
 
 
+def send_large_round(g: Gateway) -> int:
+    """
+    Every device of the fleet reports its day in as many chunks as make
+    the round one chunk a device larger than a slice of its close; the
+    number of chunks.
+    """
+    from meter.gateway.rounds import CLOSE_CHUNKS
+
+    parts = CLOSE_CHUNKS // len(FLEET) + 1
+    for device_id in FLEET:
+        for part in range(1, parts + 1):
+            g.send(day_chunk(device_id, part=part, parts=parts))
+    return parts * len(FLEET)
+
+
+class SecondCloseFails(MemorySpool):
+    """
+    A memory spool whose second close of a round fails: the one that was
+    to make the round's second slice ready.
+    """
+
+    closes = 0
+
+    def close_round(self, day, now, most=None):
+        self.closes += 1
+        if self.closes == 2:
+            self.fail_next("close_round")
+        return super().close_round(day, now, most)
+
+
+def gateway_failing_the_second_close() -> Gateway:
+    clock = task.Clock()
+    clock.advance(NOW)
+    return Gateway(forward="round", spool=SecondCloseFails(clock), clock=clock, batch_readings=500)
+
+
+def forward_all(g: Gateway) -> list[int]:
+    """
+    Acknowledge batches until nothing is left to send; the devices of the
+    readings the cloud got.
+    """
+    for _ in range(100):
+        if g.spool.depth == 0:
+            break
+        g.ack_all()
+        g.clock.advance(1.0)
+    return g.cloud.devices()
+
+
+def test_a_round_larger_than_a_slice_is_made_ready_a_slice_a_transaction():
+    g = Gateway(forward="round", batch_readings=500)
+    chunks = send_large_round(g)
+    assert not g.round_open()
+    # The close made ready the first slice, and each slice asked for the
+    # next in a transaction of its own, until one found nothing left.
+    assert g.spool.submitted["close_round"] == 3
+    devices = forward_all(g)
+    assert len(devices) == chunks
+    assert sorted(set(devices)) == sorted(FLEET)
+
+
+def test_the_rest_of_a_closed_round_is_made_ready_after_a_failure_and_after_a_restart():
+    g = gateway_failing_the_second_close()
+    chunks = send_large_round(g)
+    assert not g.round_open()
+    assert any("round 2026-03-01 not closed in the spool, or not all of its readings made ready" in line
+               for line in g.logged())
+    # Retried on a timer, once the spool takes it.
+    g.clock.advance(5.0)
+    assert len(forward_all(g)) == chunks
+    # A gateway stopped between two slices: the next start makes the rest
+    # ready.
+    again = gateway_failing_the_second_close()
+    send_large_round(again)
+    again = restarted(again)
+    assert len(forward_all(again)) == chunks
+
+
 def test_after_a_crash_complete_transfers_leave_and_incomplete_ones_wait():
     g = Gateway()
     # The gateway stops after device 1's day is committed and before the

@@ -44,11 +44,14 @@ class ISpool(Interface):
         chunk's, or 0 if a chunk with its message id is spooled already.
         """
 
-    def close_round(day, now):
+    def close_round(day, now, most=None):
         """
         Close C{day}'s round at C{now} (a round closed already keeps its
         time): its readings may leave.  A round the spool does not hold is
-        added closed.  Fires with None.
+        added closed.  Makes ready the day's chunks not ready yet: every
+        one, or C{most} of them, by device and then as spooled (closing
+        again makes the next ones ready).  Fires with how many readings
+        became ready.
         """
 
     def devices_ready(devices):

@@ -37,6 +37,13 @@ RELEASE_EVERY = 1.0
 #: thread, which held it 0.7-1.1 s for a whole 5,000,000-reading spool
 #: (52,000 chunks).  This many a second outpaces any cloud.
 RELEASE_CHUNKS = 5000
+#: The most chunks one transaction makes ready as a round closes (see
+#: L{ISpool.close_round}); the rest follow in transactions of as many, each
+#: in a reactor turn of its own.  A 100,000-device round (200,000 chunks)
+#: closed in one transaction holds the reactor thread ~2 s, while its
+#: datagrams wait and devices are answered busy; a slice of this many
+#: takes under 20 ms (bench/close_cost.py).
+CLOSE_CHUNKS = 1000
 
 
 @attrs.define
@@ -105,8 +112,9 @@ class Rounds:
         )
         self._late_lines = PerSource(clock, REPORTED_LINES_RATE, REPORTED_LINES_BURST)
         self.rounds: dict[datetime.date, Round] = {}
-        #: Rounds closed in memory whose close the spool has not taken yet:
-        #: day -> the timer of the next attempt.
+        #: Rounds closed in memory whose close the spool has not taken yet,
+        #: or whose chunks it has not all made ready yet: day -> the timer
+        #: of the next attempt.
         self._closing: dict[datetime.date, object] = {}
         self._stopped = False
         self._failures = Failures(self, clock, metrics, max_retry_delay)
@@ -217,7 +225,11 @@ class Rounds:
             self._ready(ready)
         # A copy: closing a round forgets old rounds.
         for round_ in list(self.rounds.values()):
-            if not round_.closed:
+            if round_.closed:
+                # Its chunks are made ready a slice at a time: the gateway
+                # may have stopped between two slices.
+                self._close_in_spool(round_.day, round_.closed_at)
+            else:
                 self.log.info(
                     "resuming open round {day}: {n} of {total} devices reported",
                     day=round_.day,
@@ -374,17 +386,25 @@ class Rounds:
         pending = self._closing.pop(day, None)
         if pending is not None and pending.active():
             pending.cancel()
-        self._spool.close_round(day, at).addCallbacks(
-            self._closed_in_spool, self._close_failed, errbackArgs=(day, at)
+        if self._stopped:
+            return
+        self._spool.close_round(day, at, CLOSE_CHUNKS).addCallbacks(
+            self._closed_in_spool, self._close_failed, callbackArgs=(day, at), errbackArgs=(day, at)
         )
 
-    def _closed_in_spool(self, _) -> None:
+    def _closed_in_spool(self, count: int, day: datetime.date, at: float) -> None:
         self._failures.succeeded("closing a round")
-        self._on_ready()
+        if count:
+            self._on_ready()
+            # Chunks of the day may be left: closing again (the round keeps
+            # its time) makes the next slice ready, in a transaction of its
+            # own, until one finds none.
+            self._close_in_spool(day, at)
 
     def _close_failed(self, failure, day: datetime.date, at: float) -> None:
         delay = self._failures.failed(
-            "closing a round", "close_failures", failure, "round {day} not closed in the spool, not forwarded yet",
+            "closing a round", "close_failures", failure,
+            "round {day} not closed in the spool, or not all of its readings made ready: not forwarded yet",
             day=day,
         )
         if self._stopped:

@@ -261,6 +261,21 @@ def _ready_days(connection: sqlite3.Connection, days: list[str], most: int | Non
     return sum(n for (n,) in rows)
 
 
+def _ready_round(connection: sqlite3.Connection, day: str, most: int | None = None) -> int:
+    """
+    Make ready the chunks of C{day} (an ISO date) not ready yet, every one
+    or C{most} of them, by device and then as spooled: the order of the
+    index of waiting chunks, so each slice of a large round is found
+    without sorting the rest; how many readings became ready.
+    """
+    rows = connection.execute(
+        "UPDATE chunks SET ready = ? + seq WHERE seq IN"
+        " (SELECT seq FROM chunks WHERE ready IS NULL AND day = ? LIMIT ?) RETURNING n",
+        (_next_ready(connection), day, -1 if most is None else most),
+    ).fetchall()
+    return sum(n for (n,) in rows)
+
+
 _ADD_ROUND = "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)"
 # OR IGNORE: a chunk spooled again (its message id no longer in the
 # gateway's memory, as after a forget the spool failed) is a no-op, not an
@@ -419,22 +434,23 @@ class Spool:
     def recover(self):
         return self._database.run(_recovered)
 
-    def close_round(self, day: datetime.date, now: float):
+    def close_round(self, day: datetime.date, now: float, most: int | None = None):
         """
-        Close C{day}'s round: its readings may leave (every chunk of the
-        day not ready yet becomes ready).  A round the spool does not hold
-        yet (every write of its chunks failed so far) is added closed, so a
-        chunk of it spooled later is forwarded.
+        Close C{day}'s round: its readings may leave (the chunks of the
+        day not ready yet become ready, every one or C{most} of them; see
+        L{_ready_round}); fires with how many readings became ready.  A round the
+        spool does not hold yet (every write of its chunks failed so far)
+        is added closed, so a chunk of it spooled later is forwarded.
         """
         text = day.isoformat()
 
-        def work(connection: sqlite3.Connection) -> None:
+        def work(connection: sqlite3.Connection) -> int:
             connection.execute(
                 "INSERT INTO rounds VALUES (?, ?, ?) ON CONFLICT (day) DO UPDATE SET closed_at = ?"
                 " WHERE closed_at IS NULL",
                 (text, now, now, now),
             )
-            _ready_days(connection, [text])
+            return _ready_round(connection, text, most)
 
         return self._database.run(work)
 

@@ -285,6 +285,27 @@ def test_a_days_chunks_made_ready_leave_with_its_round_open(backend):
     assert [r.device_id for r in take(backend, after=first.last).readings] == [3, 2]
 
 
+def test_a_round_closes_a_slice_of_its_chunks_at_a_time(backend):
+    # A large round is made ready a slice a transaction, so no one
+    # transaction holds the reactor for the whole day.
+    for device_id in (1, 2, 3):
+        backend.commit(backend.spool.add_chunk(chunk(device_id, minutes=(480, 481)), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(1, xfer=1, part=2, parts=2, minutes=(482,)), NOW))
+    assert backend.commit(backend.spool.close_round(DAY, NOW + 60, most=2)) == 3
+    assert [(r.day, r.closed_at) for r in recovered(backend).rounds] == [(DAY, NOW + 60)]
+    first = take(backend)
+    # By device, then as spooled: device 1's later chunk before device 2.
+    assert [(r.device_id, r.taken_at.minute) for r in first.readings] == [(1, 0), (1, 1), (1, 2)]
+    # The round is closed, and a restart keeps it so; closing it again
+    # keeps its time and makes the next ones ready, until none is left.
+    backend.reopen()
+    assert take(backend, after=first.last).count == 0
+    assert backend.commit(backend.spool.close_round(DAY, NOW + 90, most=2)) == 4
+    assert backend.commit(backend.spool.close_round(DAY, NOW + 90, most=2)) == 0
+    assert [r.device_id for r in take(backend, after=first.last).readings] == [2, 2, 3, 3]
+    assert [(r.day, r.closed_at) for r in recovered(backend).rounds] == [(DAY, NOW + 60)]
+
+
 def test_the_readings_that_left_are_counted(backend):
     for device_id in (1, 2, 3):
         backend.commit(backend.spool.add_chunk(chunk(device_id, minutes=(480, 481)), NOW))

@@ -1,0 +1,99 @@
+"""
+How long the gateway's reactor is held as a large round closes: N devices'
+days (96 readings each, in the chunks a device cuts them into) spooled in a real SQLite spool
+with fsync'd commits, then the round closed as the gateway closes it
+(L{meter.gateway.rounds.CLOSE_CHUNKS} chunks a transaction, each closing
+again until one finds nothing left) and, for comparison, in one
+transaction.  Each transaction runs on the thread that would be the
+reactor's, so its wall time is the reactor's stall.
+
+    python bench/close_cost.py [--devices 10000,100000] [--slice 1000]
+
+Each size and way runs on a spool of its own, in a temporary folder that is
+removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+DAY = datetime.date(2026, 11, 30)
+SENT_AT = int(datetime.datetime(2026, 12, 1, 0, 10, tzinfo=datetime.timezone.utc).timestamp())
+
+
+def address(device_id: int) -> str:
+    return f"10.{device_id >> 16}.{(device_id >> 8) & 255}.{device_id & 255}"
+
+
+def spooled(folder: Path, devices: int):
+    """
+    A spool holding one open round of C{devices} devices' days, on a clock
+    that commits as it turns; (spool, clock, chunks spooled).
+    """
+    from twisted.internet import task
+
+    from meter import wire
+    from meter.database import Database
+    from meter.gateway.spool import Spool
+    from meter.tools.loadgen import synthetic_day
+
+    connection, recovered = Spool.open(folder / "spool.sqlite")
+    clock = task.Clock()
+    spool = Spool(Database(connection, clock), recovered.depth)
+    chunks = 0
+    for device_id in range(1, devices + 1):
+        ip = address(device_id)
+        readings = synthetic_day(device_id, ip, DAY, 96)
+        for chunk in wire.split_day(device_id, ip, DAY, readings, f"{device_id:016x}", SENT_AT):
+            spool.add_chunk(chunk, 1.0)
+            chunks += 1
+        if device_id % 500 == 0:
+            clock.advance(0.01)
+    clock.advance(0.01)
+    return spool, clock, chunks
+
+
+def close(spool, clock, most: int | None) -> list[float]:
+    """
+    Close the round C{most} chunks a transaction (None: all in one), as
+    L{meter.gateway.rounds.Rounds} does; each transaction's seconds.
+    """
+    seconds = []
+    while True:
+        made_ready = []
+        started = time.perf_counter()
+        spool.close_round(DAY, 2.0, most).addCallback(made_ready.append)
+        clock.advance(0.01)
+        seconds.append(time.perf_counter() - started)
+        if most is None or not made_ready[0]:
+            return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    from meter.gateway.rounds import CLOSE_CHUNKS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", default="10000,100000", help="comma-separated fleet sizes (default 10000,100000)")
+    parser.add_argument("--slice", type=int, default=CLOSE_CHUNKS, help=f"chunks a transaction (default {CLOSE_CHUNKS})")
+    args = parser.parse_args(argv)
+    for devices in (int(n) for n in args.devices.split(",")):
+        for most in (None, args.slice):
+            with tempfile.TemporaryDirectory(prefix="meter-close-") as folder:
+                spool, clock, chunks = spooled(Path(folder), devices)
+                seconds = close(spool, clock, most)
+            way = "in one transaction" if most is None else f"{most:,} chunks a transaction"
+            print(f"{devices:,} devices ({chunks:,} chunks), closed {way}: {len(seconds)} transactions, "
+                  f"longest {max(seconds) * 1000:.1f} ms, all {sum(seconds) * 1000:.0f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
