@@ -115,9 +115,12 @@ FLEET_TARGETS = {
     "cost_growth": 1.10,
 }
 
-#: The longest start window of a fleet scenario (issue 20: every device
-#: starting within 60 s).
-FLEET_MAX_SPREAD_S = 60.0
+#: The longest start window a fleet scenario plans (issue 20: every device
+#: starting within 60 s): 60 s less the lateness of loadgen's start timer on
+#: two busy cores, up to 10 ms (2026-12-02: 5 of 14 runs planned over 60 s
+#: measured 60.001-60.010 s), so a run whose starts kept their plan meets
+#: the target it is measured against.
+FLEET_MAX_SPREAD_S = 59.9
 
 #: The device daemon's wait before it tries a failed day again
 #: (meter.device.RETRY_AFTER, 300 s), scaled down in the fleet scenarios so a
