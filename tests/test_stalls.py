@@ -307,8 +307,8 @@ def test_a_round_whose_close_failed_is_closed_later_and_forwarded_only_then(gw):
     g.locker.lock()
     g.clock.advance(60)
     assert g.intake.metrics.close_failures == 1
-    assert "round 2026-03-01 not closed in the spool, not forwarded yet: OperationalError: database is locked; " \
-           "retry in 0.25 s" in g.logged()
+    assert "round 2026-03-01 not closed in the spool, or not all of its readings made ready: not forwarded yet: " \
+           "OperationalError: database is locked; retry in 0.25 s" in g.logged()
     # Closed in memory (a late part counts as late) but not in the spool:
     # nothing leaves yet.
     g.locker.release()
@@ -598,7 +598,8 @@ def test_a_spool_locked_by_another_process(make_suite):
         # are rate-limited per step: the device's round of yesterday may
         # have had them).
         gateway.wait_for(rf"round {E2E_DAY} closed: deadline of 3 s passed", 20)
-        gateway.seen_or_wait(r"round \S+ not closed in the spool, not forwarded yet: .*database is locked")
+        gateway.seen_or_wait(r"round \S+ not closed in the spool, or not all of its readings made ready: "
+                             r"not forwarded yet: .*database is locked")
         cloud = suite.start_cloud()
         gateway.wait_for(r"no batch taken from the spool: OperationalError: database is locked", 20)
     finally:
