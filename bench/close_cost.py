@@ -1,13 +1,19 @@
 """
-How long the gateway's reactor is held as a large round closes: N devices'
-days (96 readings each, in the chunks a device cuts them into) spooled in a real SQLite spool
-with fsync'd commits, then the round closed as the gateway closes it
-(L{meter.gateway.rounds.CLOSE_CHUNKS} chunks a transaction, each closing
-again until one finds nothing left) and, for comparison, in one
-transaction.  Each transaction runs on the thread that would be the
-reactor's, so its wall time is the reactor's stall.
+How long the gateway's reactor is held as a large round's readings are made
+ready to leave: N devices' days (96 readings each, in the chunks a device
+cuts them into) spooled in a real SQLite spool with fsync'd commits, then
+made ready
 
-    python bench/close_cost.py [--devices 10000,100000] [--slice 1000]
+- as the round closes (L{meter.gateway.rounds.CLOSE_CHUNKS} chunks a
+  transaction, each closing again until one finds nothing left) and, for
+  comparison, in one transaction;
+- as a full spool releases the open round
+  (L{meter.gateway.rounds.RELEASE_CHUNKS} chunks a transaction).
+
+Each transaction runs on the thread that would be the reactor's, so its
+wall time is the reactor's stall.
+
+    python bench/close_cost.py [--devices 10000,100000]
 
 Each size and way runs on a spool of its own, in a temporary folder that is
 removed.
@@ -61,16 +67,17 @@ def spooled(folder: Path, devices: int):
     return spool, clock, chunks
 
 
-def close(spool, clock, most: int | None) -> list[float]:
+def slices(clock, step, most: int | None) -> list[float]:
     """
-    Close the round C{most} chunks a transaction (None: all in one), as
-    L{meter.gateway.rounds.Rounds} does; each transaction's seconds.
+    Make the round ready C{most} chunks a transaction (None: all in one),
+    with C{step(most)}, a spool call that fires with how many readings it
+    made ready, until one makes none ready; each transaction's seconds.
     """
     seconds = []
     while True:
         made_ready = []
         started = time.perf_counter()
-        spool.close_round(DAY, 2.0, most).addCallback(made_ready.append)
+        step(most).addCallback(made_ready.append)
         clock.advance(0.01)
         seconds.append(time.perf_counter() - started)
         if most is None or not made_ready[0]:
@@ -78,19 +85,25 @@ def close(spool, clock, most: int | None) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from meter.gateway.rounds import CLOSE_CHUNKS
+    from meter.gateway.rounds import CLOSE_CHUNKS, RELEASE_CHUNKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default="10000,100000", help="comma-separated fleet sizes (default 10000,100000)")
-    parser.add_argument("--slice", type=int, default=CLOSE_CHUNKS, help=f"chunks a transaction (default {CLOSE_CHUNKS})")
     args = parser.parse_args(argv)
+    ways = (
+        ("closed in one transaction", "close", None),
+        (f"closed {CLOSE_CHUNKS:,} chunks a transaction", "close", CLOSE_CHUNKS),
+        (f"released by a full spool, {RELEASE_CHUNKS:,} chunks a transaction", "release", RELEASE_CHUNKS),
+    )
     for devices in (int(n) for n in args.devices.split(",")):
-        for most in (None, args.slice):
+        for way, call, most in ways:
             with tempfile.TemporaryDirectory(prefix="meter-close-") as folder:
                 spool, clock, chunks = spooled(Path(folder), devices)
-                seconds = close(spool, clock, most)
-            way = "in one transaction" if most is None else f"{most:,} chunks a transaction"
-            print(f"{devices:,} devices ({chunks:,} chunks), closed {way}: {len(seconds)} transactions, "
+                if call == "close":
+                    seconds = slices(clock, lambda most: spool.close_round(DAY, 2.0, most), most)
+                else:
+                    seconds = slices(clock, lambda most: spool.days_ready([DAY], most), most)
+            print(f"{devices:,} devices ({chunks:,} chunks), {way}: {len(seconds)} transactions, "
                   f"longest {max(seconds) * 1000:.1f} ms, all {sum(seconds) * 1000:.0f} ms", flush=True)
     return 0
 

@@ -66,9 +66,15 @@ class SpoolContents:
 
     def waiting(self, days: set[str]) -> list[int]:
         """
-        The chunks of C{days} (ISO dates) not ready yet, in the order spooled.
+        The chunks of C{days} (ISO dates) not ready yet: the earliest day's
+        first, by device, then in the order spooled (the SQLite spool's
+        index of waiting chunks).
         """
-        return [seq for seq in sorted(self.chunks) if self.chunks[seq][1] in days and seq not in self.ready]
+        chunks = self.chunks
+        return sorted(
+            (seq for seq in chunks if chunks[seq][1] in days and seq not in self.ready),
+            key=lambda seq: (chunks[seq][1], chunks[seq][2], seq),
+        )
 
     def make_ready(self, seqs) -> int:
         """
@@ -196,8 +202,7 @@ class MemorySpool:
             row = contents.rounds.setdefault(day.isoformat(), [now, now])
             if row[1] is None:
                 row[1] = now
-            waiting = sorted(contents.waiting({day.isoformat()}), key=lambda seq: (contents.chunks[seq][2], seq))
-            return contents.make_ready(waiting[:most]), 0
+            return contents.make_ready(contents.waiting({day.isoformat()})[:most]), 0
 
         return self._submit("close_round", change)
 

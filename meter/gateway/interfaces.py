@@ -48,10 +48,10 @@ class ISpool(Interface):
         """
         Close C{day}'s round at C{now} (a round closed already keeps its
         time): its readings may leave.  A round the spool does not hold is
-        added closed.  Makes ready the day's chunks not ready yet: every
-        one, or C{most} of them, by device and then as spooled (closing
-        again makes the next ones ready).  Fires with how many readings
-        became ready.
+        added closed.  Makes ready the day's chunks not ready yet, as
+        L{days_ready} does: every one, or C{most} of them (closing again
+        makes the next ones ready).  Fires with how many readings became
+        ready.
         """
 
     def devices_ready(devices):
@@ -67,9 +67,8 @@ class ISpool(Interface):
         Make ready the chunks spooled for the days C{days} (dates) not
         ready yet, their rounds open or not: a full spool forwards what
         it holds rather than refuse every device until the rounds close.
-        Every one, or the C{most} spooled first (in the order of their
-        C{seq}, whatever their day).  Fires with how many readings became
-        ready.
+        Every one, or C{most} of them: the earliest day's first, by device,
+        then as spooled.  Fires with how many readings became ready.
         """
 
     def take_batch(limit, after=0):

@@ -250,28 +250,16 @@ def _ready_if_round_closed(connection: sqlite3.Connection, after_seq: int) -> No
 def _ready_days(connection: sqlite3.Connection, days: list[str], most: int | None = None) -> int:
     """
     Make ready the chunks of C{days} (ISO dates) not ready yet, every one
-    or the C{most} spooled first; how many readings became ready.
+    or C{most} of them: the earliest day's first, by device, then as
+    spooled.  That is the order of the index of waiting chunks, so a slice
+    of a large day is found without sorting the rest of it; how many
+    readings became ready.
     """
     rows = connection.execute(
         "UPDATE chunks SET ready = ? + seq WHERE seq IN"
-        " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?))"
-        " ORDER BY seq LIMIT ?) RETURNING n",
+        " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?)) LIMIT ?)"
+        " RETURNING n",
         (_next_ready(connection), json.dumps(days), -1 if most is None else most),
-    ).fetchall()
-    return sum(n for (n,) in rows)
-
-
-def _ready_round(connection: sqlite3.Connection, day: str, most: int | None = None) -> int:
-    """
-    Make ready the chunks of C{day} (an ISO date) not ready yet, every one
-    or C{most} of them, by device and then as spooled: the order of the
-    index of waiting chunks, so each slice of a large round is found
-    without sorting the rest; how many readings became ready.
-    """
-    rows = connection.execute(
-        "UPDATE chunks SET ready = ? + seq WHERE seq IN"
-        " (SELECT seq FROM chunks WHERE ready IS NULL AND day = ? LIMIT ?) RETURNING n",
-        (_next_ready(connection), day, -1 if most is None else most),
     ).fetchall()
     return sum(n for (n,) in rows)
 
@@ -438,7 +426,7 @@ class Spool:
         """
         Close C{day}'s round: its readings may leave (the chunks of the
         day not ready yet become ready, every one or C{most} of them; see
-        L{_ready_round}); fires with how many readings became ready.  A round the
+        L{_ready_days}); fires with how many readings became ready.  A round the
         spool does not hold yet (every write of its chunks failed so far)
         is added closed, so a chunk of it spooled later is forwarded.
         """
@@ -450,7 +438,7 @@ class Spool:
                 " WHERE closed_at IS NULL",
                 (text, now, now, now),
             )
-            return _ready_round(connection, text, most)
+            return _ready_days(connection, [text], most)
 
         return self._database.run(work)
 
@@ -478,8 +466,9 @@ class Spool:
     def days_ready(self, days, most: int | None = None):
         """
         Make ready the chunks of C{days} not ready yet, their rounds open
-        or not (a full spool forwards what it holds): every one, or the
-        C{most} spooled first; fires with how many readings became ready.
+        or not (a full spool forwards what it holds): every one, or C{most}
+        of them (see L{_ready_days}); fires with how many readings became
+        ready.
         """
         texts = sorted({day.isoformat() for day in days})
         return self._database.run(lambda connection: _ready_days(connection, texts, most))
