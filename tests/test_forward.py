@@ -287,6 +287,7 @@ def test_the_rest_of_a_closed_round_is_made_ready_after_a_failure_and_after_a_re
     # ready.
     again = gateway_failing_the_second_close()
     send_large_round(again)
+    assert again.spool.contents.waiting({DAY.isoformat()})  # the second slice not made ready
     again = restarted(again)
     assert len(forward_all(again)) == chunks
 

@@ -228,7 +228,7 @@ class Rounds:
             if round_.closed:
                 # Its chunks are made ready a slice at a time: the gateway
                 # may have stopped between two slices.
-                self._close_in_spool(round_.day, round_.closed_at)
+                self._close_in_spool(round_.day, round_.closed_at, first=False)
             else:
                 self.log.info(
                     "resuming open round {day}: {n} of {total} devices reported",
@@ -373,7 +373,7 @@ class Rounds:
         self._close_in_spool(round_.day, self._clock.seconds())
         self._on_closed()
 
-    def _close_in_spool(self, day: datetime.date, at: float) -> None:
+    def _close_in_spool(self, day: datetime.date, at: float, first: bool = True) -> None:
         """
         Close C{day}'s round in the spool, retrying until the spool takes it.
 
@@ -382,6 +382,12 @@ class Rounds:
         twice.  Its readings cannot leave early, as only a round closed in
         the spool is forwarded, and a restart before the spool took the
         close finds the round open and closes it again for the same reason.
+        A large round's chunks are made ready a slice at a time, each slice
+        closing it again (C{first} is False for those); a restart between
+        two finds it closed and closes it again at its stored time.  The
+        first close wakes the uplink whatever it made ready (with
+        C{forward = "device"} the days may be ready already and a batch
+        lingering), the later ones only if they made some ready.
         """
         pending = self._closing.pop(day, None)
         if pending is not None and pending.active():
@@ -389,17 +395,20 @@ class Rounds:
         if self._stopped:
             return
         self._spool.close_round(day, at, CLOSE_CHUNKS).addCallbacks(
-            self._closed_in_spool, self._close_failed, callbackArgs=(day, at), errbackArgs=(day, at)
+            self._closed_in_spool, self._close_failed, callbackArgs=(day, at, first), errbackArgs=(day, at)
         )
 
-    def _closed_in_spool(self, count: int, day: datetime.date, at: float) -> None:
+    def _closed_in_spool(self, count: int, day: datetime.date, at: float, first: bool = True) -> None:
         self._failures.succeeded("closing a round")
-        if count:
+        if self._stopped:
+            return
+        if first or count:
             self._on_ready()
+        if count:
             # Chunks of the day may be left: closing again (the round keeps
             # its time) makes the next slice ready, in a transaction of its
             # own, until one finds none.
-            self._close_in_spool(day, at)
+            self._close_in_spool(day, at, first=False)
 
     def _close_failed(self, failure, day: datetime.date, at: float) -> None:
         delay = self._failures.failed(

@@ -257,7 +257,8 @@ def _ready_days(connection: sqlite3.Connection, days: list[str], most: int | Non
     """
     rows = connection.execute(
         "UPDATE chunks SET ready = ? + seq WHERE seq IN"
-        " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?)) LIMIT ?)"
+        " (SELECT seq FROM chunks WHERE ready IS NULL AND day IN (SELECT value FROM json_each(?))"
+        " ORDER BY day, device_id, seq LIMIT ?)"
         " RETURNING n",
         (_next_ready(connection), json.dumps(days), -1 if most is None else most),
     ).fetchall()
