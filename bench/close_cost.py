@@ -22,7 +22,6 @@ removed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
@@ -31,12 +30,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-DAY = datetime.date(2026, 11, 30)
-SENT_AT = int(datetime.datetime(2026, 12, 1, 0, 10, tzinfo=datetime.timezone.utc).timestamp())
+from intake_cost import DAY, SENT_AT, address  # noqa: E402
 
 
-def address(device_id: int) -> str:
-    return f"10.{device_id >> 16}.{(device_id >> 8) & 255}.{device_id & 255}"
+def outcome(results: list):
+    """
+    The one result a Deferred added to C{results} (with C{addBoth}) once
+    the clock turned; its failure raised, so the bench stops on its cause.
+    """
+    from twisted.python.failure import Failure
+
+    (result,) = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
 
 
 def spooled(folder: Path, devices: int):
@@ -54,17 +61,18 @@ def spooled(folder: Path, devices: int):
     connection, recovered = Spool.open(folder / "spool.sqlite")
     clock = task.Clock()
     spool = Spool(Database(connection, clock), recovered.depth)
-    chunks = 0
+    added: list = []
     for device_id in range(1, devices + 1):
         ip = address(device_id)
         readings = synthetic_day(device_id, ip, DAY, 96)
-        for chunk in wire.split_day(device_id, ip, DAY, readings, f"{device_id:016x}", SENT_AT):
-            spool.add_chunk(chunk, 1.0)
-            chunks += 1
+        for chunk in wire.split_day(device_id, ip, DAY, readings, f"{device_id:016x}", int(SENT_AT)):
+            spool.add_chunk(chunk, 1.0).addBoth(lambda result: added.append([result]))
         if device_id % 500 == 0:
             clock.advance(0.01)
     clock.advance(0.01)
-    return spool, clock, chunks
+    for result in added:
+        outcome(result)
+    return spool, clock, len(added)
 
 
 def slices(clock, step, most: int | None) -> list[float]:
@@ -75,12 +83,12 @@ def slices(clock, step, most: int | None) -> list[float]:
     """
     seconds = []
     while True:
-        made_ready = []
+        made_ready: list = []
         started = time.perf_counter()
-        step(most).addCallback(made_ready.append)
+        step(most).addBoth(made_ready.append)
         clock.advance(0.01)
         seconds.append(time.perf_counter() - started)
-        if most is None or not made_ready[0]:
+        if most is None or not outcome(made_ready):
             return seconds
 
 
