@@ -1,10 +1,17 @@
 """
 The cloud's SQLite store alone: the CPU a reading its insert work and
 commit cost for a fleet's day, in the batches and the order the gateway
-forwards them with C{forward = "device"} (each device's two chunks side by
-side, the devices in a random order), with no network, TLS or decoding.
+forwards them, with no network, TLS or decoding: each device's two chunks
+side by side, the devices
 
-    python bench/cloud_store.py [--devices 30000] [--batch 5000]
+- in the random order they report in, as with C{forward = "device"}
+  (C{--order arrival}, the default);
+- as a closed round leaves (C{--order round}): made ready a slice of
+  L{meter.gateway.rounds.CLOSE_CHUNKS} chunks at a time by device, each
+  slice in the order its chunks were spooled;
+- by device (C{--order device}).
+
+    python bench/cloud_store.py [--devices 30000] [--batch 5000] [--order arrival|round|device]
 
 What it measures is the B-trees' upkeep, which grows with what the table
 holds: the figure for a day of 30,000 devices (2.88 million readings) into
@@ -27,22 +34,31 @@ sys.path.insert(0, str(HERE.parent))
 from meter import wire  # noqa: E402
 from meter.cloud.sqlite import VERSIONS, _insert, open_database  # noqa: E402
 from meter.database import connect  # noqa: E402
+from meter.gateway.rounds import CLOSE_CHUNKS  # noqa: E402
 
 READINGS = 96
 
 
-def day_batches(devices: int, batch: int, seed: int) -> list[wire.BatchColumns]:
+def day_batches(devices: int, batch: int, seed: int, order: str = "arrival") -> list[wire.BatchColumns]:
     """
     A day of C{devices} devices × 96 readings as the gateway forwards it:
-    each device's day in two chunks of 48, the devices in a random order,
-    whole chunks to a batch of at least C{batch} readings.
+    each device's day in two chunks of 48, the devices in C{order} (see
+    the module's text), whole chunks to a batch of at least C{batch}
+    readings.
     """
     rng = random.Random(seed)
-    order = list(range(1, devices + 1))
-    rng.shuffle(order)
+    order_of = list(range(1, devices + 1))
+    if order != "device":
+        rng.shuffle(order_of)
+    if order == "round":
+        slice_devices = CLOSE_CHUNKS // 2
+        place = {device: at for at, device in enumerate(order_of)}
+        by_device = sorted(order_of)
+        order_of = [device for start in range(0, devices, slice_devices)
+                    for device in sorted(by_device[start:start + slice_devices], key=place.__getitem__)]
     batches: list[str] = []
     records: list[str] = []
-    for device in order:
+    for device in order_of:
         ip = f"10.{device >> 16}.{(device >> 8) & 255}.{device & 255}"
         for minute in range(0, 1440, 1440 // READINGS):
             records.append(f"{device},{ip},2026-12-01T{minute // 60:02d}:{minute % 60:02d},"
@@ -61,8 +77,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cache-mb", type=float, default=16.0, help="the page cache, as [cloud] cache_mb (default 16)")
+    parser.add_argument("--order", choices=("arrival", "round", "device"), default="arrival",
+                        help="the devices in the order they report (default), as a closed round leaves, or by device")
     args = parser.parse_args(argv)
-    batches = day_batches(args.devices, args.batch, args.seed)
+    batches = day_batches(args.devices, args.batch, args.seed, args.order)
     readings = args.devices * READINGS
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "cloud.sqlite"
@@ -78,7 +96,7 @@ def main(argv=None) -> int:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         size = path.stat().st_size + path.with_name(path.name + "-wal").stat().st_size
         connection.close()
-    print(f"cloud store, schema version {VERSIONS.version}: {readings:,} readings in {len(batches):,} batches: "
+    print(f"cloud store, schema version {VERSIONS.version}, in {args.order} order: {readings:,} readings in {len(batches):,} batches: "
           f"{cpu:.2f} CPU s ({cpu / readings * 1e6:.2f} µs a reading), {wall:.2f} s, of which COMMIT {commit:.2f} s; "
           f"file and log {size / 2**20:.0f} MB")
     return 0

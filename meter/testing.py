@@ -78,16 +78,17 @@ class SpoolContents:
 
     def make_ready(self, seqs) -> int:
         """
-        Place the chunks C{seqs} not ready yet after every ready one, as
-        the SQLite spool does (its C{ready} column); how many readings
-        became ready.
+        Place the chunks C{seqs} not ready yet after every ready one, in
+        the order given, as the SQLite spool does (its C{ready} column);
+        how many readings became ready.
         """
         start = max(self.ready.values(), default=0)
         count = 0
         for seq in seqs:
             if seq in self.chunks and seq not in self.ready:
-                self.ready[seq] = start + seq
                 count += self.chunks[seq][5]
+                start += 1
+                self.ready[seq] = start
         return count
 
 

@@ -308,6 +308,21 @@ def test_a_round_closes_a_slice_of_its_chunks_at_a_time(backend):
     assert [(r.day, r.closed_at) for r in recovered(backend).rounds] == [(DAY, NOW + 60)]
 
 
+def test_a_closed_rounds_chunks_leave_by_device_whatever_order_they_came_in(backend):
+    # The cloud stores readings by device: neighbours in a batch are
+    # neighbours in its table.
+    for device_id in (3, 1, 2):
+        backend.commit(backend.spool.add_chunk(chunk(device_id, part=1, parts=2), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(3, part=2, parts=2, minutes=(481,)), NOW))
+    backend.commit(backend.spool.add_chunk(chunk(1, part=2, parts=2, minutes=(481,)), NOW))
+    assert backend.commit(backend.spool.close_round(DAY, NOW + 60, most=3)) == 3
+    first = take(backend)
+    assert [(r.device_id, r.taken_at.minute) for r in first.readings] == [(1, 0), (1, 1), (2, 0)]
+    # The next slice after it, by device again.
+    assert backend.commit(backend.spool.close_round(DAY, NOW + 60)) == 2
+    assert [(r.device_id, r.taken_at.minute) for r in take(backend, after=first.last).readings] == [(3, 0), (3, 1)]
+
+
 def test_the_readings_that_left_are_counted(backend):
     for device_id in (1, 2, 3):
         backend.commit(backend.spool.add_chunk(chunk(device_id, minutes=(480, 481)), NOW))
