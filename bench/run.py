@@ -147,14 +147,20 @@ def workspace_of(root: Path, devices: int, **settings) -> Suite:
     return Suite(root, devices, None, keys=True, logs=True, device={}, **settings)
 
 
-def fleet_gateway_settings(forward: str = "device") -> dict:
+def fleet_gateway_settings(forward: str = "device", readings: int = 0) -> dict:
     """
     The gateway settings of the fleet scenarios (laid over
-    L{workspace_of}'s): a device's day forwarded as soon as its transfer is
-    complete (C{[gateway] forward = "device"}), so the readings flow to the
-    cloud while the fleet still reports, which the 90 s of issue 20 needs;
-    with a gateway that has no such setting, its own way.
+    L{workspace_of}'s): by default a device's day forwarded as soon as its
+    transfer is complete (C{[gateway] forward = "device"}), so the readings
+    flow to the cloud while the fleet still reports, which the 90 s of
+    issue 20 needs.  With C{forward = "round"} the day's C{readings} wait
+    in the spool until the round closes, so the spool is given room for
+    all of them and a quarter more, as an operator of such a fleet would:
+    at its default limit it fills and sends devices away half way through.
     """
+    if forward == "round":
+        default = config.SCHEMA["gateway"]["spool_limit"][1]
+        return {"forward": forward, "spool_limit": max(default, readings + readings // 4)}
     return {"forward": forward}
 
 
@@ -774,7 +780,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         f"process{'es' if processes > 1 else ''}, a device that gives up tries again after {retry_after:g} s "
         f"(meter-device's {device.RETRY_AFTER:g} s / {RETRY_SCALE:g}), up to {attempts} attempts"
         f"{' (profiled)' if profile else ''}")
-    workspace = workspace_of(scratch / f"fleet-{tag}", devices, **fleet_gateway_settings(args.forward))
+    workspace = workspace_of(scratch / f"fleet-{tag}", devices, **fleet_gateway_settings(args.forward, devices * readings))
     fleet = workspace.fleet
     spies = []
     try:
@@ -835,7 +841,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         "gave_up": sent["gave_up"],
         "retry_after_s": retry_after,
         "loadgen_processes": processes,
-        "gateway_settings": fleet_gateway_settings(),
+        "gateway_settings": fleet_gateway_settings(args.forward, devices * readings),
         "end_to_end_s": round(end_to_end, 3) if end_to_end else None,
         "intake_s": intake_s,
         "forward_s": round(last - sent["last_ack"], 3) if last and sent["last_ack"] else None,

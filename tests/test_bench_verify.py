@@ -86,3 +86,18 @@ def test_a_doubled_day_is_told(bench, tmp_path):
 def test_the_machine_speed_is_a_best_and_a_median_of_cpu_time_a_step(bench):
     speed = bench.python_speed(runs=3, steps=2000)
     assert 0 < speed["best_ns"] <= speed["median_ns"]
+
+
+def test_a_round_forwarding_fleet_has_spool_room_for_its_whole_day(bench):
+    from meter import config
+
+    def gateway(settings):
+        return config.from_raw({"gateway": settings}, "test").gateway
+
+    default = config.SCHEMA["gateway"]["spool_limit"][1]
+    # Round forwarding holds the whole day until its round closes.
+    assert gateway(bench.fleet_gateway_settings("round", 9_600_000)) == {
+        **gateway({}), "forward": "round", "spool_limit": 12_000_000}
+    # A small fleet keeps the default limit; device forwarding keeps it whatever the fleet.
+    assert gateway(bench.fleet_gateway_settings("round", 96_000))["spool_limit"] == default
+    assert gateway(bench.fleet_gateway_settings("device", 9_600_000))["spool_limit"] == default
