@@ -18,6 +18,7 @@ from meter.tools.loadgen import (
     latency_summary,
     latency_tail,
     merge_summaries,
+    start_order,
     synthetic_day,
     tail_text,
 )
@@ -418,3 +419,15 @@ def test_a_device_that_gave_up_tries_later_but_a_fault_of_its_code_fails_it():
     broken._not_delivered(Failure(ZeroDivisionError("division by zero")))
     assert broken.outcome == "failed" and "division by zero" in broken.reason and finished == [broken]
     assert run.gave_up == 1 and len(clock.getDelayedCalls()) == 1
+
+
+def test_devices_start_in_the_order_their_daemons_schedule_sends_them():
+    from meter.device.schedule import offset_for
+
+    ids = list(range(1, 201))
+    order = start_order(ids)
+    assert sorted(order) == ids
+    # meter-device's offsets within any window put them in this order,
+    # which is not the order of their ids.
+    assert [offset_for(i, 3600.0) for i in order] == sorted(offset_for(i, 3600.0) for i in ids)
+    assert order != ids

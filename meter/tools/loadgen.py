@@ -24,7 +24,8 @@ before any reactor exists (device k in process k mod P); they start
 together once all are prepared, and their summaries and latencies make
 one.
 
-The devices start evenly over C{--spread} seconds.  The run records, per
+The devices start evenly over C{--spread} seconds, in the order the device
+daemons' schedule fires them in its window (not by id).  The run records, per
 chunk, the time from its first transmission to its C{ok} acknowledgement:
 until the kernel received the acknowledgement (C{SO_TIMESTAMPNS}, on
 Linux), which is what a device of its own would see, and, beside it, until
@@ -67,6 +68,7 @@ from pathlib import Path
 from twisted.internet.protocol import DatagramProtocol
 
 from meter import config, device, secrets, wire
+from meter.device.schedule import offset_for
 from meter.device.survey import load_survey, survey_path
 from meter.reading import HUMIDITY_RANGE, TEMPERATURE_RANGE, Reading, format_number
 
@@ -1094,6 +1096,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+    ids = start_order(ids)
     offsets = start_offsets(len(ids), args.spread)
     if args.processes > 1:
         return run_processes(args, settings, ids, offsets)
@@ -1102,6 +1105,17 @@ def run(args: argparse.Namespace) -> int:
         return outcome
     summary = outcome.summary()
     return report(args, summary)
+
+
+def start_order(ids: list[int]) -> list[int]:
+    """
+    The devices C{ids} in the order a fleet of meter-device daemons sends
+    them in its window (L{meter.device.schedule.offset_for}): scattered by
+    id, so the gateway and the cloud see the devices' days arrive as a real
+    fleet's do, not neighbour after neighbour, which the cloud's B-tree of
+    readings by device takes at half the cost.
+    """
+    return sorted(ids, key=lambda device_id: (offset_for(device_id, 1.0), device_id))
 
 
 def start_offsets(count: int, spread: float) -> list[float]:
