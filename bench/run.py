@@ -780,7 +780,8 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         f"process{'es' if processes > 1 else ''}, a device that gives up tries again after {retry_after:g} s "
         f"(meter-device's {device.RETRY_AFTER:g} s / {RETRY_SCALE:g}), up to {attempts} attempts"
         f"{' (profiled)' if profile else ''}")
-    workspace = workspace_of(scratch / f"fleet-{tag}", devices, **fleet_gateway_settings(args.forward, devices * readings))
+    gateway_settings = fleet_gateway_settings(args.forward, devices * readings)
+    workspace = workspace_of(scratch / f"fleet-{tag}", devices, **gateway_settings)
     fleet = workspace.fleet
     spies = []
     try:
@@ -841,7 +842,7 @@ def scenario_fleet(args, scratch: Path, devices: int, readings: int, spread: flo
         "gave_up": sent["gave_up"],
         "retry_after_s": retry_after,
         "loadgen_processes": processes,
-        "gateway_settings": fleet_gateway_settings(args.forward, devices * readings),
+        "gateway_settings": gateway_settings,
         "end_to_end_s": round(end_to_end, 3) if end_to_end else None,
         "intake_s": intake_s,
         "forward_s": round(last - sent["last_ack"], 3) if last and sent["last_ack"] else None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from meter import config
 from meter.cloud.sqlite import SCHEMA
 from meter.tools.loadgen import synthetic_day
 
@@ -89,8 +90,6 @@ def test_the_machine_speed_is_a_best_and_a_median_of_cpu_time_a_step(bench):
 
 
 def test_a_round_forwarding_fleet_has_spool_room_for_its_whole_day(bench):
-    from meter import config
-
     def gateway(settings):
         return config.from_raw({"gateway": settings}, "test").gateway
 

@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 
 from meter import wire
+from meter.device.schedule import offset_for
 from meter.tools.loadgen import (
     DayLibrary,
     collector_paused,
@@ -422,8 +423,6 @@ def test_a_device_that_gave_up_tries_later_but_a_fault_of_its_code_fails_it():
 
 
 def test_devices_start_in_the_order_their_daemons_schedule_sends_them():
-    from meter.device.schedule import offset_for
-
     ids = list(range(1, 201))
     order = start_order(ids)
     assert sorted(order) == ids
