@@ -11,17 +11,21 @@ side by side, the devices
   slice in the order its chunks were spooled;
 - by device (C{--order device}).
 
-    python bench/cloud_store.py [--devices 30000] [--batch 5000] [--order arrival|round|device]
+    python bench/cloud_store.py [--devices 30000] [--batch 5000] [--order arrival|round|device] [--days 1]
 
 What it measures is the B-trees' upkeep, which grows with what the table
 holds: the figure for a day of 30,000 devices (2.88 million readings) into
-an empty database is the one docs/performance.md quotes.  The batches are
-made before the clock starts.
+an empty database is the one docs/performance.md quotes.  C{--days}
+stores that many days one after another, each a figure of its own: from the
+second day on, a device's new readings go between its own older ones and
+the next device's, in the middle of the B-tree, whatever the order.  Each
+day's batches are made before its clock starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import random
 import sys
 import tempfile
@@ -37,11 +41,14 @@ from meter.database import connect  # noqa: E402
 from meter.gateway.rounds import CLOSE_CHUNKS  # noqa: E402
 
 READINGS = 96
+FIRST_DAY = datetime.date(2026, 12, 1)
 
 
-def day_batches(devices: int, batch: int, seed: int, order: str = "arrival") -> list[wire.BatchColumns]:
+def day_batches(
+    devices: int, batch: int, seed: int, order: str = "arrival", day: datetime.date = FIRST_DAY
+) -> list[wire.BatchColumns]:
     """
-    A day of C{devices} devices × 96 readings as the gateway forwards it:
+    C{day} of C{devices} devices × 96 readings as the gateway forwards it:
     each device's day in two chunks of 48, the devices in C{order} (see
     the module's text), whole chunks to a batch of at least C{batch}
     readings.
@@ -58,10 +65,11 @@ def day_batches(devices: int, batch: int, seed: int, order: str = "arrival") -> 
                     for device in sorted(by_device[start:start + slice_devices], key=place.__getitem__)]
     batches: list[str] = []
     records: list[str] = []
+    date = day.isoformat()
     for device in order_of:
         ip = f"10.{device >> 16}.{(device >> 8) & 255}.{device & 255}"
         for minute in range(0, 1440, 1440 // READINGS):
-            records.append(f"{device},{ip},2026-12-01T{minute // 60:02d}:{minute % 60:02d},"
+            records.append(f"{device},{ip},{date}T{minute // 60:02d}:{minute % 60:02d},"
                            f"{rng.randint(-100, 400) / 10},{rng.randint(0, 1000) / 10}")
             if len(records) >= batch and len(records) % (READINGS // 2) == 0:
                 batches.append(";".join(records))
@@ -79,26 +87,31 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-mb", type=float, default=16.0, help="the page cache, as [cloud] cache_mb (default 16)")
     parser.add_argument("--order", choices=("arrival", "round", "device"), default="arrival",
                         help="the devices in the order they report (default), as a closed round leaves, or by device")
+    parser.add_argument("--days", type=int, default=1,
+                        help="days stored one after another, a figure each (default 1: into an empty database)")
     args = parser.parse_args(argv)
-    batches = day_batches(args.devices, args.batch, args.seed, args.order)
     readings = args.devices * READINGS
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "cloud.sqlite"
         connection = connect(path, args.cache_mb)
         open_database(connection)
-        cpu, wall, commit = time.process_time(), time.perf_counter(), 0.0
-        for columns in batches:
-            connection.execute("BEGIN IMMEDIATE")
-            _insert(columns, 1.0)(connection)
-            started = time.perf_counter()
-            connection.execute("COMMIT")
-            commit += time.perf_counter() - started
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        size = path.stat().st_size + path.with_name(path.name + "-wal").stat().st_size
+        for number in range(args.days):
+            day = FIRST_DAY + datetime.timedelta(days=number)
+            batches = day_batches(args.devices, args.batch, args.seed + number, args.order, day)
+            cpu, wall, commit = time.process_time(), time.perf_counter(), 0.0
+            for columns in batches:
+                connection.execute("BEGIN IMMEDIATE")
+                _insert(columns, 1.0)(connection)
+                started = time.perf_counter()
+                connection.execute("COMMIT")
+                commit += time.perf_counter() - started
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            size = path.stat().st_size + path.with_name(path.name + "-wal").stat().st_size
+            print(f"cloud store, schema version {VERSIONS.version}, in {args.order} order, day {number + 1} ({day}): "
+                  f"{readings:,} readings in {len(batches):,} batches: {cpu:.2f} CPU s ({cpu / readings * 1e6:.2f} µs a "
+                  f"reading), {wall:.2f} s, of which COMMIT {commit:.2f} s; file and log {size / 2**20:.1f} MB",
+                  flush=True)
         connection.close()
-    print(f"cloud store, schema version {VERSIONS.version}, in {args.order} order: {readings:,} readings in {len(batches):,} batches: "
-          f"{cpu:.2f} CPU s ({cpu / readings * 1e6:.2f} µs a reading), {wall:.2f} s, of which COMMIT {commit:.2f} s; "
-          f"file and log {size / 2**20:.0f} MB")
     return 0
 
 

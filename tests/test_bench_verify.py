@@ -21,13 +21,17 @@ DAY = datetime.date(2026, 3, 1)
 FLEET = {device_id: f"10.0.0.{device_id}" for device_id in range(1, 13)}
 
 
-@pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
-    spec = importlib.util.spec_from_file_location("bench_run", path)
+def _bench_module(name: str):
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench_module("run")
 
 
 def _database(path: Path, schema: str = SCHEMA, readings: int = 96) -> sqlite3.Connection:
@@ -100,3 +104,32 @@ def test_a_round_forwarding_fleet_has_spool_room_for_its_whole_day(bench):
     # A small fleet keeps the default limit; device forwarding keeps it whatever the fleet.
     assert gateway(bench.fleet_gateway_settings("round", 96_000))["spool_limit"] == default
     assert gateway(bench.fleet_gateway_settings("device", 9_600_000))["spool_limit"] == default
+
+
+@pytest.mark.parametrize("order", ["arrival", "round", "device"])
+def test_the_cloud_store_bench_stores_each_devices_day_whole_on_the_day_asked(order):
+    cloud_store = _bench_module("cloud_store")
+    day = datetime.date(2026, 12, 3)
+    batches = cloud_store.day_batches(60, 500, 1, order, day)
+    pairs = [(device, stamp) for columns in batches for device, stamp in zip(columns.devices, columns.stamps)]
+    assert len(pairs) == len(set(pairs)) == 60 * cloud_store.READINGS
+    assert {device for device, _ in pairs} == {str(device) for device in range(1, 61)}
+    assert {stamp[:10] for _, stamp in pairs} == {"2026-12-03"}
+    # Whole chunks of 48 to a batch, so no device-day is cut mid-chunk.
+    assert all(len(columns) % (cloud_store.READINGS // 2) == 0 for columns in batches)
+    if order == "device":
+        assert [int(device) for device, _ in pairs] == sorted(int(device) for device, _ in pairs)
+
+
+def test_the_cloud_store_bench_gives_a_figure_a_day_into_one_database(capsys):
+    cloud_store = _bench_module("cloud_store")
+    assert cloud_store.main(["--devices", "40", "--batch", "480", "--days", "2", "--order", "device"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "cloud store, schema version 3, in device order, day 1 (2026-12-01)",
+        "cloud store, schema version 3, in device order, day 2 (2026-12-02)",
+    ]
+    assert all("3,840 readings in 8 batches" in line for line in lines)
+    # The second day went into the first's database, not a fresh one.
+    first, second = (float(re.search(r"file and log ([\d.]+) MB", line).group(1)) for line in lines)
+    assert second > first
