@@ -11,6 +11,7 @@ L{decode_batch_records}, which give the exact verdict and the error's words
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import attrs
@@ -167,8 +168,31 @@ def _columns_ok(columns: BatchColumns, count: int) -> bool:
                 check(text)
     except WireError:
         return False
-    # The texts are canonical, so equal texts are equal values and unequal
-    # texts unequal ones; and every stamp is 16 characters long, so a device
-    # and a stamp joined name one pair (strings, not tuples: no garbage
-    # collector work for 5,000 objects).
-    return len(set(map(str.__add__, columns.devices, columns.stamps))) == count
+    return _no_minute_twice(columns.devices, columns.stamps, count)
+
+
+def _no_minute_twice(devices: list[str], stamps: list[str], count: int) -> bool:
+    """
+    Whether no device has two readings of one minute.  The texts are
+    canonical, so equal texts are equal values and unequal texts unequal
+    ones.
+
+    A batch holds each device's readings in one run (its chunks side by
+    side), so each run's stamps are compared among themselves: a step a
+    run, not a string made a reading.  A device in two runs takes the
+    whole check.
+    """
+    runs = set()
+    start = 0
+    for device, run in itertools.groupby(devices):
+        end = start + sum(1 for _ in run)
+        if device in runs:
+            # Every stamp is 16 characters long, so a device and a stamp
+            # joined name one pair (strings, not tuples: no garbage collector
+            # work for 5,000 objects).
+            return len(set(map(str.__add__, devices, stamps))) == count
+        runs.add(device)
+        if len(set(stamps[start:end])) != end - start:
+            return False
+        start = end
+    return True
