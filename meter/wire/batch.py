@@ -177,21 +177,21 @@ def _no_minute_twice(devices: list[str], stamps: list[str], count: int) -> bool:
     canonical, so equal texts are equal values and unequal texts unequal
     ones.
 
-    A batch holds each device's readings in one run (its chunks side by
-    side), so each run's stamps are compared among themselves: a step a
-    run, not a string made a reading.  A device in two runs takes the
-    whole check.
+    A gateway's batch nearly always holds each device's readings in one
+    run (its chunks side by side), so each run's stamps are compared among
+    themselves: a step a run, not a string made a reading.  A device in two
+    runs takes the whole check.
     """
-    runs = set()
+    devices_seen = set()
     start = 0
     for device, run in itertools.groupby(devices):
         end = start + sum(1 for _ in run)
-        if device in runs:
+        if device in devices_seen:
             # Every stamp is 16 characters long, so a device and a stamp
             # joined name one pair (strings, not tuples: no garbage collector
             # work for 5,000 objects).
             return len(set(map(str.__add__, devices, stamps))) == count
-        runs.add(device)
+        devices_seen.add(device)
         if len(set(stamps[start:end])) != end - start:
             return False
         start = end
