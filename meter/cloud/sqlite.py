@@ -6,7 +6,6 @@ a batch's records, the queries.
 from __future__ import annotations
 
 import datetime
-import itertools
 import sqlite3
 
 from twisted.internet import defer
@@ -15,6 +14,7 @@ from zope.interface import implementer
 from meter import wire
 from meter.cloud.interfaces import DeviceSummary, IReadingStore, ReadingsQuery
 from meter.cloud.sql import SQLITE, readings_by_time
+from meter.wire.batch import device_runs
 from meter.database import CLOUD_DATABASE, Database, RowInsert, Schema, execute_script, insert_telling_new, upgrade
 from meter.reading import Reading
 
@@ -135,9 +135,7 @@ def device_summaries(devices, ips, stamps) -> list[tuple[int, str, str, str, int
     stamp), not a Python step a reading.
     """
     summary: dict = {}
-    start = 0
-    for device, run in itertools.groupby(devices):
-        end = start + len(list(run))
+    for device, start, end in device_runs(devices):
         part = stamps[start:end]
         first, last = min(part), max(part)
         ip = ips[start + part.index(last)]
@@ -151,7 +149,6 @@ def device_summaries(devices, ips, stamps) -> list[tuple[int, str, str, str, int
             if last >= row[2]:
                 row[2] = last
                 row[0] = ip
-        start = end
     return [(int(device), ip, first, last, count) for device, (ip, first, last, count) in summary.items()]
 
 
@@ -168,15 +165,12 @@ def address_pairs(devices, ips) -> list:
     a C-level count tells, not a Python step a reading.
     """
     pairs: dict = {}
-    start = 0
-    for device, run in itertools.groupby(devices):
-        end = start + len(list(run))
+    for device, start, end in device_runs(devices):
         ip = ips[start]
         if ips[start:end].count(ip) == end - start:
             pairs[(ip, device)] = None
         else:
             pairs.update(dict.fromkeys(zip(ips[start:end], devices[start:end])))
-        start = end
     values: list = []
     for ip, device in pairs:
         values.append(ip)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from typing import Iterator
 
 import attrs
 
@@ -183,9 +184,7 @@ def _no_minute_twice(devices: list[str], stamps: list[str], count: int) -> bool:
     runs takes the whole check.
     """
     devices_seen = set()
-    start = 0
-    for device, run in itertools.groupby(devices):
-        end = start + sum(1 for _ in run)
+    for device, start, end in device_runs(devices):
         if device in devices_seen:
             # Every stamp is 16 characters long, so a device and a stamp
             # joined name one pair (strings, not tuples: no garbage collector
@@ -194,5 +193,18 @@ def _no_minute_twice(devices: list[str], stamps: list[str], count: int) -> bool:
         devices_seen.add(device)
         if len(set(stamps[start:end])) != end - start:
             return False
-        start = end
     return True
+
+
+def device_runs(devices: list) -> Iterator[tuple[object, int, int]]:
+    """
+    Each run of one device in a batch's C{devices} column, as the device
+    and the run's C{start} and C{end} positions: a batch holds a device's
+    readings side by side (its chunks), so work a run is a Python step for
+    dozens of readings.
+    """
+    start = 0
+    for device, run in itertools.groupby(devices):
+        end = start + len(list(run))
+        yield device, start, end
+        start = end
